@@ -1,0 +1,1 @@
+"""The `edgefleet` command, the demo and the real models it runs on."""
