@@ -1,0 +1,126 @@
+"""The real pretrained models edgefleet demos, tests and benchmarks run on.
+
+Each lies inside a wheel on PyPI (never a model hub). ``model_path(name)`` downloads the wheel
+without its dependencies into the cache, unzips the one file, checks its sha256 and returns its path.
+The cache is ``$EDGEFLEET_CACHE`` or ``~/.cache/edgefleet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.bundle import sha256_file
+from agent.errors import EdgefleetError
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    wheel: str  # pip requirement, pinned
+    member: str  # path inside the wheel
+    sha256: str
+    task: str
+
+
+MODELS = {
+    m.name: m
+    for m in [
+        Model(
+            "ocr-cls",
+            "rapidocr-onnxruntime==1.4.4",
+            "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+            "PP-OCR text-direction classifier (MobileNetV3): f32[N,3,48,192] -> [N,2] (0°, 180°)",
+        ),
+        Model(
+            "ocr-det",
+            "rapidocr-onnxruntime==1.4.4",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+            "PP-OCRv4 text detector: f32[N,3,H,W] -> [N,1,H,W] text mask",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEFLEET_CACHE") or Path.home() / ".cache" / "edgefleet")
+
+
+def model_path(name: str) -> Path:
+    """The verified local path of a model, fetching its wheel the first time."""
+    try:
+        model = MODELS[name]
+    except KeyError:
+        raise EdgefleetError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
+    target = cache_dir() / "models" / name / Path(model.member).name
+    if target.exists() and sha256_file(target) == model.sha256:
+        return target
+    wheel = _download_wheel(model.wheel)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(
+        dir=target.parent, prefix=".", suffix=".part", delete=False
+    ) as tmp:
+        try:
+            tmp.write(zf.read(model.member))
+        except KeyError:
+            raise EdgefleetError(f"{wheel.name} has no {model.member}") from None
+    digest = sha256_file(tmp.name)
+    if digest != model.sha256:
+        os.unlink(tmp.name)
+        raise EdgefleetError(f"{name}: sha256 {digest[:16]}… does not match the pinned {model.sha256[:16]}…")
+    os.replace(tmp.name, target)
+    return target
+
+
+def _download_wheel(requirement: str) -> Path:
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    stem = requirement.replace("-", "_").replace("==", "-")
+    found = sorted(wheels.glob(f"{stem}-*.whl"))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.11", "--platform", "manylinux2014_x86_64",
+           "--platform", "manylinux_2_28_x86_64", "-d", str(wheels), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob(f"{stem}-*.whl"))
+    if proc.returncode != 0 or not found:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgefleetError(f"cannot download {requirement} from PyPI: {last}")
+    return found[0]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet models",
+        description="Fetch the real pretrained models from their PyPI wheels into the cache "
+        "($EDGEFLEET_CACHE or ~/.cache/edgefleet) and verify each file's sha256.",
+    )
+    parser.add_argument("action", choices=["fetch", "list"], help="fetch: download and verify; list: show them")
+    parser.add_argument("names", nargs="*", help="models to fetch (default: all)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    names = args.names or list(MODELS)
+    rows = []
+    for name in names:
+        path = model_path(name) if args.action == "fetch" else None
+        m = MODELS.get(name)
+        if m is None:
+            raise EdgefleetError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+        rows.append({"name": name, "wheel": m.wheel, "task": m.task, "sha256": m.sha256,
+                     "path": str(path) if path else None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<8}  {r['path'] or r['wheel']}  {r['task']}")
+    return 0
