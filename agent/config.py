@@ -1,0 +1,98 @@
+"""The agent's config file (TOML), decoded into one typed struct that names any bad field."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import msgspec
+
+from agent.errors import EdgefleetError
+from agent.protocol import ProtocolError, check_device_id
+
+
+class ConfigError(EdgefleetError):
+    pass
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    device_id: str
+    broker: str  # mqtt://HOST:PORT
+    controller: str  # http://HOST:PORT of the fleet controller (bundle downloads)
+    state_dir: str  # models, downloads, the current/previous links
+    api: str = "127.0.0.1:8470"  # local inference: HOST:PORT, or unix:/path/to.sock
+    telemetry_interval_s: float = 10.0
+    keepalive_s: int = 15  # MQTT keepalive; the broker sends the last will after ~1.5x this
+
+    @property
+    def broker_host_port(self) -> tuple[str, int]:
+        return parse_mqtt_url(self.broker)
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ConfigError(f"broker {url!r} is not an mqtt://HOST:PORT URL")
+    try:
+        return parts.hostname, parts.port or 1883
+    except ValueError:
+        raise ConfigError(f"broker {url!r} has an invalid port") from None
+
+
+def parse_api_address(addr: str) -> tuple[str, int] | str:
+    """``HOST:PORT`` -> (host, port); ``unix:/path`` -> '/path'."""
+    if addr.startswith("unix:"):
+        path = addr[5:]
+        if not path:
+            raise ConfigError(f"api {addr!r}: unix: needs a socket path")
+        return path
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"api {addr!r} is neither HOST:PORT nor unix:/path")
+    return host, int(port)
+
+
+def validate(cfg: AgentConfig) -> AgentConfig:
+    try:
+        check_device_id(cfg.device_id)
+    except ProtocolError as e:
+        raise ConfigError(f"device_id: {e}") from None
+    parse_mqtt_url(cfg.broker)
+    if urlsplit(cfg.controller).scheme not in ("http", "https"):
+        raise ConfigError(f"controller {cfg.controller!r} is not an http(s):// URL")
+    parse_api_address(cfg.api)
+    if not cfg.telemetry_interval_s > 0:
+        raise ConfigError("telemetry_interval_s must be > 0")
+    if not 5 <= cfg.keepalive_s <= 3600:
+        raise ConfigError("keepalive_s must be between 5 and 3600")
+    return cfg
+
+
+def load(path: str | Path) -> AgentConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        cfg = msgspec.convert(data, AgentConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        return validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dumps(cfg: AgentConfig) -> str:
+    """The config as TOML (for `agent install` and the demo)."""
+    lines = []
+    for field in cfg.__struct_fields__:
+        value = getattr(cfg, field)
+        lines.append(f"{field} = {value!r}" if not isinstance(value, str) else f'{field} = "{value}"')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,122 @@
+"""The loaded model that serves inference, swapped atomically when an update activates.
+
+Every inference served is timed here, so telemetry reports the latency applications saw
+(the runtime's time plus the agent's own checks), and every failure is counted by kind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent import runtimes
+from agent.bundle import Manifest, TensorSpec
+from agent.errors import EdgefleetError
+from agent.metrics import InferenceWindow
+
+
+class InferenceError(EdgefleetError):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # bad_input | no_model | runtime
+
+
+class Loaded:
+    """One model loaded in its runtime, with its manifest."""
+
+    def __init__(self, sha: str, model_dir: Path, manifest: Manifest, deployment_id: str | None = None):
+        self.sha = sha
+        self.dir = model_dir
+        self.manifest = manifest
+        self.deployment_id = deployment_id
+        self.session = runtimes.load(model_dir, manifest)
+
+    def sample(self) -> dict[str, np.ndarray]:
+        with np.load(self.dir / self.manifest.sample) as data:
+            return {name: data[name] for name in data.files}
+
+    def smoke_test(self) -> float:
+        """Run the bundle's sample input: outputs finite and of the declared shapes, within the
+        latency budget. Returns the latency in ms; raises InferenceError otherwise."""
+        feeds = self.sample()
+        check_feeds(self.manifest.inputs, feeds)
+        self.session.run(feeds)  # warm-up
+        t0 = time.perf_counter()
+        outputs = self.session.run(feeds)
+        ms = (time.perf_counter() - t0) * 1000
+        for spec in self.manifest.outputs:
+            out = outputs.get(spec.name)
+            if out is None:
+                raise InferenceError("runtime", f"smoke test: output {spec.name!r} missing")
+            if not _shape_ok(spec.shape, out.shape):
+                raise InferenceError("runtime", f"smoke test: output {spec.name!r} has shape "
+                                     f"{list(out.shape)}, manifest says {spec.shape}")
+            if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+                raise InferenceError("runtime", f"smoke test: output {spec.name!r} is not finite (NaN/inf)")
+        budget = self.manifest.latency_budget_ms
+        if budget is not None and ms > budget:
+            raise InferenceError("runtime", f"smoke test: {ms:.1f} ms is over the latency budget of {budget:.1f} ms")
+        return ms
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class Engine:
+    """Serves inference with whichever model is current; thread-safe."""
+
+    def __init__(self, window: InferenceWindow | None = None) -> None:
+        self.window = window or InferenceWindow()
+        self._lock = threading.Lock()
+        self._current: Loaded | None = None
+        self._previous: Loaded | None = None
+
+    @property
+    def current(self) -> Loaded | None:
+        return self._current
+
+    def swap(self, loaded: Loaded) -> Loaded | None:
+        """Make ``loaded`` serve from the next request on; keeps the old one loaded as previous."""
+        with self._lock:
+            old, self._current = self._current, loaded
+            if self._previous is not None and self._previous is not old:
+                self._previous.close()
+            self._previous = old
+        return old
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        model = self._current
+        try:
+            if model is None:
+                raise InferenceError("no_model", "no model is active on this device yet")
+            check_feeds(model.manifest.inputs, feeds)
+            t0 = time.perf_counter()
+            try:
+                outputs = model.session.run(feeds)
+            except Exception as e:  # the runtime's own error types vary by plugin
+                raise InferenceError("runtime", f"{type(e).__name__}: {e}") from None
+            self.window.record((time.perf_counter() - t0) * 1000)
+            return outputs
+        except InferenceError as e:
+            self.window.error(e.kind)
+            raise
+
+
+def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
+    names = {s.name for s in specs}
+    if set(feeds) != names:
+        raise InferenceError("bad_input", f"inputs {sorted(feeds)} do not match the model's {sorted(names)}")
+    for spec in specs:
+        a = feeds[spec.name]
+        if a.dtype != np.dtype(spec.dtype):
+            raise InferenceError("bad_input", f"input {spec.name!r} is {a.dtype}, the model takes {spec.dtype}")
+        if not _shape_ok(spec.shape, a.shape):
+            raise InferenceError("bad_input", f"input {spec.name!r} has shape {list(a.shape)}, "
+                                 f"the model takes {spec.shape} (-1: any)")
+
+
+def _shape_ok(spec: list[int], shape: tuple[int, ...]) -> bool:
+    return len(spec) == len(shape) and all(s in (-1, d) for s, d in zip(spec, shape))

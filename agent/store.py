@@ -1,0 +1,164 @@
+"""The agent's state directory: downloads, verified models, and the ``current``/``previous`` links.
+
+    STATE_DIR/downloads/<sha>.part   a download in progress (resumed with HTTP Range)
+    STATE_DIR/downloads/<sha>.tar    a complete, verified bundle
+    STATE_DIR/models/<sha>/          an unpacked, verified bundle (manifest.json + files)
+    STATE_DIR/current -> models/<sha>    switched atomically with os.replace
+    STATE_DIR/previous -> models/<sha>
+    STATE_DIR/active.json            which deployment made ``current`` active
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from agent.bundle import MANIFEST, BundleError, Manifest, decode_manifest, safe_unpack, verify_file
+from agent.errors import EdgefleetError
+
+
+class DownloadError(EdgefleetError):
+    pass
+
+
+class ModelStore:
+    def __init__(self, state_dir: str | Path) -> None:
+        self.root = Path(state_dir)
+        self.downloads = self.root / "downloads"
+        self.models = self.root / "models"
+
+    def open(self) -> None:
+        """Create the layout and clear what a crash can leave half-done (temp dirs, stale links)."""
+        for d in (self.root, self.downloads, self.models):
+            d.mkdir(parents=True, exist_ok=True)
+        for tmp in self.models.glob(".*.part"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in self.root.glob(".*.link"):
+            tmp.unlink(missing_ok=True)
+
+    # --- links -------------------------------------------------------------------------------
+    def _link(self, name: str) -> tuple[str, Path] | None:
+        link = self.root / name
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        path = (self.root / target).resolve()
+        if not (path / MANIFEST).is_file():
+            return None
+        return path.name, path
+
+    def current(self) -> tuple[str, Path] | None:
+        """(sha256, model dir) of the active model, or None."""
+        return self._link("current")
+
+    def previous(self) -> tuple[str, Path] | None:
+        return self._link("previous")
+
+    def manifest(self, model_dir: Path) -> Manifest:
+        return decode_manifest((model_dir / MANIFEST).read_bytes())
+
+    def activate(self, sha: str, deployment_id: str | None) -> None:
+        """Point ``current`` at models/<sha> atomically; the old current becomes ``previous``."""
+        old = self.current()
+        if old and old[0] != sha:
+            self._set_link("previous", old[0])
+        self._set_link("current", sha)
+        self._write_json("active.json", {"sha256": sha, "deployment_id": deployment_id})
+
+    def deployment_id(self) -> str | None:
+        try:
+            data = json.loads((self.root / "active.json").read_text())
+        except (OSError, ValueError):
+            return None
+        cur = self.current()
+        return data.get("deployment_id") if cur and data.get("sha256") == cur[0] else None
+
+    def _set_link(self, name: str, sha: str) -> None:
+        tmp = self.root / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        os.symlink(f"models/{sha}", tmp)
+        os.replace(tmp, self.root / name)
+        _fsync_dir(self.root)
+
+    def _write_json(self, name: str, data: dict) -> None:
+        tmp = self.root / f".{name}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.root / name)
+
+    # --- downloads and unpacking --------------------------------------------------------------
+    def download(self, url: str, sha: str, size: int, timeout: float = 30.0) -> Path:
+        """Fetch a bundle to downloads/<sha>.tar, resuming a partial download with HTTP Range."""
+        done = self.downloads / f"{sha}.tar"
+        if done.exists():
+            return done
+        part = self.downloads / f"{sha}.part"
+        have = part.stat().st_size if part.exists() else 0
+        if have > size:
+            part.unlink()
+            have = 0
+        if have < size:
+            req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    if have and resp.status != 206:  # the server ignored Range: start over
+                        have = 0
+                    with open(part, "ab" if have else "wb") as out:
+                        while block := resp.read(1 << 16):
+                            out.write(block)
+                            if out.tell() > size:
+                                break
+                        out.flush()
+                        os.fsync(out.fileno())
+            except urllib.error.HTTPError as e:
+                raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+            except (urllib.error.URLError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                raise DownloadError(f"download of {url} failed: {reason}") from None
+        try:
+            verify_file(part, size, sha)
+        except BundleError:
+            part.unlink(missing_ok=True)  # a wrong byte cannot be resumed away: start over next time
+            raise
+        os.replace(part, done)
+        return done
+
+    def unpack(self, sha: str, bundle: Path) -> Path:
+        """Unpack a verified bundle to models/<sha> (reusing a complete earlier unpack)."""
+        dest = self.models / sha
+        if (dest / MANIFEST).is_file():
+            return dest
+        if dest.exists():
+            shutil.rmtree(dest)
+        safe_unpack(bundle, dest)
+        return dest
+
+    def discard(self, sha: str) -> None:
+        """Remove a bundle that failed, unless a link still points at it."""
+        keep = {x[0] for x in (self.current(), self.previous()) if x}
+        if sha in keep:
+            return
+        shutil.rmtree(self.models / sha, ignore_errors=True)
+        (self.downloads / f"{sha}.tar").unlink(missing_ok=True)
+
+    def prune(self) -> None:
+        """Keep only current and previous models and their bundles."""
+        keep = {x[0] for x in (self.current(), self.previous()) if x}
+        for d in self.models.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+        for f in self.downloads.glob("*.tar"):
+            if f.stem not in keep:
+                f.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,39 @@
+#!/bin/sh
+# Set-up for `make demo` and `make test` on a fresh Debian/Ubuntu machine: Debian's mosquitto,
+# a virtual environment at .venv with edgefleet and its host + test extras, and the real models.
+# Idempotent: a second run only checks.
+set -eu
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+
+need_apt=""
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt="$need_apt mosquitto"
+"$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt="$need_apt python3-venv"
+if [ -n "$need_apt" ]; then
+    echo "setup: installing Debian packages:$need_apt"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
+        echo "setup: error: need root (or sudo) to apt-get install$need_apt" >&2; exit 2; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends $need_apt >/dev/null
+fi
+
+"$PYTHON" - <<'PY' || { echo "setup: error: edgefleet needs Python >= 3.11 (set PYTHON=...)" >&2; exit 2; }
+import sys; sys.exit(sys.version_info < (3, 11))
+PY
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.edgefleet-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing edgefleet[test] into .venv (pip)"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c 'import edgefleet, agent, converter, fleet, onnxruntime, onnx, paho.mqtt, starlette, skimage'
+    touch "$stamp"
+fi
+
+.venv/bin/edgefleet models fetch
