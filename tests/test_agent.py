@@ -1,0 +1,231 @@
+"""The agent on real parts: a real controller and mosquitto, a real model in ONNX Runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from agent import bundle, protocol
+from agent.api import AgentClient
+from agent.config import AgentConfig, validate
+from agent.daemon import Agent
+from agent.errors import EdgefleetError
+
+OUTPUT = "save_infer_model/scale_0.tmp_1"
+
+
+def wait_for(check, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def crops():
+    from edgefleet.data import text_direction
+
+    return text_direction(40)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, crops):
+    """Real fp32 bundles of the PP-OCR classifier, built directly with the bundle writer."""
+    from edgefleet.models import model_path
+
+    d = tmp_path_factory.mktemp("bundles")
+    x, _ = crops
+    np.savez(d / "sample.npz", x=x[:1])
+
+    def make(version, **kw):
+        m = bundle.Manifest(
+            name="ocr-cls", version=version, target="cpu", runtime="onnxruntime", precision="fp32",
+            model="model.onnx", files=[], latency_budget_ms=kw.pop("budget", 10_000.0),
+            inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
+            outputs=[bundle.TensorSpec(name=OUTPUT, shape=kw.pop("out_shape", [-1, 2]), dtype="float32")],
+        )
+        path = d / f"ocr-{version}.tar"
+        bundle.write_bundle(path, m, {"model.onnx": model_path("ocr-cls"), "sample.npz": d / "sample.npz"})
+        return path
+
+    return {"v1": make("1"), "v2": make("2"), "slow": make("slow", budget=0.001),
+            "badshape": make("badshape", out_shape=[-1, 7])}
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    from fleet.app import Fleet
+
+    f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    yield f
+    f.stop()
+
+
+def _config(tmp_path, fleet, free_port, device_id="dev-1", **kw):
+    return validate(AgentConfig(device_id=device_id, broker=fleet.broker_url, controller=fleet.http_url,
+                                state_dir=str(tmp_path / device_id), api=f"127.0.0.1:{free_port}",
+                                telemetry_interval_s=kw.pop("interval", 0.5), **kw))
+
+
+@pytest.fixture
+def agent(tmp_path, fleet, free_port):
+    a = Agent(_config(tmp_path, fleet, free_port))
+    a.start()
+    yield a
+    a.stop()
+
+
+def deploy(fleet, path, device="dev-1"):
+    from fleet.client import FleetClient
+
+    client = FleetClient(fleet.http_url)
+    sha = client.upload_bundle(path)["sha256"]
+    return client.deploy(sha, [device]), sha
+
+
+def events(fleet, device="dev-1"):
+    from fleet.client import FleetClient
+
+    return FleetClient(fleet.http_url).health(device)["events"]
+
+
+def test_deploy_activates_serves_and_reports(fleet, agent, bundles, crops):
+    _, sha = deploy(fleet, bundles["v1"])
+    wait_for(lambda: agent.engine.current and agent.engine.current.sha == sha, what="activation")
+    assert (agent.store.root / "current").resolve().name == sha
+
+    x, labels = crops
+    client = AgentClient(agent.api.address)
+    right = sum(int(client.infer({"x": x[i : i + 1]})[OUTPUT].argmax(1)[0] == labels[i]) for i in range(len(x)))
+    assert right / len(x) > 0.85  # the real model reads the real text's direction
+
+    from fleet.client import FleetClient
+
+    health = wait_for(lambda: (h := FleetClient(fleet.http_url).health("dev-1"))["inferences"] >= len(x) and h,
+                      what="telemetry")
+    assert health["online"] is True
+    assert health["model"]["version"] == "1" and health["model"]["sha256"] == sha
+    kinds = [e["kind"] for e in events(fleet)]
+    assert {"downloading", "verifying", "activating", "active"} <= set(kinds)
+    assert health["latency_ms"]["p50"] > 0 and health["rss_bytes"] > 0 and health["cpu_percent"] is not None
+
+
+def test_bad_input_is_refused_and_counted(agent, fleet, bundles):
+    deploy(fleet, bundles["v1"])
+    wait_for(lambda: agent.engine.current, what="activation")
+    client = AgentClient(agent.api.address)
+    with pytest.raises(EdgefleetError, match="shape"):
+        client.infer({"x": np.zeros((1, 3, 48, 100), np.float32)})
+    with pytest.raises(EdgefleetError, match="float32"):
+        client.infer({"x": np.zeros((1, 3, 48, 192), np.float64)})
+    with pytest.raises(EdgefleetError, match="do not match"):
+        client.infer({"y": np.zeros((1, 3, 48, 192), np.float32)})
+    count, errors, _, _ = agent.engine.window.snapshot()
+    assert count == 0 and errors == {"bad_input": 3}
+
+
+@pytest.mark.parametrize("which,reason", [("slow", "latency budget"), ("badshape", "shape")])
+def test_a_bad_update_fails_and_the_previous_model_keeps_serving(agent, fleet, bundles, crops, which, reason):
+    _, good = deploy(fleet, bundles["v1"])
+    wait_for(lambda: agent.engine.current and agent.engine.current.sha == good, what="v1 active")
+    dep, bad = deploy(fleet, bundles[which])
+    failed = wait_for(lambda: [e for e in events(fleet) if e["kind"] == "failed" and e["sha256"] == bad],
+                      what="failed event")
+    assert reason in failed[0]["reason"]
+    assert agent.engine.current.sha == good
+    assert (agent.store.root / "current").resolve().name == good
+    assert not (agent.store.models / bad).exists()
+    out = AgentClient(agent.api.address).infer({"x": crops[0][:1]})
+    assert out[OUTPUT].shape == (1, 2)
+
+
+def test_a_bundle_whose_sha256_does_not_match_is_refused(agent, fleet, bundles):
+    """The controller says one sha256, the bytes it serves have another: refused, reported, nothing kept."""
+    from fleet.client import FleetClient
+
+    client = FleetClient(fleet.http_url)
+    real = client.upload_bundle(bundles["v1"])
+    liar = protocol.Desired(deployment_id="dep-liar", name="ocr-cls", version="1",
+                            url=f"{fleet.http_url}/bundles/{real['sha256']}", sha256="0" * 64, size=real["size"])
+    fleet.link.publish_desired("dev-1", liar)
+    failed = wait_for(lambda: [e for e in events(fleet) if e["kind"] == "failed"], what="failed event")
+    assert "sha256 mismatch" in failed[0]["reason"]
+    assert agent.engine.current is None
+    assert not list(agent.store.downloads.iterdir())
+
+
+def test_restart_serves_the_current_model_from_disk(tmp_path, fleet, bundles, free_port, crops):
+    cfg = _config(tmp_path, fleet, free_port)
+    a = Agent(cfg)
+    a.start()
+    try:
+        _, sha = deploy(fleet, bundles["v2"])
+        wait_for(lambda: a.engine.current and a.engine.current.sha == sha, what="activation")
+    finally:
+        a.stop()
+    b = Agent(cfg)
+    b.start()
+    try:
+        assert b.engine.current.sha == sha  # loaded before any message from the broker
+        assert AgentClient(b.api.address).infer({"x": crops[0][:1]})[OUTPUT].shape == (1, 2)
+    finally:
+        b.stop()
+
+
+def _run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "edgefleet.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('device_id = "d"\nbroker = "mqtt://127.0.0.1:1"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\ncolour = 1\n',
+     "unknown field `colour`"),
+    ('device_id = "d"\nbroker = "mqtt://127.0.0.1:1"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\n'
+     'telemetry_interval_s = "often"\n', "telemetry_interval_s"),
+    ('device_id = "d"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\n', "missing required field `broker`"),
+    ('device_id = "a/b"\nbroker = "mqtt://127.0.0.1:1"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\n',
+     "device_id"),
+    ('device_id = "d"\nbroker = "http://x"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\n', "mqtt://"),
+    ("this is [not toml", "not valid TOML"),
+])
+def test_config_errors_are_one_line_naming_the_field(tmp_path, body, needle):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(body)
+    r = _run_cli("agent", "run", "--config", str(cfg))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_missing_config_and_unreachable_broker(tmp_path, free_port):
+    r = _run_cli("agent", "run", "--config", str(tmp_path / "nope.toml"))
+    assert r.returncode == 2 and "not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'device_id = "d"\nbroker = "mqtt://127.0.0.1:{free_port}"\ncontroller = "http://127.0.0.1:1"\n'
+                   f'state_dir = "{tmp_path / "s"}"\napi = "127.0.0.1:0"\n')
+    r = _run_cli("agent", "run", "--config", str(cfg))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if "error" in ln]
+    assert len(lines) == 1 and f"cannot reach broker mqtt://127.0.0.1:{free_port}" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_infer_cli_against_a_running_agent(agent, fleet, bundles, crops, tmp_path):
+    deploy(fleet, bundles["v1"])
+    wait_for(lambda: agent.engine.current, what="activation")
+    np.savez(tmp_path / "in.npz", x=crops[0][:2])
+    r = _run_cli("agent", "infer", "--api", agent.api.address, "--input", str(tmp_path / "in.npz"), "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = np.array(json.loads(r.stdout)[OUTPUT])
+    assert out.shape == (2, 2) and np.allclose(out.sum(1), 1, atol=1e-4)
+    r = _run_cli("agent", "infer", "--api", agent.api.address, "--input", str(tmp_path / "missing.npz"))
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
