@@ -60,6 +60,7 @@ class Demo:
         self.requests = requests
         self.interval = telemetry_interval_s
         self.procs: list[subprocess.Popen] = []
+        self.server: str | None = None
         self.logs: list = []
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -113,6 +114,7 @@ class Demo:
         info = _wait("the controller", lambda: info_file.exists() and json.loads(info_file.read_text()),
                      60, [controller])
         server, broker = info["http"], info["broker"]
+        self.server = server
         print(f"controller {server}, broker {broker}")
         apis = {}
         for dev in DEVICES:
