@@ -116,6 +116,7 @@ def write_bundle(out: str | os.PathLike, manifest: Manifest, files: dict[str, st
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's file is private; a bundle is meant to be published
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644

@@ -1,0 +1,281 @@
+"""The converter's composition root: ``convert(...)`` is what the CLI, the demo and the tests call.
+
+model + calibration npz -> checked inputs -> the target's passes (one new model each) -> each variant
+measured in its own runtime (latency, agreement with the ORIGINAL model in ONNX Runtime) -> one bundle
+per variant, re-opened with ``safe_unpack`` + ``agent.runtimes.load`` as a device would -> bundles and
+``report.json`` moved into ``out``. All work happens in a temporary directory beside ``out``; nothing
+reaches ``out`` unless every step succeeded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from agent.bundle import Manifest, TensorSpec, safe_unpack, sha256_file, write_bundle
+from agent.errors import EdgefleetError
+from converter import ConvertError, calib as calibration, measure
+
+# target -> module with plan(...) (see converter/cpu.py); a target is one file.
+TARGETS = {"cpu": "converter.cpu"}
+PLANNED = ("intel", "arm")  # in the bundle format, not built yet
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: str | Path, name: str | None = None,
+            version: str = "1", input_shapes: dict[str, list[int]] | None = None, calib_method: str = "minmax",
+            progress: Callable[[str], None] | None = None) -> dict:
+    """Convert ``model`` for ``target`` into bundles in ``out``; returns the report (also ``out/report.json``)."""
+    model, calib, out = Path(model), Path(calib), Path(out)
+    say = progress or (lambda line: None)
+    plugin = _target(target)
+    name = _safe(name if name is not None else re.sub(r"[^A-Za-z0-9._+-]+", "-", model.stem).strip("-.") or "model",
+                 "--name")
+    version = _safe(str(version), "--version")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out} exists and is not a directory")
+
+    source, specs = _load_source(model)
+    specs = calibration.apply_input_shapes(specs, input_shapes)
+    data = calibration.load(calib, specs)
+    specs = calibration.fill_from_data(specs, data)
+    batch = specs[0].shape[0] if specs[0].shape[0] > 0 else None  # a fixed batch dim, or None (dynamic)
+    if batch and (data.n_eval < batch or data.samples - data.n_eval < batch):
+        raise ConvertError(f"the model has a fixed batch of {batch}: the calibration file needs at least {batch} "
+                           f"samples to calibrate and {batch} to hold out (it has {data.samples})")
+    held = data.held_out()
+    one = {k: v[: batch or 1] for k, v in held.items()}  # the smoke-test sample, batch 1
+
+    staging = _staging_dir(out)
+    try:
+        work = staging / "work"
+        plan = importlib.import_module(plugin).plan(model, specs, data.calibration_split(), work,
+                                                    calib_method=calib_method, cpu_flags=measure.cpu_flags())
+        total = 1 + len(plan) + sum(1 for s in plan if s.produces) + 1
+        step = iter(range(1, total + 1))
+
+        say(f"[{next(step)}/{total}] checking {model.name} and {calib.name} ({data.samples} samples: "
+            f"{data.samples - data.n_eval} calibrate, {data.n_eval} held out); running the fp32 reference ...")
+        session = _session(model.parent, model.name, "source model")
+        try:
+            reference = measure.run_batched(session, held, batch)
+        except Exception as e:
+            raise ConvertError(f"the source model fails on the calibration data: {_first_line(e)}") from None
+        common = {
+            "calibration": {"sha256": data.sha256, "samples": data.samples,
+                            "calibration_samples": data.samples - data.n_eval, "held_out_samples": data.n_eval,
+                            "method": calib_method},
+            "toolchain": measure.toolchain(), "host": measure.host(),
+            "reference_latency_ms": measure.latency(session, one),
+        }
+        session.close()
+
+        variants = []
+        for s in plan:
+            say(f"[{next(step)}/{total}] {s.text} ...")
+            if (v := s.run()) is not None:
+                variants.append(v)
+
+        measured = []
+        for v in variants:
+            say(f"[{next(step)}/{total}] measuring {v.precision} in {v.runtime} (latency at batch {batch or 1}, "
+                f"1 thread; agreement on {data.n_eval} held-out samples) ...")
+            measured.append(_measure(v, held, one, batch, reference, common))
+
+        say(f"[{next(step)}/{total}] writing {len(variants)} bundles and checking each unpacks and runs ...")
+        source_sha = sha256_file(model)
+        entries = []
+        for v, (rep, sample_out) in zip(variants, measured):
+            manifest = Manifest(
+                name=name, version=version, target=target, runtime=v.runtime, precision=v.precision,
+                model="model.onnx", files=[], inputs=specs, outputs=_output_specs(v.path, batch),
+                sample="sample.npz", latency_budget_ms=round(max(250.0, 20 * rep["latency_ms"]["p95"]), 1),
+                settings=dict(measure.SETTINGS), report=rep, source_sha256=source_sha,
+            )
+            file = f"{name}-{version}-{target}-{v.precision}.tar"
+            files = {"model.onnx": v.path, "sample.npz": v.path.parent / "sample.npz"}
+            digest = write_bundle(staging / file, manifest, files)
+            diff = _round_trip(staging / file, staging / f"unpacked-{v.precision}", sample_out)
+            entries.append({**rep, "bundle": file, "bundle_sha256": digest,
+                            "bundle_bytes": os.path.getsize(staging / file),
+                            "round_trip": {"ok": True, "max_abs_diff": diff}})
+
+        report = {
+            "name": name, "version": version, "target": target,
+            "source": {"path": str(model), "sha256": source_sha, "size_bytes": os.path.getsize(model),
+                       "opset": _opset(source), "inputs": [_spec_dict(s) for s in specs]},
+            **common, "variants": entries,
+        }
+        return _publish(staging, out, report)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _measure(v, held: dict, one: dict, batch: int | None, reference: dict, common: dict) -> tuple[dict, dict]:
+    """Load the variant from a directory laid out like an unpacked bundle and measure it there.
+
+    Returns the variant's report (it goes into the manifest) and its outputs on the sample."""
+    np.savez_compressed(v.path.parent / "sample.npz", **one)
+    session = _session(v.path.parent, v.path.name, f"{v.precision} variant", v.runtime)
+    try:
+        got = measure.run_batched(session, held, batch)
+        sample_out = session.run(one)
+        lat = measure.latency(session, one)
+    finally:
+        session.close()
+    ref_p50 = common["reference_latency_ms"]["p50"]
+    report = {
+        "variant": v.precision, "runtime": v.runtime, "precision": v.precision,
+        "size_bytes": os.path.getsize(v.path), "recipe": v.recipe,
+        "latency_ms": {**lat, "batch": batch or 1, "threads": measure.SETTINGS["intra_op_threads"]},
+        "speedup_vs_fp32": round(ref_p50 / lat["p50"], 3) if lat["p50"] > 0 else None,
+        "agreement": measure.agreement(reference, got),
+        **common,
+    }
+    return report, sample_out
+
+
+def _publish(staging: Path, out: Path, report: dict) -> dict:
+    """Move the bundles and report.json from ``staging`` into ``out`` (each move a rename)."""
+    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in report["variants"]:
+        os.replace(staging / entry["bundle"], out / entry["bundle"])
+        entry["path"] = str(out / entry["bundle"])
+    os.replace(staging / "report.json", out / "report.json")
+    return {**report, "out": str(out)}
+
+
+def _target(target: str) -> str:
+    if target in TARGETS:
+        return TARGETS[target]
+    if target in PLANNED:
+        raise ConvertError(f"target {target!r} is not built yet (available: {', '.join(TARGETS)})")
+    raise ConvertError(f"unknown target {target!r} (choose from {', '.join([*TARGETS, *PLANNED])})")
+
+
+def _safe(value: str, flag: str) -> str:
+    if not _SAFE_NAME.match(value):
+        raise ConvertError(f"{flag} {value!r} must be letters, digits, '.', '_', '+' or '-' (it names files)")
+    return value
+
+
+def _load_source(path: Path):
+    """The source model, checked, and its inputs (shape -1 where a dim is dynamic)."""
+    if not path.exists():
+        raise ConvertError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ConvertError(f"model {path} is not a file")
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:
+        raise ConvertError(f"{path} is not an ONNX model (cannot parse it: {_first_line(e)})") from None
+    if not model.graph.node or not model.graph.output:
+        raise ConvertError(f"{path} is not an ONNX model (it holds no graph)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ConvertError(f"{path} is not a valid ONNX model: {_first_line(e)}") from None
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tt = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or not tt.HasField("shape"):
+            raise ConvertError(f"model input {value.name!r} is not a tensor of known rank")
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tt.shape.dim]
+        if not shape:
+            raise ConvertError(f"model input {value.name!r} is a scalar; inputs need a batch axis")
+        specs.append(TensorSpec(value.name, shape, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)).name))
+    if not specs:
+        raise ConvertError(f"{path} has no inputs to feed")
+    return model, specs
+
+
+def _session(model_dir: Path, model: str, what: str, runtime: str = "onnxruntime"):
+    try:
+        return measure.open_session(model_dir, model, runtime)
+    except EdgefleetError:
+        raise
+    except Exception as e:
+        raise ConvertError(f"{runtime} cannot load the {what}: {_first_line(e)}") from None
+
+
+def _output_specs(path: Path, batch: int | None) -> list[TensorSpec]:
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    model = onnx.load(str(path))
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass  # declared shapes are enough; dims we cannot pin stay -1
+    specs = []
+    for value in model.graph.output:
+        tt = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tt.shape.dim]
+        if shape and batch is None:
+            shape[0] = -1
+        specs.append(TensorSpec(value.name, shape, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)).name))
+    return specs
+
+
+def _round_trip(bundle: Path, dest: Path, expected: dict[str, np.ndarray]) -> float:
+    """Unpack the written bundle and run its sample the way a device does; returns the max abs diff."""
+    from agent import runtimes
+
+    manifest = safe_unpack(bundle, dest)
+    with np.load(dest / manifest.sample, allow_pickle=False) as npz:
+        feeds = {k: npz[k] for k in npz.files}
+    session = runtimes.load(dest, manifest)
+    try:
+        got = session.run(feeds)
+    finally:
+        session.close()
+    diff = 0.0
+    for spec in manifest.outputs:
+        value = np.asarray(got[spec.name])
+        if len(value.shape) != len(spec.shape) or any(w not in (-1, h) for w, h in zip(spec.shape, value.shape)):
+            raise ConvertError(f"bundle {bundle.name}: output {spec.name!r} has shape {list(value.shape)}, "
+                               f"manifest says {spec.shape}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ConvertError(f"bundle {bundle.name}: output {spec.name!r} is not finite")
+        diff = max(diff, float(np.abs(value.astype(np.float64) - expected[spec.name]).max(initial=0.0)))
+    if diff > 1e-4:
+        raise ConvertError(f"bundle {bundle.name} does not reproduce its measured outputs (max abs diff {diff:g})")
+    return diff
+
+
+def _staging_dir(out: Path) -> Path:
+    """A temporary directory beside ``out`` (same filesystem, so the final moves are renames)."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        return Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".convert"))
+    except OSError as e:
+        raise ConvertError(f"cannot write beside {out}: {e.strerror or e}") from None
+
+
+def _opset(model) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _spec_dict(spec: TensorSpec) -> dict:
+    return {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0]

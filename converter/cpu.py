@@ -1,0 +1,239 @@
+"""Target ``cpu``: ONNX Runtime on any CPU. Two variants, each written by its own passes:
+
+- ``fp32``: the ONNX Runtime graph optimizations saved offline at ORT_ENABLE_EXTENDED (fusions into
+  standard and com.microsoft CPU ops). ORT_ENABLE_ALL would also save the NCHWc layout, which ORT
+  itself warns is specific to the CPU it was optimized on; the device applies that layer at load.
+- ``int8``: static QDQ quantization with per-channel weights (onnxruntime.quantization), calibrated on
+  the calibration split, after ``quant_pre_process``. The opset is raised to 13 where needed
+  (per-channel QDQ needs axis on Quantize/DequantizeLinear).
+
+Every pass takes a model path and writes a NEW model to a new path (Olive style); onnx and
+onnxruntime are imported inside the passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.bundle import TensorSpec
+from converter import ConvertError
+
+TARGET = "cpu"
+RUNTIME = "onnxruntime"
+QDQ_MIN_OPSET = 13
+CALIB_BATCH = 8
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+BATCH_PARAM = "batch"
+
+
+@dataclass
+class Variant:
+    precision: str
+    path: Path
+    recipe: dict = field(default_factory=dict)
+    runtime: str = RUNTIME
+
+
+@dataclass
+class Step:
+    text: str  # progress line, e.g. "quantizing int8 (static QDQ, per-channel)"
+    run: Callable[[], Variant | None]
+    produces: str | None = None  # the precision of the variant this step writes, if any
+
+
+def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], work: Path, *,
+         calib_method: str = "minmax", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
+    """The passes for this target, in order; the steps that produce a variant return it."""
+    if calib_method not in CALIB_METHODS:
+        raise ConvertError(f"unknown calibration method {calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
+    fixed = work / "fixed.onnx"
+    batch = specs[0].shape[0] if specs[0].shape[0] > 0 else None  # a fixed batch dim, or None
+    recipe = int8_recipe(cpu_flags, calib_method, samples=len(next(iter(calib.values()))))
+    shapes = " ".join(f"{s.name}={'x'.join('N' if d < 0 else str(d) for d in s.shape)}" for s in specs)
+
+    def fp32() -> Variant:
+        out = work / "fp32" / "model.onnx"
+        optimize(fixed, out, level="extended")
+        return Variant("fp32", out, {"graph_optimization": "ORT_ENABLE_EXTENDED", "input_shapes": shapes})
+
+    def int8() -> Variant:
+        upgraded = work / "int8-opset.onnx"
+        prepared = work / "int8-pre.onnx"
+        out = work / "int8" / "model.onnx"
+        recipe["opset_upgraded_from"] = upgrade_opset(fixed, upgraded, QDQ_MIN_OPSET)
+        recipe["symbolic_shape_inference"] = pre_process(upgraded, prepared)
+        quantize(prepared, out, calib, recipe, batch=batch)
+        return Variant("int8", out, {**recipe, "input_shapes": shapes})
+
+    act = "uint8" if recipe["activation_type"] == "QUInt8" else "int8"
+    return [
+        Step(f"fixing input shapes ({shapes})", lambda: fix_shapes(source, fixed, specs)),
+        Step("optimizing fp32 graph (ONNX Runtime, extended level)", fp32, "fp32"),
+        Step(f"quantizing int8 (static QDQ, per-channel, {act} activations / int8 weights, {calib_method} "
+             f"calibration on {recipe['calibration_samples']} samples)", int8, "int8"),
+    ]
+
+
+def int8_recipe(flags: frozenset[str], calib_method: str, samples: int) -> dict:
+    """U8S8 (uint8 activations, int8 weights): the fast path of ORT's x86 and ARM int8 kernels.
+
+    Without VNNI, x86's u8*s8 multiply-add can saturate: weights then use 7 bits (reduce_range).
+    """
+    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    x86 = bool(flags & {"sse2", "avx", "avx2"})
+    return {
+        "method": "static",
+        "format": "QDQ",
+        "per_channel": True,
+        "activation_type": "QUInt8",
+        "weight_type": "QInt8",
+        "reduce_range": x86 and not vnni,
+        "calibrate_method": calib_method,
+        "calibration_samples": samples,
+        "chosen_for": "x86 with VNNI" if vnni else ("x86 without VNNI" if x86 else "non-x86"),
+    }
+
+
+# ---- passes: each reads one model and writes a new one -------------------------------------------
+
+
+def fix_shapes(src: Path, dst: Path, specs: list[TensorSpec]) -> None:
+    """Fix each input's dims to ``specs`` (the batch dim, -1, stays dynamic, named ``batch``).
+
+    Set per input dim, not per dim_param: exported models often reuse one name (e.g. ``?``) for
+    different dims. Stale intermediate shape hints are dropped; outputs keep only sane hints.
+    """
+    import onnx
+
+    model = onnx.load(str(src))
+    by_name = {s.name: s for s in specs}
+    for value in model.graph.input:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        for dim, want in zip(value.type.tensor_type.shape.dim, spec.shape):
+            if want > 0:
+                dim.Clear()
+                dim.dim_value = want
+            elif not dim.dim_param:
+                dim.Clear()
+                dim.dim_param = BATCH_PARAM
+    for value in model.graph.output:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.Clear()
+                if axis == 0:
+                    dim.dim_param = BATCH_PARAM
+    del model.graph.value_info[:]
+    _save(model, dst)
+
+
+def optimize(src: Path, dst: Path, level: str = "extended") -> None:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
+    opts.optimized_model_filepath = str(dst)
+    opts.log_severity_level = 3
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+
+
+def upgrade_opset(src: Path, dst: Path, opset: int) -> int | None:
+    """Write the model at ``opset`` if it is older; returns the old opset, or None if unchanged."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(src))
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current >= opset:
+        _save(model, dst)
+        return None
+    try:
+        model = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ConvertError(f"cannot upgrade the model from opset {current} to {opset} for per-channel "
+                           f"int8: {_first_line(e)}") from None
+    _save(model, dst)
+    return current
+
+
+def pre_process(src: Path, dst: Path) -> bool:
+    """``quant_pre_process``; returns whether symbolic shape inference could be used.
+
+    ORT's symbolic shape inference asserts on some graphs (the PP-OCR classifier's shape-computing
+    Concat); ONNX shape inference alone is enough once the input shapes are fixed.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+        return True
+    except Exception:
+        dst.unlink(missing_ok=True)
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    return False
+
+
+def quantize(src: Path, dst: Path, calib: dict[str, np.ndarray], recipe: dict, batch: int | None = None) -> None:
+    """Static QDQ quantization per ``recipe``, calibrated in batches (of the model's fixed batch, if any)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            n = len(next(iter(calib.values())))
+            step = batch or CALIB_BATCH
+            end = n - n % step if batch else n
+            self._batches = iter([{k: v[i : i + step] for k, v in calib.items()} for i in range(0, end, step)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs advice at WARNING on the root logger
+    try:
+        # ... and its histogram calibrators print() progress: keep stdout for the report (--json).
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(src), str(dst), Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=recipe["per_channel"],
+                reduce_range=recipe["reduce_range"],
+                activation_type=getattr(QuantType, recipe["activation_type"]),
+                weight_type=getattr(QuantType, recipe["weight_type"]),
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                  "percentile": CalibrationMethod.Percentile}[recipe["calibrate_method"]],
+            )
+    except Exception as e:
+        raise ConvertError(f"int8 quantization failed: {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        logging.getLogger().setLevel(quiet)
+
+
+def _save(model, dst: Path) -> None:
+    import onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0]

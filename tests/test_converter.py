@@ -1,0 +1,286 @@
+"""The converter's cpu target on the real PP-OCR text-direction classifier and real text crops.
+
+Real ONNX Runtime, real quantization, real bundles read back the way a device reads them.
+No timing thresholds: latencies are only checked to be reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import runtimes
+from agent.bundle import read_manifest, safe_unpack, sha256_file
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+EDGEFLEET = Path(sys.executable).parent / "edgefleet"
+N_SAMPLES = 100  # 80 calibrate, 20 held out
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    from edgefleet.models import model_path
+
+    return model_path("ocr-cls")
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A calibration npz of real text crops (half turned 180°), plus the crops and labels."""
+    from edgefleet.data import text_direction
+
+    x, labels = text_direction(N_SAMPLES)
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(path, x=x)
+    return path, x, labels
+
+
+@pytest.fixture(scope="module")
+def converted(model, real, tmp_path_factory) -> tuple[Path, dict, str]:
+    """One real `edgefleet convert --json` run, as a user runs it: (DIR, report from stdout, stderr)."""
+    out = tmp_path_factory.mktemp("convert") / "dist"
+    proc = subprocess.run(
+        [str(EDGEFLEET), "convert", str(model), "--target", "cpu", "--calib", str(real[0]), "--out", str(out),
+         "--name", "ocr-cls", "--version", "7", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout), proc.stderr
+
+
+def _bundle(out: Path, precision: str) -> Path:
+    return out / f"ocr-cls-7-cpu-{precision}.tar"
+
+
+def test_json_report_progress_and_files(converted, model, real):
+    out, report, stderr = converted
+    assert sorted(p.name for p in out.iterdir()) == ["ocr-cls-7-cpu-fp32.tar", "ocr-cls-7-cpu-int8.tar",
+                                                     "report.json"]
+    assert [v["precision"] for v in report["variants"]] == ["fp32", "int8"]
+    assert report["source"]["sha256"] == sha256_file(model)
+    assert report["calibration"]["sha256"] == sha256_file(real[0])
+    assert report["calibration"]["held_out_samples"] == N_SAMPLES // 5
+    assert report["toolchain"]["onnx"] and report["toolchain"]["onnxruntime"]
+    assert isinstance(report["host"]["flags"], list)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert [v["bundle_sha256"] for v in on_disk["variants"]] == [v["bundle_sha256"] for v in report["variants"]]
+    for v in report["variants"]:
+        assert sha256_file(v["path"]) == v["bundle_sha256"]
+        assert v["round_trip"]["ok"] is True
+    lines = stderr.strip().splitlines()
+    total = len(lines)
+    assert total >= 5
+    assert [line.split("]")[0] for line in lines] == [f"[{i}/{total}" for i in range(1, total + 1)]
+    assert any("quantizing int8" in line and "per-channel" in line for line in lines)
+    assert "Traceback" not in stderr
+
+
+def test_manifests_validate(converted, model, real):
+    out, report, _ = converted
+    for precision in ("fp32", "int8"):
+        m = read_manifest(_bundle(out, precision))
+        assert (m.name, m.version, m.target, m.runtime, m.precision) == ("ocr-cls", "7", "cpu", "onnxruntime",
+                                                                         precision)
+        assert m.model == "model.onnx" and m.sample == "sample.npz"
+        assert sorted(f.path for f in m.files) == ["model.onnx", "sample.npz"]
+        assert [(i.name, i.shape, i.dtype) for i in m.inputs] == [("x", [-1, 3, 48, 192], "float32")]
+        assert [(o.shape, o.dtype) for o in m.outputs] == [([-1, 2], "float32")]
+        assert m.settings == {"intra_op_threads": 1}
+        assert m.source_sha256 == sha256_file(model)
+        assert m.latency_budget_ms >= 250.0
+        assert m.latency_budget_ms >= 20 * m.report["latency_ms"]["p95"] - 0.1
+        assert m.report["calibration"]["sha256"] == sha256_file(real[0])
+        assert set(m.report["toolchain"]) >= {"onnx", "onnxruntime"}
+        assert m.report["latency_ms"]["p50"] > 0 and m.report["latency_ms"]["runs"] >= 5
+    recipe = read_manifest(_bundle(out, "int8")).report["recipe"]
+    assert (recipe["format"], recipe["per_channel"], recipe["activation_type"], recipe["weight_type"]) == (
+        "QDQ", True, "QUInt8", "QInt8")
+    assert recipe["opset_upgraded_from"] == 11
+
+
+def test_int8_has_per_channel_qdq(converted, tmp_path):
+    out, _, _ = converted
+    safe_unpack(_bundle(out, "int8"), tmp_path / "int8")
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   and inits[n.input[0]].dtype == np.int8 and inits[n.input[1]].size > 1]
+    assert len(per_channel) >= 10  # the Conv weights: one scale per output channel
+    for n in per_channel:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        assert inits[n.input[1]].size == inits[n.input[0]].shape[axis]
+    activations = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert activations and all(inits[n.input[2]].dtype == np.uint8 for n in activations)
+
+
+def test_agreement_on_real_data(converted):
+    _, report, _ = converted
+    by = {v["precision"]: v["agreement"] for v in report["variants"]}
+    for a in by.values():
+        assert a["samples"] == N_SAMPLES // 5
+        assert 0.0 <= a["top1"] <= 1.0 and a["top1"] >= 0.9
+        assert -1.0 <= a["min_cosine"] <= 1.0 and a["max_abs_err"] >= 0.0
+    assert by["fp32"]["top1"] == 1.0 and by["fp32"]["min_cosine"] > 0.9999
+
+
+def test_bundles_run_via_agent_runtimes(converted, real, tmp_path):
+    out, _, _ = converted
+    _, x, labels = real
+    results = {}
+    for precision in ("fp32", "int8"):
+        dest = tmp_path / precision
+        manifest = safe_unpack(_bundle(out, precision), dest)
+        session = runtimes.load(dest, manifest)
+        with np.load(dest / manifest.sample) as npz:
+            sample = {k: npz[k] for k in npz.files}
+        assert sample["x"].shape == (1, 3, 48, 192)
+        (y,) = session.run(sample).values()
+        assert y.shape == (1, 2) and np.isfinite(y).all()
+        results[precision] = session.run({"x": x})["save_infer_model/scale_0.tmp_1"]
+        session.close()
+    assert (results["int8"].argmax(1) == results["fp32"].argmax(1)).mean() >= 0.9
+    assert (results["fp32"].argmax(1) == labels).mean() >= 0.8  # the real classifier reads real text
+
+
+def test_table_output_and_entropy(model, real, tmp_path, capsys):
+    from edgefleet.cli import main
+
+    small = tmp_path / "small.npz"
+    np.savez(small, x=real[1][:10])
+    code = main(["convert", str(model), "--calib", str(small), "--out", str(tmp_path / "out"),
+                 "--calib-method", "entropy", "--input-shape", "x=1x3x48x192"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    header, rule, source, fp32, int8 = captured.out.splitlines()[:5]
+    assert header.split()[:3] == ["variant", "runtime", "precision"] and "top-1" in header
+    assert fp32.split()[:3] == ["fp32", "onnxruntime", "fp32"] and int8.split()[:3] == ["int8", "onnxruntime", "int8"]
+    assert "%" in int8
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["name"] == "ch_ppocr_mobile_v2.0_cls_infer" and report["version"] == "1"
+    assert report["variants"][1]["recipe"]["calibrate_method"] == "entropy"
+    assert report["calibration"]["held_out_samples"] == 2
+
+
+def test_help_lists_every_option(capsys):
+    from converter.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--target", "--calib", "--out", "--json", "--name", "--version", "--input-shape", "--calib-method"):
+        assert flag in text
+
+
+# ---- bad input: one line on stderr, exit 2, nothing new on disk -----------------------------------
+
+
+def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[str], str]]:
+    """case -> (argv after `edgefleet convert`, a word the error must name)."""
+    calib = tmp / "good.npz"
+    np.savez(calib, x=x[:4])
+    text = tmp / "notes.onnx"
+    text.write_text("this is not a model\n")
+    truncated = tmp / "truncated.onnx"
+    truncated.write_bytes(model.read_bytes()[:200_000])
+    files = {
+        "missing-key.npz": {"image": x[:4]},
+        "extra-key.npz": {"x": x[:4], "labels": np.zeros(4, np.int64)},
+        "rank.npz": {"x": x[:4, 0]},
+        "dim.npz": {"x": np.zeros((4, 4, 48, 192), np.float32)},
+        "dtype.npz": {"x": x[:4].astype(np.float64)},
+        "one.npz": {"x": x[:1]},
+    }
+    for name, arrays in files.items():
+        np.savez(tmp / name, **arrays)
+    (tmp / "text.npz").write_text("x,y\n1,2\n")
+    m, c = str(model), str(calib)
+    return {
+        "model missing": ([str(tmp / "nope.onnx"), "--calib", c], "not found"),
+        "model is text": ([str(text), "--calib", c], "not an ONNX model"),
+        "model truncated": ([str(truncated), "--calib", c], "not an ONNX model"),
+        "calib missing": ([m, "--calib", str(tmp / "nope.npz")], "calibration file not found"),
+        "calib not npz": ([m, "--calib", str(tmp / "text.npz")], "not an .npz"),
+        "calib missing input": ([m, "--calib", str(tmp / "missing-key.npz")], "no array for model input 'x'"),
+        "calib extra key": ([m, "--calib", str(tmp / "extra-key.npz")], "'labels', which is not a model input"),
+        "calib wrong rank": ([m, "--calib", str(tmp / "rank.npz")], "rank 3"),
+        "calib wrong dim": ([m, "--calib", str(tmp / "dim.npz")], "dimension 1 differs"),
+        "calib wrong dtype": ([m, "--calib", str(tmp / "dtype.npz")], "float64"),
+        "one sample": ([m, "--calib", str(tmp / "one.npz")], "at least 2"),
+        "target intel": ([m, "--calib", c, "--target", "intel"], "not built yet"),
+        "target unknown": ([m, "--calib", c, "--target", "gpu"], "unknown target 'gpu'"),
+        "input-shape name": ([m, "--calib", c, "--input-shape", "y=1x3x48x192"], "not a model input"),
+        "input-shape rank": ([m, "--calib", c, "--input-shape", "x=1x3x48"], "rank 3"),
+        "input-shape vs data": ([m, "--calib", c, "--input-shape", "x=1x3x48x100"], "dimension 3 differs"),
+        "no --calib": ([m], "--calib"),
+    }
+
+
+CASES = ["model missing", "model is text", "model truncated", "calib missing", "calib not npz",
+         "calib missing input", "calib extra key", "calib wrong rank", "calib wrong dim", "calib wrong dtype",
+         "one sample", "target intel", "target unknown", "input-shape name", "input-shape rank",
+         "input-shape vs data", "no --calib"]
+
+
+@pytest.fixture(scope="module")
+def bad(model, real, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    return tmp, _bad_inputs(tmp, model, real[1])
+
+
+def _snapshot(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_writes_nothing(case, bad, tmp_path, capsys):
+    from edgefleet.cli import main
+
+    _, cases = bad
+    argv, needle = cases[case]
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "keep.txt").write_text("already here\n")
+    before = _snapshot(tmp_path)
+    code = main(["convert", *argv, "--out", str(out)])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("edgefleet convert: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert _snapshot(tmp_path) == before
+
+
+def test_bad_input_in_a_real_process(bad, tmp_path):
+    _, cases = bad
+    argv, needle = cases["model truncated"]
+    out = tmp_path / "new" / "dist"
+    proc = subprocess.run([str(EDGEFLEET), "convert", *argv, "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_held_out_split():
+    from agent.bundle import TensorSpec
+    from converter import calib
+
+    spec = [TensorSpec("x", [-1, 3], "float32")]
+    for n, held in [(2, 1), (4, 1), (10, 2), (100, 20), (558, 111)]:
+        c = calib.Calibration(Path("c.npz"), "0", {"x": np.arange(n * 3, dtype=np.float32).reshape(n, 3)})
+        assert c.n_eval == held
+        assert len(c.calibration_split()["x"]) == n - held
+        assert np.array_equal(c.held_out()["x"], c.arrays["x"][n - held :])  # the LAST samples are held out
+    assert calib.apply_input_shapes(spec, {"x": [1, 3]}) == spec
