@@ -1,0 +1,76 @@
+"""A small client of the controller's JSON API (urllib only), used by the CLI and the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from agent.errors import EdgefleetError
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+
+
+class FleetClient:
+    def __init__(self, server_url: str = DEFAULT_SERVER, timeout: float = 60.0) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.timeout = timeout
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/api/status")
+
+    def upload_bundle(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Upload a bundle file; returns {"sha256", "size", "manifest"}."""
+        path = Path(path)
+        if not path.is_file():
+            raise EdgefleetError(f"{path}: no such bundle file")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return self._call("POST", "/api/bundles", f,
+                              {"Content-Type": "application/x-tar", "Content-Length": str(size)})
+
+    def deploy(self, sha256: str, devices: list[str]) -> dict[str, Any]:
+        body = json.dumps({"bundle": sha256, "devices": list(devices)}).encode()
+        return self._call("POST", "/api/deployments", body, {"Content-Type": "application/json"})
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/deployments/{urllib.parse.quote(deployment_id, safe='')}")
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/devices")
+
+    def health(self, device: str | None = None) -> Any:
+        """All devices' health (a list), or one device's with its events and deployments (a dict)."""
+        if device is None:
+            return self._call("GET", "/api/health")
+        return self._call("GET", f"/api/health/{urllib.parse.quote(device, safe='')}")
+
+    def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        url = self.server_url + path
+        req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise EdgefleetError(_server_error(e)) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise EdgefleetError(
+                f"cannot reach the controller at {self.server_url} ({reason}; is `edgefleet fleet serve` "
+                f"running? set --server or EDGEFLEET_SERVER)") from None
+        except ValueError as e:
+            raise EdgefleetError(f"{url} did not answer with JSON: {e}") from None
+
+
+def _server_error(e: urllib.error.HTTPError) -> str:
+    try:
+        doc = json.loads(e.read())
+        if isinstance(doc, dict) and doc.get("error"):
+            return str(doc["error"])
+    except (ValueError, OSError):
+        pass
+    return f"the controller answered {e.code} {e.reason} to {e.url}"

@@ -1,0 +1,208 @@
+"""The controller's MQTT link: takes in what devices report, publishes what they should run.
+
+A persistent MQTT v5 session (stable client id, clean start off, a session expiry of days) makes the
+broker keep what devices send while the controller restarts. A message is acknowledged only after it was
+stored (manual ack), so a crash in between means a redelivery, which the store ignores. Anything that
+does not follow the contract is counted, logged once per reason, and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent import protocol
+from agent.errors import EdgefleetError
+from fleet.store import Store
+
+log = logging.getLogger("edgefleet.fleet.link")
+
+CLIENT_ID = "edgefleet-fleet"
+SESSION_EXPIRY_S = 7 * 24 * 3600
+MAX_REASONS = 100  # distinct reasons counted one by one; the rest under "other"
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """``mqtt://HOST:PORT`` -> (host, port)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        port, parts = None, None
+    if parts is None or parts.scheme != "mqtt" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise EdgefleetError(f"invalid broker URL {url!r}: expected mqtt://HOST:PORT")
+    return parts.hostname, port
+
+
+class Link:
+    """One paho client in a background thread, feeding ``store``."""
+
+    def __init__(self, broker_url: str, store: Store, client_id: str = CLIENT_ID, keepalive: int = 30,
+                 connect_timeout: float = 5.0, publish_timeout: float = 10.0,
+                 session_expiry_s: int = SESSION_EXPIRY_S) -> None:
+        self.broker_url = broker_url
+        self.host, self.port = parse_broker_url(broker_url)
+        self.store = store
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.publish_timeout = publish_timeout
+        self.session_expiry_s = session_expiry_s
+        self.received = 0
+        self.duplicates = 0
+        self._invalid: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._connect_error: str | None = None
+        self._client: mqtt.Client | None = None
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "Link":
+        where = f"cannot reach broker {self.broker_url}"
+        try:  # a quick TCP probe turns "connection refused" into a clear error instead of retries
+            socket.create_connection((self.host, self.port), timeout=min(3.0, self.connect_timeout)).close()
+        except OSError as e:
+            raise EdgefleetError(f"{where}: {e.strerror or e}") from None
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.reconnect_delay_set(1, 30)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry_s
+        self._stopping = False
+        self._connected.clear()
+        self._connect_error = None
+        client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=False,
+                             properties=props)
+        self._client = client
+        client.loop_start()
+        if not self._connected.wait(self.connect_timeout) or self._connect_error:
+            reason = self._connect_error or f"no answer within {self.connect_timeout:g} s"
+            self.stop()
+            raise EdgefleetError(f"{where}: {reason}")
+        return self
+
+    def stop(self) -> None:
+        """Disconnect, keeping the session: the broker queues what devices send until the next start."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        self._stopping = True
+        client.disconnect()
+        client.loop_stop()
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set() and not self._connect_error
+
+    # -- paho callbacks (the network thread) ----------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            self._connect_error = f"broker refused the connection: {reason_code}"
+            log.error("%s refused the connection: %s", self.broker_url, reason_code)
+            self._connected.set()
+            return
+        # Retained state is sent only for a new subscription (retain handling 1), not on every reconnect.
+        opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        client.subscribe([(protocol.subscription(kind), opts) for kind in protocol.DEVICE_KINDS])
+        log.info("connected to %s (session present: %s)", self.broker_url, flags.session_present)
+        self._connect_error = None
+        self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self._connected.clear()
+        if not self._stopping:
+            log.warning("lost the broker %s (%s); reconnecting", self.broker_url, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self.handle(message.topic, message.payload, bool(message.retain))
+        except Exception as e:  # never out of the callback: that would end paho's thread
+            self._count(f"not stored: {type(e).__name__}: {e}", message.topic)
+        finally:
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)
+
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """Validate one message and store it; an invalid one is counted and dropped."""
+        received = time.time()
+        if not payload:  # a retained message being cleared
+            return
+        try:
+            device_id, kind = protocol.parse_topic(topic)
+            if kind not in protocol.DEVICE_KINDS:
+                raise protocol.ProtocolError(f"{kind} is not a message devices send")
+            msg = protocol.decode(kind, payload)
+            if msg.device_id != device_id:
+                raise protocol.ProtocolError(f"{kind} payload's device_id does not match its topic")
+        except protocol.ProtocolError as e:
+            self._count(_reason(e), topic)
+            return
+        with self._lock:
+            self.received += 1
+        stored = True
+        if kind == protocol.STATE:
+            self.store.record_state(msg, received, retained)
+        elif kind == protocol.TELEMETRY:
+            stored = self.store.record_telemetry(msg, received, retained)
+        else:
+            stored = self.store.record_event(msg, received, retained)
+        if not stored:
+            with self._lock:
+                self.duplicates += 1
+
+    def _count(self, reason: str, topic: str) -> None:
+        with self._lock:
+            if reason not in self._invalid and len(self._invalid) >= MAX_REASONS:
+                reason = "other"
+            first = reason not in self._invalid
+            self._invalid[reason] = self._invalid.get(reason, 0) + 1
+        if first:
+            log.warning("dropping a message on %s: %s (logged once per reason)", topic, reason)
+
+    @property
+    def invalid(self) -> dict[str, int]:
+        """Dropped messages by reason."""
+        with self._lock:
+            return dict(self._invalid)
+
+    # -- fleet -> device ------------------------------------------------------------------------
+    def publish_desired(self, device_id: str, desired: protocol.Desired) -> None:
+        """Publish a device's desired model, retained, and wait until the broker has acknowledged it."""
+        client = self._client
+        if client is None:
+            raise EdgefleetError("the MQTT link is not running")
+        info = client.publish(protocol.topic(device_id, protocol.DESIRED), protocol.encode(desired),
+                              qos=1, retain=True)
+        try:
+            info.wait_for_publish(self.publish_timeout)
+        except (ValueError, RuntimeError) as e:
+            raise EdgefleetError(f"cannot publish to {device_id}: {e}") from None
+        if not info.is_published():
+            raise EdgefleetError(f"the broker {self.broker_url} did not acknowledge the desired model for "
+                                 f"{device_id} within {self.publish_timeout:g} s")
+
+
+def _reason(e: Exception) -> str:
+    """A reason to count under: the error without the parts that differ from message to message."""
+    text = str(e)
+    if text.startswith(("not an edgefleet v1 topic", "invalid device id")):
+        return text.split(":")[0]
+    return re.sub(r"\s*\(byte \d+\)", "", text)[:300]

@@ -1,0 +1,455 @@
+"""The fleet controller end to end: a real mosquitto, a real SQLite file, real HTTP, paho clients as devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import protocol
+from agent.bundle import Manifest, TensorSpec, write_bundle
+from agent.errors import EdgefleetError
+from edgefleet.cli import main as edgefleet_main
+from fleet.app import Fleet
+from fleet.client import FleetClient
+from fleet.link import Link, parse_broker_url
+from fleet.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 30.0
+
+
+def wait_for(predicate, timeout: float = TIMEOUT, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Device:
+    """A paho client speaking the wire contract as a device would, with a retained last will."""
+
+    def __init__(self, broker_url: str, device_id: str, boot_id: str = "boot-1") -> None:
+        self.id, self.boot_id = device_id, boot_id
+        host, port = parse_broker_url(broker_url)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"device-{device_id}",
+                                  protocol=mqtt.MQTTv5)
+        will = protocol.State(device_id=device_id, online=False, time=time.time(), boot_id=boot_id)
+        self.client.will_set(protocol.topic(device_id, protocol.STATE), protocol.encode(will), qos=1, retain=True)
+        connected = threading.Event()
+        self.client.on_connect = lambda *a: connected.set()
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+        assert connected.wait(TIMEOUT)
+
+    def send_raw(self, kind: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(f"{protocol.PREFIX}/{self.id}/{kind}", payload, qos=1, retain=retain)
+        info.wait_for_publish(TIMEOUT)
+        assert info.is_published()
+
+    def send(self, msg: protocol.Message) -> None:
+        kind = {protocol.State: protocol.STATE, protocol.Telemetry: protocol.TELEMETRY,
+                protocol.Event: protocol.EVENTS}[type(msg)]
+        self.send_raw(kind, protocol.encode(msg), retain=kind == protocol.STATE)
+
+    def state(self, online: bool = True, **kw) -> None:
+        self.send(protocol.State(device_id=self.id, online=online, time=time.time(), boot_id=self.boot_id,
+                                 agent_version="0.1.0", arch="x86_64", cpu_flags=["avx2"],
+                                 runtimes=["onnxruntime"], **kw))
+
+    def telemetry(self, seq: int, inferences: int = 10, **kw) -> protocol.Telemetry:
+        kw.setdefault("interval_s", 10.0)
+        msg = protocol.Telemetry(device_id=self.id, boot_id=self.boot_id, seq=seq, time=time.time(),
+                                 inferences=inferences, **kw)
+        self.send(msg)
+        return msg
+
+    def event(self, seq: int, kind: str, **kw) -> None:
+        self.send(protocol.Event(device_id=self.id, boot_id=self.boot_id, seq=seq, time=time.time(),
+                                 kind=kind, **kw))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def drop(self) -> None:
+        """Vanish without a DISCONNECT, as a crashed device does: the broker publishes the last will."""
+        self.client.loop_stop()
+        self.client.socket().close()
+
+
+ACTIVE = protocol.ActiveModel(name="digits", version="1.2.0", sha256="ab" * 32, runtime="onnxruntime",
+                              precision="int8")
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    f = Fleet(tmp_path / "data", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    yield f
+    f.stop()
+
+
+@pytest.fixture
+def client(fleet):
+    return FleetClient(fleet.http_url)
+
+
+@pytest.fixture
+def devices(fleet):
+    made = []
+
+    def make(device_id: str, **kw) -> Device:
+        made.append(Device(fleet.broker_url, device_id, **kw))
+        return made[-1]
+
+    yield make
+    for d in made:
+        try:
+            d.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(bytes(range(256)) * 40)  # any small file: the controller never loads the model
+    manifest = Manifest(name="tiny", version="1.0.0", target="cpu", runtime="onnxruntime", precision="fp32",
+                        model="model.onnx", files=[],
+                        inputs=[TensorSpec(name="x", shape=[1, 4], dtype="float32")],
+                        outputs=[TensorSpec(name="y", shape=[1, 2], dtype="float32")])
+    out = tmp_path / "tiny.bundle.tar"
+    write_bundle(out, manifest, {"model.onnx": model})
+    return out
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = edgefleet_main(["fleet", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgefleet fleet: error: "), err
+    for n in needles:
+        assert n in lines[0], err
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+# -- what devices report --------------------------------------------------------------------------------
+
+
+def test_device_reports_and_health_shows_them(fleet, client, devices, capsys, monkeypatch):
+    dev = devices("cam-1")
+    dev.state(active=ACTIVE)
+    lat = protocol.Latency(p50=2.0, p95=3.5, p99=4.0, max=9.0, mean=2.4)
+    dev.telemetry(1, inferences=100, errors={"timeout": 2}, latency_ms=lat, cpu_percent=12.5,
+                  rss_bytes=64 << 20, memory_percent=3.25)
+    newer = protocol.Latency(p50=2.5, p95=4.0, p99=5.0, max=7.0, mean=2.6)
+    dev.telemetry(2, inferences=50, errors={"timeout": 1, "nan": 1}, latency_ms=newer, cpu_percent=20.0,
+                  rss_bytes=65 << 20, memory_percent=3.5)
+    dev.telemetry(3, inferences=0, cpu_percent=1.0, rss_bytes=66 << 20, memory_percent=3.75)
+    dev.event(1, "error", reason="camera unplugged")
+
+    wait_for(lambda: client.status()["received"] == 5, what="all five messages")
+    [h] = client.health()
+    assert h["device_id"] == "cam-1" and h["online"] is True
+    assert h["model"] == {"name": "digits", "version": "1.2.0", "precision": "int8",
+                          "runtime": "onnxruntime", "sha256": "ab" * 32}
+    assert h["errors"] == 4
+    assert h["latency_ms"] == {"p50": 2.5, "p95": 4.0, "p99": 5.0}  # the latest window that had inferences
+    assert (h["cpu_percent"], h["rss_bytes"], h["memory_percent"]) == (1.0, 66 << 20, 3.75)
+    assert h["temperature_c"] is None
+    assert h["last_seen"] <= time.time() and h["last_seen_ago_s"] >= 0
+
+    detail = client.health("cam-1")
+    assert detail["events"][0]["kind"] == "error" and detail["events"][0]["reason"] == "camera unplugged"
+    [d] = client.devices()
+    assert d["id"] == "cam-1" and d["arch"] == "x86_64" and d["runtimes"] == ["onnxruntime"]
+    assert client.status()["devices"] == 1
+
+    code, out, err = run_cli(capsys, "health", "--server", fleet.http_url)
+    assert code == 0 and not err
+    header, row = out.strip().splitlines()
+    assert header.split()[:2] == ["device", "online"]
+    assert row.split()[:8] == ["cam-1", "yes", "digits", "1.2.0", "int8", "150", "4", "2.50/4.00/5.00"]
+    assert "unknown" in row and "ago" in row
+    code, out, _ = run_cli(capsys, "health", "--json", "--server", fleet.http_url)
+    assert code == 0 and json.loads(out)[0]["inferences"] == 150
+    code, out, _ = run_cli(capsys, "health", "cam-1", "--server", fleet.http_url)
+    assert code == 0 and "camera unplugged" in out
+    monkeypatch.setenv("EDGEFLEET_SERVER", fleet.http_url)
+    code, out, _ = run_cli(capsys, "devices", "--json")
+    assert code == 0 and json.loads(out)[0]["id"] == "cam-1"
+
+
+def test_telemetry_without_state_registers_the_device(client, devices):
+    devices("cam-2").telemetry(1, inferences=7)
+    h = wait_for(lambda: client.health(), what="device")[0]
+    assert h["device_id"] == "cam-2" and h["online"] and h["inferences"] == 7 and h["model"] is None
+
+
+def test_redelivered_telemetry_counts_once(fleet, client, devices):
+    dev = devices("cam-3")
+    msg = dev.telemetry(1, inferences=5)
+    dev.send(msg)  # QoS 1 redelivery: same boot_id and seq
+    dev.telemetry(2, inferences=1)
+    wait_for(lambda: client.status()["received"] == 3, what="three messages")
+    assert client.health("cam-3")["inferences"] == 6
+    assert client.status()["duplicates"] == 1
+
+
+def test_last_will_and_offline_state_mark_the_device_offline(client, devices):
+    crashed = devices("cam-4")
+    crashed.state()
+    wait_for(lambda: client.health() and client.health("cam-4")["online"], what="online")
+    crashed.drop()
+    wait_for(lambda: not client.health("cam-4")["online"], what="the last will")
+
+    polite = devices("cam-5")
+    polite.state()
+    wait_for(lambda: client.health("cam-5")["online"], what="online")
+    polite.state(online=False)
+    wait_for(lambda: not client.health("cam-5")["online"], what="offline state")
+
+
+def test_silent_device_goes_offline_after_three_intervals(client, devices):
+    dev = devices("cam-6")
+    dev.state()
+    dev.telemetry(1, interval_s=0.2)
+    wait_for(lambda: client.health() and client.health("cam-6")["inferences"] == 10, what="telemetry")
+    wait_for(lambda: not client.health("cam-6")["online"], what="heartbeat timeout")
+
+
+def test_invalid_messages_are_counted_and_dropped(client, devices):
+    dev = devices("cam-7")
+    dev.send_raw(protocol.TELEMETRY, b"not json")
+    dev.send_raw(protocol.TELEMETRY, b'{"v": 1, "device_id": "cam-7"}')
+    other = protocol.Telemetry(device_id="someone-else", boot_id="b", seq=1, time=time.time(), interval_s=10,
+                               inferences=1)
+    dev.send_raw(protocol.TELEMETRY, protocol.encode(other))
+    dev.send_raw(protocol.EVENTS, b'{"v": 2}')
+    dev.telemetry(1, inferences=3)
+    wait_for(lambda: client.status()["received"] == 1, what="the valid message")
+    assert client.health("cam-7")["inferences"] == 3
+    wait_for(lambda: sum(client.status()["invalid"].values()) == 4, what="four invalid messages")
+    invalid = client.status()["invalid"]
+    assert any("does not match" in reason for reason in invalid), invalid
+    assert any("not JSON" in reason for reason in invalid), invalid
+
+
+def test_messages_sent_while_the_link_is_down_arrive_after_it_reconnects(mosquitto, tmp_path):
+    store = Store(tmp_path / "fleet.db").open()
+    link = Link(mosquitto.url, store, client_id="controller-under-test").start()
+    dev = Device(mosquitto.url, "cam-8")
+    try:
+        dev.telemetry(1, inferences=1)
+        wait_for(lambda: store.health(), what="first telemetry")
+        link.stop()
+        dev.telemetry(2, inferences=10)  # the broker PUBACKs and queues it in the controller's session
+        dev.telemetry(3, inferences=100)
+        link = Link(mosquitto.url, store, client_id="controller-under-test").start()
+        wait_for(lambda: store.health("cam-8")[0]["inferences"] == 111, what="queued telemetry")
+
+        link.stop()  # and across a broker restart (persistence on)
+        dev.telemetry(4, inferences=1000)
+        dev.close()
+        mosquitto.stop()
+        mosquitto.start()
+        link = Link(mosquitto.url, store, client_id="controller-under-test").start()
+        wait_for(lambda: store.health("cam-8")[0]["inferences"] == 1111, what="telemetry kept by the broker")
+    finally:
+        link.stop()
+        store.close()
+
+
+def test_fleet_on_an_external_broker(mosquitto, tmp_path):
+    with Fleet(tmp_path / "data", broker_url=mosquitto.url, http_port=0) as fleet:
+        assert fleet.broker_url == mosquitto.url and fleet.broker is None
+        dev = Device(mosquitto.url, "cam-9")
+        try:
+            dev.state(active=ACTIVE)
+            client = FleetClient(fleet.http_url)
+            wait_for(lambda: client.health(), what="the device")
+            assert client.status()["broker"] == mosquitto.url
+            assert client.health("cam-9")["model"]["name"] == "digits"
+        finally:
+            dev.close()
+    assert mosquitto.running  # the controller leaves a broker it did not start alone
+
+
+def test_the_fleet_path_imports_no_runtime(tmp_path):
+    code = (
+        "import sys\n"
+        "from fleet import app, api, broker, cli, client, link, store\n"
+        "from fleet.app import Fleet\n"
+        f"Fleet({str(tmp_path / 'data')!r}, http_port=0, mqtt_listen='127.0.0.1:0').start_background().stop()\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'openvino')]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- bundles and deployments ------------------------------------------------------------------------------
+
+
+def test_bundle_upload_and_ranged_download(fleet, client, bundle):
+    up = client.upload_bundle(bundle)
+    data = bundle.read_bytes()
+    assert up["size"] == len(data) and up["manifest"]["name"] == "tiny"
+    assert client.upload_bundle(bundle)["sha256"] == up["sha256"]  # idempotent
+    url = f"{fleet.http_url}/bundles/{up['sha256']}"
+    status, _, body = http("GET", url)
+    assert status == 200 and body == data
+    status, headers, body = http("GET", url, headers={"Range": "bytes=100-1099"})
+    assert status == 206 and body == data[100:1100]
+    assert headers["content-range"] == f"bytes 100-1099/{len(data)}"
+    status, _, body = http("GET", url, headers={"Range": f"bytes={len(data) - 10}-"})  # resume the tail
+    assert status == 206 and body == data[-10:]
+    status, _, body = http("GET", f"{fleet.http_url}/bundles/{'0' * 64}")
+    assert status == 404 and "error" in json.loads(body)
+    assert (fleet.data_dir / "bundles" / f"{up['sha256']}.tar").read_bytes() == data
+
+
+def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, devices, capsys):
+    code, out, err = run_cli(capsys, "deploy", str(bundle), "--to", "cam-a", "cam-b", "--json",
+                             "--server", fleet.http_url)
+    assert code == 0, err
+    dep = json.loads(out)
+    assert [d["device_id"] for d in dep["devices"]] == ["cam-a", "cam-b"]
+    assert {d["phase"] for d in dep["devices"]} == {"pending"}
+
+    # a device that subscribes only now still gets it: desired is retained
+    got: list[mqtt.MQTTMessage] = []
+    late = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="late-subscriber", protocol=mqtt.MQTTv5)
+    late.on_connect = lambda c, *a: c.subscribe(protocol.subscription(protocol.DESIRED, "cam-b"), qos=1)
+    late.on_message = lambda c, u, m: got.append(m)
+    host, port = parse_broker_url(fleet.broker_url)
+    late.connect(host, port)
+    late.loop_start()
+    try:
+        wait_for(lambda: got, what="the retained desired")
+    finally:
+        late.disconnect()
+        late.loop_stop()
+    assert got[0].retain
+    desired = protocol.decode(protocol.DESIRED, got[0].payload)
+    sha = desired.sha256
+    assert desired.deployment_id == dep["id"] and desired.name == "tiny" and desired.version == "1.0.0"
+    assert desired.url == f"{fleet.http_url}/bundles/{sha}" and desired.size == bundle.stat().st_size
+    status, _, body = http("GET", desired.url)
+    assert status == 200 and body == bundle.read_bytes()
+
+    dev = devices("cam-b")
+    dev.event(1, "downloading", deployment_id=dep["id"], sha256=sha)
+    dev.event(2, "active", deployment_id=dep["id"], sha256=sha, version="1.0.0")
+    wait_for(lambda: client.health() and client.health("cam-b")["deployment"]["phase"] == "active",
+             what="phase active")
+    phases = {d["device_id"]: d["phase"] for d in client.deployment(dep["id"])["devices"]}
+    assert phases == {"cam-a": "pending", "cam-b": "active"}
+    assert client.health("cam-b")["deployments"][0]["deployment_id"] == dep["id"]
+
+    code, out, _ = run_cli(capsys, "deploy", str(bundle), "--to", "cam-a", "--server", fleet.http_url)
+    assert code == 0 and "deployed tiny 1.0.0" in out
+
+
+# -- bad inputs: one line, exit 2 ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_clear_errors(fleet, client, bundle, tmp_path, capsys):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"this is not a tar file" * 100)
+    status, _, body = http("POST", f"{fleet.http_url}/api/bundles", junk.read_bytes())
+    assert status == 400 and "not a bundle" in json.loads(body)["error"]
+    with pytest.raises(EdgefleetError, match="not a bundle"):
+        client.upload_bundle(junk)
+    assert not [p for p in (fleet.data_dir / "bundles").iterdir()], "a rejected upload leaves nothing behind"
+
+    code, _, err = run_cli(capsys, "deploy", str(junk), "--to", "cam-1", "--server", fleet.http_url)
+    assert code == 2
+    assert_one_error_line(err, "not a bundle")
+    code, _, err = run_cli(capsys, "deploy", str(tmp_path / "missing.tar"), "--to", "cam-1",
+                           "--server", fleet.http_url)
+    assert code == 2
+    assert_one_error_line(err, "missing.tar")
+
+    status, _, body = http("GET", f"{fleet.http_url}/api/health/nobody")
+    assert status == 404 and "unknown device" in json.loads(body)["error"]
+    code, _, err = run_cli(capsys, "health", "nobody", "--server", fleet.http_url)
+    assert code == 2
+    assert_one_error_line(err, "unknown device 'nobody'")
+
+    with pytest.raises(EdgefleetError, match="unknown bundle"):
+        client.deploy("0" * 64, ["cam-1"])
+    sha = client.upload_bundle(bundle)["sha256"]
+    with pytest.raises(EdgefleetError, match="invalid device id"):
+        client.deploy(sha, ["bad/id"])
+    status, _, body = http("POST", f"{fleet.http_url}/api/deployments", b'{"bundle": 1}')
+    assert status == 400 and "invalid deployment request" in json.loads(body)["error"]
+    status, _, body = http("GET", f"{fleet.http_url}/api/deployments/dep-nope")
+    assert status == 404
+
+
+def test_unreachable_controller_is_one_line(free_port, capsys):
+    code, _, err = run_cli(capsys, "devices", "--server", f"http://127.0.0.1:{free_port}")
+    assert code == 2
+    assert_one_error_line(err, "cannot reach the controller", "EDGEFLEET_SERVER")
+
+
+def edgefleet(*argv: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "edgefleet.cli", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_serve_with_an_unreachable_broker_exits_2(free_port, tmp_path):
+    proc = edgefleet("fleet", "serve", "--data", str(tmp_path / "data"), "--broker",
+                     f"mqtt://127.0.0.1:{free_port}", "--http", "127.0.0.1:0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert_one_error_line(err, f"cannot reach broker mqtt://127.0.0.1:{free_port}")
+
+
+def test_serve_runs_until_sigterm(tmp_path):
+    data = tmp_path / "data"
+    proc = edgefleet("fleet", "serve", "--data", str(data), "--http", "127.0.0.1:0",
+                     "--mqtt-listen", "127.0.0.1:0")
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("edgefleet fleet: serving http://127.0.0.1:"), line + proc.stderr.read()
+        info = json.loads((data / "controller.json").read_text())
+        assert info["pid"] == proc.pid and info["broker"].startswith("mqtt://127.0.0.1:")
+        assert FleetClient(info["http"]).status()["ok"] is True
+        broker_pid = int(subprocess.check_output(["pgrep", "-P", str(proc.pid), "mosquitto"], text=True))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not (data / "controller.json").exists()
+        wait_for(lambda: not os.path.exists(f"/proc/{broker_pid}"), what="mosquitto to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
