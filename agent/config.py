@@ -31,13 +31,15 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ConfigError(f"broker {url!r} is not an mqtt://HOST:PORT URL")
+    """``mqtt://HOST[:PORT]`` -> (host, port); the port defaults to 1883."""
     try:
-        return parts.hostname, parts.port or 1883
+        parts = urlsplit(url)
+        port = parts.port or 1883
     except ValueError:
         raise ConfigError(f"broker {url!r} has an invalid port") from None
+    if parts.scheme != "mqtt" or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(f"broker {url!r} is not an mqtt://HOST:PORT URL")
+    return parts.hostname, port
 
 
 def parse_api_address(addr: str) -> tuple[str, int] | str:

@@ -20,7 +20,8 @@ from typing import Callable
 
 from agent.errors import EdgefleetError
 from fleet.broker import Mosquitto
-from fleet.link import CLIENT_ID, Link, parse_broker_url
+from agent.config import parse_mqtt_url as parse_broker_url
+from fleet.link import CLIENT_ID, Link
 from fleet.store import Store
 
 log = logging.getLogger("edgefleet.fleet")

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from agent.config import parse_mqtt_url as parse_broker_url
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -31,18 +31,6 @@ log = logging.getLogger("edgefleet.fleet.link")
 CLIENT_ID = "edgefleet-fleet"
 SESSION_EXPIRY_S = 7 * 24 * 3600
 MAX_REASONS = 100  # distinct reasons counted one by one; the rest under "other"
-
-
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://HOST:PORT`` -> (host, port)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        port, parts = None, None
-    if parts is None or parts.scheme != "mqtt" or not parts.hostname or port is None or parts.path not in ("", "/"):
-        raise EdgefleetError(f"invalid broker URL {url!r}: expected mqtt://HOST:PORT")
-    return parts.hostname, port
 
 
 class Link:

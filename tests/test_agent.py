@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from util import wait_for
 
 from agent import bundle, protocol
 from agent.api import AgentClient
@@ -18,14 +19,6 @@ from agent.errors import EdgefleetError
 OUTPUT = "save_infer_model/scale_0.tmp_1"
 
 
-def wait_for(check, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from util import wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
@@ -23,21 +24,14 @@ from agent.errors import EdgefleetError
 from edgefleet.cli import main as edgefleet_main
 from fleet.app import Fleet
 from fleet.client import FleetClient
-from fleet.link import Link, parse_broker_url
+from agent.config import parse_mqtt_url as parse_broker_url
+from fleet.link import Link
 from fleet.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 30.0
 
 
-def wait_for(predicate, timeout: float = TIMEOUT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Device:
