@@ -25,8 +25,8 @@ from agent.errors import EdgefleetError
 from converter import ConvertError, calib as calibration, measure
 
 # target -> module with plan(...) (see converter/cpu.py); a target is one file.
-TARGETS = {"cpu": "converter.cpu"}
-PLANNED = ("intel", "arm")  # in the bundle format, not built yet
+TARGETS = {"cpu": "converter.cpu", "intel": "converter.intel", "arm": "converter.arm"}
+PLANNED = ()
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -57,8 +57,15 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
     staging = _staging_dir(out)
     try:
         work = staging / "work"
-        plan = importlib.import_module(plugin).plan(model, specs, data.calibration_split(), work,
-                                                    calib_method=calib_method, cpu_flags=measure.cpu_flags())
+        fixed = work / "fixed.onnx"
+        from converter.cpu import fix_shapes
+
+        fix_shapes(model, fixed, specs)
+        module = importlib.import_module(plugin)
+        if (why := module.missing()) is not None:
+            raise ConvertError(f"target {target!r} cannot be built here: {why}")
+        plan = module.plan(fixed, specs, data.calibration_split(), work / target,
+                           calib_method=calib_method, cpu_flags=measure.cpu_flags())
         total = 1 + len(plan) + sum(1 for s in plan if s.produces) + 1
         step = iter(range(1, total + 1))
 
@@ -86,24 +93,25 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
 
         measured = []
         for v in variants:
-            say(f"[{next(step)}/{total}] measuring {v.precision} in {v.runtime} (latency at batch {batch or 1}, "
+            say(f"[{next(step)}/{total}] measuring {v.name} in {v.runtime} (latency at batch {batch or 1}, "
                 f"1 thread; agreement on {data.n_eval} held-out samples) ...")
             measured.append(_measure(v, held, one, batch, reference, common))
 
         say(f"[{next(step)}/{total}] writing {len(variants)} bundles and checking each unpacks and runs ...")
         source_sha = sha256_file(model)
+        outputs = _output_specs(fixed, batch)
         entries = []
         for v, (rep, sample_out) in zip(variants, measured):
             manifest = Manifest(
                 name=name, version=version, target=target, runtime=v.runtime, precision=v.precision,
-                model="model.onnx", files=[], inputs=specs, outputs=_output_specs(v.path, batch),
+                model=v.path.name, files=[], inputs=specs, outputs=outputs,
                 sample="sample.npz", latency_budget_ms=round(max(250.0, 20 * rep["latency_ms"]["p95"]), 1),
-                settings=dict(measure.SETTINGS), report=rep, source_sha256=source_sha,
+                settings=_settings(v), report=rep, source_sha256=source_sha,
             )
-            file = f"{name}-{version}-{target}-{v.precision}.tar"
-            files = {"model.onnx": v.path, "sample.npz": v.path.parent / "sample.npz"}
+            file = f"{name}-{version}-{target}-{v.name}.tar"
+            files = {f.name: f for f in sorted(v.path.parent.iterdir()) if f.is_file()}
             digest = write_bundle(staging / file, manifest, files)
-            diff = _round_trip(staging / file, staging / f"unpacked-{v.precision}", sample_out)
+            diff = _round_trip(staging / file, staging / f"unpacked-{v.name}", sample_out)
             entries.append({**rep, "bundle": file, "bundle_sha256": digest,
                             "bundle_bytes": os.path.getsize(staging / file),
                             "round_trip": {"ok": True, "max_abs_diff": diff}})
@@ -124,7 +132,7 @@ def _measure(v, held: dict, one: dict, batch: int | None, reference: dict, commo
 
     Returns the variant's report (it goes into the manifest) and its outputs on the sample."""
     np.savez_compressed(v.path.parent / "sample.npz", **one)
-    session = _session(v.path.parent, v.path.name, f"{v.precision} variant", v.runtime)
+    session = _session(v.path.parent, v.path.name, f"{v.name} variant", v.runtime, _settings(v))
     try:
         got = measure.run_batched(session, held, batch)
         sample_out = session.run(one)
@@ -133,9 +141,9 @@ def _measure(v, held: dict, one: dict, batch: int | None, reference: dict, commo
         session.close()
     ref_p50 = common["reference_latency_ms"]["p50"]
     report = {
-        "variant": v.precision, "runtime": v.runtime, "precision": v.precision,
+        "variant": v.name, "runtime": v.runtime, "precision": v.precision, "rung": v.rung,
         "size_bytes": os.path.getsize(v.path), "recipe": v.recipe,
-        "latency_ms": {**lat, "batch": batch or 1, "threads": measure.SETTINGS["intra_op_threads"]},
+        "latency_ms": {**lat, "batch": batch or 1, "settings": _settings(v)},
         "speedup_vs_fp32": round(ref_p50 / lat["p50"], 3) if lat["p50"] > 0 else None,
         "agreement": measure.agreement(reference, got),
         **common,
@@ -204,9 +212,14 @@ def _load_source(path: Path):
     return model, specs
 
 
-def _session(model_dir: Path, model: str, what: str, runtime: str = "onnxruntime"):
+def _settings(v) -> dict:
+    """The runtime settings a variant's bundle carries: the measuring defaults, then the variant's own."""
+    return {**measure.SETTINGS, **v.settings}
+
+
+def _session(model_dir: Path, model: str, what: str, runtime: str = "onnxruntime", settings: dict | None = None):
     try:
-        return measure.open_session(model_dir, model, runtime)
+        return measure.open_session(model_dir, model, runtime, settings)
     except EdgefleetError:
         raise
     except Exception as e:

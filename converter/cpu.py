@@ -16,16 +16,23 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from agent.bundle import TensorSpec
 from converter import ConvertError
+from converter.plan import Step, Variant
 
 TARGET = "cpu"
+
+
+def missing() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed: pip install 'edgefleet[converter]'"
+    return None
 RUNTIME = "onnxruntime"
 QDQ_MIN_OPSET = 13
 CALIB_BATCH = 8
@@ -33,27 +40,12 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 BATCH_PARAM = "batch"
 
 
-@dataclass
-class Variant:
-    precision: str
-    path: Path
-    recipe: dict = field(default_factory=dict)
-    runtime: str = RUNTIME
-
-
-@dataclass
-class Step:
-    text: str  # progress line, e.g. "quantizing int8 (static QDQ, per-channel)"
-    run: Callable[[], Variant | None]
-    produces: str | None = None  # the precision of the variant this step writes, if any
-
-
 def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], work: Path, *,
          calib_method: str = "minmax", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
     """The passes for this target, in order; the steps that produce a variant return it."""
     if calib_method not in CALIB_METHODS:
         raise ConvertError(f"unknown calibration method {calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
-    fixed = work / "fixed.onnx"
+    fixed = source  # the converter fixed the input shapes already
     batch = specs[0].shape[0] if specs[0].shape[0] > 0 else None  # a fixed batch dim, or None
     recipe = int8_recipe(cpu_flags, calib_method, samples=len(next(iter(calib.values()))))
     shapes = " ".join(f"{s.name}={'x'.join('N' if d < 0 else str(d) for d in s.shape)}" for s in specs)
@@ -61,7 +53,8 @@ def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], wo
     def fp32() -> Variant:
         out = work / "fp32" / "model.onnx"
         optimize(fixed, out, level="extended")
-        return Variant("fp32", out, {"graph_optimization": "ORT_ENABLE_EXTENDED", "input_shapes": shapes})
+        return Variant("fp32", "fp32", out, RUNTIME, {"graph_optimization": "ORT_ENABLE_EXTENDED",
+                                                      "input_shapes": shapes}, rung="fp32")
 
     def int8() -> Variant:
         upgraded = work / "int8-opset.onnx"
@@ -70,11 +63,10 @@ def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], wo
         recipe["opset_upgraded_from"] = upgrade_opset(fixed, upgraded, QDQ_MIN_OPSET)
         recipe["symbolic_shape_inference"] = pre_process(upgraded, prepared)
         quantize(prepared, out, calib, recipe, batch=batch)
-        return Variant("int8", out, {**recipe, "input_shapes": shapes})
+        return Variant("int8", "int8", out, RUNTIME, {**recipe, "input_shapes": shapes}, rung="int8")
 
     act = "uint8" if recipe["activation_type"] == "QUInt8" else "int8"
     return [
-        Step(f"fixing input shapes ({shapes})", lambda: fix_shapes(source, fixed, specs)),
         Step("optimizing fp32 graph (ONNX Runtime, extended level)", fp32, "fp32"),
         Step(f"quantizing int8 (static QDQ, per-channel, {act} activations / int8 weights, {calib_method} "
              f"calibration on {recipe['calibration_samples']} samples)", int8, "int8"),
