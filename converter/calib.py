@@ -16,7 +16,7 @@ import numpy as np
 from agent.bundle import TensorSpec, sha256_file
 from converter import ConvertError
 
-MIN_SAMPLES = 2
+MIN_SAMPLES = 10  # fewer cannot calibrate int8 activation ranges, nor leave any held-out samples
 HELD_OUT = 0.2
 
 
@@ -120,14 +120,32 @@ def load(path: str | Path, specs: list[TensorSpec]) -> Calibration:
     return Calibration(path, sha256_file(path), arrays)
 
 
-def fill_from_data(specs: list[TensorSpec], calib: Calibration) -> list[TensorSpec]:
-    """Fix every dynamic dim but the batch dim to the calibration data's size."""
-    out = []
+def require_static(specs: list[TensorSpec]) -> None:
+    """Every dim but the batch dim must be fixed (by the model or --input-shape): compilers and
+    quantizers need them, and a guess from the data would silently pin a shape devices may not send."""
     for spec in specs:
-        data = calib.arrays[spec.name].shape
-        shape = [spec.shape[0]] + [d if d > 0 else data[axis] for axis, d in enumerate(spec.shape) if axis]
-        out.append(TensorSpec(spec.name, shape, spec.dtype))
-    return out
+        if any(d < 0 for d in spec.shape[1:]):
+            names = iter("HWDEFG")
+            example = "x".join(["1"] + [next(names, "N") if d < 0 else str(d) for d in spec.shape[1:]])
+            raise ConvertError(f"model input {spec.name!r} has dynamic dimensions {_fmt(spec.shape)}: give them with "
+                               f"--input-shape {spec.name}={example}")
+
+
+def load_labels(path: str | Path, calib: Calibration) -> np.ndarray:
+    """Class labels (integers, one per calibration sample) from an .npy file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"labels file not found: {path}")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ConvertError(f"labels file {path} is not a numpy .npy array: {_first_line(e)}") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ConvertError(f"labels file {path.name} must hold one integer class per sample; it holds "
+                           f"{labels.dtype.name}{list(labels.shape)}")
+    if len(labels) != calib.samples:
+        raise ConvertError(f"labels file {path.name} has {len(labels)} labels for {calib.samples} calibration samples")
+    return labels
 
 
 def _first_line(e: BaseException) -> str:

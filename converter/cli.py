@@ -11,23 +11,34 @@ from converter import ConvertError
 DESCRIPTION = """\
 Quantize and compile an ONNX model for a target and write one validated bundle per variant.
 
-For --target cpu (ONNX Runtime) two variants are built:
-  fp32  the ONNX Runtime graph optimizations saved offline (extended level; portable across CPUs)
-  int8  static QDQ quantization, per-channel int8 weights, calibrated on DATA.npz
+targets and their variants:
+  cpu    ONNX Runtime: fp32 (graph-optimized), int8 (static QDQ, per-channel), int8-dynamic;
+         fallbacks int8-mixed (the most sensitive nodes kept in float) and fp16
+  intel  OpenVINO IR: ov-fp16 (fp16-compressed weights), ov-int8 (NNCF post-training quantization);
+         fallback ov-int8-mixed (NNCF accuracy-controlled quantization)      [pip install 'edgefleet[intel]']
+  arm    TFLite via onnx2tf (its own venv): tflite-fp32, tflite-fp16, tflite-int8 (full integer,
+         calibrated on DATA.npz); and ort-int8-arm (ONNX Runtime int8 for ARM64)  [pip install 'edgefleet[arm]']
+  all    every target whose toolchain is installed; says which it skipped and why
 
-Each variant is measured in its own runtime through the same loader a device uses: host latency
-(batch 1, 1 thread) and agreement with the original model on held-out samples (top-1 for
-classifiers, cosine similarity and max abs error for every output). Bundles are written as
-DIR/NAME-VERSION-TARGET-PRECISION.tar with DIR/report.json, only when every step succeeded."""
+Each variant runs in its own runtime, through the same loader a device uses, on held-out samples and
+is compared with the one fp32 reference (ONNX Runtime on the original model): task accuracy with
+--labels, top-1 agreement for classifiers, cosine similarity and max abs error for every output.
+With --max-accuracy-drop a variant that drifts further is refused (not written), its worst outputs
+named, and the next rung of the fallback chain int8 -> int8-mixed -> fp16 -> fp32 is tried; the
+manifest records which rung passed and why the others did not. Bundles are written as
+DIR/NAME-VERSION-TARGET-VARIANT.tar with DIR/report.json and DIR/report.html (a latency-vs-accuracy
+plot), only when every step succeeded."""
 
 EPILOG = """\
 calibration data:
   DATA.npz holds one array per model input, keyed by input name, samples along the first axis
   (np.savez("calib.npz", x=batch)). The last 20 % of the samples (at least one) are held out for
-  evaluation; the rest calibrate the int8 variant. At least 2 samples are needed.
+  evaluation; the rest calibrate the int8 variants. At least 10 samples are needed. Every input dim
+  but the first (batch) must be fixed, by the model or by --input-shape.
 
 example:
-  edgefleet convert cls.onnx --target cpu --calib calib.npz --out dist/ --name ocr-cls --version 3"""
+  edgefleet convert cls.onnx --target all --calib calib.npz --labels labels.npy \\
+      --input-shape x=1x3x48x192 --max-accuracy-drop 1% --out dist/ --name ocr-cls --version 3"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,17 +51,22 @@ def parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL.onnx", help="the trained model (ONNX, fp32)")
     p.add_argument("--target", default="cpu", metavar="TARGET",
-                   help="cpu: ONNX Runtime on any CPU (intel and arm are planned) [default: cpu]")
+                   help="cpu, intel, arm or all (see above) [default: cpu]")
     p.add_argument("--calib", required=True, metavar="DATA.npz",
                    help="calibration and evaluation samples: one array per model input (see below)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the bundles and report.json")
     p.add_argument("--name", help="bundle name [default: the model file's stem]")
     p.add_argument("--version", default="1", help="bundle version [default: 1]")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x48x192",
-                   help="fix an input's dynamic dims (the first, batch, stays dynamic); repeat per input "
-                        "[default: the calibration data's shape]")
+                   help="fix an input's dynamic dims (the first, batch, stays dynamic); repeat per input; "
+                        "needed when the model leaves dims other than batch dynamic")
     p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="how int8 activation ranges are calibrated [default: minmax]")
+    p.add_argument("--labels", metavar="LABELS.npy",
+                   help="integer class labels, one per calibration sample: gate on task accuracy")
+    p.add_argument("--max-accuracy-drop", metavar="X",
+                   help="refuse variants whose accuracy drops more than X (e.g. 1%% or 0.01) below the fp32 "
+                        "reference and fall back down the chain")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -78,43 +94,13 @@ def main(argv: list[str]) -> int:
     report = convert(
         args.model, target=args.target, calib=args.calib, out=args.out, name=args.name, version=args.version,
         input_shapes=parse_input_shapes(args.input_shape), calib_method=args.calib_method,
+        labels=args.labels, max_accuracy_drop=args.max_accuracy_drop,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        from converter.report import table
+
         print(table(report))
     return 0
-
-
-def table(report: dict) -> str:
-    ref = report["reference_latency_ms"]
-    rows = [("variant", "runtime", "precision", "size", "p50 ms", "p95 ms", "speedup", "top-1", "min cos",
-             "max abs err")]
-    rows.append(("source", "onnxruntime", "fp32", _size(report["source"]["size_bytes"]), f"{ref['p50']:.2f}",
-                 f"{ref['p95']:.2f}", "1.00x", "ref", "ref", "ref"))
-    for v in report["variants"]:
-        a, lat = v["agreement"], v["latency_ms"]
-        rows.append((v["variant"], v["runtime"], v["precision"], _size(v["size_bytes"]), f"{lat['p50']:.2f}",
-                     f"{lat['p95']:.2f}", f"{v['speedup_vs_fp32']:.2f}x" if v["speedup_vs_fp32"] else "-",
-                     "-" if a["top1"] is None else f"{a['top1']:.1%}", f"{a['min_cosine']:.5f}",
-                     f"{a['max_abs_err']:.3g}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    n = report["calibration"]["held_out_samples"]
-    host = report["host"]
-    isa = ", ".join(f for f in host["flags"] if "vnni" in f or "amx" in f or f in ("avx2", "asimddp", "i8mm"))
-    batch = report["variants"][0]["latency_ms"]["batch"] if report["variants"] else 1
-    lines.append("")
-    lines.append(f"latency: batch {batch}, 1 thread, on {host['cpu']} ({isa or host['machine']}); "
-                 f"agreement with the source model on {n} held-out samples")
-    for v in report["variants"]:
-        lines.append(f"wrote {v['path']}  ({_size(v['bundle_bytes'])}, sha256 {v['bundle_sha256'][:16]}…)")
-    lines.append(f"wrote {report['out']}/report.json")
-    return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"

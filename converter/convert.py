@@ -22,21 +22,24 @@ import numpy as np
 
 from agent.bundle import Manifest, TensorSpec, safe_unpack, sha256_file, write_bundle
 from agent.errors import EdgefleetError
-from converter import ConvertError, calib as calibration, measure
+from converter import ConvertError, calib as calibration, gate, measure
+from converter.plan import RUNGS, Step, Variant
 
 # target -> module with plan(...) (see converter/cpu.py); a target is one file.
 TARGETS = {"cpu": "converter.cpu", "intel": "converter.intel", "arm": "converter.arm"}
-PLANNED = ()
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: str | Path, name: str | None = None,
             version: str = "1", input_shapes: dict[str, list[int]] | None = None, calib_method: str = "minmax",
+            labels: str | Path | None = None, max_accuracy_drop: float | str | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
-    """Convert ``model`` for ``target`` into bundles in ``out``; returns the report (also ``out/report.json``)."""
+    """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
+    (also ``out/report.json`` and ``out/report.html``)."""
     model, calib, out = Path(model), Path(calib), Path(out)
     say = progress or (lambda line: None)
-    plugin = _target(target)
+    targets = _targets(target)
+    max_drop = gate.parse_drop(max_accuracy_drop)
     name = _safe(name if name is not None else re.sub(r"[^A-Za-z0-9._+-]+", "-", model.stem).strip("-.") or "model",
                  "--name")
     version = _safe(str(version), "--version")
@@ -45,73 +48,80 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
 
     source, specs = _load_source(model)
     specs = calibration.apply_input_shapes(specs, input_shapes)
+    calibration.require_static(specs)
     data = calibration.load(calib, specs)
-    specs = calibration.fill_from_data(specs, data)
+    label_array = calibration.load_labels(labels, data) if labels is not None else None
     batch = specs[0].shape[0] if specs[0].shape[0] > 0 else None  # a fixed batch dim, or None (dynamic)
     if batch and (data.n_eval < batch or data.samples - data.n_eval < batch):
         raise ConvertError(f"the model has a fixed batch of {batch}: the calibration file needs at least {batch} "
                            f"samples to calibrate and {batch} to hold out (it has {data.samples})")
     held = data.held_out()
+    held_labels = None if label_array is None else label_array[data.samples - data.n_eval :]
     one = {k: v[: batch or 1] for k, v in held.items()}  # the smoke-test sample, batch 1
 
     staging = _staging_dir(out)
     try:
         work = staging / "work"
-        fixed = work / "fixed.onnx"
-        from converter.cpu import fix_shapes
-
-        fix_shapes(model, fixed, specs)
-        module = importlib.import_module(plugin)
-        if (why := module.missing()) is not None:
-            raise ConvertError(f"target {target!r} cannot be built here: {why}")
-        plan = module.plan(fixed, specs, data.calibration_split(), work / target,
-                           calib_method=calib_method, cpu_flags=measure.cpu_flags())
-        total = 1 + len(plan) + sum(1 for s in plan if s.produces) + 1
-        step = iter(range(1, total + 1))
-
-        say(f"[{next(step)}/{total}] checking {model.name} and {calib.name} ({data.samples} samples: "
-            f"{data.samples - data.n_eval} calibrate, {data.n_eval} held out); running the fp32 reference ...")
+        say(f"checking {model.name} and {calib.name} ({data.samples} samples: {data.samples - data.n_eval} "
+            f"calibrate, {data.n_eval} held out); running the fp32 reference in ONNX Runtime ...")
         session = _session(model.parent, model.name, "source model")
         try:
             reference = measure.run_batched(session, held, batch)
         except Exception as e:
             raise ConvertError(f"the source model fails on the calibration data: {_first_line(e)}") from None
+        classifier = gate.classifier_output(reference)
+        ref_accuracy = gate.task_accuracy(reference, held_labels, classifier)
+        if held_labels is not None and classifier is None:
+            raise ConvertError("--labels needs a classifier output ([N, classes]); this model has none")
         common = {
             "calibration": {"sha256": data.sha256, "samples": data.samples,
                             "calibration_samples": data.samples - data.n_eval, "held_out_samples": data.n_eval,
-                            "method": calib_method},
+                            "method": calib_method, "labels": held_labels is not None},
             "toolchain": measure.toolchain(), "host": measure.host(),
             "reference_latency_ms": measure.latency(session, one),
         }
         session.close()
+        fixed = work / "fixed.onnx"
+        from converter.cpu import fix_shapes
 
-        variants = []
-        for s in plan:
-            say(f"[{next(step)}/{total}] {s.text} ...")
-            if (v := s.run()) is not None:
-                variants.append(v)
-
-        measured = []
-        for v in variants:
-            say(f"[{next(step)}/{total}] measuring {v.name} in {v.runtime} (latency at batch {batch or 1}, "
-                f"1 thread; agreement on {data.n_eval} held-out samples) ...")
-            measured.append(_measure(v, held, one, batch, reference, common))
-
-        say(f"[{next(step)}/{total}] writing {len(variants)} bundles and checking each unpacks and runs ...")
-        source_sha = sha256_file(model)
+        fix_shapes(model, fixed, specs)
         outputs = _output_specs(fixed, batch)
+        ctx = _Context(held, one, batch, reference, held_labels, classifier, ref_accuracy, common, max_drop, say)
+
+        built, refused, skipped, chosen = [], [], [], {}
+        for t in targets:
+            module = importlib.import_module(TARGETS[t])
+            if (why := module.missing()) is not None:
+                if target != "all":
+                    raise ConvertError(f"target {t!r} cannot be built here: {why}")
+                skipped.append({"target": t, "reason": why})
+                say(f"[{t}] skipped: {why}")
+                continue
+            steps = module.plan(fixed, specs, data.calibration_split(), work / t, calib_method=calib_method,
+                                cpu_flags=measure.cpu_flags(), **_plan_options(module, max_drop))
+            ok, bad, chosen[t] = _run_target(t, steps, ctx)
+            built += ok
+            refused += bad
+        if not built:
+            why = "; ".join(f"{v['target']}/{v['variant']}: {v['gate']['reason']}" for v in refused) or \
+                "; ".join(f"{s['target']}: {s['reason']}" for s in skipped)
+            raise ConvertError(f"no variant could be emitted ({why})")
+
+        say(f"writing {len(built)} bundles and checking each unpacks and runs as on a device ...")
+        source_sha = sha256_file(model)
         entries = []
-        for v, (rep, sample_out) in zip(variants, measured):
+        for v, rep, sample_out in built:
             manifest = Manifest(
-                name=name, version=version, target=target, runtime=v.runtime, precision=v.precision,
+                name=name, version=version, target=rep["target"], runtime=v.runtime, precision=v.precision,
                 model=v.path.name, files=[], inputs=specs, outputs=outputs,
                 sample="sample.npz", latency_budget_ms=round(max(250.0, 20 * rep["latency_ms"]["p95"]), 1),
-                settings=_settings(v), report=rep, source_sha256=source_sha,
+                settings=_settings(v), report={**rep, "gate": {**rep["gate"], "chain": chosen[rep["target"]]}},
+                source_sha256=source_sha,
             )
-            file = f"{name}-{version}-{target}-{v.name}.tar"
+            file = f"{name}-{version}-{rep['target']}-{v.name}.tar"
             files = {f.name: f for f in sorted(v.path.parent.iterdir()) if f.is_file()}
             digest = write_bundle(staging / file, manifest, files)
-            diff = _round_trip(staging / file, staging / f"unpacked-{v.name}", sample_out)
+            diff = _round_trip(staging / file, staging / f"unpacked-{rep['target']}-{v.name}", sample_out)
             entries.append({**rep, "bundle": file, "bundle_sha256": digest,
                             "bundle_bytes": os.path.getsize(staging / file),
                             "round_trip": {"ok": True, "max_abs_diff": diff}})
@@ -120,54 +130,147 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             "name": name, "version": version, "target": target,
             "source": {"path": str(model), "sha256": source_sha, "size_bytes": os.path.getsize(model),
                        "opset": _opset(source), "inputs": [_spec_dict(s) for s in specs]},
-            **common, "variants": entries,
+            "reference_accuracy": ref_accuracy,
+            **common,
+            "gate": {"max_accuracy_drop": max_drop, "chosen": {t: _chosen_text(c) for t, c in chosen.items()},
+                     "chains": chosen},
+            "variants": entries, "refused": refused,
+            "skipped": skipped,
         }
         return _publish(staging, out, report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _measure(v, held: dict, one: dict, batch: int | None, reference: dict, common: dict) -> tuple[dict, dict]:
+class _Context:
+    """What every variant is measured against."""
+
+    def __init__(self, held, one, batch, reference, labels, classifier, ref_accuracy, common, max_drop, say):
+        self.held, self.one, self.batch, self.reference = held, one, batch, reference
+        self.labels, self.classifier, self.ref_accuracy = labels, classifier, ref_accuracy
+        self.common, self.max_drop, self.say = common, max_drop, say
+
+
+def _plan_options(module, max_drop: float | None) -> dict:
+    """Keywords a target's plan() takes beyond the common ones (e.g. intel's accuracy-controlled rung)."""
+    import inspect
+
+    params = inspect.signature(module.plan).parameters
+    return {"max_accuracy_drop": max_drop} if "max_accuracy_drop" in params else {}
+
+
+def _run_target(target: str, steps: list[Step], ctx: _Context) -> tuple[list, list, list]:
+    """Run a target's steps; measure and gate each variant; build fallback rungs only while needed.
+
+    Returns (emitted [(variant, report, sample outputs)], refused [report], the chain [rung records])."""
+    emitted, refused, chain = [], [], []
+    regular = [s for s in steps if not s.fallback]
+    fallback = [s for s in steps if s.fallback]
+    n = len(regular) + len(fallback)
+
+    def build(i: int, step: Step) -> None:
+        ctx.say(f"[{target} {i}/{n}] {step.text} ...")
+        v = step.run()
+        if v is None:
+            return
+        ctx.say(f"[{target} {i}/{n}] measuring {v.name} in {v.runtime} (batch {ctx.batch or 1}, 1 thread; "
+                f"{len(ctx.reference[next(iter(ctx.reference))])} held-out samples) ...")
+        rep, sample_out = _measure(v, target, ctx)
+        if rep["gate"]["passed"] is False:
+            refused.append(rep)
+            ctx.say(f"[{target}] refused {v.name}: {rep['gate']['reason']}")
+        else:
+            emitted.append((v, rep, sample_out))
+        if v.rung is not None:
+            chain.append({"rung": v.rung, "variant": v.name, "passed": rep["gate"]["passed"],
+                          "drop": rep["gate"]["drop"], "reason": rep["gate"]["reason"]})
+
+    for i, step in enumerate(regular, 1):
+        build(i, step)
+    if ctx.max_drop is not None:
+        def passed(rung: str) -> bool:
+            return any(c["rung"] == rung and c["passed"] for c in chain)
+
+        for rung in RUNGS:
+            if not passed(rung):
+                for i, step in enumerate(fallback, len(regular) + 1):
+                    if step.rung == rung:
+                        build(i, step)
+            if passed(rung):
+                break  # the best rung that passes is found: no fallback below it is needed
+    order = {r: k for k, r in enumerate(RUNGS)}
+    chain.sort(key=lambda c: order[c["rung"]])
+    return emitted, refused, chain
+
+
+def _chosen_text(chain: list[dict]) -> str:
+    passed = [c for c in chain if c["passed"]]
+    if not chain:
+        return "no variant on the fallback chain"
+    if chain[0]["passed"] is None:
+        return "not gated (no --max-accuracy-drop)"
+    if not passed:
+        return "every rung was refused"
+    best = passed[0]
+    before = [f"{c['rung']} ({c['variant']}) refused: drop {c['drop']:.2%}" for c in chain
+              if RUNGS.index(c["rung"]) < RUNGS.index(best["rung"]) and not c["passed"]]
+    return f"rung {best['rung']} ({best['variant']}) passed" + (f" after {'; '.join(before)}" if before else "")
+
+
+def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
     """Load the variant from a directory laid out like an unpacked bundle and measure it there.
 
     Returns the variant's report (it goes into the manifest) and its outputs on the sample."""
-    np.savez_compressed(v.path.parent / "sample.npz", **one)
-    session = _session(v.path.parent, v.path.name, f"{v.name} variant", v.runtime, _settings(v))
+    np.savez_compressed(v.path.parent / "sample.npz", **ctx.one)
+    session = _session(v.path.parent, v.path.name, f"{target} {v.name} variant", v.runtime, _settings(v))
     try:
-        got = measure.run_batched(session, held, batch)
-        sample_out = session.run(one)
-        lat = measure.latency(session, one)
+        try:
+            got = measure.run_batched(session, ctx.held, ctx.batch)
+            sample_out = session.run(ctx.one)
+        except Exception as e:
+            raise ConvertError(f"{target} {v.name} variant fails in {v.runtime}: {_first_line(e)}") from None
+        lat = measure.latency(session, ctx.one)
     finally:
         session.close()
-    ref_p50 = common["reference_latency_ms"]["p50"]
+    ref_p50 = ctx.common["reference_latency_ms"]["p50"]
+    agreement = measure.agreement(ctx.reference, got)
+    accuracy = gate.task_accuracy(got, ctx.labels, ctx.classifier)
+    verdict = gate.judge(gate.measure_drop(agreement, accuracy, ctx.ref_accuracy), agreement, ctx.max_drop)
     report = {
-        "variant": v.name, "runtime": v.runtime, "precision": v.precision, "rung": v.rung,
-        "size_bytes": os.path.getsize(v.path), "recipe": v.recipe,
-        "latency_ms": {**lat, "batch": batch or 1, "settings": _settings(v)},
+        "target": target, "variant": v.name, "runtime": v.runtime, "precision": v.precision, "rung": v.rung,
+        "size_bytes": sum(f.stat().st_size for f in v.path.parent.iterdir() if f.name != "sample.npz"),
+        "recipe": v.recipe,
+        "latency_ms": {**lat, "batch": ctx.batch or 1, "settings": _settings(v)},
         "speedup_vs_fp32": round(ref_p50 / lat["p50"], 3) if lat["p50"] > 0 else None,
-        "agreement": measure.agreement(reference, got),
-        **common,
+        "agreement": agreement, "accuracy": accuracy, "gate": verdict,
+        **ctx.common,
     }
     return report, sample_out
 
 
 def _publish(staging: Path, out: Path, report: dict) -> dict:
-    """Move the bundles and report.json from ``staging`` into ``out`` (each move a rename)."""
-    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    """Move the bundles, report.json and report.html from ``staging`` into ``out`` (each move a rename)."""
+    from converter.report import to_html
+
     out.mkdir(parents=True, exist_ok=True)
     for entry in report["variants"]:
-        os.replace(staging / entry["bundle"], out / entry["bundle"])
         entry["path"] = str(out / entry["bundle"])
+    report = {**report, "out": str(out)}
+    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (staging / "report.html").write_text(to_html(report))
+    for entry in report["variants"]:
+        os.replace(staging / entry["bundle"], out / entry["bundle"])
     os.replace(staging / "report.json", out / "report.json")
-    return {**report, "out": str(out)}
+    os.replace(staging / "report.html", out / "report.html")
+    return report
 
 
-def _target(target: str) -> str:
+def _targets(target: str) -> list[str]:
+    if target == "all":
+        return list(TARGETS)
     if target in TARGETS:
-        return TARGETS[target]
-    if target in PLANNED:
-        raise ConvertError(f"target {target!r} is not built yet (available: {', '.join(TARGETS)})")
-    raise ConvertError(f"unknown target {target!r} (choose from {', '.join([*TARGETS, *PLANNED])})")
+        return [target]
+    raise ConvertError(f"unknown target {target!r} (choose from {', '.join(TARGETS)}, all)")
 
 
 def _safe(value: str, flag: str) -> str:

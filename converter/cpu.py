@@ -65,11 +65,44 @@ def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], wo
         quantize(prepared, out, calib, recipe, batch=batch)
         return Variant("int8", "int8", out, RUNTIME, {**recipe, "input_shapes": shapes}, rung="int8")
 
+    def int8_dynamic() -> Variant | None:
+        prepared = work / "int8-pre.onnx"
+        if not prepared.exists():
+            pre_process(fixed, prepared)
+        ops = dynamic_ops(prepared)
+        if not ops:
+            return None  # nothing for dynamic quantization to do in this model
+        out = work / "int8-dynamic" / "model.onnx"
+        quantize_dynamic_weights(prepared, out, ops)
+        return Variant("int8-dynamic", "int8", out, RUNTIME,
+                       {"method": "dynamic", "weight_type": "QInt8", "op_types": ops, "input_shapes": shapes})
+
+    def int8_mixed() -> Variant:
+        prepared = work / "int8-pre.onnx"
+        if not prepared.exists():
+            int8()
+        excluded = sensitive_nodes(prepared)
+        out = work / "int8-mixed" / "model.onnx"
+        mixed = {**recipe, "nodes_to_exclude": excluded, "kept_in_float": len(excluded)}
+        quantize(prepared, out, calib, mixed, batch=batch)
+        return Variant("int8-mixed", "mixed", out, RUNTIME, {**mixed, "input_shapes": shapes}, rung="int8-mixed")
+
+    def fp16() -> Variant:
+        out = work / "fp16" / "model.onnx"
+        to_fp16(fixed, out)
+        return Variant("fp16", "fp16", out, RUNTIME, {"conversion": "float16, float32 inputs and outputs",
+                                                      "input_shapes": shapes}, rung="fp16")
+
     act = "uint8" if recipe["activation_type"] == "QUInt8" else "int8"
     return [
         Step("optimizing fp32 graph (ONNX Runtime, extended level)", fp32, "fp32"),
         Step(f"quantizing int8 (static QDQ, per-channel, {act} activations / int8 weights, {calib_method} "
              f"calibration on {recipe['calibration_samples']} samples)", int8, "int8"),
+        Step("quantizing int8-dynamic (weights only ahead of time, for MatMul/Gemm-heavy models)", int8_dynamic,
+             "int8-dynamic"),
+        Step("quantizing int8-mixed (the most sensitive nodes kept in float)", int8_mixed, "int8-mixed",
+             fallback=True, rung="int8-mixed"),
+        Step("converting to fp16 (float32 inputs and outputs)", fp16, "fp16", fallback=True, rung="fp16"),
     ]
 
 
@@ -191,8 +224,8 @@ def quantize(src: Path, dst: Path, calib: dict[str, np.ndarray], recipe: dict, b
     class Reader(CalibrationDataReader):
         def __init__(self):
             n = len(next(iter(calib.values())))
-            step = batch or CALIB_BATCH
-            end = n - n % step if batch else n
+            step = batch or min(CALIB_BATCH, n)
+            end = n - n % step  # equal batches: the histogram calibrators stack them
             self._batches = iter([{k: v[i : i + step] for k, v in calib.items()} for i in range(0, end, step)])
 
         def get_next(self):
@@ -213,11 +246,76 @@ def quantize(src: Path, dst: Path, calib: dict[str, np.ndarray], recipe: dict, b
                 weight_type=getattr(QuantType, recipe["weight_type"]),
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                   "percentile": CalibrationMethod.Percentile}[recipe["calibrate_method"]],
+                nodes_to_exclude=recipe.get("nodes_to_exclude") or [],
             )
     except Exception as e:
         raise ConvertError(f"int8 quantization failed: {type(e).__name__}: {_first_line(e)}") from None
     finally:
         logging.getLogger().setLevel(quiet)
+
+
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "GRU")
+
+
+def dynamic_ops(src: Path) -> list[str]:
+    """The op types dynamic quantization helps with that this model has (Conv gets slower: not listed)."""
+    import onnx
+
+    present = {n.op_type for n in onnx.load(str(src)).graph.node}
+    return [op for op in DYNAMIC_OPS if op in present]
+
+
+def quantize_dynamic_weights(src: Path, dst: Path, ops: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+    except Exception as e:
+        raise ConvertError(f"int8-dynamic quantization failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def sensitive_nodes(float_model: Path, *, fraction: float = 0.15) -> list[str]:
+    """The Conv/MatMul/Gemm nodes whose weights lose the most to per-channel int8 (lowest signal-to-
+    quantization-noise ratio of the weights' int8 round trip; depthwise convolutions usually lead):
+    int8-mixed keeps these in float and quantizes the rest as before."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(float_model)).graph
+    weights = {t.name: t for t in graph.initializer}
+    ranked = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or not node.name or len(node.input) < 2:
+            continue
+        if node.input[1] not in weights:
+            continue
+        w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
+        axis = 0 if node.op_type == "Conv" else w.ndim - 1  # the output channel
+        ranked.append((_int8_sqnr(w, axis), node.name))
+    ranked.sort()
+    return [name for _, name in ranked[: max(1, int(len(ranked) * fraction))]]
+
+
+def _int8_sqnr(w: np.ndarray, axis: int) -> float:
+    """SQNR in dB of symmetric per-channel int8 quantization of ``w`` along ``axis``."""
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    scale = np.abs(rows).max(1, keepdims=True) / 127
+    scale[scale == 0] = 1.0
+    noise = ((rows - np.clip(np.round(rows / scale), -127, 127) * scale) ** 2).sum()
+    signal = (rows ** 2).sum()
+    return float("inf") if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    except Exception as e:
+        raise ConvertError(f"fp16 conversion failed: {type(e).__name__}: {_first_line(e)}") from None
+    _save(model, dst)
 
 
 def _save(model, dst: Path) -> None:

@@ -38,3 +38,4 @@ class Step:
     run: Callable[[], Variant | None]
     produces: str | None = None  # the name of the variant this step writes, if any
     fallback: bool = False  # built only when the accuracy gate needs it (e.g. int8 with sensitive nodes in float)
+    rung: str | None = None  # for a fallback step: the rung its variant stands on

@@ -60,9 +60,3 @@ def text_direction(n: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.
     labels = np.array([crops[i][1] for i in order], dtype=np.int64)
     return x, labels
 
-
-def write_npz(path, n: int | None = None, seed: int = 0) -> int:
-    """Write ``{INPUT: crops}`` as an npz the converter takes; returns the number of samples."""
-    x, _ = text_direction(n, seed)
-    np.savez(path, **{INPUT: x})
-    return len(x)

@@ -49,7 +49,7 @@ def converted(model, real, tmp_path_factory) -> tuple[Path, dict, str]:
     out = tmp_path_factory.mktemp("convert") / "dist"
     proc = subprocess.run(
         [str(EDGEFLEET), "convert", str(model), "--target", "cpu", "--calib", str(real[0]), "--out", str(out),
-         "--name", "ocr-cls", "--version", "7", "--json"],
+         "--name", "ocr-cls", "--version", "7", "--input-shape", "x=1x3x48x192", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -62,9 +62,13 @@ def _bundle(out: Path, precision: str) -> Path:
 
 def test_json_report_progress_and_files(converted, model, real):
     out, report, stderr = converted
-    assert sorted(p.name for p in out.iterdir()) == ["ocr-cls-7-cpu-fp32.tar", "ocr-cls-7-cpu-int8.tar",
-                                                     "report.json"]
-    assert [v["precision"] for v in report["variants"]] == ["fp32", "int8"]
+    assert sorted(p.name for p in out.iterdir()) == ["ocr-cls-7-cpu-fp32.tar", "ocr-cls-7-cpu-int8-dynamic.tar",
+                                                     "ocr-cls-7-cpu-int8.tar", "report.html", "report.json"]
+    assert [v["variant"] for v in report["variants"]] == ["fp32", "int8", "int8-dynamic"]
+    assert report["refused"] == [] and report["skipped"] == []
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "cpu/int8" in html and "http" not in html.split("<svg", 1)[1].split("</svg>")[0].replace(
+        "http://www.w3.org/2000/svg", "")
     assert report["source"]["sha256"] == sha256_file(model)
     assert report["calibration"]["sha256"] == sha256_file(real[0])
     assert report["calibration"]["held_out_samples"] == N_SAMPLES // 5
@@ -76,9 +80,9 @@ def test_json_report_progress_and_files(converted, model, real):
         assert sha256_file(v["path"]) == v["bundle_sha256"]
         assert v["round_trip"]["ok"] is True
     lines = stderr.strip().splitlines()
-    total = len(lines)
-    assert total >= 5
-    assert [line.split("]")[0] for line in lines] == [f"[{i}/{total}" for i in range(1, total + 1)]
+    steps = [line.split("]")[0] for line in lines if line.startswith("[cpu ")]
+    assert steps == ["[cpu 1/5", "[cpu 1/5", "[cpu 2/5", "[cpu 2/5", "[cpu 3/5", "[cpu 3/5"]
+    assert lines[0].startswith("checking") and lines[-1].startswith("writing 3 bundles")
     assert any("quantizing int8" in line and "per-channel" in line for line in lines)
     assert "Traceback" not in stderr
 
@@ -94,6 +98,7 @@ def test_manifests_validate(converted, model, real):
         assert [(i.name, i.shape, i.dtype) for i in m.inputs] == [("x", [-1, 3, 48, 192], "float32")]
         assert [(o.shape, o.dtype) for o in m.outputs] == [([-1, 2], "float32")]
         assert m.settings == {"intra_op_threads": 1}
+        assert m.report["gate"]["passed"] is None and m.report["gate"]["metric"] == "top-1 agreement"
         assert m.source_sha256 == sha256_file(model)
         assert m.latency_budget_ms >= 250.0
         assert m.latency_budget_ms >= 20 * m.report["latency_ms"]["p95"] - 0.1
@@ -125,7 +130,7 @@ def test_int8_has_per_channel_qdq(converted, tmp_path):
 
 def test_agreement_on_real_data(converted):
     _, report, _ = converted
-    by = {v["precision"]: v["agreement"] for v in report["variants"]}
+    by = {v["variant"]: v["agreement"] for v in report["variants"]}
     for a in by.values():
         assert a["samples"] == N_SAMPLES // 5
         assert 0.0 <= a["top1"] <= 1.0 and a["top1"] >= 0.9
@@ -156,19 +161,21 @@ def test_table_output_and_entropy(model, real, tmp_path, capsys):
     from edgefleet.cli import main
 
     small = tmp_path / "small.npz"
-    np.savez(small, x=real[1][:10])
+    np.savez(small, x=real[1][:12])
     code = main(["convert", str(model), "--calib", str(small), "--out", str(tmp_path / "out"),
                  "--calib-method", "entropy", "--input-shape", "x=1x3x48x192"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     header, rule, source, fp32, int8 = captured.out.splitlines()[:5]
-    assert header.split()[:3] == ["variant", "runtime", "precision"] and "top-1" in header
-    assert fp32.split()[:3] == ["fp32", "onnxruntime", "fp32"] and int8.split()[:3] == ["int8", "onnxruntime", "int8"]
-    assert "%" in int8
+    assert header.split()[:4] == ["target", "variant", "runtime", "precision"] and "accuracy" in header
+    assert fp32.split()[:4] == ["cpu", "fp32", "onnxruntime", "fp32"]
+    assert int8.split()[:4] == ["cpu", "int8", "onnxruntime", "int8"]
+    assert "% top-1" in int8
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["name"] == "ch_ppocr_mobile_v2.0_cls_infer" and report["version"] == "1"
     assert report["variants"][1]["recipe"]["calibrate_method"] == "entropy"
     assert report["calibration"]["held_out_samples"] == 2
+    assert (tmp_path / "out" / "report.html").exists()
 
 
 def test_help_lists_every_option(capsys):
@@ -188,7 +195,7 @@ def test_help_lists_every_option(capsys):
 def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[str], str]]:
     """case -> (argv after `edgefleet convert`, a word the error must name)."""
     calib = tmp / "good.npz"
-    np.savez(calib, x=x[:4])
+    np.savez(calib, x=x[:12])
     text = tmp / "notes.onnx"
     text.write_text("this is not a model\n")
     truncated = tmp / "truncated.onnx"
@@ -199,11 +206,13 @@ def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[s
         "rank.npz": {"x": x[:4, 0]},
         "dim.npz": {"x": np.zeros((4, 4, 48, 192), np.float32)},
         "dtype.npz": {"x": x[:4].astype(np.float64)},
-        "one.npz": {"x": x[:1]},
+        "one.npz": {"x": x[:9]},
     }
     for name, arrays in files.items():
         np.savez(tmp / name, **arrays)
     (tmp / "text.npz").write_text("x,y\n1,2\n")
+    np.save(tmp / "labels3.npy", np.array([0, 1, 0]))
+    np.save(tmp / "labelsf.npy", np.zeros(12, np.float32))
     m, c = str(model), str(calib)
     return {
         "model missing": ([str(tmp / "nope.onnx"), "--calib", c], "not found"),
@@ -216,9 +225,15 @@ def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[s
         "calib wrong rank": ([m, "--calib", str(tmp / "rank.npz")], "rank 3"),
         "calib wrong dim": ([m, "--calib", str(tmp / "dim.npz")], "dimension 1 differs"),
         "calib wrong dtype": ([m, "--calib", str(tmp / "dtype.npz")], "float64"),
-        "one sample": ([m, "--calib", str(tmp / "one.npz")], "at least 2"),
-        "target intel": ([m, "--calib", c, "--target", "intel"], "not built yet"),
+        "too few samples": ([m, "--calib", str(tmp / "one.npz")], "need at least 10"),
         "target unknown": ([m, "--calib", c, "--target", "gpu"], "unknown target 'gpu'"),
+        "dynamic dims": ([m, "--calib", c, "--no-shape"], "has dynamic dimensions [?, 3, ?, ?]: give them with "
+                                                          "--input-shape x=1x3xHxW"),
+        "labels missing": ([m, "--calib", c, "--labels", str(tmp / "nope.npy")], "labels file not found"),
+        "labels count": ([m, "--calib", c, "--labels", str(tmp / "labels3.npy")], "3 labels for 12"),
+        "labels float": ([m, "--calib", c, "--labels", str(tmp / "labelsf.npy")], "one integer class"),
+        "drop not a number": ([m, "--calib", c, "--max-accuracy-drop", "lots"], "not a number"),
+        "drop out of range": ([m, "--calib", c, "--max-accuracy-drop", "150%"], "below 100 %"),
         "input-shape name": ([m, "--calib", c, "--input-shape", "y=1x3x48x192"], "not a model input"),
         "input-shape rank": ([m, "--calib", c, "--input-shape", "x=1x3x48"], "rank 3"),
         "input-shape vs data": ([m, "--calib", c, "--input-shape", "x=1x3x48x100"], "dimension 3 differs"),
@@ -228,7 +243,8 @@ def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[s
 
 CASES = ["model missing", "model is text", "model truncated", "calib missing", "calib not npz",
          "calib missing input", "calib extra key", "calib wrong rank", "calib wrong dim", "calib wrong dtype",
-         "one sample", "target intel", "target unknown", "input-shape name", "input-shape rank",
+         "too few samples", "target unknown", "dynamic dims", "labels missing", "labels count", "labels float",
+         "drop not a number", "drop out of range", "input-shape name", "input-shape rank",
          "input-shape vs data", "no --calib"]
 
 
@@ -252,7 +268,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, bad, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("already here\n")
     before = _snapshot(tmp_path)
-    code = main(["convert", *argv, "--out", str(out)])
+    shape = [] if "--no-shape" in argv or "--input-shape" in argv else ["--input-shape", "x=1x3x48x192"]
+    code = main(["convert", *[a for a in argv if a != "--no-shape"], *shape, "--out", str(out)])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, captured.err
@@ -284,3 +301,77 @@ def test_held_out_split():
         assert len(c.calibration_split()["x"]) == n - held
         assert np.array_equal(c.held_out()["x"], c.arrays["x"][n - held :])  # the LAST samples are held out
     assert calib.apply_input_shapes(spec, {"x": [1, 3]}) == spec
+
+
+# ---- the accuracy gate and its fallback chain ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory):
+    """A small real classifier (MatMul + Softmax) and calibration data with one huge outlier: static
+    int8 takes its activation range from the outlier, so int8 cannot tell the normal inputs apart."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="fc"),
+         helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1)],
+        "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    d = tmp_path_factory.mktemp("outlier")
+    onnx.save(model, str(d / "outlier.onnx"))
+    x = rng.normal(size=(60, 16)).astype(np.float32)
+    x[0] *= 5000.0  # in the calibration split (the first 80 %)
+    np.savez(d / "calib.npz", x=x)
+    return d / "outlier.onnx", d / "calib.npz"
+
+
+def test_gate_refuses_int8_and_falls_back_down_the_chain(outlier_model, tmp_path):
+    from converter.convert import convert
+
+    model, calib = outlier_model
+    lines = []
+    report = convert(model, target="cpu", calib=calib, out=tmp_path / "out", max_accuracy_drop="1%",
+                     progress=lines.append)
+    refused = {v["variant"]: v for v in report["refused"]}
+    assert "int8" in refused and refused["int8"]["gate"]["passed"] is False
+    assert "worst outputs: probs" in refused["int8"]["gate"]["reason"]
+    assert not (tmp_path / "out" / "outlier-1-cpu-int8.tar").exists()  # refused: not emitted
+    # int8-mixed keeps the most sensitive node in float, but the outlier's range reaches the Softmax too
+    assert refused["int8-mixed"]["recipe"]["nodes_to_exclude"] == ["fc"]
+    emitted = {v["variant"]: v for v in report["variants"]}
+    assert emitted["fp16"]["gate"]["passed"] is True  # built only because the rungs above it were refused
+    manifest = read_manifest(tmp_path / "out" / "outlier-1-cpu-fp16.tar")
+    chain = manifest.report["gate"]["chain"]
+    assert [(c["rung"], c["passed"]) for c in chain] == [("int8", False), ("int8-mixed", False), ("fp16", True),
+                                                         ("fp32", True)]
+    assert report["gate"]["chosen"]["cpu"] == ("rung fp16 (fp16) passed after int8 (int8) refused: drop "
+                                               f"{refused['int8']['gate']['drop']:.2%}; int8-mixed (int8-mixed) "
+                                               f"refused: drop {refused['int8-mixed']['gate']['drop']:.2%}")
+    assert any("refused int8" in line for line in lines)
+
+
+def test_without_a_gate_no_fallback_is_built(outlier_model, tmp_path):
+    from converter.convert import convert
+
+    model, calib = outlier_model
+    report = convert(model, target="cpu", calib=calib, out=tmp_path / "out")
+    assert [v["variant"] for v in report["variants"]] == ["fp32", "int8", "int8-dynamic"]
+    assert report["refused"] == [] and all(v["gate"]["passed"] is None for v in report["variants"])
+    assert report["variants"][1]["gate"]["drop"] > 0.1  # measured and shown, though not gated
+
+
+def test_gate_with_labels_uses_task_accuracy(model, real, tmp_path):
+    from converter.convert import convert
+
+    path, x, labels = real
+    np.save(tmp_path / "labels.npy", labels)
+    report = convert(model, target="cpu", calib=path, out=tmp_path / "out", labels=tmp_path / "labels.npy",
+                     input_shapes={"x": [1, 3, 48, 192]}, max_accuracy_drop=0.5)
+    assert 0.8 <= report["reference_accuracy"] <= 1.0
+    for v in report["variants"]:
+        assert v["gate"]["metric"] == "task accuracy" and v["gate"]["passed"] is True
+        assert v["accuracy"] == v["gate"]["value"]
