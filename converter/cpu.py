@@ -202,12 +202,16 @@ def pre_process(src: Path, dst: Path) -> bool:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(src), str(dst))
-        return True
-    except Exception:
-        dst.unlink(missing_ok=True)
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    # when symbolic inference gives up, ORT saves sym_shape_infer_temp.onnx in the working directory:
+    # let that be the staging directory, never the user's
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(dst.parent):
+        try:
+            quant_pre_process(str(src.resolve()), str(dst.resolve()))
+            return True
+        except Exception:
+            dst.unlink(missing_ok=True)
+        quant_pre_process(str(src.resolve()), str(dst.resolve()), skip_symbolic_shape=True)
     return False
 
 

@@ -47,12 +47,14 @@ def real(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
 def converted(model, real, tmp_path_factory) -> tuple[Path, dict, str]:
     """One real `edgefleet convert --json` run, as a user runs it: (DIR, report from stdout, stderr)."""
     out = tmp_path_factory.mktemp("convert") / "dist"
+    cwd = tmp_path_factory.mktemp("cwd")
     proc = subprocess.run(
         [str(EDGEFLEET), "convert", str(model), "--target", "cpu", "--calib", str(real[0]), "--out", str(out),
          "--name", "ocr-cls", "--version", "7", "--input-shape", "x=1x3x48x192", "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr
+    assert list(cwd.iterdir()) == []  # no toolchain litter in the user's working directory
     return out, json.loads(proc.stdout), proc.stderr
 
 
