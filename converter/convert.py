@@ -97,9 +97,16 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
                 skipped.append({"target": t, "reason": why})
                 say(f"[{t}] skipped: {why}")
                 continue
-            steps = module.plan(fixed, specs, data.calibration_split(), work / t, calib_method=calib_method,
-                                cpu_flags=measure.cpu_flags(), **_plan_options(module, max_drop))
-            ok, bad, chosen[t] = _run_target(t, steps, ctx)
+            try:
+                steps = module.plan(fixed, specs, data.calibration_split(), work / t, calib_method=calib_method,
+                                    cpu_flags=measure.cpu_flags(), **_plan_options(module, max_drop))
+                ok, bad, chosen[t] = _run_target(t, steps, ctx)
+            except ConvertError as e:
+                if target != "all":
+                    raise
+                skipped.append({"target": t, "reason": str(e)})  # e.g. an op this target cannot take
+                say(f"[{t}] skipped: {e}")
+                continue
             built += ok
             refused += bad
         if not built:

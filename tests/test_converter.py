@@ -377,3 +377,22 @@ def test_gate_with_labels_uses_task_accuracy(model, real, tmp_path):
     for v in report["variants"]:
         assert v["gate"]["metric"] == "task accuracy" and v["gate"]["passed"] is True
         assert v["accuracy"] == v["gate"]["value"]
+
+
+def test_an_op_the_runtime_cannot_take_is_one_line(outlier_model, tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    from edgefleet.cli import main
+
+    _, calib = outlier_model
+    graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")], "custom",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    code = main(["convert", str(tmp_path / "custom.onnx"), "--calib", str(calib), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("edgefleet convert: error:")]
+    assert code == 2 and len(errors) == 1 and errors == err[-1:] and "Frobnicate" in errors[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "out").exists()
