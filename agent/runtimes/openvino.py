@@ -1,0 +1,123 @@
+"""OpenVINO plugin (target ``intel``): an IR (``model.xml`` + ``model.bin``) on the CPU device.
+
+Every property that changes numbers or latency is set explicitly from the manifest's settings, never
+left to the device's defaults: OpenVINO runs bf16 on CPUs with AMX/AVX512-BF16 unless told otherwise.
+
+- ``inference_precision``: ``f32`` (default) | ``bf16`` | ``f16`` -> INFERENCE_PRECISION_HINT
+- ``threads`` (else ``intra_op_threads``, else 1) -> INFERENCE_NUM_THREADS
+- NUM_STREAMS=1 and PERFORMANCE_HINT=LATENCY always: a device serves one inference at a time.
+
+Where only the batch dim is dynamic, the model is compiled with static shapes for each batch size it
+is fed (a few kept): on this kind of CPU a static compile is markedly faster at batch 1 than a dynamic one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from agent.bundle import Manifest
+from agent.errors import EdgefleetError
+
+NAME = "openvino"
+DEVICE = "CPU"
+PRECISIONS = ("f32", "bf16", "f16")
+MAX_SHAPES = 4  # compiled models kept, one per input shape set
+
+
+def available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def compile_config(settings: dict) -> dict:
+    """The CPU properties for ``settings`` (keys are OpenVINO's property names)."""
+    precision = str(settings.get("inference_precision", "f32"))
+    if precision not in PRECISIONS:
+        raise EdgefleetError(f"openvino setting inference_precision {precision!r} is not one of "
+                             f"{', '.join(PRECISIONS)}")
+    threads = settings.get("threads", settings.get("intra_op_threads", 1))
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise EdgefleetError(f"openvino setting threads {threads!r} is not a positive integer")
+    return {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY"}
+
+
+class OpenVinoSession:
+    def __init__(self, path: Path, manifest: Manifest):
+        import openvino as ov
+
+        self._core = ov.Core()
+        self._path = path
+        self._config = compile_config(manifest.settings)
+        model = self._core.read_model(str(path))
+        self._inputs = {}  # feed name -> input index
+        for i, port in enumerate(model.inputs):
+            for name in port.get_names():
+                self._inputs[name] = i
+        self._input_count = len(model.inputs)
+        # Static per shape where only axis 0 can vary; otherwise one dynamic compile serves every shape.
+        self._static = all(port.get_partial_shape().rank.is_static and
+                           all(d.is_static for d in list(port.get_partial_shape())[1:]) for port in model.inputs)
+        self._outputs = _output_names(model, [s.name for s in manifest.outputs])
+        self._compiled: OrderedDict[tuple, tuple] = OrderedDict()  # shapes -> (compiled model, infer request)
+        if not self._static or not any(port.get_partial_shape().is_dynamic for port in model.inputs):
+            self._compiled[()] = self._compile(model)
+        else:
+            first = tuple(tuple(1 if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
+                          for port in model.inputs)
+            self._compiled[first] = self._compile(model, first)
+
+    @property
+    def compiled(self):
+        """The most recently used compiled model (for reading back its properties)."""
+        return next(reversed(self._compiled.values()))[0]
+
+    def _compile(self, model, shapes: tuple | None = None) -> tuple:
+        if shapes is not None:
+            model.reshape({i: list(s) for i, s in enumerate(shapes)})
+        compiled = self._core.compile_model(model, DEVICE, self._config)
+        return compiled, compiled.create_infer_request()
+
+    def _request(self, arrays: list[np.ndarray]):
+        key = tuple(a.shape for a in arrays) if self._static and () not in self._compiled else ()
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(self._core.read_model(str(self._path)), key)
+            while len(self._compiled) > MAX_SHAPES:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        return self._compiled[key][1]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays: list[np.ndarray | None] = [None] * self._input_count
+        for name, value in feeds.items():
+            if name not in self._inputs:
+                raise KeyError(f"the model has no input {name!r} (inputs: {', '.join(sorted(self._inputs))})")
+            arrays[self._inputs[name]] = np.ascontiguousarray(value)
+        if any(a is None for a in arrays):
+            raise KeyError(f"missing inputs: need {', '.join(sorted(self._inputs))}")
+        request = self._request(arrays)
+        result = request.infer(dict(enumerate(arrays)))
+        return {name: np.asarray(result[i]) for i, name in enumerate(self._outputs)}
+
+    def close(self) -> None:
+        self._compiled.clear()
+        self._core = None
+
+
+def _output_names(model, wanted: list[str]) -> list[str]:
+    """The manifest's name for each model output: by tensor name, else by position, else its own name."""
+    names = []
+    for i, port in enumerate(model.outputs):
+        own = port.get_names()
+        match = next((w for w in wanted if w in own), None)
+        if match is None and len(wanted) == len(model.outputs):
+            match = wanted[i]
+        names.append(match or port.get_any_name())
+    return names
+
+
+def load(model_dir: Path, manifest: Manifest) -> OpenVinoSession:
+    return OpenVinoSession(model_dir / manifest.model, manifest)

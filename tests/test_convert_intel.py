@@ -1,0 +1,206 @@
+"""The converter's intel target (OpenVINO IR + NNCF int8) and the agent's openvino plugin, on the real
+PP-OCR text-direction classifier and real text crops.
+
+Real OpenVINO, real NNCF, real bundles read back the way a device reads them. No timing thresholds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from agent import runtimes
+from agent.bundle import TensorSpec, read_manifest, safe_unpack
+from agent.errors import EdgefleetError
+
+ov = pytest.importorskip("openvino")
+
+N_SAMPLES = 200  # 160 calibrate, 40 held out
+SHAPE = [1, 3, 48, 192]
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    from edgefleet.models import model_path
+
+    return model_path("ocr-cls")
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A calibration npz of real text crops (half turned 180°), and the crops."""
+    from edgefleet.data import text_direction
+
+    x, _ = text_direction(N_SAMPLES)
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(path, x=x)
+    return path, x
+
+
+@pytest.fixture(scope="module")
+def converted(model, real, tmp_path_factory) -> tuple[Path, dict, str]:
+    """One real `convert(target="intel")`: (out dir, report, what it wrote to stdout)."""
+    from converter.convert import convert
+
+    out = tmp_path_factory.mktemp("convert") / "dist"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        report = convert(model, target="intel", calib=real[0], out=out, name="ocr-cls", version="3",
+                         input_shapes={"x": SHAPE})
+    return out, report, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bf16_cpu() -> bool:
+    from converter import intel, measure
+
+    return bool(measure.cpu_flags() & intel.BF16_FLAGS)
+
+
+def _unpacked(out: Path, variant: str, tmp_path: Path):
+    dest = tmp_path / variant
+    return dest, safe_unpack(out / f"ocr-cls-3-intel-{variant}.tar", dest)
+
+
+def test_missing_is_none_here():
+    from converter import intel
+
+    assert intel.missing() is None
+    assert "openvino" in runtimes.available()
+
+
+def test_bundles_report_and_quiet_stdout(converted, bf16_cpu):
+    out, report, stdout = converted
+    assert stdout == ""  # NNCF's progress bars must not reach stdout (the CLI's --json report goes there)
+    names = [v["variant"] for v in report["variants"]]
+    expected = ["ov-fp16", "ov-fp16-bf16", "ov-int8"] if bf16_cpu else ["ov-fp16", "ov-int8"]
+    assert names == expected
+    for name in expected:
+        assert (out / f"ocr-cls-3-intel-{name}.tar").is_file()
+    by = {v["variant"]: v for v in report["variants"]}
+    assert by["ov-fp16"]["rung"] == "fp16" and by["ov-int8"]["rung"] == "int8"
+    for v in report["variants"]:
+        assert v["runtime"] == "openvino"
+        assert v["agreement"]["top1"] >= 0.9, (v["variant"], v["agreement"])
+        assert v["recipe"]["toolchain"]["openvino"] and v["recipe"]["toolchain"]["nncf"]
+        assert v["recipe"]["inference_precision"] == v["latency_ms"]["settings"]["inference_precision"]
+        assert v["latency_ms"]["p50"] > 0
+    int8 = by["ov-int8"]["recipe"]
+    assert int8["preset"] and int8["subset_size"] == 160 and int8["calibration_samples"] == 160
+    if bf16_cpu:
+        assert by["ov-fp16-bf16"]["rung"] is None
+        assert by["ov-fp16-bf16"]["latency_ms"]["settings"]["inference_precision"] == "bf16"
+
+
+def test_manifests_describe_an_ir_with_a_dynamic_batch(converted, tmp_path):
+    out, report, _ = converted
+    for v in report["variants"]:
+        m = read_manifest(out / v["bundle"])
+        assert (m.target, m.runtime, m.model) == ("intel", "openvino", "model.xml")
+        assert sorted(f.path for f in m.files) == ["model.bin", "model.xml", "sample.npz"]
+        assert m.settings["inference_precision"] == v["recipe"]["inference_precision"]
+    dest, m = _unpacked(out, "ov-fp16", tmp_path)
+    shape = ov.Core().read_model(str(dest / m.model)).inputs[0].get_partial_shape()
+    assert shape[0].is_dynamic and [d.get_length() for d in list(shape)[1:]] == SHAPE[1:]
+
+
+def test_int8_ir_is_really_quantized(converted, tmp_path):
+    out, _, _ = converted
+    dest, m = _unpacked(out, "ov-int8", tmp_path)
+    layers = ET.parse(dest / m.model).getroot().iter("layer")
+    kinds, int8_consts = [], 0
+    for layer in layers:
+        kinds.append(layer.get("type"))
+        data = layer.find("data")
+        if layer.get("type") == "Const" and data is not None and data.get("element_type") in ("i8", "u8"):
+            int8_consts += 1
+    assert kinds.count("FakeQuantize") + kinds.count("FakeConvert") > 0
+    assert int8_consts > 0
+    fp16_dest, fp16 = _unpacked(out, "ov-fp16", tmp_path)
+    assert "FakeQuantize" not in (fp16_dest / fp16.model).read_text()
+    assert (dest / "model.bin").stat().st_size < (fp16_dest / "model.bin").stat().st_size
+
+
+def test_every_bundle_runs_at_batch_1_and_16(converted, real, tmp_path):
+    out, report, _ = converted
+    x = real[1]
+    for v in report["variants"]:
+        dest, m = _unpacked(out, v["variant"], tmp_path)
+        session = runtimes.load(dest, m)
+        try:
+            one = session.run({"x": x[:1]})
+            sixteen = session.run({"x": x[:16]})
+            again = session.run({"x": x[:1]})
+        finally:
+            session.close()
+        names = [o.name for o in m.outputs]
+        assert list(one) == names and list(sixteen) == names
+        out_name = names[0]
+        assert one[out_name].shape == (1, 2) and sixteen[out_name].shape == (16, 2)
+        assert np.isfinite(sixteen[out_name]).all()
+        np.testing.assert_allclose(sixteen[out_name][:1], one[out_name], atol=1e-3)
+        np.testing.assert_array_equal(again[out_name], one[out_name])
+
+
+def test_the_plugin_sets_precision_threads_and_streams(converted, tmp_path, bf16_cpu):
+    out, _, _ = converted
+    dest, m = _unpacked(out, "ov-fp16", tmp_path)
+    assert m.settings["inference_precision"] == "f32"
+    session = runtimes.load(dest, m)
+    try:
+        compiled = session.compiled
+        assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+        assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        assert compiled.get_property("NUM_STREAMS") == 1
+        assert str(compiled.get_property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
+    finally:
+        session.close()
+    two = msgspec.structs.replace(m, settings={**m.settings, "threads": 2})
+    session = runtimes.load(dest, two)
+    try:
+        assert session.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+    finally:
+        session.close()
+    if bf16_cpu:
+        bf16 = msgspec.structs.replace(m, settings={**m.settings, "inference_precision": "bf16"})
+        session = runtimes.load(dest, bf16)
+        try:
+            assert session.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+        finally:
+            session.close()
+    bad = msgspec.structs.replace(m, settings={"inference_precision": "int4"})
+    with pytest.raises(EdgefleetError, match="inference_precision"):
+        runtimes.load(dest, bad)
+
+
+def test_accuracy_controlled_rung(real, tmp_path):
+    """The fallback step (the gate runs it only when int8 is refused): NNCF with accuracy control."""
+    from converter import intel, measure
+    from converter.cpu import fix_shapes
+    from edgefleet.models import model_path
+
+    x = real[1][:120]
+    specs = [TensorSpec("x", [-1, *SHAPE[1:]], "float32")]
+    fixed = tmp_path / "fixed.onnx"
+    fix_shapes(model_path("ocr-cls"), fixed, specs)
+    steps = intel.plan(fixed, specs, {"x": x}, tmp_path / "intel", max_accuracy_drop=0.05)
+    fallback = [s for s in steps if s.fallback]
+    assert [(s.produces, s.rung) for s in fallback] == [("ov-int8-mixed", "int8-mixed")]
+    v = fallback[0].run()
+    assert (v.name, v.precision, v.rung, v.runtime) == ("ov-int8-mixed", "mixed", "int8-mixed", "openvino")
+    assert sorted(p.name for p in v.path.parent.iterdir()) == ["model.bin", "model.xml"]
+    control = v.recipe["accuracy_control"]
+    assert control["metric"] == "top-1 agreement" and control["max_drop"] == 0.05
+    assert control["validation_value"] >= 0.95
+    assert v.recipe["fake_quantize_nodes"] > 0
+    session = measure.open_session(v.path.parent, v.path.name, "openvino", v.settings)
+    try:
+        assert [value.shape for value in session.run({"x": x[:16]}).values()] == [(16, 2)]
+    finally:
+        session.close()
