@@ -161,6 +161,9 @@ def test_the_plugin_sets_precision_threads_and_streams(converted, tmp_path, bf16
         assert str(compiled.get_property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
     finally:
         session.close()
+    fp32 = fallback[1].run()
+    assert (fp32.name, fp32.precision, fp32.rung, fp32.settings) == ("ov-fp32", "fp32", "fp32",
+                                                                      {"inference_precision": "f32"})
     two = msgspec.structs.replace(m, settings={**m.settings, "threads": 2})
     session = runtimes.load(dest, two)
     try:
@@ -191,7 +194,7 @@ def test_accuracy_controlled_rung(real, tmp_path):
     fix_shapes(model_path("ocr-cls"), fixed, specs)
     steps = intel.plan(fixed, specs, {"x": x}, tmp_path / "intel", max_accuracy_drop=0.05)
     fallback = [s for s in steps if s.fallback]
-    assert [(s.produces, s.rung) for s in fallback] == [("ov-int8-mixed", "int8-mixed")]
+    assert [(s.produces, s.rung) for s in fallback] == [("ov-int8-mixed", "int8-mixed"), ("ov-fp32", "fp32")]
     v = fallback[0].run()
     assert (v.name, v.precision, v.rung, v.runtime) == ("ov-int8-mixed", "mixed", "int8-mixed", "openvino")
     assert sorted(p.name for p in v.path.parent.iterdir()) == ["model.bin", "model.xml"]
