@@ -32,8 +32,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing edgefleet[test] into .venv (pip)"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
         | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c 'import edgefleet, agent, converter, fleet, onnxruntime, onnx, paho.mqtt, starlette, skimage'
+    .venv/bin/python -c 'import edgefleet, agent, converter, fleet, onnxruntime, onnx, paho.mqtt, starlette, skimage, openvino, nncf, ai_edge_litert'
     touch "$stamp"
 fi
 
 .venv/bin/edgefleet models fetch
+.venv/bin/python -c 'from converter.toolchain import onnx2tf_venv; onnx2tf_venv()'

@@ -18,6 +18,8 @@ from agent.errors import EdgefleetError
 # manifest runtime name -> (plugin module, what to install when it is missing)
 PLUGINS = {
     "onnxruntime": ("agent.runtimes.onnxruntime", "edgefleet[agent]"),
+    "openvino": ("agent.runtimes.openvino", "edgefleet[openvino]"),
+    "tflite": ("agent.runtimes.tflite", "edgefleet[litert]"),
 }
 
 
