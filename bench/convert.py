@@ -65,7 +65,8 @@ MODELS = {"resnet18": resnet18, "ocr-cls": ocr_cls, "ocr-det": ocr_det}
 def accuracy(v: dict) -> str:
     a = v["agreement"]
     cos = min(e["mean_cosine"] for e in a["outputs"].values())
-    return (f"{a['top1']:.1%} top-1, " if a["top1"] is not None else "") + f"cosine {cos:.4f}"
+    return (f"{a['top1']:.1%} top-1, " if a["top1"] is not None else "") + \
+        f"cosine {cos:.4f}, max abs err {a['max_abs_err']:.3g}"
 
 
 def main() -> int:
