@@ -13,6 +13,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,7 +164,8 @@ def read_manifest(bundle: str | os.PathLike) -> Manifest:
     return decode_manifest(data)
 
 
-def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike) -> Manifest:
+def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike,
+                on_member: Callable[[str], None] | None = None) -> Manifest:
     """Unpack a bundle into ``dest`` (which must not exist) and verify every file.
 
     Refuses absolute paths, ``..``, links, devices and files the manifest does not list.
@@ -175,7 +177,7 @@ def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike) -> Manifest:
         raise BundleError(f"{dest} already exists")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     try:
-        manifest = _unpack_into(Path(bundle), tmp)
+        manifest = _unpack_into(Path(bundle), tmp, on_member)
         os.replace(tmp, dest)
         return manifest
     except BaseException:
@@ -183,7 +185,7 @@ def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike) -> Manifest:
         raise
 
 
-def _unpack_into(bundle: Path, tmp: Path) -> Manifest:
+def _unpack_into(bundle: Path, tmp: Path, on_member: Callable[[str], None] | None = None) -> Manifest:
     manifest = read_manifest(bundle)
     expected = {f.path: f for f in manifest.files}
     seen = set()
@@ -213,6 +215,8 @@ def _unpack_into(bundle: Path, tmp: Path) -> Manifest:
                         out.write(block)
                 if size != entry.size or h.hexdigest() != entry.sha256:
                     raise BundleError(f"bundle member {info.name!r} does not match its manifest entry")
+                if on_member:
+                    on_member(info.name)
     except (tarfile.TarError, EOFError) as e:
         raise BundleError(f"{bundle}: not a bundle ({e})") from None
     missing = set(expected) - seen

@@ -24,6 +24,11 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api: str = "127.0.0.1:8470"  # local inference: HOST:PORT, or unix:/path/to.sock
     telemetry_interval_s: float = 10.0
     keepalive_s: int = 15  # MQTT keepalive; the broker sends the last will after ~1.5x this
+    # probation after an update: roll back by itself when the new model misbehaves on real traffic
+    rollback_window_s: float = 300.0
+    rollback_min_inferences: int = 20  # judge only after this many inferences
+    rollback_max_error_rate: float = 0.05  # runtime failures / inferences
+    rollback_max_p95_ms: float | None = None  # default: the bundle's latency budget
 
     @property
     def broker_host_port(self) -> tuple[str, int]:
@@ -68,6 +73,14 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise ConfigError("telemetry_interval_s must be > 0")
     if not 5 <= cfg.keepalive_s <= 3600:
         raise ConfigError("keepalive_s must be between 5 and 3600")
+    if cfg.rollback_window_s < 0:
+        raise ConfigError("rollback_window_s must be >= 0 (0: no probation)")
+    if cfg.rollback_min_inferences < 1:
+        raise ConfigError("rollback_min_inferences must be >= 1")
+    if not 0 <= cfg.rollback_max_error_rate <= 1:
+        raise ConfigError("rollback_max_error_rate must be between 0 and 1")
+    if cfg.rollback_max_p95_ms is not None and cfg.rollback_max_p95_ms <= 0:
+        raise ConfigError("rollback_max_p95_ms must be > 0")
     return cfg
 
 
@@ -96,5 +109,7 @@ def dumps(cfg: AgentConfig) -> str:
     lines = []
     for field in cfg.__struct_fields__:
         value = getattr(cfg, field)
+        if value is None:
+            continue  # TOML has no null: an absent key takes the default
         lines.append(f"{field} = {value!r}" if not isinstance(value, str) else f'{field} = "{value}"')
     return "\n".join(lines) + "\n"

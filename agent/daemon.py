@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 from agent import __version__, protocol, runtimes
 from agent.api import InferenceServer
@@ -17,7 +18,7 @@ from agent.engine import Engine, Loaded
 from agent.link import Link
 from agent.metrics import Resources
 from agent.store import ModelStore
-from agent.updater import Updater
+from agent.updater import Limits, Updater, about
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -46,7 +47,10 @@ class Agent:
         self._stop = threading.Event()
         self.store = ModelStore(config.state_dir)
         self.engine = Engine()
-        self.updater = Updater(self.store, self.engine, self._emit)
+        self.updater = Updater(self.store, self.engine, self._emit, Limits(
+            window_s=config.rollback_window_s, min_inferences=config.rollback_min_inferences,
+            max_error_rate=config.rollback_max_error_rate, max_p95_ms=config.rollback_max_p95_ms))
+        self._recovered: list[tuple[str, object, str]] = []  # events found owed at start, sent once linked
         self.api: InferenceServer | None = None
         self.link: Link | None = None
         self._resources: Resources | None = None
@@ -68,6 +72,11 @@ class Agent:
         except BaseException:
             self.api.stop()
             raise
+        for kind, what, reason in self._recovered:
+            self._emit(kind, what, reason)
+            if kind == "active":  # queued on disk now: no longer owed
+                self.store.record_active(what.sha256, what.deployment_id, reported=True)
+        self._recovered.clear()
         self.updater.start()
         self._telemetry.start()
         log.info("agent %s running: api %s, broker %s", self.config.device_id, self.api.address, self.config.broker)
@@ -94,18 +103,37 @@ class Agent:
             self.api.stop()
 
     def _load_current(self) -> None:
-        """Serve the model that was current before a restart, if it still loads."""
-        cur = self.store.current()
-        if cur is None:
+        """Serve the model that was current before a restart or power cut, or else the previous one.
+
+        Whatever a crash left: `current` always names a verified, unpacked model (the switch is one
+        rename). If its `active` event was not queued before the crash, it is owed and sent once the
+        link is up. If it does not load any more, the previous model takes its place and that is
+        reported as a rollback."""
+        info = self.store.active_info()
+        for name in ("current", "previous"):
+            found = self.store.current() if name == "current" else self.store.previous()
+            if found is None:
+                continue
+            sha, model_dir = found
+            dep = info.get("deployment_id") if info.get("sha256") == sha else None
+            try:
+                loaded = Loaded(sha, model_dir, self.store.manifest(model_dir), dep)
+                loaded.smoke_test()  # the warm-up run
+            except Exception as e:
+                log.error("the %s model %s does not load (%s)", name, sha[:12], e)
+                continue
+            self.engine.swap(loaded)
+            if name == "previous":
+                bad = self.store.current()
+                self.store.switch(sha)
+                self.store.record_active(sha, dep, reported=True)
+                if bad:
+                    self._recovered.append(("rolled_back", SimpleNamespace(
+                        deployment_id=None, sha256=bad[0], version=None),
+                        f"the current model {bad[0][:12]} no longer loads; back on {sha[:12]}"))
+            elif info.get("sha256") == sha and info.get("reported") is False:
+                self._recovered.append(("active", about(loaded), "switched before a restart, reported now"))
             return
-        sha, model_dir = cur
-        try:
-            loaded = Loaded(sha, model_dir, self.store.manifest(model_dir), self.store.deployment_id())
-            loaded.smoke_test()  # the warm-up run
-        except Exception as e:
-            log.error("the current model %s does not load (%s)", sha[:12], e)
-            return
-        self.engine.swap(loaded)
 
     # --- messages ---------------------------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -142,7 +170,8 @@ class Agent:
             self.publish_telemetry()
         elif cmd.kind == "ping":
             self.link.publish_state()
-        # "rollback" lands with the agent's rollback logic
+        elif cmd.kind == "rollback":
+            self.updater.request_rollback(f"rollback command {cmd.id}")
 
     def telemetry(self) -> protocol.Telemetry:
         count, errors, latency, hist = self.engine.window.snapshot()

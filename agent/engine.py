@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,20 @@ class InferenceError(EdgefleetError):
         self.kind = kind  # bad_input | no_model | runtime
 
 
+class ModelStats:
+    """What one loaded model has served: the probation after an update judges it by these."""
+
+    def __init__(self, keep: int = 2000) -> None:
+        self.served = 0
+        self.errors = 0  # runtime failures (not the application's bad input)
+        self.latencies: deque[float] = deque(maxlen=keep)
+        self.since = time.monotonic()
+
+    def p95(self) -> float | None:
+        lat = list(self.latencies)
+        return float(np.percentile(lat, 95)) if lat else None
+
+
 class Loaded:
     """One model loaded in its runtime, with its manifest."""
 
@@ -32,6 +47,7 @@ class Loaded:
         self.dir = model_dir
         self.manifest = manifest
         self.deployment_id = deployment_id
+        self.stats = ModelStats()
         self.session = runtimes.load(model_dir, manifest)
 
     def sample(self) -> dict[str, np.ndarray]:
@@ -78,14 +94,29 @@ class Engine:
     def current(self) -> Loaded | None:
         return self._current
 
+    @property
+    def previous(self) -> Loaded | None:
+        return self._previous
+
     def swap(self, loaded: Loaded) -> Loaded | None:
-        """Make ``loaded`` serve from the next request on; keeps the old one loaded as previous."""
+        """Make ``loaded`` serve from the next request on; keeps the old one loaded as previous, for an
+        instant rollback."""
         with self._lock:
             old, self._current = self._current, loaded
-            if self._previous is not None and self._previous is not old:
+            if self._previous is not None and self._previous not in (old, loaded):
                 self._previous.close()
             self._previous = old
         return old
+
+    def rollback(self) -> Loaded:
+        """Serve the previous model again (it is still loaded); the current one is closed."""
+        with self._lock:
+            if self._previous is None:
+                raise InferenceError("no_model", "there is no previous model to roll back to")
+            bad, self._current, self._previous = self._current, self._previous, None
+        if bad is not None:
+            bad.close()
+        return self._current
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model = self._current
@@ -97,8 +128,12 @@ class Engine:
             try:
                 outputs = model.session.run(feeds)
             except Exception as e:  # the runtime's own error types vary by plugin
+                model.stats.errors += 1
                 raise InferenceError("runtime", f"{type(e).__name__}: {e}") from None
-            self.window.record((time.perf_counter() - t0) * 1000)
+            ms = (time.perf_counter() - t0) * 1000
+            model.stats.served += 1
+            model.stats.latencies.append(ms)
+            self.window.record(ms)
             return outputs
         except InferenceError as e:
             self.window.error(e.kind)

@@ -15,6 +15,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.bundle import MANIFEST, BundleError, Manifest, decode_manifest, safe_unpack, verify_file
@@ -62,19 +63,31 @@ class ModelStore:
     def manifest(self, model_dir: Path) -> Manifest:
         return decode_manifest((model_dir / MANIFEST).read_bytes())
 
-    def activate(self, sha: str, deployment_id: str | None) -> None:
-        """Point ``current`` at models/<sha> atomically; the old current becomes ``previous``."""
+    def activate(self, sha: str, deployment_id: str | None, reported: bool = True) -> None:
+        """Point ``current`` at models/<sha> atomically (the old current becomes ``previous``), then
+        record which deployment made it current."""
+        self.switch(sha)
+        self.record_active(sha, deployment_id, reported)
+
+    def switch(self, sha: str) -> None:
+        """The atomic step: ``current`` -> models/<sha>; the old current becomes ``previous``."""
         old = self.current()
         if old and old[0] != sha:
             self._set_link("previous", old[0])
         self._set_link("current", sha)
-        self._write_json("active.json", {"sha256": sha, "deployment_id": deployment_id})
+
+    def record_active(self, sha: str, deployment_id: str | None, reported: bool) -> None:
+        """Which deployment made <sha> current, and whether its ``active`` event was queued yet."""
+        self._write_json("active.json", {"sha256": sha, "deployment_id": deployment_id, "reported": reported})
+
+    def active_info(self) -> dict:
+        try:
+            return json.loads((self.root / "active.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def deployment_id(self) -> str | None:
-        try:
-            data = json.loads((self.root / "active.json").read_text())
-        except (OSError, ValueError):
-            return None
+        data = self.active_info()
         cur = self.current()
         return data.get("deployment_id") if cur and data.get("sha256") == cur[0] else None
 
@@ -87,16 +100,21 @@ class ModelStore:
 
     def _write_json(self, name: str, data: dict) -> None:
         tmp = self.root / f".{name}.tmp"
-        tmp.write_text(json.dumps(data))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.root / name)
+        _fsync_dir(self.root)
 
     # --- downloads and unpacking --------------------------------------------------------------
-    def download(self, url: str, sha: str, size: int, timeout: float = 30.0) -> Path:
-        """Fetch a bundle to downloads/<sha>.tar, resuming a partial download with HTTP Range."""
+    def download(self, url: str, sha: str, size: int, timeout: float = 30.0,
+                 on_block: Callable[[int], None] | None = None) -> Path:
+        """Fetch a bundle to downloads/<sha>.part, resuming a partial download with HTTP Range."""
         done = self.downloads / f"{sha}.tar"
+        part = self.downloads / f"{sha}.part"
         if done.exists():
             return done
-        part = self.downloads / f"{sha}.part"
         have = part.stat().st_size if part.exists() else 0
         if have > size:
             part.unlink()
@@ -110,15 +128,25 @@ class ModelStore:
                     with open(part, "ab" if have else "wb") as out:
                         while block := resp.read(1 << 16):
                             out.write(block)
+                            out.flush()
+                            if on_block:
+                                on_block(out.tell())
                             if out.tell() > size:
                                 break
-                        out.flush()
                         os.fsync(out.fileno())
             except urllib.error.HTTPError as e:
                 raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, "reason", e)
                 raise DownloadError(f"download of {url} failed: {reason}") from None
+        return part
+
+    def verify_download(self, sha: str, size: int) -> Path:
+        """Check downloads/<sha>.part against size and sha256 and make it downloads/<sha>.tar."""
+        done = self.downloads / f"{sha}.tar"
+        if done.exists():
+            return done
+        part = self.downloads / f"{sha}.part"
         try:
             verify_file(part, size, sha)
         except BundleError:
@@ -127,14 +155,14 @@ class ModelStore:
         os.replace(part, done)
         return done
 
-    def unpack(self, sha: str, bundle: Path) -> Path:
+    def unpack(self, sha: str, bundle: Path, on_member: Callable[[str], None] | None = None) -> Path:
         """Unpack a verified bundle to models/<sha> (reusing a complete earlier unpack)."""
         dest = self.models / sha
         if (dest / MANIFEST).is_file():
             return dest
         if dest.exists():
             shutil.rmtree(dest)
-        safe_unpack(bundle, dest)
+        safe_unpack(bundle, dest, on_member=on_member)
         return dest
 
     def discard(self, sha: str) -> None:
@@ -144,6 +172,7 @@ class ModelStore:
             return
         shutil.rmtree(self.models / sha, ignore_errors=True)
         (self.downloads / f"{sha}.tar").unlink(missing_ok=True)
+        (self.downloads / f"{sha}.part").unlink(missing_ok=True)
 
     def prune(self) -> None:
         """Keep only current and previous models and their bundles."""

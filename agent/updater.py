@@ -1,37 +1,72 @@
-"""Reconcile toward the desired model: download, verify, unpack, load, smoke-test, switch, report.
+"""Reconcile toward the desired model: download, verify, unpack, load, smoke-test, switch, report; then
+watch the new model on real traffic for a while and roll back by itself if it misbehaves.
 
 Runs on its own thread and always works on the newest desired state, so a repeated or superseded
-message is harmless. Any failure leaves the previous model serving and reports why.
+message is harmless. Any failure leaves the previous model serving and reports why. Every step is a
+named fault point (agent/faults.py), where the crash tests kill the process.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
 
-from agent import protocol
+from agent import faults, protocol
 from agent.engine import Engine, Loaded
 from agent.errors import EdgefleetError
 from agent.store import DownloadError, ModelStore
 
 log = logging.getLogger("edgefleet.agent.updater")
 
-# emit(kind, desired, reason)
-Emit = Callable[[str, protocol.Desired, str], None]
+# emit(kind, desired-like (deployment_id, sha256, version), reason)
+Emit = Callable[[str, object, str], None]
+
+
+@dataclass
+class Limits:
+    """When a newly activated model is rolled back (AgentConfig's rollback_* fields)."""
+
+    window_s: float = 300.0
+    min_inferences: int = 20
+    max_error_rate: float = 0.05
+    max_p95_ms: float | None = None  # None: the bundle's latency budget
+
+
+@dataclass
+class _Probation:
+    model: Loaded
+    desired: object
+    until: float  # time.monotonic()
+
+
+def about(model: Loaded) -> SimpleNamespace:
+    """The (deployment_id, sha256, version) an event names, for a loaded model."""
+    return SimpleNamespace(deployment_id=model.deployment_id, sha256=model.sha, version=model.manifest.version)
 
 
 class Updater:
-    def __init__(self, store: ModelStore, engine: Engine, emit: Emit, retry_s: tuple[float, float] = (2.0, 300.0)):
+    def __init__(self, store: ModelStore, engine: Engine, emit: Emit, limits: Limits | None = None,
+                 retry_s: tuple[float, float] = (2.0, 300.0)):
         self.store = store
         self.engine = engine
         self.emit = emit
+        self.limits = limits or Limits()
         self._retry_min, self._retry_max = retry_s
         self._want: protocol.Desired | None = None
-        self._done: set[tuple[str, str]] = set()  # (deployment_id, sha) already applied or failed
+        self._done: set[tuple[str, str]] = set()  # (deployment_id, sha) already applied, failed or rolled back
+        self._probation: _Probation | None = None
+        self._rollback_requested: str | None = None
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="agent-updater", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def start(self) -> None:
         self._thread.start()
@@ -40,24 +75,41 @@ class Updater:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def reconcile(self, desired: protocol.Desired) -> None:
         with self._wake:
             self._want = desired
             self._wake.notify()
 
+    def request_rollback(self, reason: str) -> None:
+        """Roll back to the previous model (the `rollback` command); done on the updater's thread."""
+        with self._wake:
+            self._rollback_requested = reason
+            self._wake.notify()
+
+    def _pending(self) -> bool:
+        return self._want is not None and (self._want.deployment_id, self._want.sha256) not in self._done
+
     def _loop(self) -> None:
         delay = self._retry_min
         while True:
             with self._wake:
-                while not self._stopping and (
-                    self._want is None or (self._want.deployment_id, self._want.sha256) in self._done
-                ):
+                while not (self._stopping or self._pending() or self._rollback_requested):
+                    if self._probation is not None:
+                        self._wake.wait(timeout=0.5)
+                        break
                     self._wake.wait()
                 if self._stopping:
                     return
-                desired = self._want
+                desired = self._want if self._pending() else None
+                requested, self._rollback_requested = self._rollback_requested, None
+            if requested:
+                self._roll_back(requested, self.engine.current and about(self.engine.current))
+            self._watch()
+            if desired is None:
+                continue
             try:
                 self.apply(desired)
                 self._done.add((desired.deployment_id, desired.sha256))
@@ -68,27 +120,31 @@ class Updater:
                     self._wake.wait_for(lambda: self._stopping or self._want is not desired, timeout=delay)
                 delay = min(delay * 2, self._retry_max)
 
+    # --- one update -------------------------------------------------------------------------------
     def apply(self, desired: protocol.Desired) -> None:
         current = self.engine.current
         if current is not None and current.sha == desired.sha256:
             if current.deployment_id != desired.deployment_id:
-                self.store.activate(desired.sha256, desired.deployment_id)
+                self.store.record_active(desired.sha256, desired.deployment_id, reported=False)
                 current.deployment_id = desired.deployment_id
                 self.emit("active", desired, "already running this bundle")
+                self.store.record_active(desired.sha256, desired.deployment_id, reported=True)
             return
+        root = self.store.root
         loaded = None
         try:
             self.emit("downloading", desired, "")
-            bundle = self.store.download(desired.url, desired.sha256, desired.size)
+            self.store.download(desired.url, desired.sha256, desired.size,
+                                on_block=lambda n: faults.point("downloading", root))
+            faults.point("verifying", root)
             self.emit("verifying", desired, "")
-            model_dir = self.store.unpack(desired.sha256, bundle)
+            bundle = self.store.verify_download(desired.sha256, desired.size)
+            model_dir = self.store.unpack(desired.sha256, bundle, on_member=lambda n: faults.point("unpacking", root))
+            faults.point("loading", root)
             self.emit("activating", desired, "")
             manifest = self.store.manifest(model_dir)
             loaded = Loaded(desired.sha256, model_dir, manifest, desired.deployment_id)
             ms = loaded.smoke_test()
-            self.store.activate(desired.sha256, desired.deployment_id)
-            self.engine.swap(loaded)
-            self.store.prune()
         except DownloadError as e:
             self.emit("failed", desired, str(e))
             raise
@@ -100,5 +156,55 @@ class Updater:
             self.store.discard(desired.sha256)
             self.emit("failed", desired, reason)
             return
+        self.store.switch(desired.sha256)
+        faults.point("switching", root)
+        self.store.record_active(desired.sha256, desired.deployment_id, reported=False)
+        self.engine.swap(loaded)
+        faults.point("reporting", root)
         log.info("active: %s %s (%s), smoke test %.1f ms", manifest.name, manifest.version, manifest.precision, ms)
         self.emit("active", desired, f"smoke test {ms:.1f} ms")
+        self.store.record_active(desired.sha256, desired.deployment_id, reported=True)
+        if self.limits.window_s > 0 and self.engine.previous is not None:
+            self._probation = _Probation(loaded, desired, time.monotonic() + self.limits.window_s)
+        self.store.prune()
+
+    # --- probation ----------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Judge the model on probation by what it has served; roll it back when it crosses a limit."""
+        p = self._probation
+        if p is None:
+            return
+        if p.model is not self.engine.current:
+            self._probation = None
+            return
+        stats, lim = p.model.stats, self.limits
+        total = stats.served + stats.errors
+        if total >= lim.min_inferences:
+            rate = stats.errors / total
+            p95 = stats.p95()
+            max_p95 = lim.max_p95_ms if lim.max_p95_ms is not None else p.model.manifest.latency_budget_ms
+            why = None
+            if rate > lim.max_error_rate:
+                why = f"error rate {rate:.1%} > {lim.max_error_rate:.1%} over {total} inferences"
+            elif max_p95 is not None and p95 is not None and p95 > max_p95:
+                why = f"p95 latency {p95:.1f} ms > {max_p95:.1f} ms over {stats.served} inferences"
+            if why:
+                self._roll_back(f"{why} in its first {time.monotonic() - stats.since:.0f} s", p.desired)
+                return
+        if time.monotonic() > p.until:
+            log.info("model %s passed its probation (%d inferences)", p.model.sha[:12], total)
+            self._probation = None
+
+    def _roll_back(self, reason: str, bad) -> None:
+        previous = self.engine.previous
+        if previous is None or bad is None:
+            log.error("cannot roll back (%s): no previous model is loaded", reason)
+            return
+        self.store.switch(previous.sha)
+        self.store.record_active(previous.sha, previous.deployment_id, reported=True)
+        self.engine.rollback()
+        self._probation = None
+        if getattr(bad, "deployment_id", None):
+            self._done.add((bad.deployment_id, bad.sha256))  # do not re-apply what was rolled back
+        log.warning("rolled back to %s: %s", previous.sha[:12], reason)
+        self.emit("rolled_back", bad, f"{reason}; back on {previous.manifest.version} ({previous.sha[:12]})")

@@ -174,17 +174,23 @@ class Link:
     # -- fleet -> device ------------------------------------------------------------------------
     def publish_desired(self, device_id: str, desired: protocol.Desired) -> None:
         """Publish a device's desired model, retained, and wait until the broker has acknowledged it."""
+        self._publish(device_id, protocol.DESIRED, desired, retain=True, what="the desired model")
+
+    def publish_cmd(self, device_id: str, cmd: protocol.Cmd) -> None:
+        """Send a device a one-shot command (not retained) and wait until the broker has acknowledged it."""
+        self._publish(device_id, protocol.CMD, cmd, retain=False, what=f"the {cmd.kind} command")
+
+    def _publish(self, device_id: str, kind: str, msg: protocol.Message, *, retain: bool, what: str) -> None:
         client = self._client
         if client is None:
             raise EdgefleetError("the MQTT link is not running")
-        info = client.publish(protocol.topic(device_id, protocol.DESIRED), protocol.encode(desired),
-                              qos=1, retain=True)
+        info = client.publish(protocol.topic(device_id, kind), protocol.encode(msg), qos=1, retain=retain)
         try:
             info.wait_for_publish(self.publish_timeout)
         except (ValueError, RuntimeError) as e:
             raise EdgefleetError(f"cannot publish to {device_id}: {e}") from None
         if not info.is_published():
-            raise EdgefleetError(f"the broker {self.broker_url} did not acknowledge the desired model for "
+            raise EdgefleetError(f"the broker {self.broker_url} did not acknowledge {what} for "
                                  f"{device_id} within {self.publish_timeout:g} s")
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
+
 import pytest
+
+from agent import bundle
 
 
 @pytest.fixture
@@ -25,3 +29,58 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator["fleet.broke
         yield broker
     finally:
         broker.stop()
+
+
+OUTPUT = "save_infer_model/scale_0.tmp_1"  # the PP-OCR classifier's output
+
+
+@pytest.fixture(scope="session")
+def crops():
+    from edgefleet.data import text_direction
+
+    return text_direction(40)
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, crops):
+    """Real fp32 bundles of the PP-OCR classifier, built directly with the bundle writer."""
+    from edgefleet.models import model_path
+
+    d = tmp_path_factory.mktemp("bundles")
+    x, _ = crops
+    np.savez(d / "sample.npz", x=x[:1])
+
+    def make(version, **kw):
+        m = bundle.Manifest(
+            name="ocr-cls", version=version, target="cpu", runtime="onnxruntime", precision="fp32",
+            model="model.onnx", files=[], latency_budget_ms=kw.pop("budget", 10_000.0),
+            inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
+            outputs=[bundle.TensorSpec(name=OUTPUT, shape=kw.pop("out_shape", [-1, 2]), dtype="float32")],
+        )
+        path = d / f"ocr-{version}.tar"
+        bundle.write_bundle(path, m, {"model.onnx": model_path("ocr-cls"), "sample.npz": d / "sample.npz"})
+        return path
+
+    def make_nan():
+        """A model that loads and runs but answers NaN."""
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        graph = helper.make_graph(
+            [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Mul", ["m", "nan"], [OUTPUT])], "nan",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 48, 192])],
+            [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", 3])],
+            [numpy_helper.from_array(np.array(np.nan, np.float32), "nan")])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(d / "nan.onnx"))
+        m = bundle.Manifest(
+            name="ocr-cls", version="nan", target="cpu", runtime="onnxruntime", precision="fp32",
+            model="model.onnx", files=[], latency_budget_ms=10_000.0,
+            inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
+            outputs=[bundle.TensorSpec(name=OUTPUT, shape=[-1, 3], dtype="float32")])
+        path = d / "ocr-nan.tar"
+        bundle.write_bundle(path, m, {"model.onnx": d / "nan.onnx", "sample.npz": d / "sample.npz"})
+        return path
+
+    return {"v1": make("1"), "v2": make("2"), "slow": make("slow", budget=0.001),
+            "badshape": make("badshape", out_shape=[-1, 7]), "nan": make_nan()}

@@ -21,37 +21,6 @@ OUTPUT = "save_infer_model/scale_0.tmp_1"
 
 
 
-@pytest.fixture(scope="module")
-def crops():
-    from edgefleet.data import text_direction
-
-    return text_direction(40)
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory, crops):
-    """Real fp32 bundles of the PP-OCR classifier, built directly with the bundle writer."""
-    from edgefleet.models import model_path
-
-    d = tmp_path_factory.mktemp("bundles")
-    x, _ = crops
-    np.savez(d / "sample.npz", x=x[:1])
-
-    def make(version, **kw):
-        m = bundle.Manifest(
-            name="ocr-cls", version=version, target="cpu", runtime="onnxruntime", precision="fp32",
-            model="model.onnx", files=[], latency_budget_ms=kw.pop("budget", 10_000.0),
-            inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
-            outputs=[bundle.TensorSpec(name=OUTPUT, shape=kw.pop("out_shape", [-1, 2]), dtype="float32")],
-        )
-        path = d / f"ocr-{version}.tar"
-        bundle.write_bundle(path, m, {"model.onnx": model_path("ocr-cls"), "sample.npz": d / "sample.npz"})
-        return path
-
-    return {"v1": make("1"), "v2": make("2"), "slow": make("slow", budget=0.001),
-            "badshape": make("badshape", out_shape=[-1, 7])}
-
-
 @pytest.fixture
 def fleet(tmp_path):
     from fleet.app import Fleet
