@@ -1,0 +1,185 @@
+"""Benchmark: what the agent costs on a device, as ratios against a baseline measured in the same run.
+
+    .venv/bin/python bench/agent.py [--minutes 10] [--rate 20]
+
+1. The local inference path: p50/p95 of an inference through the agent's API (HTTP on 127.0.0.1 and a
+   Unix socket, .npz in and out, input checks, latency accounting) against calling the same runtime
+   session directly in this process.
+2. Idle cost: the agent's CPU time over a quiet minute with telemetry every 10 s, as % of one core.
+3. Memory: the agent's RSS before a model is loaded, after, and sampled every 10 s over a long run while
+   it serves --rate inferences/s; the growth per hour of the agent's own memory.
+
+The agent runs as its own process against a real controller and mosquitto started here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def time_calls(fn, n: int) -> list[float]:
+    for _ in range(20):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(check, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise SystemExit("timed out")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="length of the memory run")
+    parser.add_argument("--rate", type=float, default=20.0, help="inferences per second during the memory run")
+    parser.add_argument("--calls", type=int, default=500, help="inferences per latency measurement")
+    parser.add_argument("--idle-s", type=float, default=60.0, help="length of the idle measurement")
+    args = parser.parse_args()
+
+    from agent import bundle, runtimes
+    from agent.api import AgentClient
+    from agent.config import AgentConfig, dumps
+    from edgefleet.data import text_direction
+    from edgefleet.models import model_path
+    from fleet.app import Fleet
+    from fleet.client import FleetClient
+
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
+    x, _ = text_direction(64)
+    one = {"x": x[:1]}
+    np.savez(work / "sample.npz", **one)
+    manifest = bundle.Manifest(name="ocr-cls", version="1", target="cpu", runtime="onnxruntime", precision="fp32",
+                               model="model.onnx", files=[], latency_budget_ms=10_000.0,
+                               inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
+                               outputs=[bundle.TensorSpec(name="save_infer_model/scale_0.tmp_1", shape=[-1, 2],
+                                                          dtype="float32")])
+    tar = work / "ocr.tar"
+    bundle.write_bundle(tar, manifest, {"model.onnx": model_path("ocr-cls"), "sample.npz": work / "sample.npz"})
+
+    fleet = Fleet(work / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    procs = []
+    try:
+        apis = {"tcp": f"127.0.0.1:{free_port()}", "unix": f"unix:{work}/agent.sock"}
+        configs = {}
+        for kind, api in apis.items():
+            cfg = AgentConfig(device_id=f"bench-{kind}", broker=fleet.broker_url, controller=fleet.http_url,
+                              state_dir=str(work / kind), api=api, telemetry_interval_s=10.0)
+            configs[kind] = work / f"{kind}.toml"
+            configs[kind].write_text(dumps(cfg))
+        procs = {kind: subprocess.Popen([sys.executable, "-m", "edgefleet.cli", "agent", "run", "--config",
+                                         str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for kind, path in configs.items()}
+        clients = {kind: AgentClient(api) for kind, api in apis.items()}
+        for c in clients.values():
+            wait(lambda c=c: _try(c.status))
+        agent = psutil.Process(procs["tcp"].pid)
+        rss_empty = agent.memory_info().rss
+
+        # --- 2. idle cost (no model yet, telemetry every 10 s) ---------------------------------
+        t0, cpu0 = time.monotonic(), sum(agent.cpu_times()[:2])
+        time.sleep(args.idle_s)
+        idle_pct = 100 * (sum(agent.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+
+        fc = FleetClient(fleet.http_url)
+        sha = fc.upload_bundle(tar)["sha256"]
+        fc.deploy(sha, list(f"bench-{k}" for k in apis))
+        for c in clients.values():
+            wait(lambda c=c: (c.status().get("active") or {}).get("sha256") == sha)
+        rss_loaded = agent.memory_info().rss
+
+        # --- 1. the inference path vs the runtime called directly --------------------------------
+        session = runtimes.load(Path(bundle.safe_unpack(tar, work / "direct") and work / "direct"), manifest)
+        direct = time_calls(lambda: session.run(one), args.calls)
+        via_tcp = time_calls(lambda: clients["tcp"].infer(one), args.calls)
+        via_unix = time_calls(lambda: clients["unix"].infer(one), args.calls)
+
+        # --- 3. memory over a long run under traffic ------------------------------------------------
+        samples, period, end = [], 1.0 / args.rate, time.monotonic() + args.minutes * 60
+        next_sample = time.monotonic()
+        while time.monotonic() < end:
+            t = time.monotonic()
+            clients["tcp"].infer({"x": x[int(t * 1000) % len(x)][None]})
+            if t >= next_sample:
+                samples.append((t, agent.memory_info().rss))
+                next_sample += 10.0
+            time.sleep(max(0.0, period - (time.monotonic() - t)))
+        ts = np.array([s[0] - samples[0][0] for s in samples])
+        rss = np.array([s[1] for s in samples], dtype=np.float64)
+        half = len(rss) // 2
+        growth = (np.polyfit(ts[half:], rss[half:], 1)[0] * 3600 / 2**20) if len(rss) >= 6 else float("nan")
+        idle_loaded_t0, idle_loaded_cpu0 = time.monotonic(), sum(agent.cpu_times()[:2])
+        time.sleep(args.idle_s)
+        idle_loaded_pct = 100 * (sum(agent.cpu_times()[:2]) - idle_loaded_cpu0) / (time.monotonic() - idle_loaded_t0)
+    finally:
+        for p in (procs.values() if isinstance(procs, dict) else procs):
+            p.terminate()
+            p.wait(timeout=30)
+        fleet.stop()
+
+    d50, t50, u50 = statistics.median(direct), statistics.median(via_tcp), statistics.median(via_unix)
+    mib = 2**20
+    lines = [
+        f"model: PP-OCR text-direction classifier, fp32, ONNX Runtime, batch 1, 1 thread; {args.calls} calls each",
+        "",
+        "| path | p50 ms | p95 ms | vs direct (p50) | added per call |",
+        "|---|---|---|---|---|",
+        f"| runtime called directly | {d50:.3f} | {percentile(direct, 95):.3f} | 1.00x | |",
+        f"| agent API, HTTP on 127.0.0.1 | {t50:.3f} | {percentile(via_tcp, 95):.3f} | {t50 / d50:.2f}x | "
+        f"{(t50 - d50) * 1000:.0f} µs |",
+        f"| agent API, Unix socket | {u50:.3f} | {percentile(via_unix, 95):.3f} | {u50 / d50:.2f}x | "
+        f"{(u50 - d50) * 1000:.0f} µs |",
+        "",
+        f"idle, telemetry every 10 s: {idle_pct:.3f} % of one core with no model, {idle_loaded_pct:.3f} % with the "
+        f"model loaded ({args.idle_s:.0f} s each)",
+        f"RSS: {rss_empty / mib:.1f} MiB before a model, {rss_loaded / mib:.1f} MiB with it loaded "
+        f"(the runtime and model: {(rss_loaded - rss_empty) / mib:.1f} MiB)",
+        f"RSS over {args.minutes:g} min at {args.rate:g} inferences/s: start {rss[0] / mib:.1f}, end {rss[-1] / mib:.1f}, "
+        f"max {rss.max() / mib:.1f} MiB; growth over the second half {growth:+.2f} MiB/hour ({len(rss)} samples)",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _try(fn) -> bool:
+    try:
+        fn()
+        return True
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
