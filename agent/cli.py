@@ -19,9 +19,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the agent in the foreground (what the systemd service runs)",
         description="Connect to the broker, reconcile toward the desired model, serve local inference "
-        "and publish telemetry until SIGTERM/SIGINT. Config keys: device_id, broker (mqtt://HOST:PORT), "
+        "and publish telemetry until SIGTERM/SIGINT; SIGHUP re-reads the config (telemetry_interval_s applies "
+        "at once, other keys at the next restart). Config keys: device_id, broker (mqtt://HOST:PORT), "
         "controller (http://HOST:PORT), state_dir, api (HOST:PORT or unix:/path; default 127.0.0.1:8470), "
-        "telemetry_interval_s (default 10), keepalive_s (default 15).",
+        "telemetry_interval_s (default 10), keepalive_s (default 15), outbox_max_bytes (default 64 MiB), "
+        "outbox_max_age_s (default 7 days), rollback_window_s (default 300), rollback_min_inferences "
+        "(default 20), rollback_max_error_rate (default 0.05), rollback_max_p95_ms (default: the bundle's "
+        "latency budget). README.md explains each.",
     )
     run.add_argument("--config", required=True, type=Path, help="the agent's TOML config file")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -36,6 +40,35 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true", help="print the outputs as JSON")
     status = sub.add_parser("status", help="show what a running agent serves")
     status.add_argument("--api", default="127.0.0.1:8470", help="the agent's api address")
+    install = sub.add_parser(
+        "install", help="install the agent as the systemd service edgefleet-agent (root)",
+        description="Create the venv /opt/edgefleet with edgefleet[agent], the system user edgefleet, "
+        "/etc/edgefleet/agent.toml and /etc/systemd/system/edgefleet-agent.service; where systemd runs, "
+        "enable and start the service. A second run changes nothing.",
+    )
+    install.add_argument("--device-id", help="the config's device_id")
+    install.add_argument("--broker", help="the config's broker: mqtt://HOST:PORT")
+    install.add_argument("--controller", help="the config's controller: http://HOST:PORT")
+    install.add_argument("--api", help="the config's api: HOST:PORT or unix:/path (default 127.0.0.1:8470)")
+    install.add_argument("--telemetry-interval", type=float, help="the config's telemetry_interval_s (default 10)")
+    install.add_argument("--config", type=Path, dest="config_file",
+                         help="copy this agent.toml instead (its state_dir must be /var/lib/edgefleet)")
+    install.add_argument("--force", action="store_true", help="overwrite an existing, different config")
+    install.add_argument("--source", metavar="PATH_OR_REQUIREMENT",
+                         help="what to pip install: a source tree, a wheel or a requirement (default: the "
+                         "checkout this edgefleet runs from, else edgefleet from the package index)")
+    install.add_argument("--extra", action="append", default=[], dest="extras", metavar="EXTRA",
+                         help="another extra besides agent, e.g. openvino or litert (repeatable)")
+    install.add_argument("--python", help="the venv's base interpreter (default /usr/bin/python3)")
+    install.add_argument("--root", default="/", type=Path,
+                         help="install under this directory: for tests and staging; no user, no systemctl")
+    uninstall = sub.add_parser(
+        "uninstall", help="stop and remove the service and the venv (root)",
+        description="Stop and disable the service, remove the unit and /opt/edgefleet; with --purge also "
+        "/etc/edgefleet, /var/lib/edgefleet and the edgefleet user.",
+    )
+    uninstall.add_argument("--purge", action="store_true", help="also remove the config, the state and the user")
+    uninstall.add_argument("--root", default="/", type=Path, help="uninstall from under this directory")
     return p
 
 
@@ -64,7 +97,20 @@ def main(argv: list[str]) -> int:
 
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        Agent(config.load(args.config)).run()
+        Agent(config.load(args.config)).run(config_path=args.config)
+        return 0
+    if args.cmd in ("install", "uninstall"):
+        from agent import install
+
+        def say(line: str) -> None:
+            print(f"{args.cmd}: {line}", flush=True)
+
+        if args.cmd == "uninstall":
+            install.uninstall(root=args.root, purge=args.purge, say=say)
+            return 0
+        install.install(root=args.root, device_id=args.device_id, broker=args.broker, controller=args.controller,
+                        api=args.api, telemetry_interval=args.telemetry_interval, config_file=args.config_file,
+                        force=args.force, source=args.source, extras=args.extras, python=args.python, say=say)
         return 0
     from agent.api import AgentClient
 

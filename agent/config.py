@@ -29,6 +29,10 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rollback_min_inferences: int = 20  # judge only after this many inferences
     rollback_max_error_rate: float = 0.05  # runtime failures / inferences
     rollback_max_p95_ms: float | None = None  # default: the bundle's latency budget
+    # the on-disk outbox of telemetry and events (state_dir/outbox.db): bounds on what waits for the broker;
+    # beyond either, the oldest messages are dropped, counted and reported
+    outbox_max_bytes: int = 64 * 1024 * 1024  # payload bytes queued
+    outbox_max_age_s: float = 7 * 24 * 3600.0  # age of the oldest queued message
 
     @property
     def broker_host_port(self) -> tuple[str, int]:
@@ -81,6 +85,10 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise ConfigError("rollback_max_error_rate must be between 0 and 1")
     if cfg.rollback_max_p95_ms is not None and cfg.rollback_max_p95_ms <= 0:
         raise ConfigError("rollback_max_p95_ms must be > 0")
+    if not cfg.outbox_max_bytes > 0:
+        raise ConfigError("outbox_max_bytes must be > 0")
+    if not cfg.outbox_max_age_s > 0:
+        raise ConfigError("outbox_max_age_s must be > 0")
     return cfg
 
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import platform
 import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
-from agent import __version__, protocol, runtimes
+import msgspec
+
+from agent import __version__, protocol, runtimes, systemd
 from agent.api import InferenceServer
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError, validate
+from agent.config import load as load_config
 from agent.engine import Engine, Loaded
 from agent.link import Link
 from agent.metrics import Resources
+from agent.outbox import FILE as OUTBOX_FILE, Outbox
 from agent.store import ModelStore
 from agent.updater import Limits, Updater, about
 
@@ -41,9 +45,11 @@ def cpu_flags() -> list[str]:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.boot_id = uuid.uuid4().hex[:16]  # new every start: (boot_id, seq) names a message
-        self._seq = itertools.count(1)
-        self._seq_lock = threading.Lock()
+        # New every start (never persisted). seq is per device and persistent (agent/outbox.py); a message queued
+        # before a restart is replayed byte for byte, with the boot_id it was built under, so (device, boot_id,
+        # seq) stays the controller's dedupe key, and stays unique even if the state dir is wiped and seq restarts.
+        self.boot_id = uuid.uuid4().hex[:16]
+        self.outbox = Outbox(Path(config.state_dir) / OUTBOX_FILE, config.outbox_max_bytes, config.outbox_max_age_s)
         self._stop = threading.Event()
         self.store = ModelStore(config.state_dir)
         self.engine = Engine()
@@ -55,22 +61,27 @@ class Agent:
         self.link: Link | None = None
         self._resources: Resources | None = None
         self._telemetry = threading.Thread(target=self._telemetry_loop, name="agent-telemetry", daemon=True)
+        self._telemetry_tick: float | None = None  # when the telemetry loop last woke (run()'s watchdog)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self.store.open()
+        broken = self.outbox.open()
+        if broken:  # moved aside and replaced: say so (queued, sent once the link is up)
+            self._queue_error(broken)
         self._load_current()
         self._resources = Resources(str(self.store.root))
         self.api = InferenceServer(self.config.api, self.engine, self.status)
         self.api.start()
         self.link = Link(
             self.config.device_id, self.config.broker_host_port, keepalive=self.config.keepalive_s,
-            birth=self._birth, on_desired=self.updater.reconcile, on_cmd=self._on_cmd,
+            birth=self._birth, on_desired=self.updater.reconcile, on_cmd=self._on_cmd, outbox=self.outbox,
         )
         try:
             self.link.start()
         except BaseException:
             self.api.stop()
+            self.outbox.close()
             raise
         for kind, what, reason in self._recovered:
             self._emit(kind, what, reason)
@@ -81,16 +92,100 @@ class Agent:
         self._telemetry.start()
         log.info("agent %s running: api %s, broker %s", self.config.device_id, self.api.address, self.config.broker)
 
-    def run(self) -> None:
-        """Start, then serve until SIGTERM or SIGINT."""
+    # what a reload applies to the running agent; any other changed field waits for a restart
+    LIVE_FIELDS = ("telemetry_interval_s",)
+
+    def run(self, config_path: str | Path | None = None) -> None:
+        """Start, then serve until SIGTERM or SIGINT; SIGHUP re-reads ``config_path`` (see ``reload``).
+
+        Under systemd (Type=notify): READY=1 once ``start()`` returns (config loaded, broker link up, the
+        current model warmed up); WATCHDOG=1 from this loop, and only while ``_wedged()`` finds nothing
+        stuck; RELOADING=1 ... READY=1 around a reload; STOPPING=1 on the way out. The signal handlers
+        only set flags: this loop does the work.
+        """
+        hup = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: hup.set())
+        systemd.status("starting: warming up the model, connecting to the broker")
         self.start()
+        watchdog = systemd.Watchdog.from_env()
+        tick = min(1.0, watchdog.period_s / 4) if watchdog.enabled else 1.0
+        systemd.ready(self._status_line())
+        stuck = None
         try:
-            while not self._stop.wait(1.0):
-                pass
+            while not self._stop.wait(tick):
+                if hup.is_set():
+                    hup.clear()
+                    if config_path is None:
+                        log.warning("SIGHUP: there is no config file to re-read")
+                    else:
+                        self.reload(config_path)
+                now_stuck = self._wedged()
+                if now_stuck is None:
+                    watchdog.kick()
+                elif now_stuck != stuck:
+                    log.error("not making progress: %s%s", now_stuck,
+                              "; no more WATCHDOG=1, so systemd restarts the agent" if watchdog.enabled else "")
+                    systemd.status(f"stuck: {now_stuck}")
+                stuck = now_stuck
         finally:
+            systemd.stopping("stopping")
             self.stop()
+
+    def reload(self, new: AgentConfig | str | Path) -> bool:
+        """Apply a new config: an AgentConfig, or the TOML file to re-read (what SIGHUP does).
+
+        Only ``telemetry_interval_s`` applies live (the telemetry loop reads it every period). Any other
+        changed field (device_id, broker, controller, api, state_dir, keepalive_s, rollback_*) is named in
+        one warning and takes effect at the next restart (`systemctl restart edgefleet-agent`); until then
+        the agent keeps its old value, so ``self.config`` always says what is running. An invalid config:
+        one error line naming the field, and the agent runs on as it was. Returns whether it was valid.
+        """
+        systemd.reloading()
+        try:
+            cfg = load_config(new) if isinstance(new, (str, Path)) else validate(new)
+        except ConfigError as e:
+            log.error("reload refused, still running on the previous config: %s", e)
+            systemd.ready(f"reload refused: {e}")
+            return False
+        changed = [f for f in cfg.__struct_fields__ if getattr(cfg, f) != getattr(self.config, f)]
+        live = {f: getattr(cfg, f) for f in changed if f in self.LIVE_FIELDS}
+        for f, value in live.items():
+            log.info("reload: %s %s -> %s", f, getattr(self.config, f), value)
+        self.config = msgspec.structs.replace(self.config, **live)
+        later = [f for f in changed if f not in live]
+        if later:
+            log.warning("reload: %s changed; takes effect at the next restart (systemctl restart edgefleet-agent)",
+                        ", ".join(later))
+        elif not changed:
+            log.info("reload: the config is unchanged")
+        systemd.ready(self._status_line())
+        return True
+
+    def _wedged(self) -> str | None:
+        """What stops the agent from making progress, or None. Progress is: the telemetry thread is alive
+        and has woken within two periods + 30 s; the updater thread is alive (a download on a slow link
+        may take hours, so no more than that); the MQTT network thread is alive, connected or not (a
+        broker outage is waited out with the outbox, never a reason to restart)."""
+        if not self._telemetry.is_alive():
+            return "the telemetry thread has died"
+        tick = self._telemetry_tick
+        if tick is not None and time.monotonic() - tick > 2 * self.config.telemetry_interval_s + 30:
+            return f"the telemetry thread has not woken for {time.monotonic() - tick:.0f} s"
+        if not self.updater.alive:
+            return "the updater thread has died"
+        # paho has no public handle on loop_start()'s thread; it sets _thread to None when the loop ends
+        net = getattr(getattr(self.link, "_c", None), "_thread", None)
+        if net is None or not net.is_alive():
+            return "the MQTT network thread has died"
+        return None
+
+    def _status_line(self) -> str:
+        cur = self.engine.current
+        model = f"{cur.manifest.name} {cur.manifest.version}" if cur else "no model yet"
+        link = "connected to" if self.link and self.link.connected else "waiting for"
+        return f"serving {model}; {link} {self.config.broker}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,6 +194,7 @@ class Agent:
             self._telemetry.join(timeout=5)
         if self.link:
             self.link.stop()
+        self.outbox.close()  # what was not acknowledged stays on disk for the next start
         if self.api:
             self.api.stop()
 
@@ -136,9 +232,25 @@ class Agent:
             return
 
     # --- messages ---------------------------------------------------------------------------------
-    def _next_seq(self) -> int:
-        with self._seq_lock:
-            return next(self._seq)
+    def _queue(self, kind: str, msg: protocol.Telemetry | protocol.Event) -> int:
+        """Put a message in the outbox under the next seq (it leaves after the broker's PUBACK); return the seq.
+
+        Raises when it cannot be queued (e.g. the disk is full): the caller must not assume it was sent."""
+        def build(seq: int) -> bytes:  # inside the outbox's transaction
+            msg.seq = seq
+            if isinstance(msg, protocol.Telemetry):
+                msg.outbox_pending, msg.outbox_dropped = self.outbox.pending_count, self.outbox.dropped
+            return protocol.encode(msg)
+
+        seq = self.outbox.put(kind, build)
+        if self.link:
+            self.link.notify()
+        return seq
+
+    def _queue_error(self, reason: str) -> None:
+        self._queue(protocol.EVENTS, protocol.Event(
+            device_id=self.config.device_id, boot_id=self.boot_id, seq=0, time=protocol.now(), kind="error",
+            reason=reason))
 
     def _active(self) -> protocol.ActiveModel | None:
         cur = self.engine.current
@@ -157,12 +269,12 @@ class Agent:
 
     def _emit(self, kind: str, desired: protocol.Desired, reason: str) -> None:
         event = protocol.Event(
-            device_id=self.config.device_id, boot_id=self.boot_id, seq=self._next_seq(), time=protocol.now(),
+            device_id=self.config.device_id, boot_id=self.boot_id, seq=0, time=protocol.now(),
             kind=kind, deployment_id=desired.deployment_id, sha256=desired.sha256, version=desired.version,
             reason=reason,
         )
-        self.link.publish(protocol.EVENTS, event)
-        if kind in ("active", "rolled_back"):
+        self._queue(protocol.EVENTS, event)  # on disk when this returns (raises if it cannot be)
+        if kind in ("active", "rolled_back") and self.link:
             self.link.publish_state()
 
     def _on_cmd(self, cmd: protocol.Cmd) -> None:
@@ -174,21 +286,25 @@ class Agent:
             self.updater.request_rollback(f"rollback command {cmd.id}")
 
     def telemetry(self) -> protocol.Telemetry:
+        """This window's summary; seq and the outbox figures are filled in when it is queued."""
         count, errors, latency, hist = self.engine.window.snapshot()
         return protocol.Telemetry(
-            device_id=self.config.device_id, boot_id=self.boot_id, seq=self._next_seq(), time=protocol.now(),
+            device_id=self.config.device_id, boot_id=self.boot_id, seq=0, time=protocol.now(),
             interval_s=self.config.telemetry_interval_s, inferences=count, errors=errors, latency_ms=latency,
             histogram=hist, active=self._active(), **self._resources.sample(),
         )
 
     def publish_telemetry(self) -> None:
-        self.link.publish(protocol.TELEMETRY, self.telemetry())
+        for reason in self.outbox.take_reports():  # a broken outbox file found (and replaced) since
+            self._queue_error(reason)
+        self._queue(protocol.TELEMETRY, self.telemetry())
 
     def _telemetry_loop(self) -> None:
-        interval = self.config.telemetry_interval_s
-        next_at = time.monotonic() + interval
+        self._telemetry_tick = time.monotonic()
+        next_at = time.monotonic() + self.config.telemetry_interval_s
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
-            next_at += interval
+            self._telemetry_tick = time.monotonic()
+            next_at += self.config.telemetry_interval_s  # read every period: a reload may change it
             try:
                 self.publish_telemetry()
             except Exception:

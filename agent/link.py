@@ -1,19 +1,35 @@
-"""The agent's one MQTT link: birth state and last will, desired/cmd in, telemetry/events out.
+"""The agent's one MQTT link: birth state and last will, desired/cmd in, the outbox out.
 
-paho-mqtt 2.x, the idiomatic way: VERSION2 callbacks, a retained last will, connect_async +
-loop_start, subscribe inside on_connect (so a reconnect resubscribes), QoS 1 out.
+paho-mqtt 2.x, the idiomatic way: VERSION2 callbacks, a retained last will, connect + loop_start,
+subscribe inside on_connect (so a reconnect resubscribes), QoS 1 out.
+
+Telemetry and events never go to paho straight: they are queued on disk (agent/outbox.py), and a
+publisher thread hands them to paho in seq order, at most ``window`` unacknowledged at a time. A
+message leaves the outbox only when its PUBACK arrives (``on_publish``: paho's mid -> our seq). On a
+disconnect the messages in flight stay with paho, which re-sends them (DUP set, same mid) as soon as it
+reconnects, so their PUBACK still finds its seq; sending them again ourselves would send each twice.
+If the process dies instead, they are still in the outbox and go out after the next start. Either way
+the controller may see a message twice and drops the copy by (device, boot_id, seq).
+
+The retained ``state`` (birth on connect, offline on stop, the last will) is not queued: only the
+latest one matters and the broker keeps it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 
 from agent import protocol
 from agent.errors import EdgefleetError
+from agent.outbox import Outbox
 
 log = logging.getLogger("edgefleet.agent.link")
+
+WINDOW = 64  # queued messages handed to paho and not yet acknowledged, at most
 
 
 class BrokerUnreachable(EdgefleetError):
@@ -30,11 +46,16 @@ class Link:
         birth: Callable[[], protocol.State],
         on_desired: Callable[[protocol.Desired], None],
         on_cmd: Callable[[protocol.Cmd], None],
+        outbox: Outbox,
+        window: int = WINDOW,
     ) -> None:
         import paho.mqtt.client as mqtt
 
+        self._mqtt = mqtt
         self.device_id = device_id
         self.broker = broker
+        self.outbox = outbox
+        self.window = window
         self._birth = birth
         self._on_desired = on_desired
         self._on_cmd = on_cmd
@@ -42,6 +63,13 @@ class Link:
         self._stopping = False
         self._failed: str | None = None
         self.dropped: dict[str, int] = {}  # invalid messages received, by reason
+        # the publisher's state: touched only by its thread (and by stop() once it has ended)
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._sent_upto = 0  # the highest seq handed to paho
+        self._generation = outbox.generation  # of the outbox file _sent_upto refers to
+        self._acked: deque[int] = deque()  # mids whose PUBACK came (appended on paho's thread)
+        self._wake = threading.Event()
+        self._publisher = threading.Thread(target=self._publish_loop, name="agent-publisher", daemon=True)
         self._c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-agent-{device_id}",
@@ -49,7 +77,8 @@ class Link:
             clean_session=False,  # the broker keeps our subscriptions and queued cmds while we are away
         )
         self._keepalive = keepalive
-        self._c.max_queued_messages_set(0)  # queue QoS 1 publishes while disconnected
+        self._c.max_queued_messages_set(0)  # paho holds what is in flight across a reconnect (<= window + states)
+        self._c.max_inflight_messages_set(window + 8)  # our window is the limit; room for state messages
         self._c.reconnect_delay_set(1, 30)
         will = protocol.State(device_id=device_id, online=False, time=0.0)
         self._c.will_set(protocol.topic(device_id, protocol.STATE), protocol.encode(will), qos=1, retain=True)
@@ -57,10 +86,21 @@ class Link:
         self._c.on_connect_fail = self._connect_fail_cb
         self._c.on_disconnect = self._disconnect_cb
         self._c.on_message = self._message_cb
+        self._c.on_publish = self._published_cb
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Queued messages handed to paho and not yet acknowledged by the broker."""
+        return len(self._inflight)
+
+    @property
+    def publisher_alive(self) -> bool:
+        """Whether the thread that drains the outbox runs (for the agent's watchdog)."""
+        return self._publisher.is_alive()
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect; raise BrokerUnreachable with the reason when the first attempt fails."""
@@ -74,28 +114,85 @@ class Link:
         if not self._connected.wait(timeout):
             self._c.loop_stop()
             raise BrokerUnreachable(f"broker {url} did not accept the connection: {self._failed or 'timed out'}")
+        self._publisher.start()
 
-    def publish(self, kind: str, msg: protocol.Message, retain: bool = False):
-        return self._c.publish(protocol.topic(self.device_id, kind), protocol.encode(msg), qos=1, retain=retain)
+    def notify(self) -> None:
+        """Something was queued in the outbox: send it now rather than on the next tick."""
+        self._wake.set()
 
     def publish_state(self) -> None:
-        self.publish(protocol.STATE, self._birth(), retain=True)
+        self._publish_now(protocol.STATE, self._birth(), retain=True)
+
+    def _publish_now(self, kind: str, msg: protocol.Message, retain: bool = False):
+        return self._c.publish(protocol.topic(self.device_id, kind), protocol.encode(msg), qos=1, retain=retain)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Say goodbye (retained offline state; a clean disconnect sends no will), then disconnect."""
+        """Stop sending, say goodbye (retained offline state; a clean disconnect sends no will), disconnect.
+
+        What is still queued stays in the outbox on disk and goes out after the next start."""
         self._stopping = True
+        self._wake.set()
+        if self._publisher.is_alive():
+            self._publisher.join(timeout=10)
         if self.connected:
-            info = self.publish(protocol.STATE, protocol.State(
+            info = self._publish_now(protocol.STATE, protocol.State(
                 device_id=self.device_id, online=False, time=protocol.now(), boot_id=self._birth().boot_id),
                 retain=True)
             try:
-                info.wait_for_publish(timeout)
+                info.wait_for_publish(timeout)  # the PUBACKs of what was in flight came before this one
             except (RuntimeError, ValueError):
                 pass
         self._c.disconnect()
         self._c.loop_stop()
+        if not self._publisher.is_alive():
+            try:
+                self._settle()  # fewer repeats after the restart
+            except Exception:
+                log.exception("acknowledging the last messages in the outbox failed")
 
-    # --- paho callbacks (on paho's thread): never raise ---------------------------------------
+    # --- the publisher (its own thread) ---------------------------------------------------------
+    def _publish_loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                self._settle()
+                if self.connected:
+                    self._send()
+            except Exception:  # a full disk, a broken file: log, keep going
+                log.exception("sending from the outbox failed")
+                time.sleep(1.0)
+
+    def _settle(self) -> None:
+        """Remove from the outbox what the broker acknowledged."""
+        if self.outbox.generation != self._generation:  # the file was replaced (corrupt): its seqs mean nothing
+            self._generation, self._sent_upto = self.outbox.generation, 0  # send the new file from its start
+            self._inflight.clear()  # and let late PUBACKs of the old one ack nothing
+        seqs = []
+        while self._acked:
+            seq = self._inflight.pop(self._acked.popleft(), None)  # None: a state message
+            if seq is not None:
+                seqs.append(seq)
+        if seqs:
+            self.outbox.ack(seqs)
+
+    def _send(self) -> None:
+        """Hand paho the next queued messages, in seq order, up to the window."""
+        room = self.window - len(self._inflight)
+        if room <= 0 or self._sent_upto >= self.outbox.last_seq:  # full, or nothing new
+            return
+        ok = (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN)  # NO_CONN: paho sends it on reconnect
+        for m in self.outbox.pending(room, after=self._sent_upto):
+            info = self._c.publish(protocol.topic(self.device_id, m.kind), m.payload, qos=1)
+            if info.rc not in ok:
+                log.warning("paho did not take message %d (%s); retrying", m.seq, info.rc)
+                return
+            self._inflight[info.mid] = m.seq
+            self._sent_upto = m.seq
+
+    # --- paho callbacks (on paho's thread): never raise, never block -----------------------------
     def _connected_cb(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._failed = str(reason_code)
@@ -105,6 +202,7 @@ class Link:
                           (protocol.topic(self.device_id, protocol.CMD), 1)])
         self.publish_state()
         self._connected.set()
+        self._wake.set()
         log.info("connected to mqtt://%s:%d", *self.broker)
 
     def _connect_fail_cb(self, client, userdata) -> None:
@@ -112,8 +210,15 @@ class Link:
 
     def _disconnect_cb(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._stopping:
-            log.warning("disconnected from broker (%s); reconnecting", reason_code)
+            log.warning("disconnected from broker (%s); reconnecting, %d queued messages in flight",
+                        reason_code, len(self._inflight))
         self._connected.clear()
+
+    def _published_cb(self, client, userdata, mid, reason_code, properties) -> None:
+        # The PUBACK of a QoS 1 message (MQTT 3.1.1 has no failure codes on it). Only note it here: paho
+        # holds its message lock while calling us, and the outbox write belongs to the publisher thread.
+        self._acked.append(mid)
+        self._wake.set()
 
     def _message_cb(self, client, userdata, message) -> None:
         try:

@@ -90,6 +90,8 @@ class Telemetry(_Msg):
     disk_free_bytes: int = 0
     temperature_c: float | None = None
     load1: float | None = None
+    outbox_pending: int = 0  # messages queued on the device, not yet acknowledged by the broker
+    outbox_dropped: int = 0  # messages the device's full (or too old) outbox dropped, ever
     v: int = VERSION
 
 

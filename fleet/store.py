@@ -2,7 +2,13 @@
 
 Paho's network thread writes what devices report while uvicorn's threads read and write for the API,
 so every call goes through one connection guarded by a lock. A QoS 1 message may arrive twice: telemetry
-and events are keyed by (device_id, boot_id, seq) and a repeat changes nothing.
+and events are keyed by (device_id, boot_id, seq) and a repeat changes nothing but the device's
+``duplicates`` count.
+
+seq is per device and persistent across the agent's restarts (its outbox keeps it; telemetry and events
+share it), so what never arrived shows as gaps: ``seq_gaps`` = the highest seq received from the device
+minus the number of distinct seqs received (any boot_id; seqs >= 1). A seq that arrives late closes its
+gap. The counters live on the device row, kept as messages are stored, so health never scans telemetry.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 from agent import protocol
 from agent.errors import EdgefleetError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
@@ -41,7 +47,10 @@ CREATE TABLE devices (
     active_runtime TEXT, active_precision TEXT, active_deployment_id TEXT,
     interval_s REAL,
     inferences INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0
+    errors INTEGER NOT NULL DEFAULT 0,
+    seq_max INTEGER NOT NULL DEFAULT 0,
+    seq_count INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE telemetry (
     id INTEGER PRIMARY KEY,
@@ -59,6 +68,7 @@ CREATE TABLE telemetry (
     UNIQUE (device_id, boot_id, seq)
 );
 CREATE INDEX telemetry_device_time ON telemetry (device_id, time);
+CREATE INDEX telemetry_device_seq ON telemetry (device_id, seq);
 CREATE TABLE events (
     id INTEGER PRIMARY KEY,
     device_id TEXT NOT NULL REFERENCES devices(id),
@@ -74,6 +84,7 @@ CREATE TABLE events (
     UNIQUE (device_id, boot_id, seq)
 );
 CREATE INDEX events_device_time ON events (device_id, time);
+CREATE INDEX events_device_seq ON events (device_id, seq);
 CREATE TABLE bundles (
     sha256 TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -100,6 +111,19 @@ CREATE TABLE deployment_devices (
     event_time REAL,
     PRIMARY KEY (deployment_id, device_id)
 );
+"""
+_V1_TO_V2 = """
+ALTER TABLE devices ADD COLUMN seq_max INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN seq_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX telemetry_device_seq ON telemetry (device_id, seq);
+CREATE INDEX events_device_seq ON events (device_id, seq);
+UPDATE devices SET
+    seq_max = coalesce((SELECT max(seq) FROM (SELECT seq FROM telemetry WHERE device_id = devices.id
+                        UNION SELECT seq FROM events WHERE device_id = devices.id)), 0),
+    seq_count = (SELECT count(*) FROM (SELECT seq FROM telemetry WHERE device_id = devices.id AND seq > 0
+                 UNION SELECT seq FROM events WHERE device_id = devices.id AND seq > 0));
+UPDATE schema_version SET version = 2
 """
 
 
@@ -144,6 +168,10 @@ class Store:
                 db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
                 return
             version = db.execute("SELECT version FROM schema_version").fetchone()[0]
+            if version == 1:  # v2: per-device seq accounting
+                for stmt in filter(str.strip, _V1_TO_V2.split(";")):
+                    db.execute(stmt)
+                version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
                 raise EdgefleetError(f"{self.path} has schema version {version}; this edgefleet "
                                      f"understands {SCHEMA_VERSION}")
@@ -195,6 +223,22 @@ class Store:
                  a and a.name, a and a.version, a and a.sha256, a and a.runtime, a and a.precision,
                  a and a.deployment_id, msg.device_id))
 
+    @staticmethod
+    def _count_seq(db: sqlite3.Connection, device_id: str, seq: int, stored: bool) -> bool:
+        """Keep the device's seq accounting after one telemetry/event insert; returns ``stored``."""
+        if not stored:  # the same (boot_id, seq) again: a redelivery
+            db.execute("UPDATE devices SET duplicates = duplicates + 1 WHERE id = ?", (device_id,))
+            return False
+        if seq > 0:
+            # The row just stored counts once; more than one means this seq came before under another boot_id
+            # (only after a device lost its outbox and started seq again): not a new seq, not a duplicate.
+            n = db.execute("SELECT (SELECT count(*) FROM telemetry WHERE device_id = ?1 AND seq = ?2) + "
+                           "(SELECT count(*) FROM events WHERE device_id = ?1 AND seq = ?2)",
+                           (device_id, seq)).fetchone()[0]
+            db.execute("UPDATE devices SET seq_max = max(seq_max, ?), seq_count = seq_count + ? WHERE id = ?",
+                       (seq, int(n == 1), device_id))
+        return True
+
     def record_telemetry(self, msg: protocol.Telemetry, received: float, retained: bool = False) -> bool:
         """Store one window; False when it was already stored (a redelivery)."""
         lat = msg.latency_ms
@@ -208,7 +252,7 @@ class Store:
                 (msg.device_id, msg.boot_id, msg.seq, msg.time, received, msg.interval_s, msg.inferences,
                  errors, lat and lat.p50, lat and lat.p95, lat and lat.p99, msg.cpu_percent, msg.rss_bytes,
                  msg.memory_percent, msg.temperature_c, protocol.encode(msg).decode()))
-            if cur.rowcount == 0:
+            if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
                 return False
             db.execute("UPDATE devices SET inferences = inferences + ?, errors = errors + ?, interval_s = ? "
                        "WHERE id = ?", (msg.inferences, errors, msg.interval_s, msg.device_id))
@@ -223,7 +267,7 @@ class Store:
                 "sha256, version, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (msg.device_id, msg.boot_id, msg.seq, msg.time, received, msg.kind, msg.deployment_id,
                  msg.sha256, msg.version, msg.reason))
-            if cur.rowcount == 0:
+            if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
                 return False
             if msg.kind in PHASES and msg.deployment_id:
                 # Only a deployment this controller made; an older event never overwrites a newer phase.
@@ -297,7 +341,7 @@ class Store:
         return [self._health(r, now) for r in self._query(f"SELECT * FROM devices {where} ORDER BY id", args)]
 
     def _health(self, d: sqlite3.Row, now: float) -> dict[str, Any]:
-        last = self._query("SELECT cpu_percent, rss_bytes, memory_percent, temperature_c FROM telemetry "
+        last = self._query("SELECT cpu_percent, rss_bytes, memory_percent, temperature_c, payload FROM telemetry "
                            "WHERE device_id = ? ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
         lat = self._query("SELECT p50, p95, p99 FROM telemetry WHERE device_id = ? AND inferences > 0 "
                           "ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
@@ -305,6 +349,7 @@ class Store:
                           "JOIN deployments p ON p.id = dd.deployment_id WHERE dd.device_id = ? "
                           "ORDER BY p.created DESC LIMIT 1", (d["id"],))
         t = last[0] if last else None
+        outbox = json.loads(t["payload"]) if t else {}
         return {
             "device_id": d["id"],
             "online": _online(d, now),
@@ -320,6 +365,11 @@ class Store:
             "last_seen": d["last_seen"],
             "last_seen_ago_s": round(max(0.0, now - d["last_seen"]), 3),
             "deployment": dict(dep[0]) if dep else None,
+            # seq accounting (see the module docstring) and the device's own outbox, from its latest telemetry
+            "seq_gaps": d["seq_max"] - d["seq_count"],
+            "duplicates": d["duplicates"],
+            "outbox_dropped": outbox.get("outbox_dropped", 0) if t else None,
+            "outbox_pending": outbox.get("outbox_pending", 0) if t else None,
         }
 
     def device_detail(self, device_id: str, events: int = 20) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ PYTHON=${PYTHON:-python3}
 
 need_apt=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt="$need_apt mosquitto"
+# systemd-analyze, which checks the agent's unit in the tests (the package is installed, not started)
+command -v systemd-analyze >/dev/null 2>&1 || [ -x /usr/bin/systemd-analyze ] || need_apt="$need_apt systemd"
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt="$need_apt python3-venv"
 if [ -n "$need_apt" ]; then
     echo "setup: installing Debian packages:$need_apt"

@@ -1,0 +1,245 @@
+"""The agent's durable outbox on real SQLite files: order, acks, seq across reopen, bounds, corruption, threads."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from agent import outbox as outbox_mod
+from agent.outbox import Outbox
+
+
+def opened(path, max_bytes=1 << 20, max_age_s=3600.0) -> Outbox:
+    box = Outbox(path, max_bytes, max_age_s)
+    assert box.open() is None
+    return box
+
+
+def payload(seq: int, size: int = 10) -> bytes:
+    return f"{seq}:".encode().ljust(size, b".")
+
+
+def put(box: Outbox, kind: str = "telemetry", size: int = 10) -> int:
+    return box.put(kind, lambda seq: payload(seq, size))
+
+
+def test_order_ack_and_pending(tmp_path):
+    box = opened(tmp_path / "outbox.db")
+    seqs = [put(box, kind) for kind in ("telemetry", "events", "telemetry", "telemetry")]
+    assert seqs == [1, 2, 3, 4]
+    got = box.pending(10)
+    assert [(m.seq, m.kind, m.payload) for m in got] == [
+        (1, "telemetry", payload(1)), (2, "events", payload(2)), (3, "telemetry", payload(3)),
+        (4, "telemetry", payload(4))]
+    assert [m.seq for m in box.pending(2)] == [1, 2]
+    assert [m.seq for m in box.pending(10, after=2)] == [3, 4]
+    assert (box.pending_count, box.pending_bytes) == (4, 40)
+    assert box.ack([2, 3, 99]) == 2  # an unknown (already acked or dropped) seq is ignored
+    assert box.ack(2) == 0
+    assert [m.seq for m in box.pending(10)] == [1, 4]
+    assert (box.pending_count, box.pending_bytes, box.dropped) == (2, 20, 0)
+    box.close()
+
+
+def test_seq_keeps_increasing_across_reopen_and_what_is_pending_stays(tmp_path):
+    path = tmp_path / "outbox.db"
+    box = opened(path)
+    for _ in range(5):
+        put(box)
+    box.ack([1, 2, 3, 4, 5])  # an empty queue must not forget the seq
+    put(box)
+    box.close()
+    box = opened(path)
+    assert box.last_seq == 6 and [m.seq for m in box.pending()] == [6]
+    assert put(box) == 7
+    box.close()
+    # nor a process that dies without closing it (put returns after the commit)
+    code = ("import os\nfrom agent.outbox import Outbox\n"
+            f"b = Outbox({str(path)!r}, 1 << 20, 3600)\nb.open()\nb.put('events', lambda s: b'x')\nos._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    box = opened(path)
+    assert [m.seq for m in box.pending()] == [6, 7, 8] and put(box) == 9
+    box.close()
+
+
+def test_bounded_by_bytes_drops_oldest_first_counted_and_persisted(tmp_path):
+    path = tmp_path / "outbox.db"
+    box = opened(path, max_bytes=100)
+    for _ in range(10):  # 10 x 10 bytes: exactly full
+        put(box)
+    assert (box.pending_count, box.dropped) == (10, 0)
+    put(box, size=25)  # 125 bytes: the three oldest go
+    assert [m.seq for m in box.pending(100)] == list(range(4, 12))
+    assert (box.pending_count, box.pending_bytes, box.dropped) == (8, 95, 3)
+    box.close()
+    box = opened(path, max_bytes=100)
+    assert (box.dropped, box.pending_count, box.pending_bytes) == (3, 8, 95)
+    put(box, size=200)  # larger than the whole bound: it cannot stay either
+    assert (box.pending_count, box.dropped) == (0, 12)
+    box.close()
+
+
+def test_bounded_by_age_drops_oldest_first(tmp_path, monkeypatch):
+    path = tmp_path / "outbox.db"
+    box = opened(path, max_age_s=60.0)
+    clock = {"mono": 1000.0}
+    monkeypatch.setattr(outbox_mod, "_boottime", lambda: clock["mono"])  # a fake clock, nothing else
+    put(box), put(box)
+    clock["mono"] += 50
+    put(box)
+    clock["mono"] += 20  # the first two are 70 s old, the third 20 s
+    assert [m.seq for m in box.pending()] == [3]
+    assert box.dropped == 2
+    clock["mono"] += 100
+    assert box.expire() == 1 and box.pending_count == 0 and box.dropped == 3
+    box.close()
+    assert opened(path).dropped == 3
+
+
+def test_age_across_a_reboot_uses_the_wall_clock(tmp_path, monkeypatch):
+    path = tmp_path / "outbox.db"
+    box = opened(path, max_age_s=60.0)
+    put(box)
+    box.close()
+    with sqlite3.connect(path) as db:  # as if queued before a reboot, 2 minutes ago
+        db.execute("UPDATE messages SET kboot = 'another-boot', created = created - 120")
+    box = opened(path, max_age_s=60.0)
+    assert box.pending() == [] and box.dropped == 1
+    box.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "not-an-outbox"])
+def test_a_corrupt_file_is_moved_aside_reported_and_seq_continues(tmp_path, damage):
+    path = tmp_path / "outbox.db"
+    box = opened(path)
+    for _ in range(5):
+        put(box)
+    box.close()
+    original = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database, it is garbage" * 100)
+    elif damage == "truncated":  # a valid header, the rest cut off and overwritten
+        path.write_bytes(original[:100] + os.urandom(len(original) - 100))
+    else:
+        path.unlink()
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE something_else (x)")
+    broken = path.read_bytes()
+    box = Outbox(path, 1 << 20, 3600)
+    report = box.open()
+    assert report is not None and "moved to outbox.db.corrupt-" in report
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("outbox.db.corrupt-") and "-wal" not in p.name
+             and "-shm" not in p.name]
+    assert len(aside) == 1 and aside[0].read_bytes() == broken  # kept as it was, never deleted
+    assert aside[0].name in report
+    # the ceiling file outlives the database: seq goes on above anything that was handed out
+    seq = put(box)
+    assert seq > 5
+    assert "seq continues after" in report
+    assert box.pending_count == 1
+    box.close()
+    assert opened(path).last_seq == seq  # the new file is a sound outbox
+
+
+def test_a_deleted_file_is_reported_and_seq_continues_above_the_ceiling(tmp_path):
+    path = tmp_path / "outbox.db"
+    box = opened(path)
+    put(box), put(box)
+    box.close()
+    for p in tmp_path.glob("outbox.db*"):
+        if not p.name.endswith(".seq"):
+            p.unlink()
+    box = Outbox(path, 1 << 20, 3600)
+    report = box.open()
+    assert "was missing" in report and "seq continues after" in report
+    assert put(box) > 2
+    box.close()
+
+
+def test_without_anything_to_learn_from_seq_starts_again_and_says_so(tmp_path):
+    path = tmp_path / "outbox.db"
+    path.write_bytes(b"\0garbage" * 64)
+    box = Outbox(path, 1 << 20, 3600)
+    report = box.open()
+    assert "seq starts again at 1" in report
+    assert put(box) == 1
+    box.close()
+
+
+def test_a_broken_file_found_later_is_replaced_and_reported(tmp_path):
+    path = tmp_path / "outbox.db"
+    box = opened(path)
+    for _ in range(50):
+        put(box, size=1000)
+    box._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
+    with open(path, "r+b") as f:  # the storage goes bad under the running agent
+        f.write(b"garbage!" * (path.stat().st_size // 8))
+    box._db.execute("PRAGMA shrink_memory")  # nothing left in SQLite's page cache to hide it
+    assert box.pending() == []  # replaced by an empty outbox, not an exception
+    reports = box.take_reports()
+    assert len(reports) == 1 and "moved to outbox.db.corrupt-" in reports[0] and "50 queued" not in reports[0]
+    assert box.take_reports() == []
+    assert put(box) > 50  # seq goes on above the old file's
+    assert [p.name for p in tmp_path.iterdir() if "corrupt" in p.name]
+    box.close()
+
+
+def test_a_locked_file_is_not_treated_as_corrupt(tmp_path, monkeypatch):
+    path = tmp_path / "outbox.db"
+    opened(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # as a second agent on the same state dir would hold it
+    monkeypatch.setattr(outbox_mod, "BUSY_TIMEOUT_S", 0.2)
+    try:
+        box = Outbox(path, 1 << 20, 3600)
+        assert box.open() is None  # reading is not blocked (WAL)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            put(box)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not [p for p in tmp_path.iterdir() if "corrupt" in p.name]
+
+
+def test_concurrent_puts_and_acks_are_safe(tmp_path):
+    box = opened(tmp_path / "outbox.db")
+    per_thread, threads = 200, 4
+    got: list[list[int]] = [[] for _ in range(threads)]
+    done = threading.Event()
+    acked = []
+
+    def producer(i):
+        for _ in range(per_thread):
+            got[i].append(put(box, kind=f"t{i}"))
+
+    def consumer():  # like the link's publisher: read what is pending and ack it, while the others put
+        after = 0
+        while not done.is_set() or box.pending_count:
+            batch = box.pending(16, after=after)
+            if batch:
+                after = batch[-1].seq
+                box.ack([m.seq for m in batch])
+                acked.extend(m.seq for m in batch)
+            else:
+                time.sleep(0.001)
+
+    workers = [threading.Thread(target=producer, args=(i,)) for i in range(threads)]
+    reader = threading.Thread(target=consumer)
+    reader.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    done.set()
+    reader.join(timeout=60)
+    everything = sorted(s for g in got for s in g)
+    assert everything == list(range(1, per_thread * threads + 1))  # each seq exactly once
+    assert all(g == sorted(g) for g in got)  # monotonic as each thread sees it
+    assert sorted(acked) == everything and box.pending_count == 0 and box.pending_bytes == 0
+    box.close()

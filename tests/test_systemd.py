@@ -1,0 +1,330 @@
+"""The agent as a systemd service, on real things: sd_notify on a real socket from a real `edgefleet agent run`
+against a real mosquitto, real signals, the unit through systemd-analyze, install/uninstall into a real
+directory, and, where systemd is PID 1, a real SIGKILL and restart."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from util import wait_for
+
+from agent import protocol, systemd
+from agent.config import AgentConfig, load, validate
+from agent.daemon import Agent
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "edgefleet-agent.service"
+EDGEFLEET = [sys.executable, "-m", "edgefleet.cli"]
+IS_ROOT = os.geteuid() == 0
+
+
+class NotifySocket:
+    """A datagram socket standing where systemd's would be: records every message it is sent."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address  # as NOTIFY_SOCKET says it: a path, or @name in the abstract namespace
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self._sock.settimeout(0.2)
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def lines(self) -> list[str]:
+        """Every KEY=VALUE line received, in order."""
+        return [line for m in list(self.messages) for line in m.split("\n")]
+
+    def count(self, line: str) -> int:
+        return self.lines().count(line)
+
+    def close(self) -> None:
+        self._closed = True
+        self._reader.join()
+        self._sock.close()
+
+
+@pytest.fixture
+def notify_socket():
+    s = NotifySocket(f"@edgefleet-test-{uuid.uuid4().hex}")
+    yield s
+    s.close()
+
+
+def _write_config(path: Path, *, broker: str, api_port: int, state_dir: Path, interval: float | str = 1.0,
+                  keepalive: int = 15) -> None:
+    value = f'"{interval}"' if isinstance(interval, str) else repr(interval)
+    path.write_text(f'device_id = "d1"\nbroker = "{broker}"\ncontroller = "http://127.0.0.1:9"\n'
+                    f'state_dir = "{state_dir}"\napi = "127.0.0.1:{api_port}"\n'
+                    f"telemetry_interval_s = {value}\nkeepalive_s = {keepalive}\n")
+
+
+class Telemetry:
+    """A paho subscriber to d1's telemetry: records each message's interval_s."""
+
+    def __init__(self, broker_url: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        from agent.config import parse_mqtt_url
+
+        self.intervals: list[float] = []
+        self._c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watcher-{uuid.uuid4().hex[:8]}")
+        topic = protocol.topic("d1", protocol.TELEMETRY)
+        self._c.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self._c.on_message = lambda c, u, m: self.intervals.append(
+            protocol.decode(protocol.TELEMETRY, m.payload).interval_s)
+        self._c.connect(*parse_mqtt_url(broker_url))
+        self._c.loop_start()
+
+    def close(self) -> None:
+        self._c.disconnect()
+        self._c.loop_stop()
+
+
+@pytest.fixture
+def agent_process(tmp_path, mosquitto, free_port, notify_socket):
+    """A real `edgefleet agent run` with NOTIFY_SOCKET and a 400 ms watchdog, as systemd would start it."""
+    cfg = tmp_path / "agent.toml"
+    _write_config(cfg, broker=mosquitto.url, api_port=free_port, state_dir=tmp_path / "state")
+    log = tmp_path / "agent.log"
+    env = {**os.environ, "NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "400000"}
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([*EDGEFLEET, "agent", "run", "--config", str(cfg)], env=env, stderr=err,
+                                stdout=subprocess.DEVNULL)
+    proc.config, proc.log = cfg, log
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ready_then_watchdog_then_stopping_on_sigterm(agent_process, notify_socket, mosquitto):
+    wait_for(lambda: "READY=1" in notify_socket.lines() or agent_process.poll() is not None, what="READY=1")
+    assert agent_process.poll() is None, agent_process.log.read_text()
+    wait_for(lambda: notify_socket.count("WATCHDOG=1") >= 5, what="WATCHDOG=1, repeatedly")
+    lines = notify_socket.lines()
+    assert lines.index("READY=1") < lines.index("WATCHDOG=1")  # the watchdog is petted by the serving loop
+    assert any(x.startswith("STATUS=serving no model yet; connected to") for x in lines), lines
+
+    agent_process.send_signal(signal.SIGTERM)
+    assert agent_process.wait(timeout=60) == 0, agent_process.log.read_text()
+    lines = notify_socket.lines()
+    assert "STOPPING=1" in lines and lines.index("STOPPING=1") > lines.index("READY=1")
+    assert "Traceback" not in agent_process.log.read_text()
+
+
+def test_sighup_reloads_the_config_and_refuses_an_invalid_one(agent_process, notify_socket, mosquitto, free_port,
+                                                              tmp_path):
+    telemetry = Telemetry(mosquitto.url)
+    try:
+        wait_for(lambda: "READY=1" in notify_socket.lines() or agent_process.poll() is not None, what="READY=1")
+        assert agent_process.poll() is None, agent_process.log.read_text()
+        wait_for(lambda: 1.0 in telemetry.intervals, what="telemetry every 1 s")
+
+        # a valid change: the interval applies live; keepalive_s needs a restart, and the log says so
+        _write_config(agent_process.config, broker=mosquitto.url, api_port=free_port, state_dir=tmp_path / "state",
+                      interval=0.25, keepalive=20)
+        agent_process.send_signal(signal.SIGHUP)
+        wait_for(lambda: notify_socket.count("RELOADING=1") == 1 and notify_socket.count("READY=1") == 2,
+                 what="RELOADING=1, then READY=1")
+        reload_msg = next(m for m in notify_socket.messages if "RELOADING=1" in m)
+        assert "MONOTONIC_USEC=" in reload_msg
+        lines = notify_socket.lines()
+        assert lines.index("RELOADING=1") < len(lines) - 1 - lines[::-1].index("READY=1")
+        wait_for(lambda: 0.25 in telemetry.intervals, what="telemetry at the new interval")
+        log = agent_process.log.read_text()
+        assert "reload: telemetry_interval_s 1.0 -> 0.25" in log
+        assert "reload: keepalive_s changed; takes effect at the next restart" in log
+
+        # an invalid file: one line naming the field, and the agent runs on with the config it had
+        agent_process.config.write_text(agent_process.config.read_text().replace(
+            "telemetry_interval_s = 0.25", 'telemetry_interval_s = "fast"'))
+        agent_process.send_signal(signal.SIGHUP)
+        wait_for(lambda: notify_socket.count("RELOADING=1") == 2 and notify_socket.count("READY=1") == 3,
+                 what="the second reload's RELOADING=1, READY=1")
+        refused = [x for x in agent_process.log.read_text().splitlines() if "reload refused" in x]
+        assert len(refused) == 1 and "telemetry_interval_s" in refused[0], refused
+        assert any(x.startswith("STATUS=reload refused") for x in notify_socket.lines())
+        seen, pets = len(telemetry.intervals), notify_socket.count("WATCHDOG=1")
+        wait_for(lambda: len(telemetry.intervals) > seen + 2 and notify_socket.count("WATCHDOG=1") > pets + 2,
+                 what="telemetry and watchdog going on after a refused reload")
+        assert set(telemetry.intervals[seen:]) == {0.25}
+        assert agent_process.poll() is None
+    finally:
+        telemetry.close()
+    agent_process.send_signal(signal.SIGTERM)
+    assert agent_process.wait(timeout=60) == 0, agent_process.log.read_text()
+
+
+def test_the_watchdog_check_names_a_dead_network_thread(tmp_path, mosquitto, free_port):
+    agent = Agent(validate(AgentConfig(device_id="d1", broker=mosquitto.url, controller="http://127.0.0.1:9",
+                                       state_dir=str(tmp_path / "state"), api=f"127.0.0.1:{free_port}",
+                                       telemetry_interval_s=0.5)))
+    agent.start()
+    try:
+        assert agent._wedged() is None
+        agent.link.stop()  # paho's network thread ends: no more WATCHDOG=1, systemd would restart the agent
+        assert agent._wedged() == "the MQTT network thread has died"
+    finally:
+        agent.stop()
+    assert agent._wedged() == "the telemetry thread has died"
+
+
+def test_notify_speaks_to_a_path_socket_and_the_watchdog_reads_its_environment(tmp_path, monkeypatch):
+    assert not systemd.notify("READY=1")  # no NOTIFY_SOCKET: a no-op
+    s = NotifySocket(str(tmp_path / "notify"))
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", s.address)
+        assert systemd.status("two\nlines") and systemd.ready()
+        wait_for(lambda: s.lines() == ["STATUS=two lines", "READY=1"], what="the two messages")
+    finally:
+        s.close()
+    env = {"NOTIFY_SOCKET": s.address, "WATCHDOG_USEC": "30000000"}
+    assert systemd.Watchdog.from_env(env).period_s == 15
+    assert systemd.Watchdog.from_env({**env, "WATCHDOG_PID": str(os.getpid())}).enabled
+    assert not systemd.Watchdog.from_env({**env, "WATCHDOG_PID": "1"}).enabled  # inherited, not ours
+    assert not systemd.Watchdog.from_env({"WATCHDOG_USEC": "30000000"}).enabled
+
+
+# --- the unit ------------------------------------------------------------------------------------------------
+def _verify(unit_text: str, exec_start: Path, tmp_path: Path) -> None:
+    """systemd-analyze verify a copy of the unit whose ExecStart names ``exec_start`` (verify wants it to exist);
+    it exits 0 even for unknown keys, so any output at all fails the test."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (scripts/setup.sh installs Debian's systemd package)")
+    assert "ExecStart=/opt/edgefleet/bin/edgefleet " in unit_text
+    d = tmp_path / "verify"
+    d.mkdir(exist_ok=True)
+    unit = d / "edgefleet-agent.service"
+    unit.write_text(unit_text.replace("ExecStart=/opt/edgefleet/bin/edgefleet ", f"ExecStart={exec_start} "))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+
+
+def test_the_unit_passes_systemd_analyze_verify(tmp_path):
+    exe = Path(sys.executable).parent / "edgefleet"
+    assert exe.exists(), exe
+    _verify(UNIT.read_text(), exe, tmp_path)
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(UNIT)
+    s = unit["Service"]
+    assert s["Type"] == "notify" and s["WatchdogSec"] == "30" and s["Restart"] == "always"
+    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert (s["User"], s["Group"], s["StateDirectory"], s["ConfigurationDirectory"]) == ("edgefleet",) * 4
+    assert s["ProtectSystem"] == "strict" and s["NoNewPrivileges"] == "yes" and s["CapabilityBoundingSet"] == ""
+
+
+# --- install / uninstall -------------------------------------------------------------------------------------
+def _edgefleet(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDGEFLEET, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def test_install_and_uninstall_refuse_a_non_root_user_in_one_line(tmp_path):
+    for args in (["install", "--root", tmp_path, "--device-id", "d1"], ["uninstall", "--root", tmp_path]):
+        cmd = [*EDGEFLEET, "agent", *map(str, args)]
+        if IS_ROOT:  # drop to nobody for real
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
+        assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and "must run as root" in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not IS_ROOT, reason="install writes root-owned files: run as root (as CI does)")
+def test_install_under_a_root_dir_is_idempotent_and_uninstall_purges_it(tmp_path):
+    root = tmp_path / "root"
+    args = ["agent", "install", "--root", root, "--device-id", "d1", "--broker", "mqtt://127.0.0.1:1883",
+            "--controller", "http://127.0.0.1:8080", "--source", ROOT]
+    r = _edgefleet(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    venv, config = root / "opt/edgefleet", root / "etc/edgefleet/agent.toml"
+    unit = root / "etc/systemd/system/edgefleet-agent.service"
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    help_ = subprocess.run([venv / "bin/edgefleet", "agent", "--help"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+    assert help_.returncode == 0 and "install" in help_.stdout, help_.stderr
+    where = subprocess.run([venv / "bin/python", "-c", "import agent; print(agent.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path).stdout
+    assert where.startswith(str(venv)), where  # its own copy, not this checkout
+
+    cfg = load(config)
+    assert (cfg.device_id, cfg.broker, cfg.state_dir) == ("d1", "mqtt://127.0.0.1:1883", "/var/lib/edgefleet")
+    assert stat.S_IMODE(config.stat().st_mode) == 0o640 and config.stat().st_uid == 0
+    assert unit.read_bytes() == UNIT.read_bytes()
+    _verify(unit.read_text(), venv / "bin/edgefleet", tmp_path)
+
+    before = {p: p.stat().st_mtime_ns for p in (config, unit, venv / "bin/edgefleet")}
+    again = _edgefleet(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already has edgefleet[agent]" in again.stdout and "is up to date" in again.stdout, again.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+    other = _edgefleet(*[a if a != "d1" else "d2" for a in args])
+    assert other.returncode == 2 and "exists and differs; --force overwrites it" in other.stderr, other.stderr
+    assert load(config).device_id == "d1"
+
+    for _ in range(2):  # the second run finds nothing to remove, and says so
+        r = _edgefleet("agent", "uninstall", "--root", root, "--purge")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not venv.exists() and not config.parent.exists() and not unit.exists()
+
+
+def _pid1() -> str:
+    try:
+        return Path("/proc/1/comm").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _show(prop: str) -> str:
+    return subprocess.run(["systemctl", "show", "-p", prop, "--value", "edgefleet-agent"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.mark.slow
+def test_systemd_restarts_the_agent_after_a_sigkill(mosquitto):
+    if not Path("/run/systemd/system").is_dir():
+        pytest.skip(f"systemd is not PID 1 here (PID 1 is {_pid1()!r}): run in a VM or a container booted "
+                    f"with systemd to see it restart the agent")
+    if not IS_ROOT:
+        pytest.skip("installing the service needs root")
+    if Path("/etc/systemd/system/edgefleet-agent.service").exists() or Path("/etc/edgefleet").exists():
+        pytest.skip("an edgefleet agent is installed on this machine already; not touching it")
+    r = _edgefleet("agent", "install", "--device-id", "systemd-test", "--broker", mosquitto.url,
+                   "--controller", "http://127.0.0.1:9", "--telemetry-interval", "1", "--source", ROOT)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: _show("ActiveState") == "active" and _show("MainPID") not in ("", "0"), what="active")
+        first = int(_show("MainPID"))
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: _show("ActiveState") == "active" and _show("MainPID") not in ("", "0", str(first)),
+                 timeout=120, what="systemd to restart the agent")
+        assert int(_show("NRestarts")) >= 1
+    finally:
+        u = _edgefleet("agent", "uninstall", "--purge")
+        assert u.returncode == 0, u.stdout + u.stderr
