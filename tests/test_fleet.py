@@ -34,6 +34,11 @@ TIMEOUT = 30.0
 
 
 
+def known(client, device_id: str) -> dict | None:
+    """The device's health, or None while the controller has not registered it yet."""
+    return next((d for d in client.health() if d["device_id"] == device_id), None)
+
+
 class Device:
     """A paho client speaking the wire contract as a device would, with a retained last will."""
 
@@ -219,13 +224,13 @@ def test_redelivered_telemetry_counts_once(fleet, client, devices):
 def test_last_will_and_offline_state_mark_the_device_offline(client, devices):
     crashed = devices("cam-4")
     crashed.state()
-    wait_for(lambda: client.health() and client.health("cam-4")["online"], what="online")
+    wait_for(lambda: (known(client, "cam-4") or {}).get("online"), what="online")
     crashed.drop()
     wait_for(lambda: not client.health("cam-4")["online"], what="the last will")
 
     polite = devices("cam-5")
     polite.state()
-    wait_for(lambda: client.health("cam-5")["online"], what="online")
+    wait_for(lambda: (known(client, "cam-5") or {}).get("online"), what="online")
     polite.state(online=False)
     wait_for(lambda: not client.health("cam-5")["online"], what="offline state")
 
@@ -234,7 +239,7 @@ def test_silent_device_goes_offline_after_three_intervals(client, devices):
     dev = devices("cam-6")
     dev.state()
     dev.telemetry(1, interval_s=0.2)
-    wait_for(lambda: client.health() and client.health("cam-6")["inferences"] == 10, what="telemetry")
+    wait_for(lambda: (known(client, "cam-6") or {}).get("inferences") == 10, what="telemetry")
     wait_for(lambda: not client.health("cam-6")["online"], what="heartbeat timeout")
 
 
@@ -361,7 +366,7 @@ def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, device
     dev = devices("cam-b")
     dev.event(1, "downloading", deployment_id=dep["id"], sha256=sha)
     dev.event(2, "active", deployment_id=dep["id"], sha256=sha, version="1.0.0")
-    wait_for(lambda: client.health() and client.health("cam-b")["deployment"]["phase"] == "active",
+    wait_for(lambda: ((known(client, "cam-b") or {}).get("deployment") or {}).get("phase") == "active",
              what="phase active")
     phases = {d["device_id"]: d["phase"] for d in client.deployment(dep["id"])["devices"]}
     assert phases == {"cam-a": "pending", "cam-b": "active"}
