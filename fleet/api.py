@@ -26,8 +26,11 @@ from starlette.routing import Route
 from agent import protocol
 from agent.bundle import BundleError, read_manifest
 from agent.errors import EdgefleetError
+from fleet import targets
+from fleet.api_rollouts import routes as rollout_routes
 from fleet.link import Link
 from fleet.store import Store
+from fleet.web import routes as web_routes
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -40,8 +43,30 @@ class DeployRequest(msgspec.Struct, forbid_unknown_fields=True):
 _deploy_decoder = msgspec.json.Decoder(DeployRequest)
 
 
+class TagsPut(msgspec.Struct, forbid_unknown_fields=True):
+    tags: list[str]
+
+
+class TagsPost(msgspec.Struct, forbid_unknown_fields=True):
+    add: list[str] = []
+    remove: list[str] = []
+
+
+_tags_put_decoder = msgspec.json.Decoder(TagsPut)
+_tags_post_decoder = msgspec.json.Decoder(TagsPost)
+MAX_LIST = 1000  # the most events or transitions one device report lists
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _unknown_params(request: Request, allowed: set[str]) -> JSONResponse | None:
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        return _error(400, f"unknown query parameter {unknown[0]!r}: this endpoint takes "
+                           f"{', '.join(sorted(allowed))}")
+    return None
 
 
 def new_deployment_id() -> str:
@@ -130,14 +155,71 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         return JSONResponse(store.deployment(dep_id))
 
     def devices(request: Request) -> Response:
-        return JSONResponse(store.devices())
+        bad = _unknown_params(request, {"target"})
+        if bad:
+            return bad
+        wanted = request.query_params.getlist("target")
+        if not wanted:
+            return JSONResponse(store.devices())
+        try:
+            ids = targets.resolve(store, wanted)
+        except targets.TargetError as e:
+            return _error(e.status, str(e))
+        return JSONResponse(store.devices(ids))
+
+    async def device_tags(request: Request) -> Response:
+        """PUT {"tags": [...]} replaces a device's tags; POST {"add": [...], "remove": [...]} changes them."""
+        device_id = request.path_params["device_id"]
+        body = await request.body()
+        try:
+            if request.method == "PUT":
+                req = _tags_put_decoder.decode(body)
+                change = {"replace": req.tags}
+            else:
+                req = _tags_post_decoder.decode(body)
+                if not req.add and not req.remove:
+                    return _error(400, "nothing to change: give tags to add and/or remove")
+                change = {"add": req.add, "remove": req.remove}
+        except msgspec.DecodeError as e:
+            return _error(400, f"invalid tags request: {e}")
+        try:
+            tags = await run_in_threadpool(lambda: store.set_tags(device_id, **change))
+        except targets.TargetError as e:
+            return _error(e.status, str(e))
+        if tags is None:
+            return _error(404, f"unknown device {device_id!r}")
+        return JSONResponse({"device_id": device_id, "tags": tags})
 
     def health(request: Request) -> Response:
-        return JSONResponse(store.health())
+        q = request.query_params
+        bad = _unknown_params(request, {"tag", "status", "sort", "order"})
+        if bad:
+            return bad
+        order = q.get("order")
+        if order not in (None, "asc", "desc"):
+            return _error(400, f"invalid order {order!r}: choose asc or desc")
+        try:
+            found = store.health(tag=q.get("tag"), status=q.get("status"), sort=q.get("sort"),
+                                 descending=None if order is None else order == "desc")
+        except targets.TargetError as e:
+            return _error(e.status, str(e))
+        except EdgefleetError as e:
+            return _error(400, str(e))
+        return JSONResponse(found)
 
     def device_health(request: Request) -> Response:
         device_id = request.path_params["device_id"]
-        detail = store.device_detail(device_id)
+        bad = _unknown_params(request, {"events", "transitions"})
+        if bad:
+            return bad
+        limits = {}
+        for name in ("events", "transitions"):
+            text = request.query_params.get(name)
+            if text is not None:
+                if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIST:
+                    return _error(400, f"{name}={text!r} is out of range: a whole number from 1 to {MAX_LIST}")
+                limits[name] = int(text)
+        detail = store.device_detail(device_id, **limits)
         if detail is None:
             return _error(404, f"unknown device {device_id!r}")
         return JSONResponse(detail)
@@ -160,7 +242,10 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         Route("/api/deployments", deploy, methods=["POST"]),
         Route("/api/deployments/{deployment_id}", deployment),
         Route("/api/devices", devices),
+        Route("/api/devices/{device_id}/tags", device_tags, methods=["PUT", "POST"]),
         Route("/api/health", health),
         Route("/api/health/{device_id}", device_health),
+        *rollout_routes(),  # /api/rollouts (fleet/api_rollouts.py)
+        *web_routes(store),  # the dashboard, its series, /metrics, /api/openapi.json, /static
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -1,8 +1,8 @@
 """``Fleet``: the controller's one composition root, built alike by the CLI and the tests.
 
 store (SQLite) + broker (an embedded mosquitto unless one is given) + MQTT link + HTTP API (uvicorn in
-a thread). ``serve()`` runs in the foreground until SIGINT/SIGTERM; tests use ``start_background()`` and
-``stop()``.
+a thread) + housekeeping (a thread: the heartbeat sweep every second, retention every minute).
+``serve()`` runs in the foreground until SIGINT/SIGTERM; tests use ``start_background()`` and ``stop()``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from agent.errors import EdgefleetError
 from fleet.broker import Mosquitto
 from agent.config import parse_mqtt_url as parse_broker_url
 from fleet.link import CLIENT_ID, Link
-from fleet.store import Store
+from fleet.retention import Housekeeper, Policy
+from fleet.rollouts import Rollouts
+from fleet.store import OFFLINE_AFTER_INTERVALS, Store
 
 log = logging.getLogger("edgefleet.fleet")
 
@@ -43,8 +45,16 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
 class Fleet:
     def __init__(self, data_dir: Path, broker_url: str | None = None, http_host: str = "127.0.0.1",
                  http_port: int = 8080, public_url: str | None = None, mqtt_listen: str = "127.0.0.1:1883",
-                 client_id: str = CLIENT_ID) -> None:
+                 client_id: str = CLIENT_ID, offline_after: float = OFFLINE_AFTER_INTERVALS,
+                 retention: Policy | None = None, sweep_every_s: float = 1.0,
+                 compact_every_s: float = 60.0) -> None:
         self.data_dir = Path(data_dir)
+        self.offline_after = offline_after  # telemetry intervals of silence that make a device offline
+        self.retention = retention or Policy()
+        self._sweep_every_s = sweep_every_s
+        self._compact_every_s = compact_every_s
+        self.housekeeper: Housekeeper | None = None
+        self.rollouts: Rollouts | None = None  # the rollout driver (fleet/rollouts.py)
         self.http_host = http_host
         self.http_port = http_port
         self.client_id = client_id
@@ -93,7 +103,7 @@ class Fleet:
             parse_broker_url(self._broker_url)  # a bad URL fails before anything starts
         try:
             self._lock_data_dir()
-            self.store = Store(self.data_dir / DB).open()
+            self.store = Store(self.data_dir / DB, offline_after=self.offline_after).open()
             self._bind()
             if self._broker_url is None:
                 host, port = parse_hostport(self._mqtt_listen, "--mqtt-listen address")
@@ -101,9 +111,12 @@ class Fleet:
                 connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
                 self._broker_url = f"mqtt://{connect_host}:{self.broker.port}"
             self.link = Link(self._broker_url, self.store, client_id=self.client_id).start()
+            self.housekeeper = Housekeeper(self.store, self.retention, self._sweep_every_s,
+                                           self._compact_every_s).start()
             from fleet.api import create_app
 
             self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url)
+            self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url).start()
         except BaseException:
             self.stop()
             raise
@@ -186,6 +199,12 @@ class Fleet:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self.housekeeper is not None:
+            self.housekeeper.stop()
+            self.housekeeper = None
+        if self.rollouts is not None:
+            self.rollouts.stop()
+            self.rollouts = None
         if self.link is not None:
             self.link.stop()
             self.link = None
@@ -202,6 +221,12 @@ class Fleet:
         if self._lock_file is not None:
             self._lock_file.close()  # releases the lock
             self._lock_file = None
+
+    def compact(self, now: float | None = None) -> dict[str, int]:
+        """Run retention now (the housekeeper also does every minute); ``now`` for tests."""
+        if self.housekeeper is None:
+            raise EdgefleetError("the fleet controller is not started")
+        return self.housekeeper.compact(now)
 
     def _write_controller_json(self) -> None:
         doc = {"http": self.http_url, "broker": self.broker_url, "pid": os.getpid()}

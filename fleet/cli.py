@@ -1,4 +1,4 @@
-"""`edgefleet fleet`: serve the controller; deploy bundles and look at devices through its API.
+"""`edgefleet fleet`: serve the controller; deploy bundles, tag devices and read their health through its API.
 
 Thin wrappers over ``fleet.app.Fleet`` (serve) and ``fleet.client.FleetClient`` (the rest). Errors are
 ``EdgefleetError``s, which ``edgefleet.cli`` prints as one line with exit status 2.
@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgefleetError
+from fleet import cli_rollouts
+from fleet.health import SORTS
+
+
+def client_args(c: argparse.ArgumentParser) -> None:
+    """The options every command that talks to the controller takes."""
+    c.add_argument("--server", metavar="URL",
+                   help="the controller's URL (default: $EDGEFLEET_SERVER or http://127.0.0.1:8080)")
+    c.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,20 +40,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the embedded mosquitto listens (default %(default)s; without --broker only)")
     s.add_argument("--public-url", metavar="URL",
                    help="base URL devices download bundles from (default: the --http address)")
-
-    def client_args(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--server", metavar="URL",
-                       help="the controller's URL (default: $EDGEFLEET_SERVER or http://127.0.0.1:8080)")
-        c.add_argument("--json", action="store_true", help="print the API's JSON")
+    s.add_argument("--offline-after", default="3", metavar="N",
+                   help="telemetry intervals of silence after which a device counts as offline (default 3)")
+    s.add_argument("--raw-retention", default="7d", metavar="DURATION",
+                   help="how long raw telemetry is kept before it is folded into 1-minute and 1-hour rollups "
+                        "(default %(default)s; at least 1h)")
+    s.add_argument("--rollup-retention", default="90d", metavar="DURATION",
+                   help="how long 1-minute rollups are kept (default %(default)s; hourly ones: for ever)")
 
     d = sub.add_parser("deploy", help="upload a bundle and deploy it to devices")
     d.add_argument("bundle", type=Path, metavar="BUNDLE")
     d.add_argument("--to", nargs="+", required=True, metavar="DEVICE_ID", dest="devices")
     client_args(d)
-    client_args(sub.add_parser("devices", help="list the devices"))
-    h = sub.add_parser("health", help="the health of every device, or of one")
+    v = sub.add_parser("devices", help="list the devices (all, or those the targets name)")
+    v.add_argument("targets", nargs="*", metavar="TARGET", help="device ids, tag:NAME or all")
+    client_args(v)
+    t = sub.add_parser("tag", help="add tags to a device (or --remove them)")
+    t.add_argument("device", metavar="DEVICE_ID")
+    t.add_argument("tags", nargs="*", metavar="TAG", help="tags to add")
+    t.add_argument("--remove", nargs="+", default=[], metavar="TAG", help="tags to remove")
+    client_args(t)
+    h = sub.add_parser("health", help="the health of every device (a table), or one device's report")
     h.add_argument("device", nargs="?", metavar="DEVICE_ID")
+    h.add_argument("--sort", metavar="COLUMN",
+                   help=f"sort the table by one of: {', '.join(SORTS)} (figures largest first, "
+                        f"last-seen longest silent first)")
+    h.add_argument("--order", choices=("asc", "desc"), help="override the column's default order")
+    h.add_argument("--tag", metavar="NAME", help="only the devices with this tag")
+    h.add_argument("--status", choices=("online", "offline"), help="only the online or offline devices")
     client_args(h)
+    cli_rollouts.register(sub)  # deploy's rollout options, `rollouts`, `rollout ID [ACTION]`
     return p
 
 
@@ -55,25 +80,47 @@ def main(argv: list[str]) -> int:
     from fleet.client import DEFAULT_SERVER, FleetClient
 
     client = FleetClient(args.server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER)
+    if (code := cli_rollouts.run(client, args)) is not None:  # None: a plain deploy, below
+        return code
     if args.command == "deploy":
         return _deploy(client, args)
     if args.command == "devices":
-        doc = client.devices()
-        _print(doc, args.json, _devices_table)
+        _print(client.devices(args.targets or None), args.json, _devices_table)
+    elif args.command == "tag":
+        if not args.tags and not args.remove:
+            raise EdgefleetError("name tags to add, or --remove TAG...")
+        doc = client.tag(args.device, args.tags, args.remove)
+        _print(doc, args.json, lambda d: f"{d['device_id']}: " + (", ".join(d["tags"]) or "no tags"))
+    elif args.device is None:
+        doc = client.health(tag=args.tag, status=args.status, sort=args.sort, order=args.order)
+        _print(doc, args.json, _health_table)
     else:
-        doc = client.health(args.device)
-        _print(doc, args.json, _health_table if args.device is None else _device_detail)
+        if args.sort or args.order or args.tag or args.status:
+            raise EdgefleetError("--sort, --order, --tag and --status filter the fleet table: "
+                                 "give them without a DEVICE_ID")
+        _print(client.health(args.device), args.json, _device_report)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     from fleet.app import Fleet, parse_hostport
+    from fleet.retention import Policy, parse_duration
 
     host, port = parse_hostport(args.http, "--http address")
+    try:
+        offline_after = float(args.offline_after)
+    except ValueError:
+        offline_after = 0.0
+    if not 0 < offline_after <= 1000:
+        raise EdgefleetError(f"invalid --offline-after {args.offline_after!r}: a number of telemetry "
+                             f"intervals, more than 0 and at most 1000")
+    policy = Policy(raw_s=parse_duration(args.raw_retention, "--raw-retention"),
+                    rollup_s=parse_duration(args.rollup_retention, "--rollup-retention"))
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fleet = Fleet(args.data, broker_url=args.broker, http_host=host, http_port=port,
-                  public_url=args.public_url, mqtt_listen=args.mqtt_listen)
+                  public_url=args.public_url, mqtt_listen=args.mqtt_listen, offline_after=offline_after,
+                  retention=policy)
 
     def ready(f: Fleet) -> None:
         print(f"edgefleet fleet: serving {f.http_url} (broker {f.broker_url}, data {f.data_dir})", flush=True)
@@ -115,7 +162,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def ago(seconds: float | None) -> str:
     if seconds is None:
         return "never"
-    s = int(seconds)
+    s = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= size:
             return f"{s // size}{unit} ago"
@@ -130,38 +177,89 @@ def _devices_table(devices: list[dict[str, Any]]) -> str:
     rows = [[d["id"], "yes" if d["online"] else "no", d["arch"] or "-", d["agent_version"] or "-",
              ",".join(d["runtimes"]) or "-",
              f"{d['active_name']} {d['active_version']}" if d["active_name"] else "-",
-             ago(time.time() - d["last_seen"])] for d in devices]
-    return _table(["device", "online", "arch", "agent", "runtimes", "model", "last seen"], rows)
+             ",".join(d.get("tags", [])) or "-", ago(time.time() - d["last_seen"])] for d in devices]
+    return _table(["device", "online", "arch", "agent", "runtimes", "model", "tags", "last seen"], rows)
+
+
+def _pct(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.2f}"
+
+
+def _mib(n: float | None) -> str:
+    return _num(None if n is None else n / (1 << 20))
+
+
+def _latency(lat: dict[str, Any] | None) -> str:
+    lat = lat or {}
+    return "/".join(_num(lat.get(k), "{:.2f}") for k in ("p50", "p95", "p99"))
 
 
 def _health_row(h: dict[str, Any]) -> list[str]:
-    m, lat = h["model"] or {}, h["latency_ms"] or {}
+    m = h["model"] or {}
     return [h["device_id"], "yes" if h["online"] else "no", m.get("name", "-"), m.get("version", "-"),
-            m.get("precision", "-"), str(h["inferences"]), str(h["errors"]),
-            "/".join(_num(lat.get(k), "{:.2f}") for k in ("p50", "p95", "p99")),
-            _num(h["cpu_percent"]),
-            _num(None if h["rss_bytes"] is None else h["rss_bytes"] / (1 << 20)),
-            _num(h["memory_percent"]), _num(h["temperature_c"], unknown="unknown"),
-            ago(h["last_seen_ago_s"])]
+            m.get("precision", "-"), str(h["inferences"]), str(h["errors"]), _latency(h["latency_ms"]),
+            _num(h.get("inferences_per_min")), _pct(h.get("error_rate")), _num(h["cpu_percent"]),
+            _mib(h["rss_bytes"]), _num(h["memory_percent"]), _num(h["temperature_c"], unknown="unknown"),
+            ago(h["last_seen_ago_s"]), ",".join(h.get("tags", [])) or "-"]
 
 
 HEALTH_HEADERS = ["device", "online", "model", "version", "precision", "inferences", "errors",
-                  "p50/p95/p99 ms", "CPU %", "RSS MiB", "mem %", "temp °C", "last seen"]
+                  "p50/p95/p99 ms", "inf/min", "err %", "CPU %", "RSS MiB", "mem %", "temp °C", "last seen", "tags"]
 
 
 def _health_table(health: list[dict[str, Any]]) -> str:
     return _table(HEALTH_HEADERS, [_health_row(h) for h in health])
 
 
-def _device_detail(h: dict[str, Any]) -> str:
-    out = [_table(HEALTH_HEADERS, [_health_row(h)])]
-    dep = h.get("deployment")
-    if dep:
-        out.append(f"\nlatest deployment: {dep['deployment_id']} {dep['phase']}"
-                   + (f" ({dep['reason']})" if dep["reason"] else ""))
+def _device_report(h: dict[str, Any]) -> str:
+    """One device's report, from the API's JSON (GET /api/health/{id})."""
+    now = time.time()
+    since = f" since {ago(now - h['status_since'])}" if h.get("status_since") else ""
+    out = [f"{h['device_id']}: {h['status']}{since}, last seen {ago(h['last_seen_ago_s'])}"
+           + (f"; tags {', '.join(h['tags'])}" if h.get("tags") else "; no tags")]
+    i = h.get("identity") or {}
+    out.append(f"  arch {i.get('arch') or '-'}, agent {i.get('agent_version') or '-'}, runtimes "
+               f"{', '.join(i.get('runtimes') or []) or '-'}, boot {i.get('boot_id') or '-'}")
+    out.append(f"  CPU flags: {' '.join(i.get('cpu_flags') or []) or '-'}")
+    m = h.get("model")
+    out.append("model: " + (f"{m['name']} {m['version']} ({m['precision']}, {m['runtime']}, {m['sha256'][:12]})"
+                            if m else "none active"))
+    r = h.get("recent") or {}
+    window = f"the last {int(r.get('window_s', 0)) // 60} min"
+    out.append("figures:")
+    out.append(f"  inferences {h['inferences']}, errors {h['errors']} in all; over {window}: "
+               f"{_num(h.get('inferences_per_min'))}/min, error rate {_pct(h.get('error_rate'))} %")
+    out.append(f"  latency p50/p95/p99 {_latency(h['latency_ms'])} ms (the latest window with inferences)")
+    out.append(f"  CPU {_num(h['cpu_percent'])} %, RSS {_mib(h['rss_bytes'])} MiB, memory "
+               f"{_num(h['memory_percent'])} %, temperature "
+               f"{'unknown' if h['temperature_c'] is None else _num(h['temperature_c']) + ' °C'}")
+    out.append(f"  seq gaps {h['seq_gaps']}, duplicates {h['duplicates']}, outbox pending "
+               f"{_num(h['outbox_pending'], '{}')}, dropped {_num(h['outbox_dropped'], '{}')}")
+    kinds = h.get("errors_by_kind") or {}
+    if kinds:
+        recent = r.get("errors_by_kind") or {}
+        out.append("errors by kind (telemetry): " + ", ".join(
+            f"{k} {v['count']} ({recent.get(k, 0)} in {window}, last {ago(now - v['last_time'])})"
+            for k, v in kinds.items()))
+    if h.get("recent_errors"):
+        out.append("recent errors:")
+        out += [f"  {_event(e, now)}" for e in h["recent_errors"]]
+    if h.get("deployments"):
+        out.append("deployments:")
+        for d in h["deployments"]:
+            what = f"{d['name']} {d['version']}" if d.get("name") else d["bundle_sha256"][:12]
+            out.append(f"  {ago(now - d['created'])}  {d['deployment_id']}  {what}  {d['phase']}"
+                       + (f" ({d['reason']})" if d["reason"] else ""))
+    if h.get("transitions"):
+        out.append("online/offline:")
+        out += [f"  {ago(now - t['time'])}  {'online ' if t['online'] else 'offline'}  {t['reason']}"
+                for t in h["transitions"]]
     if h.get("events"):
-        out.append("\nrecent events:")
-        for e in h["events"]:
-            what = " ".join(x for x in (e["kind"], e["deployment_id"] or "", e["version"] or "") if x)
-            out.append(f"  {ago(time.time() - e['time'])}  {what}" + (f": {e['reason']}" if e["reason"] else ""))
+        out.append("recent events:")
+        out += [f"  {_event(e, now)}" for e in h["events"]]
     return "\n".join(out)
+
+
+def _event(e: dict[str, Any], now: float) -> str:
+    what = " ".join(x for x in (e["kind"], e["deployment_id"] or "", e["version"] or "") if x)
+    return f"{ago(now - e['time'])}  {what}" + (f": {e['reason']}" if e["reason"] else "")

@@ -40,13 +40,46 @@ class FleetClient:
     def deployment(self, deployment_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/deployments/{urllib.parse.quote(deployment_id, safe='')}")
 
-    def devices(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/devices")
+    # rollouts (fleet/api_rollouts.py): options as in fleet.rollout.options()
+    def create_rollout(self, sha256: str, targets: list[str], **options: Any) -> dict[str, Any]:
+        body = json.dumps({"bundle": sha256, "targets": list(targets), **options}).encode()
+        return self._call("POST", "/api/rollouts", body, {"Content-Type": "application/json"})
 
-    def health(self, device: str | None = None) -> Any:
-        """All devices' health (a list), or one device's with its events and deployments (a dict)."""
+    def rollouts(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/rollouts")
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/rollouts/{urllib.parse.quote(rollout_id, safe='')}")
+
+    def rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
+        """pause, resume, abort or rollback."""
+        return self._call("POST", f"/api/rollouts/{urllib.parse.quote(rollout_id, safe='')}/"
+                                  f"{urllib.parse.quote(action, safe='')}", b"")
+
+    def devices(self, targets: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every device, or those the targets (device ids, tag:NAME, all) name."""
+        query = urllib.parse.urlencode([("target", t) for t in targets or ()])
+        return self._call("GET", "/api/devices" + (f"?{query}" if query else ""))
+
+    def tag(self, device: str, add: list[str] = (), remove: list[str] = ()) -> dict[str, Any]:
+        """Add and remove a device's tags; returns {"device_id", "tags"}."""
+        body = json.dumps({"add": list(add), "remove": list(remove)}).encode()
+        return self._call("POST", f"/api/devices/{urllib.parse.quote(device, safe='')}/tags", body,
+                          {"Content-Type": "application/json"})
+
+    def set_tags(self, device: str, tags: list[str]) -> dict[str, Any]:
+        """Replace a device's tags."""
+        body = json.dumps({"tags": list(tags)}).encode()
+        return self._call("PUT", f"/api/devices/{urllib.parse.quote(device, safe='')}/tags", body,
+                          {"Content-Type": "application/json"})
+
+    def health(self, device: str | None = None, *, tag: str | None = None, status: str | None = None,
+               sort: str | None = None, order: str | None = None) -> Any:
+        """All devices' health (a list; filtered by tag/status, sorted), or one device's report (a dict)."""
         if device is None:
-            return self._call("GET", "/api/health")
+            query = urllib.parse.urlencode({k: v for k, v in (("tag", tag), ("status", status), ("sort", sort),
+                                                              ("order", order)) if v is not None})
+            return self._call("GET", "/api/health" + (f"?{query}" if query else ""))
         return self._call("GET", f"/api/health/{urllib.parse.quote(device, safe='')}")
 
     def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:

@@ -8,7 +8,14 @@ and events are keyed by (device_id, boot_id, seq) and a repeat changes nothing b
 seq is per device and persistent across the agent's restarts (its outbox keeps it; telemetry and events
 share it), so what never arrived shows as gaps: ``seq_gaps`` = the highest seq received from the device
 minus the number of distinct seqs received (any boot_id; seqs >= 1). A seq that arrives late closes its
-gap. The counters live on the device row, kept as messages are stored, so health never scans telemetry.
+gap. The counters live on the device row, kept as messages are stored, so health never scans telemetry;
+so do the running totals of inferences and errors (and errors by kind, in ``device_errors``), which stay
+right after retention (``fleet.retention``) has folded old raw rows into rollups and deleted them.
+
+Online or offline: a device is online unless its last state said offline (its last will, or the offline
+state it sends when it stops) or it has been silent for ``offline_after`` telemetry intervals. Each change
+is recorded in ``transitions`` (time, online, reason) when a message changes it, or by ``sweep()``, which
+the controller runs every second so a silent device's timeout is recorded even when nobody asks.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from typing import Any
 
 from agent import protocol
 from agent.errors import EdgefleetError
+from fleet import health, retention, targets
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
 
-_SCHEMA = """
+_SCHEMA_V2 = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE devices (
     id TEXT PRIMARY KEY,
@@ -127,11 +135,58 @@ UPDATE schema_version SET version = 2
 """
 
 
-class Store:
-    """The controller's SQLite registry at ``path``; safe to call from any thread."""
+_V2_TO_V3 = """
+ALTER TABLE devices ADD COLUMN status_online INTEGER;
+ALTER TABLE devices ADD COLUMN status_time REAL;
+UPDATE devices SET status_online = online, status_time = last_seen;
+ALTER TABLE telemetry ADD COLUMN mean_ms REAL;
+ALTER TABLE telemetry ADD COLUMN max_ms REAL;
+ALTER TABLE telemetry ADD COLUMN histogram TEXT;
+UPDATE telemetry SET mean_ms = json_extract(payload, '$.latency_ms.mean'),
+    max_ms = json_extract(payload, '$.latency_ms.max'),
+    histogram = CASE WHEN json_array_length(payload, '$.histogram') > 0
+                THEN json_extract(payload, '$.histogram') END;
+CREATE INDEX telemetry_time ON telemetry (time);
+CREATE TABLE device_tags (
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    tag TEXT NOT NULL,
+    PRIMARY KEY (device_id, tag)
+);
+CREATE INDEX device_tags_tag ON device_tags (tag);
+CREATE TABLE transitions (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    time REAL NOT NULL,
+    online INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX transitions_device_time ON transitions (device_id, time);
+CREATE TABLE device_errors (
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    kind TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    last_time REAL NOT NULL,
+    PRIMARY KEY (device_id, kind)
+);
+INSERT INTO device_errors (device_id, kind, count, last_time)
+    SELECT t.device_id, e.key, sum(e.value), max(t.time) FROM telemetry t, json_each(t.payload, '$.errors') e
+    GROUP BY t.device_id, e.key;
+""" + ";".join(retention.ROLLUP_DDL.format(table=table) for table, _, _ in retention.TIERS) + """;
+CREATE TABLE retention (tier TEXT PRIMARY KEY, before REAL NOT NULL);
+UPDATE schema_version SET version = 3
+"""
+_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3}
 
-    def __init__(self, path: Path) -> None:
+class Store:
+    """The controller's SQLite registry at ``path``; safe to call from any thread.
+
+    ``offline_after``: how many telemetry intervals of silence make a device offline."""
+
+    def __init__(self, path: Path, offline_after: float = OFFLINE_AFTER_INTERVALS) -> None:
+        if not offline_after > 0:
+            raise EdgefleetError(f"offline_after must be a positive number of intervals (got {offline_after})")
         self.path = Path(path)
+        self.offline_after = float(offline_after)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
 
@@ -162,16 +217,15 @@ class Store:
     def _migrate(self) -> None:
         with self._tx() as db:
             has = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone()
-            if not has:
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
+            if not has:  # a new file: the v2 schema, then the migrations from there
+                for stmt in filter(str.strip, _SCHEMA_V2.split(";")):
                     db.execute(stmt)
-                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-                return
+                db.execute("INSERT INTO schema_version VALUES (2)")
             version = db.execute("SELECT version FROM schema_version").fetchone()[0]
-            if version == 1:  # v2: per-device seq accounting
-                for stmt in filter(str.strip, _V1_TO_V2.split(";")):
+            while version in _MIGRATIONS:
+                for stmt in filter(str.strip, _MIGRATIONS[version].split(";")):
                     db.execute(stmt)
-                version = SCHEMA_VERSION
+                version += 1
             if version != SCHEMA_VERSION:
                 raise EdgefleetError(f"{self.path} has schema version {version}; this edgefleet "
                                      f"understands {SCHEMA_VERSION}")
@@ -198,6 +252,44 @@ class Store:
         with self._lock:
             return self._conn().execute(sql, args).fetchall()
 
+    # for the other modules of fleet/ that keep tables here (fleet.retention)
+    tx = _tx
+    query = _query
+
+    # -- online / offline ---------------------------------------------------------------------------
+    def _limit(self, d: Any) -> float:
+        return self.offline_after * (d["interval_s"] or DEFAULT_INTERVAL_S)
+
+    def is_online(self, d: Any, now: float) -> bool:
+        """Online unless the last state said offline (the last will) or nothing came for offline_after intervals."""
+        return bool(d["online"]) and now - d["last_seen"] <= self._limit(d)
+
+    def _settle(self, db: sqlite3.Connection, device_id: str, now: float, reason: str) -> None:
+        """Record a transition if the device's status is not what was last recorded."""
+        d = db.execute("SELECT online, last_seen, interval_s, status_online FROM devices WHERE id = ?",
+                       (device_id,)).fetchone()
+        online = self.is_online(d, now)
+        if d["status_online"] is not None and bool(d["status_online"]) == online:
+            return
+        at = now
+        if not online and d["online"]:  # it said nothing for too long
+            reason, at = "heartbeat timeout", d["last_seen"] + self._limit(d)
+        db.execute("INSERT INTO transitions (device_id, time, online, reason) VALUES (?, ?, ?, ?)",
+                   (device_id, at, int(online), reason))
+        db.execute("UPDATE devices SET status_online = ?, status_time = ? WHERE id = ?",
+                   (int(online), at, device_id))
+
+    def sweep(self, now: float | None = None) -> int:
+        """Record the heartbeat timeouts reached by ``now``; returns how many devices went offline."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM devices WHERE status_online IS NOT 0 AND (online = 0 OR "
+                "? - last_seen > ? * coalesce(interval_s, ?))", (now, self.offline_after, DEFAULT_INTERVAL_S))]
+            for device_id in ids:
+                self._settle(db, device_id, now, "heartbeat timeout")
+        return len(ids)
+
     # -- what devices report --------------------------------------------------------------------
     def _touch(self, db: sqlite3.Connection, device_id: str, seen: float) -> None:
         """Register a device on the first message of any kind; move last_seen forward."""
@@ -214,14 +306,25 @@ class Store:
         a = msg.active
         with self._tx() as db:
             self._touch(db, msg.device_id, self._seen(received, msg.time, retained))
-            db.execute(
-                "UPDATE devices SET online = ?, state_time = ?, boot_id = ?, agent_version = ?, arch = ?, "
-                "cpu_flags = ?, runtimes = ?, active_name = ?, active_version = ?, active_sha256 = ?, "
-                "active_runtime = ?, active_precision = ?, active_deployment_id = ? WHERE id = ?",
-                (int(msg.online), msg.time, msg.boot_id, msg.agent_version, msg.arch,
-                 json.dumps(msg.cpu_flags), json.dumps(msg.runtimes),
-                 a and a.name, a and a.version, a and a.sha256, a and a.runtime, a and a.precision,
-                 a and a.deployment_id, msg.device_id))
+            if msg.online:
+                db.execute(
+                    "UPDATE devices SET online = 1, state_time = ?, boot_id = ?, agent_version = ?, arch = ?, "
+                    "cpu_flags = ?, runtimes = ?, active_name = ?, active_version = ?, active_sha256 = ?, "
+                    "active_runtime = ?, active_precision = ?, active_deployment_id = ? WHERE id = ?",
+                    (msg.time, msg.boot_id, msg.agent_version, msg.arch,
+                     json.dumps(msg.cpu_flags), json.dumps(msg.runtimes),
+                     a and a.name, a and a.version, a and a.sha256, a and a.runtime, a and a.precision,
+                     a and a.deployment_id, msg.device_id))
+                self._settle(db, msg.device_id, received, "birth")
+                return
+            # Offline: the last will, or the state an agent sends when it stops. Neither says more than that, so
+            # what the device said when alive (identity, active model) stays. The will was composed when the
+            # device connected (the agent's says time 0): it is not newer than the birth that followed.
+            prev = db.execute("SELECT state_time FROM devices WHERE id = ?", (msg.device_id,)).fetchone()[0]
+            will = msg.time == 0 or (prev is not None and msg.time <= prev)
+            db.execute("UPDATE devices SET online = 0, state_time = max(coalesce(state_time, ?), ?) WHERE id = ?",
+                       (msg.time, msg.time, msg.device_id))
+            self._settle(db, msg.device_id, received, "last will" if will else "offline state")
 
     @staticmethod
     def _count_seq(db: sqlite3.Connection, device_id: str, seq: int, stored: bool) -> bool:
@@ -243,19 +346,28 @@ class Store:
         """Store one window; False when it was already stored (a redelivery)."""
         lat = msg.latency_ms
         errors = sum(msg.errors.values())
+        hist = json.dumps(msg.histogram) if msg.histogram else None
         with self._tx() as db:
             self._touch(db, msg.device_id, self._seen(received, msg.time, retained))
             cur = db.execute(
                 "INSERT OR IGNORE INTO telemetry (device_id, boot_id, seq, time, received, interval_s, "
-                "inferences, errors, p50, p95, p99, cpu_percent, rss_bytes, memory_percent, temperature_c, "
-                "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "inferences, errors, p50, p95, p99, mean_ms, max_ms, histogram, cpu_percent, rss_bytes, "
+                "memory_percent, temperature_c, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?, ?)",
                 (msg.device_id, msg.boot_id, msg.seq, msg.time, received, msg.interval_s, msg.inferences,
-                 errors, lat and lat.p50, lat and lat.p95, lat and lat.p99, msg.cpu_percent, msg.rss_bytes,
-                 msg.memory_percent, msg.temperature_c, protocol.encode(msg).decode()))
+                 errors, lat and lat.p50, lat and lat.p95, lat and lat.p99, lat and lat.mean, lat and lat.max,
+                 hist, msg.cpu_percent, msg.rss_bytes, msg.memory_percent, msg.temperature_c,
+                 protocol.encode(msg).decode()))
             if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
                 return False
             db.execute("UPDATE devices SET inferences = inferences + ?, errors = errors + ?, interval_s = ? "
                        "WHERE id = ?", (msg.inferences, errors, msg.interval_s, msg.device_id))
+            db.executemany(
+                "INSERT INTO device_errors (device_id, kind, count, last_time) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (device_id, kind) DO UPDATE SET count = count + excluded.count, "
+                "last_time = max(last_time, excluded.last_time)",
+                [(msg.device_id, kind, n, msg.time) for kind, n in msg.errors.items() if n])
+            self._settle(db, msg.device_id, received, "telemetry")
             return True
 
     def record_event(self, msg: protocol.Event, received: float, retained: bool = False) -> bool:
@@ -280,6 +392,7 @@ class Store:
                     "OR deployment_devices.event_time <= excluded.event_time",
                     (msg.deployment_id, msg.device_id, msg.kind, msg.reason, received, msg.time,
                      msg.deployment_id))
+            self._settle(db, msg.device_id, received, "event")
             return True
 
     # -- bundles and deployments ----------------------------------------------------------------
@@ -322,72 +435,72 @@ class Store:
             "ORDER BY device_id", (deployment_id,))]
         return d
 
+
+    # -- tags ---------------------------------------------------------------------------------------
+    def device_ids(self, tag: str | None = None) -> list[str]:
+        """Every registered device id, or those carrying ``tag``, sorted."""
+        if tag is None:
+            return [r[0] for r in self._query("SELECT id FROM devices ORDER BY id")]
+        return [r[0] for r in self._query("SELECT device_id FROM device_tags WHERE tag = ? ORDER BY device_id",
+                                          (tag,))]
+
+    def tags(self, device_id: str | None = None) -> dict[str, list[str]]:
+        """device id -> its tags (sorted), for every device or one."""
+        where, args = ("WHERE device_id = ?", (device_id,)) if device_id is not None else ("", ())
+        out: dict[str, list[str]] = {}
+        for r in self._query(f"SELECT device_id, tag FROM device_tags {where} ORDER BY device_id, tag", args):
+            out.setdefault(r[0], []).append(r[1])
+        return out
+
+    def set_tags(self, device_id: str, add: list[str] = (), remove: list[str] = (),
+                 replace: list[str] | None = None) -> list[str] | None:
+        """Add and remove tags (or ``replace`` them all); the device's tags after, or None for an unknown device.
+        A malformed tag raises ``targets.TargetError``."""
+        for t in (*add, *remove, *(replace or ())):
+            targets.check_tag(t)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM devices WHERE id = ?", (device_id,)).fetchone() is None:
+                return None
+            if replace is not None:
+                db.execute("DELETE FROM device_tags WHERE device_id = ?", (device_id,))
+                add = replace
+            db.executemany("DELETE FROM device_tags WHERE device_id = ? AND tag = ?",
+                           [(device_id, t) for t in remove])
+            db.executemany("INSERT OR IGNORE INTO device_tags (device_id, tag) VALUES (?, ?)",
+                           [(device_id, t) for t in add])
+            return [r[0] for r in db.execute("SELECT tag FROM device_tags WHERE device_id = ? ORDER BY tag",
+                                             (device_id,))]
+
     # -- what the API shows ---------------------------------------------------------------------
     def device_count(self) -> int:
         return self._query("SELECT count(*) FROM devices")[0][0]
 
-    def devices(self) -> list[dict[str, Any]]:
+    def devices(self, ids: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every device's registry row (or those in ``ids``), with its tags and whether it is online."""
+        now, tags = time.time(), self.tags()
+        wanted = None if ids is None else set(ids)
         out = []
         for r in self._query("SELECT * FROM devices ORDER BY id"):
+            if wanted is not None and r["id"] not in wanted:
+                continue
             d = dict(r)
             d["cpu_flags"], d["runtimes"] = json.loads(d["cpu_flags"]), json.loads(d["runtimes"])
-            d["online"] = _online(r, time.time())
+            d["online"] = self.is_online(r, now)
+            d["tags"] = tags.get(r["id"], [])
             out.append(d)
         return out
 
-    def health(self, device_id: str | None = None, now: float | None = None) -> list[dict[str, Any]]:
-        now = time.time() if now is None else now
-        where, args = ("WHERE id = ?", (device_id,)) if device_id is not None else ("", ())
-        return [self._health(r, now) for r in self._query(f"SELECT * FROM devices {where} ORDER BY id", args)]
+    def health(self, device_id: str | None = None, now: float | None = None, tag: str | None = None,
+               status: str | None = None, sort: str | None = None, descending: bool | None = None
+               ) -> list[dict[str, Any]]:
+        """Every device's health entry, or one's; filters and sorting as ``fleet.health.entries`` says."""
+        return health.entries(self, device_id, now, tag, status, sort, descending)
 
-    def _health(self, d: sqlite3.Row, now: float) -> dict[str, Any]:
-        last = self._query("SELECT cpu_percent, rss_bytes, memory_percent, temperature_c, payload FROM telemetry "
-                           "WHERE device_id = ? ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
-        lat = self._query("SELECT p50, p95, p99 FROM telemetry WHERE device_id = ? AND inferences > 0 "
-                          "ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
-        dep = self._query("SELECT dd.deployment_id, dd.phase, dd.reason FROM deployment_devices dd "
-                          "JOIN deployments p ON p.id = dd.deployment_id WHERE dd.device_id = ? "
-                          "ORDER BY p.created DESC LIMIT 1", (d["id"],))
-        t = last[0] if last else None
-        outbox = json.loads(t["payload"]) if t else {}
-        return {
-            "device_id": d["id"],
-            "online": _online(d, now),
-            "model": {k: d[f"active_{k}"] for k in ("name", "version", "precision", "runtime", "sha256")}
-            if d["active_name"] is not None else None,
-            "inferences": d["inferences"],
-            "errors": d["errors"],
-            "latency_ms": dict(lat[0]) if lat else None,
-            "cpu_percent": t and t["cpu_percent"],
-            "rss_bytes": t and t["rss_bytes"],
-            "memory_percent": t and t["memory_percent"],
-            "temperature_c": t and t["temperature_c"],
-            "last_seen": d["last_seen"],
-            "last_seen_ago_s": round(max(0.0, now - d["last_seen"]), 3),
-            "deployment": dict(dep[0]) if dep else None,
-            # seq accounting (see the module docstring) and the device's own outbox, from its latest telemetry
-            "seq_gaps": d["seq_max"] - d["seq_count"],
-            "duplicates": d["duplicates"],
-            "outbox_dropped": outbox.get("outbox_dropped", 0) if t else None,
-            "outbox_pending": outbox.get("outbox_pending", 0) if t else None,
-        }
+    def device_detail(self, device_id: str, events: int = 20, transitions: int = 50) -> dict[str, Any] | None:
+        """One device's report (``fleet.health.report``), or None for an unknown device."""
+        return health.report(self, device_id, events, transitions)
 
-    def device_detail(self, device_id: str, events: int = 20) -> dict[str, Any] | None:
-        health = self.health(device_id)
-        if not health:
-            return None
-        h = health[0]
-        h["events"] = [dict(r) for r in self._query(
-            "SELECT boot_id, seq, time, kind, deployment_id, sha256, version, reason FROM events "
-            "WHERE device_id = ? ORDER BY time DESC, id DESC LIMIT ?", (device_id, events))]
-        h["deployments"] = [dict(r) for r in self._query(
-            "SELECT dd.deployment_id, p.bundle_sha256, p.created, dd.phase, dd.reason, dd.updated "
-            "FROM deployment_devices dd JOIN deployments p ON p.id = dd.deployment_id "
-            "WHERE dd.device_id = ? ORDER BY p.created DESC", (device_id,))]
-        return h
-
-
-def _online(d: sqlite3.Row, now: float) -> bool:
-    """Online unless the last state said offline (the last will) or nothing came for 3 intervals."""
-    interval = d["interval_s"] or DEFAULT_INTERVAL_S
-    return bool(d["online"]) and now - d["last_seen"] <= OFFLINE_AFTER_INTERVALS * interval
+    def series(self, device_id: str, since: float, until: float, step: float | None = None) -> list[dict[str, Any]]:
+        """One device's telemetry over [since, until] from raw rows and rollups alike: see
+        ``fleet.retention.series`` for the points' fields."""
+        return retention.series(self, device_id, since, until, step)

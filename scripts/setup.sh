@@ -9,6 +9,8 @@ PYTHON=${PYTHON:-python3}
 
 need_apt=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt="$need_apt mosquitto"
+# Debian's chromium, which the dashboard's browser test drives (Playwright cannot download a browser here)
+[ -x /usr/bin/chromium ] || need_apt="$need_apt chromium"
 # systemd-analyze, which checks the agent's unit in the tests (the package is installed, not started)
 command -v systemd-analyze >/dev/null 2>&1 || [ -x /usr/bin/systemd-analyze ] || need_apt="$need_apt systemd"
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt="$need_apt python3-venv"
@@ -34,7 +36,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing edgefleet[test] into .venv (pip)"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
         | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c 'import edgefleet, agent, converter, fleet, onnxruntime, onnx, paho.mqtt, starlette, skimage, openvino, nncf, ai_edge_litert'
+    .venv/bin/python -c 'import edgefleet, agent, converter, fleet, onnxruntime, onnx, paho.mqtt, starlette, skimage, openvino, nncf, ai_edge_litert, prometheus_client, playwright'
     touch "$stamp"
 fi
 

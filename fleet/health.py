@@ -1,0 +1,187 @@
+"""What health reports say: each device's entry in the fleet table (filtered, sorted) and one device's report.
+
+Read-only over the store (``Store.health`` and ``Store.device_detail`` call here). Totals (inferences,
+errors, errors by kind) come from the device's running counters, so they stay right after retention has
+deleted raw rows; rates come from the raw windows of the last ``RECENT_S`` seconds: ``inferences_per_min``
+= inferences x 60 / the seconds those windows cover, ``error_rate`` = errors / (inferences + errors).
+``latency_ms`` is the latest window that had inferences (the device's own percentiles); CPU, RSS, memory
+and temperature the latest window's (the newest rollup's means once every raw row has expired).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import EdgefleetError
+from fleet import retention, targets
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from fleet.store import Store
+
+RECENT_S = 300.0
+ERROR_EVENTS = ("failed", "error", "rolled_back")
+STATUSES = ("online", "offline")
+
+# sort keys: column -> (its value in a health entry, descending by default)
+SORTS: dict[str, tuple[Any, bool]] = {
+    "device": (lambda h: h["device_id"], False),
+    "status": (lambda h: h["online"], False),  # offline first
+    "model": (lambda h: (h["model"] or {}).get("name"), False),
+    "version": (lambda h: (h["model"] or {}).get("version"), False),
+    "inferences": (lambda h: h["inferences"], True),
+    "rate": (lambda h: h["inferences_per_min"], True),
+    "errors": (lambda h: h["errors"], True),
+    "error-rate": (lambda h: h["error_rate"], True),
+    "p50": (lambda h: (h["latency_ms"] or {}).get("p50"), True),
+    "p95": (lambda h: (h["latency_ms"] or {}).get("p95"), True),
+    "p99": (lambda h: (h["latency_ms"] or {}).get("p99"), True),
+    "cpu": (lambda h: h["cpu_percent"], True),
+    "rss": (lambda h: h["rss_bytes"], True),
+    "memory": (lambda h: h["memory_percent"], True),
+    "temperature": (lambda h: h["temperature_c"], True),
+    "last-seen": (lambda h: h["last_seen_ago_s"], True),  # the longest silent first
+}
+_ALIASES = {"temp": "temperature", "mem": "memory", "inferences-per-min": "rate", "seen": "last-seen",
+            "id": "device"}
+
+
+def check_sort(sort: str) -> str:
+    """A sort column as the user wrote it (``last_seen``, ``temp``...) -> its key in SORTS, or an error."""
+    key = sort.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in SORTS:
+        raise EdgefleetError(f"cannot sort by {sort!r}: choose from {', '.join(SORTS)}")
+    return key
+
+
+def sort_entries(entries: list[dict[str, Any]], sort: str = "device", descending: bool | None = None
+                 ) -> list[dict[str, Any]]:
+    """Sort health entries by a SORTS column; nulls last either way, ties by device id."""
+    value, default_desc = SORTS[check_sort(sort)]
+    desc = default_desc if descending is None else descending
+    out = sorted(entries, key=lambda h: h["device_id"])
+    known = [h for h in out if value(h) is not None]
+    return sorted(known, key=value, reverse=desc) + [h for h in out if value(h) is None]
+
+
+def entries(store: "Store", device_id: str | None = None, now: float | None = None, tag: str | None = None,
+            status: str | None = None, sort: str | None = None, descending: bool | None = None
+            ) -> list[dict[str, Any]]:
+    """Every device's health (or one's), optionally only those with ``tag`` (an unknown tag raises
+    ``targets.UnknownTarget``) or ``status`` (online|offline), sorted by a SORTS column (device id by
+    default; figures largest first, nulls last, unless ``descending`` says otherwise)."""
+    now = time.time() if now is None else now
+    if status is not None and status not in STATUSES:
+        raise EdgefleetError(f"invalid status {status!r}: choose online or offline")
+    key = check_sort(sort) if sort is not None else "device"
+    where, args = ("WHERE id = ?", (device_id,)) if device_id is not None else ("", ())
+    if tag is not None:
+        targets.check_tag(tag)
+        if not store.device_ids(tag=tag):
+            raise targets.UnknownTarget(f"unknown tag {tag!r}: no device carries it")
+        where, args = "WHERE id IN (SELECT device_id FROM device_tags WHERE tag = ?)", (tag,)
+    tags = store.tags(device_id)
+    out = [entry(store, r, now, tags.get(r["id"], []))
+           for r in store.query(f"SELECT * FROM devices {where} ORDER BY id", args)]
+    if status is not None:
+        out = [h for h in out if h["status"] == status]
+    return sort_entries(out, key, descending)
+
+
+def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str]) -> dict[str, Any]:
+    """One device's health, from its registry row."""
+    last = store.query("SELECT cpu_percent, rss_bytes, memory_percent, temperature_c, payload FROM telemetry "
+                       "WHERE device_id = ? ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
+    lat = store.query("SELECT p50, p95, p99 FROM telemetry WHERE device_id = ? AND inferences > 0 "
+                      "ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
+    dep = store.query("SELECT dd.deployment_id, dd.phase, dd.reason FROM deployment_devices dd "
+                      "JOIN deployments p ON p.id = dd.deployment_id WHERE dd.device_id = ? "
+                      "ORDER BY p.created DESC LIMIT 1", (d["id"],))
+    rec = recent(store, d["id"], now)
+    t = last[0] if last else None
+    outbox = json.loads(t["payload"]) if t else {}
+    res: dict[str, Any] = {k: t and t[k] for k in ("cpu_percent", "rss_bytes", "memory_percent", "temperature_c")}
+    latency = dict(lat[0]) if lat else None
+    if t is None:  # every raw row has expired: the newest rollup tells what the device looked like
+        p = retention.latest_rollup(store, d["id"])
+        if p is not None:
+            res = {k: p[k] for k in res}
+            if p["p50_ms"] is not None:
+                latency = {"p50": p["p50_ms"], "p95": p["p95_ms"], "p99": p["p99_ms"]}
+    online = store.is_online(d, now)
+    return {
+        "device_id": d["id"],
+        "online": online,
+        "status": "online" if online else "offline",
+        "status_since": d["status_time"],  # the latest transition's time
+        "tags": tags,
+        "model": {k: d[f"active_{k}"] for k in ("name", "version", "precision", "runtime", "sha256")}
+        if d["active_name"] is not None else None,
+        "inferences": d["inferences"],
+        "errors": d["errors"],
+        "inferences_per_min": rec["inferences_per_min"],
+        "error_rate": rec["error_rate"],
+        "recent": rec,
+        "latency_ms": latency,
+        **res,
+        "last_seen": d["last_seen"],
+        "last_seen_ago_s": round(max(0.0, now - d["last_seen"]), 3),
+        "deployment": dict(dep[0]) if dep else None,
+        # seq accounting (see fleet.store) and the device's own outbox, from its latest telemetry
+        "seq_gaps": d["seq_max"] - d["seq_count"],
+        "duplicates": d["duplicates"],
+        "outbox_dropped": outbox.get("outbox_dropped", 0) if t else None,
+        "outbox_pending": outbox.get("outbox_pending", 0) if t else None,
+    }
+
+
+def recent(store: "Store", device_id: str, now: float) -> dict[str, Any]:
+    """The device's telemetry windows of the last RECENT_S seconds, summed: rates, errors by kind."""
+    rows = store.query("SELECT inferences, errors, interval_s, CASE WHEN errors > 0 THEN "
+                       "json_extract(payload, '$.errors') END FROM telemetry WHERE device_id = ? AND time > ?",
+                       (device_id, now - RECENT_S))
+    inferences, errors = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    seconds = sum(r[2] for r in rows)
+    by_kind: dict[str, int] = {}
+    for r in rows:
+        for kind, n in json.loads(r[3] or "{}").items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
+    return {"window_s": RECENT_S, "windows": len(rows), "inferences": inferences, "errors": errors,
+            "errors_by_kind": by_kind,
+            "inferences_per_min": round(inferences * 60 / seconds, 3) if seconds else None,
+            "error_rate": round(errors / (inferences + errors), 6) if inferences + errors else None}
+
+
+def report(store: "Store", device_id: str, events: int = 20, transitions: int = 50) -> dict[str, Any] | None:
+    """One device's report: its health entry plus identity, errors (by kind from telemetry, and the error
+    events), recent events, deployment history and online/offline transitions (newest first)."""
+    rows = store.query("SELECT * FROM devices WHERE id = ?", (device_id,))
+    if not rows:
+        return None
+    d = rows[0]
+    h = entry(store, d, time.time(), store.tags(device_id).get(device_id, []))
+    h["identity"] = {"arch": d["arch"], "agent_version": d["agent_version"],
+                     "runtimes": json.loads(d["runtimes"]), "cpu_flags": json.loads(d["cpu_flags"]),
+                     "boot_id": d["boot_id"], "first_seen": d["first_seen"]}
+    h["errors_by_kind"] = {r["kind"]: {"count": r["count"], "last_time": r["last_time"]} for r in store.query(
+        "SELECT kind, count, last_time FROM device_errors WHERE device_id = ? ORDER BY count DESC, kind",
+        (device_id,))}
+    cols = "boot_id, seq, time, kind, deployment_id, sha256, version, reason"
+    h["events"] = [dict(r) for r in store.query(
+        f"SELECT {cols} FROM events WHERE device_id = ? ORDER BY time DESC, id DESC LIMIT ?", (device_id, events))]
+    h["recent_errors"] = [dict(r) for r in store.query(
+        f"SELECT {cols} FROM events WHERE device_id = ? AND kind IN ({', '.join('?' * len(ERROR_EVENTS))}) "
+        f"ORDER BY time DESC, id DESC LIMIT ?", (device_id, *ERROR_EVENTS, events))]
+    h["deployments"] = [dict(r) for r in store.query(
+        "SELECT dd.deployment_id, p.bundle_sha256, b.name, b.version, p.created, dd.phase, dd.reason, dd.updated "
+        "FROM deployment_devices dd JOIN deployments p ON p.id = dd.deployment_id "
+        "LEFT JOIN bundles b ON b.sha256 = p.bundle_sha256 "
+        "WHERE dd.device_id = ? ORDER BY p.created DESC", (device_id,))]
+    h["transitions"] = [{"time": r["time"], "online": bool(r["online"]), "reason": r["reason"]}
+                        for r in store.query("SELECT time, online, reason FROM transitions WHERE device_id = ? "
+                                             "ORDER BY time DESC, id DESC LIMIT ?", (device_id, transitions))]
+    return h

@@ -1,0 +1,106 @@
+"""``/metrics``: the fleet in Prometheus' text exposition format (version 0.0.4), for users who already
+scrape with Prometheus and chart with Grafana.
+
+Per device (labels ``device``, ``model``, ``version``; empty model/version before a model is active):
+online, inferences and errors (counters since the device registered), the latest window's latency
+percentiles (gauges with a ``quantile`` label), CPU, RSS, memory, temperature (only when the device has a
+sensor), last seen and seq gaps. Fleet-wide: devices by state. Built from ``Store.health()``; a scrape
+never scans telemetry.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fleet.store import Store
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# name, type, help, how to read it from one device's health (None: no sample for that device)
+_DEVICE = [
+    ("edgefleet_device_online", "gauge", "1 if the device is online (last will, heartbeat timeout), else 0.",
+     lambda h: int(h["online"])),
+    ("edgefleet_device_inferences_total", "counter", "Inferences the device served, since it registered.",
+     lambda h: h["inferences"]),
+    ("edgefleet_device_errors_total", "counter", "Runtime errors the device reported, since it registered.",
+     lambda h: h["errors"]),
+    ("edgefleet_device_cpu_percent", "gauge", "The agent's CPU use in its latest telemetry window, percent.",
+     lambda h: h["cpu_percent"]),
+    ("edgefleet_device_rss_bytes", "gauge", "The agent's resident memory in its latest telemetry window.",
+     lambda h: h["rss_bytes"]),
+    ("edgefleet_device_memory_percent", "gauge", "The device's memory in use in its latest telemetry window, "
+     "percent.", lambda h: h["memory_percent"]),
+    ("edgefleet_device_temperature_celsius", "gauge", "The device's temperature (absent when it has no sensor).",
+     lambda h: h["temperature_c"]),
+    ("edgefleet_device_last_seen_timestamp_seconds", "gauge", "Unix time of the last message from the device.",
+     lambda h: h["last_seen"]),
+    ("edgefleet_device_seq_gaps", "gauge", "Messages the device sent that never arrived (gaps in its seq).",
+     lambda h: h["seq_gaps"]),
+]
+_LATENCY = ("edgefleet_device_latency_ms", "gauge",
+            "Inference latency percentiles of the device's latest telemetry window with inferences, ms.")
+QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _labels(pairs: list[tuple[str, str]]) -> str:
+    return "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in pairs) + "}"
+
+
+def _number(v: float | int) -> str:
+    if isinstance(v, bool):
+        v = int(v)
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v)) if v == v else "NaN"
+
+
+def render(health: list[dict[str, Any]]) -> str:
+    """The exposition text for the devices' health (``Store.health()``)."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {_number(v)}" for labels, v in samples)
+
+    online = sum(1 for h in health if h["online"])
+    family("edgefleet_devices", "gauge", "Devices known to the controller, by state.",
+           [(_labels([("state", "online")]), online), (_labels([("state", "offline")]), len(health) - online)])
+    base = {}
+    for h in health:
+        m = h["model"] or {}
+        base[h["device_id"]] = [("device", h["device_id"]), ("model", m.get("name") or ""),
+                                ("version", m.get("version") or "")]
+    for name, kind, help_text, read in _DEVICE:
+        samples = [(_labels(base[h["device_id"]]), v) for h in health if (v := read(h)) is not None]
+        family(name, kind, help_text, samples)
+    samples = []
+    for h in health:
+        if h["latency_ms"]:
+            for q, key in QUANTILES:
+                if h["latency_ms"].get(key) is not None:
+                    samples.append((_labels([*base[h["device_id"]], ("quantile", q)]), h["latency_ms"][key]))
+    family(*_LATENCY, samples)
+    return "\n".join(lines) + "\n"
+
+
+def routes(store: Store) -> list[Route]:
+    async def metrics(request: Request) -> Response:
+        health = await run_in_threadpool(store.health, None, time.time())
+        return Response(render(health), media_type=CONTENT_TYPE)
+
+    return [Route("/metrics", metrics, methods=["GET"])]

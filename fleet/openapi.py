@@ -1,0 +1,228 @@
+"""The OpenAPI 3.1 document of the controller's HTTP API, served at ``/api/openapi.json``.
+
+Bodies are msgspec Structs (``fleet.schemas``, and the request Structs the API decodes with); their JSON
+Schemas come from msgspec. The document lists the operations the running app has (an operation described
+here whose route is not mounted is left out); ``tests/test_web.py`` checks that every route is described,
+that each described GET answers, and that the real answers decode into the described Structs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fleet import schemas as s
+from fleet.series import MAX_SINCE_S, Series
+
+OPENAPI_PATH = "/api/openapi.json"
+TAR = {"application/x-tar": {"schema": {"type": "string", "contentMediaType": "application/x-tar"}}}
+
+
+def _request_struct(module: str, name: str) -> type | None:
+    """A request Struct of the API's own modules (None where that part of the API is not there)."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def _param(name: str, where: str, description: str, schema: dict | None = None, required: bool | None = None,
+           explode: bool | None = None) -> dict:
+    p = {"name": name, "in": where, "required": where == "path" if required is None else required,
+         "description": description, "schema": schema or {"type": "string"}}
+    if explode is not None:
+        p["explode"] = explode
+    return p
+
+
+def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
+    """Every operation this module describes: ({path: {method: operation}}, component schemas)."""
+    requests = {"DeployRequest": _request_struct("fleet.api", "DeployRequest"),
+                "TagsPut": _request_struct("fleet.api", "TagsPut"),
+                "TagsPost": _request_struct("fleet.api", "TagsPost"),
+                "RolloutRequest": _request_struct("fleet.api_rollouts", "RolloutRequest")}
+    bodies = {"Error": s.Error, "Status": s.Status, "BundleUploaded": s.BundleUploaded, "Deployment": s.Deployment,
+              "Devices": list[s.Device], "DeviceTags": s.DeviceTags, "HealthList": list[s.Health],
+              "DeviceDetail": s.DeviceDetail, "Series": Series, "Rollout": s.Rollout,
+              "Rollouts": list[s.RolloutSummary], **{k: v for k, v in requests.items() if v is not None}}
+    refs, components = msgspec.json.schema_components(list(bodies.values()),
+                                                      ref_template="#/components/schemas/{name}")
+    ref = dict(zip(bodies, refs))
+
+    def json_body(name: str, description: str) -> dict:
+        return {"description": description, "content": {"application/json": {"schema": ref[name]}}}
+
+    def err(description: str) -> dict:
+        return json_body("Error", description)
+
+    def request(name: str) -> dict:
+        return {"required": True, "content": {"application/json": {"schema": ref[name]}}} if name in ref else {}
+
+    device = _param("device_id", "path", "The device's id.")
+    rollout = _param("rollout_id", "path", "The rollout's id.")
+    paths: dict[str, dict[str, dict]] = {
+        "/api/status": {"get": {
+            "summary": "The controller's status: broker, MQTT link and message counts.", "operationId": "status",
+            "responses": {"200": json_body("Status", "The status.")}}},
+        "/api/bundles": {"post": {
+            "summary": "Upload a bundle (a tar written by `edgefleet convert`).", "operationId": "uploadBundle",
+            "requestBody": {"required": True, "content": TAR},
+            "responses": {"200": json_body("BundleUploaded", "Stored (or already stored): its sha256 and manifest."),
+                          "400": err("Not a valid bundle.")}}},
+        "/bundles/{sha256}": {"get": {
+            "summary": "Download a bundle (devices do, resuming with HTTP Range).", "operationId": "getBundle",
+            "parameters": [_param("sha256", "path", "The bundle's sha256 (64 hex digits).",
+                                  {"type": "string", "pattern": "^[0-9a-f]{64}$"})],
+            "responses": {"200": {"description": "The bundle.", "content": TAR},
+                          "206": {"description": "The range asked for.", "content": TAR},
+                          "404": err("No such bundle.")}}},
+        "/api/deployments": {"post": {
+            "summary": "Deploy an uploaded bundle to devices at once (publishes their desired model).",
+            "operationId": "deploy", "requestBody": request("DeployRequest"),
+            "responses": {"200": json_body("Deployment", "The deployment, each device pending."),
+                          "400": err("A malformed request or device id."),
+                          "404": err("The bundle was not uploaded."),
+                          "503": err("The broker did not take the desired model for some devices.")}}},
+        "/api/deployments/{deployment_id}": {"get": {
+            "summary": "A deployment and each device's phase.", "operationId": "getDeployment",
+            "parameters": [_param("deployment_id", "path", "The deployment's id.")],
+            "responses": {"200": json_body("Deployment", "The deployment."), "404": err("No such deployment.")}}},
+        "/api/devices": {"get": {
+            "summary": "The registered devices.", "operationId": "listDevices",
+            "parameters": [_param("target", "query", "Only these: a device id, `tag:NAME` or `all`; repeatable.",
+                                  {"type": "array", "items": {"type": "string"}}, explode=True)],
+            "responses": {"200": json_body("Devices", "The devices, by id."),
+                          "400": err("A malformed target or an unknown query parameter."),
+                          "404": err("A target names no known device or tag.")}}},
+        "/api/devices/{device_id}/tags": {
+            "put": {"summary": "Replace a device's tags.", "operationId": "putDeviceTags", "parameters": [device],
+                    "requestBody": request("TagsPut"),
+                    "responses": {"200": json_body("DeviceTags", "The device's tags now."),
+                                  "400": err("A malformed request or tag."), "404": err("No such device.")}},
+            "post": {"summary": "Add and/or remove some of a device's tags.", "operationId": "changeDeviceTags",
+                     "parameters": [device], "requestBody": request("TagsPost"),
+                     "responses": {"200": json_body("DeviceTags", "The device's tags now."),
+                                   "400": err("A malformed request or tag, or nothing to change."),
+                                   "404": err("No such device.")}}},
+        "/api/health": {"get": {
+            "summary": "Every device's health, sortable and filterable.", "operationId": "listHealth",
+            "parameters": [
+                _param("tag", "query", "Only devices with this tag."),
+                _param("status", "query", "Only devices online or offline.",
+                       {"type": "string", "enum": ["online", "offline"]}),
+                _param("sort", "query", "Sort by a column: device, status, model, version, inferences, rate, "
+                                        "errors, error-rate, p50, p95, p99, cpu, rss, memory, temperature, "
+                                        "last-seen."),
+                _param("order", "query", "asc or desc (each column has its natural default).",
+                       {"type": "string", "enum": ["asc", "desc"]})],
+            "responses": {"200": json_body("HealthList", "One entry a device."),
+                          "400": err("An unknown sort column, status, order or query parameter.")}}},
+        "/api/health/{device_id}": {"get": {
+            "summary": "One device's report: health, identity, errors, events, deployments, transitions.",
+            "operationId": "getDeviceHealth",
+            "parameters": [device,
+                           _param("events", "query", "How many recent events (default 20).",
+                                  {"type": "integer", "minimum": 1, "maximum": 1000}),
+                           _param("transitions", "query", "How many online/offline transitions (default 50).",
+                                  {"type": "integer", "minimum": 1, "maximum": 1000})],
+            "responses": {"200": json_body("DeviceDetail", "The device's report."),
+                          "400": err("A limit out of range or an unknown query parameter."),
+                          "404": err("No such device.")}}},
+        "/api/devices/{device_id}/series": {"get": {
+            "summary": "One device's telemetry over time, column by column (the dashboard's charts), from raw "
+                       "windows and rollups alike.", "operationId": "getDeviceSeries",
+            "parameters": [
+                device,
+                _param("since", "query", "How far back, in seconds (default 3600).",
+                       {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SINCE_S}),
+                _param("step", "query", "Bucket width in seconds (default: one point per stored window or rollup, "
+                                        "bucketed when there would be more than 1500).",
+                       {"type": "number", "minimum": 1})],
+            "responses": {"200": json_body("Series", "The series."),
+                          "400": err("since or step out of range, or an unknown query parameter."),
+                          "404": err("No such device.")}}},
+        "/api/rollouts": {
+            "get": {"summary": "Every rollout, newest first.", "operationId": "listRollouts",
+                    "responses": {"200": json_body("Rollouts", "The rollouts."),
+                                  "503": err("Rollouts are not running in this controller.")}},
+            "post": {"summary": "Start a rollout: a bundle to targets in cumulative waves, gated on health.",
+                     "operationId": "createRollout", "requestBody": request("RolloutRequest"),
+                     "responses": {"201": json_body("Rollout", "The rollout, its first wave published."),
+                                   "400": err("A malformed request, target, wave, duration or threshold."),
+                                   "404": err("An unknown bundle, device or tag."),
+                                   "409": err("A device is already in a live rollout."),
+                                   "503": err("Rollouts are not running in this controller.")}}},
+        "/api/rollouts/{rollout_id}": {"get": {
+            "summary": "A rollout: each wave and each device's phase.", "operationId": "getRollout",
+            "parameters": [rollout],
+            "responses": {"200": json_body("Rollout", "The rollout."), "404": err("No such rollout."),
+                          "503": err("Rollouts are not running in this controller.")}}},
+        "/api/rollouts/{rollout_id}/{action}": {"post": {
+            "summary": "Pause, resume, abort or roll back a rollout.", "operationId": "actOnRollout",
+            "parameters": [rollout, _param("action", "path", "What to do.",
+                                           {"type": "string", "enum": ["pause", "resume", "abort", "rollback"]})],
+            "responses": {"200": json_body("Rollout", "The rollout after the action."),
+                          "400": err("An unknown action."), "404": err("No such rollout."),
+                          "409": err("The rollout's status does not allow that action."),
+                          "503": err("Rollouts are not running in this controller.")}}},
+        "/metrics": {"get": {
+            "summary": "The fleet in Prometheus' text exposition format 0.0.4.", "operationId": "metrics",
+            "responses": {"200": {"description": "Per-device gauges and counters, devices by state.",
+                                  "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}}}}},
+        OPENAPI_PATH: {"get": {
+            "summary": "This document.", "operationId": "openapi",
+            "responses": {"200": {"description": "OpenAPI 3.1.",
+                                  "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+    }
+    for ops in paths.values():  # an operation whose request Struct is missing has no requestBody
+        for op in ops.values():
+            if op.get("requestBody") == {}:
+                del op["requestBody"]
+    return paths, components
+
+
+def document(mounted: set[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """The OpenAPI document; with ``mounted`` ({(path, method)}), only the operations the app has."""
+    paths, components = operations()
+    if mounted is not None:
+        paths = {p: kept for p, ops in paths.items() if (kept := {m: o for m, o in ops.items() if (p, m) in mounted})}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "edgefleet fleet controller", "version": _version(),
+                 "description": "The JSON API the `edgefleet fleet` CLI and the dashboard speak, and the bundle "
+                                "downloads devices make. Every error is `{\"error\": \"...\"}` with a 4xx/5xx "
+                                "status."},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def mounted_operations(routes: list) -> set[tuple[str, str]]:
+    """{(path, method)} of an app's routes (HEAD aside)."""
+    return {(r.path, m.lower()) for r in routes if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "0"
+
+
+def routes() -> list[Route]:
+    cache: dict[int, dict] = {}
+
+    def openapi(request: Request) -> Response:
+        app = request.scope["app"]
+        if id(app) not in cache:
+            cache[id(app)] = document(mounted_operations(app.routes))
+        return JSONResponse(cache[id(app)])
+
+    return [Route(OPENAPI_PATH, openapi, methods=["GET"])]

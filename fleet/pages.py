@@ -1,0 +1,370 @@
+"""The dashboard's HTML: pure functions from data to markup (``fleet.web`` gathers the data and serves).
+
+Plain server-rendered pages; everything shown is escaped here. Regions marked ``data-live`` are swapped
+in place every few seconds by ``static/edgefleet.js`` (it fetches the same page again), and the charts
+draw ``/api/devices/{id}/series`` with the vendored uPlot. No CDN: the pages work offline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from html import escape as e
+from typing import Any
+from urllib.parse import quote
+
+REFRESH_MS = 5000
+RANGES = ((900, "15 min"), (3600, "1 h"), (6 * 3600, "6 h"), (86400, "24 h"), (7 * 86400, "7 d"))
+# the charts of a device page: (key edgefleet.js knows, title, unit)
+CHARTS = (("latency", "Latency percentiles", "ms"), ("errors", "Error rate", "%"),
+          ("throughput", "Inferences", "per min"), ("cpu", "CPU", "%"), ("memory", "Memory (agent RSS)", "MiB"),
+          ("temperature", "Temperature", "°C"))
+_GOOD = {"active", "online", "done", "completed", "passed", "succeeded", "healthy"}
+_BAD = {"failed", "error", "halted", "aborted", "rolled_back", "timed_out", "stopped", "offline", "refused"}
+_BUSY = {"downloading", "verifying", "activating", "running", "rolling", "soaking"}
+
+
+# -- formatting --------------------------------------------------------------------------------------
+def fmt_num(v: float | int | None, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f} ms" if v < 10 else f"{v:.1f} ms" if v < 100 else f"{v:,.0f} ms"
+
+
+def fmt_pct(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{v:.{digits}f} %"
+
+
+def fmt_rate(v: float | None) -> str:
+    """An error rate (a fraction) as a percentage."""
+    if v is None:
+        return "–"
+    return "0 %" if v == 0 else f"{v * 100:.2f} %" if v < 0.1 else f"{v * 100:.1f} %"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def fmt_temp(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.1f} °C"
+
+
+def fmt_ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    s = max(0.0, seconds)
+    if s < 60:
+        return f"{s:.0f} s ago"
+    if s < 3600:
+        return f"{s / 60:.0f} min ago"
+    if s < 86400:
+        return f"{s / 3600:.1f} h ago"
+    return f"{s / 86400:.1f} d ago"
+
+
+def fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "–"
+    t = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+    return f'<time datetime="{t.isoformat()}">{t.strftime("%Y-%m-%d %H:%M:%S")} UTC</time>'
+
+
+def pill(text: str | None) -> str:
+    t = (text or "unknown").lower()
+    cls = "good" if t in _GOOD else "bad" if t in _BAD else "busy" if t in _BUSY else "neutral"
+    return f'<span class="pill {cls}">{e(text or "unknown")}</span>'
+
+
+def _tags(tags: list | None) -> str:
+    return "".join(f' <span class="tag">{e(str(t))}</span>' for t in tags or [])
+
+
+def status_pill(online: bool) -> str:
+    return pill("online" if online else "offline")
+
+
+def short(sha: str | None, n: int = 12) -> str:
+    return "–" if not sha else f'<code title="{e(sha)}">{e(sha[:n])}</code>'
+
+
+def device_href(device_id: str) -> str:
+    return "/devices/" + quote(device_id, safe="")
+
+
+def _kv(pairs: list[tuple[str, str]]) -> str:
+    """A definition list; values are markup already."""
+    return '<dl class="kv">' + "".join(f"<dt>{e(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
+
+
+def _card(label: str, value: str, cls: str = "") -> str:
+    return f'<div class="card {cls}"><div class="label">{e(label)}</div><div class="value">{value}</div></div>'
+
+
+# -- the frame ---------------------------------------------------------------------------------------
+def layout(title: str, body: str, *, charts: bool = False, active: str = "") -> str:
+    uplot_css = '<link rel="stylesheet" href="/static/uplot/uPlot.min.css">' if charts else ""
+    uplot_js = '<script src="/static/uplot/uPlot.iife.min.js"></script>' if charts else ""
+    nav = "".join(f'<a href="{href}"{" class=on" if key == active else ""}>{label}</a>'
+                  for key, href, label in (("fleet", "/", "Fleet"), ("metrics", "/metrics", "Metrics"),
+                                           ("api", "/api/openapi.json", "API")))
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)} · edgefleet</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/static/edgefleet.css">
+{uplot_css}
+</head>
+<body data-refresh-ms="{REFRESH_MS}">
+<header class="top">
+  <a class="brand" href="/"><span class="logo">◆</span> edgefleet</a>
+  <nav>{nav}</nav>
+  <span class="live" id="live-status" title="This page refreshes itself every {REFRESH_MS // 1000} s">live</span>
+</header>
+<main>
+{body}
+</main>
+{uplot_js}
+<script src="/static/edgefleet.js"></script>
+</body>
+</html>
+"""
+
+
+def not_found(what: str, detail: str) -> str:
+    body = f"""<section class="empty"><h1>{e(what)}</h1><p>{e(detail)}</p>
+<p><a href="/">Back to the fleet</a></p></section>"""
+    return layout(what, body)
+
+
+# -- /: the fleet --------------------------------------------------------------------------------------
+def overview(health: list[dict], rates: dict[str, dict], rollouts: str) -> str:
+    """The fleet page; ``rollouts`` is the rollouts panel's markup (``fleet.pages_rollout.rollout_list``)."""
+    online = sum(1 for h in health if h["online"])
+    per_min = [r["inferences_per_min"] for h in health
+               if (r := _rates(h, rates.get(h["device_id"], {})))["inferences_per_min"] is not None]
+    cards = "".join([
+        _card("Online", str(online), "good" if online else ""),
+        _card("Offline", str(len(health) - online), "bad" if len(health) - online else ""),
+        _card("Devices", str(len(health))),
+        _card("Inferences / min", fmt_num(sum(per_min)) if per_min else "–"),
+    ])
+    body = f"""<div id="overview" data-live>
+<section class="cards" id="counts" data-online="{online}" data-offline="{len(health) - online}"
+ data-total="{len(health)}">{cards}</section>
+<section class="panel"><h2>Devices</h2>{_device_table(health, rates)}</section>
+<section class="panel"><h2>Rollouts</h2>{rollouts}</section>
+</div>"""
+    return layout("Fleet", body, active="fleet")
+
+
+def _rates(h: dict, ours: dict) -> dict:
+    """inferences/min and error rate: the health report's own when it has them (what the CLI shows), else
+    ours (``fleet.series.recent_rates``)."""
+    return {k: h[k] if k in h else ours.get(k) for k in ("inferences_per_min", "error_rate")}
+
+
+def _device_table(health: list[dict], rates: dict[str, dict]) -> str:
+    if not health:
+        return ('<p class="muted">No device has reported yet. Point an agent at this controller\'s broker '
+                '(<code>edgefleet agent run</code>) and it registers itself.</p>')
+    head = ("Status", "Device", "Model", "Version", "Precision", "Inf/min", "Error rate", "p50", "p95", "p99",
+            "CPU", "Memory", "Temp", "Last seen")
+    rows = []
+    for h in health:
+        m = h["model"] or {}
+        r = _rates(h, rates.get(h["device_id"], {}))
+        lat = h["latency_ms"] or {}
+        mem = fmt_bytes(h["rss_bytes"])
+        if h["memory_percent"] is not None:
+            mem += f' <span class="muted">({h["memory_percent"]:.0f} %)</span>'
+        rate = r.get("error_rate")
+        cells = [
+            status_pill(h["online"]),
+            f'<a href="{e(device_href(h["device_id"]))}">{e(h["device_id"])}</a>{_tags(h.get("tags"))}',
+            e(m.get("name") or "–"), e(m.get("version") or "–"), e(m.get("precision") or "–"),
+            fmt_num(r.get("inferences_per_min")),
+            f'<span class="{"bad-text" if rate else ""}">{fmt_rate(rate)}</span>',
+            fmt_ms(lat.get("p50")), fmt_ms(lat.get("p95")), fmt_ms(lat.get("p99")),
+            fmt_pct(h["cpu_percent"]), mem,
+            f'<span class="{"muted" if h["temperature_c"] is None else ""}">{fmt_temp(h["temperature_c"])}</span>',
+            f'<span title="{e(str(h["last_seen"]))}">{fmt_ago(h["last_seen_ago_s"])}</span>',
+        ]
+        rows.append(f'<tr data-device="{e(h["device_id"])}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return ('<table class="grid devices"><thead><tr>' + "".join(f"<th>{e(x)}</th>" for x in head)
+            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+# -- /devices/{id} ---------------------------------------------------------------------------------------
+def device(detail: dict, info: dict, rates: dict, bundle: dict | None, history_bundles: dict[str, dict],
+           since: int) -> str:
+    d = detail
+    rates = _rates(d, rates)
+    m = d["model"] or {}
+    lat = d["latency_ms"] or {}
+    model = (f'{e(m["name"])} {e(m["version"])} <span class="muted">{e(m["precision"])} · {e(m["runtime"])}</span>'
+             if m else "none")
+    cards = "".join([
+        _card("Inferences / min", fmt_num(rates.get("inferences_per_min"))),
+        _card("Error rate", fmt_rate(rates.get("error_rate")), "bad" if rates.get("error_rate") else ""),
+        _card("p50 / p95 / p99", f'{fmt_ms(lat.get("p50"))} <span class="muted">/</span> {fmt_ms(lat.get("p95"))} '
+                                 f'<span class="muted">/</span> {fmt_ms(lat.get("p99"))}', "wide"),
+        _card("CPU", fmt_pct(d["cpu_percent"])),
+        _card("Memory", fmt_bytes(d["rss_bytes"]) + (f' <span class="muted">{d["memory_percent"]:.0f} %</span>'
+                                                     if d["memory_percent"] is not None else "")),
+        _card("Temperature", fmt_temp(d["temperature_c"])),
+    ])
+    head = f"""<div id="device-head" data-live>
+<section class="titlebar"><h1>{e(d["device_id"])}</h1>{status_pill(d["online"])}{_tags(d.get("tags"))}
+<span class="muted">model</span> <span class="model">{model}</span>
+<span class="muted">last seen {fmt_ago(d["last_seen_ago_s"])}</span></section>
+<section class="cards">{cards}</section>
+</div>"""
+    ranges = "".join(f'<a href="?since={s}"{" class=on" if s == since else ""}>{label}</a>' for s, label in RANGES)
+    src = f"/api/devices/{quote(d['device_id'], safe='')}/series?since={since}"
+    figures = "".join(
+        f'<figure class="chart" data-chart="{key}" data-points="0"><figcaption>{e(title)} '
+        f'<span class="unit">{e(unit)}</span></figcaption><div class="plot"></div></figure>'
+        for key, title, unit in CHARTS)
+    charts = f"""<section class="panel"><div class="panel-head"><h2>Over time</h2><nav class="range">{ranges}</nav></div>
+<div class="charts" id="charts" data-src="{e(src)}">{figures}</div>
+<noscript><p class="muted">The charts need JavaScript; the figures above are the latest window.</p></noscript>
+</section>"""
+    tail = f"""<div id="device-tail" data-live>
+<div class="columns">
+<section class="panel"><h2>Active model</h2>{_active_model(d, bundle)}</section>
+<section class="panel"><h2>Device</h2>{_device_info(d, info)}</section>
+</div>
+<section class="panel"><h2>Recent events</h2>{_events(d["events"])}</section>
+{_history(d)}
+<section class="panel"><h2>Deployments</h2>{_deployments(d["deployments"], history_bundles)}</section>
+</div>"""
+    return layout(d["device_id"], head + charts + tail, charts=True)
+
+
+def _active_model(d: dict, bundle: dict | None) -> str:
+    m = d["model"]
+    if not m:
+        return '<p class="muted">No model is active on this device.</p>'
+    pairs = [("Model", f'{e(m["name"])} {e(m["version"])}'), ("Precision", e(m["precision"])),
+             ("Runtime", e(m["runtime"])), ("Bundle", short(m["sha256"]))]
+    if d.get("deployment"):
+        pairs.append(("Deployment", f'{e(d["deployment"]["deployment_id"])} {pill(d["deployment"]["phase"])}'))
+    out = _kv(pairs)
+    if bundle is None:
+        return out + '<p class="muted">This bundle was not uploaded to this controller: no converter report.</p>'
+    manifest = bundle["manifest"]
+    report = manifest.get("report") or {}
+    out += '<h3>Converter report</h3>'
+    if not report:
+        return out + (f'<p class="muted">Bundle of {fmt_bytes(bundle["size"])}, target {e(manifest["target"])}; '
+                      'it carries no converter report (not built by <code>edgefleet convert</code>).</p>')
+    lat = report.get("latency_ms") or {}
+    agree = report.get("agreement") or {}
+    gate = report.get("gate") or {}
+    host = report.get("host") or {}
+    rows = [("Variant", e(f'{report.get("target", manifest["target"])} / {report.get("variant", "–")}')),
+            ("Size", f'{fmt_bytes(report.get("size_bytes"))} <span class="muted">(bundle '
+                     f'{fmt_bytes(bundle["size"])})</span>')]
+    if lat:
+        threads = (lat.get("settings") or {}).get("intra_op_threads")
+        rows.append(("Latency", f'p50 {fmt_ms(lat.get("p50"))}, p95 {fmt_ms(lat.get("p95"))} '
+                                f'<span class="muted">batch {e(str(lat.get("batch", 1)))}'
+                                f'{f", {threads} thread(s)" if threads else ""}</span>'))
+    if report.get("speedup_vs_fp32") is not None:
+        rows.append(("Speed-up vs fp32", f'{report["speedup_vs_fp32"]:.2f}×'))
+    if agree:
+        bits = []
+        if agree.get("top1") is not None:
+            bits.append(f'top-1 {agree["top1"] * 100:.1f} %')
+        if agree.get("min_cosine") is not None:
+            bits.append(f'min cosine {agree["min_cosine"]:.4f}')
+        if agree.get("max_abs_err") is not None:
+            bits.append(f'max abs err {agree["max_abs_err"]:.3g}')
+        rows.append(("Agreement", e(", ".join(bits)) + f' <span class="muted">on {e(str(agree.get("samples", "?")))}'
+                                                      ' held-out samples</span>'))
+    if report.get("accuracy") is not None:
+        rows.append(("Task accuracy", f'{report["accuracy"] * 100:.1f} %'))
+    if gate:
+        verdict = {True: "passed", False: "refused", None: "not gated"}.get(gate.get("passed"), "not gated")
+        rows.append(("Gate", f'{pill(verdict)} {e(str(gate.get("reason", "")))}'))
+    if host:
+        rows.append(("Measured on", e(f'{host.get("cpu", "?")}, {host.get("cpus", "?")} CPUs, '
+                                      f'{host.get("machine", "")}')))
+    return out + _kv(rows)
+
+
+def _history(d: dict) -> str:
+    """Online/offline transitions and errors by kind, when the health report has them."""
+    panels = []
+    if isinstance(d.get("transitions"), list):
+        rows = "".join(f'<tr><td>{fmt_time(t.get("time"))}</td><td>{status_pill(bool(t.get("online")))}</td>'
+                       f'<td class="reason">{e(str(t.get("reason") or ""))}</td></tr>' for t in d["transitions"])
+        panels.append('<section class="panel"><h2>Online / offline</h2>' + (
+            '<table class="grid"><thead><tr><th>Since</th><th>Status</th><th>Why</th></tr></thead><tbody>'
+            + rows + "</tbody></table>" if rows else '<p class="muted">No transitions recorded.</p>') + "</section>")
+    if isinstance(d.get("errors_by_kind"), dict):
+        rows = "".join(f'<tr><td><code>{e(str(k))}</code></td><td>{fmt_num(v.get("count"))}</td>'
+                       f'<td>{fmt_time(v.get("last_time"))}</td></tr>'
+                       for k, v in d["errors_by_kind"].items() if isinstance(v, dict))
+        panels.append('<section class="panel"><h2>Errors by kind</h2>' + (
+            '<table class="grid"><thead><tr><th>Kind</th><th>Count</th><th>Last</th></tr></thead><tbody>'
+            + rows + "</tbody></table>" if rows else '<p class="muted">No errors reported.</p>') + "</section>")
+    return f'<div class="columns">{"".join(panels)}</div>' if panels else ""
+
+
+def _device_info(d: dict, info: dict) -> str:
+    info = {**info, **(d.get("identity") or {})}
+    interval = info.get("interval_s")
+    return _kv([
+        ("Status", f'{status_pill(d["online"])} <span class="muted">last seen {fmt_time(d["last_seen"])}</span>'),
+        ("First seen", fmt_time(info.get("first_seen"))),
+        ("Agent", e(info.get("agent_version") or "–")),
+        ("Arch", e(info.get("arch") or "–")),
+        ("Runtimes", e(", ".join(info.get("runtimes") or []) or "–")),
+        ("Boot", short(info.get("boot_id"), 8)),
+        ("Reporting every", f"{interval:g} s" if interval else "–"),
+        ("Totals", f'{fmt_num(d["inferences"])} inferences, {fmt_num(d["errors"])} errors'),
+        ("Messages", f'{d["seq_gaps"]} lost (seq gaps), {d["duplicates"]} duplicates; outbox '
+                     f'{fmt_num(d["outbox_pending"])} pending, {fmt_num(d["outbox_dropped"])} dropped'),
+    ])
+
+
+def _events(events: list[dict]) -> str:
+    if not events:
+        return '<p class="muted">No events.</p>'
+    rows = "".join(
+        f'<tr><td>{fmt_time(ev["time"])}</td><td>{pill(ev["kind"])}</td><td>{e(ev["version"] or "–")}</td>'
+        f'<td>{e(ev["deployment_id"] or "–")}</td><td class="reason">{e(ev["reason"] or "")}</td></tr>'
+        for ev in events)
+    return ('<table class="grid events"><thead><tr><th>Time</th><th>Event</th><th>Version</th><th>Deployment</th>'
+            '<th>Reason</th></tr></thead><tbody>' + rows + "</tbody></table>")
+
+
+def _deployments(rows: list[dict], bundles: dict[str, dict]) -> str:
+    if not rows:
+        return '<p class="muted">No deployment from this controller yet.</p>'
+    out = []
+    for r in rows:
+        b = bundles.get(r["bundle_sha256"]) or {}
+        name, version = r.get("name") or b.get("name"), r.get("version") or b.get("version")
+        what = (f'{e(name)} {e(version)} <span class="muted">{e(b.get("precision") or "")}</span>'
+                if name else "")
+        out.append(f'<tr><td>{fmt_time(r["created"])}</td><td>{e(r["deployment_id"])}</td>'
+                   f'<td>{what} {short(r["bundle_sha256"], 8)}</td><td>{pill(r["phase"])}</td>'
+                   f'<td class="reason">{e(r["reason"] or "")}</td><td>{fmt_time(r["updated"])}</td></tr>')
+    return ('<table class="grid"><thead><tr><th>Created</th><th>Deployment</th><th>Bundle</th><th>Phase</th>'
+            '<th>Reason</th><th>Updated</th></tr></thead><tbody>' + "".join(out) + "</tbody></table>")

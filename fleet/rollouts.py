@@ -1,0 +1,316 @@
+"""Rollouts in the controller: their table in the store, and the driver that advances them.
+
+The driver is one background thread. About every second it takes each running or paused rollout, gathers
+what the store knows of its devices (the phase each reported in its wave's deployment, its telemetry on the
+new bundle since it became active, its p95 on the model being replaced), calls ``fleet.rollout.step`` and
+carries out what it returns. Each wave is a deployment (``<rollout>-w<N>``) and each group sent back is one
+(``<rollout>-rb<N>``), so device events land in ``deployment_devices`` as for any deployment, and the desired
+model, retained by the broker, reaches devices that are offline when they return.
+
+Every step is persisted (the rollout as JSON) together with the publishes it asked for, before they are
+made; a publish leaves that outbox only once the broker acknowledged it. So a controller that stops or
+crashes mid-rollout resumes where it was when it starts again, re-publishing (harmlessly: desired is
+idempotent) what it may not have finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from typing import Any, Callable
+
+from agent import protocol
+from agent.errors import EdgefleetError
+from fleet import rollout as machine
+from fleet.rollout import Halt, Observation, Publish, Rollback, RolloutError
+from fleet.store import Store
+
+log = logging.getLogger("edgefleet.fleet.rollouts")
+
+BASELINE_S = 3600.0  # the previous model's p95 is taken over the windows of the hour before the wave
+INTERVAL_S = 1.0
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    status TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    outbox TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS rollouts_status ON rollouts (status)
+"""
+
+
+def new_rollout_id() -> str:
+    return f"ro-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class Rollouts:
+    """Create, show and act on rollouts; ``start()`` runs the driver thread. Safe to call from any thread."""
+
+    def __init__(self, store: Store, link: Any, public_url: Callable[[], str], interval_s: float = INTERVAL_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.link = link
+        self.public_url = public_url
+        self.interval_s = interval_s
+        self.clock = clock
+        self._lock = threading.RLock()  # one rollout change at a time: the driver's and the API's
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def open(self) -> "Rollouts":
+        with self.store.tx() as db:
+            for stmt in filter(str.strip, TABLES.split(";")):
+                db.execute(stmt)
+        return self
+
+    def start(self) -> "Rollouts":
+        """Create the table if needed and start advancing rollouts (resuming any left running)."""
+        self.open()
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="edgefleet-rollouts", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # a bad moment (the broker away, the database busy) must not end the driver
+                log.exception("advancing rollouts failed; trying again")
+            self._stop.wait(self.interval_s)
+
+    # -- what the API does ---------------------------------------------------------------------------
+    def create(self, bundle: str, targets: list[str], **opts: Any) -> dict[str, Any]:
+        """Validate, plan and start a rollout (its first wave is published before this returns)."""
+        options = machine.options(**opts)
+        if not isinstance(bundle, str) or self.store.bundle(bundle) is None:
+            raise RolloutError(f"unknown bundle {bundle!r}: upload it first", 404)
+        devices = resolve_targets(self.store, targets)
+        with self._lock:
+            busy = self._busy(devices)
+            if busy:
+                (device, rid), more = busy[0], len(busy) - 1
+                raise RolloutError(f"{device}{f' (and {more} more)' if more else ''} is in rollout {rid}, which "
+                                   f"is still going: pause, abort or roll it back first", 409)
+            r = machine.new(new_rollout_id(), bundle, targets, devices, options, self.clock())
+            self._save(r, [], created=True)
+            self._advance(r.id)
+            return self.get(r.id)
+
+    def act(self, rollout_id: str, action: str) -> dict[str, Any]:
+        with self._lock:
+            r, outbox = self._load(rollout_id)
+            r, actions = machine.act(r, action, self.clock())
+            log.info("rollout %s: %s", rollout_id, action)
+            outbox += [a for a in actions if isinstance(a, Publish)]
+            self._save(r, outbox)
+            self._flush(r, outbox)
+            return self.get(rollout_id)
+
+    def get(self, rollout_id: str) -> dict[str, Any]:
+        r, outbox = self._load(rollout_id)
+        return self._view(r, outbox)
+
+    def list(self) -> list[dict[str, Any]]:
+        rows = self.store.query("SELECT doc, outbox FROM rollouts ORDER BY created DESC, id DESC")
+        out = []
+        for row in rows:
+            v = self._view(machine.load(json.loads(row["doc"])), machine.load_actions(json.loads(row["outbox"])))
+            phases: dict[str, int] = {}
+            for w in v["waves"]:
+                for d in w["devices"]:
+                    phases[d["phase"]] = phases.get(d["phase"], 0) + 1
+            out.append({k: v[k] for k in ("id", "status", "reason", "created", "finished", "bundle", "targets",
+                                          "current_wave", "wave_count", "device_count", "unpublished")}
+                       | {"phases": phases})
+        return out
+
+    # -- the driver ----------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Advance every running or paused rollout once."""
+        with self._lock:
+            ids = [r["id"] for r in self.store.query(
+                "SELECT id FROM rollouts WHERE status IN (?, ?) OR outbox != '[]' ORDER BY created", machine.LIVE)]
+            for rid in ids:
+                try:
+                    self._advance(rid)
+                except Exception:
+                    log.exception("rollout %s: could not advance it; trying again", rid)
+
+    def _advance(self, rid: str) -> None:
+        r, outbox = self._load(rid)
+        outbox = self._flush(r, outbox)  # what an earlier step asked for and the broker has not taken yet
+        if r.status not in machine.LIVE:
+            return
+        now = self.clock()
+        new, actions = machine.step(r, self._observe(r), now)
+        for a in actions:
+            if isinstance(a, Halt):
+                log.warning("rollout %s halted: %s", rid, a.reason)
+            elif isinstance(a, Rollback):
+                log.warning("rollout %s: sending %s back to %s", rid, ", ".join(a.devices), a.sha256[:12])
+            else:
+                log.info("rollout %s: publishing %s to %s", rid, a.sha256[:12], ", ".join(a.devices))
+        if new.status == machine.COMPLETED and r.status != machine.COMPLETED:
+            log.info("rollout %s completed", rid)
+        if new == r:
+            return
+        outbox += [a for a in actions if isinstance(a, Publish)]
+        self._save(new, outbox)
+        self._flush(new, outbox)
+
+    def _flush(self, r: machine.Rollout, outbox: list[Publish]) -> list[Publish]:
+        """Make the deployments and publish the desired models in ``outbox``; keep what failed for later."""
+        if not outbox:
+            return outbox
+        left: list[Publish] = []
+        for a in outbox:
+            bundle = self.store.bundle(a.sha256)
+            if bundle is None:  # cannot happen unless someone deleted it from the database
+                log.error("rollout %s: bundle %s is gone; not publishing it to %s", r.id, a.sha256,
+                          ", ".join(a.devices))
+                continue
+            if self.store.deployment(a.deployment_id) is None:
+                self.store.add_deployment(a.deployment_id, a.sha256, a.devices)
+            desired = protocol.Desired(
+                deployment_id=a.deployment_id, name=bundle["name"], version=bundle["version"],
+                url=f"{self.public_url().rstrip('/')}/bundles/{a.sha256}", sha256=a.sha256, size=bundle["size"],
+                settings={}, time=self.clock())
+            failed = []
+            for device in a.devices:
+                try:
+                    self.link.publish_desired(device, desired)
+                except EdgefleetError as e:
+                    log.warning("rollout %s: %s; will try again", r.id, e)
+                    failed.append(device)
+            if failed:
+                left.append(type(a)(a.deployment_id, a.sha256, failed))
+        self._set_outbox(r.id, left)
+        return left
+
+    def _observe(self, r: machine.Rollout) -> dict[str, Observation]:
+        """What the store knows of the rollout's devices, for one step."""
+        devices = {d["id"]: d for d in self.store.devices()}
+        phases = {}
+        started = [w for w in r.waves if w.started is not None]
+        if started:
+            marks = ",".join("?" * len(started))
+            phases = {(row["deployment_id"], row["device_id"]): row for row in self.store.query(
+                f"SELECT deployment_id, device_id, phase, reason, updated FROM deployment_devices "
+                f"WHERE deployment_id IN ({marks})", tuple(w.deployment_id for w in started))}
+        known: dict[str, bool] = {}
+        out = {}
+        for did, dev in r.devices.items():
+            row = devices.get(did) or {}
+            sha = row.get("active_sha256")
+            if sha and sha not in known:
+                known[sha] = self.store.bundle(sha) is not None
+            o = Observation(active_sha=sha, active_known=bool(sha and known[sha]), online=bool(row.get("online")))
+            wave = r.waves[dev.wave]
+            p = phases.get((wave.deployment_id, did))
+            if wave.started is not None and p is not None and p["phase"] != machine.PENDING:
+                o.phase, o.since, o.reason = p["phase"], p["updated"], p["reason"]
+                since = dev.active_since if dev.active_since is not None else (
+                    p["updated"] if p["phase"] == machine.ACTIVE else None)
+                if since is not None:
+                    o.health = self._health(did, r.bundle, since, None)
+            if (wave.started is not None and dev.previous and dev.baseline_p95_ms is None
+                    and r.options.max_p95_regression is not None):
+                o.baseline = self._health(did, dev.previous, wave.started - BASELINE_S, wave.started)
+            out[did] = o
+        return out
+
+    def _health(self, device_id: str, sha: str, since: float, until: float | None) -> machine.Health:
+        """A device's figures on one model over the windows received in [since, until)."""
+        # device clocks may be off: select by the controller's receive time; the device-time bound (a day
+        # wide) only lets the (device_id, time) index narrow the scan
+        row = self.store.query(
+            "SELECT coalesce(sum(inferences), 0) AS n, coalesce(sum(errors), 0) AS e, "
+            "sum(CASE WHEN p95 IS NOT NULL AND inferences > 0 THEN p95 * inferences END) "
+            "/ sum(CASE WHEN p95 IS NOT NULL AND inferences > 0 THEN inferences END) AS p95 "
+            "FROM telemetry WHERE device_id = ? AND time >= ? AND received >= ? AND received < ? "
+            "AND json_extract(payload, '$.active.sha256') = ?",
+            (device_id, since - 86400, since, until if until is not None else float("inf"), sha))[0]
+        return machine.Health(inferences=row["n"], errors=row["e"],
+                              p95_ms=None if row["p95"] is None else round(row["p95"], 3))
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def _load(self, rid: str) -> tuple[machine.Rollout, list[Publish]]:
+        rows = self.store.query("SELECT doc, outbox FROM rollouts WHERE id = ?", (rid,))
+        if not rows:
+            raise RolloutError(f"unknown rollout {rid!r}", 404)
+        return machine.load(json.loads(rows[0]["doc"])), machine.load_actions(json.loads(rows[0]["outbox"]))
+
+    def _save(self, r: machine.Rollout, outbox: list[Publish], created: bool = False) -> None:
+        doc, box = json.dumps(machine.dump(r)), json.dumps(machine.dump_actions(outbox))
+        with self.store.tx() as db:
+            if created:
+                db.execute("INSERT INTO rollouts (id, created, updated, status, doc, outbox) VALUES (?, ?, ?, ?, ?, ?)",
+                           (r.id, r.created, self.clock(), r.status, doc, box))
+            else:
+                db.execute("UPDATE rollouts SET updated = ?, status = ?, doc = ?, outbox = ? WHERE id = ?",
+                           (self.clock(), r.status, doc, box, r.id))
+
+    def _set_outbox(self, rid: str, outbox: list[Publish]) -> None:
+        with self.store.tx() as db:
+            db.execute("UPDATE rollouts SET outbox = ? WHERE id = ?", (json.dumps(machine.dump_actions(outbox)), rid))
+
+    def _busy(self, devices: list[str]) -> list[tuple[str, str]]:
+        """(device, rollout) for each of ``devices`` in a rollout still running or paused."""
+        wanted, out = set(devices), []
+        for row in self.store.query("SELECT doc FROM rollouts WHERE status IN (?, ?)", machine.LIVE):
+            r = machine.load(json.loads(row["doc"]))
+            out += [(d, r.id) for d in sorted(wanted & set(r.devices))]
+        return out
+
+    def _view(self, r: machine.Rollout, outbox: list[Publish]) -> dict[str, Any]:
+        v = machine.view(r, self.clock())
+        b = self.store.bundle(r.bundle)
+        v["bundle"] = {"sha256": r.bundle, "name": b and b["name"], "version": b and b["version"]}
+        back = {d.rollback_deployment for d in r.devices.values() if d.rollback_deployment}
+        phases = {}
+        if back:
+            marks = ",".join("?" * len(back))
+            phases = {(row["deployment_id"], row["device_id"]): row["phase"] for row in self.store.query(
+                f"SELECT deployment_id, device_id, phase FROM deployment_devices WHERE deployment_id IN ({marks})",
+                tuple(back))}
+        versions: dict[str, str | None] = {}
+        for w in v["waves"]:
+            for d in w["devices"]:
+                rb = d["rollback"]
+                if rb and rb["deployment_id"]:
+                    rb["phase"] = phases.get((rb["deployment_id"], d["device_id"]))
+                if rb and rb["sha256"]:
+                    if rb["sha256"] not in versions:
+                        versions[rb["sha256"]] = (self.store.bundle(rb["sha256"]) or {}).get("version")
+                    rb["version"] = versions[rb["sha256"]]
+        v["unpublished"] = sorted({d for a in outbox for d in a.devices})  # the broker has not taken these yet
+        return v
+
+
+# -- targets ---------------------------------------------------------------------------------------------------
+
+
+def resolve_targets(store: Store, targets: list[str]) -> list[str]:
+    """Device ids, ``tag:NAME`` or ``all`` -> registered device ids (fleet.targets, the store's tags)."""
+    from fleet import targets as t
+
+    try:
+        return t.resolve(store, targets)
+    except t.TargetError as e:
+        raise RolloutError(str(e), e.status) from None

@@ -1,0 +1,285 @@
+"""The JSON API's bodies as msgspec Structs: what ``fleet.openapi`` publishes as JSON Schema, and what
+``tests/test_web.py`` decodes the real answers into.
+
+The API builds plain dicts (from the store, the rollout engine); these Structs describe them. They forbid
+unknown fields, so a field the API starts returning without being described here fails that test: add it
+here (the document follows). Request bodies the API already decodes with are used as they are
+(``fleet.api.DeployRequest``, ``TagsPut``, ``TagsPost``, ``fleet.api_rollouts.RolloutRequest``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from agent.bundle import Manifest
+
+
+class _S(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class Error(_S):
+    """Every 4xx/5xx answer of the JSON API."""
+    error: str
+
+
+class Status(_S):
+    ok: bool
+    broker: str
+    mqtt_connected: bool
+    devices: int
+    received: int  # messages taken in from devices
+    duplicates: int  # redeliveries ignored
+    invalid: dict[str, int]  # messages dropped, by reason
+
+
+class BundleUploaded(_S):
+    sha256: str
+    size: int
+    manifest: Manifest
+
+
+class DeploymentDevice(_S):
+    device_id: str
+    phase: str  # pending, downloading, verifying, activating, active, failed, rolled_back
+    reason: str
+    updated: float
+
+
+class Deployment(_S):
+    id: str
+    bundle_sha256: str
+    created: float
+    targets: list[str]
+    devices: list[DeploymentDevice]
+
+
+class Device(_S):
+    """A registered device as its last state message described it."""
+    id: str
+    first_seen: float
+    last_seen: float
+    online: bool
+    state_time: float | None
+    boot_id: str
+    agent_version: str
+    arch: str
+    cpu_flags: list[str]
+    runtimes: list[str]
+    active_name: str | None
+    active_version: str | None
+    active_sha256: str | None
+    active_runtime: str | None
+    active_precision: str | None
+    active_deployment_id: str | None
+    interval_s: float | None
+    inferences: int
+    errors: int
+    seq_max: int
+    seq_count: int
+    duplicates: int
+    status_online: int | None = None  # the last recorded transition: 1 online, 0 offline
+    status_time: float | None = None
+    tags: list[str] = []
+
+
+class DeviceTags(_S):
+    device_id: str
+    tags: list[str]
+
+
+class ActiveModel(_S):
+    name: str
+    version: str
+    precision: str
+    runtime: str
+    sha256: str
+
+
+class LatencyMs(_S):
+    p50: float
+    p95: float
+    p99: float
+
+
+class LastDeployment(_S):
+    deployment_id: str
+    phase: str
+    reason: str
+
+
+class Recent(_S):
+    """The device's telemetry windows of the last ``window_s`` seconds."""
+    window_s: float
+    windows: int
+    inferences: int
+    errors: int
+    errors_by_kind: dict[str, int]
+    inferences_per_min: float | None
+    error_rate: float | None  # errors / (inferences + errors)
+
+
+class Health(_S):
+    """One device's health: totals since it registered, its recent and latest telemetry, its last deployment."""
+    device_id: str
+    online: bool
+    status: str  # online | offline
+    status_since: float | None
+    tags: list[str]
+    model: ActiveModel | None
+    inferences: int
+    errors: int
+    inferences_per_min: float | None
+    error_rate: float | None
+    recent: Recent
+    latency_ms: LatencyMs | None  # the latest window that had inferences
+    cpu_percent: float | None
+    rss_bytes: int | None
+    memory_percent: float | None
+    temperature_c: float | None  # null: the device has no sensor
+    last_seen: float
+    last_seen_ago_s: float
+    deployment: LastDeployment | None
+    seq_gaps: int
+    duplicates: int
+    outbox_dropped: int | None
+    outbox_pending: int | None
+
+
+class Identity(_S):
+    arch: str
+    agent_version: str
+    runtimes: list[str]
+    cpu_flags: list[str]
+    boot_id: str
+    first_seen: float
+
+
+class ErrorCount(_S):
+    count: int
+    last_time: float
+
+
+class EventRow(_S):
+    boot_id: str
+    seq: int
+    time: float
+    kind: str
+    deployment_id: str | None
+    sha256: str | None
+    version: str | None
+    reason: str
+
+
+class DeploymentHistoryRow(_S):
+    deployment_id: str
+    bundle_sha256: str
+    name: str | None
+    version: str | None
+    created: float
+    phase: str
+    reason: str
+    updated: float
+
+
+class Transition(_S):
+    time: float
+    online: bool
+    reason: str  # birth, last will, offline state, heartbeat timeout
+
+
+class DeviceDetail(Health):
+    """A device's health with its identity, errors by kind, recent events and errors, deployments and
+    online/offline transitions (lists newest first)."""
+    identity: Identity
+    errors_by_kind: dict[str, ErrorCount]
+    events: list[EventRow]
+    recent_errors: list[EventRow]
+    deployments: list[DeploymentHistoryRow]
+    transitions: list[Transition]
+
+
+class RolloutBundle(_S):
+    sha256: str
+    name: str | None
+    version: str | None
+
+
+class RolloutOptions(_S):
+    waves: list[str]  # cumulative: device counts or percentages
+    soak_s: float
+    wave_timeout_s: float
+    max_error_rate: float | None  # a fraction
+    max_p95_ms: float | None
+    max_p95_regression: float | None  # a fraction of the replaced model's p95
+    min_inferences: int
+    auto_rollback: bool
+
+
+class RolloutDeviceRollback(_S):
+    deployment_id: str | None
+    sha256: str | None
+    what: str
+    phase: str | None
+
+
+class RolloutDevice(_S):
+    device_id: str
+    phase: str  # waiting, pending, then the agent's phases
+    reason: str
+    online: bool
+    since: float | None
+    active_since: float | None
+    soaked: bool
+    inferences: int  # on the new bundle, since it became active
+    errors: int
+    error_rate: float | None
+    p95_ms: float | None
+    baseline_p95_ms: float | None  # on the replaced model
+    verdict: str  # the threshold it crossed, if any
+    previous: str | None  # the sha256 it ran before its wave
+    note: str
+    rollback: RolloutDeviceRollback | None
+
+
+class RolloutWave(_S):
+    wave: int
+    status: str  # waiting, rolling, passed, failed, timed_out, stopped
+    deployment_id: str
+    started: float | None
+    deadline: float | None
+    finished: float | None
+    devices: list[RolloutDevice]
+
+
+class Rollout(_S):
+    """A rollout: its state, its options, and each wave with each device's phase and figures."""
+    id: str
+    status: str  # running, paused, completed, halted, aborted, rolled_back
+    reason: str
+    created: float
+    finished: float | None
+    paused_at: float | None
+    bundle: RolloutBundle
+    targets: list[str]
+    options: RolloutOptions
+    current_wave: int
+    wave_count: int
+    device_count: int
+    waves: list[RolloutWave]
+    unpublished: list[str]  # devices whose desired model the broker has not taken yet
+
+
+class RolloutSummary(_S):
+    id: str
+    status: str
+    reason: str
+    created: float
+    finished: float | None
+    bundle: RolloutBundle
+    targets: list[str]
+    current_wave: int
+    wave_count: int
+    device_count: int
+    unpublished: list[str]
+    phases: dict[str, int]  # devices by phase

@@ -1,0 +1,148 @@
+"""The dashboard the controller serves, and what it reads: pages, the charts' series, ``/metrics``, the
+OpenAPI document and the static files (CSS, script, the vendored uPlot).
+
+``routes(store)`` is mounted by ``fleet.api.create_app``. Pages are server-rendered (``fleet.pages``);
+the store is read in the thread pool. Rollouts are read through the controller's own JSON API
+(``/api/rollouts``, ``/api/rollouts/{id}``) with an in-process ASGI call, so the pages render exactly what
+the API answers, and a controller without a rollout engine still serves every page.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from fleet import metrics, openapi, pages, pages_rollout
+from fleet.series import SeriesError, parse_window, recent_rates, series
+from fleet.store import Store
+
+STATIC = Path(__file__).parent / "static"
+_ENCODER = msgspec.json.Encoder()
+
+
+def _device_row(store: Store, device_id: str) -> dict[str, Any] | None:
+    rows = store._query("SELECT * FROM devices WHERE id = ?", (device_id,))
+    if not rows:
+        return None
+    d = dict(rows[0])
+    d["runtimes"] = json.loads(d["runtimes"])
+    return d
+
+
+def _rates(store: Store, health: list[dict], now: float) -> dict:
+    """Our own recent rates, only where the health report has none (``fleet.pages._rates``)."""
+    return {} if health and "inferences_per_min" in health[0] else recent_rates(store, now)
+
+
+def _overview_data(store: Store) -> tuple[list[dict], dict]:
+    now = time.time()
+    health = store.health(now=now)
+    return health, _rates(store, health, now)
+
+
+def _device_data(store: Store, device_id: str) -> tuple | None:
+    detail = store.device_detail(device_id)
+    if detail is None:
+        return None
+    info = _device_row(store, device_id) or {}
+    rates = _rates(store, [detail], time.time()).get(device_id, {})
+    bundle = store.bundle(detail["model"]["sha256"]) if detail["model"] else None
+    history = {sha: b for sha in {r["bundle_sha256"] for r in detail["deployments"]}
+               if (b := store.bundle(sha)) is not None}
+    return detail, info, rates, bundle, history
+
+
+async def internal_get(request: Request, path: str) -> tuple[int, Any]:
+    """GET ``path`` from this same app in-process: (status, decoded JSON or None)."""
+    app = request.scope["app"]
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"accept", b"application/json")],
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    status, chunks = 500, []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    try:
+        await app(scope, receive, send)
+    except Exception:
+        return 500, None
+    try:
+        return status, json.loads(b"".join(chunks) or b"null")
+    except ValueError:
+        return status, None
+
+
+def routes(store: Store) -> list[BaseRoute]:
+    """The dashboard's routes over one store."""
+
+    async def overview(request: Request) -> Response:
+        health, rates = await run_in_threadpool(_overview_data, store)
+        rollouts = pages_rollout.rollout_list(*await internal_get(request, "/api/rollouts"))
+        return HTMLResponse(pages.overview(health, rates, rollouts))
+
+    async def device(request: Request) -> Response:
+        device_id = request.path_params["device_id"]
+        data = await run_in_threadpool(_device_data, store, device_id)
+        if data is None:
+            return HTMLResponse(pages.not_found("No such device", f"No device {device_id!r} has reported to "
+                                                                  f"this controller."), status_code=404)
+        try:
+            since, _ = parse_window(request.query_params.get("since"), None)
+        except SeriesError:
+            since = 3600
+        return HTMLResponse(pages.device(*data, since=int(since)))
+
+    async def rollout(request: Request) -> Response:
+        rollout_id = request.path_params["rollout_id"]
+        status, data = await internal_get(request, "/api/rollouts/" + quote(rollout_id, safe=""))
+        if status == 200 and isinstance(data, dict):
+            return HTMLResponse(pages_rollout.rollout_page(rollout_id, data))
+        if status == 404:
+            return HTMLResponse(pages.not_found("No such rollout", f"This controller has no rollout "
+                                                                   f"{rollout_id!r}."), status_code=404)
+        why = data.get("error") if isinstance(data, dict) else None
+        return HTMLResponse(pages.not_found("Rollout unavailable", f"The rollout API answered {status}"
+                                                                   f"{': ' + why if why else ''}."), status_code=502)
+
+    def device_series(request: Request) -> Response:
+        device_id = request.path_params["device_id"]
+        unknown = sorted(set(request.query_params) - {"since", "step"})
+        if unknown:
+            return JSONResponse({"error": f"unknown query parameter {unknown[0]!r}: this endpoint takes since, step"},
+                                status_code=400)
+        try:
+            since, step = parse_window(request.query_params.get("since"), request.query_params.get("step"))
+        except SeriesError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        if not store._query("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+            return JSONResponse({"error": f"unknown device {device_id!r}"}, status_code=404)
+        return Response(_ENCODER.encode(series(store, device_id, since, step)), media_type="application/json")
+
+    return [
+        Route("/", overview),
+        Route("/devices/{device_id}", device),
+        Route("/rollouts/{rollout_id}", rollout),
+        Route("/api/devices/{device_id}/series", device_series),
+        *metrics.routes(store),
+        *openapi.routes(),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]

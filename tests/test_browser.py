@@ -1,0 +1,104 @@
+"""The dashboard in a real browser: headless Debian Chromium (driven by Playwright) on a real controller with
+two real agents serving real models, deployed through the API and fed real inferences.
+
+Screenshots are kept under the test's tmp dir, and copied to $EDGEFLEET_SCREENSHOT_DIR when it is set
+(docs/dashboard.png is the device page taken this way)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_web import converted, fleet_with_agents  # noqa: F401  (converted is a fixture)
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+# the charts that have data whenever a device serves (temperature has none on a machine without sensors)
+DRAWN = ("latency", "errors", "throughput", "cpu", "memory")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium: run `make test`, "
+                                                     "whose set-up installs it"),
+]
+
+
+def keep(shot: Path) -> None:
+    where = os.environ.get("EDGEFLEET_SCREENSHOT_DIR")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(where) / shot.name)
+
+
+def points(page, chart: str) -> int:
+    return int(page.get_attribute(f'figure[data-chart="{chart}"]', "data-points"))
+
+
+def test_overview_and_device_page_render_live_charts(tmp_path, bundles, converted, crops):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    deploy = {"cam-dock": converted, "cam-gate": bundles["v1"]}
+    # kept screenshots (the README's) show a minute of telemetry; the test alone needs a few windows
+    interval, windows = (1.0, 60) if os.environ.get("EDGEFLEET_SCREENSHOT_DIR") else (0.3, 6)
+    with fleet_with_agents(tmp_path, deploy, crops, interval=interval, windows=windows,
+                           bad_every={"cam-dock": 40}) as (fleet, _, _), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            problems: list[str] = []
+            page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+
+            # the overview: both devices, online, with their models, each linking to its page
+            page.goto(fleet.http_url + "/", wait_until="networkidle")
+            assert page.get_attribute("#counts", "data-online") == "2"
+            for device, version in (("cam-dock", "2.1"), ("cam-gate", "1")):
+                row = page.locator(f'tr[data-device="{device}"]')
+                assert row.locator("td").nth(0).inner_text() == "online"
+                assert row.locator("td").nth(3).inner_text() == version
+                assert row.locator(f'a[href="/devices/{device}"]').count() == 1
+            page.wait_for_function("document.getElementById('live-status').textContent.startsWith('live ·')")
+            page.screenshot(path=str(tmp_path / "dashboard-overview.png"))
+            keep(tmp_path / "dashboard-overview.png")
+
+            # a device page: the charts draw the series of real telemetry windows
+            page.click('a[href="/devices/cam-dock"]')
+            page.wait_for_url("**/devices/cam-dock")
+            page.wait_for_function(
+                "[...document.querySelectorAll('figure.chart')].every(f => f.dataset.state)", timeout=30_000)
+            for chart in DRAWN:
+                fig = f'figure[data-chart="{chart}"]'
+                assert page.get_attribute(fig, "data-state") == "drawn", chart
+                assert points(page, chart) > 1, chart
+                assert page.locator(f"{fig} canvas").count() == 1, chart
+                painted = page.evaluate(
+                    """key => { const c = window.edgefleetCharts[key].ctx.canvas;
+                                const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                                let n = 0; for (let i = 3; i < px.length; i += 4) if (px[i]) n++; return n; }""", chart)
+                assert painted > 1000, (chart, painted)  # the canvas has axes and lines on it, not blank
+            with_data = page.evaluate("window.edgefleetCharts.latency.data[3].filter(v => v !== null).length")
+            assert with_data > 1  # p99 over more than one window
+            assert page.get_attribute('figure[data-chart="temperature"]', "data-state") in ("drawn", "no-sensor")
+            assert "Converter report" in page.inner_text("#device-tail")
+            assert "int8" in page.inner_text("#device-head")
+
+            # live: new telemetry windows reach the open page without a reload
+            before = points(page, "cpu")
+            page.wait_for_function(f"+document.querySelector('figure[data-chart=\"cpu\"]').dataset.points > {before}",
+                                   timeout=30_000)
+            page.screenshot(path=str(tmp_path / "dashboard-device.png"))
+            page.screenshot(path=str(tmp_path / "dashboard-device-full.png"), full_page=True)
+            keep(tmp_path / "dashboard-device.png")
+            keep(tmp_path / "dashboard-device-full.png")
+
+            assert problems == [], problems
+
+            # a device nobody knows: the 404 page (the browser logs the 404 itself; no script error)
+            response = page.goto(fleet.http_url + "/devices/cam-none")
+            assert response.status == 404 and "No such device" in page.inner_text("main")
+            assert [p for p in problems if "404" not in p] == [], problems
+        finally:
+            browser.close()

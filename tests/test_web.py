@@ -1,0 +1,372 @@
+"""The dashboard, /metrics and the OpenAPI document, on a real controller with a real agent serving a real
+model (a bundle made by the real converter, so its report is real), over real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+from util import wait_for
+
+from agent.errors import EdgefleetError
+
+OUTPUT = "save_infer_model/scale_0.tmp_1"
+PAGES = {"/", "/devices/{device_id}", "/rollouts/{rollout_id}"}  # HTML, not the JSON API
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@contextlib.contextmanager
+def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float = 0.3, windows: int = 4,
+                      bad_every: dict[str, int] | None = None) -> Iterator[tuple]:
+    """A controller and one real agent per device of ``deploy`` (device -> bundle), each bundle deployed and
+    active, real inferences sent through each agent's local API (a varying load; for a device in
+    ``bad_every``, one request in that many a bad input, which the agent counts as an error) until
+    ``windows`` telemetry windows with inferences arrived.
+    Yields (fleet, {device: agent}, {"upload": {device: response}, "deploy": {...}})."""
+    from agent.api import AgentClient
+    from agent.config import AgentConfig, validate
+    from agent.daemon import Agent
+    from fleet.app import Fleet
+    from fleet.broker import free_port
+    from fleet.client import FleetClient
+
+    fleet = Fleet(tmp / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    agents = {}
+    try:
+        for device in deploy:
+            cfg = validate(AgentConfig(device_id=device, broker=fleet.broker_url, controller=fleet.http_url,
+                                       state_dir=str(tmp / device), api=f"127.0.0.1:{free_port()}",
+                                       telemetry_interval_s=interval))
+            agents[device] = Agent(cfg)
+            agents[device].start()
+        client = FleetClient(fleet.http_url)
+        responses: dict[str, dict] = {"upload": {}, "deploy": {}}
+        for device, path in deploy.items():
+            wait_for(lambda: any(h["device_id"] == device for h in client.health()), what=f"{device} registered")
+            up = responses["upload"][device] = client.upload_bundle(path)
+            responses["deploy"][device] = client.deploy(up["sha256"], [device])
+        for device, a in agents.items():
+            sha = responses["upload"][device]["sha256"]
+            wait_for(lambda: a.engine.current and a.engine.current.sha == sha, what=f"{device} active")
+        x, _ = crops
+        apis = {d: AgentClient(a.api.address) for d, a in agents.items()}
+
+        def windows_with_inferences(device: str) -> int:
+            return fleet.store._query("SELECT count(*) FROM telemetry WHERE device_id = ? AND inferences > 0",
+                                      (device,))[0][0]
+
+        deadline = time.monotonic() + 120 + 3 * interval * windows
+        rng = np.random.default_rng(5)
+        i = 0
+        while min(windows_with_inferences(d) for d in agents) < windows:
+            assert time.monotonic() < deadline, "timed out waiting for telemetry windows with inferences"
+            for n, (device, api) in enumerate(apis.items()):
+                every = (bad_every or {}).get(device)
+                for _ in range(int(rng.integers(2, 10)) * (n + 1)):
+                    i += 1
+                    if every and i % every == 0:
+                        with pytest.raises(EdgefleetError, match="shape"):
+                            api.infer({"x": np.zeros((1, 3, 48, 100), np.float32)})
+                        continue
+                    out = api.infer({"x": x[i % len(x): i % len(x) + 1]})
+                    assert out[OUTPUT].shape == (1, 2)
+            time.sleep(interval / 3)
+        yield fleet, agents, responses
+    finally:
+        for a in agents.values():
+            a.stop()
+        fleet.stop()
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, crops) -> Path:
+    """The real converter's cpu bundles of the PP-OCR classifier; returns the int8 one."""
+    from converter.convert import convert
+    from edgefleet.models import model_path
+
+    d = tmp_path_factory.mktemp("converted")
+    x, _ = crops
+    np.savez(d / "calib.npz", x=x)
+    report = convert(model_path("ocr-cls"), target="cpu", calib=d / "calib.npz", out=d / "out", name="ocr-cls",
+                     version="2.1", input_shapes={"x": [1, 3, 48, 192]})
+    [int8] = [v for v in report["variants"] if v["variant"] == "int8"]
+    return Path(int8["path"])
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, converted, crops):
+    with fleet_with_agents(tmp_path_factory.mktemp("site"), {"dev-web": converted}, crops) as s:
+        yield s
+
+
+def test_overview_lists_devices_with_their_health(site):
+    fleet, _, _ = site
+    status, headers, body = get(fleet.http_url + "/")
+    page = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert 'data-online="1" data-offline="0"' in page.replace("\n ", " ") and 'data-total="1"' in page
+    row = page[page.index('<tr data-device="dev-web">'):]
+    row = row[: row.index("</tr>")]
+    assert 'href="/devices/dev-web"' in row and "online" in row
+    assert "ocr-cls" in row and "2.1" in row and "int8" in row and " ms" in row and "ago" in row
+    from fleet.client import FleetClient
+
+    [h] = FleetClient(fleet.http_url).health()
+    assert ("unknown" in row) == (h["temperature_c"] is None)  # no sensor: "unknown", never 0 °C
+    assert "Rollouts" in page
+    for asset in ("/static/edgefleet.css", "/static/edgefleet.js"):
+        assert asset in page and get(fleet.http_url + asset)[0] == 200
+
+
+def test_device_page_has_charts_report_events_and_deployments(site):
+    fleet, _, responses = site
+    status, _, body = get(fleet.http_url + "/devices/dev-web")
+    page = body.decode()
+    assert status == 200
+    for chart in ("latency", "errors", "throughput", "cpu", "memory", "temperature"):
+        assert f'data-chart="{chart}"' in page
+    assert 'data-src="/api/devices/dev-web/series?since=3600"' in page
+    assert "/static/uplot/uPlot.iife.min.js" in page and get(fleet.http_url + "/static/uplot/uPlot.iife.min.js")[0] == 200
+    # the converter's report from the bundle's manifest
+    assert "Converter report" in page and "cpu / int8" in page and "top-1" in page and "held-out samples" in page
+    assert "Gate" in page and "Measured on" in page
+    # events and deployment history
+    dep = responses["deploy"]["dev-web"]["id"]
+    assert "Recent events" in page and ">active<" in page and dep in page
+    assert get(fleet.http_url + "/devices/dev-web?since=900")[2].decode().count('?since=900" class=on') == 1
+
+
+def test_series_has_the_telemetry_windows(site):
+    from fleet.series import Series
+
+    fleet, _, _ = site
+    status, headers, body = get(fleet.http_url + "/api/devices/dev-web/series?since=600")
+    assert status == 200 and headers["content-type"] == "application/json"
+    s = msgspec.json.decode(body, type=Series)
+    assert s.source == "raw" and set(s.resolution) == {"raw"} and s.step is None and s.points == len(s.time) >= 4
+    assert s.time == sorted(s.time) and s.since < s.time[0] <= s.until
+    assert sum(v is not None for v in s.p50) >= 4 and all(v > 0 for v in s.p99 if v is not None)
+    assert all(r > 0 for r in s.rss_bytes) and sum(s.inferences) > 0
+    assert all(v in (None, 0.0) for v in s.error_rate)
+    # buckets: one point for the lot, the same totals
+    b = msgspec.json.decode(get(fleet.http_url + "/api/devices/dev-web/series?since=600&step=600")[2], type=Series)
+    assert b.step == 600 and 1 <= b.points <= 2 and sum(b.inferences) == sum(s.inferences)
+    assert any(v is not None and v > 0 for v in b.p99)
+    for query, needle in (("since=-1", "since"), ("since=abc", "since"), ("step=0.1", "step"),
+                          ("since=60&step=61", "step"), ("from=0", "unknown query parameter 'from'")):
+        status, _, body = get(fleet.http_url + "/api/devices/dev-web/series?" + query)
+        assert status == 400 and needle in json.loads(body)["error"]
+    status, _, body = get(fleet.http_url + "/api/devices/nope/series")
+    assert status == 404 and "unknown device 'nope'" in json.loads(body)["error"]
+
+
+def test_the_raw_table_alone_gives_the_same_points(site):
+    """``raw_points`` (a store without rollups) and ``Store.series`` (rollups too) agree on raw windows."""
+    from fleet.series import raw_points, recent_rates
+
+    fleet, _, _ = site
+    now = time.time()
+    raw = raw_points(fleet.store, "dev-web", now - 600, now)
+    assert len(raw) >= 4
+    rates = recent_rates(fleet.store, now)["dev-web"]  # the last minute's, for a health report without them
+    assert rates["inferences_per_min"] > 0 and rates["error_rate"] == 0
+    if not hasattr(fleet.store, "series"):
+        pytest.skip("this store has no rollups (Store.series)")
+    tiers = fleet.store.series("dev-web", now - 600, now)
+    for a, b in zip(raw, tiers, strict=True):
+        for k in a:
+            assert a[k] == b[k] or (isinstance(a[k], float) and abs(a[k] - b[k]) < 1e-6), (k, a[k], b[k])
+    bucket = raw_points(fleet.store, "dev-web", now - 600, now, step=600)
+    assert sum(p["inferences"] for p in bucket) == sum(p["inferences"] for p in raw)
+
+
+def test_unknown_device_and_rollout_are_404_pages(site):
+    fleet, _, _ = site
+    status, headers, body = get(fleet.http_url + "/devices/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
+    assert status == 404 and headers["content-type"].startswith("text/html")
+    assert "No such device" in body.decode() and "<img src=x" not in body.decode()
+    status, _, body = get(fleet.http_url + "/rollouts/ro-nope")
+    assert status == 404 and "No such rollout" in body.decode()
+
+
+def test_metrics_parse_as_prometheus_text(site):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fleet, _, _ = site
+    status, headers, body = get(fleet.http_url + "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert {s.labels["state"]: s.value for s in families["edgefleet_devices"].samples} == {"online": 1, "offline": 0}
+    assert families["edgefleet_device_inferences"].type == "counter"
+    assert families["edgefleet_device_errors"].type == "counter"
+    labels = {"device": "dev-web", "model": "ocr-cls", "version": "2.1"}
+
+    def value(name: str, **extra) -> float:
+        family = families[name.removesuffix("_total")]
+        [v] = [s.value for s in family.samples if s.labels == {**labels, **extra}]
+        return v
+
+    from fleet.client import FleetClient
+
+    h = FleetClient(fleet.http_url).health("dev-web")
+    assert value("edgefleet_device_online") == 1
+    assert value("edgefleet_device_inferences_total") >= 1 and value("edgefleet_device_errors_total") == 0
+    for q in ("0.5", "0.95", "0.99"):
+        assert value("edgefleet_device_latency_ms", quantile=q) > 0
+    assert value("edgefleet_device_latency_ms", quantile="0.5") <= value("edgefleet_device_latency_ms", quantile="0.99")
+    assert value("edgefleet_device_rss_bytes") > 0 and value("edgefleet_device_cpu_percent") >= 0
+    assert value("edgefleet_device_memory_percent") > 0 and value("edgefleet_device_seq_gaps") == 0
+    assert abs(value("edgefleet_device_last_seen_timestamp_seconds") - time.time()) < 600
+    temps = families["edgefleet_device_temperature_celsius"].samples
+    assert (temps == []) == (h["temperature_c"] is None)  # omitted when unknown
+    text = body.decode()
+    for name in families:
+        assert text.count(f"# HELP {name} ") + text.count(f"# HELP {name}_total ") == 1
+
+
+def test_metrics_escape_labels():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fleet.metrics import render
+
+    odd = 'a "quoted" \\ back\nslash'
+    health = [{"device_id": "d-1", "online": False, "model": {"name": odd, "version": "1"}, "inferences": 3,
+               "errors": 1, "latency_ms": {"p50": 1.5, "p95": 2.0, "p99": 2.5}, "cpu_percent": None,
+               "rss_bytes": None, "memory_percent": None, "temperature_c": 41.5, "last_seen": 1.7e9,
+               "seq_gaps": 2}]
+    families = {f.name: f for f in text_string_to_metric_families(render(health))}
+    [s] = families["edgefleet_device_temperature_celsius"].samples
+    assert s.labels == {"device": "d-1", "model": odd, "version": "1"} and s.value == 41.5
+    assert families["edgefleet_device_cpu_percent"].samples == []
+    assert {s.labels["state"]: s.value for s in families["edgefleet_devices"].samples} == {"online": 0, "offline": 1}
+
+
+def _schema_type(schema: dict):
+    """The msgspec type a response schema of the document names ({"$ref"} or an array of one)."""
+    from fleet import schemas
+    from fleet.series import Series
+
+    structs = {c.__name__: c for c in (*vars(schemas).values(), Series)
+               if isinstance(c, type) and issubclass(c, msgspec.Struct)}
+    if schema.get("type") == "array":
+        return list[_schema_type(schema["items"])]
+    return structs[schema["$ref"].rsplit("/", 1)[1]]
+
+
+def call(method: str, url: str, body: dict | None = None) -> tuple[int, dict | list]:
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def rollout(site):
+    """A real rollout of the device's bundle to it (it already runs it: the rollout completes), or None when
+    this controller has no rollout engine."""
+    fleet, _, responses = site
+    if get(fleet.http_url + "/api/rollouts")[0] == 404:
+        return None
+    status, r = call("POST", fleet.http_url + "/api/rollouts",
+                     {"bundle": responses["upload"]["dev-web"]["sha256"], "targets": ["dev-web"]})
+    assert status == 201, r
+    return r
+
+
+def test_rollout_page_shows_waves_and_phases(site, rollout):
+    fleet, _, _ = site
+    status, _, body = get(fleet.http_url + "/")
+    if rollout is None:
+        assert "no rollout engine" in body.decode()
+        pytest.skip("this controller has no rollout engine (/api/rollouts)")
+    assert f'<tr data-rollout="{rollout["id"]}">' in body.decode()
+    status, _, body = get(fleet.http_url + "/rollouts/" + rollout["id"])
+    page = body.decode()
+    assert status == 200 and f"Rollout {rollout['id']}" in page
+    assert 'data-wave="1"' in page and '<tr data-device="dev-web">' in page and 'href="/devices/dev-web"' in page
+    r = call("GET", fleet.http_url + "/api/rollouts/" + rollout["id"])[1]
+    assert f'<span class="pill' in page and r["waves"][0]["devices"][0]["phase"] in page
+
+
+def test_openapi_documents_every_json_endpoint_and_the_real_answers_match(site, rollout):
+    fleet, _, responses = site
+    status, _, body = get(fleet.http_url + "/api/openapi.json")
+    doc = json.loads(body)
+    assert status == 200 and doc["openapi"].startswith("3.1") and doc["info"]["version"]
+    # every real route is documented, and every documented one exists
+    from starlette.routing import Route
+
+    real = {(r.path, m.lower()) for r in fleet.app.routes if isinstance(r, Route) and r.path not in PAGES
+            for m in r.methods - {"HEAD"}}
+    documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    assert real == documented, (real - documented, documented - real)
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            for ref in _refs(op):  # every $ref resolves
+                assert ref.rsplit("/", 1)[1] in doc["components"]["schemas"], ref
+    # each documented GET answers, and a JSON answer decodes into the schema it is documented with
+    # (the structs forbid unknown fields: a field the API returns and the document does not name fails)
+    dep = responses["deploy"]["dev-web"]
+    sha = responses["upload"]["dev-web"]["sha256"]
+    params = {"device_id": "dev-web", "deployment_id": dep["id"], "sha256": sha,
+              "rollout_id": rollout and rollout["id"]}
+    for path, ops in doc["paths"].items():
+        if "get" not in ops:
+            continue
+        url = fleet.http_url + path.format(**{k: v for k, v in params.items() if "{" + k + "}" in path})
+        status, headers, body = get(url)
+        assert status == 200, (path, status, body[:200])
+        content = ops["get"]["responses"]["200"]["content"]
+        media = next(iter(content))
+        assert headers["content-type"].split(";")[0] == media.split(";")[0], path
+        schema = content[media]["schema"]
+        if "$ref" in schema or schema.get("type") == "array":
+            msgspec.json.decode(body, type=_schema_type(schema))
+    # the other methods, with real requests (the upload and the deployment: what the fixture's answered)
+    def answers(path: str, method: str, status: int, body) -> None:
+        response = doc["paths"][path][method]["responses"][str(status)]
+        msgspec.convert(body, _schema_type(response["content"]["application/json"]["schema"]))
+
+    answers("/api/bundles", "post", 200, responses["upload"]["dev-web"])
+    answers("/api/deployments", "post", 200, dep)
+    answers("/api/deployments", "post", 400, call("POST", fleet.http_url + "/api/deployments", {"bundle": sha})[1])
+    tags = fleet.http_url + "/api/devices/dev-web/tags"
+    if "/api/devices/{device_id}/tags" in doc["paths"]:
+        answers("/api/devices/{device_id}/tags", "put", 200, call("PUT", tags, {"tags": ["dock"]})[1])
+        answers("/api/devices/{device_id}/tags", "post", 200, call("POST", tags, {"remove": ["dock"]})[1])
+    if rollout is not None:
+        answers("/api/rollouts", "post", 201, rollout)
+        url = f"{fleet.http_url}/api/rollouts/{rollout['id']}/pause"
+        status, body = call("POST", url)  # it may have completed already: then a 409
+        answers("/api/rollouts/{rollout_id}/{action}", "post", status, body)
+    # a documented error answers with the documented error body
+    status, _, body = get(fleet.http_url + "/api/health/nope")
+    assert status == 404 and "404" in doc["paths"]["/api/health/{device_id}"]["get"]["responses"]
+    msgspec.json.decode(body, type=_schema_type({"$ref": "#/components/schemas/Error"}))
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return [node["$ref"]] if "$ref" in node else [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
