@@ -61,6 +61,7 @@ class Demo:
         self.interval = telemetry_interval_s
         self.procs: list[subprocess.Popen] = []
         self.server: str | None = None
+        self.rollout: dict | None = None
         self.logs: list = []
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -84,6 +85,18 @@ class Demo:
         for log in self.logs:
             log.close()
 
+    def _convert_bad(self, model: Path, x: np.ndarray) -> Path:
+        """Version 1.1: the same classifier exported for 48x320 crops (a real mistake: the model takes any
+        width, the converter was told the wrong one); it passes its own smoke test."""
+        wide = np.zeros((len(x), 3, 48, 320), np.float32)
+        wide[:, :, :, :192] = x
+        np.savez(self.out / "calib-320.npz", x=wide)
+        out = self.out / "bundles-1.1"
+        subprocess.run(_cli("convert", str(model), "--target", "cpu", "--calib", str(self.out / "calib-320.npz"),
+                            "--input-shape", "x=1x3x48x320", "--out", str(out), "--name", "ocr-cls", "--version",
+                            "1.1"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return next(out.glob("*-int8.tar"))
+
     def run(self) -> dict:
         t_start = time.monotonic()
         from edgefleet.data import text_direction
@@ -93,7 +106,7 @@ class Demo:
             shutil.rmtree(self.out)
         (self.out / "logs").mkdir(parents=True)
 
-        _say("1/6 the real model: PP-OCR text-direction classifier, from the rapidocr-onnxruntime wheel")
+        _say("1/8 the real model: PP-OCR text-direction classifier, from the rapidocr-onnxruntime wheel")
         model = model_path("ocr-cls")
         calib, labels = self.out / "calib.npz", self.out / "labels.npy"
         x, y = text_direction()
@@ -102,7 +115,7 @@ class Demo:
         print(f"{model}\ncalibration + held-out data: {len(x)} crops of printed text from skimage.data.page(), "
               f"labelled 0° / 180°")
 
-        _say("2/6 convert for the cpu target, every variant checked against fp32; the gate allows a 2 % accuracy drop")
+        _say("2/8 convert for the cpu target, every variant checked against fp32; the gate allows a 2 % accuracy drop")
         bundles = self.out / "bundles"
         subprocess.run(_cli("convert", str(model), "--target", "cpu", "--calib", str(calib), "--labels", str(labels),
                             "--input-shape", "x=1x3x48x192", "--max-accuracy-drop", "2%", "--out", str(bundles),
@@ -110,7 +123,7 @@ class Demo:
         report = json.loads((bundles / "report.json").read_text())
         int8 = next(bundles.glob("*-int8.tar"))
 
-        _say("3/6 start the fleet controller (SQLite + its own mosquitto) and three agents")
+        _say("3/8 start the fleet controller (SQLite + its own mosquitto) and three agents")
         data = self.out / "fleet"
         controller = self._spawn("controller", _cli("fleet", "serve", "--data", str(data), "--http",
                                                      "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"))
@@ -138,7 +151,7 @@ class Demo:
         _wait("three devices online", lambda: sum(d["online"] for d in fleet.health()) == 3, 60, self.procs)
         subprocess.run(_cli("fleet", "devices", "--server", server), check=True)
 
-        _say(f"4/6 deploy the int8 bundle {int8.name} to {', '.join(DEVICES)}")
+        _say(f"4/8 deploy the int8 bundle {int8.name} to {', '.join(DEVICES)}")
         subprocess.run(_cli("fleet", "deploy", str(int8), "--to", *DEVICES, "--server", server), check=True)
         clients = {dev: AgentClient(api) for dev, api in apis.items()}
 
@@ -148,7 +161,7 @@ class Demo:
         _wait("the int8 model active on all three devices", all_int8, 120, self.procs)
         print("active on all three")
 
-        _say(f"5/6 inference traffic: {self.requests} real text crops through each agent's local API")
+        _say(f"5/8 inference traffic: {self.requests} real text crops through each agent's local API")
         labels = y
         results = {}
 
@@ -176,10 +189,57 @@ class Demo:
 
         health = _wait("the devices' telemetry to reach the controller", counted, 60, self.procs)
 
-        _say("6/6 the fleet's health, as the devices reported it")
+        _say("6/8 the fleet's health, as the devices reported it")
+        subprocess.run(_cli("fleet", "health", "--server", server), check=True)
+
+        _say("7/8 a bad update: version 1.1 was exported for 320-pixel-wide crops, the cameras send 192; "
+             "rolled out in waves, gated on the error rate the devices see")
+        bad = self._convert_bad(model, x)
+        out = subprocess.run(_cli("fleet", "deploy", str(bad), "--to", "all", "--waves", "1,100%", "--soak", "3s",
+                                  "--max-error-rate", "5%", "--min-inferences", "20", "--server", server, "--json"),
+                             check=True, capture_output=True, text=True)
+        rollout = json.loads(out.stdout)["id"]
+        print(f"rollout {rollout}: wave 1 = one device, then the rest")
+        stop = threading.Event()
+        refused = {dev: 0 for dev in DEVICES}
+
+        def keep_driving(dev: str) -> None:  # the cameras' applications keep sending what they always send
+            client = AgentClient(apis[dev])
+            i = 0
+            while not stop.is_set():
+                try:
+                    client.infer({"x": x[i % len(x) : i % len(x) + 1]})
+                except EdgefleetError:
+                    refused[dev] += 1
+                i += 1
+                time.sleep(0.02)
+            client.close()
+
+        drivers = [threading.Thread(target=keep_driving, args=(d,)) for d in DEVICES]
+        for t in drivers:
+            t.start()
+        try:
+            done = _wait("the rollout to be halted", lambda: (r := fleet.rollout(rollout))["status"] in (
+                "halted", "rolled_back", "completed", "aborted") and r, 120, self.procs)
+            _wait("the halted wave back on version 1.0", lambda: all(
+                (c.status().get("active") or {}).get("version") == "1.0" for c in clients.values()), 120, self.procs)
+        finally:
+            stop.set()
+            for t in drivers:
+                t.join()
+        subprocess.run(_cli("fleet", "rollout", rollout, "--server", server), check=True)
+        print(f"requests the applications saw refused: {', '.join(f'{d} {n}' for d, n in refused.items())}")
+
+        def settled():
+            h = fleet.health()
+            return all(d["model"] and d["model"]["version"] == "1.0" for d in h) and h
+
+        health = _wait("the controller to see every device on 1.0", settled, 60, self.procs)
+        _say("8/8 the fleet after the bad update: stopped at one device, which is back on 1.0")
         subprocess.run(_cli("fleet", "health", "--server", server), check=True)
         elapsed = time.monotonic() - t_start
         variants = {v["variant"]: v for v in report.get("variants", [])}
+        self.rollout = done
         return {"health": health, "elapsed_s": elapsed, "variants": variants}
 
 

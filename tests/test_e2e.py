@@ -22,6 +22,11 @@ def test_demo_end_to_end(tmp_path):
         demo.stop_all()
     assert all(p.poll() is not None for p in demo.procs), "the demo left a process running"
 
+    # the bad update was halted at its first wave, on the error rate the device saw, and rolled back
+    assert demo.rollout["status"] in ("halted", "rolled_back")
+    touched = {d["device_id"] for w in demo.rollout["waves"] for d in w["devices"] if w["status"] != "waiting"}
+    assert touched == {"cam-1"}
+
     # the converter's gate: int8 agrees with fp32 on the held-out real inputs
     int8 = result["variants"]["int8"]
     assert int8["agreement"]["top1"] >= 0.9
@@ -32,7 +37,10 @@ def test_demo_end_to_end(tmp_path):
     for dev in health:
         assert dev["online"] is True
         assert dev["model"]["precision"] == "int8" and dev["model"]["name"] == "ocr-cls"
-        assert dev["inferences"] >= 40 and dev["errors"] == 0
+        assert dev["model"]["version"] == "1.0"  # the bad 1.1 was stopped and sent back
+        assert dev["inferences"] >= 40
+        # only the first wave's device ever ran 1.1, and its applications' requests failed there
+        assert (dev["errors"] > 0) == (dev["device_id"] == "cam-1")
         lat = dev["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
         assert dev["rss_bytes"] > 10 << 20 and dev["cpu_percent"] is not None
