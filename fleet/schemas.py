@@ -206,38 +206,39 @@ class RolloutBundle(_S):
 
 
 class RolloutOptions(_S):
-    waves: list[str]  # cumulative: device counts or percentages
+    waves: list[str]
     soak_s: float
     wave_timeout_s: float
     max_error_rate: float | None  # a fraction
     max_p95_ms: float | None
-    max_p95_regression: float | None  # a fraction of the replaced model's p95
+    max_p95_regression: float | None  # a fraction
     min_inferences: int
     auto_rollback: bool
 
 
 class RolloutDeviceRollback(_S):
-    deployment_id: str | None
-    sha256: str | None
+    deployment_id: str | None  # null: the device was left as is (``what`` says why)
+    sha256: str | None  # the model it was sent back to
+    version: str | None  # that model's version
     what: str
-    phase: str | None
+    phase: str | None  # its phase in the rollback deployment
 
 
 class RolloutDevice(_S):
     device_id: str
-    phase: str  # waiting, pending, then the agent's phases
+    phase: str  # waiting (its wave has not started), pending (published, no report yet), or the agent's phase
     reason: str
     online: bool
     since: float | None
     active_since: float | None
     soaked: bool
-    inferences: int  # on the new bundle, since it became active
+    inferences: int  # on the new bundle since it became active
     errors: int
-    error_rate: float | None
-    p95_ms: float | None
-    baseline_p95_ms: float | None  # on the replaced model
-    verdict: str  # the threshold it crossed, if any
-    previous: str | None  # the sha256 it ran before its wave
+    error_rate: float | None  # errors / (inferences + errors)
+    p95_ms: float | None  # inference-weighted mean of the windows' p95
+    baseline_p95_ms: float | None  # the same on the model being replaced (with --max-p95-regression)
+    verdict: str  # the threshold it crossed
+    previous: str | None  # sha256 it ran when its wave was published
     note: str
     rollback: RolloutDeviceRollback | None
 
@@ -253,7 +254,7 @@ class RolloutWave(_S):
 
 
 class Rollout(_S):
-    """A rollout: its state, its options, and each wave with each device's phase and figures."""
+    """A rollout, each wave with each device's phase and figures."""
     id: str
     status: str  # running, paused, completed, halted, aborted, rolled_back
     reason: str
@@ -263,11 +264,11 @@ class Rollout(_S):
     bundle: RolloutBundle
     targets: list[str]
     options: RolloutOptions
-    current_wave: int
+    current_wave: int  # 1-based
     wave_count: int
     device_count: int
     waves: list[RolloutWave]
-    unpublished: list[str]  # devices whose desired model the broker has not taken yet
+    unpublished: list[str]  # devices whose desired model the broker has not taken yet (retried)
 
 
 class RolloutSummary(_S):
@@ -282,4 +283,4 @@ class RolloutSummary(_S):
     wave_count: int
     device_count: int
     unpublished: list[str]
-    phases: dict[str, int]  # devices by phase
+    phases: dict[str, int]  # how many devices are in each phase

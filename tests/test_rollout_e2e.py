@@ -20,7 +20,8 @@ from agent.config import AgentConfig, validate
 from agent.daemon import Agent
 from agent.errors import EdgefleetError
 from edgefleet.cli import main as edgefleet_main
-from fleet.api_rollouts import RolloutSummary, RolloutView
+from fleet.schemas import Rollout as RolloutView
+from fleet.schemas import RolloutSummary
 from fleet.app import Fleet
 from fleet.client import FleetClient
 
