@@ -20,8 +20,12 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="run the agent in the foreground (what the systemd service runs)",
         description="Connect to the broker, reconcile toward the desired model, serve local inference "
         "and publish telemetry until SIGTERM/SIGINT; SIGHUP re-reads the config (telemetry_interval_s applies "
-        "at once, other keys at the next restart). Config keys: device_id, broker (mqtt://HOST:PORT), "
-        "controller (http://HOST:PORT), state_dir, api (HOST:PORT or unix:/path; default 127.0.0.1:8470), "
+        "at once, other keys at the next restart). The device must be enrolled first (`edgefleet agent enroll`). "
+        "Config keys: state_dir, device_id, broker (mqtts://HOST:PORT) and controller (https://HOST:PORT) (these "
+        "three from the enrollment unless set), tls_ca, tls_cert, tls_key (TLS files from elsewhere), "
+        "provision_token_file and ca_fingerprint (enroll at first boot, device_id may then be a template such as "
+        "cam-{mac}), insecure (plaintext, no identity: experiments only), "
+        "api (HOST:PORT or unix:/path; default 127.0.0.1:8470), "
         "telemetry_interval_s (default 10), keepalive_s (default 15), outbox_max_bytes (default 64 MiB), "
         "outbox_max_age_s (default 7 days), rollback_window_s (default 300), rollback_min_inferences "
         "(default 20), rollback_max_error_rate (default 0.05), rollback_max_p95_ms (default: the bundle's "
@@ -29,6 +33,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", required=True, type=Path, help="the agent's TOML config file")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    enroll = sub.add_parser(
+        "enroll", help="enroll this device with its fleet: make its key, get its certificate",
+        description="Make this device's private key (it never leaves STATE_DIR/identity), fetch the controller's "
+        "CA and accept it only if its sha256 is --ca-fingerprint, send a certificate signing request with the "
+        "enrollment --token from `edgefleet fleet enroll` (or `fleet provision`), and keep the certificate, the CA "
+        "and the broker's URL in STATE_DIR/identity. `agent run` then needs no broker or controller in its config. "
+        "The agent renews the certificate by itself before it expires.",
+    )
+    enroll.add_argument("--controller", required=True, metavar="https://HOST:PORT", help="the controller's URL")
+    enroll.add_argument("--token", required=True, help="the enrollment token ('-': read it from stdin)")
+    enroll.add_argument("--ca-fingerprint", required=True, metavar="SHA256",
+                        help="the fleet CA's sha256 fingerprint, as `edgefleet fleet enroll` prints it")
+    enroll.add_argument("--config", required=True, type=Path, help="the agent's TOML config (for its state_dir)")
+    enroll.add_argument("--device-id", help="the id to enroll as (a provisioning token needs one; a template such as "
+                        "cam-{mac} is filled in here; default: the config's device_id)")
+    enroll.add_argument("--force", action="store_true", help="enroll again although this device is enrolled")
+    enroll.add_argument("--json", action="store_true", help="print the enrollment as JSON")
     infer = sub.add_parser(
         "infer", help="send one inference to a running agent's local API",
         description="Send the arrays of an .npz (one per model input, keyed by input name) to the agent "
@@ -47,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
         "enable and start the service. A second run changes nothing.",
     )
     install.add_argument("--device-id", help="the config's device_id")
-    install.add_argument("--broker", help="the config's broker: mqtt://HOST:PORT")
-    install.add_argument("--controller", help="the config's controller: http://HOST:PORT")
+    install.add_argument("--broker", help="the config's broker: mqtts://HOST:PORT")
+    install.add_argument("--controller", help="the config's controller: https://HOST:PORT")
+    install.add_argument("--token", help="enroll the device with this token from `edgefleet fleet enroll` (then "
+                         "--device-id and --broker come from the enrollment)")
+    install.add_argument("--ca-fingerprint", metavar="SHA256", help="with --token: the fleet CA's fingerprint")
     install.add_argument("--api", help="the config's api: HOST:PORT or unix:/path (default 127.0.0.1:8470)")
     install.add_argument("--telemetry-interval", type=float, help="the config's telemetry_interval_s (default 10)")
     install.add_argument("--config", type=Path, dest="config_file",
@@ -89,6 +113,37 @@ def _load_inputs(path: Path, client) -> dict[str, np.ndarray]:
         raise EdgefleetError(f"{path}: not a numpy .npz/.npy file ({e})") from None
 
 
+def _token(token: str | None) -> str | None:
+    if token == "-":
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise EdgefleetError("--token -: nothing on stdin")
+    return token
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    import time
+
+    from agent import config, identity
+
+    cfg = config.load(args.config)
+    existing = identity.Identity.load(cfg.state_dir)
+    if existing is not None and not args.force:
+        raise EdgefleetError(f"already enrolled as {existing.device_id} (certificate until "
+                             f"{identity.utc(existing.not_after)}); --force enrolls again")
+    ident = identity.enroll(cfg.state_dir, args.controller, _token(args.token), args.ca_fingerprint,
+                            args.device_id or cfg.device_id)
+    doc = {"device_id": ident.device_id, "broker": ident.broker, "controller": ident.controller,
+           "ca_fingerprint": ident.ca_fingerprint, "not_after": ident.not_after,
+           "identity": str(ident.root)}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"enrolled as {ident.device_id}: key and certificate in {ident.root} (valid until "
+              f"{identity.utc(ident.not_after)}, {identity.expires_in(ident, time.time())}); broker {ident.broker}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "run":
@@ -110,8 +165,11 @@ def main(argv: list[str]) -> int:
             return 0
         install.install(root=args.root, device_id=args.device_id, broker=args.broker, controller=args.controller,
                         api=args.api, telemetry_interval=args.telemetry_interval, config_file=args.config_file,
-                        force=args.force, source=args.source, extras=args.extras, python=args.python, say=say)
+                        force=args.force, source=args.source, extras=args.extras, python=args.python,
+                        token=_token(args.token), ca_fingerprint=args.ca_fingerprint, say=say)
         return 0
+    if args.cmd == "enroll":
+        return _enroll(args)
     from agent.api import AgentClient
 
     client = AgentClient(args.api)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import msgspec
 
+from agent import transport
 from agent.errors import EdgefleetError
-from agent.protocol import ProtocolError, check_device_id
 
 
 class ConfigError(EdgefleetError):
@@ -17,10 +18,20 @@ class ConfigError(EdgefleetError):
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    device_id: str
-    broker: str  # mqtt://HOST:PORT
-    controller: str  # http://HOST:PORT of the fleet controller (bundle downloads)
-    state_dir: str  # models, downloads, the current/previous links
+    state_dir: str  # models, downloads, the current/previous links, the outbox, the identity
+    # who this device is and where its fleet is: taken from the enrollment in state_dir/identity unless set here.
+    # device_id may be a template for first-boot provisioning: cam-{mac}, {hostname}, {machine_id}, {random}
+    device_id: str | None = None
+    broker: str | None = None  # mqtts://HOST:PORT
+    controller: str | None = None  # https://HOST:PORT of the fleet controller (bundle downloads)
+    # TLS files, when they do not come from an enrollment by this fleet's CA (state_dir/identity)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # first-boot provisioning from an image: enroll with this token file, pinning the CA by this fingerprint
+    provision_token_file: str | None = None
+    ca_fingerprint: str | None = None
+    insecure: bool = False  # plaintext mqtt:// and http:// with no identity: local experiments only
     api: str = "127.0.0.1:8470"  # local inference: HOST:PORT, or unix:/path/to.sock
     telemetry_interval_s: float = 10.0
     keepalive_s: int = 15  # MQTT keepalive; the broker sends the last will after ~1.5x this
@@ -34,21 +45,6 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     outbox_max_bytes: int = 64 * 1024 * 1024  # payload bytes queued
     outbox_max_age_s: float = 7 * 24 * 3600.0  # age of the oldest queued message
 
-    @property
-    def broker_host_port(self) -> tuple[str, int]:
-        return parse_mqtt_url(self.broker)
-
-
-def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """``mqtt://HOST[:PORT]`` -> (host, port); the port defaults to 1883."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 1883
-    except ValueError:
-        raise ConfigError(f"broker {url!r} has an invalid port") from None
-    if parts.scheme != "mqtt" or not parts.hostname or parts.path not in ("", "/"):
-        raise ConfigError(f"broker {url!r} is not an mqtt://HOST:PORT URL")
-    return parts.hostname, port
 
 
 def parse_api_address(addr: str) -> tuple[str, int] | str:
@@ -65,13 +61,36 @@ def parse_api_address(addr: str) -> tuple[str, int] | str:
 
 
 def validate(cfg: AgentConfig) -> AgentConfig:
+    from agent.identity import IdentityError, check_template, normalize_fingerprint
+
     try:
-        check_device_id(cfg.device_id)
-    except ProtocolError as e:
-        raise ConfigError(f"device_id: {e}") from None
-    parse_mqtt_url(cfg.broker)
-    if urlsplit(cfg.controller).scheme not in ("http", "https"):
-        raise ConfigError(f"controller {cfg.controller!r} is not an http(s):// URL")
+        if cfg.device_id is not None:
+            check_template(cfg.device_id)
+        if cfg.ca_fingerprint is not None:
+            normalize_fingerprint(cfg.ca_fingerprint)
+    except IdentityError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.broker is not None:
+        try:
+            transport.parse_url(cfg.broker, allow_plaintext=cfg.insecure)
+        except transport.TransportError as e:
+            raise ConfigError(f"broker: {e} (insecure = true allows it)" if "plaintext" in str(e) else
+                              f"broker: {e}") from None
+    if cfg.controller is not None:
+        scheme = urlsplit(cfg.controller).scheme
+        if scheme not in ("http", "https") or not urlsplit(cfg.controller).hostname:
+            raise ConfigError(f"controller {cfg.controller!r} is not an https:// URL")
+        if scheme == "http" and not cfg.insecure:
+            raise ConfigError(f"controller {cfg.controller!r} is plaintext http: use https:// (insecure = true "
+                              f"allows it for a local experiment)")
+    if cfg.insecure and (cfg.broker is None or cfg.controller is None or cfg.device_id is None):
+        raise ConfigError("insecure = true needs device_id, broker and controller (there is no enrollment)")
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together")
+    if cfg.provision_token_file is not None and (cfg.ca_fingerprint is None or cfg.controller is None
+                                                 or cfg.device_id is None):
+        raise ConfigError("provision_token_file needs ca_fingerprint, controller and device_id (an id or a "
+                          "template such as cam-{mac})")
     parse_api_address(cfg.api)
     if not cfg.telemetry_interval_s > 0:
         raise ConfigError("telemetry_interval_s must be > 0")
@@ -119,5 +138,5 @@ def dumps(cfg: AgentConfig) -> str:
         value = getattr(cfg, field)
         if value is None:
             continue  # TOML has no null: an absent key takes the default
-        lines.append(f"{field} = {value!r}" if not isinstance(value, str) else f'{field} = "{value}"')
+        lines.append(f"{field} = {json.dumps(value)}")  # JSON scalars and arrays of them are valid TOML
     return "\n".join(lines) + "\n"

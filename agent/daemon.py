@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import msgspec
 
-from agent import __version__, protocol, runtimes, systemd
+from agent import __version__, identity, protocol, runtimes, systemd, transport
 from agent.api import InferenceServer
 from agent.config import AgentConfig, ConfigError, validate
 from agent.config import load as load_config
@@ -43,8 +43,14 @@ def cpu_flags() -> list[str]:
 
 
 class Agent:
+    RENEW_CHECK_S = 3600.0  # how often the identity thread asks whether the certificate is due for renewal
+    PROVISION_ATTEMPTS = 3  # first-boot enrollment tries before start() gives up (systemd starts it again)
+
     def __init__(self, config: AgentConfig) -> None:
-        self.config = config
+        self.file_config = config  # what the config file says; reload() compares a new file with this
+        self.config = config  # the same, with device_id, broker and controller filled in from the enrollment by start()
+        self.identity: identity.Identity | None = None
+        self.tls: transport.Tls | None = None
         # New every start (never persisted). seq is per device and persistent (agent/outbox.py); a message queued
         # before a restart is replayed byte for byte, with the boot_id it was built under, so (device, boot_id,
         # seq) stays the controller's dedupe key, and stays unique even if the state dir is wiped and seq restarts.
@@ -62,10 +68,92 @@ class Agent:
         self._resources: Resources | None = None
         self._telemetry = threading.Thread(target=self._telemetry_loop, name="agent-telemetry", daemon=True)
         self._telemetry_tick: float | None = None  # when the telemetry loop last woke (run()'s watchdog)
+        self._renewer = threading.Thread(target=self._renew_loop, name="agent-identity", daemon=True)
+
+    # --- who we are --------------------------------------------------------------------------------
+    def _resolve_identity(self) -> None:
+        """Fill in device_id, broker, controller and the TLS files from the enrollment in the state dir (enrolling
+        now, on first boot, when the config has a provisioning token), unless the config says them itself."""
+        cfg = self.config
+        ident = None
+        if not cfg.insecure:
+            try:
+                ident = identity.Identity.load(cfg.state_dir)
+            except identity.IdentityError as e:
+                raise ConfigError(str(e)) from None
+            if ident is None and cfg.provision_token_file:
+                ident = self._provision()
+        if ident is None and not cfg.insecure and cfg.tls_cert is None:
+            raise ConfigError(f"this device is not enrolled (no {Path(cfg.state_dir) / identity.DIR}): run `edgefleet "
+                              f"agent enroll --controller https://HOST:PORT --token TOKEN --ca-fingerprint SHA256 "
+                              f"--config FILE` with a token from `edgefleet fleet enroll`")
+        if ident is not None:
+            if cfg.device_id and not identity.is_template(cfg.device_id) and cfg.device_id != ident.device_id:
+                raise ConfigError(f"device_id {cfg.device_id!r} in the config, but this state dir is enrolled as "
+                                  f"{ident.device_id!r}")
+            tls = ident.tls
+            self.tls = transport.Tls(cfg.tls_ca or tls.ca, cfg.tls_cert or tls.cert, cfg.tls_key or tls.key)
+            self.config = msgspec.structs.replace(cfg, device_id=ident.device_id, broker=cfg.broker or ident.broker,
+                                                  controller=cfg.controller or ident.controller)
+        elif cfg.tls_ca is not None:
+            self.tls = transport.Tls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+        missing = [k for k in ("device_id", "broker", "controller") if getattr(self.config, k) is None]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: not in the config and not from an enrollment")
+        if identity.is_template(self.config.device_id):
+            raise ConfigError(f"device_id {self.config.device_id!r} is a template: only first-boot provisioning "
+                              f"(provision_token_file) fills one in")
+        self.identity = ident
+        if self.tls is not None:
+            self.tls.check()
+            self.store.http_context = self._http_context
+
+    def _http_context(self):
+        return self.tls.context() if self.tls is not None else None
+
+    def _provision(self) -> identity.Identity:
+        """First boot from an image: enroll with the fleet's provisioning token, under an id made here."""
+        cfg = self.config
+        try:
+            token = Path(cfg.provision_token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"provision_token_file {cfg.provision_token_file}: {e.strerror or e}") from None
+        for attempt in range(1, self.PROVISION_ATTEMPTS + 1):
+            try:
+                ident = identity.enroll(cfg.state_dir, cfg.controller, token, cfg.ca_fingerprint, cfg.device_id)
+                log.info("enrolled as %s at first boot (certificate until %s)", ident.device_id,
+                         identity.utc(ident.not_after))
+                return ident
+            except identity.IdentityError as e:
+                if attempt == self.PROVISION_ATTEMPTS or "refused" in str(e):
+                    raise
+                log.warning("first-boot enrollment failed (%s); trying again in %d s", e, 5 * attempt)
+                time.sleep(5 * attempt)
+        raise AssertionError("unreachable")
+
+    def _renew_loop(self) -> None:
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = self.RENEW_CHECK_S
+            ident = self.identity
+            if ident is None or not ident.renewal_due(time.time()):
+                continue
+            try:
+                new = identity.renew(ident)
+            except (identity.IdentityError, transport.TransportError, OSError) as e:
+                log.warning("renewing the certificate (it expires in %s) failed: %s; trying again later",
+                            identity.expires_in(ident, time.time()), e)
+                wait = min(self.RENEW_CHECK_S, 300.0)
+                continue
+            self.identity, self.tls = new, new.tls
+            if self.link is not None:
+                self.link.use_identity(new.tls)
+            log.info("renewed the certificate: valid until %s", identity.utc(new.not_after))
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self.store.open()
+        self._resolve_identity()
         broken = self.outbox.open()
         if broken:  # moved aside and replaced: say so (queued, sent once the link is up)
             self._queue_error(broken)
@@ -74,7 +162,8 @@ class Agent:
         self.api = InferenceServer(self.config.api, self.engine, self.status)
         self.api.start()
         self.link = Link(
-            self.config.device_id, self.config.broker_host_port, keepalive=self.config.keepalive_s,
+            self.config.device_id, transport.parse_url(self.config.broker, allow_plaintext=self.config.insecure),
+            tls=self.tls, keepalive=self.config.keepalive_s,
             birth=self._birth, on_desired=self.updater.reconcile, on_cmd=self._on_cmd, outbox=self.outbox,
         )
         try:
@@ -90,6 +179,7 @@ class Agent:
         self._recovered.clear()
         self.updater.start()
         self._telemetry.start()
+        self._renewer.start()
         log.info("agent %s running: api %s, broker %s", self.config.device_id, self.api.address, self.config.broker)
 
     # what a reload applies to the running agent; any other changed field waits for a restart
@@ -149,11 +239,12 @@ class Agent:
             log.error("reload refused, still running on the previous config: %s", e)
             systemd.ready(f"reload refused: {e}")
             return False
-        changed = [f for f in cfg.__struct_fields__ if getattr(cfg, f) != getattr(self.config, f)]
+        changed = [f for f in cfg.__struct_fields__ if getattr(cfg, f) != getattr(self.file_config, f)]
         live = {f: getattr(cfg, f) for f in changed if f in self.LIVE_FIELDS}
         for f, value in live.items():
             log.info("reload: %s %s -> %s", f, getattr(self.config, f), value)
         self.config = msgspec.structs.replace(self.config, **live)
+        self.file_config = msgspec.structs.replace(self.file_config, **live)
         later = [f for f in changed if f not in live]
         if later:
             log.warning("reload: %s changed; takes effect at the next restart (systemctl restart edgefleet-agent)",
@@ -192,6 +283,8 @@ class Agent:
         self.updater.stop()
         if self._telemetry.is_alive():
             self._telemetry.join(timeout=5)
+        if self._renewer.is_alive():
+            self._renewer.join(timeout=5)
         if self.link:
             self.link.stop()
         self.outbox.close()  # what was not acknowledged stays on disk for the next start

@@ -199,11 +199,14 @@ def _pip(venv: Path, *args: str) -> str:
 
 
 # --- the config ----------------------------------------------------------------------------------------------
-def _render_config(device_id: str, broker: str, controller: str, api: str, interval: float) -> bytes:
-    s = json.dumps  # a JSON string is a TOML basic string
+def _render_config(device_id: str | None, broker: str | None, controller: str | None, api: str,
+                   interval: float) -> bytes:
+    def line(key: str, value: str | None) -> str:  # a JSON string is a TOML basic string
+        return f"{key} = {json.dumps(value)}" if value is not None else f"# {key} = (from the enrollment)"
+
     text = Template(data_file("agent.toml.in").read_text()).substitute(
-        device_id=s(device_id), broker=s(broker), controller=s(controller), api=s(api),
-        telemetry_interval_s=repr(float(interval)))
+        device_id=line("device_id", device_id), broker=line("broker", broker),
+        controller=line("controller", controller), api=json.dumps(api), telemetry_interval_s=repr(float(interval)))
     return text.encode()
 
 
@@ -223,9 +226,12 @@ def _check_config(content: bytes, origin: str) -> None:
 
 def _plan_config(target: Path, *, config_file: Path | None, device_id: str | None, broker: str | None,
                  controller: str | None, api: str | None, telemetry_interval: float | None,
-                 force: bool) -> bytes | None:
-    """The config to write (validated), or None to keep the one there. Raises before anything is changed."""
+                 force: bool, enrolling: bool = False) -> bytes | None:
+    """The config to write (validated), or None to keep the one there. Raises before anything is changed.
+    ``enrolling``: a --token was given, so the device id and broker come from the enrollment."""
     flags = {"--device-id": device_id, "--broker": broker, "--controller": controller}
+    if enrolling:
+        flags = {"--controller": controller}
     given = [f for f, v in {**flags, "--api": api, "--telemetry-interval": telemetry_interval}.items()
              if v is not None]
     if config_file is not None:
@@ -241,7 +247,7 @@ def _plan_config(target: Path, *, config_file: Path | None, device_id: str | Non
         if missing and not target.exists():
             raise InstallError(f"a new config needs {', '.join(missing)} (or --config FILE)")
         if missing:
-            raise InstallError(f"{target} exists; to write a new one give --device-id, --broker and --controller "
+            raise InstallError(f"{target} exists; to write a new one give {', '.join(flags)} "
                                f"(missing: {', '.join(missing)}) with --force")
         content = _render_config(device_id, broker, controller, api or "127.0.0.1:8470",
                                  10.0 if telemetry_interval is None else telemetry_interval)
@@ -250,7 +256,8 @@ def _plan_config(target: Path, *, config_file: Path | None, device_id: str | Non
         _check_config(target.read_bytes(), str(target))
         return None
     else:
-        raise InstallError(f"no config at {target}: give --device-id, --broker and --controller (or --config FILE)")
+        raise InstallError(f"no config at {target}: give --controller --token --ca-fingerprint (or --device-id, "
+                           f"--broker and --controller, or --config FILE)")
     if target.exists() and target.read_bytes() != content and not force:
         raise InstallError(f"{target} exists and differs; --force overwrites it (or leave out the config "
                            f"options to keep it)")
@@ -310,17 +317,48 @@ def _ensure_user(say: Say) -> bool:
 
 
 # --- the commands --------------------------------------------------------------------------------------------
+def _enroll(root: Path, controller: str | None, token: str, ca_fingerprint: str, device_id: str | None,
+            say: Say) -> None:
+    """Enroll into the service's state dir (once: an enrolled state dir is kept), owned by the service's user."""
+    from agent import identity
+
+    state = _under(root, STATE_DIR)
+    existing = identity.Identity.load(state)
+    if existing is not None:
+        say(f"identity: already enrolled as {existing.device_id} (certificate until "
+            f"{identity.utc(existing.not_after)}); keeping it")
+        return
+    if controller is None:
+        try:
+            controller = tomllib.loads(_under(root, CONFIG).read_text()).get("controller")
+        except (OSError, tomllib.TOMLDecodeError):
+            controller = None
+        if controller is None:
+            raise InstallError("--token needs --controller https://HOST:PORT (or a config naming the controller)")
+    state.mkdir(parents=True, exist_ok=True)
+    ident = identity.enroll(state, controller, token, ca_fingerprint, device_id)
+    say(f"identity: enrolled as {ident.device_id} (key made here, certificate until {identity.utc(ident.not_after)}, "
+        f"broker {ident.broker})")
+    if root == Path("/"):
+        uid, gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid
+        for p in [state, *state.rglob("*")]:
+            os.chown(p, uid, gid)
+
+
 def install(*, root: str | Path = "/", device_id: str | None = None, broker: str | None = None,
             controller: str | None = None, api: str | None = None, telemetry_interval: float | None = None,
             config_file: str | Path | None = None, force: bool = False, source: str | None = None,
-            extras: list[str] | tuple[str, ...] = (), python: str | None = None, say: Say = print) -> None:
+            extras: list[str] | tuple[str, ...] = (), python: str | None = None, token: str | None = None,
+            ca_fingerprint: str | None = None, say: Say = print) -> None:
     _require_root("install")
     root = Path(root).resolve()
     venv, config_path, unit_path = _under(root, VENV), _under(root, CONFIG), _under(root, UNIT)
+    if (token is None) != (ca_fingerprint is None):
+        raise InstallError("--token and --ca-fingerprint go together (both from `edgefleet fleet enroll`)")
     # everything that can be refused is checked before anything is changed
     content = _plan_config(config_path, config_file=Path(config_file) if config_file else None,
                            device_id=device_id, broker=broker, controller=controller, api=api,
-                           telemetry_interval=telemetry_interval, force=force)
+                           telemetry_interval=telemetry_interval, force=force, enrolling=token is not None)
     unit = data_file(f"{SERVICE}.service").read_bytes()
     old_umask = os.umask(0o022)  # the venv must be readable by the service's user
     try:
@@ -349,6 +387,8 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
             say(f"unit: writing {unit_path}")
             _write(unit_path, unit, 0o644)
             changed = True
+        if token is not None:
+            _enroll(root, controller, token, ca_fingerprint, device_id, say)
     finally:
         os.umask(old_umask)
     if _systemd_running(root):

@@ -1,7 +1,10 @@
 """The agent's one MQTT link: birth state and last will, desired/cmd in, the outbox out.
 
-paho-mqtt 2.x, the idiomatic way: VERSION2 callbacks, a retained last will, connect + loop_start,
-subscribe inside on_connect (so a reconnect resubscribes), QoS 1 out.
+paho-mqtt 2.x, the idiomatic way, built by ``agent.transport`` (MQTT v5, mutual TLS with the device's
+certificate on an mqtts:// broker): VERSION2 callbacks, a retained last will, connect + loop_start, a
+persistent session (clean start off, a session expiry of days), subscribe inside on_connect (so a reconnect
+resubscribes), QoS 1 out. A PUBACK with a failure reason code (the broker's ACL refused the topic: 0x87) is
+counted in ``refused`` and the message leaves the outbox: sending it again would be refused again.
 
 Telemetry and events never go to paho straight: they are queued on disk (agent/outbox.py), and a
 publisher thread hands them to paho in seq order, at most ``window`` unacknowledged at a time. A
@@ -23,13 +26,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from agent import protocol
+from agent import protocol, transport
 from agent.errors import EdgefleetError
 from agent.outbox import Outbox
 
 log = logging.getLogger("edgefleet.agent.link")
 
 WINDOW = 64  # queued messages handed to paho and not yet acknowledged, at most
+SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our subscriptions and queued commands this long
 
 
 class BrokerUnreachable(EdgefleetError):
@@ -40,8 +44,9 @@ class Link:
     def __init__(
         self,
         device_id: str,
-        broker: tuple[str, int],
+        broker: transport.BrokerUrl,
         *,
+        tls: transport.Tls | None = None,
         keepalive: int,
         birth: Callable[[], protocol.State],
         on_desired: Callable[[protocol.Desired], None],
@@ -54,6 +59,7 @@ class Link:
         self._mqtt = mqtt
         self.device_id = device_id
         self.broker = broker
+        self.tls = tls
         self.outbox = outbox
         self.window = window
         self._birth = birth
@@ -63,6 +69,7 @@ class Link:
         self._stopping = False
         self._failed: str | None = None
         self.dropped: dict[str, int] = {}  # invalid messages received, by reason
+        self.refused: dict[str, int] = {}  # our messages the broker refused (PUBACK reason), by reason
         # the publisher's state: touched only by its thread (and by stop() once it has ended)
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._sent_upto = 0  # the highest seq handed to paho
@@ -70,16 +77,13 @@ class Link:
         self._acked: deque[int] = deque()  # mids whose PUBACK came (appended on paho's thread)
         self._wake = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, name="agent-publisher", daemon=True)
-        self._c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-agent-{device_id}",
-            protocol=mqtt.MQTTv311,
-            clean_session=False,  # the broker keeps our subscriptions and queued cmds while we are away
-        )
+        # with TLS the broker takes the client id from our certificate's CN (the device id) whatever we say
+        self._ssl_context = tls.context() if broker.tls and tls else None
+        self._c = transport.make_client(broker, device_id if broker.tls else f"edgefleet-agent-{device_id}", tls,
+                                        context=self._ssl_context)
         self._keepalive = keepalive
         self._c.max_queued_messages_set(0)  # paho holds what is in flight across a reconnect (<= window + states)
         self._c.max_inflight_messages_set(window + 8)  # our window is the limit; room for state messages
-        self._c.reconnect_delay_set(1, 30)
         will = protocol.State(device_id=device_id, online=False, time=0.0)
         self._c.will_set(protocol.topic(device_id, protocol.STATE), protocol.encode(will), qos=1, retain=True)
         self._c.on_connect = self._connected_cb
@@ -104,17 +108,26 @@ class Link:
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect; raise BrokerUnreachable with the reason when the first attempt fails."""
-        host, port = self.broker
-        url = f"mqtt://{host}:{port}"
+        url = self.broker
         try:
-            self._c.connect(host, port, keepalive=self._keepalive)
+            transport.probe(url, self.tls)  # a refused certificate is one clear line, not a silent retry
+            self._c.connect(url.host, url.port, keepalive=self._keepalive, clean_start=False,
+                            properties=transport.connect_properties(SESSION_EXPIRY_S))
+        except transport.TransportError as e:
+            raise BrokerUnreachable(str(e)) from None
         except OSError as e:
-            raise BrokerUnreachable(f"cannot reach broker {url}: {e.strerror or e}") from None
+            raise BrokerUnreachable(f"cannot reach broker {url}: {transport.describe(e)}") from None
         self._c.loop_start()
         if not self._connected.wait(timeout):
             self._c.loop_stop()
             raise BrokerUnreachable(f"broker {url} did not accept the connection: {self._failed or 'timed out'}")
         self._publisher.start()
+
+    def use_identity(self, tls: transport.Tls) -> None:
+        """A renewed certificate: the next (re)connection presents it; this one stays up."""
+        self.tls = tls
+        if self._ssl_context is not None:
+            self._ssl_context.load_cert_chain(tls.cert, tls.key)
 
     def notify(self) -> None:
         """Something was queued in the outbox: send it now rather than on the next tick."""
@@ -203,7 +216,7 @@ class Link:
         self.publish_state()
         self._connected.set()
         self._wake.set()
-        log.info("connected to mqtt://%s:%d", *self.broker)
+        log.info("connected to %s", self.broker)
 
     def _connect_fail_cb(self, client, userdata) -> None:
         self._failed = "connection failed"
@@ -215,8 +228,13 @@ class Link:
         self._connected.clear()
 
     def _published_cb(self, client, userdata, mid, reason_code, properties) -> None:
-        # The PUBACK of a QoS 1 message (MQTT 3.1.1 has no failure codes on it). Only note it here: paho
-        # holds its message lock while calling us, and the outbox write belongs to the publisher thread.
+        # The PUBACK of a QoS 1 message. Only note it here: paho holds its message lock while calling us, and
+        # the outbox write belongs to the publisher thread.
+        if reason_code is not None and reason_code.is_failure:  # e.g. 0x87 Not authorized: the ACL refused it
+            reason = str(reason_code)
+            if reason not in self.refused:
+                log.error("the broker refused a message of ours: %s (counted; it is not sent again)", reason)
+            self.refused[reason] = self.refused.get(reason, 0) + 1
         self._acked.append(mid)
         self._wake.set()
 

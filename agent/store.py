@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -31,6 +32,8 @@ class ModelStore:
         self.root = Path(state_dir)
         self.downloads = self.root / "downloads"
         self.models = self.root / "models"
+        # HTTPS: the fleet CA to trust and this device's certificate to show (the agent sets it once enrolled)
+        self.http_context: Callable[[], ssl.SSLContext | None] = lambda: None
 
     def open(self) -> None:
         """Create the layout and clear what a crash can leave half-done (temp dirs, stale links)."""
@@ -122,7 +125,7 @@ class ModelStore:
         if have < size:
             req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
             try:
-                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                with urllib.request.urlopen(req, timeout=timeout, context=self.http_context()) as resp:
                     if have and resp.status != 206:  # the server ignored Range: start over
                         have = 0
                     with open(part, "ab" if have else "wb") as out:

@@ -13,7 +13,7 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import msgspec
 from starlette.applications import Starlette
@@ -27,10 +27,14 @@ from agent import protocol
 from agent.bundle import BundleError, read_manifest
 from agent.errors import EdgefleetError
 from fleet import targets
+from fleet.api_enroll import routes as enroll_routes
 from fleet.api_rollouts import routes as rollout_routes
 from fleet.link import Link
 from fleet.store import Store
 from fleet.web import routes as web_routes
+
+if TYPE_CHECKING:
+    from fleet.enroll import Enrollment
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -73,8 +77,10 @@ def new_deployment_id() -> str:
     return f"dep-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable[[], str]) -> Starlette:
-    """The Starlette app over one store and one link; ``public_url()`` is the base URL devices download from."""
+def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable[[], str],
+               enrollment: "Enrollment | None" = None) -> Starlette:
+    """The Starlette app over one store and one link; ``public_url()`` is the base URL devices download from;
+    ``enrollment`` (None in insecure mode) issues and revokes device identities."""
     bundles_dir = Path(bundles_dir)
 
     async def status(request: Request) -> Response:
@@ -247,5 +253,6 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         Route("/api/health/{device_id}", device_health),
         *rollout_routes(),  # /api/rollouts (fleet/api_rollouts.py)
         *web_routes(store),  # the dashboard, its series, /metrics, /api/openapi.json, /static
+        *(enroll_routes(enrollment) if enrollment is not None else []),  # /enroll/*, enrollments, revocation
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -1,8 +1,11 @@
 """``Fleet``: the controller's one composition root, built alike by the CLI and the tests.
 
-store (SQLite) + broker (an embedded mosquitto unless one is given) + MQTT link + HTTP API (uvicorn in
-a thread) + housekeeping (a thread: the heartbeat sweep every second, retention every minute).
-``serve()`` runs in the foreground until SIGINT/SIGTERM; tests use ``start_background()`` and ``stop()``.
+store (SQLite) + the fleet CA (``fleet.pki``, made once in ``DATA/pki``) + broker (an embedded mosquitto with
+mutual TLS and an ACL, unless one is given) + MQTT link + HTTPS API (uvicorn in a thread; client
+certificates optional, so devices can prove who they are) + housekeeping (a thread: the heartbeat sweep
+every second, retention every minute). ``insecure=True`` (``fleet serve --insecure``) is plaintext MQTT and
+HTTP with an anonymous broker: for local experiments only. ``serve()`` runs in the foreground until
+SIGINT/SIGTERM; tests use ``start_background()`` and ``stop()``.
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
+from agent import transport
 from agent.errors import EdgefleetError
 from fleet.broker import Mosquitto
-from agent.config import parse_mqtt_url as parse_broker_url
+from fleet.enroll import CERT_LIFETIME_S, Enrollment
 from fleet.link import CLIENT_ID, Link
+from fleet.pki import PKI, default_hosts, fingerprint, pem
 from fleet.retention import Housekeeper, Policy
 from fleet.rollouts import Rollouts
 from fleet.store import OFFLINE_AFTER_INTERVALS, Store
@@ -32,6 +40,7 @@ DB = "fleet.db"
 BUNDLES = "bundles"
 BROKER_DIR = "mosquitto"
 CONTROLLER_JSON = "controller.json"
+PKI_DIR = "pki"
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -42,13 +51,43 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    u = transport.parse_url(url)
+    return u.host, u.port
+
+
+def _peer_cert_protocol():
+    """uvicorn's h11 protocol, putting the TLS client certificate (DER, or nothing) of each connection into
+    ``scope["state"]["peer_cert"]``: ASGI has no standard place for it, and the enrollment and bundle routes
+    need to know which device is calling."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class PeerCertH11(H11Protocol):
+        def connection_made(self, transport_) -> None:
+            super().connection_made(transport_)
+            ssl_object = transport_.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            self.app_state = {**self.app_state, "peer_cert": der}  # this connection's own copy
+
+    return PeerCertH11
+
+
 class Fleet:
     def __init__(self, data_dir: Path, broker_url: str | None = None, http_host: str = "127.0.0.1",
-                 http_port: int = 8080, public_url: str | None = None, mqtt_listen: str = "127.0.0.1:1883",
+                 http_port: int = 8080, public_url: str | None = None, mqtt_listen: str | None = None,
                  client_id: str = CLIENT_ID, offline_after: float = OFFLINE_AFTER_INTERVALS,
                  retention: Policy | None = None, sweep_every_s: float = 1.0,
-                 compact_every_s: float = 60.0) -> None:
+                 compact_every_s: float = 60.0, *, insecure: bool = False, hostnames: list[str] = (),
+                 broker_tls: transport.Tls | None = None, public_broker: str | None = None,
+                 cert_lifetime_s: float = CERT_LIFETIME_S) -> None:
         self.data_dir = Path(data_dir)
+        self.insecure = insecure  # plaintext MQTT and HTTP, an anonymous broker: local experiments only
+        self.hostnames = list(hostnames)  # more names devices and operators reach this controller by
+        self.broker_tls = broker_tls  # with an external mqtts:// broker: its CA, our certificate and key
+        self._public_broker = public_broker
+        self.cert_lifetime_s = cert_lifetime_s
+        self.pki: PKI | None = None
+        self.enrollment: Enrollment | None = None
         self.offline_after = offline_after  # telemetry intervals of silence that make a device offline
         self.retention = retention or Policy()
         self._sweep_every_s = sweep_every_s
@@ -60,7 +99,7 @@ class Fleet:
         self.client_id = client_id
         self._broker_url = broker_url
         self._public_url = public_url
-        self._mqtt_listen = mqtt_listen
+        self._mqtt_listen = mqtt_listen or f"127.0.0.1:{1883 if insecure else 8883}"
         self.store: Store | None = None
         self.broker: Mosquitto | None = None
         self.link: Link | None = None
@@ -83,39 +122,79 @@ class Fleet:
         if self._sock is None:
             raise EdgefleetError("the fleet controller is not started")
         host = self.http_host if ":" not in self.http_host else f"[{self.http_host}]"
-        return f"http://{host}:{self.http_port}"
+        return f"{self.scheme}://{host}:{self.http_port}"
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.insecure else "https"
 
     @property
     def public_url(self) -> str:
-        """The base URL devices download bundles from."""
+        """The base URL devices enroll with and download bundles from."""
         if self._public_url:
             return self._public_url.rstrip("/")
         if self.http_host in ("0.0.0.0", "::", ""):
-            return f"http://{socket.gethostname()}:{self.http_port}"
+            return f"{self.scheme}://{socket.gethostname()}:{self.http_port}"
         return self.http_url
+
+    @property
+    def public_broker(self) -> str:
+        """The broker URL enrolled devices are told: --public-broker, an external --broker as given, or the
+        embedded broker at the public URL's host."""
+        if self._public_broker:
+            return self._public_broker
+        if self.broker is None:
+            return self.broker_url
+        host = urlsplit(self.public_url).hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"{'mqtt' if self.insecure else 'mqtts'}://{host}:{self.broker.port}"
+
+    def _hosts(self) -> list[str]:
+        """Every name the broker's and the controller's certificates carry."""
+        hosts = default_hosts() + self.hostnames
+        for url in (self._public_url, self._public_broker):
+            if url and urlsplit(url).hostname:
+                hosts.append(urlsplit(url).hostname)
+        for host in (self.http_host, parse_hostport(self._mqtt_listen, "--mqtt-listen address")[0]):
+            if host not in ("0.0.0.0", "::", ""):
+                hosts.append(host)
+        return hosts
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Fleet":
         """Open the store, bind HTTP, start the broker (unless one was given) and connect to it."""
         if self.store is not None:
             return self
-        if self._broker_url is not None:
-            parse_broker_url(self._broker_url)  # a bad URL fails before anything starts
+        if self._broker_url is not None:  # a bad URL fails before anything starts
+            transport.parse_url(self._broker_url, allow_plaintext=self.insecure, what="--broker")
+        if self._public_broker is not None:
+            transport.parse_url(self._public_broker, allow_plaintext=self.insecure, what="--public-broker")
         try:
             self._lock_data_dir()
             self.store = Store(self.data_dir / DB, offline_after=self.offline_after).open()
+            if not self.insecure:
+                self.pki = PKI(self.data_dir / PKI_DIR).ensure(self._hosts())
+                self.pki.write_crl(self.store.revoked_serials())
             self._bind()
             if self._broker_url is None:
                 host, port = parse_hostport(self._mqtt_listen, "--mqtt-listen address")
-                self.broker = Mosquitto(self.data_dir / BROKER_DIR, host=host, port=port).start()
+                self.broker = Mosquitto(self.data_dir / BROKER_DIR, host=host, port=port, pki=self.pki)
+                self.broker.set_revoked(self.store.revoked_device_ids())
+                self.broker.start()
                 connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-                self._broker_url = f"mqtt://{connect_host}:{self.broker.port}"
-            self.link = Link(self._broker_url, self.store, client_id=self.client_id).start()
+                self._broker_url = f"{'mqtt' if self.insecure else 'mqtts'}://{connect_host}:{self.broker.port}"
+            if self.pki is not None:
+                self.enrollment = Enrollment(self.store, self.pki, lambda: self.public_broker, lambda: self.public_url,
+                                             cert_lifetime_s=self.cert_lifetime_s, on_revoke=self._revoked)
+            tls = self.broker_tls or (self.pki.controller_tls() if self.pki else None)
+            self.link = Link(self._broker_url, self.store, client_id=self.client_id, tls=tls,
+                             enrolled=self.enrollment.is_enrolled if self.enrollment else None).start()
             self.housekeeper = Housekeeper(self.store, self.retention, self._sweep_every_s,
                                            self._compact_every_s).start()
             from fleet.api import create_app
 
-            self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url)
+            self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url,
+                                  enrollment=self.enrollment)
             self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url).start()
         except BaseException:
             self.stop()
@@ -123,7 +202,9 @@ class Fleet:
         return self
 
     def _lock_data_dir(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.data_dir.exists():
+            self.data_dir.mkdir(parents=True)
+            os.chmod(self.data_dir, 0o700)  # the database, the bundles, the CA's key and the admin token
         f = open(self.data_dir / ".lock", "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,8 +235,12 @@ class Fleet:
         self.start()
         if self._thread is not None:
             return self
+        tls = {} if self.pki is None else dict(
+            ssl_certfile=str(self.pki.controller_crt), ssl_keyfile=str(self.pki.controller_key),
+            ssl_ca_certs=str(self.pki.ca_crt), ssl_cert_reqs=ssl.CERT_OPTIONAL,  # devices show theirs
+            http=_peer_cert_protocol())
         config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=5)
+                                lifespan="off", timeout_graceful_shutdown=5, **tls)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="edgefleet-http", daemon=True)
@@ -222,6 +307,50 @@ class Fleet:
             self._lock_file.close()  # releases the lock
             self._lock_file = None
 
+    # -- revocation --------------------------------------------------------------------------------
+    def _revoked(self, device_id: str, kick: bool) -> None:
+        """After a revocation: the broker denies the id everything and rereads the CRL; with ``kick`` the
+        device's live connection is dropped (the CRL keeps it from coming back)."""
+        if self.broker is None:
+            log.warning("revoked %s: give the broker %s the new CRL %s (and deny the id in its ACL); this controller "
+                        "ignores the device's messages from now on", device_id, self.broker_url,
+                        self.pki.crl if self.pki else "")
+            return
+        self.broker.set_revoked(self.store.revoked_device_ids())
+        self.broker.reload()
+        if kick:
+            self._kick(device_id)
+
+    def _kick(self, device_id: str, timeout: float = 5.0) -> None:
+        """Take over the device's MQTT session with a throwaway certificate for its id, then end it: the broker
+        disconnects the device and forgets the session. The certificate is revoked right after."""
+        cert, key = self.pki.issue_ephemeral(device_id)
+        self.store.add_certificate(cert.serial_number, device_id, fingerprint(cert),
+                                   cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp(), "kick")
+        try:
+            with tempfile.TemporaryDirectory(dir=self.pki.root, prefix=".kick-") as tmp:
+                crt_path, key_path = Path(tmp) / "kick.crt", Path(tmp) / "kick.key"
+                crt_path.write_text(pem(cert))
+                key_path.touch(0o600)
+                key_path.write_bytes(key)
+                client = transport.make_client(transport.parse_url(self.broker_url), device_id,
+                                               transport.Tls(str(self.pki.ca_crt), str(crt_path), str(key_path)))
+                done = threading.Event()
+                client.on_connect = lambda *a: done.set()
+                client.connect(*_host_port(self.broker_url), keepalive=10, clean_start=True,
+                               properties=transport.connect_properties(0))
+                client.loop_start()
+                if not done.wait(timeout):
+                    log.warning("could not take over %s's session to disconnect it", device_id)
+                client.disconnect()
+                client.loop_stop()
+        except (OSError, EdgefleetError) as e:
+            log.warning("could not disconnect %s: %s", device_id, e)
+        finally:
+            self.store.revoke_certificates(device_id, "session takeover", serials=[cert.serial_number])
+            self.pki.write_crl(self.store.revoked_serials())
+            self.broker.reload()
+
     def compact(self, now: float | None = None) -> dict[str, int]:
         """Run retention now (the housekeeper also does every minute); ``now`` for tests."""
         if self.housekeeper is None:
@@ -229,7 +358,8 @@ class Fleet:
         return self.housekeeper.compact(now)
 
     def _write_controller_json(self) -> None:
-        doc = {"http": self.http_url, "broker": self.broker_url, "pid": os.getpid()}
+        doc = {"http": self.http_url, "broker": self.broker_url, "pid": os.getpid(), "insecure": self.insecure,
+               "ca_fingerprint": self.pki.ca_fingerprint if self.pki else None}
         fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".controller.", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f)

@@ -1,8 +1,19 @@
-"""The embedded broker: mosquitto as a child process, configured for a controller that must not lose messages.
+"""The embedded broker: mosquitto as a child process, configured for a controller that must not lose messages
+and for devices that may speak only for themselves.
 
 FINDINGS (MQTT): with mosquitto's defaults a slow subscriber loses most QoS 1 messages although every
 publisher got its PUBACK, so the queue and in-flight limits are raised here, and persistence is on so the
 controller's persistent session and retained messages survive a broker restart.
+
+With a ``pki`` (the default for ``fleet serve``) it listens with TLS only and requires a client certificate
+from the fleet CA (``require_certificate``); the certificate's CN is the client's user name and client id
+(``use_identity_as_username``, ``use_username_as_clientid``: nobody can claim another's id or take over its
+session); anonymous clients are refused; revoked certificates are in the CRL; and the ACL file lets a device
+publish only ``edgefleet/v1/<its id>/{state,telemetry,events}`` and read only its own ``desired`` and
+``cmd``, while the controller's identity reads and writes every device's topics. A revoked device id gets an
+explicit ``deny`` in the ACL, which mosquitto applies to a live connection on SIGHUP (``reload()``), when it
+also rereads the CRL for new connections. Packets over ``MAX_PACKET_SIZE`` disconnect their sender. Without a
+``pki`` (``fleet serve --insecure``) it is a plaintext broker that anyone who can reach it may use.
 """
 
 from __future__ import annotations
@@ -17,13 +28,19 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.errors import EdgefleetError
+
+if TYPE_CHECKING:
+    from fleet.pki import PKI
 
 _PR_SET_PDEATHSIG = 1
 CONFIG = "mosquitto.conf"
 LOG = "mosquitto.log"
 OUTPUT = "mosquitto.out"  # its stdout/stderr: what it says before the log file is open
+ACL = "acl"
+MAX_PACKET_SIZE = 128 * 1024  # bytes; the largest message of the contract is a few KiB
 
 
 def find_mosquitto() -> str:
@@ -58,16 +75,69 @@ class Mosquitto:
     """
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0,
-                 start_timeout: float = 10.0) -> None:
+                 start_timeout: float = 10.0, pki: "PKI | None" = None) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
         self.start_timeout = start_timeout
+        self.pki = pki
         self.proc: subprocess.Popen | None = None
+        self._revoked: list[str] = []
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.pki else 'mqtt'}://{host}:{self.port}"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.data_dir / ACL
+
+    def acl(self) -> str:
+        """The ACL file: the controller's identity reads and writes every device's topics; a device publishes
+        its own reports and reads its own desired model and commands; a revoked id may do nothing."""
+        from fleet.pki import CONTROLLER_CN
+
+        lines = ["# written by edgefleet; regenerated on every start and revocation", "",
+                 f"user {CONTROLLER_CN}", "topic readwrite edgefleet/v1/#", ""]
+        for device_id in self._revoked:  # ids are [a-z0-9._-]: nothing here can break the file's syntax
+            lines += [f"user {device_id}", "topic deny #", ""]
+        lines += ["# every other client: a device, its user name being the CN of its certificate",
+                  "pattern write edgefleet/v1/%u/state", "pattern write edgefleet/v1/%u/telemetry",
+                  "pattern write edgefleet/v1/%u/events", "pattern read edgefleet/v1/%u/desired",
+                  "pattern read edgefleet/v1/%u/cmd", ""]
+        return "\n".join(lines)
+
+    def set_revoked(self, device_ids: list[str]) -> None:
+        """Deny these device ids everything (written to the ACL now; applied to live connections by reload())."""
+        self._revoked = sorted(set(device_ids))
+        if self.pki is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            _write_text(self.acl_path, self.acl())
+
+    def reload(self, timeout: float = 5.0) -> bool:
+        """SIGHUP: mosquitto rereads its config, ACL and CRL (the CRL for new connections; the ACL at once).
+
+        Returns once its log says it reloaded (it handles the signal in its main loop, which then applies the
+        new ACL before it reads from any client again), or False after ``timeout``."""
+        if not self.running:
+            return False
+        try:
+            offset = self.log_path.stat().st_size
+        except OSError:
+            offset = 0
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(self.log_path, "rb") as f:
+                    f.seek(offset)
+                    if b"Reloading config" in f.read():
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
 
     @property
     def log_path(self) -> Path:
@@ -75,11 +145,20 @@ class Mosquitto:
 
     def config(self) -> str:
         persist = self.data_dir / "persistence"
+        if self.pki is None:
+            access = ["# INSECURE (fleet serve --insecure): plaintext, and anyone who reaches it may use it",
+                      f"listener {self.port} {self.host}", "allow_anonymous true"]
+        else:
+            access = ["per_listener_settings false", "allow_anonymous false", f"acl_file {self.acl_path}",
+                      f"listener {self.port} {self.host}",
+                      f"cafile {self.pki.ca_crt}", f"certfile {self.pki.broker_crt}", f"keyfile {self.pki.broker_key}",
+                      f"crlfile {self.pki.crl}", "require_certificate true", "use_identity_as_username true",
+                      "use_username_as_clientid true", "tls_version tlsv1.2"]
         return "\n".join([
             "# written by edgefleet; regenerated on every start",
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",  # as root, mosquitto would switch to 'mosquitto'
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+            *access,
+            f"max_packet_size {MAX_PACKET_SIZE}",
             "persistence true",
             f"persistence_location {persist}/",
             "autosave_interval 60",
@@ -103,11 +182,13 @@ class Mosquitto:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "persistence").mkdir(exist_ok=True)
         pick = self.port == 0
+        if self.pki is not None:
+            _write_text(self.acl_path, self.acl())
         for attempt in range(3 if pick else 1):
             if pick:
                 self.port = free_port(self.host)
             conf = self.data_dir / CONFIG
-            conf.write_text(self.config())
+            _write_text(conf, self.config())
             out = open(self.data_dir / OUTPUT, "ab")
             try:
                 self.proc = subprocess.Popen(
@@ -126,7 +207,7 @@ class Mosquitto:
         raise EdgefleetError(f"mosquitto did not start listening on {self.host}:{self.port} "
                              f"(see {self.log_path}): {self._tail() or 'no output'}")
 
-    def _wait_ready(self) -> bool:
+    def _wait_ready(self) -> bool:  # the TCP port answers (TLS or not: the handshake needs a client certificate)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -169,3 +250,9 @@ class Mosquitto:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

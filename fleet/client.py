@@ -16,9 +16,15 @@ DEFAULT_SERVER = "http://127.0.0.1:8080"
 
 
 class FleetClient:
-    def __init__(self, server_url: str = DEFAULT_SERVER, timeout: float = 60.0) -> None:
+    def __init__(self, server_url: str = DEFAULT_SERVER, timeout: float = 60.0, *, ca: str | None = None) -> None:
         self.server_url = server_url.rstrip("/")
         self.timeout = timeout
+        self.ca = ca  # the fleet CA (DATA/pki/ca.crt) an https:// controller's certificate must chain to
+        self._context = None
+        if ca is not None:
+            import ssl
+
+            self._context = ssl.create_default_context(cafile=ca)
 
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/api/status")
@@ -82,11 +88,34 @@ class FleetClient:
             return self._call("GET", "/api/health" + (f"?{query}" if query else ""))
         return self._call("GET", f"/api/health/{urllib.parse.quote(device, safe='')}")
 
+    # enrollment and revocation (fleet/api_enroll.py)
+    def create_enrollment(self, device_id: str | None = None, ttl_s: float = 3600.0, count: int = 1,
+                          prefix: str = "") -> dict[str, Any]:
+        """A one-time token for ``device_id``, or a provisioning token for ``count`` devices (ids with ``prefix``)."""
+        body = {"ttl_s": ttl_s, **({"device_id": device_id} if device_id else {"count": count, "prefix": prefix})}
+        return self._call("POST", "/api/enrollments", json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    def enrollments(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/enrollments")
+
+    def revoke_enrollment(self, token_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/enrollments/{urllib.parse.quote(token_id, safe='')}/revoke", b"{}",
+                          {"Content-Type": "application/json"})
+
+    def revoke(self, device: str) -> dict[str, Any]:
+        """Revoke a device's identity: it is disconnected and can no longer connect, download or renew."""
+        return self._call("POST", f"/api/devices/{urllib.parse.quote(device, safe='')}/revoke", b"{}",
+                          {"Content-Type": "application/json"})
+
+    def certificates(self, device: str | None = None) -> list[dict[str, Any]]:
+        query = f"?{urllib.parse.urlencode({'device': device})}" if device else ""
+        return self._call("GET", f"/api/certificates{query}")
+
     def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
         url = self.server_url + path
         req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._context) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             raise EdgefleetError(_server_error(e)) from None

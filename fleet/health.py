@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from fleet.store import Store
 
 RECENT_S = 300.0
-ERROR_EVENTS = ("failed", "error", "rolled_back")
+CONFLICT_QUIET_S = 600.0  # an identity conflict (two devices, one identity) shows until this long after its last takeover
+ERROR_EVENTS = ("failed", "error", "rolled_back", "identity_conflict")
 STATUSES = ("online", "offline")
 
 # sort keys: column -> (its value in a health entry, descending by default)
@@ -136,6 +137,10 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str]) -> dict
         "duplicates": d["duplicates"],
         "outbox_dropped": outbox.get("outbox_dropped", 0) if t else None,
         "outbox_pending": outbox.get("outbox_pending", 0) if t else None,
+        # two devices using this one identity (fleet.store._check_boot), while it is recent
+        "identity_conflict": {"since": d["conflict_first"], "last": d["conflict_last"], "takeovers": d["conflicts"],
+                              "boot_ids": json.loads(d["boots"])}
+        if d["conflict_last"] is not None and now - d["conflict_last"] <= CONFLICT_QUIET_S else None,
     }
 
 

@@ -1,7 +1,8 @@
 """The controller's MQTT link: takes in what devices report, publishes what they should run.
 
 A persistent MQTT v5 session (stable client id, clean start off, a session expiry of days) makes the
-broker keep what devices send while the controller restarts. A message is acknowledged only after it was
+broker keep what devices send while the controller restarts. The client is built by ``agent.transport``
+(mutual TLS with the controller's identity on an mqtts:// broker). A message is acknowledged only after it was
 stored (manual ack), so a crash in between means a redelivery, which the store ignores. Anything that
 does not follow the contract is counted, logged once per reason, and dropped.
 """
@@ -10,19 +11,15 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
-from agent.config import parse_mqtt_url as parse_broker_url
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent import protocol
+from agent import protocol, transport
 from agent.errors import EdgefleetError
 from fleet.store import Store
 
@@ -38,9 +35,13 @@ class Link:
 
     def __init__(self, broker_url: str, store: Store, client_id: str = CLIENT_ID, keepalive: int = 30,
                  connect_timeout: float = 5.0, publish_timeout: float = 10.0,
-                 session_expiry_s: int = SESSION_EXPIRY_S) -> None:
+                 session_expiry_s: int = SESSION_EXPIRY_S, tls: transport.Tls | None = None,
+                 enrolled: Callable[[str], bool] | None = None) -> None:
         self.broker_url = broker_url
-        self.host, self.port = parse_broker_url(broker_url)
+        self.url = transport.parse_url(broker_url)
+        self.host, self.port = self.url.host, self.url.port
+        self.tls = tls
+        self.enrolled = enrolled  # None: every device id the broker lets through is taken (insecure mode)
         self.store = store
         self.client_id = client_id
         self.keepalive = keepalive
@@ -52,6 +53,7 @@ class Link:
         self._invalid: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._answered = threading.Event()  # the first connection attempt has an outcome (start() waits for it)
         self._connect_error: str | None = None
         self._client: mqtt.Client | None = None
         self._stopping = False
@@ -59,26 +61,22 @@ class Link:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "Link":
         where = f"cannot reach broker {self.broker_url}"
-        try:  # a quick TCP probe turns "connection refused" into a clear error instead of retries
-            socket.create_connection((self.host, self.port), timeout=min(3.0, self.connect_timeout)).close()
-        except OSError as e:
-            raise EdgefleetError(f"{where}: {e.strerror or e}") from None
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=mqtt.MQTTv5, manual_ack=True)
+        # a quick probe turns "connection refused" or a refused certificate into a clear error, not retries
+        transport.probe(self.url, self.tls, timeout=min(3.0, self.connect_timeout))
+        client = transport.make_client(self.url, self.client_id, self.tls, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.reconnect_delay_set(1, 30)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.session_expiry_s
+        client.on_connect_fail = self._on_connect_fail
         self._stopping = False
         self._connected.clear()
+        self._answered.clear()
         self._connect_error = None
         client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=False,
-                             properties=props)
+                             properties=transport.connect_properties(self.session_expiry_s))
         self._client = client
         client.loop_start()
-        if not self._connected.wait(self.connect_timeout) or self._connect_error:
+        if not self._answered.wait(self.connect_timeout) or self._connect_error:
             reason = self._connect_error or f"no answer within {self.connect_timeout:g} s"
             self.stop()
             raise EdgefleetError(f"{where}: {reason}")
@@ -104,7 +102,7 @@ class Link:
         if reason_code.is_failure:
             self._connect_error = f"broker refused the connection: {reason_code}"
             log.error("%s refused the connection: %s", self.broker_url, reason_code)
-            self._connected.set()
+            self._answered.set()
             return
         # Retained state is sent only for a new subscription (retain handling 1), not on every reconnect.
         opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
@@ -112,6 +110,14 @@ class Link:
         log.info("connected to %s (session present: %s)", self.broker_url, flags.session_present)
         self._connect_error = None
         self._connected.set()
+        self._answered.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho swallows the exception; a TLS failure shows only here, before any CONNACK
+        if not self._answered.is_set():
+            self._connect_error = "the TLS handshake or TCP connection failed (wrong CA or certificate?)" \
+                if self.url.tls else "the connection failed"
+            self._answered.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
@@ -137,6 +143,8 @@ class Link:
             device_id, kind = protocol.parse_topic(topic)
             if kind not in protocol.DEVICE_KINDS:
                 raise protocol.ProtocolError(f"{kind} is not a message devices send")
+            if self.enrolled is not None and not self.enrolled(device_id):
+                raise protocol.ProtocolError("device not enrolled (or revoked)")
             msg = protocol.decode(kind, payload)
             if msg.device_id != device_id:
                 raise protocol.ProtocolError(f"{kind} payload's device_id does not match its topic")

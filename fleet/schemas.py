@@ -144,6 +144,16 @@ class Health(_S):
     duplicates: int
     outbox_dropped: int | None
     outbox_pending: int | None
+    identity_conflict: "IdentityConflict | None"  # two devices use this identity (a cloned image)
+
+
+class IdentityConflict(_S):
+    """Births from boot ids that alternate: two devices hold this device's certificate and take its session
+    from each other."""
+    since: float  # the first takeover seen
+    last: float  # the latest
+    takeovers: int
+    boot_ids: list[str]  # the latest boot ids seen, oldest first
 
 
 class Identity(_S):

@@ -33,9 +33,10 @@ from agent import protocol
 from agent.errors import EdgefleetError
 from fleet import health, retention, targets
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
+CLONE_BOOTS = 8  # the boot ids remembered per device for clone detection
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
 
 _SCHEMA_V2 = """
@@ -175,7 +176,46 @@ INSERT INTO device_errors (device_id, kind, count, last_time)
 CREATE TABLE retention (tier TEXT PRIMARY KEY, before REAL NOT NULL);
 UPDATE schema_version SET version = 3
 """
-_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3}
+# identities: the certificates the fleet CA issued (fleet/enroll.py), one-time and provisioning enrollment tokens
+# (stored hashed), revoked device ids; and what clone detection keeps per device (fleet.store.record_state)
+_V3_TO_V4 = """
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    not_before REAL NOT NULL,
+    not_after REAL NOT NULL,
+    issued REAL NOT NULL,
+    kind TEXT NOT NULL,
+    revoked REAL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX certificates_device ON certificates (device_id);
+CREATE TABLE enrollments (
+    id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    device_id TEXT,
+    prefix TEXT NOT NULL DEFAULT '',
+    uses_left INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '',
+    revoked REAL
+);
+CREATE TABLE revoked_devices (
+    device_id TEXT PRIMARY KEY,
+    time REAL NOT NULL,
+    by TEXT NOT NULL DEFAULT ''
+);
+ALTER TABLE devices ADD COLUMN boots TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE devices ADD COLUMN conflicts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN conflict_first REAL;
+ALTER TABLE devices ADD COLUMN conflict_last REAL;
+UPDATE schema_version SET version = 4
+"""
+_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
 
 class Store:
     """The controller's SQLite registry at ``path``; safe to call from any thread.
@@ -307,6 +347,7 @@ class Store:
         with self._tx() as db:
             self._touch(db, msg.device_id, self._seen(received, msg.time, retained))
             if msg.online:
+                self._check_boot(db, msg, received)
                 db.execute(
                     "UPDATE devices SET online = 1, state_time = ?, boot_id = ?, agent_version = ?, arch = ?, "
                     "cpu_flags = ?, runtimes = ?, active_name = ?, active_version = ?, active_sha256 = ?, "
@@ -325,6 +366,30 @@ class Store:
             db.execute("UPDATE devices SET online = 0, state_time = max(coalesce(state_time, ?), ?) WHERE id = ?",
                        (msg.time, msg.time, msg.device_id))
             self._settle(db, msg.device_id, received, "last will" if will else "offline state")
+
+    def _check_boot(self, db: sqlite3.Connection, msg: protocol.State, received: float) -> None:
+        """Clone detection. A device's boot id changes only when its agent restarts, and an old one never comes
+        back; births whose boot ids alternate (a, b, a) are two devices using one identity (an image cloned
+        after enrollment: the broker hands the session from one to the other and each reconnects)."""
+        if not msg.boot_id:
+            return
+        row = db.execute("SELECT boot_id, boots FROM devices WHERE id = ?", (msg.device_id,)).fetchone()
+        if msg.boot_id == row["boot_id"]:
+            return
+        boots = [b for b in json.loads(row["boots"]) if b != msg.boot_id]
+        if msg.boot_id in json.loads(row["boots"]) and row["boot_id"]:
+            n = db.execute("UPDATE devices SET conflicts = conflicts + 1, conflict_first = coalesce(conflict_first, "
+                           "?1), conflict_last = ?1 WHERE id = ?2 RETURNING conflicts",
+                           (received, msg.device_id)).fetchone()[0]
+            if n == 1 or n % 10 == 0:  # an event when it starts, then every tenth takeover
+                db.execute("INSERT OR IGNORE INTO events (device_id, boot_id, seq, time, received, kind, reason) "
+                           "VALUES (?, 'controller', ?, ?, ?, 'identity_conflict', ?)",
+                           (msg.device_id, -n, received, received,
+                            f"two devices use the identity {msg.device_id}: boot ids {row['boot_id']} and "
+                            f"{msg.boot_id} alternate ({n} takeover{'s' if n > 1 else ''}); give one a new "
+                            f"identity (revoke this one and enroll both)"))
+        db.execute("UPDATE devices SET boots = ? WHERE id = ?",
+                   (json.dumps((boots + [msg.boot_id])[-CLONE_BOOTS:]), msg.device_id))
 
     @staticmethod
     def _count_seq(db: sqlite3.Connection, device_id: str, seq: int, stored: bool) -> bool:
@@ -435,6 +500,109 @@ class Store:
             "ORDER BY device_id", (deployment_id,))]
         return d
 
+
+    # -- identities: certificates, enrollment tokens, revocations (fleet/enroll.py) --------------------
+    def add_certificate(self, serial: int, device_id: str, fingerprint: str, not_before: float, not_after: float,
+                        kind: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO certificates (serial, device_id, fingerprint, not_before, not_after, issued, "
+                       "kind) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (format(serial, "x"), device_id, fingerprint, not_before, not_after, time.time(), kind))
+
+    def certificate(self, serial: int) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM certificates WHERE serial = ?", (format(serial, "x"),))
+        return dict(rows[0]) if rows else None
+
+    def certificates(self, device_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        where, args = ("WHERE device_id = ?", (device_id,)) if device_id else ("", ())
+        return [dict(r) for r in self._query(f"SELECT * FROM certificates {where} ORDER BY issued DESC LIMIT ?",
+                                             (*args, limit))]
+
+    def enrolled_ids(self, now: float | None = None) -> set[str]:
+        """Device ids holding a device certificate that is neither revoked nor expired."""
+        now = time.time() if now is None else now
+        return {r[0] for r in self._query("SELECT DISTINCT device_id FROM certificates WHERE revoked IS NULL AND "
+                                          "not_after > ? AND kind != 'kick'", (now,))}
+
+    def revoke_certificates(self, device_id: str, reason: str, serials: list[int] | None = None,
+                            keep: int | None = None, now: float | None = None) -> list[str]:
+        """Revoke the device's unrevoked certificates (only ``serials``, or all but ``keep``); returns the
+        serials revoked."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute("SELECT serial FROM certificates WHERE device_id = ? AND revoked IS NULL",
+                              (device_id,)).fetchall()
+            wanted = None if serials is None else {format(s, "x") for s in serials}
+            hit = [r[0] for r in rows if (wanted is None or r[0] in wanted)
+                   and (keep is None or r[0] != format(keep, "x"))]
+            db.executemany("UPDATE certificates SET revoked = ?, reason = ? WHERE serial = ?",
+                           [(now, reason, s) for s in hit])
+        return hit
+
+    def revoke_device(self, device_id: str, by: str, now: float | None = None) -> list[str]:
+        """Mark the device id revoked (the broker denies it everything) and revoke its certificates."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("INSERT INTO revoked_devices (device_id, time, by) VALUES (?, ?, ?) "
+                       "ON CONFLICT (device_id) DO UPDATE SET time = excluded.time, by = excluded.by",
+                       (device_id, now, by))
+        return self.revoke_certificates(device_id, f"revoked by {by}", now=now)
+
+    def readmit_device(self, device_id: str) -> None:
+        """An administrator enrolled a revoked device id again."""
+        with self._tx() as db:
+            db.execute("DELETE FROM revoked_devices WHERE device_id = ?", (device_id,))
+
+    def revoked_device_ids(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT device_id FROM revoked_devices ORDER BY device_id")]
+
+    def revoked_serials(self, now: float | None = None) -> list[tuple[int, float]]:
+        """(serial, revocation time) of revoked certificates that have not expired yet: what the CRL lists."""
+        now = time.time() if now is None else now
+        return [(int(r[0], 16), r[1]) for r in self._query(
+            "SELECT serial, revoked FROM certificates WHERE revoked IS NOT NULL AND not_after > ? ORDER BY revoked",
+            (now,))]
+
+    def add_enrollment(self, token_id: str, token_hash: str, kind: str, device_id: str | None, prefix: str,
+                       uses: int, expires: float, created_by: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO enrollments (id, token_hash, kind, device_id, prefix, uses_left, created, "
+                       "expires, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (token_id, token_hash, kind, device_id, prefix, uses, time.time(), expires, created_by))
+
+    def take_enrollment(self, token_hash: str, now: float) -> dict[str, Any] | None:
+        """Use one enrollment of the token with this hash: its row (as it was), or None when there is no such
+        token or it is revoked, expired or used up."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM enrollments WHERE token_hash = ?", (token_hash,)).fetchone()
+            if row is None or row["revoked"] is not None or row["expires"] <= now or row["uses_left"] <= 0:
+                return None
+            db.execute("UPDATE enrollments SET uses_left = uses_left - 1, used = used + 1 WHERE id = ?", (row["id"],))
+            return dict(row)
+
+    def return_enrollment(self, token_id: str) -> None:
+        """Give back a use that ended in a refusal (an id already taken, a bad CSR)."""
+        with self._tx() as db:
+            db.execute("UPDATE enrollments SET uses_left = uses_left + 1, used = used - 1 WHERE id = ?", (token_id,))
+
+    def enrollments(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query(
+            "SELECT id, kind, device_id, prefix, uses_left, used, created, expires, created_by, revoked "
+            "FROM enrollments ORDER BY created DESC")]
+
+    def revoke_enrollment(self, token_id: str, now: float | None = None) -> bool:
+        with self._tx() as db:
+            cur = db.execute("UPDATE enrollments SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                             (time.time() if now is None else now, token_id))
+            return cur.rowcount == 1
+
+    def identity_conflicts(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Device id -> its identity conflict (first/last takeover, count, the boot ids seen), while one is recent."""
+        now = time.time() if now is None else now
+        return {r["id"]: {"since": r["conflict_first"], "last": r["conflict_last"], "takeovers": r["conflicts"],
+                          "boot_ids": json.loads(r["boots"])}
+                for r in self._query("SELECT id, conflicts, conflict_first, conflict_last, boots FROM devices "
+                                     "WHERE conflict_last > ?", (now - health.CONFLICT_QUIET_S,))}
 
     # -- tags ---------------------------------------------------------------------------------------
     def device_ids(self, tag: str | None = None) -> list[str]:
