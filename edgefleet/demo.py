@@ -1,7 +1,8 @@
 """`edgefleet demo`: the main job end to end, on real parts, as separate processes.
 
 Converts the real PP-OCR text-direction classifier (fp32 + int8), starts the fleet controller (with
-its own mosquitto) and three agents with their own state dirs, deploys the int8 bundle to all three,
+its own mosquitto, its own CA, mutual TLS everywhere), enrolls three devices (each makes its own key and gets
+a certificate with a one-time token) and starts their agents, deploys the int8 bundle to all three,
 drives inference traffic with real text crops through each agent's local API, and prints the fleet's
 health table. Everything it starts, it stops.
 """
@@ -63,12 +64,18 @@ class Demo:
         self.server: str | None = None
         self.rollout: dict | None = None
         self.logs: list = []
+        self.env = dict(os.environ)  # EDGEFLEET_SERVER and EDGEFLEET_CA once the controller runs
+        self.fleet_certificates: list[dict] = []
+
+    def _run(self, args: list[str], **kw) -> subprocess.CompletedProcess:
+        """An `edgefleet` command as a user types it; the controller's address and CA come from the environment."""
+        return subprocess.run(args, check=True, env=self.env, **kw)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.out / "logs" / f"{name}.log", "w")
         self.logs.append(log)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env=self.env)
         self.procs.append(proc)
         return proc
 
@@ -92,9 +99,9 @@ class Demo:
         wide[:, :, :, :192] = x
         np.savez(self.out / "calib-320.npz", x=wide)
         out = self.out / "bundles-1.1"
-        subprocess.run(_cli("convert", str(model), "--target", "cpu", "--calib", str(self.out / "calib-320.npz"),
-                            "--input-shape", "x=1x3x48x320", "--out", str(out), "--name", "ocr-cls", "--version",
-                            "1.1"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._run(_cli("convert", str(model), "--target", "cpu", "--calib", str(self.out / "calib-320.npz"),
+                       "--input-shape", "x=1x3x48x320", "--out", str(out), "--name", "ocr-cls", "--version", "1.1"),
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return next(out.glob("*-int8.tar"))
 
     def run(self) -> dict:
@@ -117,13 +124,14 @@ class Demo:
 
         _say("2/8 convert for the cpu target, every variant checked against fp32; the gate allows a 2 % accuracy drop")
         bundles = self.out / "bundles"
-        subprocess.run(_cli("convert", str(model), "--target", "cpu", "--calib", str(calib), "--labels", str(labels),
-                            "--input-shape", "x=1x3x48x192", "--max-accuracy-drop", "2%", "--out", str(bundles),
-                            "--name", "ocr-cls", "--version", "1.0"), check=True)
+        self._run(_cli("convert", str(model), "--target", "cpu", "--calib", str(calib), "--labels", str(labels),
+                       "--input-shape", "x=1x3x48x192", "--max-accuracy-drop", "2%", "--out", str(bundles),
+                       "--name", "ocr-cls", "--version", "1.0"))
         report = json.loads((bundles / "report.json").read_text())
         int8 = next(bundles.glob("*-int8.tar"))
 
-        _say("3/8 start the fleet controller (SQLite + its own mosquitto) and three agents")
+        _say("3/8 start the fleet controller (SQLite, its own CA, mosquitto with mutual TLS and an ACL), enroll "
+             "three devices, start their agents")
         data = self.out / "fleet"
         controller = self._spawn("controller", _cli("fleet", "serve", "--data", str(data), "--http",
                                                      "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"))
@@ -132,27 +140,33 @@ class Demo:
                      60, [controller])
         server, broker = info["http"], info["broker"]
         self.server = server
-        print(f"controller {server}, broker {broker}")
+        self.env.update(EDGEFLEET_SERVER=server, EDGEFLEET_CA=str(data / "pki" / "ca.crt"))
+        print(f"controller {server}, broker {broker}, CA fingerprint {info['ca_fingerprint']}")
         apis = {}
         for dev in DEVICES:
             state = self.out / "devices" / dev
             state.mkdir(parents=True)
             apis[dev] = f"127.0.0.1:{_free_port()}"
             (state / "agent.toml").write_text(
-                f'device_id = "{dev}"\nbroker = "{broker}"\ncontroller = "{server}"\n'
-                f'state_dir = "{state}"\napi = "{apis[dev]}"\ntelemetry_interval_s = {self.interval}\n'
-            )
+                f'state_dir = "{state}"\napi = "{apis[dev]}"\ntelemetry_interval_s = {self.interval}\n')
+            # the administrator makes a one-time token; the device makes its key and enrolls with it
+            token = json.loads(self._run(_cli("fleet", "enroll", dev, "--ttl", "10m", "--json"),
+                                         capture_output=True, text=True).stdout)
+            enrolled = self._run(_cli("agent", "enroll", "--controller", token["controller"], "--token", token["token"],
+                                      "--ca-fingerprint", token["ca_fingerprint"], "--config", str(state / "agent.toml")),
+                                 capture_output=True, text=True)
+            print(enrolled.stdout.strip())
             self._spawn(dev, _cli("agent", "run", "--config", str(state / "agent.toml")))
 
         from agent.api import AgentClient
         from fleet.client import FleetClient
 
-        fleet = FleetClient(server)
+        fleet = FleetClient(server, ca=self.env["EDGEFLEET_CA"])
         _wait("three devices online", lambda: sum(d["online"] for d in fleet.health()) == 3, 60, self.procs)
-        subprocess.run(_cli("fleet", "devices", "--server", server), check=True)
+        self._run(_cli("fleet", "devices"))
 
         _say(f"4/8 deploy the int8 bundle {int8.name} to {', '.join(DEVICES)}")
-        subprocess.run(_cli("fleet", "deploy", str(int8), "--to", *DEVICES, "--server", server), check=True)
+        self._run(_cli("fleet", "deploy", str(int8), "--to", *DEVICES))
         clients = {dev: AgentClient(api) for dev, api in apis.items()}
 
         def all_int8():
@@ -190,14 +204,13 @@ class Demo:
         health = _wait("the devices' telemetry to reach the controller", counted, 60, self.procs)
 
         _say("6/8 the fleet's health, as the devices reported it")
-        subprocess.run(_cli("fleet", "health", "--server", server), check=True)
+        self._run(_cli("fleet", "health"))
 
         _say("7/8 a bad update: version 1.1 was exported for 320-pixel-wide crops, the cameras send 192; "
              "rolled out in waves, gated on the error rate the devices see")
         bad = self._convert_bad(model, x)
-        out = subprocess.run(_cli("fleet", "deploy", str(bad), "--to", "all", "--waves", "1,100%", "--soak", "3s",
-                                  "--max-error-rate", "5%", "--min-inferences", "20", "--server", server, "--json"),
-                             check=True, capture_output=True, text=True)
+        out = self._run(_cli("fleet", "deploy", str(bad), "--to", "all", "--waves", "1,100%", "--soak", "3s",
+                             "--max-error-rate", "5%", "--min-inferences", "20", "--json"), capture_output=True, text=True)
         rollout = json.loads(out.stdout)["id"]
         print(f"rollout {rollout}: wave 1 = one device, then the rest")
         stop = threading.Event()
@@ -227,7 +240,7 @@ class Demo:
             stop.set()
             for t in drivers:
                 t.join()
-        subprocess.run(_cli("fleet", "rollout", rollout, "--server", server), check=True)
+        self._run(_cli("fleet", "rollout", rollout))
         print(f"requests the applications saw refused: {', '.join(f'{d} {n}' for d, n in refused.items())}")
 
         def settled():
@@ -236,10 +249,11 @@ class Demo:
 
         health = _wait("the controller to see every device on 1.0", settled, 60, self.procs)
         _say("8/8 the fleet after the bad update: stopped at one device, which is back on 1.0")
-        subprocess.run(_cli("fleet", "health", "--server", server), check=True)
+        self._run(_cli("fleet", "health"))
         elapsed = time.monotonic() - t_start
         variants = {v["variant"]: v for v in report.get("variants", [])}
         self.rollout = done
+        self.fleet_certificates = fleet.certificates()
         return {"health": health, "elapsed_s": elapsed, "variants": variants}
 
 

@@ -79,7 +79,7 @@ class Fleet:
                  retention: Policy | None = None, sweep_every_s: float = 1.0,
                  compact_every_s: float = 60.0, *, insecure: bool = False, hostnames: list[str] = (),
                  broker_tls: transport.Tls | None = None, public_broker: str | None = None,
-                 cert_lifetime_s: float = CERT_LIFETIME_S) -> None:
+                 cert_lifetime_s: float = CERT_LIFETIME_S, pki_dir: Path | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.insecure = insecure  # plaintext MQTT and HTTP, an anonymous broker: local experiments only
         self.hostnames = list(hostnames)  # more names devices and operators reach this controller by
@@ -87,6 +87,7 @@ class Fleet:
         self._public_broker = public_broker
         self.cert_lifetime_s = cert_lifetime_s
         self.pki: PKI | None = None
+        self.pki_dir = Path(pki_dir) if pki_dir else self.data_dir / PKI_DIR  # the fleet CA (another dir: tests)
         self.enrollment: Enrollment | None = None
         self.offline_after = offline_after  # telemetry intervals of silence that make a device offline
         self.retention = retention or Policy()
@@ -173,7 +174,7 @@ class Fleet:
             self._lock_data_dir()
             self.store = Store(self.data_dir / DB, offline_after=self.offline_after).open()
             if not self.insecure:
-                self.pki = PKI(self.data_dir / PKI_DIR).ensure(self._hosts())
+                self.pki = PKI(self.pki_dir).ensure(self._hosts())
                 self.pki.write_crl(self.store.revoked_serials())
             self._bind()
             if self._broker_url is None:

@@ -43,6 +43,31 @@ ACL = "acl"
 MAX_PACKET_SIZE = 128 * 1024  # bytes; the largest message of the contract is a few KiB
 
 
+def acl_text(revoked: list[str] = ()) -> str:
+    """The ACL file: the controller's identity reads and writes every device's topics; a device publishes its own
+    reports and reads its own desired model and commands; a revoked id may do nothing."""
+    from fleet.pki import CONTROLLER_CN
+
+    lines = ["# written by edgefleet; regenerated on every start and revocation", "",
+             f"user {CONTROLLER_CN}", "topic readwrite edgefleet/v1/#", ""]
+    for device_id in sorted(set(revoked)):  # ids are [a-z0-9._-]: nothing here can break the file's syntax
+        lines += [f"user {device_id}", "topic deny #", ""]
+    lines += ["# every other client: a device, its user name being the CN of its certificate",
+              "pattern write edgefleet/v1/%u/state", "pattern write edgefleet/v1/%u/telemetry",
+              "pattern write edgefleet/v1/%u/events", "pattern read edgefleet/v1/%u/desired",
+              "pattern read edgefleet/v1/%u/cmd", ""]
+    return "\n".join(lines)
+
+
+def secure_listener(pki: "PKI", host: str, port: int, acl_path: Path) -> list[str]:
+    """mosquitto.conf lines for a listener only the fleet's certificates may use, under the ACL at ``acl_path``."""
+    return ["per_listener_settings false", "allow_anonymous false", f"acl_file {acl_path}",
+            f"listener {port} {host}", f"cafile {pki.ca_crt}", f"certfile {pki.broker_crt}",
+            f"keyfile {pki.broker_key}", f"crlfile {pki.crl}", "require_certificate true",
+            "use_identity_as_username true", "use_username_as_clientid true", "tls_version tlsv1.2",
+            f"max_packet_size {MAX_PACKET_SIZE}"]
+
+
 def find_mosquitto() -> str:
     path = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin:/sbin")
     if not path:
@@ -94,19 +119,7 @@ class Mosquitto:
         return self.data_dir / ACL
 
     def acl(self) -> str:
-        """The ACL file: the controller's identity reads and writes every device's topics; a device publishes
-        its own reports and reads its own desired model and commands; a revoked id may do nothing."""
-        from fleet.pki import CONTROLLER_CN
-
-        lines = ["# written by edgefleet; regenerated on every start and revocation", "",
-                 f"user {CONTROLLER_CN}", "topic readwrite edgefleet/v1/#", ""]
-        for device_id in self._revoked:  # ids are [a-z0-9._-]: nothing here can break the file's syntax
-            lines += [f"user {device_id}", "topic deny #", ""]
-        lines += ["# every other client: a device, its user name being the CN of its certificate",
-                  "pattern write edgefleet/v1/%u/state", "pattern write edgefleet/v1/%u/telemetry",
-                  "pattern write edgefleet/v1/%u/events", "pattern read edgefleet/v1/%u/desired",
-                  "pattern read edgefleet/v1/%u/cmd", ""]
-        return "\n".join(lines)
+        return acl_text(self._revoked)
 
     def set_revoked(self, device_ids: list[str]) -> None:
         """Deny these device ids everything (written to the ACL now; applied to live connections by reload())."""
@@ -147,18 +160,13 @@ class Mosquitto:
         persist = self.data_dir / "persistence"
         if self.pki is None:
             access = ["# INSECURE (fleet serve --insecure): plaintext, and anyone who reaches it may use it",
-                      f"listener {self.port} {self.host}", "allow_anonymous true"]
+                      f"listener {self.port} {self.host}", "allow_anonymous true", f"max_packet_size {MAX_PACKET_SIZE}"]
         else:
-            access = ["per_listener_settings false", "allow_anonymous false", f"acl_file {self.acl_path}",
-                      f"listener {self.port} {self.host}",
-                      f"cafile {self.pki.ca_crt}", f"certfile {self.pki.broker_crt}", f"keyfile {self.pki.broker_key}",
-                      f"crlfile {self.pki.crl}", "require_certificate true", "use_identity_as_username true",
-                      "use_username_as_clientid true", "tls_version tlsv1.2"]
+            access = secure_listener(self.pki, self.host, self.port, self.acl_path)
         return "\n".join([
             "# written by edgefleet; regenerated on every start",
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",  # as root, mosquitto would switch to 'mosquitto'
             *access,
-            f"max_packet_size {MAX_PACKET_SIZE}",
             "persistence true",
             f"persistence_location {persist}/",
             "autosave_interval 60",

@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgefleetError
-from fleet import cli_rollouts
+from fleet import cli_enroll, cli_rollouts
 from fleet.health import SORTS
 
 
 def client_args(c: argparse.ArgumentParser) -> None:
     """The options every command that talks to the controller takes."""
     c.add_argument("--server", metavar="URL",
-                   help="the controller's URL (default: $EDGEFLEET_SERVER or http://127.0.0.1:8080)")
+                   help="the controller's URL (default: $EDGEFLEET_SERVER or https://127.0.0.1:8080)")
+    c.add_argument("--ca", metavar="FILE",
+                   help="the fleet CA the controller's certificate must chain to (default: $EDGEFLEET_CA; the "
+                        "controller's is DATA/pki/ca.crt)")
     c.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
@@ -33,11 +36,31 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the controller (HTTP API, embedded mosquitto unless --broker)")
     s.add_argument("--data", required=True, type=Path, metavar="DIR", help="where the controller keeps its state")
-    s.add_argument("--broker", metavar="mqtt://HOST:PORT", help="use this broker instead of starting mosquitto")
+    s.add_argument("--broker", metavar="mqtts://HOST:PORT", help="use this broker instead of starting mosquitto "
+                   "(it must trust the fleet CA in DATA/pki and apply the ACL: see `fleet broker-config`)")
+    s.add_argument("--ca", metavar="FILE", help="with --broker: the CA its certificate chains to (default: the "
+                   "fleet CA)")
+    s.add_argument("--cert", metavar="FILE", help="with --broker: the controller's client certificate there "
+                   "(default: DATA/pki/controller.crt, CN controller@edgefleet)")
+    s.add_argument("--key", metavar="FILE", help="with --cert: its private key")
+    s.add_argument("--public-broker", metavar="mqtts://HOST:PORT",
+                   help="the broker URL enrolled devices are told (default: --broker, or the embedded broker at "
+                        "the --public-url's host)")
+    s.add_argument("--hostname", action="append", default=[], metavar="NAME",
+                   help="another name or address devices and operators reach this controller by: it goes into "
+                        "the broker's and the controller's certificates (repeatable; localhost, 127.0.0.1 and this "
+                        "machine's names are always there)")
+    s.add_argument("--cert-lifetime", default="90d", metavar="DURATION",
+                   help="how long device certificates are valid; agents renew them when a third is left "
+                        "(default %(default)s)")
+    s.add_argument("--insecure", action="store_true",
+                   help="INSECURE: plaintext MQTT and HTTP and a broker anyone may use, no device identities; "
+                        "for a local experiment only")
     s.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="where the API listens (default %(default)s; port 0: a free port)")
-    s.add_argument("--mqtt-listen", default="127.0.0.1:1883", metavar="HOST:PORT",
-                   help="where the embedded mosquitto listens (default %(default)s; without --broker only)")
+    s.add_argument("--mqtt-listen", metavar="HOST:PORT",
+                   help="where the embedded mosquitto listens (default 127.0.0.1:8883, with --insecure "
+                        "127.0.0.1:1883; without --broker only)")
     s.add_argument("--public-url", metavar="URL",
                    help="base URL devices download bundles from (default: the --http address)")
     s.add_argument("--offline-after", default="3", metavar="N",
@@ -47,6 +70,21 @@ def _parser() -> argparse.ArgumentParser:
                         "(default %(default)s; at least 1h)")
     s.add_argument("--rollup-retention", default="90d", metavar="DURATION",
                    help="how long 1-minute rollups are kept (default %(default)s; hourly ones: for ever)")
+
+    b = sub.add_parser(
+        "broker-config", help="write the mosquitto config and ACL for running the fleet on your own broker",
+        description="Make the fleet CA in DIR/pki if there is none (the one `fleet serve --data DIR` uses) with "
+        "certificates for --hostname, and write OUT/mosquitto.conf (a TLS listener that requires a client "
+        "certificate from the fleet CA and takes the user name and client id from its CN, the CRL, the packet "
+        "cap) and OUT/acl (each device publishes only its own reports and reads only its own desired model and "
+        "commands; the controller's identity reads and writes them all). Include mosquitto.conf from the "
+        "broker's config, then start the controller with `fleet serve --data DIR --broker mqtts://HOST:PORT`.")
+    b.add_argument("--data", required=True, type=Path, metavar="DIR", help="the controller's data dir")
+    b.add_argument("--out", type=Path, metavar="OUT", help="where to write the two files (default DIR/broker)")
+    b.add_argument("--listen", default="0.0.0.0:8883", metavar="HOST:PORT",
+                   help="the listener to configure (default %(default)s)")
+    b.add_argument("--hostname", action="append", default=[], metavar="NAME",
+                   help="a name or address devices reach the broker by (repeatable)")
 
     d = sub.add_parser("deploy", help="upload a bundle and deploy it to devices")
     d.add_argument("bundle", type=Path, metavar="BUNDLE")
@@ -69,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--tag", metavar="NAME", help="only the devices with this tag")
     h.add_argument("--status", choices=("online", "offline"), help="only the online or offline devices")
     client_args(h)
-    cli_rollouts.register(sub)  # deploy's rollout options, `rollouts`, `rollout ID [ACTION]`
+    cli_rollouts.register(sub, client_args)  # deploy's rollout options, `rollouts`, `rollout ID [ACTION]`
+    cli_enroll.register(sub, client_args)  # enroll, provision, enrollments, revoke, certificates
     return p
 
 
@@ -77,9 +116,14 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "broker-config":
+        return _broker_config(args)
     from fleet.client import DEFAULT_SERVER, FleetClient
 
-    client = FleetClient(args.server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER)
+    client = FleetClient(args.server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER,
+                         ca=args.ca or os.environ.get("EDGEFLEET_CA"))
+    if (code := cli_enroll.run(client, args)) is not None:
+        return code
     if (code := cli_rollouts.run(client, args)) is not None:  # None: a plain deploy, below
         return code
     if args.command == "deploy":
@@ -118,14 +162,62 @@ def _serve(args: argparse.Namespace) -> int:
                     rollup_s=parse_duration(args.rollup_retention, "--rollup-retention"))
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.transport import Tls
+
+    if (args.ca or args.cert or args.key) and not args.broker:
+        raise EdgefleetError("--ca, --cert and --key describe an external --broker: give it too")
+    if (args.cert is None) != (args.key is None):
+        raise EdgefleetError("--cert and --key go together")
+    if args.insecure and (args.ca or args.cert or args.hostname):
+        raise EdgefleetError("--insecure has no TLS: --ca, --cert, --key and --hostname mean nothing with it")
+    broker_tls = None
+    if args.ca or args.cert:
+        default = Path(args.data) / "pki"
+        broker_tls = Tls(args.ca or str(default / "ca.crt"), args.cert or str(default / "controller.crt"),
+                         args.key or str(default / "controller.key"))
     fleet = Fleet(args.data, broker_url=args.broker, http_host=host, http_port=port,
                   public_url=args.public_url, mqtt_listen=args.mqtt_listen, offline_after=offline_after,
-                  retention=policy)
+                  retention=policy, insecure=args.insecure, hostnames=args.hostname, broker_tls=broker_tls,
+                  public_broker=args.public_broker,
+                  cert_lifetime_s=parse_duration(args.cert_lifetime, "--cert-lifetime"))
+    if args.insecure:
+        print("edgefleet fleet: WARNING: --insecure: plaintext MQTT and HTTP, a broker anyone who reaches it may "
+              "use, no device identities. Anyone on this network can read the fleet and push models to it.",
+              file=sys.stderr, flush=True)
 
     def ready(f: Fleet) -> None:
         print(f"edgefleet fleet: serving {f.http_url} (broker {f.broker_url}, data {f.data_dir})", flush=True)
+        if f.pki is not None:
+            print(f"edgefleet fleet: CA {f.pki.ca_crt}, fingerprint {f.pki.ca_fingerprint}", flush=True)
 
     fleet.serve(ready)
+    return 0
+
+
+def _broker_config(args: argparse.Namespace) -> int:
+    from fleet.app import DB, PKI_DIR, parse_hostport
+    from fleet.broker import acl_text, secure_listener
+    from fleet.pki import PKI, default_hosts
+
+    host, port = parse_hostport(args.listen, "--listen address")
+    pki = PKI(args.data / PKI_DIR).ensure(default_hosts() + args.hostname)
+    revoked: list[str] = []
+    if (args.data / DB).exists():
+        from fleet.store import Store
+
+        store = Store(args.data / DB).open()
+        try:
+            revoked = store.revoked_device_ids()
+            pki.write_crl(store.revoked_serials())
+        finally:
+            store.close()
+    out = args.out or args.data / "broker"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "acl").write_text(acl_text(revoked))
+    (out / "mosquitto.conf").write_text("# the edgefleet fleet's listener (`edgefleet fleet broker-config`)\n"
+                                       + "\n".join(secure_listener(pki, host, port, out / "acl")) + "\n")
+    print(f"wrote {out / 'mosquitto.conf'} and {out / 'acl'} (CA {pki.ca_crt}, fingerprint {pki.ca_fingerprint})")
+    print(f"then: edgefleet fleet serve --data {args.data} --broker mqtts://HOST:{port}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """`edgefleet fleet deploy ... --waves ...`, `edgefleet fleet rollouts`, `edgefleet fleet rollout ID [ACTION]`.
 
-``register(sub)`` adds the rollout options to ``fleet deploy`` and the two commands to ``fleet``'s
+``register(sub, client_args)`` adds the rollout options to ``fleet deploy`` and the two commands to ``fleet``'s
 subparsers; ``run(client, args)`` handles them, or returns None for a plain deploy (device ids only and no
 rollout option), which ``fleet.cli`` publishes directly as before. Errors are ``EdgefleetError``s: one line,
 exit status 2.
@@ -18,7 +18,7 @@ ROLLOUT_OPTIONS = ("waves", "soak", "wave_timeout", "max_error_rate", "max_p95_m
                    "min_inferences")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, client_args) -> None:
     d = sub.choices["deploy"]
     g = d.add_argument_group(
         "staged rollout",
@@ -46,11 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a device soaks until it has also served N inferences, and is judged from then (default 0)")
     g.add_argument("--no-auto-rollback", action="store_true",
                    help="on a halt, leave the halted wave's devices on the new bundle")
-
-    def client_args(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--server", metavar="URL",
-                       help="the controller's URL (default: $EDGEFLEET_SERVER or http://127.0.0.1:8080)")
-        c.add_argument("--json", action="store_true", help="print the API's JSON")
 
     client_args(sub.add_parser("rollouts", help="list the rollouts, newest first"))
     r = sub.add_parser("rollout", help="one rollout's waves and each device's phase; or pause, resume, abort, "

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.errors import EdgefleetError
 
-DEFAULT_SERVER = "http://127.0.0.1:8080"
+DEFAULT_SERVER = "https://127.0.0.1:8080"
 
 
 class FleetClient:

@@ -188,11 +188,20 @@ class Enrollment:
         return cn
 
     def is_enrolled(self, device_id: str) -> bool:
-        """Whether messages from this id are taken (a cached view, refreshed every 10 s and on every change)."""
+        """Whether messages from this id are taken: a cached view of the enrolled ids (dropped on every change
+        here, refreshed every 10 s as certificates expire); an id not in it is looked up in the store (only a
+        device the broker let in can send, so misses are rare)."""
         with self._lock:
             if self._enrolled is None or time.monotonic() - self._enrolled_at > 10:
                 self._enrolled, self._enrolled_at = self.store.enrolled_ids(), time.monotonic()
-            return device_id in self._enrolled
+            if device_id in self._enrolled:
+                return True
+        if device_id in self.store.enrolled_ids(device_id=device_id):
+            with self._lock:
+                if self._enrolled is not None:
+                    self._enrolled.add(device_id)
+            return True
+        return False
 
     def _forget(self) -> None:
         with self._lock:

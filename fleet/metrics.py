@@ -4,7 +4,8 @@ scrape with Prometheus and chart with Grafana.
 Per device (labels ``device``, ``model``, ``version``; empty model/version before a model is active):
 online, inferences and errors (counters since the device registered), the latest window's latency
 percentiles (gauges with a ``quantile`` label), CPU, RSS, memory, temperature (only when the device has a
-sensor), last seen and seq gaps. Fleet-wide: devices by state. Built from ``Store.health()``; a scrape
+sensor), last seen, seq gaps and whether two devices use its identity. Fleet-wide: devices by state, and how
+many identities are in conflict. Built from ``Store.health()``; a scrape
 never scans telemetry.
 """
 
@@ -42,6 +43,8 @@ _DEVICE = [
      lambda h: h["last_seen"]),
     ("edgefleet_device_seq_gaps", "gauge", "Messages the device sent that never arrived (gaps in its seq).",
      lambda h: h["seq_gaps"]),
+    ("edgefleet_device_identity_conflict", "gauge", "1 while two devices use this device's identity (boot ids "
+     "alternating: a cloned image), else 0.", lambda h: int(h.get("identity_conflict") is not None)),
 ]
 _LATENCY = ("edgefleet_device_latency_ms", "gauge",
             "Inference latency percentiles of the device's latest telemetry window with inferences, ms.")
@@ -80,6 +83,8 @@ def render(health: list[dict[str, Any]]) -> str:
     online = sum(1 for h in health if h["online"])
     family("edgefleet_devices", "gauge", "Devices known to the controller, by state.",
            [(_labels([("state", "online")]), online), (_labels([("state", "offline")]), len(health) - online)])
+    family("edgefleet_identity_conflicts", "gauge", "Device identities used by two devices at once (a cloned image).",
+           [("", sum(1 for h in health if h.get("identity_conflict")))])
     base = {}
     for h in health:
         m = h["model"] or {}

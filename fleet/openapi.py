@@ -45,11 +45,17 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
     requests = {"DeployRequest": _request_struct("fleet.api", "DeployRequest"),
                 "TagsPut": _request_struct("fleet.api", "TagsPut"),
                 "TagsPost": _request_struct("fleet.api", "TagsPost"),
-                "RolloutRequest": _request_struct("fleet.api_rollouts", "RolloutRequest")}
+                "RolloutRequest": _request_struct("fleet.api_rollouts", "RolloutRequest"),
+                "EnrollRequest": _request_struct("fleet.api_enroll", "EnrollRequest"),
+                "RenewRequest": _request_struct("fleet.api_enroll", "RenewRequest"),
+                "EnrollmentCreate": _request_struct("fleet.api_enroll", "EnrollmentCreate")}
     bodies = {"Error": s.Error, "Status": s.Status, "BundleUploaded": s.BundleUploaded, "Deployment": s.Deployment,
               "Devices": list[s.Device], "DeviceTags": s.DeviceTags, "HealthList": list[s.Health],
               "DeviceDetail": s.DeviceDetail, "Series": Series, "Rollout": s.Rollout,
-              "Rollouts": list[s.RolloutSummary], **{k: v for k, v in requests.items() if v is not None}}
+              "Rollouts": list[s.RolloutSummary], "EnrollmentToken": s.EnrollmentToken,
+              "Enrollments": list[s.EnrollmentRow], "Enrolled": s.Enrolled, "Revoked": s.Revoked,
+              "EnrollmentRevoked": s.EnrollmentRevoked, "Certificates": list[s.Certificate],
+              **{k: v for k, v in requests.items() if v is not None}}
     refs, components = msgspec.json.schema_components(list(bodies.values()),
                                                       ref_template="#/components/schemas/{name}")
     ref = dict(zip(bodies, refs))
@@ -170,6 +176,48 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                           "400": err("An unknown action."), "404": err("No such rollout."),
                           "409": err("The rollout's status does not allow that action."),
                           "503": err("Rollouts are not running in this controller.")}}},
+        "/enroll/ca.pem": {"get": {
+            "summary": "The fleet CA (public: a device checks its sha256 against the fingerprint it was given).",
+            "operationId": "getCa",
+            "responses": {"200": {"description": "The CA certificate.",
+                                  "content": {"application/x-pem-file": {"schema": {"type": "string"}}}}}}},
+        "/enroll": {"post": {
+            "summary": "Enroll a device: a CSR for the key it made, with an enrollment token.",
+            "operationId": "enroll", "requestBody": request("EnrollRequest"),
+            "responses": {"200": json_body("Enrolled", "Its certificate (CN = device id), the CA, the broker."),
+                          "400": err("A malformed request, CSR or device id."),
+                          "401": err("An unknown, expired, revoked or used-up token."),
+                          "403": err("The token does not allow this device id, or the id was revoked."),
+                          "409": err("The id is already enrolled by another device.")}}},
+        "/enroll/renew": {"post": {
+            "summary": "Renew a device's certificate; the device proves who it is with its current one (mutual "
+                       "TLS).", "operationId": "renew", "requestBody": request("RenewRequest"),
+            "responses": {"200": json_body("Enrolled", "The new certificate."),
+                          "400": err("A malformed request or CSR."),
+                          "401": err("No valid, unrevoked client certificate from this fleet.")}}},
+        "/api/enrollments": {
+            "post": {"summary": "Make an enrollment token: for one device id, or for provisioning many.",
+                     "operationId": "createEnrollment", "requestBody": request("EnrollmentCreate"),
+                     "responses": {"201": json_body("EnrollmentToken", "The token (shown once)."),
+                                   "400": err("A malformed request.")}},
+            "get": {"summary": "The enrollment tokens (never their secrets).", "operationId": "listEnrollments",
+                    "responses": {"200": json_body("Enrollments", "Newest first.")}}},
+        "/api/enrollments/{token_id}/revoke": {"post": {
+            "summary": "Revoke an enrollment token.", "operationId": "revokeEnrollment",
+            "parameters": [_param("token_id", "path", "The token's id.")],
+            "responses": {"200": json_body("EnrollmentRevoked", "Revoked."),
+                          "404": err("No open token with this id.")}}},
+        "/api/devices/{device_id}/revoke": {"post": {
+            "summary": "Revoke a device's identity: CRL, ACL deny, its connection dropped.",
+            "operationId": "revokeDevice", "parameters": [device],
+            "responses": {"200": json_body("Revoked", "The certificates revoked."),
+                          "400": err("A malformed device id."),
+                          "404": err("The device has no certificate from this fleet.")}}},
+        "/api/certificates": {"get": {
+            "summary": "The device certificates the fleet CA issued, newest first.",
+            "operationId": "listCertificates",
+            "parameters": [_param("device", "query", "Only this device's.")],
+            "responses": {"200": json_body("Certificates", "The certificates.")}}},
         "/metrics": {"get": {
             "summary": "The fleet in Prometheus' text exposition format 0.0.4.", "operationId": "metrics",
             "responses": {"200": {"description": "Per-device gauges and counters, devices by state.",

@@ -294,3 +294,64 @@ class RolloutSummary(_S):
     device_count: int
     unpublished: list[str]
     phases: dict[str, int]  # how many devices are in each phase
+
+
+# -- identities (fleet/api_enroll.py) ------------------------------------------------------------------------------
+class EnrollmentToken(_S):
+    """A new enrollment token: its secret is here and nowhere else (the controller keeps its sha256)."""
+    id: str
+    token: str
+    kind: str  # device | provision
+    device_id: str | None
+    prefix: str
+    count: int
+    expires: float
+    ca_fingerprint: str  # what the device pins: the sha256 of the fleet CA's DER bytes
+    controller: str  # the URL devices enroll at
+
+
+class EnrollmentRow(_S):
+    id: str
+    kind: str
+    device_id: str | None
+    prefix: str
+    uses_left: int
+    used: int
+    created: float
+    expires: float
+    created_by: str
+    revoked: float | None
+    state: str  # open | used | expired | revoked
+
+
+class Enrolled(_S):
+    """What an enrolling (or renewing) device gets: its certificate, the CA, and where its fleet is."""
+    device_id: str
+    certificate: str  # PEM, CN = device_id
+    ca: str  # PEM
+    broker: str
+    controller: str
+    not_after: float
+    serial: str  # hex
+
+
+class Revoked(_S):
+    device_id: str
+    revoked_certificates: list[str]  # serials (hex) now in the CRL
+
+
+class EnrollmentRevoked(_S):
+    id: str
+    revoked: bool
+
+
+class Certificate(_S):
+    serial: str
+    device_id: str
+    fingerprint: str
+    not_before: float
+    not_after: float
+    issued: float
+    kind: str  # enroll | renew | kick (the controller's own, to end a revoked device's session)
+    revoked: float | None
+    reason: str

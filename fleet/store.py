@@ -37,6 +37,7 @@ SCHEMA_VERSION = 4
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
 CLONE_BOOTS = 8  # the boot ids remembered per device for clone detection
+_INTERNAL = {"boots", "conflicts", "conflict_first", "conflict_last"}  # health reports the identity conflict
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
 
 _SCHEMA_V2 = """
@@ -518,11 +519,12 @@ class Store:
         return [dict(r) for r in self._query(f"SELECT * FROM certificates {where} ORDER BY issued DESC LIMIT ?",
                                              (*args, limit))]
 
-    def enrolled_ids(self, now: float | None = None) -> set[str]:
-        """Device ids holding a device certificate that is neither revoked nor expired."""
+    def enrolled_ids(self, now: float | None = None, device_id: str | None = None) -> set[str]:
+        """Device ids (or only ``device_id``) holding a device certificate that is neither revoked nor expired."""
         now = time.time() if now is None else now
+        where, args = ("AND device_id = ?", (device_id,)) if device_id is not None else ("", ())
         return {r[0] for r in self._query("SELECT DISTINCT device_id FROM certificates WHERE revoked IS NULL AND "
-                                          "not_after > ? AND kind != 'kick'", (now,))}
+                                          f"not_after > ? AND kind != 'kick' {where}", (now, *args))}
 
     def revoke_certificates(self, device_id: str, reason: str, serials: list[int] | None = None,
                             keep: int | None = None, now: float | None = None) -> list[str]:
@@ -651,7 +653,7 @@ class Store:
         for r in self._query("SELECT * FROM devices ORDER BY id"):
             if wanted is not None and r["id"] not in wanted:
                 continue
-            d = dict(r)
+            d = {k: r[k] for k in r.keys() if k not in _INTERNAL}
             d["cpu_flags"], d["runtimes"] = json.loads(d["cpu_flags"]), json.loads(d["runtimes"])
             d["online"] = self.is_online(r, now)
             d["tags"] = tags.get(r["id"], [])

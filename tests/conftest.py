@@ -21,10 +21,14 @@ def free_port() -> int:
 
 @pytest.fixture
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator["fleet.broker.Mosquitto"]:  # noqa: F821
-    """A started mosquitto (the embedded broker's config) on a free port; ``.url`` is mqtt://127.0.0.1:PORT."""
+    """A started mosquitto with the embedded broker's secure config (TLS, client certificates from a fleet CA,
+    the ACL) on a free port; ``.url`` is mqtts://127.0.0.1:PORT and ``.pki`` the CA (``fleet.pki.PKI``): give a
+    Fleet on this broker ``pki_dir=mosquitto.pki.root`` so that both trust the same CA."""
     from fleet.broker import Mosquitto
+    from fleet.pki import PKI
 
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), port=0).start()
+    pki = PKI(tmp_path_factory.mktemp("pki")).ensure(["localhost", "127.0.0.1"])
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), port=0, pki=pki).start()
     try:
         yield broker
     finally:

@@ -8,11 +8,10 @@ import time
 
 import numpy as np
 import pytest
-from util import wait_for
+from util import agent_config, client as fleet_client, wait_for
 
 from agent import bundle, protocol
 from agent.api import AgentClient
-from agent.config import AgentConfig, validate
 from agent.daemon import Agent
 from agent.errors import EdgefleetError
 
@@ -31,9 +30,7 @@ def fleet(tmp_path):
 
 
 def _config(tmp_path, fleet, free_port, device_id="dev-1", **kw):
-    return validate(AgentConfig(device_id=device_id, broker=fleet.broker_url, controller=fleet.http_url,
-                                state_dir=str(tmp_path / device_id), api=f"127.0.0.1:{free_port}",
-                                telemetry_interval_s=kw.pop("interval", 0.5), **kw))
+    return agent_config(fleet, tmp_path / device_id, device_id, api=f"127.0.0.1:{free_port}", **kw)
 
 
 @pytest.fixture
@@ -45,17 +42,13 @@ def agent(tmp_path, fleet, free_port):
 
 
 def deploy(fleet, path, device="dev-1"):
-    from fleet.client import FleetClient
-
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     sha = client.upload_bundle(path)["sha256"]
     return client.deploy(sha, [device]), sha
 
 
 def events(fleet, device="dev-1"):
-    from fleet.client import FleetClient
-
-    return FleetClient(fleet.http_url).health(device)["events"]
+    return fleet_client(fleet).health(device)["events"]
 
 
 def test_deploy_activates_serves_and_reports(fleet, agent, bundles, crops):
@@ -68,9 +61,7 @@ def test_deploy_activates_serves_and_reports(fleet, agent, bundles, crops):
     right = sum(int(client.infer({"x": x[i : i + 1]})[OUTPUT].argmax(1)[0] == labels[i]) for i in range(len(x)))
     assert right / len(x) > 0.85  # the real model reads the real text's direction
 
-    from fleet.client import FleetClient
-
-    health = wait_for(lambda: (h := FleetClient(fleet.http_url).health("dev-1"))["inferences"] >= len(x) and h,
+    health = wait_for(lambda: (h := fleet_client(fleet).health("dev-1"))["inferences"] >= len(x) and h,
                       what="telemetry")
     assert health["online"] is True
     assert health["model"]["version"] == "1" and health["model"]["sha256"] == sha
@@ -110,9 +101,7 @@ def test_a_bad_update_fails_and_the_previous_model_keeps_serving(agent, fleet, b
 
 def test_a_bundle_whose_sha256_does_not_match_is_refused(agent, fleet, bundles):
     """The controller says one sha256, the bytes it serves have another: refused, reported, nothing kept."""
-    from fleet.client import FleetClient
-
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     real = client.upload_bundle(bundles["v1"])
     liar = protocol.Desired(deployment_id="dep-liar", name="ocr-cls", version="1",
                             url=f"{fleet.http_url}/bundles/{real['sha256']}", sha256="0" * 64, size=real["size"])
@@ -147,14 +136,18 @@ def _run_cli(*args, timeout=60):
 
 
 @pytest.mark.parametrize("body,needle", [
-    ('device_id = "d"\nbroker = "mqtt://127.0.0.1:1"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\ncolour = 1\n',
-     "unknown field `colour`"),
-    ('device_id = "d"\nbroker = "mqtt://127.0.0.1:1"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\n'
-     'telemetry_interval_s = "often"\n', "telemetry_interval_s"),
-    ('device_id = "d"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\n', "missing required field `broker`"),
-    ('device_id = "a/b"\nbroker = "mqtt://127.0.0.1:1"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\n',
-     "device_id"),
-    ('device_id = "d"\nbroker = "http://x"\ncontroller = "http://x"\nstate_dir = "/tmp/s"\n', "mqtt://"),
+    ('state_dir = "/tmp/s"\ncolour = 1\n', "unknown field `colour`"),
+    ('state_dir = "/tmp/s"\ntelemetry_interval_s = "often"\n', "telemetry_interval_s"),
+    ('device_id = "d"\n', "missing required field `state_dir`"),
+    ('device_id = "a/b"\nstate_dir = "/tmp/s"\n', "device_id"),
+    ('device_id = "{serial}"\nstate_dir = "/tmp/s"\n', "unknown field {serial}"),
+    ('state_dir = "/tmp/s"\nbroker = "http://x"\n', "mqtts://"),
+    ('state_dir = "/tmp/s"\nbroker = "mqtt://127.0.0.1:1"\n', "plaintext"),
+    ('state_dir = "/tmp/s"\ncontroller = "http://x"\n', "plaintext http"),
+    ('state_dir = "/tmp/s"\ntls_cert = "/x.crt"\n', "tls_cert and tls_key"),
+    ('state_dir = "/tmp/s"\nca_fingerprint = "ab:cd"\n', "fingerprint"),
+    ('state_dir = "/tmp/s"\nprovision_token_file = "/t"\n', "provision_token_file needs"),
+    ('state_dir = "/tmp/s"\ninsecure = true\n', "insecure = true needs"),
     ("this is [not toml", "not valid TOML"),
 ])
 def test_config_errors_are_one_line_naming_the_field(tmp_path, body, needle):
@@ -166,12 +159,16 @@ def test_config_errors_are_one_line_naming_the_field(tmp_path, body, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
 
 
-def test_missing_config_and_unreachable_broker(tmp_path, free_port):
+def test_missing_config_unenrolled_device_and_unreachable_broker(tmp_path, free_port):
     r = _run_cli("agent", "run", "--config", str(tmp_path / "nope.toml"))
     assert r.returncode == 2 and "not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "s"}"\napi = "127.0.0.1:0"\n')
+    r = _run_cli("agent", "run", "--config", str(cfg))
+    assert r.returncode == 2 and "not enrolled" in r.stderr and "edgefleet agent enroll" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     cfg.write_text(f'device_id = "d"\nbroker = "mqtt://127.0.0.1:{free_port}"\ncontroller = "http://127.0.0.1:1"\n'
-                   f'state_dir = "{tmp_path / "s"}"\napi = "127.0.0.1:0"\n')
+                   f'state_dir = "{tmp_path / "s"}"\napi = "127.0.0.1:0"\ninsecure = true\n')
     r = _run_cli("agent", "run", "--config", str(cfg))
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.strip().splitlines() if "error" in ln]

@@ -33,6 +33,19 @@ def keep(shot: Path) -> None:
         shutil.copy(shot, Path(where) / shot.name)
 
 
+def spki(fleet) -> str:
+    """The base64 sha256 of the controller certificate's public key, as Chromium's SPKI allow-list takes it."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(fleet.pki.controller_crt.read_bytes())
+    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
 def points(page, chart: str) -> int:
     return int(page.get_attribute(f'figure[data-chart="{chart}"]', "data-points"))
 
@@ -45,7 +58,9 @@ def test_overview_and_device_page_render_live_charts(tmp_path, bundles, converte
     interval, windows = (1.0, 60) if os.environ.get("EDGEFLEET_SCREENSHOT_DIR") else (0.3, 6)
     with fleet_with_agents(tmp_path, deploy, crops, interval=interval, windows=windows,
                            bad_every={"cam-dock": 40}) as (fleet, _, _), sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        # trust the controller's certificate (and nothing else) the way a user who imported the fleet CA does
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=[*ARGS, f"--ignore-certificate-errors-spki-list={spki(fleet)}"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             problems: list[str] = []

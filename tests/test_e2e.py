@@ -16,8 +16,8 @@ def test_demo_end_to_end(tmp_path):
     demo = Demo(tmp_path / "demo", requests=40, telemetry_interval_s=1.0)
     try:
         result = demo.run()
-        cli = subprocess.run([sys.executable, "-m", "edgefleet.cli", "fleet", "health", "--json",
-                              "--server", demo.server], capture_output=True, text=True, timeout=60)
+        cli = subprocess.run([sys.executable, "-m", "edgefleet.cli", "fleet", "health", "--json"], env=demo.env,
+                             capture_output=True, text=True, timeout=60)
     finally:
         demo.stop_all()
     assert all(p.poll() is not None for p in demo.procs), "the demo left a process running"
@@ -26,6 +26,12 @@ def test_demo_end_to_end(tmp_path):
     assert demo.rollout["status"] in ("halted", "rolled_back")
     touched = {d["device_id"] for w in demo.rollout["waves"] for d in w["devices"] if w["status"] != "waiting"}
     assert touched == {"cam-1"}
+
+    # secure by default: the cameras were enrolled (each with its own key and certificate) and spoke mutual TLS
+    certs = demo.fleet_certificates
+    assert sorted(c["device_id"] for c in certs if c["kind"] == "enroll" and not c["revoked"]) == sorted(DEVICES)
+    assert demo.server.startswith("https://") and all(
+        (tmp_path / "demo" / "devices" / d / "identity").stat().st_mode & 0o777 == 0o700 for d in DEVICES)
 
     # the converter's gate: int8 agrees with fp32 on the held-out real inputs
     int8 = result["variants"]["int8"]

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from util import wait_for
-from paho.mqtt.enums import CallbackAPIVersion
+from util import cli_args, client as fleet_client, issue_tls, wait_for
 
 from agent import protocol
 from agent.bundle import Manifest, TensorSpec, write_bundle
@@ -24,7 +23,7 @@ from agent.errors import EdgefleetError
 from edgefleet.cli import main as edgefleet_main
 from fleet.app import Fleet
 from fleet.client import FleetClient
-from agent.config import parse_mqtt_url as parse_broker_url
+from agent.transport import make_client, parse_url
 from fleet.link import Link
 from fleet.store import Store
 
@@ -42,11 +41,11 @@ def known(client, device_id: str) -> dict | None:
 class Device:
     """A paho client speaking the wire contract as a device would, with a retained last will."""
 
-    def __init__(self, broker_url: str, device_id: str, boot_id: str = "boot-1") -> None:
+    def __init__(self, broker_url: str, device_id: str, tls, boot_id: str = "boot-1") -> None:
         self.id, self.boot_id = device_id, boot_id
-        host, port = parse_broker_url(broker_url)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"device-{device_id}",
-                                  protocol=mqtt.MQTTv5)
+        url = parse_url(broker_url)
+        host, port = url.host, url.port
+        self.client = make_client(url, f"device-{device_id}", tls)
         will = protocol.State(device_id=device_id, online=False, time=time.time(), boot_id=boot_id)
         self.client.will_set(protocol.topic(device_id, protocol.STATE), protocol.encode(will), qos=1, retain=True)
         connected = threading.Event()
@@ -104,15 +103,16 @@ def fleet(tmp_path):
 
 @pytest.fixture
 def client(fleet):
-    return FleetClient(fleet.http_url)
+    return fleet_client(fleet)
 
 
 @pytest.fixture
-def devices(fleet):
+def devices(fleet, tmp_path):
     made = []
 
     def make(device_id: str, **kw) -> Device:
-        made.append(Device(fleet.broker_url, device_id, **kw))
+        tls = issue_tls(fleet.pki, device_id, tmp_path / "certs", fleet.store)  # enrolled, as a device would be
+        made.append(Device(fleet.broker_url, device_id, tls, **kw))
         return made[-1]
 
     yield make
@@ -149,10 +149,15 @@ def assert_one_error_line(err: str, *needles: str) -> None:
         assert n in lines[0], err
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, ca=None):
+    """A raw request; ``ca``: the fleet (or its CA file) an https:// URL's certificate must chain to."""
+    import ssl
+
+    ca = getattr(getattr(ca, "pki", None), "ca_crt", ca)
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+        with urllib.request.urlopen(req, timeout=TIMEOUT, context=context) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -190,17 +195,18 @@ def test_device_reports_and_health_shows_them(fleet, client, devices, capsys, mo
     assert d["id"] == "cam-1" and d["arch"] == "x86_64" and d["runtimes"] == ["onnxruntime"]
     assert client.status()["devices"] == 1
 
-    code, out, err = run_cli(capsys, "health", "--server", fleet.http_url)
+    code, out, err = run_cli(capsys, "health", *cli_args(fleet))
     assert code == 0 and not err
     header, row = out.strip().splitlines()
     assert header.split()[:2] == ["device", "online"]
     assert row.split()[:8] == ["cam-1", "yes", "digits", "1.2.0", "int8", "150", "4", "2.50/4.00/5.00"]
     assert "unknown" in row and "ago" in row
-    code, out, _ = run_cli(capsys, "health", "--json", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "health", "--json", *cli_args(fleet))
     assert code == 0 and json.loads(out)[0]["inferences"] == 150
-    code, out, _ = run_cli(capsys, "health", "cam-1", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "health", "cam-1", *cli_args(fleet))
     assert code == 0 and "camera unplugged" in out
     monkeypatch.setenv("EDGEFLEET_SERVER", fleet.http_url)
+    monkeypatch.setenv("EDGEFLEET_CA", str(fleet.pki.ca_crt))
     code, out, _ = run_cli(capsys, "devices", "--json")
     assert code == 0 and json.loads(out)[0]["id"] == "cam-1"
 
@@ -262,15 +268,16 @@ def test_invalid_messages_are_counted_and_dropped(client, devices):
 
 def test_messages_sent_while_the_link_is_down_arrive_after_it_reconnects(mosquitto, tmp_path):
     store = Store(tmp_path / "fleet.db").open()
-    link = Link(mosquitto.url, store, client_id="controller-under-test").start()
-    dev = Device(mosquitto.url, "cam-8")
+    tls = mosquitto.pki.controller_tls()
+    link = Link(mosquitto.url, store, client_id="controller-under-test", tls=tls).start()
+    dev = Device(mosquitto.url, "cam-8", issue_tls(mosquitto.pki, "cam-8", tmp_path))
     try:
         dev.telemetry(1, inferences=1)
         wait_for(lambda: store.health(), what="first telemetry")
         link.stop()
         dev.telemetry(2, inferences=10)  # the broker PUBACKs and queues it in the controller's session
         dev.telemetry(3, inferences=100)
-        link = Link(mosquitto.url, store, client_id="controller-under-test").start()
+        link = Link(mosquitto.url, store, client_id="controller-under-test", tls=tls).start()
         wait_for(lambda: store.health("cam-8")[0]["inferences"] == 111, what="queued telemetry")
 
         link.stop()  # and across a broker restart (persistence on)
@@ -278,7 +285,7 @@ def test_messages_sent_while_the_link_is_down_arrive_after_it_reconnects(mosquit
         dev.close()
         mosquitto.stop()
         mosquitto.start()
-        link = Link(mosquitto.url, store, client_id="controller-under-test").start()
+        link = Link(mosquitto.url, store, client_id="controller-under-test", tls=tls).start()
         wait_for(lambda: store.health("cam-8")[0]["inferences"] == 1111, what="telemetry kept by the broker")
     finally:
         link.stop()
@@ -286,12 +293,12 @@ def test_messages_sent_while_the_link_is_down_arrive_after_it_reconnects(mosquit
 
 
 def test_fleet_on_an_external_broker(mosquitto, tmp_path):
-    with Fleet(tmp_path / "data", broker_url=mosquitto.url, http_port=0) as fleet:
+    with Fleet(tmp_path / "data", broker_url=mosquitto.url, http_port=0, pki_dir=mosquitto.pki.root) as fleet:
         assert fleet.broker_url == mosquitto.url and fleet.broker is None
-        dev = Device(mosquitto.url, "cam-9")
+        dev = Device(mosquitto.url, "cam-9", issue_tls(mosquitto.pki, "cam-9", tmp_path, fleet.store))
         try:
             dev.state(active=ACTIVE)
-            client = FleetClient(fleet.http_url)
+            client = fleet_client(fleet)
             wait_for(lambda: client.health(), what="the device")
             assert client.status()["broker"] == mosquitto.url
             assert client.health("cam-9")["model"]["name"] == "digits"
@@ -322,21 +329,21 @@ def test_bundle_upload_and_ranged_download(fleet, client, bundle):
     assert up["size"] == len(data) and up["manifest"]["name"] == "tiny"
     assert client.upload_bundle(bundle)["sha256"] == up["sha256"]  # idempotent
     url = f"{fleet.http_url}/bundles/{up['sha256']}"
-    status, _, body = http("GET", url)
+    status, _, body = http("GET", url, ca=fleet)
     assert status == 200 and body == data
-    status, headers, body = http("GET", url, headers={"Range": "bytes=100-1099"})
+    status, headers, body = http("GET", url, headers={"Range": "bytes=100-1099"}, ca=fleet)
     assert status == 206 and body == data[100:1100]
     assert headers["content-range"] == f"bytes 100-1099/{len(data)}"
-    status, _, body = http("GET", url, headers={"Range": f"bytes={len(data) - 10}-"})  # resume the tail
+    status, _, body = http("GET", url, headers={"Range": f"bytes={len(data) - 10}-"}, ca=fleet)  # resume the tail
     assert status == 206 and body == data[-10:]
-    status, _, body = http("GET", f"{fleet.http_url}/bundles/{'0' * 64}")
+    status, _, body = http("GET", f"{fleet.http_url}/bundles/{'0' * 64}", ca=fleet)
     assert status == 404 and "error" in json.loads(body)
     assert (fleet.data_dir / "bundles" / f"{up['sha256']}.tar").read_bytes() == data
 
 
-def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, devices, capsys):
+def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, devices, capsys, tmp_path):
     code, out, err = run_cli(capsys, "deploy", str(bundle), "--to", "cam-a", "cam-b", "--json",
-                             "--server", fleet.http_url)
+                             *cli_args(fleet))
     assert code == 0, err
     dep = json.loads(out)
     assert [d["device_id"] for d in dep["devices"]] == ["cam-a", "cam-b"]
@@ -344,11 +351,11 @@ def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, device
 
     # a device that subscribes only now still gets it: desired is retained
     got: list[mqtt.MQTTMessage] = []
-    late = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="late-subscriber", protocol=mqtt.MQTTv5)
+    url = parse_url(fleet.broker_url)
+    late = make_client(url, "late-subscriber", issue_tls(fleet.pki, "cam-b", tmp_path / "late"))
     late.on_connect = lambda c, *a: c.subscribe(protocol.subscription(protocol.DESIRED, "cam-b"), qos=1)
     late.on_message = lambda c, u, m: got.append(m)
-    host, port = parse_broker_url(fleet.broker_url)
-    late.connect(host, port)
+    late.connect(url.host, url.port)
     late.loop_start()
     try:
         wait_for(lambda: got, what="the retained desired")
@@ -360,7 +367,7 @@ def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, device
     sha = desired.sha256
     assert desired.deployment_id == dep["id"] and desired.name == "tiny" and desired.version == "1.0.0"
     assert desired.url == f"{fleet.http_url}/bundles/{sha}" and desired.size == bundle.stat().st_size
-    status, _, body = http("GET", desired.url)
+    status, _, body = http("GET", desired.url, ca=fleet)
     assert status == 200 and body == bundle.read_bytes()
 
     dev = devices("cam-b")
@@ -372,7 +379,7 @@ def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, device
     assert phases == {"cam-a": "pending", "cam-b": "active"}
     assert client.health("cam-b")["deployments"][0]["deployment_id"] == dep["id"]
 
-    code, out, _ = run_cli(capsys, "deploy", str(bundle), "--to", "cam-a", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "deploy", str(bundle), "--to", "cam-a", *cli_args(fleet))
     assert code == 0 and "deployed tiny 1.0.0" in out
 
 
@@ -382,23 +389,23 @@ def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, device
 def test_bad_inputs_are_clear_errors(fleet, client, bundle, tmp_path, capsys):
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"this is not a tar file" * 100)
-    status, _, body = http("POST", f"{fleet.http_url}/api/bundles", junk.read_bytes())
+    status, _, body = http("POST", f"{fleet.http_url}/api/bundles", junk.read_bytes(), ca=fleet)
     assert status == 400 and "not a bundle" in json.loads(body)["error"]
     with pytest.raises(EdgefleetError, match="not a bundle"):
         client.upload_bundle(junk)
     assert not [p for p in (fleet.data_dir / "bundles").iterdir()], "a rejected upload leaves nothing behind"
 
-    code, _, err = run_cli(capsys, "deploy", str(junk), "--to", "cam-1", "--server", fleet.http_url)
+    code, _, err = run_cli(capsys, "deploy", str(junk), "--to", "cam-1", *cli_args(fleet))
     assert code == 2
     assert_one_error_line(err, "not a bundle")
     code, _, err = run_cli(capsys, "deploy", str(tmp_path / "missing.tar"), "--to", "cam-1",
-                           "--server", fleet.http_url)
+                           *cli_args(fleet))
     assert code == 2
     assert_one_error_line(err, "missing.tar")
 
-    status, _, body = http("GET", f"{fleet.http_url}/api/health/nobody")
+    status, _, body = http("GET", f"{fleet.http_url}/api/health/nobody", ca=fleet)
     assert status == 404 and "unknown device" in json.loads(body)["error"]
-    code, _, err = run_cli(capsys, "health", "nobody", "--server", fleet.http_url)
+    code, _, err = run_cli(capsys, "health", "nobody", *cli_args(fleet))
     assert code == 2
     assert_one_error_line(err, "unknown device 'nobody'")
 
@@ -407,9 +414,9 @@ def test_bad_inputs_are_clear_errors(fleet, client, bundle, tmp_path, capsys):
     sha = client.upload_bundle(bundle)["sha256"]
     with pytest.raises(EdgefleetError, match="invalid device id"):
         client.deploy(sha, ["bad/id"])
-    status, _, body = http("POST", f"{fleet.http_url}/api/deployments", b'{"bundle": 1}')
+    status, _, body = http("POST", f"{fleet.http_url}/api/deployments", b'{"bundle": 1}', ca=fleet)
     assert status == 400 and "invalid deployment request" in json.loads(body)["error"]
-    status, _, body = http("GET", f"{fleet.http_url}/api/deployments/dep-nope")
+    status, _, body = http("GET", f"{fleet.http_url}/api/deployments/dep-nope", ca=fleet)
     assert status == 404
 
 
@@ -427,10 +434,15 @@ def edgefleet(*argv: str, **kw) -> subprocess.Popen:
 
 def test_serve_with_an_unreachable_broker_exits_2(free_port, tmp_path):
     proc = edgefleet("fleet", "serve", "--data", str(tmp_path / "data"), "--broker",
+                     f"mqtts://127.0.0.1:{free_port}", "--http", "127.0.0.1:0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert_one_error_line(err, f"cannot reach broker mqtts://127.0.0.1:{free_port}")
+    proc = edgefleet("fleet", "serve", "--data", str(tmp_path / "data"), "--broker",
                      f"mqtt://127.0.0.1:{free_port}", "--http", "127.0.0.1:0")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err
-    assert_one_error_line(err, f"cannot reach broker mqtt://127.0.0.1:{free_port}")
+    assert_one_error_line(err, "plaintext MQTT")
 
 
 def test_serve_runs_until_sigterm(tmp_path):
@@ -439,10 +451,12 @@ def test_serve_runs_until_sigterm(tmp_path):
                      "--mqtt-listen", "127.0.0.1:0")
     try:
         line = proc.stdout.readline()
-        assert line.startswith("edgefleet fleet: serving http://127.0.0.1:"), line + proc.stderr.read()
+        assert line.startswith("edgefleet fleet: serving https://127.0.0.1:"), line + proc.stderr.read()
         info = json.loads((data / "controller.json").read_text())
-        assert info["pid"] == proc.pid and info["broker"].startswith("mqtt://127.0.0.1:")
-        assert FleetClient(info["http"]).status()["ok"] is True
+        assert info["pid"] == proc.pid and info["broker"].startswith("mqtts://127.0.0.1:")
+        assert FleetClient(info["http"], ca=str(data / "pki" / "ca.crt")).status()["ok"] is True
+        assert (data.stat().st_mode & 0o777, (data / "pki").stat().st_mode & 0o777) == (0o700, 0o700)
+        assert (data / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
         broker_pid = int(subprocess.check_output(["pgrep", "-P", str(proc.pid), "mosquitto"], text=True))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

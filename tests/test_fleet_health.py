@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_fleet import (ACTIVE, assert_one_error_line, bundle, client, devices, fleet, http, known,  # noqa: F401
-                        run_cli)
+from test_fleet import (ACTIVE, assert_one_error_line, bundle, cli_args, client, devices, fleet, http,  # noqa: F401
+                        known, run_cli)
 from util import wait_for
 
 from agent import protocol
@@ -37,18 +37,18 @@ def test_tags_and_targets(fleet, client, devices, capsys):
         devices(name).state()
     registered(client, "cam-1", "cam-2", "gate-1")
 
-    code, out, err = run_cli(capsys, "tag", "cam-1", "lobby", "cams", "--server", fleet.http_url)
+    code, out, err = run_cli(capsys, "tag", "cam-1", "lobby", "cams", *cli_args(fleet))
     assert code == 0 and out.strip() == "cam-1: cams, lobby", err
     assert client.tag("cam-2", ["cams", "yard"])["tags"] == ["cams", "yard"]
     assert client.set_tags("gate-1", ["yard"]) == {"device_id": "gate-1", "tags": ["yard"]}
-    code, out, _ = run_cli(capsys, "tag", "cam-2", "--remove", "yard", "--json", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "tag", "cam-2", "--remove", "yard", "--json", *cli_args(fleet))
     assert code == 0 and json.loads(out) == {"device_id": "cam-2", "tags": ["cams"]}
-    status, _, body = http("PUT", f"{fleet.http_url}/api/devices/cam-1/tags", b'{"tags": ["lobby", "cams", "x"]}')
+    status, _, body = http("PUT", f"{fleet.http_url}/api/devices/cam-1/tags", b'{"tags": ["lobby", "cams", "x"]}', ca=fleet)
     assert status == 200 and json.loads(body)["tags"] == ["cams", "lobby", "x"]
-    status, _, body = http("POST", f"{fleet.http_url}/api/devices/cam-1/tags", b'{"remove": ["x"]}')
+    status, _, body = http("POST", f"{fleet.http_url}/api/devices/cam-1/tags", b'{"remove": ["x"]}', ca=fleet)
     assert status == 200 and json.loads(body)["tags"] == ["cams", "lobby"]
 
-    code, out, _ = run_cli(capsys, "devices", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "devices", *cli_args(fleet))
     lines = out.strip().splitlines()
     assert lines[0].split()[6] == "tags"
     assert {line.split()[0]: line.split()[6] for line in lines[1:]} == \
@@ -77,7 +77,7 @@ def test_tags_and_targets(fleet, client, devices, capsys):
 
     # the same resolver behind GET /api/devices?target=... and `fleet devices TARGET...`
     assert [d["id"] for d in client.devices(["tag:cams"])] == ["cam-1", "cam-2"]
-    code, out, _ = run_cli(capsys, "devices", "tag:yard", "cam-1", "--json", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "devices", "tag:yard", "cam-1", "--json", *cli_args(fleet))
     assert code == 0 and [d["id"] for d in json.loads(out)] == ["cam-1", "gate-1"]
 
 
@@ -196,10 +196,10 @@ def test_health_table_sorts_and_filters_in_the_api_and_the_cli(fleet, client, th
     assert ids(client.health(tag="cams")) == ["cam-1", "cam-2"]
     assert ids(client.health(status="offline")) == ["gate-1"]
     assert ids(client.health(tag="cams", status="online", sort="p99")) == ["cam-2", "cam-1"]
-    status, _, body = http("GET", f"{fleet.http_url}/api/health?tag=cams&sort=p95&order=asc")
+    status, _, body = http("GET", f"{fleet.http_url}/api/health?tag=cams&sort=p95&order=asc", ca=fleet)
     assert status == 200 and ids(json.loads(body)) == ["cam-1", "cam-2"]
 
-    code, out, err = run_cli(capsys, "health", "--sort", "p95", "--server", fleet.http_url)
+    code, out, err = run_cli(capsys, "health", "--sort", "p95", *cli_args(fleet))
     assert code == 0, err
     header, *rows = out.strip().splitlines()
     assert [r.split()[0] for r in rows] == ["cam-2", "gate-1", "cam-1"]
@@ -209,10 +209,10 @@ def test_health_table_sorts_and_filters_in_the_api_and_the_cli(fleet, client, th
     assert row["cam-2"][7:10] == ["5.00/40.00/90.00", "60.0", "6.25"]  # p50/p95/p99, inf/min, err %
     assert "71.5" in row["gate-1"] and "unknown" in row["cam-1"]
     assert row["cam-1"][-1] == "cams" and row["gate-1"][1] == "no"
-    code, out, _ = run_cli(capsys, "health", "--tag", "yard", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "health", "--tag", "yard", *cli_args(fleet))
     assert code == 0 and [r.split()[0] for r in out.strip().splitlines()[1:]] == ["gate-1"]
     code, out, _ = run_cli(capsys, "health", "--status", "online", "--sort", "cpu", "--order", "asc", "--json",
-                           "--server", fleet.http_url)
+                           *cli_args(fleet))
     assert code == 0 and ids(json.loads(out)) == ["cam-1", "cam-2"]
 
 
@@ -251,14 +251,14 @@ def test_device_report(fleet, client, devices, bundle, capsys):
                   "duplicates", "outbox_dropped", "outbox_pending", "events", "deployments"):
         assert field in r, field
 
-    code, out, err = run_cli(capsys, "health", "cam-1", "--server", fleet.http_url)
+    code, out, err = run_cli(capsys, "health", "cam-1", *cli_args(fleet))
     assert code == 0, err
     for needle in ("cam-1: online", "tags lobby", "arch x86_64, agent 0.1.0, runtimes onnxruntime", "avx2",
                    "digits 1.2.0 (int8, onnxruntime", "60.0/min", "2.50/3.50/4.50", "temperature unknown",
                    "nan 5", "timeout 3", "failed", "sha256 mismatch", "camera unplugged", dep, "tiny 1.0.0",
                    "online   birth"):
         assert needle in out, (needle, out)
-    code, out, _ = run_cli(capsys, "health", "cam-1", "--json", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "health", "cam-1", "--json", *cli_args(fleet))
     doc = json.loads(out)
     again = client.health("cam-1")
     for d in (doc, again):
@@ -276,11 +276,11 @@ def test_bad_input_to_the_api_and_the_cli(fleet, client, devices, tmp_path, caps
     url = fleet.http_url
 
     def api(method: str, path: str, body: bytes | None = None) -> tuple[int, str]:
-        status, _, raw = http(method, url + path, body)
+        status, _, raw = http(method, url + path, body, ca=fleet)
         return status, json.loads(raw)["error"]
 
     def cli(*argv: str, needle: str) -> None:
-        code, _, err = run_cli(capsys, *argv, "--server", url)
+        code, _, err = run_cli(capsys, *argv, *cli_args(fleet))
         assert code == 2, (argv, err)
         assert_one_error_line(err, needle)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from util import wait_for
 
-from agent.config import AgentConfig, dumps, validate
+from agent.config import dumps
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -47,17 +47,16 @@ def netns():
 @pytest.mark.slow
 def test_a_cut_device_goes_offline_and_catches_up(tmp_path, netns, bundles):
     from fleet.app import Fleet
-    from fleet.client import FleetClient
+    from util import agent_config, client as fleet_client
 
     ns, host_if, host_addr = netns
     fleet = Fleet(tmp_path / "fleet", http_host=host_addr, http_port=0, mqtt_listen=f"{host_addr}:0")
     fleet.start_background()
     agent = None
     try:
-        client = FleetClient(fleet.http_url)
-        cfg = validate(AgentConfig(device_id="cam-9", broker=fleet.broker_url, controller=fleet.http_url,
-                                   state_dir=str(tmp_path / "cam-9"), api="127.0.0.1:8470",
-                                   telemetry_interval_s=0.5, keepalive_s=5))
+        client = fleet_client(fleet)
+        cfg = agent_config(fleet, tmp_path / "cam-9", "cam-9", api="127.0.0.1:8470", telemetry_interval_s=0.5,
+                           keepalive_s=5)
         (tmp_path / "agent.toml").write_text(dumps(cfg))
         agent = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "edgefleet.cli", "agent", "run",
                                   "--config", str(tmp_path / "agent.toml")],

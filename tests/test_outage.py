@@ -16,13 +16,13 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from util import wait_for
+from util import agent_config as enrolled_config, client as fleet_client, wait_for
 
-from agent.config import AgentConfig, validate
+from agent.config import AgentConfig
 from agent.daemon import Agent
 from fleet.app import Fleet
 from fleet.broker import Mosquitto
-from fleet.client import FleetClient
+from fleet.pki import PKI
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "edge-1"
@@ -32,22 +32,22 @@ INTERVAL = 0.2  # telemetry every 0.2 s: steady traffic
 @pytest.fixture
 def broker(tmp_path, free_port):
     """A mosquitto of the test's own on a fixed port, so it can be stopped and started again at the same URL."""
-    b = Mosquitto(tmp_path / "mosquitto", port=free_port).start()
+    pki = PKI(tmp_path / "pki").ensure(["localhost", "127.0.0.1"])  # the fleet's CA, which the broker trusts
+    b = Mosquitto(tmp_path / "mosquitto", port=free_port, pki=pki).start()
     yield b
     b.stop()
 
 
 @pytest.fixture
 def fleet(tmp_path, broker):
-    f = Fleet(tmp_path / "fleet", broker_url=broker.url, http_port=0).start_background()
+    f = Fleet(tmp_path / "fleet", broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
     yield f
     f.stop()
 
 
 def agent_config(tmp_path, fleet, **kw) -> AgentConfig:
-    return validate(AgentConfig(device_id=DEVICE, broker=fleet.broker_url, controller=fleet.http_url,
-                                state_dir=str(tmp_path / "device"), api="127.0.0.1:0",
-                                telemetry_interval_s=INTERVAL, keepalive_s=5, **kw))
+    return enrolled_config(fleet, tmp_path / "device", DEVICE, api="127.0.0.1:0", telemetry_interval_s=INTERVAL,
+                           keepalive_s=5, **kw)
 
 
 def received(fleet) -> list[tuple[int, str]]:
@@ -85,7 +85,7 @@ def assert_exactly_once(counts: Counter, produced: int, still_queued: list[int] 
 def test_a_broker_outage_loses_nothing_and_duplicates_nothing(tmp_path, broker, fleet):
     agent = Agent(agent_config(tmp_path, fleet))
     agent.start()
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     try:
         wait_for(lambda: len(received(fleet)) >= 5, what="telemetry before the outage")
         broker.stop()
@@ -162,7 +162,7 @@ def test_a_full_outbox_drops_the_oldest_and_the_controller_hears_the_count(tmp_p
     max_bytes = 2000  # a few telemetry messages
     agent = Agent(agent_config(tmp_path, fleet, outbox_max_bytes=max_bytes))
     agent.start()
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     try:
         wait_for(lambda: len(received(fleet)) >= 3, what="telemetry before the outage")
         broker.stop()
@@ -195,13 +195,12 @@ def test_a_full_outbox_drops_the_oldest_and_the_controller_hears_the_count(tmp_p
 
 def test_a_corrupt_outbox_is_moved_aside_and_reported_to_the_controller(tmp_path, broker, fleet):
     cfg = agent_config(tmp_path, fleet)
-    state = Path(cfg.state_dir)
-    state.mkdir(parents=True)
+    state = Path(cfg.state_dir)  # made by the enrollment
     (state / "outbox.db").write_bytes(b"a power cut in the middle of a write" * 200)
     agent = Agent(cfg)
     agent.start()
     try:
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         errors = wait_for(lambda: [e for e in client.health(DEVICE)["events"] if e["kind"] == "error"]
                           if client.health() else None, what="the error event")
         aside = [p.name for p in state.iterdir() if p.name.startswith("outbox.db.corrupt-")]

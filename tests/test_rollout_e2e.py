@@ -12,18 +12,16 @@ import urllib.request
 
 import msgspec
 import pytest
-from util import wait_for
+from util import agent_config, cli_args, client as fleet_client, ssl_context, wait_for
 
 from agent import protocol
 from agent.api import AgentClient
-from agent.config import AgentConfig, validate
 from agent.daemon import Agent
 from agent.errors import EdgefleetError
 from edgefleet.cli import main as edgefleet_main
 from fleet.schemas import Rollout as RolloutView
 from fleet.schemas import RolloutSummary
 from fleet.app import Fleet
-from fleet.client import FleetClient
 
 TIMEOUT = 120.0
 DEVICES = ["dev-1", "dev-2", "dev-3", "dev-4"]
@@ -39,12 +37,10 @@ def fleet(tmp_path):
 def start_agents(tmp_path, fleet, ids=DEVICES) -> list[Agent]:
     agents = []
     for device_id in ids:
-        a = Agent(validate(AgentConfig(device_id=device_id, broker=fleet.broker_url, controller=fleet.http_url,
-                                       state_dir=str(tmp_path / device_id), api="127.0.0.1:0",
-                                       telemetry_interval_s=0.3)))
+        a = Agent(agent_config(fleet, tmp_path / device_id, device_id, api="127.0.0.1:0", telemetry_interval_s=0.3))
         a.start()
         agents.append(a)
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     wait_for(lambda: {d["id"] for d in client.devices()} >= set(ids), what="the agents to register")
     return agents
 
@@ -94,11 +90,11 @@ def run_cli(capsys, *argv):
 
 
 def test_a_good_model_rolls_out_in_waves_to_every_device(fleet, agents, bundles, capsys):
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     on_v1(client, agents, bundles)
     code, out, err = run_cli(capsys, "deploy", str(bundles["v2"]), "--to", "all", "--waves", "1,50%,100%",
                              "--soak", "2s", "--max-error-rate", "1%", "--max-p95-regression", "500%",
-                             "--server", fleet.http_url)
+                             *cli_args(fleet))
     assert code == 0, err
     assert "in 3 wave(s) of 1, 1, 2" in out and "wave 1 published to dev-1" in out
     rollout_id = out.split()[1].rstrip(":")
@@ -120,12 +116,12 @@ def test_a_good_model_rolls_out_in_waves_to_every_device(fleet, agents, bundles,
     msgspec.convert(doc, RolloutView)
     msgspec.convert(client.rollouts(), list[RolloutSummary])
 
-    code, out, _ = run_cli(capsys, "rollouts", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "rollouts", *cli_args(fleet))
     assert code == 0 and rollout_id in out and "completed" in out and "4/4 active" in out
-    code, out, _ = run_cli(capsys, "rollout", rollout_id, "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "rollout", rollout_id, *cli_args(fleet))
     assert code == 0 and "completed" in out and "max error rate 1.00%" in out
     assert sum(line.split()[1:2] == ["passed"] for line in out.splitlines()) == 3
-    code, out, _ = run_cli(capsys, "rollout", rollout_id, "--json", "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "rollout", rollout_id, "--json", *cli_args(fleet))
     assert code == 0 and json.loads(out)["id"] == rollout_id
 
 
@@ -146,7 +142,7 @@ def assert_untouched(client, agents, doc, v1):
 
 
 def test_a_model_that_fails_its_smoke_test_halts_the_first_wave(fleet, agents, bundles, capsys):
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     v1 = on_v1(client, agents, bundles)
     slow = client.upload_bundle(bundles["slow"])["sha256"]
     ro = client.create_rollout(slow, ["all"], waves="1,100%", soak="2s")
@@ -162,12 +158,12 @@ def test_a_model_that_fails_its_smoke_test_halts_the_first_wave(fleet, agents, b
     assert_untouched(client, agents, doc, v1)
     msgspec.convert(doc, RolloutView)
 
-    code, out, _ = run_cli(capsys, "rollout", ro["id"], "--server", fleet.http_url)
+    code, out, _ = run_cli(capsys, "rollout", ro["id"], *cli_args(fleet))
     assert code == 0 and "halted" in out and f"sent back to 1 ({v1[:12]}): active" in out
 
 
 def test_a_model_slower_than_the_threshold_on_real_traffic_is_halted_and_rolled_back(fleet, agents, bundles, crops):
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     v1 = on_v1(client, agents, bundles)
     v2 = client.upload_bundle(bundles["v2"])["sha256"]
     # dev-1 cannot pass its soak before it has served 5 inferences: the traffic below decides, not the clock
@@ -195,12 +191,13 @@ def test_a_rollout_continues_after_the_controller_restarts(tmp_path, mosquitto, 
     data = tmp_path / "fleet"
 
     def controller() -> Fleet:
-        return Fleet(data, broker_url=mosquitto.url, http_port=free_port).start_background()
+        return Fleet(data, broker_url=mosquitto.url, http_port=free_port,
+                     pki_dir=mosquitto.pki.root).start_background()
 
     fleet = controller()
     agents = start_agents(tmp_path, fleet, ["dev-1", "dev-2", "dev-3"])
     try:
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         v1 = on_v1(client, agents, bundles)
         v2 = client.upload_bundle(bundles["v2"])["sha256"]
         for device in ("dev-1", "dev-2"):
@@ -241,10 +238,10 @@ def test_a_rollout_continues_after_the_controller_restarts(tmp_path, mosquitto, 
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 
-def post(url, body: bytes):
+def post(fleet, url, body: bytes):
     req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=30, context=ssl_context(fleet)) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -256,7 +253,7 @@ def register(fleet, device_id):
 
 
 def test_bad_rollout_requests_are_4xx_and_one_cli_line(fleet, bundles, tmp_path, capsys):
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     register(fleet, "cam-1")
     register(fleet, "cam-2")
     sha = client.upload_bundle(bundles["v1"])["sha256"]
@@ -281,17 +278,17 @@ def test_bad_rollout_requests_are_4xx_and_one_cli_line(fleet, bundles, tmp_path,
         (req(colour="red"), 400, "invalid rollout request"),
         (b"not json", 400, "invalid rollout request"),
     ]:
-        code, doc = post(url, body)
+        code, doc = post(fleet, url, body)
         assert code == status and needle in doc["error"], (body, code, doc)
 
-    code, doc = post(f"{url}/ro-nope/pause", b"")
+    code, doc = post(fleet, f"{url}/ro-nope/pause", b"")
     assert code == 404 and "unknown rollout" in doc["error"]
     live = client.create_rollout(sha, ["cam-1"])  # cam-1 never answers: the rollout stays running
-    code, doc = post(url, req(targets=["all"]))
+    code, doc = post(fleet, url, req(targets=["all"]))
     assert code == 409 and "cam-1 is in rollout" in doc["error"]
-    code, doc = post(f"{url}/{live['id']}/explode", b"")
+    code, doc = post(fleet, f"{url}/{live['id']}/explode", b"")
     assert code == 400 and "unknown action" in doc["error"]
-    code, doc = post(f"{url}/{live['id']}/resume", b"")
+    code, doc = post(fleet, f"{url}/{live['id']}/resume", b"")
     assert code == 409 and "only a paused rollout" in doc["error"]
     assert client.rollout_action(live["id"], "abort")["status"] == "aborted"
     assert client.create_rollout(sha, ["cam-1"])["status"] == "running"  # free again
@@ -307,7 +304,7 @@ def test_bad_rollout_requests_are_4xx_and_one_cli_line(fleet, bundles, tmp_path,
         (["rollout", "ro-nope"], "unknown rollout 'ro-nope'"),
         (["rollout", live["id"], "resume"], "aborted"),
     ]:
-        code, out, err = run_cli(capsys, *argv, "--server", fleet.http_url)
+        code, out, err = run_cli(capsys, *argv, *cli_args(fleet))
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("edgefleet fleet: error: "), (argv, err)
         assert needle in lines[0], (argv, err)
@@ -315,4 +312,4 @@ def test_bad_rollout_requests_are_4xx_and_one_cli_line(fleet, bundles, tmp_path,
 
 def test_client_errors_are_edgefleet_errors(fleet):
     with pytest.raises(EdgefleetError, match="unknown rollout"):
-        FleetClient(fleet.http_url).rollout("ro-missing")
+        fleet_client(fleet).rollout("ro-missing")

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from util import wait_for
+from util import issue_tls, wait_for
 
 from agent import protocol, systemd
 from agent.config import AgentConfig, load, validate
@@ -71,29 +71,33 @@ def notify_socket():
     s.close()
 
 
-def _write_config(path: Path, *, broker: str, api_port: int, state_dir: Path, interval: float | str = 1.0,
+def _write_config(path: Path, *, broker, api_port: int, state_dir: Path, interval: float | str = 1.0,
                   keepalive: int = 15) -> None:
+    """d1's config on the ``broker`` fixture: its certificate from the broker's CA given as TLS files (the way a
+    device whose identity comes from elsewhere is set up), no controller to speak of."""
+    tls = issue_tls(broker.pki, "d1", path.parent / "tls")
     value = f'"{interval}"' if isinstance(interval, str) else repr(interval)
-    path.write_text(f'device_id = "d1"\nbroker = "{broker}"\ncontroller = "http://127.0.0.1:9"\n'
+    path.write_text(f'device_id = "d1"\nbroker = "{broker.url}"\ncontroller = "https://127.0.0.1:9"\n'
                     f'state_dir = "{state_dir}"\napi = "127.0.0.1:{api_port}"\n'
+                    f'tls_ca = "{tls.ca}"\ntls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n'
                     f"telemetry_interval_s = {value}\nkeepalive_s = {keepalive}\n")
 
 
 class Telemetry:
-    """A paho subscriber to d1's telemetry: records each message's interval_s."""
+    """A paho subscriber to d1's telemetry (with the controller's identity: only it may read a device's
+    reports): records each message's interval_s."""
 
-    def __init__(self, broker_url: str) -> None:
-        import paho.mqtt.client as mqtt
-
-        from agent.config import parse_mqtt_url
+    def __init__(self, broker) -> None:
+        from agent.transport import make_client, parse_url
 
         self.intervals: list[float] = []
-        self._c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watcher-{uuid.uuid4().hex[:8]}")
+        url = parse_url(broker.url)
+        self._c = make_client(url, f"watcher-{uuid.uuid4().hex[:8]}", broker.pki.controller_tls())
         topic = protocol.topic("d1", protocol.TELEMETRY)
         self._c.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self._c.on_message = lambda c, u, m: self.intervals.append(
             protocol.decode(protocol.TELEMETRY, m.payload).interval_s)
-        self._c.connect(*parse_mqtt_url(broker_url))
+        self._c.connect(url.host, url.port)
         self._c.loop_start()
 
     def close(self) -> None:
@@ -105,7 +109,7 @@ class Telemetry:
 def agent_process(tmp_path, mosquitto, free_port, notify_socket):
     """A real `edgefleet agent run` with NOTIFY_SOCKET and a 400 ms watchdog, as systemd would start it."""
     cfg = tmp_path / "agent.toml"
-    _write_config(cfg, broker=mosquitto.url, api_port=free_port, state_dir=tmp_path / "state")
+    _write_config(cfg, broker=mosquitto, api_port=free_port, state_dir=tmp_path / "state")
     log = tmp_path / "agent.log"
     env = {**os.environ, "NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "400000"}
     with open(log, "wb") as err:
@@ -137,14 +141,14 @@ def test_ready_then_watchdog_then_stopping_on_sigterm(agent_process, notify_sock
 
 def test_sighup_reloads_the_config_and_refuses_an_invalid_one(agent_process, notify_socket, mosquitto, free_port,
                                                               tmp_path):
-    telemetry = Telemetry(mosquitto.url)
+    telemetry = Telemetry(mosquitto)
     try:
         wait_for(lambda: "READY=1" in notify_socket.lines() or agent_process.poll() is not None, what="READY=1")
         assert agent_process.poll() is None, agent_process.log.read_text()
         wait_for(lambda: 1.0 in telemetry.intervals, what="telemetry every 1 s")
 
         # a valid change: the interval applies live; keepalive_s needs a restart, and the log says so
-        _write_config(agent_process.config, broker=mosquitto.url, api_port=free_port, state_dir=tmp_path / "state",
+        _write_config(agent_process.config, broker=mosquitto, api_port=free_port, state_dir=tmp_path / "state",
                       interval=0.25, keepalive=20)
         agent_process.send_signal(signal.SIGHUP)
         wait_for(lambda: notify_socket.count("RELOADING=1") == 1 and notify_socket.count("READY=1") == 2,
@@ -179,9 +183,10 @@ def test_sighup_reloads_the_config_and_refuses_an_invalid_one(agent_process, not
 
 
 def test_the_watchdog_check_names_a_dead_network_thread(tmp_path, mosquitto, free_port):
-    agent = Agent(validate(AgentConfig(device_id="d1", broker=mosquitto.url, controller="http://127.0.0.1:9",
+    tls = issue_tls(mosquitto.pki, "d1", tmp_path / "tls")
+    agent = Agent(validate(AgentConfig(device_id="d1", broker=mosquitto.url, controller="https://127.0.0.1:9",
                                        state_dir=str(tmp_path / "state"), api=f"127.0.0.1:{free_port}",
-                                       telemetry_interval_s=0.5)))
+                                       telemetry_interval_s=0.5, tls_ca=tls.ca, tls_cert=tls.cert, tls_key=tls.key)))
     agent.start()
     try:
         assert agent._wedged() is None
@@ -256,13 +261,30 @@ def test_install_and_uninstall_refuse_a_non_root_user_in_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not IS_ROOT, reason="install writes root-owned files: run as root (as CI does)")
 def test_install_under_a_root_dir_is_idempotent_and_uninstall_purges_it(tmp_path):
+    from fleet.app import Fleet
+
+    fleet = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    try:
+        token = fleet.enrollment.create_token(device_id="d1")
+        _installed_and_purged(tmp_path, fleet, token)
+    finally:
+        fleet.stop()
+
+
+def _installed_and_purged(tmp_path, fleet, token):
     root = tmp_path / "root"
-    args = ["agent", "install", "--root", root, "--device-id", "d1", "--broker", "mqtt://127.0.0.1:1883",
-            "--controller", "http://127.0.0.1:8080", "--source", ROOT]
+    args = ["agent", "install", "--root", root, "--device-id", "d1", "--controller", fleet.http_url,
+            "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"], "--source", ROOT]
     r = _edgefleet(*args)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "identity: enrolled as d1" in r.stdout, r.stdout
     venv, config = root / "opt/edgefleet", root / "etc/edgefleet/agent.toml"
     unit = root / "etc/systemd/system/edgefleet-agent.service"
+    ident = root / "var/lib/edgefleet/identity"
+    keys = list(ident.glob("device-*.key"))
+    assert len(keys) == 1 and stat.S_IMODE(keys[0].stat().st_mode) == 0o600
+    assert stat.S_IMODE(ident.stat().st_mode) == 0o700
+    assert fleet.store.enrolled_ids() == {"d1"}
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     help_ = subprocess.run([venv / "bin/edgefleet", "agent", "--help"], capture_output=True, text=True, env=env,
@@ -273,7 +295,7 @@ def test_install_under_a_root_dir_is_idempotent_and_uninstall_purges_it(tmp_path
     assert where.startswith(str(venv)), where  # its own copy, not this checkout
 
     cfg = load(config)
-    assert (cfg.device_id, cfg.broker, cfg.state_dir) == ("d1", "mqtt://127.0.0.1:1883", "/var/lib/edgefleet")
+    assert (cfg.device_id, cfg.broker, cfg.state_dir) == ("d1", None, "/var/lib/edgefleet")  # broker: enrolled
     assert stat.S_IMODE(config.stat().st_mode) == 0o640 and config.stat().st_uid == 0
     assert unit.read_bytes() == UNIT.read_bytes()
     _verify(unit.read_text(), venv / "bin/edgefleet", tmp_path)
@@ -282,6 +304,7 @@ def test_install_under_a_root_dir_is_idempotent_and_uninstall_purges_it(tmp_path
     again = _edgefleet(*args)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already has edgefleet[agent]" in again.stdout and "is up to date" in again.stdout, again.stdout
+    assert "already enrolled as d1" in again.stdout, again.stdout  # the token is used up: not asked again
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
     other = _edgefleet(*[a if a != "d1" else "d2" for a in args])
@@ -307,7 +330,7 @@ def _show(prop: str) -> str:
 
 
 @pytest.mark.slow
-def test_systemd_restarts_the_agent_after_a_sigkill(mosquitto):
+def test_systemd_restarts_the_agent_after_a_sigkill(tmp_path):
     if not Path("/run/systemd/system").is_dir():
         pytest.skip(f"systemd is not PID 1 here (PID 1 is {_pid1()!r}): run in a VM or a container booted "
                     f"with systemd to see it restart the agent")
@@ -315,8 +338,12 @@ def test_systemd_restarts_the_agent_after_a_sigkill(mosquitto):
         pytest.skip("installing the service needs root")
     if Path("/etc/systemd/system/edgefleet-agent.service").exists() or Path("/etc/edgefleet").exists():
         pytest.skip("an edgefleet agent is installed on this machine already; not touching it")
-    r = _edgefleet("agent", "install", "--device-id", "systemd-test", "--broker", mosquitto.url,
-                   "--controller", "http://127.0.0.1:9", "--telemetry-interval", "1", "--source", ROOT)
+    from fleet.app import Fleet
+
+    fleet = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    token = fleet.enrollment.create_token(device_id="systemd-test")
+    r = _edgefleet("agent", "install", "--controller", fleet.http_url, "--token", token["token"],
+                   "--ca-fingerprint", token["ca_fingerprint"], "--telemetry-interval", "1", "--source", ROOT)
     try:
         assert r.returncode == 0, r.stdout + r.stderr
         wait_for(lambda: _show("ActiveState") == "active" and _show("MainPID") not in ("", "0"), what="active")
@@ -327,4 +354,5 @@ def test_systemd_restarts_the_agent_after_a_sigkill(mosquitto):
         assert int(_show("NRestarts")) >= 1
     finally:
         u = _edgefleet("agent", "uninstall", "--purge")
+        fleet.stop()
         assert u.returncode == 0, u.stdout + u.stderr

@@ -14,7 +14,6 @@ from util import wait_for
 
 from agent.api import AgentClient
 from agent.bundle import read_manifest
-from agent.config import AgentConfig, validate
 from agent.daemon import Agent
 
 OUTPUT = "save_infer_model/scale_0.tmp_1"
@@ -73,15 +72,14 @@ def fleet(tmp_path):
 @pytest.mark.parametrize("bundle", ["cpu-int8", "intel-ov-int8", "intel-ov-fp16", "arm-tflite-int8",
                                     "arm-tflite-fp16", "arm-ort-int8-arm"])
 def test_every_runtime_serves_on_the_agent(converted, fleet, tmp_path, free_port, bundle):
-    from fleet.client import FleetClient
+    from util import agent_config, client as fleet_client
 
     out, _, x, reference = converted
-    agent = Agent(validate(AgentConfig(device_id="dev-1", broker=fleet.broker_url, controller=fleet.http_url,
-                                       state_dir=str(tmp_path / "dev"), api=f"127.0.0.1:{free_port}",
-                                       telemetry_interval_s=1.0)))
+    agent = Agent(agent_config(fleet, tmp_path / "dev", "dev-1", api=f"127.0.0.1:{free_port}",
+                               telemetry_interval_s=1.0))
     agent.start()
     try:
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         sha = client.upload_bundle(out / f"ocr-cls-1-{bundle}.tar")["sha256"]
         client.deploy(sha, ["dev-1"])
         wait_for(lambda: agent.engine.current and agent.engine.current.sha == sha, timeout=120, what="activation")

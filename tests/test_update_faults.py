@@ -34,15 +34,15 @@ def fleet(tmp_path):
 
 
 def _config(tmp_path, fleet, port, **kw) -> AgentConfig:
-    return validate(AgentConfig(device_id="dev-1", broker=fleet.broker_url, controller=fleet.http_url,
-                                state_dir=str(tmp_path / "dev-1"), api=f"127.0.0.1:{port}",
-                                telemetry_interval_s=0.5, **kw))
+    from util import agent_config
+
+    return agent_config(fleet, tmp_path / "dev-1", "dev-1", api=f"127.0.0.1:{port}", telemetry_interval_s=0.5, **kw)
 
 
 def _client(fleet):
-    from fleet.client import FleetClient
+    from util import client
 
-    return FleetClient(fleet.http_url)
+    return client(fleet)
 
 
 def _deploy(fleet, path) -> str:

@@ -22,10 +22,12 @@ OUTPUT = "save_infer_model/scale_0.tmp_1"
 PAGES = {"/", "/devices/{device_id}", "/rollouts/{rollout_id}"}  # HTML, not the JSON API
 
 
-def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+def get(fleet, url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    from util import ssl_context
+
     req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=30, context=ssl_context(fleet)) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -40,22 +42,20 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
     ``windows`` telemetry windows with inferences arrived.
     Yields (fleet, {device: agent}, {"upload": {device: response}, "deploy": {...}})."""
     from agent.api import AgentClient
-    from agent.config import AgentConfig, validate
     from agent.daemon import Agent
     from fleet.app import Fleet
     from fleet.broker import free_port
-    from fleet.client import FleetClient
+    from util import agent_config, client as fleet_client
 
     fleet = Fleet(tmp / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     agents = {}
     try:
         for device in deploy:
-            cfg = validate(AgentConfig(device_id=device, broker=fleet.broker_url, controller=fleet.http_url,
-                                       state_dir=str(tmp / device), api=f"127.0.0.1:{free_port()}",
-                                       telemetry_interval_s=interval))
+            cfg = agent_config(fleet, tmp / device, device, api=f"127.0.0.1:{free_port()}",
+                               telemetry_interval_s=interval)
             agents[device] = Agent(cfg)
             agents[device].start()
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         responses: dict[str, dict] = {"upload": {}, "deploy": {}}
         for device, path in deploy.items():
             wait_for(lambda: any(h["device_id"] == device for h in client.health()), what=f"{device} registered")
@@ -117,7 +117,7 @@ def site(tmp_path_factory, converted, crops):
 
 def test_overview_lists_devices_with_their_health(site):
     fleet, _, _ = site
-    status, headers, body = get(fleet.http_url + "/")
+    status, headers, body = get(fleet, fleet.http_url + "/")
     page = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert 'data-online="1" data-offline="0"' in page.replace("\n ", " ") and 'data-total="1"' in page
@@ -125,38 +125,38 @@ def test_overview_lists_devices_with_their_health(site):
     row = row[: row.index("</tr>")]
     assert 'href="/devices/dev-web"' in row and "online" in row
     assert "ocr-cls" in row and "2.1" in row and "int8" in row and " ms" in row and "ago" in row
-    from fleet.client import FleetClient
+    from util import client as fleet_client
 
-    [h] = FleetClient(fleet.http_url).health()
+    [h] = fleet_client(fleet).health()
     assert ("unknown" in row) == (h["temperature_c"] is None)  # no sensor: "unknown", never 0 °C
     assert "Rollouts" in page
     for asset in ("/static/edgefleet.css", "/static/edgefleet.js"):
-        assert asset in page and get(fleet.http_url + asset)[0] == 200
+        assert asset in page and get(fleet, fleet.http_url + asset)[0] == 200
 
 
 def test_device_page_has_charts_report_events_and_deployments(site):
     fleet, _, responses = site
-    status, _, body = get(fleet.http_url + "/devices/dev-web")
+    status, _, body = get(fleet, fleet.http_url + "/devices/dev-web")
     page = body.decode()
     assert status == 200
     for chart in ("latency", "errors", "throughput", "cpu", "memory", "temperature"):
         assert f'data-chart="{chart}"' in page
     assert 'data-src="/api/devices/dev-web/series?since=3600"' in page
-    assert "/static/uplot/uPlot.iife.min.js" in page and get(fleet.http_url + "/static/uplot/uPlot.iife.min.js")[0] == 200
+    assert "/static/uplot/uPlot.iife.min.js" in page and get(fleet, fleet.http_url + "/static/uplot/uPlot.iife.min.js")[0] == 200
     # the converter's report from the bundle's manifest
     assert "Converter report" in page and "cpu / int8" in page and "top-1" in page and "held-out samples" in page
     assert "Gate" in page and "Measured on" in page
     # events and deployment history
     dep = responses["deploy"]["dev-web"]["id"]
     assert "Recent events" in page and ">active<" in page and dep in page
-    assert get(fleet.http_url + "/devices/dev-web?since=900")[2].decode().count('?since=900" class=on') == 1
+    assert get(fleet, fleet.http_url + "/devices/dev-web?since=900")[2].decode().count('?since=900" class=on') == 1
 
 
 def test_series_has_the_telemetry_windows(site):
     from fleet.series import Series
 
     fleet, _, _ = site
-    status, headers, body = get(fleet.http_url + "/api/devices/dev-web/series?since=600")
+    status, headers, body = get(fleet, fleet.http_url + "/api/devices/dev-web/series?since=600")
     assert status == 200 and headers["content-type"] == "application/json"
     s = msgspec.json.decode(body, type=Series)
     assert s.source == "raw" and set(s.resolution) == {"raw"} and s.step is None and s.points == len(s.time) >= 4
@@ -165,14 +165,14 @@ def test_series_has_the_telemetry_windows(site):
     assert all(r > 0 for r in s.rss_bytes) and sum(s.inferences) > 0
     assert all(v in (None, 0.0) for v in s.error_rate)
     # buckets: one point for the lot, the same totals
-    b = msgspec.json.decode(get(fleet.http_url + "/api/devices/dev-web/series?since=600&step=600")[2], type=Series)
+    b = msgspec.json.decode(get(fleet, fleet.http_url + "/api/devices/dev-web/series?since=600&step=600")[2], type=Series)
     assert b.step == 600 and 1 <= b.points <= 2 and sum(b.inferences) == sum(s.inferences)
     assert any(v is not None and v > 0 for v in b.p99)
     for query, needle in (("since=-1", "since"), ("since=abc", "since"), ("step=0.1", "step"),
                           ("since=60&step=61", "step"), ("from=0", "unknown query parameter 'from'")):
-        status, _, body = get(fleet.http_url + "/api/devices/dev-web/series?" + query)
+        status, _, body = get(fleet, fleet.http_url + "/api/devices/dev-web/series?" + query)
         assert status == 400 and needle in json.loads(body)["error"]
-    status, _, body = get(fleet.http_url + "/api/devices/nope/series")
+    status, _, body = get(fleet, fleet.http_url + "/api/devices/nope/series")
     assert status == 404 and "unknown device 'nope'" in json.loads(body)["error"]
 
 
@@ -198,10 +198,10 @@ def test_the_raw_table_alone_gives_the_same_points(site):
 
 def test_unknown_device_and_rollout_are_404_pages(site):
     fleet, _, _ = site
-    status, headers, body = get(fleet.http_url + "/devices/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
+    status, headers, body = get(fleet, fleet.http_url + "/devices/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
     assert status == 404 and headers["content-type"].startswith("text/html")
     assert "No such device" in body.decode() and "<img src=x" not in body.decode()
-    status, _, body = get(fleet.http_url + "/rollouts/ro-nope")
+    status, _, body = get(fleet, fleet.http_url + "/rollouts/ro-nope")
     assert status == 404 and "No such rollout" in body.decode()
 
 
@@ -209,7 +209,7 @@ def test_metrics_parse_as_prometheus_text(site):
     from prometheus_client.parser import text_string_to_metric_families
 
     fleet, _, _ = site
-    status, headers, body = get(fleet.http_url + "/metrics")
+    status, headers, body = get(fleet, fleet.http_url + "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     assert {s.labels["state"]: s.value for s in families["edgefleet_devices"].samples} == {"online": 1, "offline": 0}
@@ -222,9 +222,9 @@ def test_metrics_parse_as_prometheus_text(site):
         [v] = [s.value for s in family.samples if s.labels == {**labels, **extra}]
         return v
 
-    from fleet.client import FleetClient
+    from util import client as fleet_client
 
-    h = FleetClient(fleet.http_url).health("dev-web")
+    h = fleet_client(fleet).health("dev-web")
     assert value("edgefleet_device_online") == 1
     assert value("edgefleet_device_inferences_total") >= 1 and value("edgefleet_device_errors_total") == 0
     for q in ("0.5", "0.95", "0.99"):
@@ -269,11 +269,13 @@ def _schema_type(schema: dict):
     return structs[schema["$ref"].rsplit("/", 1)[1]]
 
 
-def call(method: str, url: str, body: dict | None = None) -> tuple[int, dict | list]:
+def call(fleet, method: str, url: str, body: dict | None = None) -> tuple[int, dict | list]:
+    from util import ssl_context
+
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
                                  headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=30, context=ssl_context(fleet)) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -284,9 +286,9 @@ def rollout(site):
     """A real rollout of the device's bundle to it (it already runs it: the rollout completes), or None when
     this controller has no rollout engine."""
     fleet, _, responses = site
-    if get(fleet.http_url + "/api/rollouts")[0] == 404:
+    if get(fleet, fleet.http_url + "/api/rollouts")[0] == 404:
         return None
-    status, r = call("POST", fleet.http_url + "/api/rollouts",
+    status, r = call(fleet, "POST", fleet.http_url + "/api/rollouts",
                      {"bundle": responses["upload"]["dev-web"]["sha256"], "targets": ["dev-web"]})
     assert status == 201, r
     return r
@@ -294,22 +296,22 @@ def rollout(site):
 
 def test_rollout_page_shows_waves_and_phases(site, rollout):
     fleet, _, _ = site
-    status, _, body = get(fleet.http_url + "/")
+    status, _, body = get(fleet, fleet.http_url + "/")
     if rollout is None:
         assert "no rollout engine" in body.decode()
         pytest.skip("this controller has no rollout engine (/api/rollouts)")
     assert f'<tr data-rollout="{rollout["id"]}">' in body.decode()
-    status, _, body = get(fleet.http_url + "/rollouts/" + rollout["id"])
+    status, _, body = get(fleet, fleet.http_url + "/rollouts/" + rollout["id"])
     page = body.decode()
     assert status == 200 and f"Rollout {rollout['id']}" in page
     assert 'data-wave="1"' in page and '<tr data-device="dev-web">' in page and 'href="/devices/dev-web"' in page
-    r = call("GET", fleet.http_url + "/api/rollouts/" + rollout["id"])[1]
+    r = call(fleet, "GET", fleet.http_url + "/api/rollouts/" + rollout["id"])[1]
     assert f'<span class="pill' in page and r["waves"][0]["devices"][0]["phase"] in page
 
 
 def test_openapi_documents_every_json_endpoint_and_the_real_answers_match(site, rollout):
     fleet, _, responses = site
-    status, _, body = get(fleet.http_url + "/api/openapi.json")
+    status, _, body = get(fleet, fleet.http_url + "/api/openapi.json")
     doc = json.loads(body)
     assert status == 200 and doc["openapi"].startswith("3.1") and doc["info"]["version"]
     # every real route is documented, and every documented one exists
@@ -333,7 +335,7 @@ def test_openapi_documents_every_json_endpoint_and_the_real_answers_match(site, 
         if "get" not in ops:
             continue
         url = fleet.http_url + path.format(**{k: v for k, v in params.items() if "{" + k + "}" in path})
-        status, headers, body = get(url)
+        status, headers, body = get(fleet, url)
         assert status == 200, (path, status, body[:200])
         content = ops["get"]["responses"]["200"]["content"]
         media = next(iter(content))
@@ -348,18 +350,27 @@ def test_openapi_documents_every_json_endpoint_and_the_real_answers_match(site, 
 
     answers("/api/bundles", "post", 200, responses["upload"]["dev-web"])
     answers("/api/deployments", "post", 200, dep)
-    answers("/api/deployments", "post", 400, call("POST", fleet.http_url + "/api/deployments", {"bundle": sha})[1])
+    answers("/api/deployments", "post", 400, call(fleet, "POST", fleet.http_url + "/api/deployments", {"bundle": sha})[1])
     tags = fleet.http_url + "/api/devices/dev-web/tags"
     if "/api/devices/{device_id}/tags" in doc["paths"]:
-        answers("/api/devices/{device_id}/tags", "put", 200, call("PUT", tags, {"tags": ["dock"]})[1])
-        answers("/api/devices/{device_id}/tags", "post", 200, call("POST", tags, {"remove": ["dock"]})[1])
+        answers("/api/devices/{device_id}/tags", "put", 200, call(fleet, "PUT", tags, {"tags": ["dock"]})[1])
+        answers("/api/devices/{device_id}/tags", "post", 200, call(fleet, "POST", tags, {"remove": ["dock"]})[1])
+    if "/api/enrollments" in doc["paths"]:  # and the identity routes, with real requests
+        token = call(fleet, "POST", fleet.http_url + "/api/enrollments", {"device_id": "dev-new", "ttl_s": 600})
+        answers("/api/enrollments", "post", 201, token[1])
+        answers("/api/enrollments/{token_id}/revoke", "post", 200,
+                call(fleet, "POST", f"{fleet.http_url}/api/enrollments/{token[1]['id']}/revoke")[1])
+        answers("/enroll", "post", 401, call(fleet, "POST", fleet.http_url + "/enroll",
+                                             {"token": token[1]["token"], "csr": "x"})[1])
+        answers("/api/devices/{device_id}/revoke", "post", 404,
+                call(fleet, "POST", fleet.http_url + "/api/devices/dev-none/revoke")[1])
     if rollout is not None:
         answers("/api/rollouts", "post", 201, rollout)
         url = f"{fleet.http_url}/api/rollouts/{rollout['id']}/pause"
-        status, body = call("POST", url)  # it may have completed already: then a 409
+        status, body = call(fleet, "POST", url)  # it may have completed already: then a 409
         answers("/api/rollouts/{rollout_id}/{action}", "post", status, body)
     # a documented error answers with the documented error body
-    status, _, body = get(fleet.http_url + "/api/health/nope")
+    status, _, body = get(fleet, fleet.http_url + "/api/health/nope")
     assert status == 404 and "404" in doc["paths"]["/api/health/{device_id}"]["get"]["responses"]
     msgspec.json.decode(body, type=_schema_type({"$ref": "#/components/schemas/Error"}))
 

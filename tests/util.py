@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition", every: float = 0.05):
@@ -15,3 +16,59 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition", every: f
             return value
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- identities: every test runs the secure default (mutual TLS with certificates from a fleet CA) -----------
+def issue_tls(pki, device_id: str, directory: Path, store=None):
+    """A key made here and a certificate for ``device_id`` from ``pki`` (recorded in ``store`` as enrolled, when
+    given): the ``agent.transport.Tls`` a raw paho client presents to speak as that device."""
+    from agent.identity import _new_key_and_csr
+    from agent.transport import Tls
+    from fleet.pki import fingerprint, pem
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _, key_pem, csr = _new_key_and_csr(device_id)
+    cert = pki.sign_csr(csr, device_id, 86400)
+    if store is not None:
+        store.add_certificate(cert.serial_number, device_id, fingerprint(cert), cert.not_valid_before_utc.timestamp(),
+                              cert.not_valid_after_utc.timestamp(), "enroll")
+    (directory / f"{device_id}.key").write_bytes(key_pem)
+    (directory / f"{device_id}.crt").write_text(pem(cert))
+    return Tls(str(pki.ca_crt), str(directory / f"{device_id}.crt"), str(directory / f"{device_id}.key"))
+
+
+def enroll(fleet, state_dir: Path, device_id: str):
+    """Enroll ``state_dir`` as ``device_id`` the way a device does: a one-time token, then HTTPS."""
+    from agent import identity
+
+    token = fleet.enrollment.create_token(device_id=device_id)
+    return identity.enroll(state_dir, fleet.http_url, token["token"], token["ca_fingerprint"])
+
+
+def agent_config(fleet, state_dir: Path, device_id: str, **kw):
+    """An enrolled device's validated config (broker, controller and certificate from the enrollment)."""
+    from agent.config import AgentConfig, validate
+
+    enroll(fleet, Path(state_dir), device_id)
+    kw.setdefault("telemetry_interval_s", kw.pop("interval", 0.5))
+    return validate(AgentConfig(state_dir=str(state_dir), **kw))
+
+
+def client(fleet, **kw):
+    """A FleetClient of this controller, trusting its CA."""
+    from fleet.client import FleetClient
+
+    return FleetClient(fleet.http_url, ca=str(fleet.pki.ca_crt) if fleet.pki else None, **kw)
+
+
+def cli_args(fleet) -> list[str]:
+    """What `edgefleet fleet` commands need to reach this controller."""
+    return ["--server", fleet.http_url, *(["--ca", str(fleet.pki.ca_crt)] if fleet.pki else [])]
+
+
+def ssl_context(fleet):
+    """An SSLContext trusting this controller's CA (None for an insecure one), for raw urllib requests."""
+    import ssl
+
+    return ssl.create_default_context(cafile=str(fleet.pki.ca_crt)) if fleet.pki else None
