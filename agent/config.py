@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from agent.errors import EdgefleetError
-from agent.protocol import ProtocolError, check_device_id
+from agent.protocol import MAX_SIZE, ProtocolError, check_device_id
 
 
 class ConfigError(EdgefleetError):
@@ -33,6 +33,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # beyond either, the oldest messages are dropped, counted and reported
     outbox_max_bytes: int = 64 * 1024 * 1024  # payload bytes queued
     outbox_max_age_s: float = 7 * 24 * 3600.0  # age of the oldest queued message
+    # what a desired model may ask for, checked before anything is downloaded (agent/updater.py)
+    max_bundle_bytes: int = 2 << 30  # a larger desired size is refused
+    bundle_origins: list[str] = []  # http(s)://HOST[:PORT] bundles may come from, besides the controller's
 
     @property
     def broker_host_port(self) -> tuple[str, int]:
@@ -49,6 +52,27 @@ def parse_mqtt_url(url: str) -> tuple[str, int]:
     if parts.scheme != "mqtt" or not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(f"broker {url!r} is not an mqtt://HOST:PORT URL")
     return parts.hostname, port
+
+
+def parse_origin(url: str, what: str = "origin", path_ok: bool = False) -> str:
+    """The origin of an http(s) URL, normalised: ``scheme://host:port`` (lowercase, the port explicit).
+
+    Refuses other schemes, user info (``https://controller@evil/``) and, unless ``path_ok``, a path,
+    query or fragment. Raises ConfigError naming ``what``."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{what} {url!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} {url!r} is not an http(s)://HOST[:PORT] URL")
+    if "@" in parts.netloc:
+        raise ConfigError(f"{what} {url!r} has user info before its host")
+    if not path_ok and (parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ConfigError(f"{what} {url!r} must be http(s)://HOST[:PORT], without a path")
+    host = parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def parse_api_address(addr: str) -> tuple[str, int] | str:
@@ -70,8 +94,9 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     except ProtocolError as e:
         raise ConfigError(f"device_id: {e}") from None
     parse_mqtt_url(cfg.broker)
-    if urlsplit(cfg.controller).scheme not in ("http", "https"):
-        raise ConfigError(f"controller {cfg.controller!r} is not an http(s):// URL")
+    parse_origin(cfg.controller, "controller", path_ok=True)
+    for origin in cfg.bundle_origins:
+        parse_origin(origin, "bundle_origins:")
     parse_api_address(cfg.api)
     if not cfg.telemetry_interval_s > 0:
         raise ConfigError("telemetry_interval_s must be > 0")
@@ -89,6 +114,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise ConfigError("outbox_max_bytes must be > 0")
     if not cfg.outbox_max_age_s > 0:
         raise ConfigError("outbox_max_age_s must be > 0")
+    if not 1 <= cfg.max_bundle_bytes <= MAX_SIZE:
+        raise ConfigError(f"max_bundle_bytes must be between 1 and {MAX_SIZE} (1 TiB)")
     return cfg
 
 
