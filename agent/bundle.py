@@ -2,6 +2,20 @@
 
 The converter writes bundles with :func:`write_bundle`; the agent and the fleet check them with
 :func:`read_manifest`, :func:`verify_file` and :func:`safe_unpack`. Nothing here imports a runtime.
+
+What a bundle may hold, checked from the tar headers and the manifest before a byte is written:
+
+- at most ``MAX_MEMBERS`` (1000) members, each a plain regular file (tar type ``0`` or NUL): no
+  directory, link, device, FIFO, contiguous or sparse (GNU or PAX) entries; names relative, without
+  ``..``, ``\\`` or control characters, at most 255 characters;
+- ``manifest.json`` (at most ``MAX_MANIFEST_BYTES``) and exactly the files it lists, each once, each
+  with the header size its manifest entry declares; the declared sizes together no more than the
+  bundle file itself (an uncompressed tar holds its contents) and than ``max_bytes`` when given;
+- a manifest whose strings and lists are bounded (the same bounds as the wire contract for name,
+  version, runtime and precision, see agent/protocol.py), whose ``model`` and ``sample`` are among
+  its files. ``report`` is free-form, bounded only by ``MAX_MANIFEST_BYTES``.
+
+Unpacking then streams exactly each member's declared size and compares its sha256.
 """
 
 from __future__ import annotations
@@ -9,22 +23,31 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from agent.errors import EdgefleetError
+from agent.protocol import MAX_SIZE, Name, Sha256, Token, Version
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 SAMPLE = "sample.npz"
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_MEMBERS = 1000  # tar members, manifest.json included
+MAX_PATH = 255
+MAX_TENSORS = 64  # inputs, and outputs
+MAX_DIMS = 32
+MAX_HEADER_BYTES = 64 << 10  # a pax extended header or GNU long name, read into memory by tarfile
+
+_PATH = r"[A-Za-z0-9._+-]+(?:/[A-Za-z0-9._+-]+)*"
 
 
 class BundleError(EdgefleetError, ValueError):
@@ -35,38 +58,47 @@ class _S(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
+MemberPath = Annotated[str, msgspec.Meta(pattern=f"^(?:{_PATH})$(?!\\n)", max_length=MAX_PATH)]
+
+
 class FileEntry(_S):
-    path: str
-    sha256: str
-    size: int
+    path: MemberPath
+    sha256: Sha256
+    size: Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
 
 
 class TensorSpec(_S):
-    name: str
-    shape: list[int]  # -1 where a dimension is dynamic
-    dtype: str  # numpy dtype name: float32, int32, uint8, ...
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    shape: Annotated[list[Annotated[int, msgspec.Meta(ge=-1)]], msgspec.Meta(max_length=MAX_DIMS)]  # -1: dynamic
+    dtype: Token  # numpy dtype name: float32, int32, uint8, ...
 
 
 class Manifest(_S):
-    name: str
-    version: str
+    name: Name
+    version: Version
     target: Literal["cpu", "intel", "arm"]
-    runtime: str  # the agent's runtime plugin: onnxruntime | openvino | tflite
-    precision: str  # fp32 | fp16 | int8 | ...
-    model: str  # path of the main model file inside the bundle
-    files: list[FileEntry]
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    sample: str = SAMPLE  # npz with one array per input, for the smoke test
-    latency_budget_ms: float | None = None  # smoke inference must finish within this
-    settings: dict[str, Any] = {}  # runtime settings, e.g. {"intra_op_threads": 1}
+    runtime: Token  # the agent's runtime plugin: onnxruntime | openvino | tflite
+    precision: Token  # fp32 | fp16 | int8 | ...
+    model: MemberPath  # path of the main model file inside the bundle
+    files: Annotated[list[FileEntry], msgspec.Meta(max_length=MAX_MEMBERS - 1)]
+    inputs: Annotated[list[TensorSpec], msgspec.Meta(max_length=MAX_TENSORS)]
+    outputs: Annotated[list[TensorSpec], msgspec.Meta(max_length=MAX_TENSORS)]
+    sample: MemberPath = SAMPLE  # npz with one array per input, for the smoke test
+    latency_budget_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None  # smoke inference must finish within this
+    # runtime settings, e.g. {"intra_op_threads": 1}
+    settings: Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)], Any],
+                        msgspec.Meta(max_length=64)] = {}
     report: dict[str, Any] = {}  # the converter's measurements of this variant
-    source_sha256: str = ""
-    created: str = ""
+    source_sha256: Annotated[str, msgspec.Meta(pattern="^(?:[0-9a-f]{64})?$(?!\\n)", max_length=64)] = ""
+    created: Annotated[str, msgspec.Meta(max_length=64)] = ""
     format: int = FORMAT
 
 
 _manifest_decoder = msgspec.json.Decoder(Manifest)
+
+_KINDS = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
+          tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO",
+          tarfile.CONTTYPE: "a contiguous file", tarfile.GNUTYPE_SPARSE: "a sparse file"}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -82,19 +114,31 @@ def encode_manifest(manifest: Manifest) -> bytes:
 
 
 def decode_manifest(data: bytes) -> Manifest:
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"manifest is {len(data)} bytes, more than {MAX_MANIFEST_BYTES}")
     try:
         m = _manifest_decoder.decode(data)
     except msgspec.ValidationError as e:
         raise BundleError(f"invalid manifest: {e}") from None
     except msgspec.DecodeError as e:
         raise BundleError(f"manifest is not JSON: {e}") from None
+    except RecursionError:
+        raise BundleError("invalid manifest: it nests too deeply") from None
     if m.format != FORMAT:
         raise BundleError(f"manifest format {m.format} is not supported (expected {FORMAT})")
     paths = [f.path for f in m.files]
-    for p in paths + [m.model]:
-        _check_member_name(p)
+    for i, p in enumerate(paths):
+        _check_member_name(p, f"manifest.files[{i}].path")
+    _check_member_name(m.model, "manifest.model")
+    _check_member_name(m.sample, "manifest.sample")
+    if len(set(paths)) != len(paths):
+        raise BundleError("manifest lists a file twice")
+    if MANIFEST in paths:
+        raise BundleError(f"manifest lists {MANIFEST} among its files")
     if m.model not in paths:
         raise BundleError(f"manifest model {m.model!r} is not among its files")
+    if m.sample not in paths:
+        raise BundleError(f"manifest sample {m.sample!r} is not among its files")
     return m
 
 
@@ -106,13 +150,13 @@ def write_bundle(out: str | os.PathLike, manifest: Manifest, files: dict[str, st
     """
     entries = []
     for name, path in sorted(files.items()):
-        _check_member_name(name)
+        _check_member_name(name, "bundle")
         entries.append(FileEntry(path=name, sha256=sha256_file(path), size=os.path.getsize(path)))
     manifest = msgspec.structs.replace(
         manifest, files=entries, created=manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     )
-    decode_manifest(encode_manifest(manifest))  # the same checks a device will make
     data = encode_manifest(manifest)
+    decode_manifest(data)  # the same checks a device will make
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
@@ -123,11 +167,13 @@ def write_bundle(out: str | os.PathLike, manifest: Manifest, files: dict[str, st
             info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
             tar.addfile(info, io.BytesIO(data))
             for name, path in sorted(files.items()):
-                info = tar.gettarinfo(str(path), arcname=name)
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mode = 0o644
                 with open(path, "rb") as f:
+                    info = tar.gettarinfo(arcname=name, fileobj=f)  # what was opened: a symlink's target
+                    if not info.isreg():
+                        raise BundleError(f"{path} is not a regular file")
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    info.mode = 0o644
                     tar.addfile(info, f)
             raw.flush()
             os.fsync(raw.fileno())
@@ -148,85 +194,160 @@ def verify_file(path: str | os.PathLike, size: int, sha256: str) -> None:
         raise BundleError(f"sha256 mismatch: expected {sha256[:16]}…, got {digest[:16]}…")
 
 
-def read_manifest(bundle: str | os.PathLike) -> Manifest:
-    """Read and validate the manifest of a bundle file without unpacking it."""
+def read_manifest(bundle: str | os.PathLike, max_bytes: int | None = None) -> Manifest:
+    """Read and validate the manifest of a bundle file, and every member's header against it, without
+    unpacking anything."""
     try:
-        with tarfile.open(bundle, mode="r:") as tar:
-            try:
-                info = tar.getmember(MANIFEST)
-            except KeyError:
-                raise BundleError(f"{bundle}: not a bundle (no {MANIFEST})") from None
-            if not info.isfile() or info.size > MAX_MANIFEST_BYTES:
-                raise BundleError(f"{bundle}: {MANIFEST} is not a regular file of sane size")
-            data = tar.extractfile(info).read()
-    except (tarfile.TarError, EOFError) as e:
+        with tarfile.open(bundle, mode="r:", tarinfo=_Header) as tar:
+            manifest, _ = _check_headers(Path(bundle), tar, max_bytes)
+            return manifest
+    except BundleError:
+        raise
+    except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
         raise BundleError(f"{bundle}: not a bundle ({e})") from None
-    return decode_manifest(data)
+    except OSError as e:
+        raise BundleError(f"{bundle}: cannot read it ({e.strerror or e})") from None
 
 
 def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike,
-                on_member: Callable[[str], None] | None = None) -> Manifest:
+                on_member: Callable[[str], None] | None = None, max_bytes: int | None = None) -> Manifest:
     """Unpack a bundle into ``dest`` (which must not exist) and verify every file.
 
-    Refuses absolute paths, ``..``, links, devices and files the manifest does not list.
-    Unpacks into a temporary sibling directory and renames it into place only when every
-    file matched its sha256, so ``dest`` is either complete and verified or absent.
+    Every header is checked against the manifest first (see the module's docstring): nothing is written
+    for a bundle that fails. Unpacks into a temporary sibling directory and renames it into place only
+    when every file matched its sha256, so ``dest`` is either complete and verified or absent.
     """
-    dest = Path(dest)
+    bundle, dest = Path(bundle), Path(dest)
     if dest.exists():
         raise BundleError(f"{dest} already exists")
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     try:
-        manifest = _unpack_into(Path(bundle), tmp, on_member)
-        os.replace(tmp, dest)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with tarfile.open(bundle, mode="r:", tarinfo=_Header) as tar:
+            manifest, members = _check_headers(bundle, tar, max_bytes)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+            try:
+                _unpack_into(tar, manifest, members, tmp, on_member)
+                os.replace(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except BundleError:
         raise
-
-
-def _unpack_into(bundle: Path, tmp: Path, on_member: Callable[[str], None] | None = None) -> Manifest:
-    manifest = read_manifest(bundle)
-    expected = {f.path: f for f in manifest.files}
-    seen = set()
-    try:
-        with tarfile.open(bundle, mode="r:") as tar:
-            for info in tar:
-                _check_member_name(info.name)
-                if not info.isfile():
-                    raise BundleError(f"bundle member {info.name!r} is not a regular file")
-                if info.name == MANIFEST:
-                    continue
-                entry = expected.get(info.name)
-                if entry is None:
-                    raise BundleError(f"bundle member {info.name!r} is not listed in the manifest")
-                if info.name in seen:
-                    raise BundleError(f"bundle member {info.name!r} appears twice")
-                seen.add(info.name)
-                target = tmp / info.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                h = hashlib.sha256()
-                size = 0
-                src = tar.extractfile(info)
-                with open(target, "xb") as out:
-                    while block := src.read(1 << 20):
-                        h.update(block)
-                        size += len(block)
-                        out.write(block)
-                if size != entry.size or h.hexdigest() != entry.sha256:
-                    raise BundleError(f"bundle member {info.name!r} does not match its manifest entry")
-                if on_member:
-                    on_member(info.name)
-    except (tarfile.TarError, EOFError) as e:
+    except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
         raise BundleError(f"{bundle}: not a bundle ({e})") from None
-    missing = set(expected) - seen
-    if missing:
-        raise BundleError(f"bundle is missing {sorted(missing)}")
-    (tmp / MANIFEST).write_bytes(encode_manifest(manifest))
     return manifest
 
 
-def _check_member_name(name: str) -> None:
+def _check_headers(bundle: Path, tar: tarfile.TarFile,
+                   max_bytes: int | None) -> tuple[Manifest, list[tarfile.TarInfo]]:
+    """Read every header (at most MAX_MEMBERS) and the manifest; check each member against it. Reads no
+    member's data but the manifest's."""
+    members: list[tarfile.TarInfo] = []
+    for info in tar:
+        if len(members) >= MAX_MEMBERS:
+            raise BundleError(f"bundle has more than {MAX_MEMBERS} members")
+        _check_member(info)
+        members.append(info)
+    found = [m for m in members if m.name == MANIFEST]
+    if not found:
+        raise BundleError(f"{bundle}: not a bundle (no {MANIFEST})")
+    if len(found) > 1:
+        raise BundleError(f"bundle member {MANIFEST!r} appears twice")
+    if found[0].size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{bundle}: {MANIFEST} is {found[0].size} bytes, more than {MAX_MANIFEST_BYTES}")
+    manifest = decode_manifest(_read_exactly(tar, found[0]))
+    expected = {f.path: f for f in manifest.files}
+    seen: set[str] = set()
+    for info in members:
+        if info.name == MANIFEST:
+            continue
+        entry = expected.get(info.name)
+        if entry is None:
+            raise BundleError(f"bundle member {info.name!r} is not listed in the manifest")
+        if info.name in seen:
+            raise BundleError(f"bundle member {info.name!r} appears twice")
+        seen.add(info.name)
+        if info.size != entry.size:
+            raise BundleError(f"bundle member {info.name!r} is {info.size} bytes in the tar but "
+                              f"{entry.size} in the manifest")
+    missing = set(expected) - seen
+    if missing:
+        raise BundleError(f"bundle is missing {sorted(missing)}")
+    declared = sum(f.size for f in manifest.files) + found[0].size
+    have = bundle.stat().st_size
+    if declared > have:
+        raise BundleError(f"bundle declares {declared} bytes of files, more than the {have} bytes it has")
+    if max_bytes is not None and declared > max_bytes:
+        raise BundleError(f"bundle declares {declared} bytes of files, more than the limit of {max_bytes}")
+    return manifest, members
+
+
+def _unpack_into(tar: tarfile.TarFile, manifest: Manifest, members: list[tarfile.TarInfo], tmp: Path,
+                 on_member: Callable[[str], None] | None = None) -> None:
+    expected = {f.path: f for f in manifest.files}
+    for info in members:
+        if info.name == MANIFEST:
+            continue
+        entry = expected[info.name]
+        target = tmp / info.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        src = tar.extractfile(info)
+        left = entry.size  # == info.size (checked): never more than the header and the manifest declare
+        with open(target, "xb") as out:
+            while left:
+                block = src.read(min(1 << 20, left))
+                if not block:
+                    raise BundleError(f"bundle member {info.name!r} is cut short")
+                left -= len(block)
+                h.update(block)
+                out.write(block)
+        if h.hexdigest() != entry.sha256:
+            raise BundleError(f"bundle member {info.name!r} does not match its manifest entry")
+        if on_member:
+            on_member(info.name)
+    (tmp / MANIFEST).write_bytes(encode_manifest(manifest))
+
+
+def _read_exactly(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    data = tar.extractfile(info).read(info.size)
+    if len(data) != info.size:
+        raise BundleError(f"bundle member {info.name!r} is cut short")
+    return data
+
+
+def _check_member(info: tarfile.TarInfo) -> None:
+    """A member must be a plain regular file with a safe name. ``isfile()``/``isreg()`` are not enough:
+    they also accept contiguous and GNU sparse entries."""
+    _check_member_name(info.name)
+    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.issparse():
+        kind = "a sparse file" if info.issparse() else _KINDS.get(info.type, f"of tar type {info.type!r}")
+        raise BundleError(f"bundle member {info.name!r} is not a regular file: it is {kind}")
+
+
+def _check_member_name(name: str, where: str = "bundle") -> None:
     p = Path(name)
-    if not name or p.is_absolute() or name.startswith(("/", "\\")) or ".." in p.parts or "\\" in name:
-        raise BundleError(f"unsafe path in bundle: {name!r}")
+    if (not name or len(name) > MAX_PATH or p.is_absolute() or name.startswith(("/", "\\")) or ".." in p.parts
+            or "\\" in name or re.search(r"[\x00-\x1f\x7f]", name)):
+        raise BundleError(f"unsafe path in {where}: {name!r}")
+
+
+class _Header(tarfile.TarInfo):
+    """Refuses, while tarfile parses a header, what would make it read or allocate without bound: an
+    extended (pax) header or GNU long name larger than MAX_HEADER_BYTES, and sparse maps (GNU and PAX),
+    before tarfile reads them. These hook tarfile's per-header methods; ``_check_member`` refuses sparse
+    entries again from the parsed header, whatever tarfile's internals become."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK) and self.size > MAX_HEADER_BYTES:
+            raise BundleError(f"bundle has an extended tar header of {self.size} bytes, more than "
+                              f"{MAX_HEADER_BYTES}")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise BundleError(f"bundle member {self.name!r} is not a regular file: it is a sparse file")
+        return super()._proc_member(tarfile_)
+
+    def _sparse(self, next_, pax_headers, *_):
+        name = pax_headers.get("GNU.sparse.name") or next_.name
+        raise BundleError(f"bundle member {name!r} is not a regular file: it is a sparse file")
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _sparse

@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         "telemetry_interval_s (default 10), keepalive_s (default 15), outbox_max_bytes (default 64 MiB), "
         "outbox_max_age_s (default 7 days), rollback_window_s (default 300), rollback_min_inferences "
         "(default 20), rollback_max_error_rate (default 0.05), rollback_max_p95_ms (default: the bundle's "
-        "latency budget). README.md explains each.",
+        "latency budget), max_bundle_bytes (default 2 GiB: a larger desired bundle is refused), bundle_origins "
+        "(default []: bundles are downloaded only from the controller's origin; list other "
+        "http(s)://HOST[:PORT] origins here). README.md explains each.",
     )
     run.add_argument("--config", required=True, type=Path, help="the agent's TOML config file")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -11,6 +11,7 @@ import msgspec
 
 from agent import transport
 from agent.errors import EdgefleetError
+from agent.protocol import MAX_SIZE
 
 
 class ConfigError(EdgefleetError):
@@ -44,7 +45,31 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # beyond either, the oldest messages are dropped, counted and reported
     outbox_max_bytes: int = 64 * 1024 * 1024  # payload bytes queued
     outbox_max_age_s: float = 7 * 24 * 3600.0  # age of the oldest queued message
+    # what a desired model may ask for, checked before anything is downloaded (agent/updater.py)
+    max_bundle_bytes: int = 2 << 30  # a larger desired size is refused
+    bundle_origins: list[str] = []  # http(s)://HOST[:PORT] bundles may come from, besides the controller's
 
+
+
+def parse_origin(url: str, what: str = "origin", path_ok: bool = False) -> str:
+    """The origin of an http(s) URL, normalised: ``scheme://host:port`` (lowercase, the port explicit).
+
+    Refuses other schemes, user info (``https://controller@evil/``) and, unless ``path_ok``, a path,
+    query or fragment. Raises ConfigError naming ``what``."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{what} {url!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} {url!r} is not an http(s)://HOST[:PORT] URL")
+    if "@" in parts.netloc:
+        raise ConfigError(f"{what} {url!r} has user info before its host")
+    if not path_ok and (parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ConfigError(f"{what} {url!r} must be http(s)://HOST[:PORT], without a path")
+    host = parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def parse_api_address(addr: str) -> tuple[str, int] | str:
@@ -74,13 +99,11 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         try:
             transport.parse_url(cfg.broker, allow_plaintext=cfg.insecure)
         except transport.TransportError as e:
-            raise ConfigError(f"broker: {e} (insecure = true allows it)" if "plaintext" in str(e) else
-                              f"broker: {e}") from None
+            raise ConfigError(f"{e}; insecure = true allows it for a local experiment" if "plaintext" in str(e)
+                              else str(e)) from None
     if cfg.controller is not None:
-        scheme = urlsplit(cfg.controller).scheme
-        if scheme not in ("http", "https") or not urlsplit(cfg.controller).hostname:
-            raise ConfigError(f"controller {cfg.controller!r} is not an https:// URL")
-        if scheme == "http" and not cfg.insecure:
+        parse_origin(cfg.controller, "controller", path_ok=True)
+        if urlsplit(cfg.controller).scheme == "http" and not cfg.insecure:
             raise ConfigError(f"controller {cfg.controller!r} is plaintext http: use https:// (insecure = true "
                               f"allows it for a local experiment)")
     if cfg.insecure and (cfg.broker is None or cfg.controller is None or cfg.device_id is None):
@@ -91,6 +114,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
                                                  or cfg.device_id is None):
         raise ConfigError("provision_token_file needs ca_fingerprint, controller and device_id (an id or a "
                           "template such as cam-{mac})")
+    for origin in cfg.bundle_origins:
+        parse_origin(origin, "bundle_origins:")
     parse_api_address(cfg.api)
     if not cfg.telemetry_interval_s > 0:
         raise ConfigError("telemetry_interval_s must be > 0")
@@ -108,6 +133,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise ConfigError("outbox_max_bytes must be > 0")
     if not cfg.outbox_max_age_s > 0:
         raise ConfigError("outbox_max_age_s must be > 0")
+    if not 1 <= cfg.max_bundle_bytes <= MAX_SIZE:
+        raise ConfigError(f"max_bundle_bytes must be between 1 and {MAX_SIZE} (1 TiB)")
     return cfg
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import signal
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +24,7 @@ from agent.link import Link
 from agent.metrics import Resources
 from agent.outbox import FILE as OUTBOX_FILE, Outbox
 from agent.store import ModelStore
-from agent.updater import Limits, Updater, about
+from agent.updater import Limits, Policy, Updater, about
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -61,7 +63,9 @@ class Agent:
         self.engine = Engine()
         self.updater = Updater(self.store, self.engine, self._emit, Limits(
             window_s=config.rollback_window_s, min_inferences=config.rollback_min_inferences,
-            max_error_rate=config.rollback_max_error_rate, max_p95_ms=config.rollback_max_p95_ms))
+            max_error_rate=config.rollback_max_error_rate, max_p95_ms=config.rollback_max_p95_ms),
+            policy=Policy.from_config(config))
+        self._refused: OrderedDict[bytes, None] = OrderedDict()  # digests of desired payloads already refused
         self._recovered: list[tuple[str, object, str]] = []  # events found owed at start, sent once linked
         self.api: InferenceServer | None = None
         self.link: Link | None = None
@@ -104,6 +108,7 @@ class Agent:
             raise ConfigError(f"device_id {self.config.device_id!r} is a template: only first-boot provisioning "
                               f"(provision_token_file) fills one in")
         self.identity = ident
+        self.updater.policy = Policy.from_config(self.config)  # bundles come from the controller now known
         if self.tls is not None:
             self.tls.check()
             self.store.http_context = self._http_context
@@ -165,6 +170,7 @@ class Agent:
             self.config.device_id, transport.parse_url(self.config.broker, allow_plaintext=self.config.insecure),
             tls=self.tls, keepalive=self.config.keepalive_s,
             birth=self._birth, on_desired=self.updater.reconcile, on_cmd=self._on_cmd, outbox=self.outbox,
+            on_invalid_desired=self.refuse_desired,
         )
         try:
             self.link.start()
@@ -343,7 +349,7 @@ class Agent:
     def _queue_error(self, reason: str) -> None:
         self._queue(protocol.EVENTS, protocol.Event(
             device_id=self.config.device_id, boot_id=self.boot_id, seq=0, time=protocol.now(), kind="error",
-            reason=reason))
+            reason=protocol.clip(reason)))
 
     def _active(self) -> protocol.ActiveModel | None:
         cur = self.engine.current
@@ -360,15 +366,34 @@ class Agent:
             runtimes=runtimes.available(), active=self._active(),
         )
 
-    def _emit(self, kind: str, desired: protocol.Desired, reason: str) -> None:
+    def _emit(self, kind: str, desired: object, reason: str) -> None:
+        """Queue an event about ``desired`` (anything with deployment_id, sha256, version). What is not valid
+        in it is left out and the reason cut to the contract's bound: the agent never sends a message its
+        own contract refuses."""
+        named = protocol.named(desired)
         event = protocol.Event(
             device_id=self.config.device_id, boot_id=self.boot_id, seq=0, time=protocol.now(),
-            kind=kind, deployment_id=desired.deployment_id, sha256=desired.sha256, version=desired.version,
-            reason=reason,
+            kind=kind, deployment_id=named.deployment_id, sha256=named.sha256, version=named.version,
+            reason=protocol.clip(reason),
         )
         self._queue(protocol.EVENTS, event)  # on disk when this returns (raises if it cannot be)
         if kind in ("active", "rolled_back") and self.link:
             self.link.publish_state()
+
+    def refuse_desired(self, payload: bytes, reason: str) -> bool:
+        """A desired message that does not decode: tell the controller with a ``failed`` event naming the
+        field (and the deployment and sha256 if they are valid), once per distinct payload, since a retained
+        one comes back on every reconnect. Reads and writes nothing but the outbox. Returns whether it
+        queued an event (False: this payload was refused already)."""
+        digest = hashlib.sha256(payload).digest()
+        if digest in self._refused:
+            return False
+        log.error("refused a desired model: %s", reason)
+        self._emit("failed", protocol.named(payload), f"refused: {reason}")  # raises if it cannot be queued
+        self._refused[digest] = None
+        while len(self._refused) > 64:
+            self._refused.popitem(last=False)
+        return True
 
     def _on_cmd(self, cmd: protocol.Cmd) -> None:
         if cmd.kind == "report":

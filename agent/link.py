@@ -34,6 +34,7 @@ log = logging.getLogger("edgefleet.agent.link")
 
 WINDOW = 64  # queued messages handed to paho and not yet acknowledged, at most
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our subscriptions and queued commands this long
+MAX_REASONS = 100  # distinct reasons for dropped messages counted one by one; the rest under "other"
 
 
 class BrokerUnreachable(EdgefleetError):
@@ -53,6 +54,7 @@ class Link:
         on_cmd: Callable[[protocol.Cmd], None],
         outbox: Outbox,
         window: int = WINDOW,
+        on_invalid_desired: Callable[[bytes, str], object] | None = None,
     ) -> None:
         import paho.mqtt.client as mqtt
 
@@ -65,10 +67,11 @@ class Link:
         self._birth = birth
         self._on_desired = on_desired
         self._on_cmd = on_cmd
+        self._on_invalid_desired = on_invalid_desired
         self._connected = threading.Event()
         self._stopping = False
         self._failed: str | None = None
-        self.dropped: dict[str, int] = {}  # invalid messages received, by reason
+        self.dropped: dict[str, int] = {}  # invalid messages received, by reason (at most MAX_REASONS + "other")
         self.refused: dict[str, int] = {}  # our messages the broker refused (PUBACK reason), by reason
         # the publisher's state: touched only by its thread (and by stop() once it has ended)
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
@@ -239,6 +242,7 @@ class Link:
         self._wake.set()
 
     def _message_cb(self, client, userdata, message) -> None:
+        kind = None
         try:
             _, kind = protocol.parse_topic(message.topic)
             if not message.payload:  # a cleared retained message
@@ -250,6 +254,13 @@ class Link:
                 self._on_cmd(msg)
         except protocol.ProtocolError as e:
             reason = str(e)
+            try:
+                if kind == protocol.DESIRED and self._on_invalid_desired is not None:
+                    self._on_invalid_desired(message.payload, reason)  # a refusal the controller must see
+            except Exception:
+                log.exception("reporting an invalid desired message failed")
+            if reason not in self.dropped and len(self.dropped) >= MAX_REASONS:
+                reason = "other"
             if reason not in self.dropped:
                 log.warning("dropped an invalid message on %s: %s", message.topic, reason)
             self.dropped[reason] = self.dropped.get(reason, 0) + 1

@@ -86,5 +86,7 @@ class Resources:
             sensors = self._psutil.sensors_temperatures()
         except (AttributeError, OSError):
             return None
-        temps = [t.current for entries in sensors.values() for t in entries if t.current]
+        # a reading outside the contract's range (protocol.Telemetry.temperature_c) is a broken sensor
+        temps = [t.current for entries in sensors.values() for t in entries
+                 if t.current and -273.15 <= t.current <= 1000]
         return round(max(temps), 1) if temps else None

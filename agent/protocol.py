@@ -3,12 +3,40 @@
 Every payload is JSON with ``"v": 1`` and decodes into one of the typed structs below,
 which reject unknown and ill-typed fields with a message naming the field. Topic strings
 are built here and nowhere else.
+
+Every string, list and map has a bound, so a message is refused (with the field named, e.g.
+``Expected `str` of length <= 2000 - at `$.reason```) before anything acts on it:
+
+=========================  =================================================================
+device_id                  ``[a-z0-9][a-z0-9._-]{0,62}``: ASCII lowercase, 1-63 characters
+sha256                     exactly 64 lowercase hex digits
+deployment_id, cmd id      ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``, 1-64 characters (the fleet makes
+                           ``dep-20261201-120000-1a2b3c``, ``ro-...-w2``, ``ro-...-rb1``)
+boot_id                    ``[A-Za-z0-9._-]{1,64}`` (the agent's is 16 hex digits); the retained
+                           last will's state may leave it empty
+model name                 ``[A-Za-z0-9][A-Za-z0-9._+-]{0,127}`` (the converter's grammar)
+version                    ``[A-Za-z0-9][A-Za-z0-9._+-]{0,63}``
+runtime, precision         ``[A-Za-z0-9][A-Za-z0-9._+-]{0,31}``
+arch, agent_version        ``[A-Za-z0-9._+-]``, at most 32 / 64 characters
+cpu_flags, runtimes        at most 64 / 16 items of ``[A-Za-z0-9._+-]{1,32}``
+errors (telemetry)         at most 64 kinds, keys ``[A-Za-z0-9._-]{1,64}``, counts >= 0
+histogram                  at most 64 buckets, counts >= 0
+event reason               at most 2000 characters (the agent cuts longer ones where it builds them)
+Desired.url                1-2048 characters (which URLs a device fetches is the agent's policy:
+                           agent/updater.py)
+Desired.size               1 .. 2**40 bytes (the agent's ``max_bundle_bytes`` is lower)
+Desired.settings           at most 64 entries, keys ``[A-Za-z0-9._-]{1,64}``, strings <= 1024
+seq, counts, bytes, time   >= 0; percentages 0..100 (cpu_percent: >= 0, one core is 100);
+                           temperature_c -273.15..1000
+=========================  =================================================================
 """
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Literal
+from types import SimpleNamespace
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -34,6 +62,50 @@ EventKind = Literal[
     "downloading", "verifying", "activating", "active", "failed", "rolled_back", "error"
 ]
 
+# --- the bounds (use the compiled patterns with fullmatch) -----------------------------------------------
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+DEVICE_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # deployment ids, cmd ids
+BOOT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")  # runtime, precision
+MAX_REASON = 2000
+MAX_URL = 2048
+MAX_SIZE = 1 << 40
+MAX_SETTINGS = 64
+MAX_SETTING_CHARS = 1024
+
+
+def _pattern(regex: re.Pattern[str]) -> str:
+    """``regex`` as a msgspec/JSON Schema pattern that must match the whole string. msgspec applies
+    patterns with ``re.search``, where ``$`` also matches before a trailing newline: ``(?!\\n)`` refuses that
+    (and is a no-op for JSON Schema's ECMA-262 regexes, where ``$`` is the end)."""
+    return f"^(?:{regex.pattern})$(?!\\n)"
+
+
+def _str(regex: re.Pattern[str] | None = None, max_length: int | None = None, **kw: Any) -> Any:
+    meta = {"pattern": _pattern(regex)} if regex is not None else {}
+    if max_length is not None:
+        meta["max_length"] = max_length
+    return Annotated[str, msgspec.Meta(**meta, **kw)]
+
+
+Sha256 = _str(SHA256_RE, min_length=64, max_length=64)
+DeviceId = _str(DEVICE_ID_RE)
+Id = _str(ID_RE)
+BootId = _str(BOOT_ID_RE)
+Name = _str(NAME_RE)
+Version = _str(VERSION_RE)
+Token = _str(TOKEN_RE)
+Reason = _str(max_length=MAX_REASON)
+Url = _str(min_length=1, max_length=MAX_URL)
+_Short = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._+-]{1,32}")))]
+_Key = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._-]{1,64}")))]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Ms = Annotated[float, msgspec.Meta(ge=0)]
+
 
 class ProtocolError(EdgefleetError, ValueError):
     """A topic or payload that does not follow the contract; the message says why."""
@@ -44,86 +116,87 @@ class _Msg(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
 
 
 class ActiveModel(_Msg):
-    name: str
-    version: str
-    sha256: str
-    runtime: str
-    precision: str
-    deployment_id: str | None = None
+    name: Name
+    version: Version
+    sha256: Sha256
+    runtime: Token
+    precision: Token
+    deployment_id: Id | None = None
 
 
 class State(_Msg):
-    device_id: str
+    device_id: DeviceId
     online: bool
-    time: float
-    boot_id: str = ""
-    agent_version: str = ""
-    arch: str = ""
-    cpu_flags: list[str] = []
-    runtimes: list[str] = []
+    time: Seconds
+    boot_id: Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(f"(?:{BOOT_ID_RE.pattern})?")))] = ""
+    agent_version: Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._+-]{0,64}")))] = ""
+    arch: Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._+-]{0,32}")))] = ""
+    cpu_flags: Annotated[list[_Short], msgspec.Meta(max_length=64)] = []
+    runtimes: Annotated[list[_Short], msgspec.Meta(max_length=16)] = []
     active: ActiveModel | None = None
     v: int = VERSION
 
 
 class Latency(_Msg):
-    p50: float
-    p95: float
-    p99: float
-    max: float
-    mean: float
+    p50: Ms
+    p95: Ms
+    p99: Ms
+    max: Ms
+    mean: Ms
 
 
 class Telemetry(_Msg):
-    device_id: str
-    boot_id: str
-    seq: int
-    time: float
-    interval_s: float
-    inferences: int
-    errors: dict[str, int] = {}
+    device_id: DeviceId
+    boot_id: BootId
+    seq: Count
+    time: Seconds
+    interval_s: Annotated[float, msgspec.Meta(gt=0)]
+    inferences: Count
+    errors: Annotated[dict[_Key, Count], msgspec.Meta(max_length=64)] = {}
     latency_ms: Latency | None = None
-    histogram: list[int] = []
+    histogram: Annotated[list[Count], msgspec.Meta(max_length=64)] = []
     active: ActiveModel | None = None
-    cpu_percent: float = 0.0
-    rss_bytes: int = 0
-    memory_percent: float = 0.0
-    disk_free_bytes: int = 0
-    temperature_c: float | None = None
-    load1: float | None = None
-    outbox_pending: int = 0  # messages queued on the device, not yet acknowledged by the broker
-    outbox_dropped: int = 0  # messages the device's full (or too old) outbox dropped, ever
+    cpu_percent: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # of one core: up to 100 x cores
+    rss_bytes: Count = 0
+    memory_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+    disk_free_bytes: Count = 0
+    temperature_c: Annotated[float, msgspec.Meta(ge=-273.15, le=1000)] | None = None
+    load1: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    outbox_pending: Count = 0  # messages queued on the device, not yet acknowledged by the broker
+    outbox_dropped: Count = 0  # messages the device's full (or too old) outbox dropped, ever
     v: int = VERSION
 
 
 class Event(_Msg):
-    device_id: str
-    boot_id: str
-    seq: int
-    time: float
+    device_id: DeviceId
+    boot_id: BootId
+    seq: Count
+    time: Seconds
     kind: EventKind
-    deployment_id: str | None = None
-    sha256: str | None = None
-    version: str | None = None
-    reason: str = ""
+    deployment_id: Id | None = None
+    sha256: Sha256 | None = None
+    version: Version | None = None
+    reason: Reason = ""
     v: int = VERSION
 
 
 class Desired(_Msg):
-    deployment_id: str
-    name: str
-    version: str
-    url: str
-    sha256: str
-    size: int
-    settings: dict[str, str | int | float | bool] = {}
-    time: float = 0.0
+    deployment_id: Id
+    name: Name
+    version: Version
+    url: Url
+    sha256: Sha256
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_SIZE)]
+    settings: Annotated[dict[_Key, bool | int | float | Annotated[str, msgspec.Meta(max_length=MAX_SETTING_CHARS)]],
+                        msgspec.Meta(max_length=MAX_SETTINGS)] = {}
+    time: Seconds = 0.0
     v: int = VERSION
 
 
 class Cmd(_Msg):
-    id: str
+    id: Id
     kind: Literal["ping", "rollback", "report"]
-    time: float = 0.0
+    time: Seconds = 0.0
     v: int = VERSION
 
 
@@ -158,12 +231,48 @@ def parse_topic(name: str) -> tuple[str, str]:
 
 
 def check_device_id(device_id: str) -> str:
-    ok = 0 < len(device_id) <= 128 and all(c.isalnum() or c in "-_." for c in device_id)
-    if not ok:
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise ProtocolError(
-            f"invalid device id {device_id!r}: use 1-128 letters, digits, '-', '_' or '.'"
+            f"invalid device id {device_id!r}: use 1-63 ASCII lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     return device_id
+
+
+def check_sha256(sha: str) -> str:
+    if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
+        raise ProtocolError(f"invalid sha256 {sha!r}: expected 64 lowercase hex digits")
+    return sha
+
+
+def clip(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` cut to ``limit`` characters (ending in '…' when cut): free text the agent builds, e.g. from
+    an exception, always fits the contract."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Named(msgspec.Struct):  # unknown fields ignored, anything typed: only to salvage what is valid
+    deployment_id: Any = None
+    sha256: Any = None
+    version: Any = None
+
+
+def named(desired: bytes | object) -> SimpleNamespace:
+    """The (deployment_id, sha256, version) of a desired message, a payload or an object, each kept only if
+    it is itself valid (else None): what an event about it (a refusal) may name."""
+    if isinstance(desired, (bytes, bytearray, memoryview)):
+        try:
+            desired = msgspec.json.decode(desired, type=_Named)
+        except (msgspec.DecodeError, RecursionError):
+            desired = _Named()
+    out = SimpleNamespace()
+    for field, kind in (("deployment_id", Id), ("sha256", Sha256), ("version", Version)):
+        try:
+            value = msgspec.convert(getattr(desired, field, None), kind)
+        except msgspec.ValidationError:
+            value = None
+        setattr(out, field, value)
+    return out
 
 
 def encode(msg: Message) -> bytes:
@@ -181,9 +290,19 @@ def decode(kind: str, payload: bytes) -> Message:
         raise ProtocolError(f"invalid {kind} message: {e}") from None
     except msgspec.DecodeError as e:
         raise ProtocolError(f"{kind} payload is not JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError(f"{kind} payload nests too deeply") from None
     if msg.v != VERSION:
         raise ProtocolError(f"{kind} message has version {msg.v}, expected {VERSION}")
     return msg
+
+
+def check(msg: Message) -> Message:
+    """Validate a message built in-process (constructing a struct checks no bounds) as ``decode`` would."""
+    try:
+        return msgspec.convert(msgspec.to_builtins(msg), type(msg))
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"invalid {type(msg).__name__.lower()} message: {e}") from None
 
 
 def now() -> float:

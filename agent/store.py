@@ -6,6 +6,9 @@
     STATE_DIR/current -> models/<sha>    switched atomically with os.replace
     STATE_DIR/previous -> models/<sha>
     STATE_DIR/active.json            which deployment made ``current`` active
+
+Every method that puts a sha256 into a path refuses anything but 64 lowercase hex digits (whatever its
+caller checked before), and nothing is ever removed outside ``models/`` and ``downloads/``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import os
 import shutil
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from agent.bundle import MANIFEST, BundleError, Manifest, decode_manifest, safe_unpack, verify_file
 from agent.errors import EdgefleetError
+from agent.protocol import SHA256_RE, check_sha256
 
 
 class DownloadError(EdgefleetError):
@@ -52,6 +57,8 @@ class ModelStore:
         except OSError:
             return None
         path = (self.root / target).resolve()
+        if path.parent != self.models.resolve() or not SHA256_RE.fullmatch(path.name):
+            return None  # not one of ours: nothing the agent made points outside models/
         if not (path / MANIFEST).is_file():
             return None
         return path.name, path
@@ -81,6 +88,7 @@ class ModelStore:
 
     def record_active(self, sha: str, deployment_id: str | None, reported: bool) -> None:
         """Which deployment made <sha> current, and whether its ``active`` event was queued yet."""
+        check_sha256(sha)
         self._write_json("active.json", {"sha256": sha, "deployment_id": deployment_id, "reported": reported})
 
     def active_info(self) -> dict:
@@ -95,6 +103,7 @@ class ModelStore:
         return data.get("deployment_id") if cur and data.get("sha256") == cur[0] else None
 
     def _set_link(self, name: str, sha: str) -> None:
+        check_sha256(sha)
         tmp = self.root / f".{name}.link"
         tmp.unlink(missing_ok=True)
         os.symlink(f"models/{sha}", tmp)
@@ -112,8 +121,14 @@ class ModelStore:
 
     # --- downloads and unpacking --------------------------------------------------------------
     def download(self, url: str, sha: str, size: int, timeout: float = 30.0,
-                 on_block: Callable[[int], None] | None = None) -> Path:
-        """Fetch a bundle to downloads/<sha>.part, resuming a partial download with HTTP Range."""
+                 on_block: Callable[[int], None] | None = None,
+                 check_redirect: Callable[[str], None] | None = None) -> Path:
+        """Fetch a bundle to downloads/<sha>.part, resuming a partial download with HTTP Range.
+
+        ``check_redirect(url)`` is called before a redirect is followed and may raise to refuse it."""
+        check_sha256(sha)
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):  # urllib would open file:, data:, ftp:
+            raise EdgefleetError(f"refusing to download {url[:200]!r}: not an http(s) URL")
         done = self.downloads / f"{sha}.tar"
         part = self.downloads / f"{sha}.part"
         if done.exists():
@@ -125,7 +140,7 @@ class ModelStore:
         if have < size:
             req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
             try:
-                with urllib.request.urlopen(req, timeout=timeout, context=self.http_context()) as resp:
+                with _opener(check_redirect, self.http_context()).open(req, timeout=timeout) as resp:
                     if have and resp.status != 206:  # the server ignored Range: start over
                         have = 0
                     with open(part, "ab" if have else "wb") as out:
@@ -146,6 +161,7 @@ class ModelStore:
 
     def verify_download(self, sha: str, size: int) -> Path:
         """Check downloads/<sha>.part against size and sha256 and make it downloads/<sha>.tar."""
+        check_sha256(sha)
         done = self.downloads / f"{sha}.tar"
         if done.exists():
             return done
@@ -160,22 +176,33 @@ class ModelStore:
 
     def unpack(self, sha: str, bundle: Path, on_member: Callable[[str], None] | None = None) -> Path:
         """Unpack a verified bundle to models/<sha> (reusing a complete earlier unpack)."""
-        dest = self.models / sha
-        if (dest / MANIFEST).is_file():
+        dest = self.models / check_sha256(sha)
+        if (dest / MANIFEST).is_file() and not dest.is_symlink():
             return dest
-        if dest.exists():
-            shutil.rmtree(dest)
+        self._remove_model(sha)
         safe_unpack(bundle, dest, on_member=on_member)
         return dest
 
     def discard(self, sha: str) -> None:
         """Remove a bundle that failed, unless a link still points at it."""
+        check_sha256(sha)
         keep = {x[0] for x in (self.current(), self.previous()) if x}
         if sha in keep:
             return
-        shutil.rmtree(self.models / sha, ignore_errors=True)
+        self._remove_model(sha, ignore_errors=True)
         (self.downloads / f"{sha}.tar").unlink(missing_ok=True)
         (self.downloads / f"{sha}.part").unlink(missing_ok=True)
+
+    def _remove_model(self, sha: str, ignore_errors: bool = False) -> None:
+        """Remove models/<sha>: only ever a directory right inside models/ (a link there is unlinked, never
+        followed)."""
+        path = self.models / check_sha256(sha)
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            if path.resolve().parent != self.models.resolve():
+                raise EdgefleetError(f"refusing to remove {path}: it is not inside {self.models}")
+            shutil.rmtree(path, ignore_errors=ignore_errors)
 
     def prune(self) -> None:
         """Keep only current and previous models and their bundles."""
@@ -186,6 +213,20 @@ class ModelStore:
         for f in self.downloads.glob("*.tar"):
             if f.stem not in keep:
                 f.unlink(missing_ok=True)
+
+
+def _opener(check_redirect: Callable[[str], None] | None,
+            context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
+    """urllib that asks ``check_redirect`` before it follows a redirect, and speaks HTTPS with ``context`` (the
+    fleet CA to trust, this device's certificate to show)."""
+    class Redirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if check_redirect is not None:
+                check_redirect(newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    handlers = [Redirect] + ([urllib.request.HTTPSHandler(context=context)] if context is not None else [])
+    return urllib.request.build_opener(*handlers)
 
 
 def _fsync_dir(path: Path) -> None:

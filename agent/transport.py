@@ -51,8 +51,7 @@ def parse_url(url: str, *, allow_plaintext: bool = True, what: str = "broker") -
             or parts.query or parts.fragment or parts.username or parts.password:
         raise TransportError(f"{what} {url!r} is not an mqtts://HOST:PORT URL")
     if parts.scheme == "mqtt" and not allow_plaintext:
-        raise TransportError(f"{what} {url!r} is plaintext MQTT: use mqtts:// (TLS), or insecure mode for a "
-                             f"local experiment")
+        raise TransportError(f"{what} {url!r} is plaintext MQTT: use mqtts:// (TLS)")
     return BrokerUrl(parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme])
 
 

@@ -4,11 +4,17 @@ watch the new model on real traffic for a while and roll back by itself if it mi
 Runs on its own thread and always works on the newest desired state, so a repeated or superseded
 message is harmless. Any failure leaves the previous model serving and reports why. Every step is a
 named fault point (agent/faults.py), where the crash tests kill the process.
+
+Before anything is read or written for a desired model, ``check_desired`` holds it to the wire contract
+(again: a Desired built in-process was never decoded) and to this device's ``Policy``: a size of at most
+``max_bundle_bytes``, and a URL that is http(s) on the controller's origin or one of ``bundle_origins``
+(redirects included). A refusal is a ``failed`` event naming the field.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from agent import faults, protocol
+from agent.config import AgentConfig, ConfigError, parse_origin
 from agent.engine import Engine, Loaded
 from agent.errors import EdgefleetError
 from agent.store import DownloadError, ModelStore
@@ -36,6 +43,60 @@ class Limits:
     max_p95_ms: float | None = None  # None: the bundle's latency budget
 
 
+class Refused(EdgefleetError):
+    """A desired model this device will not fetch; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a desired model may ask of this device (AgentConfig's controller, bundle_origins and
+    max_bundle_bytes)."""
+
+    origins: tuple[str, ...]  # normalised scheme://host:port (config.parse_origin); the controller's first
+    max_bundle_bytes: int = 2 << 30
+
+    @classmethod
+    def from_config(cls, cfg: AgentConfig) -> "Policy":
+        # the controller comes from the enrollment when the config has none: Agent.start() makes the policy again
+        origins = [parse_origin(cfg.controller, "controller", path_ok=True)] if cfg.controller else []
+        origins += [parse_origin(o, "bundle_origins:") for o in cfg.bundle_origins]
+        return cls(origins=tuple(dict.fromkeys(origins)), max_bundle_bytes=cfg.max_bundle_bytes)
+
+    def check_url(self, url: str, what: str = "desired.url:") -> None:
+        """Raise Refused unless ``url`` is http(s) on one of the allowed origins; the message starts with
+        ``what``."""
+        shown = protocol.clip(url, 200)
+        if not _URL_CHARS.fullmatch(url):
+            raise Refused(f"{what} {shown!r} is not a plain http(s) URL")
+        try:
+            origin = parse_origin(url, what, path_ok=True)
+        except ConfigError as e:
+            raise Refused(str(e)) from None
+        if origin not in self.origins:
+            if not self.origins:
+                raise Refused(f"{what} {shown}: no origin is allowed")
+            if len(self.origins) == 1:
+                raise Refused(f"{what} {shown} is not on the controller's origin {self.origins[0]}")
+            raise Refused(f"{what} {shown} is not on the controller's origin {self.origins[0]} nor on "
+                          f"bundle_origins {', '.join(self.origins[1:])}")
+
+
+# RFC 3986's characters: no spaces, control characters or backslashes (which parsers disagree on)
+_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+
+
+def check_desired(desired: protocol.Desired, policy: Policy) -> None:
+    """Raise Refused (naming the field) unless ``desired`` may be acted on: pure, reads and writes nothing."""
+    try:
+        protocol.check(desired)
+    except protocol.ProtocolError as e:
+        raise Refused(str(e)) from None
+    if desired.size > policy.max_bundle_bytes:
+        raise Refused(f"desired.size: {desired.size} bytes is more than max_bundle_bytes "
+                      f"({policy.max_bundle_bytes})")
+    policy.check_url(desired.url)
+
+
 @dataclass
 class _Probation:
     model: Loaded
@@ -50,11 +111,12 @@ def about(model: Loaded) -> SimpleNamespace:
 
 class Updater:
     def __init__(self, store: ModelStore, engine: Engine, emit: Emit, limits: Limits | None = None,
-                 retry_s: tuple[float, float] = (2.0, 300.0)):
+                 retry_s: tuple[float, float] = (2.0, 300.0), *, policy: Policy):
         self.store = store
         self.engine = engine
         self.emit = emit
         self.limits = limits or Limits()
+        self.policy = policy
         self._retry_min, self._retry_max = retry_s
         self._want: protocol.Desired | None = None
         self._done: set[tuple[str, str]] = set()  # (deployment_id, sha) already applied, failed or rolled back
@@ -122,6 +184,12 @@ class Updater:
 
     # --- one update -------------------------------------------------------------------------------
     def apply(self, desired: protocol.Desired) -> None:
+        try:
+            check_desired(desired, self.policy)
+        except Refused as e:
+            log.error("refused a desired model: %s", e)
+            self.emit("failed", protocol.named(desired), str(e))
+            return
         current = self.engine.current
         if current is not None and current.sha == desired.sha256:
             if current.deployment_id != desired.deployment_id:
@@ -135,7 +203,8 @@ class Updater:
         try:
             self.emit("downloading", desired, "")
             self.store.download(desired.url, desired.sha256, desired.size,
-                                on_block=lambda n: faults.point("downloading", root))
+                                on_block=lambda n: faults.point("downloading", root),
+                                check_redirect=lambda url: self.policy.check_url(url, "desired.url redirects to"))
             faults.point("verifying", root)
             self.emit("verifying", desired, "")
             bundle = self.store.verify_download(desired.sha256, desired.size)

@@ -167,7 +167,11 @@ class Fleet:
         if self.store is not None:
             return self
         if self._broker_url is not None:  # a bad URL fails before anything starts
-            transport.parse_url(self._broker_url, allow_plaintext=self.insecure, what="--broker")
+            try:
+                transport.parse_url(self._broker_url, allow_plaintext=self.insecure, what="--broker")
+            except transport.TransportError as e:
+                raise EdgefleetError(f"{e}; --insecure allows it for a local experiment" if "plaintext" in str(e)
+                                     else str(e)) from None
         if self._public_broker is not None:
             transport.parse_url(self._public_broker, allow_plaintext=self.insecure, what="--public-broker")
         try:

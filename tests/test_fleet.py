@@ -127,12 +127,14 @@ def devices(fleet, tmp_path):
 def bundle(tmp_path) -> Path:
     model = tmp_path / "model.onnx"
     model.write_bytes(bytes(range(256)) * 40)  # any small file: the controller never loads the model
+    sample = tmp_path / "sample.npz"
+    sample.write_bytes(b"any bytes: never loaded either")
     manifest = Manifest(name="tiny", version="1.0.0", target="cpu", runtime="onnxruntime", precision="fp32",
                         model="model.onnx", files=[],
                         inputs=[TensorSpec(name="x", shape=[1, 4], dtype="float32")],
                         outputs=[TensorSpec(name="y", shape=[1, 2], dtype="float32")])
     out = tmp_path / "tiny.bundle.tar"
-    write_bundle(out, manifest, {"model.onnx": model})
+    write_bundle(out, manifest, {"model.onnx": model, "sample.npz": sample})
     return out
 
 
