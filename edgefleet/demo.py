@@ -61,6 +61,7 @@ class Demo:
         self.interval = telemetry_interval_s
         self.procs: list[subprocess.Popen] = []
         self.server: str | None = None
+        self.data: Path | None = None  # the controller's data dir (its URL, admin token)
         self.rollout: dict | None = None
         self.logs: list = []
 
@@ -131,8 +132,9 @@ class Demo:
         info = _wait("the controller", lambda: info_file.exists() and json.loads(info_file.read_text()),
                      60, [controller])
         server, broker = info["http"], info["broker"]
-        self.server = server
-        print(f"controller {server}, broker {broker}")
+        self.server, self.data = server, data
+        print(f"controller {server}, broker {broker}; its API takes the admin token it made in {data / 'admin.token'} "
+              f"(the CLI reads it with --data {data})")
         apis = {}
         for dev in DEVICES:
             state = self.out / "devices" / dev
@@ -147,12 +149,12 @@ class Demo:
         from agent.api import AgentClient
         from fleet.client import FleetClient
 
-        fleet = FleetClient(server)
+        fleet = FleetClient.configured(data=data, env={})
         _wait("three devices online", lambda: sum(d["online"] for d in fleet.health()) == 3, 60, self.procs)
-        subprocess.run(_cli("fleet", "devices", "--server", server), check=True)
+        subprocess.run(_cli("fleet", "devices", "--data", str(data)), check=True)
 
         _say(f"4/8 deploy the int8 bundle {int8.name} to {', '.join(DEVICES)}")
-        subprocess.run(_cli("fleet", "deploy", str(int8), "--to", *DEVICES, "--server", server), check=True)
+        subprocess.run(_cli("fleet", "deploy", str(int8), "--to", *DEVICES, "--data", str(data)), check=True)
         clients = {dev: AgentClient(api) for dev, api in apis.items()}
 
         def all_int8():
@@ -190,13 +192,13 @@ class Demo:
         health = _wait("the devices' telemetry to reach the controller", counted, 60, self.procs)
 
         _say("6/8 the fleet's health, as the devices reported it")
-        subprocess.run(_cli("fleet", "health", "--server", server), check=True)
+        subprocess.run(_cli("fleet", "health", "--data", str(data)), check=True)
 
         _say("7/8 a bad update: version 1.1 was exported for 320-pixel-wide crops, the cameras send 192; "
              "rolled out in waves, gated on the error rate the devices see")
         bad = self._convert_bad(model, x)
         out = subprocess.run(_cli("fleet", "deploy", str(bad), "--to", "all", "--waves", "1,100%", "--soak", "3s",
-                                  "--max-error-rate", "5%", "--min-inferences", "20", "--server", server, "--json"),
+                                  "--max-error-rate", "5%", "--min-inferences", "20", "--data", str(data), "--json"),
                              check=True, capture_output=True, text=True)
         rollout = json.loads(out.stdout)["id"]
         print(f"rollout {rollout}: wave 1 = one device, then the rest")
@@ -227,7 +229,7 @@ class Demo:
             stop.set()
             for t in drivers:
                 t.join()
-        subprocess.run(_cli("fleet", "rollout", rollout, "--server", server), check=True)
+        subprocess.run(_cli("fleet", "rollout", rollout, "--data", str(data)), check=True)
         print(f"requests the applications saw refused: {', '.join(f'{d} {n}' for d, n in refused.items())}")
 
         def settled():
@@ -236,7 +238,7 @@ class Demo:
 
         health = _wait("the controller to see every device on 1.0", settled, 60, self.procs)
         _say("8/8 the fleet after the bad update: stopped at one device, which is back on 1.0")
-        subprocess.run(_cli("fleet", "health", "--server", server), check=True)
+        subprocess.run(_cli("fleet", "health", "--data", str(data)), check=True)
         elapsed = time.monotonic() - t_start
         variants = {v["variant"]: v for v in report.get("variants", [])}
         self.rollout = done

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent.errors import EdgefleetError
+from fleet.auth import DEFAULT_MAX_BUNDLE_BYTES, Auth, any_caller_is_a_device
 from fleet.broker import Mosquitto
 from agent.config import parse_mqtt_url as parse_broker_url
 from fleet.link import CLIENT_ID, Link
@@ -47,8 +48,15 @@ class Fleet:
                  http_port: int = 8080, public_url: str | None = None, mqtt_listen: str = "127.0.0.1:1883",
                  client_id: str = CLIENT_ID, offline_after: float = OFFLINE_AFTER_INTERVALS,
                  retention: Policy | None = None, sweep_every_s: float = 1.0,
-                 compact_every_s: float = 60.0) -> None:
+                 compact_every_s: float = 60.0, allowed_hosts: tuple[str, ...] = (),
+                 max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+                 device_identity: Callable[[dict], str | None] | None = None) -> None:
         self.data_dir = Path(data_dir)
+        # operators (fleet/auth.py): the extra names the API answers to, the upload cap, who counts as a device
+        self.allowed_hosts, self.max_bundle_bytes = tuple(allowed_hosts), max_bundle_bytes
+        self.device_identity = device_identity or any_caller_is_a_device  # no client certificates yet
+        self.auth: Auth | None = None
+        self.new_admin_token: str | None = None  # the first admin token, made by this start (DATA/admin.token)
         self.offline_after = offline_after  # telemetry intervals of silence that make a device offline
         self.retention = retention or Policy()
         self._sweep_every_s = sweep_every_s
@@ -115,7 +123,12 @@ class Fleet:
                                            self._compact_every_s).start()
             from fleet.api import create_app
 
-            self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url)
+            self.auth = Auth.for_controller(self.store, self.http_host, self.public_url, self.allowed_hosts,
+                                            device_identity=self.device_identity,
+                                            max_bundle_bytes=self.max_bundle_bytes)
+            self.new_admin_token = self.auth.ensure_admin(self.data_dir)
+            self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url,
+                                  self.auth)
             self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url).start()
         except BaseException:
             self.stop()

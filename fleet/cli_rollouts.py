@@ -47,10 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-auto-rollback", action="store_true",
                    help="on a halt, leave the halted wave's devices on the new bundle")
 
-    def client_args(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--server", metavar="URL",
-                       help="the controller's URL (default: $EDGEFLEET_SERVER or http://127.0.0.1:8080)")
-        c.add_argument("--json", action="store_true", help="print the API's JSON")
+    from fleet.cli import client_args  # fleet.cli is loaded by now (it calls this)
 
     client_args(sub.add_parser("rollouts", help="list the rollouts, newest first"))
     r = sub.add_parser("rollout", help="one rollout's waves and each device's phase; or pause, resume, abort, "

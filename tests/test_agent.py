@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from util import wait_for
+from util import fleet_client, wait_for
 
 from agent import bundle, protocol
 from agent.api import AgentClient
@@ -45,17 +45,15 @@ def agent(tmp_path, fleet, free_port):
 
 
 def deploy(fleet, path, device="dev-1"):
-    from fleet.client import FleetClient
 
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     sha = client.upload_bundle(path)["sha256"]
     return client.deploy(sha, [device]), sha
 
 
 def events(fleet, device="dev-1"):
-    from fleet.client import FleetClient
 
-    return FleetClient(fleet.http_url).health(device)["events"]
+    return fleet_client(fleet).health(device)["events"]
 
 
 def test_deploy_activates_serves_and_reports(fleet, agent, bundles, crops):
@@ -68,9 +66,8 @@ def test_deploy_activates_serves_and_reports(fleet, agent, bundles, crops):
     right = sum(int(client.infer({"x": x[i : i + 1]})[OUTPUT].argmax(1)[0] == labels[i]) for i in range(len(x)))
     assert right / len(x) > 0.85  # the real model reads the real text's direction
 
-    from fleet.client import FleetClient
 
-    health = wait_for(lambda: (h := FleetClient(fleet.http_url).health("dev-1"))["inferences"] >= len(x) and h,
+    health = wait_for(lambda: (h := fleet_client(fleet).health("dev-1"))["inferences"] >= len(x) and h,
                       what="telemetry")
     assert health["online"] is True
     assert health["model"]["version"] == "1" and health["model"]["sha256"] == sha
@@ -110,9 +107,8 @@ def test_a_bad_update_fails_and_the_previous_model_keeps_serving(agent, fleet, b
 
 def test_a_bundle_whose_sha256_does_not_match_is_refused(agent, fleet, bundles):
     """The controller says one sha256, the bytes it serves have another: refused, reported, nothing kept."""
-    from fleet.client import FleetClient
 
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     real = client.upload_bundle(bundles["v1"])
     liar = protocol.Desired(deployment_id="dep-liar", name="ocr-cls", version="1",
                             url=f"{fleet.http_url}/bundles/{real['sha256']}", sha256="0" * 64, size=real["size"])

@@ -17,7 +17,7 @@ def test_demo_end_to_end(tmp_path):
     try:
         result = demo.run()
         cli = subprocess.run([sys.executable, "-m", "edgefleet.cli", "fleet", "health", "--json",
-                              "--server", demo.server], capture_output=True, text=True, timeout=60)
+                              "--data", str(demo.data)], capture_output=True, text=True, timeout=60)
     finally:
         demo.stop_all()
     assert all(p.poll() is not None for p in demo.procs), "the demo left a process running"

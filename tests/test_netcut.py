@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from util import wait_for
+from util import fleet_client, wait_for
 
 from agent.config import AgentConfig, dumps, validate
 
@@ -47,14 +47,13 @@ def netns():
 @pytest.mark.slow
 def test_a_cut_device_goes_offline_and_catches_up(tmp_path, netns, bundles):
     from fleet.app import Fleet
-    from fleet.client import FleetClient
 
     ns, host_if, host_addr = netns
     fleet = Fleet(tmp_path / "fleet", http_host=host_addr, http_port=0, mqtt_listen=f"{host_addr}:0")
     fleet.start_background()
     agent = None
     try:
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         cfg = validate(AgentConfig(device_id="cam-9", broker=fleet.broker_url, controller=fleet.http_url,
                                    state_dir=str(tmp_path / "cam-9"), api="127.0.0.1:8470",
                                    telemetry_interval_s=0.5, keepalive_s=5))

@@ -16,13 +16,12 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from util import wait_for
+from util import fleet_client, wait_for
 
 from agent.config import AgentConfig, validate
 from agent.daemon import Agent
 from fleet.app import Fleet
 from fleet.broker import Mosquitto
-from fleet.client import FleetClient
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "edge-1"
@@ -85,7 +84,7 @@ def assert_exactly_once(counts: Counter, produced: int, still_queued: list[int] 
 def test_a_broker_outage_loses_nothing_and_duplicates_nothing(tmp_path, broker, fleet):
     agent = Agent(agent_config(tmp_path, fleet))
     agent.start()
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     try:
         wait_for(lambda: len(received(fleet)) >= 5, what="telemetry before the outage")
         broker.stop()
@@ -162,7 +161,7 @@ def test_a_full_outbox_drops_the_oldest_and_the_controller_hears_the_count(tmp_p
     max_bytes = 2000  # a few telemetry messages
     agent = Agent(agent_config(tmp_path, fleet, outbox_max_bytes=max_bytes))
     agent.start()
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     try:
         wait_for(lambda: len(received(fleet)) >= 3, what="telemetry before the outage")
         broker.stop()
@@ -201,7 +200,7 @@ def test_a_corrupt_outbox_is_moved_aside_and_reported_to_the_controller(tmp_path
     agent = Agent(cfg)
     agent.start()
     try:
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         errors = wait_for(lambda: [e for e in client.health(DEVICE)["events"] if e["kind"] == "error"]
                           if client.health() else None, what="the error event")
         aside = [p.name for p in state.iterdir() if p.name.startswith("outbox.db.corrupt-")]

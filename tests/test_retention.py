@@ -7,12 +7,11 @@ the clock (``now`` given to compact, a ``clock`` given to the job).
 from __future__ import annotations
 
 import pytest
-from util import wait_for
+from util import fleet_client, wait_for
 
 from agent import protocol
 from agent.errors import EdgefleetError
 from fleet.app import Fleet
-from fleet.client import FleetClient
 from fleet.retention import DAY, HOUR, Housekeeper, Policy, compact, histogram_percentile, parse_duration
 from fleet.store import Store
 
@@ -218,7 +217,7 @@ def test_the_job_compacts_with_the_clock_it_is_given(store):
 def test_health_totals_survive_compaction_through_the_api(tmp_path):
     with Fleet(tmp_path / "data", http_port=0, mqtt_listen="127.0.0.1:0", retention=POLICY,
                compact_every_s=3600) as fleet:  # the job's own (real clock) run is at start, before any row
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         send = Sender(fleet.store, "cam-r")
         for day in (20, 10, 9, 1):
             send(NOW - day * DAY, 100, {"timeout": day}, lat(2.0, 3.0, 4.0, 5.0, 2.5), hist(b2=100))

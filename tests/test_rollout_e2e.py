@@ -12,7 +12,7 @@ import urllib.request
 
 import msgspec
 import pytest
-from util import wait_for
+from util import admin_token, bearer, fleet_client, wait_for
 
 from agent import protocol
 from agent.api import AgentClient
@@ -23,15 +23,15 @@ from edgefleet.cli import main as edgefleet_main
 from fleet.schemas import Rollout as RolloutView
 from fleet.schemas import RolloutSummary
 from fleet.app import Fleet
-from fleet.client import FleetClient
 
 TIMEOUT = 120.0
 DEVICES = ["dev-1", "dev-2", "dev-3", "dev-4"]
 
 
 @pytest.fixture
-def fleet(tmp_path):
+def fleet(tmp_path, monkeypatch):
     f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))  # for the CLI
     yield f
     f.stop()
 
@@ -44,7 +44,7 @@ def start_agents(tmp_path, fleet, ids=DEVICES) -> list[Agent]:
                                        telemetry_interval_s=0.3)))
         a.start()
         agents.append(a)
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     wait_for(lambda: {d["id"] for d in client.devices()} >= set(ids), what="the agents to register")
     return agents
 
@@ -94,7 +94,7 @@ def run_cli(capsys, *argv):
 
 
 def test_a_good_model_rolls_out_in_waves_to_every_device(fleet, agents, bundles, capsys):
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     on_v1(client, agents, bundles)
     code, out, err = run_cli(capsys, "deploy", str(bundles["v2"]), "--to", "all", "--waves", "1,50%,100%",
                              "--soak", "2s", "--max-error-rate", "1%", "--max-p95-regression", "500%",
@@ -146,7 +146,7 @@ def assert_untouched(client, agents, doc, v1):
 
 
 def test_a_model_that_fails_its_smoke_test_halts_the_first_wave(fleet, agents, bundles, capsys):
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     v1 = on_v1(client, agents, bundles)
     slow = client.upload_bundle(bundles["slow"])["sha256"]
     ro = client.create_rollout(slow, ["all"], waves="1,100%", soak="2s")
@@ -167,7 +167,7 @@ def test_a_model_that_fails_its_smoke_test_halts_the_first_wave(fleet, agents, b
 
 
 def test_a_model_slower_than_the_threshold_on_real_traffic_is_halted_and_rolled_back(fleet, agents, bundles, crops):
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     v1 = on_v1(client, agents, bundles)
     v2 = client.upload_bundle(bundles["v2"])["sha256"]
     # dev-1 cannot pass its soak before it has served 5 inferences: the traffic below decides, not the clock
@@ -200,7 +200,7 @@ def test_a_rollout_continues_after_the_controller_restarts(tmp_path, mosquitto, 
     fleet = controller()
     agents = start_agents(tmp_path, fleet, ["dev-1", "dev-2", "dev-3"])
     try:
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         v1 = on_v1(client, agents, bundles)
         v2 = client.upload_bundle(bundles["v2"])["sha256"]
         for device in ("dev-1", "dev-2"):
@@ -241,8 +241,9 @@ def test_a_rollout_continues_after_the_controller_restarts(tmp_path, mosquitto, 
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 
-def post(url, body: bytes):
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+def post(fleet, url, body: bytes):
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **bearer(fleet)})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -256,7 +257,7 @@ def register(fleet, device_id):
 
 
 def test_bad_rollout_requests_are_4xx_and_one_cli_line(fleet, bundles, tmp_path, capsys):
-    client = FleetClient(fleet.http_url)
+    client = fleet_client(fleet)
     register(fleet, "cam-1")
     register(fleet, "cam-2")
     sha = client.upload_bundle(bundles["v1"])["sha256"]
@@ -268,30 +269,33 @@ def test_bad_rollout_requests_are_4xx_and_one_cli_line(fleet, bundles, tmp_path,
     for body, status, needle in [
         (req(targets=["nobody"]), 404, "unknown device 'nobody'"),
         (req(targets=["tag:lobby"]), 404, "unknown tag 'lobby'"),
-        (req(targets=["bad/id"]), 400, "invalid target"),
-        (req(targets=[]), 400, "no target"),
+        (req(targets=["bad/id"]), 400, "targets[0] must be a target"),
+        (req(targets=[]), 400, "targets: Expected `array` of length >= 1"),
         (req(bundle="0" * 64), 404, "unknown bundle"),
         (req(waves="1,50%"), 400, "must end at 100%"),
         (req(waves="50%,10%,100%"), 400, "must increase"),
         (req(targets=["cam-1", "cam-2"], waves="5,100%"), 400, "asks for 5 devices"),
-        (req(max_error_rate="150%"), 400, "max error rate"),
-        (req(max_p95_ms=-1), 400, "max p95"),
-        (req(max_p95_regression="0%"), 400, "regression"),
-        (req(soak="forever"), 400, "not a duration"),
+        (req(max_error_rate="150%"), 400, "max_error_rate must be a rate in [0%, 100%)"),
+        (req(max_error_rate=1.5), 400, "max_error_rate: Expected `float` < 1.0"),
+        (req(max_p95_ms=-1), 400, "max_p95_ms: Expected `float` > 0.0"),
+        (req(max_p95_regression="0%"), 400, "max_p95_regression must be a regression"),
+        (req(soak="forever"), 400, "soak must be a duration"),
+        (req(waves=["0"]), 400, "waves[0] must be a wave"),
+        (req(soak="1h", wave_timeout="30m"), 400, "must be longer than the soak"),
         (req(colour="red"), 400, "invalid rollout request"),
         (b"not json", 400, "invalid rollout request"),
     ]:
-        code, doc = post(url, body)
+        code, doc = post(fleet, url, body)
         assert code == status and needle in doc["error"], (body, code, doc)
 
-    code, doc = post(f"{url}/ro-nope/pause", b"")
+    code, doc = post(fleet, f"{url}/ro-nope/pause", b"")
     assert code == 404 and "unknown rollout" in doc["error"]
     live = client.create_rollout(sha, ["cam-1"])  # cam-1 never answers: the rollout stays running
-    code, doc = post(url, req(targets=["all"]))
+    code, doc = post(fleet, url, req(targets=["all"]))
     assert code == 409 and "cam-1 is in rollout" in doc["error"]
-    code, doc = post(f"{url}/{live['id']}/explode", b"")
+    code, doc = post(fleet, f"{url}/{live['id']}/explode", b"")
     assert code == 400 and "unknown action" in doc["error"]
-    code, doc = post(f"{url}/{live['id']}/resume", b"")
+    code, doc = post(fleet, f"{url}/{live['id']}/resume", b"")
     assert code == 409 and "only a paused rollout" in doc["error"]
     assert client.rollout_action(live["id"], "abort")["status"] == "aborted"
     assert client.create_rollout(sha, ["cam-1"])["status"] == "running"  # free again
@@ -315,4 +319,4 @@ def test_bad_rollout_requests_are_4xx_and_one_cli_line(fleet, bundles, tmp_path,
 
 def test_client_errors_are_edgefleet_errors(fleet):
     with pytest.raises(EdgefleetError, match="unknown rollout"):
-        FleetClient(fleet.http_url).rollout("ro-missing")
+        fleet_client(fleet).rollout("ro-missing")

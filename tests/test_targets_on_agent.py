@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from util import wait_for
+from util import fleet_client, wait_for
 
 from agent.api import AgentClient
 from agent.bundle import read_manifest
@@ -73,7 +73,6 @@ def fleet(tmp_path):
 @pytest.mark.parametrize("bundle", ["cpu-int8", "intel-ov-int8", "intel-ov-fp16", "arm-tflite-int8",
                                     "arm-tflite-fp16", "arm-ort-int8-arm"])
 def test_every_runtime_serves_on_the_agent(converted, fleet, tmp_path, free_port, bundle):
-    from fleet.client import FleetClient
 
     out, _, x, reference = converted
     agent = Agent(validate(AgentConfig(device_id="dev-1", broker=fleet.broker_url, controller=fleet.http_url,
@@ -81,7 +80,7 @@ def test_every_runtime_serves_on_the_agent(converted, fleet, tmp_path, free_port
                                        telemetry_interval_s=1.0)))
     agent.start()
     try:
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         sha = client.upload_bundle(out / f"ocr-cls-1-{bundle}.tar")["sha256"]
         client.deploy(sha, ["dev-1"])
         wait_for(lambda: agent.engine.current and agent.engine.current.sha == sha, timeout=120, what="activation")

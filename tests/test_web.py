@@ -14,16 +14,22 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from util import wait_for
+from util import admin_token, fleet_client, wait_for
 
 from agent.errors import EdgefleetError
 
 OUTPUT = "save_infer_model/scale_0.tmp_1"
-PAGES = {"/", "/devices/{device_id}", "/rollouts/{rollout_id}"}  # HTML, not the JSON API
+PAGES = {"/", "/devices/{device_id}", "/rollouts/{rollout_id}", "/login", "/logout"}  # HTML, not the JSON API
+TOKENS: dict[str, str] = {}  # a started controller's URL -> its admin token (fleet_with_agents)
+
+
+def _auth(url: str) -> dict[str, str]:
+    """The admin token's header for a URL of a controller fleet_with_agents started."""
+    return next(({"Authorization": f"Bearer {t}"} for base, t in TOKENS.items() if url.startswith(base + "/")), {})
 
 
 def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(url, headers=headers or {})
+    req = urllib.request.Request(url, headers={**_auth(url), **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, dict(resp.headers), resp.read()
@@ -44,9 +50,9 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
     from agent.daemon import Agent
     from fleet.app import Fleet
     from fleet.broker import free_port
-    from fleet.client import FleetClient
 
     fleet = Fleet(tmp / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    TOKENS[fleet.http_url] = admin_token(fleet)
     agents = {}
     try:
         for device in deploy:
@@ -55,7 +61,7 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
                                        telemetry_interval_s=interval))
             agents[device] = Agent(cfg)
             agents[device].start()
-        client = FleetClient(fleet.http_url)
+        client = fleet_client(fleet)
         responses: dict[str, dict] = {"upload": {}, "deploy": {}}
         for device, path in deploy.items():
             wait_for(lambda: any(h["device_id"] == device for h in client.health()), what=f"{device} registered")
@@ -91,6 +97,7 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
     finally:
         for a in agents.values():
             a.stop()
+        TOKENS.pop(fleet.http_url, None)
         fleet.stop()
 
 
@@ -125,9 +132,8 @@ def test_overview_lists_devices_with_their_health(site):
     row = row[: row.index("</tr>")]
     assert 'href="/devices/dev-web"' in row and "online" in row
     assert "ocr-cls" in row and "2.1" in row and "int8" in row and " ms" in row and "ago" in row
-    from fleet.client import FleetClient
 
-    [h] = FleetClient(fleet.http_url).health()
+    [h] = fleet_client(fleet).health()
     assert ("unknown" in row) == (h["temperature_c"] is None)  # no sensor: "unknown", never 0 °C
     assert "Rollouts" in page
     for asset in ("/static/edgefleet.css", "/static/edgefleet.js"):
@@ -222,9 +228,8 @@ def test_metrics_parse_as_prometheus_text(site):
         [v] = [s.value for s in family.samples if s.labels == {**labels, **extra}]
         return v
 
-    from fleet.client import FleetClient
 
-    h = FleetClient(fleet.http_url).health("dev-web")
+    h = fleet_client(fleet).health("dev-web")
     assert value("edgefleet_device_online") == 1
     assert value("edgefleet_device_inferences_total") >= 1 and value("edgefleet_device_errors_total") == 0
     for q in ("0.5", "0.95", "0.99"):
@@ -271,7 +276,7 @@ def _schema_type(schema: dict):
 
 def call(method: str, url: str, body: dict | None = None) -> tuple[int, dict | list]:
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **_auth(url)})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
