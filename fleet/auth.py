@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import logging
 import os
 import re
 import secrets
@@ -41,8 +40,6 @@ from urllib.parse import urlsplit
 
 from agent.errors import EdgefleetError
 from fleet.schemas import TOKEN_NAME
-
-log = logging.getLogger("edgefleet.fleet.auth")
 
 PUBLIC, DEVICE, READ, OPERATOR, ADMIN = "public", "device", "read", "operator", "admin"
 ROLES = (READ, OPERATOR, ADMIN)  # what a token can have, least first
@@ -82,7 +79,7 @@ class Access:
     page: bool = False
     body: str = JSON
 
-    def role(self, method: str, allowed: Iterable[str] | None = None) -> str:
+    def role(self, method: str) -> str:
         """The role ``method`` needs; for a method the route does not have (a 405 follows), the least any of
         its methods needs, so that only a caller who may use the route learns which methods it has."""
         method = "GET" if method == "HEAD" else method

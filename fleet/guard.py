@@ -91,7 +91,7 @@ class Guard:
         if acc is None:
             return await _json(send, 403, f"{getattr(route, 'path', scope['path'])} declares no role "
                                           f"(fleet.auth.allow): refused")
-        needed = acc.role(method, getattr(route, "methods", None))
+        needed = acc.role(method)
         write = method not in READS
         origin = headers.get("origin")
         if write and origin is not None and not auth.origin_allowed(origin, scope.get("scheme", "http"),

@@ -70,10 +70,12 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A controller with no device identities (as for a client without a certificate) and "fleet.example" as
-    an extra name, with a token of each role: (fleet, {"admin": ..., "operator": ..., "read": ...})."""
+    """A controller with no device identities (as for a client without a certificate), reached as
+    "fleet.example" too and published as controller.example, with a token of each role:
+    (fleet, {"admin": ..., "operator": ..., "read": ...})."""
     fleet = Fleet(tmp_path_factory.mktemp("sec") / "data", http_port=0, mqtt_listen="127.0.0.1:0",
-                  device_identity=no_device, allowed_hosts=("fleet.example",)).start_background()
+                  device_identity=no_device, allowed_hosts=("fleet.example",),
+                  public_url="http://controller.example:9999").start_background()
     try:
         client = fleet_client(fleet)
         tokens = {"admin": admin_token(fleet)}
@@ -137,6 +139,12 @@ def test_reads_need_a_token_and_the_pages_send_you_to_sign_in(site):
         assert send(fleet, "GET", path, headers=bearer(tokens["operator"]))[0] == 403, path
     status, headers, _ = send(fleet, "GET", "/devices/cam-1?since=900")
     assert status == 303 and headers["location"] == "/login?next=%2Fdevices%2Fcam-1%3Fsince%3D900"
+    status, headers, _ = send(fleet, "GET", "/", headers=bearer(tokens["read"]))
+    csp = {d.split()[0]: d.split()[1:] for d in headers["content-security-policy"].split("; ")}
+    assert status == 200 and csp["default-src"] == ["'self'"] and csp["script-src"] == ["'self'"]
+    assert csp["style-src"] == ["'self'"] and csp["frame-ancestors"] == ["'none'"] and csp["object-src"] == ["'none'"]
+    assert csp["base-uri"] == ["'none'"] and csp["form-action"] == ["'self'"]
+    assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "same-origin"
     assert send(fleet, "GET", "/static/edgefleet.css")[0] == 200 and send(fleet, "GET", "/login")[0] == 200
 
 
@@ -195,7 +203,8 @@ def test_a_foreign_host_is_refused(site):
         status, _, body = send(fleet, "GET", "/api/status", headers={"Host": host, **bearer(tokens["admin"])})
         assert status == 400 and "does not answer to the host" in json.loads(body)["error"], host
         assert send(fleet, "GET", "/login", headers={"Host": host})[0] == 400, host
-    for host in ("localhost", f"fleet.example:{fleet.http_port}", "127.0.0.1", "[::1]:80", "10.1.2.3"):
+    for host in ("localhost", f"fleet.example:{fleet.http_port}", "controller.example:9999", "127.0.0.1",
+                 "[::1]:80", "10.1.2.3"):
         assert send(fleet, "GET", "/api/status", headers={"Host": host, **bearer(tokens["read"])})[0] == 200, host
 
 
@@ -211,9 +220,10 @@ def test_a_write_from_another_origin_is_refused(site):
                             {"Content-Type": "application/x-www-form-urlencoded", "Origin": origin})
         assert status == 403, origin
     assert "from-afar" not in {t["name"] for t in fleet_client(fleet).tokens()}
-    status, _, _ = send(fleet, "POST", "/api/tokens", b'{"role": "read", "name": "from-here"}',
-                        {**JSON, "Origin": own, **bearer(tokens["admin"])})
-    assert status == 201
+    for name, origin in (("from-here", own), ("from-public", "http://controller.example:9999")):
+        status, _, _ = send(fleet, "POST", "/api/tokens", f'{{"role": "read", "name": "{name}"}}'.encode(),
+                            {**JSON, "Origin": origin, **bearer(tokens["admin"])})
+        assert status == 201, origin
 
 
 # -- bodies over their caps -----------------------------------------------------------------------------------
@@ -307,9 +317,8 @@ def test_markup_from_devices_never_becomes_an_element(site, tmp_path):
         "latency_ms": {"p50": 1.0, "p95": 2.0, "batch": 1, "settings": {"intra_op_threads": 2}},
         "gate": {"passed": True, "reason": payload("report.gate.reason")},
         "host": {"cpu": payload("report.host.cpu"), "cpus": 4, "machine": payload("report.host.machine")}}))
-    untyped = client.upload_bundle(report_bundle(tmp_path, "untyped", {
-        "target": "cpu", "latency_ms": {"p50": 1.0, "p95": 2.0, "settings": {"intra_op_threads": XSS}},
-        "agreement": {"top1": XSS, "samples": XSS}, "speedup_vs_fp32": XSS}))
+    untyped = client.upload_bundle(report_bundle(tmp_path, "untyped", {  # a number where markup is
+        "target": "cpu", "latency_ms": {"p50": 1.0, "p95": 2.0, "settings": {"intra_op_threads": XSS}}}))
 
     def active(sha: str, **kw) -> protocol.ActiveModel:
         return protocol.ActiveModel(**{"name": "typed", "version": "1.0", "sha256": sha, "runtime": "onnxruntime",

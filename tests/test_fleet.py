@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from util import admin_token, bearer, fleet_client, wait_for
+from util import admin_token, fleet_client, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import protocol
