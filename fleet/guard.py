@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import quote
 
@@ -57,15 +56,15 @@ def _headers(scope: dict) -> dict[str, str]:
 
 
 def session_value(scope: dict) -> str:
-    jar = SimpleCookie()
+    """The session cookie's value, or "" (other cookies of the same host, however odd, are left alone)."""
+    name = cookie_name(scope.get("scheme", "http"))
     for k, v in scope.get("headers", ()):
         if k.lower() == b"cookie":
-            try:
-                jar.load(v.decode("latin-1"))
-            except Exception:  # a malformed Cookie header is no session
-                return ""
-    morsel = jar.get(cookie_name(scope.get("scheme", "http")))
-    return morsel.value if morsel else ""
+            for pair in v.decode("latin-1").split(";"):
+                key, sep, value = pair.strip().partition("=")
+                if sep and key == name:
+                    return value.strip()
+    return ""
 
 
 class Guard:

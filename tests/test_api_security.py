@@ -180,6 +180,8 @@ def test_a_cross_site_form_post_with_the_cookie_cannot_write(site):
     fleet, tokens = site
     cookie = sign_in(fleet, tokens["admin"])
     assert send(fleet, "GET", "/api/status", headers={"Cookie": cookie})[0] == 200  # the cookie reads
+    odd = 'other="{\\"a\\": 1}"; ' + cookie + "; x=="  # another app's cookies on the same host
+    assert send(fleet, "GET", "/api/status", headers={"Cookie": odd})[0] == 200
     before = len(fleet_client(fleet).tokens())
     # what a page elsewhere can make a browser send: a "simple" text/plain POST, with the cookie
     status, _, body = send(fleet, "POST", "/api/tokens", b'{"role": "admin", "name": "csrf"}',

@@ -121,6 +121,17 @@ def test_serve_prints_the_first_admin_token_once(tmp_path):
     assert token not in "".join(again)
 
 
+def test_serve_options_of_the_api_are_checked(tmp_path, capsys):
+    for argv, needle in ((["--max-bundle-size", "lots"], "invalid --max-bundle-size 'lots'"),
+                         (["--max-bundle-size", "0"], "invalid --max-bundle-size '0'")):
+        code, _, err = run_cli(capsys, "serve", "--data", str(tmp_path / "data"), *argv)
+        assert code == 2
+        assert_one_error_line(err, needle)
+    from fleet.cli import parse_size
+
+    assert [parse_size(t, "x") for t in ("2G", "512M", "2GiB", "100", "1k")] == [2 << 30, 512 << 20, 2 << 30, 100, 1024]
+
+
 def test_every_route_declares_the_role_it_needs(fleet):
     from starlette.routing import Mount, Route
 
