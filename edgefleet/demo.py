@@ -62,6 +62,7 @@ class Demo:
         self.interval = telemetry_interval_s
         self.procs: list[subprocess.Popen] = []
         self.server: str | None = None
+        self.data: Path | None = None  # the controller's data dir (its URL, admin token)
         self.rollout: dict | None = None
         self.logs: list = []
         self.env = dict(os.environ)  # EDGEFLEET_SERVER and EDGEFLEET_CA once the controller runs
@@ -139,9 +140,10 @@ class Demo:
         info = _wait("the controller", lambda: info_file.exists() and json.loads(info_file.read_text()),
                      60, [controller])
         server, broker = info["http"], info["broker"]
-        self.server = server
-        self.env.update(EDGEFLEET_SERVER=server, EDGEFLEET_CA=str(data / "pki" / "ca.crt"))
-        print(f"controller {server}, broker {broker}, CA fingerprint {info['ca_fingerprint']}")
+        self.server, self.data = server, data
+        self.env["EDGEFLEET_DATA"] = str(data)  # where the CLI finds the controller's URL, CA and admin token
+        print(f"controller {server}, broker {broker}, CA fingerprint {info['ca_fingerprint']}; its API takes the "
+              f"admin token it made in {data / 'admin.token'} (the CLI reads it with --data, or $EDGEFLEET_DATA)")
         apis = {}
         for dev in DEVICES:
             state = self.out / "devices" / dev
@@ -161,7 +163,7 @@ class Demo:
         from agent.api import AgentClient
         from fleet.client import FleetClient
 
-        fleet = FleetClient(server, ca=self.env["EDGEFLEET_CA"])
+        fleet = FleetClient.configured(data=data, env={})
         _wait("three devices online", lambda: sum(d["online"] for d in fleet.health()) == 3, 60, self.procs)
         self._run(_cli("fleet", "devices"))
 

@@ -1,7 +1,8 @@
 """The JSON API the CLI speaks, and the bundle downloads devices make (with HTTP Range, to resume).
 
 Every error is JSON: ``{"error": "..."}`` with a 4xx/5xx status. Database and MQTT calls block, so
-they run in Starlette's thread pool, never on the event loop.
+they run in Starlette's thread pool, never on the event loop. Every route declares who may call it
+(``fleet.auth.allow``); ``fleet.guard.Guard``, in front of the whole app, enforces it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Annotated, Callable
 
 import msgspec
+from msgspec import Meta
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -26,10 +28,14 @@ from starlette.routing import Route
 from agent import protocol
 from agent.bundle import BundleError, read_manifest
 from agent.errors import EdgefleetError
-from fleet import targets
+from fleet import login, targets
+from fleet.api_admin import routes as admin_routes
 from fleet.api_enroll import routes as enroll_routes
 from fleet.api_rollouts import routes as rollout_routes
+from fleet.auth import BUNDLE, DEVICE, OPERATOR, READ, Auth, allow
+from fleet.guard import Guard
 from fleet.link import Link
+from fleet.schemas import MAX_IDS, MAX_TAGS, DeviceId, Sha256, Tag, decode_request, explain
 from fleet.store import Store
 from fleet.web import routes as web_routes
 
@@ -40,24 +46,20 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class DeployRequest(msgspec.Struct, forbid_unknown_fields=True):
-    bundle: str
-    devices: list[str]
-
-
-_deploy_decoder = msgspec.json.Decoder(DeployRequest)
+    bundle: Sha256
+    devices: Annotated[list[DeviceId], Meta(min_length=1, max_length=MAX_IDS)]
 
 
 class TagsPut(msgspec.Struct, forbid_unknown_fields=True):
-    tags: list[str]
+    tags: Annotated[list[Tag], Meta(max_length=MAX_TAGS)]
 
 
 class TagsPost(msgspec.Struct, forbid_unknown_fields=True):
-    add: list[str] = []
-    remove: list[str] = []
+    """At least one of add and remove names a tag."""
+    add: Annotated[list[Tag], Meta(max_length=MAX_TAGS)] = []
+    remove: Annotated[list[Tag], Meta(max_length=MAX_TAGS)] = []
 
 
-_tags_put_decoder = msgspec.json.Decoder(TagsPut)
-_tags_post_decoder = msgspec.json.Decoder(TagsPost)
 MAX_LIST = 1000  # the most events or transitions one device report lists
 
 
@@ -77,10 +79,11 @@ def new_deployment_id() -> str:
     return f"dep-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable[[], str],
+def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable[[], str], auth: Auth,
                enrollment: "Enrollment | None" = None) -> Starlette:
-    """The Starlette app over one store and one link; ``public_url()`` is the base URL devices download from;
-    ``enrollment`` (None in insecure mode) issues and revokes device identities."""
+    """The Starlette app over one store and one link; ``public_url()`` is the base URL devices download from,
+    ``auth`` says who may call it (fleet.auth, enforced by fleet.guard), ``enrollment`` (None in insecure mode)
+    issues and revokes device identities."""
     bundles_dir = Path(bundles_dir)
 
     async def status(request: Request) -> Response:
@@ -112,6 +115,7 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
                 os.replace(tmp, final)
             doc = msgspec.to_builtins(manifest)
             await run_in_threadpool(store.add_bundle, sha, size, doc)
+            request.state.audit = {"target": sha, "detail": f"{manifest.name} {manifest.version}"}
             return JSONResponse({"sha256": sha, "size": size, "manifest": doc})
         finally:
             tmp.unlink(missing_ok=True)
@@ -125,9 +129,9 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
 
     async def deploy(request: Request) -> Response:
         try:
-            req = _deploy_decoder.decode(await request.body())
+            req = decode_request(await request.body(), DeployRequest)
         except msgspec.DecodeError as e:
-            return _error(400, f"invalid deployment request: {e}")
+            return _error(400, f"invalid deployment request: {explain(e)}")
         devices = list(dict.fromkeys(req.devices))
         if not devices:
             return _error(400, "a deployment needs at least one device")
@@ -179,15 +183,15 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         body = await request.body()
         try:
             if request.method == "PUT":
-                req = _tags_put_decoder.decode(body)
+                req = decode_request(body, TagsPut)
                 change = {"replace": req.tags}
             else:
-                req = _tags_post_decoder.decode(body)
+                req = decode_request(body, TagsPost)
                 if not req.add and not req.remove:
                     return _error(400, "nothing to change: give tags to add and/or remove")
                 change = {"add": req.add, "remove": req.remove}
         except msgspec.DecodeError as e:
-            return _error(400, f"invalid tags request: {e}")
+            return _error(400, f"invalid tags request: {explain(e)}")
         try:
             tags = await run_in_threadpool(lambda: store.set_tags(device_id, **change))
         except targets.TargetError as e:
@@ -239,20 +243,27 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, exc.detail)
+        response = _error(exc.status_code, exc.detail)
+        response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110)
+        return response
 
     routes = [
-        Route("/api/status", status),
-        Route("/api/bundles", upload_bundle, methods=["POST"]),
-        Route("/bundles/{sha256}", download_bundle, methods=["GET", "HEAD"]),
-        Route("/api/deployments", deploy, methods=["POST"]),
-        Route("/api/deployments/{deployment_id}", deployment),
-        Route("/api/devices", devices),
-        Route("/api/devices/{device_id}/tags", device_tags, methods=["PUT", "POST"]),
-        Route("/api/health", health),
-        Route("/api/health/{device_id}", device_health),
+        allow(Route("/api/status", status), READ),
+        allow(Route("/api/bundles", upload_bundle, methods=["POST"]), OPERATOR, body=BUNDLE),
+        allow(Route("/bundles/{sha256}", download_bundle, methods=["GET", "HEAD"]), DEVICE),
+        allow(Route("/api/deployments", deploy, methods=["POST"]), OPERATOR),
+        allow(Route("/api/deployments/{deployment_id}", deployment), READ),
+        allow(Route("/api/devices", devices), READ),
+        allow(Route("/api/devices/{device_id}/tags", device_tags, methods=["PUT", "POST"]), OPERATOR),
+        allow(Route("/api/health", health), READ),
+        allow(Route("/api/health/{device_id}", device_health), READ),
         *rollout_routes(),  # /api/rollouts (fleet/api_rollouts.py)
+        *admin_routes(auth),  # /api/tokens, /api/audit (fleet/api_admin.py)
+        *login.routes(auth),  # /login, /logout
         *web_routes(store),  # the dashboard, its series, /metrics, /api/openapi.json, /static
         *(enroll_routes(enrollment) if enrollment is not None else []),  # /enroll/*, enrollments, revocation
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.add_middleware(Guard, auth=auth, routes=app.routes)
+    app.state.auth = auth
+    return app

@@ -8,34 +8,38 @@ device, tag or rollout, 409 for an action the rollout's status does not allow.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fleet.auth import OPERATOR, READ, allow
 from fleet.rollout import ACTIONS, RolloutError
+from fleet.schemas import MAX_IDS, Duration, Rate, Regression, Sha256, Target, Wave, Waves, decode_request, explain
 
 
 class RolloutRequest(msgspec.Struct, forbid_unknown_fields=True):
     """A rollout to create. Durations are seconds or text like 30s, 5m, 1h; rates are fractions (0.01) or
-    text like "1%"."""
+    text like "1%". Besides what each field says: waves increase and end at 100% (or at the targets'
+    device count), a wave asks for no more devices than the targets have, and the wave timeout is longer
+    than the soak."""
 
-    bundle: str  # the sha256 of an uploaded bundle
-    targets: list[str]  # device ids, tag:NAME, all
-    waves: list[str | int] | str | None = None  # cumulative: counts or percentages, e.g. "1,10%,50%,100%"
-    soak: str | float | None = None  # default 0 with one wave, 5m with waves
-    wave_timeout: str | float | None = None  # default 30m
-    max_error_rate: str | float | None = None
-    max_p95_ms: float | None = None
-    max_p95_regression: str | float | None = None  # e.g. "20%": p95 at most 20 % above the previous model's
-    min_inferences: int = 0  # a device soaks until it has served this many (and is judged from then)
+    bundle: Sha256  # the sha256 of an uploaded bundle
+    targets: Annotated[list[Target], Meta(min_length=1, max_length=MAX_IDS)]  # device ids, tag:NAME, all
+    # cumulative: counts or percentages, e.g. "1,10%,50%,100%"
+    waves: Annotated[list[Wave], Meta(min_length=1, max_length=100)] | Waves | None = None
+    soak: Duration | None = None  # default 0 with one wave, 5m with waves
+    wave_timeout: Duration | None = None  # default 30m
+    max_error_rate: Rate | None = None
+    max_p95_ms: Annotated[float, Meta(gt=0)] | None = None
+    max_p95_regression: Regression | None = None  # e.g. "20%": p95 at most 20 % above the previous model's
+    # a device soaks until it has served this many (and is judged from then)
+    min_inferences: Annotated[int, Meta(ge=0, le=1_000_000_000)] = 0
     auto_rollback: bool = True
-
-
-_decoder = msgspec.json.Decoder(RolloutRequest)
 
 
 # -- what the API answers (for the OpenAPI document; the e2e tests decode real answers with these) ----------
@@ -62,17 +66,21 @@ async def _call(request: Request, fn, *args: Any, status: int = 200, **kw: Any) 
         return _error(e.status, str(e))
 
 
-async def list_rollouts(request: Request) -> Response:
-    return await _call(request, "list")
+async def rollouts(request: Request) -> Response:
+    """GET lists them, POST creates one (one route, so that a 405 names both methods)."""
+    return await (create_rollout(request) if request.method == "POST" else _call(request, "list"))
 
 
 async def create_rollout(request: Request) -> Response:
     try:
-        req = _decoder.decode(await request.body())
+        req = decode_request(await request.body(), RolloutRequest)
     except msgspec.DecodeError as e:
-        return _error(400, f"invalid rollout request: {e}")
+        return _error(400, f"invalid rollout request: {explain(e)}")
     opts = {f: getattr(req, f) for f in req.__struct_fields__ if f not in ("bundle", "targets")}
-    return await _call(request, "create", req.bundle, req.targets, status=201, **opts)
+    response = await _call(request, "create", req.bundle, req.targets, status=201, **opts)
+    if response.status_code == 201:
+        request.state.audit = {"target": msgspec.json.decode(response.body)["id"], "detail": req.bundle}
+    return response
 
 
 async def get_rollout(request: Request) -> Response:
@@ -85,8 +93,7 @@ async def act_on_rollout(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route("/api/rollouts", list_rollouts, methods=["GET"]),
-        Route("/api/rollouts", create_rollout, methods=["POST"]),
-        Route("/api/rollouts/{rollout_id}", get_rollout, methods=["GET"]),
-        Route("/api/rollouts/{rollout_id}/{action}", act_on_rollout, methods=["POST"]),
+        allow(Route("/api/rollouts", rollouts, methods=["GET", "POST"]), GET=READ, POST=OPERATOR),
+        allow(Route("/api/rollouts/{rollout_id}", get_rollout, methods=["GET"]), READ),
+        allow(Route("/api/rollouts/{rollout_id}/{action}", act_on_rollout, methods=["POST"]), OPERATOR),
     ]

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from agent import transport
 from agent.errors import EdgefleetError
+from fleet.auth import DEFAULT_MAX_BUNDLE_BYTES, Auth, any_caller_is_a_device
 from fleet.broker import Mosquitto
 from fleet.enroll import CERT_LIFETIME_S, Enrollment
 from fleet.link import CLIENT_ID, Link
@@ -79,16 +80,25 @@ class Fleet:
                  retention: Policy | None = None, sweep_every_s: float = 1.0,
                  compact_every_s: float = 60.0, *, insecure: bool = False, hostnames: list[str] = (),
                  broker_tls: transport.Tls | None = None, public_broker: str | None = None,
-                 cert_lifetime_s: float = CERT_LIFETIME_S, pki_dir: Path | None = None) -> None:
+                 cert_lifetime_s: float = CERT_LIFETIME_S, pki_dir: Path | None = None,
+                 max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+                 device_identity: Callable[[dict], str | None] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.insecure = insecure  # plaintext MQTT and HTTP, an anonymous broker: local experiments only
-        self.hostnames = list(hostnames)  # more names devices and operators reach this controller by
+        # more names devices and operators reach this controller by: in its certificates, and the Hosts it answers
+        self.hostnames = list(hostnames)
         self.broker_tls = broker_tls  # with an external mqtts:// broker: its CA, our certificate and key
         self._public_broker = public_broker
         self.cert_lifetime_s = cert_lifetime_s
         self.pki: PKI | None = None
         self.pki_dir = Path(pki_dir) if pki_dir else self.data_dir / PKI_DIR  # the fleet CA (another dir: tests)
         self.enrollment: Enrollment | None = None
+        # operators (fleet/auth.py): the upload cap, and who counts as a device at /bundles: the TLS client
+        # certificate's device (any caller when insecure: there are no identities)
+        self.max_bundle_bytes = max_bundle_bytes
+        self.device_identity = device_identity or (any_caller_is_a_device if insecure else self._peer_device)
+        self.auth: Auth | None = None
+        self.new_admin_token: str | None = None  # the first admin token, made by this start (DATA/admin.token)
         self.offline_after = offline_after  # telemetry intervals of silence that make a device offline
         self.retention = retention or Policy()
         self._sweep_every_s = sweep_every_s
@@ -198,8 +208,12 @@ class Fleet:
                                            self._compact_every_s).start()
             from fleet.api import create_app
 
+            self.auth = Auth.for_controller(self.store, self.http_host, self.public_url, self.hostnames,
+                                            device_identity=self.device_identity,
+                                            max_bundle_bytes=self.max_bundle_bytes)
+            self.new_admin_token = self.auth.ensure_admin(self.data_dir)
             self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url,
-                                  enrollment=self.enrollment)
+                                  self.auth, enrollment=self.enrollment)
             self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url).start()
         except BaseException:
             self.stop()
@@ -311,6 +325,11 @@ class Fleet:
         if self._lock_file is not None:
             self._lock_file.close()  # releases the lock
             self._lock_file = None
+
+    def _peer_device(self, scope: dict) -> str | None:
+        """The enrolled, unrevoked device whose TLS client certificate this request came with, or None."""
+        der = (scope.get("state") or {}).get("peer_cert")
+        return self.enrollment.device_identity(der) if self.enrollment is not None and der else None
 
     # -- revocation --------------------------------------------------------------------------------
     def _revoked(self, device_id: str, kick: bool) -> None:

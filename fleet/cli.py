@@ -9,25 +9,40 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgefleetError
-from fleet import cli_enroll, cli_rollouts
+from fleet import cli_admin, cli_enroll, cli_rollouts
 from fleet.health import SORTS
 
 
 def client_args(c: argparse.ArgumentParser) -> None:
     """The options every command that talks to the controller takes."""
     c.add_argument("--server", metavar="URL",
-                   help="the controller's URL (default: $EDGEFLEET_SERVER or https://127.0.0.1:8080)")
+                   help="the controller's URL (default: $EDGEFLEET_SERVER, the --data dir's controller.json, "
+                        "or https://127.0.0.1:8080)")
+    c.add_argument("--token", metavar="TOKEN",
+                   help="an API token (default: $EDGEFLEET_TOKEN, or the --data dir's admin.token)")
     c.add_argument("--ca", metavar="FILE",
-                   help="the fleet CA the controller's certificate must chain to (default: $EDGEFLEET_CA; the "
-                        "controller's is DATA/pki/ca.crt)")
+                   help="the fleet CA the controller's certificate must chain to (default: $EDGEFLEET_CA, or the "
+                        "--data dir's pki/ca.crt, or the system's CAs)")
+    c.add_argument("--data", metavar="DIR",
+                   help="the controller's data dir, on its machine: its URL, admin token and CA are read from "
+                        "there (default: $EDGEFLEET_DATA)")
     c.add_argument("--json", action="store_true", help="print the API's JSON")
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes from ``2147483648``, ``512M``, ``2G`` or ``2GiB`` (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    number = t[:-1] if scale > 1 else t
+    if not number.isdigit() or int(number) < 1:
+        raise EdgefleetError(f"invalid {what} {text!r}: a size like 2G, 512M or a number of bytes")
+    return int(number) * scale
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default %(default)s; at least 1h)")
     s.add_argument("--rollup-retention", default="90d", metavar="DURATION",
                    help="how long 1-minute rollups are kept (default %(default)s; hourly ones: for ever)")
+    s.add_argument("--max-bundle-size", default="2G", metavar="SIZE",
+                   help="the largest bundle an upload may be (default %(default)s)")
 
     b = sub.add_parser(
         "broker-config", help="write the mosquitto config and ACL for running the fleet on your own broker",
@@ -109,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     client_args(h)
     cli_rollouts.register(sub, client_args)  # deploy's rollout options, `rollouts`, `rollout ID [ACTION]`
     cli_enroll.register(sub, client_args)  # enroll, provision, enrollments, revoke, certificates
+    cli_admin.register(sub, client_args)  # `token create|list|revoke`, `audit`
     return p
 
 
@@ -118,11 +136,12 @@ def main(argv: list[str]) -> int:
         return _serve(args)
     if args.command == "broker-config":
         return _broker_config(args)
-    from fleet.client import DEFAULT_SERVER, FleetClient
+    from fleet.client import FleetClient
 
-    client = FleetClient(args.server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER,
-                         ca=args.ca or os.environ.get("EDGEFLEET_CA"))
+    client = FleetClient.configured(args.server, args.token, args.ca, args.data)
     if (code := cli_enroll.run(client, args)) is not None:
+        return code
+    if (code := cli_admin.run(client, args)) is not None:
         return code
     if (code := cli_rollouts.run(client, args)) is not None:  # None: a plain deploy, below
         return code
@@ -175,10 +194,11 @@ def _serve(args: argparse.Namespace) -> int:
         default = Path(args.data) / "pki"
         broker_tls = Tls(args.ca or str(default / "ca.crt"), args.cert or str(default / "controller.crt"),
                          args.key or str(default / "controller.key"))
+    max_bundle = parse_size(args.max_bundle_size, "--max-bundle-size")
     fleet = Fleet(args.data, broker_url=args.broker, http_host=host, http_port=port,
                   public_url=args.public_url, mqtt_listen=args.mqtt_listen, offline_after=offline_after,
                   retention=policy, insecure=args.insecure, hostnames=args.hostname, broker_tls=broker_tls,
-                  public_broker=args.public_broker,
+                  public_broker=args.public_broker, max_bundle_bytes=max_bundle,
                   cert_lifetime_s=parse_duration(args.cert_lifetime, "--cert-lifetime"))
     if args.insecure:
         print("edgefleet fleet: WARNING: --insecure: plaintext MQTT and HTTP, a broker anyone who reaches it may "
@@ -186,7 +206,15 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     def ready(f: Fleet) -> None:
+        from fleet.auth import ADMIN_TOKEN
+
         print(f"edgefleet fleet: serving {f.http_url} (broker {f.broker_url}, data {f.data_dir})", flush=True)
+        path = f.data_dir / ADMIN_TOKEN
+        if f.new_admin_token:  # the first start: shown this once
+            print(f"edgefleet fleet: the first admin token (kept in {path}, mode 0600; the CLI reads it with "
+                  f"--data {f.data_dir}):\n{f.new_admin_token}", flush=True)
+        elif path.exists():
+            print(f"edgefleet fleet: the first admin token is in {path}", flush=True)
         if f.pki is not None:
             print(f"edgefleet fleet: CA {f.pki.ca_crt}, fingerprint {f.pki.ca_fingerprint}", flush=True)
 

@@ -61,8 +61,7 @@ def run(client: Any, args: argparse.Namespace) -> int | None:
         doc = client.create_enrollment(args.device, ttl_s=parse_duration(args.ttl, "--ttl"))
         _print(doc, args.json, _token_text)
     elif args.command == "provision":
-        doc = client.create_enrollment(None, ttl_s=parse_duration(args.ttl, "--ttl"), count=args.count,
-                                       prefix=args.prefix)
+        doc = client.create_provisioning(args.count, ttl_s=parse_duration(args.ttl, "--ttl"), prefix=args.prefix)
         _print(doc, args.json, _token_text)
     elif args.command == "enrollments":
         if args.action == "revoke":

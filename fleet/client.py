@@ -1,30 +1,72 @@
-"""A small client of the controller's JSON API (urllib only), used by the CLI and the tests."""
+"""A small client of the controller's JSON API (urllib only), used by the CLI and the tests.
+
+Every call sends the token (``Authorization: Bearer ...``); over https the controller's certificate is
+checked against ``ca`` (the fleet CA, ``DATA/pki/ca.crt``) or, without one, the system's CAs.
+``FleetClient.configured()`` takes each setting from its argument, else its environment variable, else the
+controller's data dir (``--data``/``EDGEFLEET_DATA``: ``controller.json``, ``admin.token``, ``pki/ca.crt``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgefleetError
 
 DEFAULT_SERVER = "https://127.0.0.1:8080"
+NEEDS_TOKEN = ("needs a token: set EDGEFLEET_TOKEN or --data DIR (the controller's data dir, which holds "
+               "admin.token), or give --token")
 
 
 class FleetClient:
-    def __init__(self, server_url: str = DEFAULT_SERVER, timeout: float = 60.0, *, ca: str | None = None) -> None:
+    def __init__(self, server_url: str = DEFAULT_SERVER, timeout: float = 60.0, *, token: str | None = None,
+                 ca: str | os.PathLike | None = None) -> None:
         self.server_url = server_url.rstrip("/")
         self.timeout = timeout
-        self.ca = ca  # the fleet CA (DATA/pki/ca.crt) an https:// controller's certificate must chain to
-        self._context = None
-        if ca is not None:
-            import ssl
+        self.token = token.strip() if token else None
+        self.ca = Path(ca) if ca else None
+        self._context: ssl.SSLContext | None = None
+        if self.ca is not None:
+            if not self.ca.is_file():
+                raise EdgefleetError(f"{self.ca}: no such CA certificate file")
+            try:
+                self._context = ssl.create_default_context(cafile=str(self.ca))
+            except (ssl.SSLError, OSError) as e:
+                raise EdgefleetError(f"{self.ca}: not a CA certificate in PEM ({e})") from None
 
-            self._context = ssl.create_default_context(cafile=ca)
+    @classmethod
+    def configured(cls, server: str | None = None, token: str | None = None, ca: str | os.PathLike | None = None,
+                   data: str | os.PathLike | None = None, env: Mapping[str, str] = os.environ,
+                   **kw: Any) -> "FleetClient":
+        """A client from explicit settings, else EDGEFLEET_SERVER/TOKEN/CA, else the data dir
+        (``data`` or EDGEFLEET_DATA), else the defaults (https://127.0.0.1:8080, no token, the system's CAs)."""
+        data = data or env.get("EDGEFLEET_DATA")
+        d = Path(data) if data else None
+        if d is not None and not d.is_dir():
+            raise EdgefleetError(f"{d}: no such controller data dir")
+        server = server or env.get("EDGEFLEET_SERVER")
+        if not server and d is not None and (d / "controller.json").is_file():
+            try:
+                server = json.loads((d / "controller.json").read_text())["http"]
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise EdgefleetError(f"{d / 'controller.json'}: unreadable ({e})") from None
+        token = token or env.get("EDGEFLEET_TOKEN")
+        if not token and d is not None and (d / "admin.token").is_file():
+            try:
+                token = (d / "admin.token").read_text().strip()
+            except OSError as e:
+                raise EdgefleetError(f"{d / 'admin.token'}: {e.strerror or e}") from None
+        ca = ca or env.get("EDGEFLEET_CA")
+        if not ca and d is not None and (d / "pki" / "ca.crt").is_file():
+            ca = d / "pki" / "ca.crt"
+        return cls(server or DEFAULT_SERVER, token=token, ca=ca, **kw)
 
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/api/status")
@@ -88,12 +130,32 @@ class FleetClient:
             return self._call("GET", "/api/health" + (f"?{query}" if query else ""))
         return self._call("GET", f"/api/health/{urllib.parse.quote(device, safe='')}")
 
+    # operators (admin): tokens and the audit trail
+    def tokens(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/tokens")
+
+    def create_token(self, role: str, name: str | None = None) -> dict[str, Any]:
+        """A new token; its secret is the answer's ``token`` (shown this once)."""
+        body = json.dumps({"role": role, **({"name": name} if name is not None else {})}).encode()
+        return self._call("POST", "/api/tokens", body, {"Content-Type": "application/json"})
+
+    def revoke_token(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/api/tokens/{urllib.parse.quote(name, safe='')}")
+
+    def audit(self, limit: int | None = None, before: int | None = None) -> dict[str, Any]:
+        """A page of the audit trail, newest first: {"entries": [...], "next": the next page's before}."""
+        query = urllib.parse.urlencode({k: v for k, v in (("limit", limit), ("before", before)) if v is not None})
+        return self._call("GET", "/api/audit" + (f"?{query}" if query else ""))
     # enrollment and revocation (fleet/api_enroll.py)
-    def create_enrollment(self, device_id: str | None = None, ttl_s: float = 3600.0, count: int = 1,
-                          prefix: str = "") -> dict[str, Any]:
-        """A one-time token for ``device_id``, or a provisioning token for ``count`` devices (ids with ``prefix``)."""
-        body = {"ttl_s": ttl_s, **({"device_id": device_id} if device_id else {"count": count, "prefix": prefix})}
-        return self._call("POST", "/api/enrollments", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    def create_enrollment(self, device_id: str, ttl_s: float = 3600.0) -> dict[str, Any]:
+        """A one-time token that enrolls ``device_id``; its secret is the answer's ``token`` (shown this once)."""
+        body = json.dumps({"device_id": device_id, "ttl_s": ttl_s}).encode()
+        return self._call("POST", "/api/enrollments", body, {"Content-Type": "application/json"})
+
+    def create_provisioning(self, count: int, ttl_s: float = 7 * 86400.0, prefix: str = "") -> dict[str, Any]:
+        """A token ``count`` devices flashed from one image enroll with, under ids starting with ``prefix``."""
+        body = json.dumps({"count": count, "ttl_s": ttl_s, "prefix": prefix}).encode()
+        return self._call("POST", "/api/provisioning", body, {"Content-Type": "application/json"})
 
     def enrollments(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/enrollments")
@@ -112,8 +174,11 @@ class FleetClient:
         return self._call("GET", f"/api/certificates{query}")
 
     def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        if self.token is None:
+            raise EdgefleetError(f"the controller's API at {self.server_url} {NEEDS_TOKEN}")
         url = self.server_url + path
-        req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        req = urllib.request.Request(url, data=body, method=method,
+                                     headers={**(headers or {}), "Authorization": f"Bearer {self.token}"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self._context) as resp:
                 return json.loads(resp.read())
@@ -121,6 +186,11 @@ class FleetClient:
             raise EdgefleetError(_server_error(e)) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise EdgefleetError(
+                    f"the controller at {self.server_url} has a certificate this client does not trust "
+                    f"({reason.verify_message}): give its CA with --ca FILE or EDGEFLEET_CA (the controller's "
+                    f"DATA/pki/ca.crt)") from None
             raise EdgefleetError(
                 f"cannot reach the controller at {self.server_url} ({reason}; is `edgefleet fleet serve` "
                 f"running? set --server or EDGEFLEET_SERVER)") from None

@@ -4,6 +4,11 @@ Bodies are msgspec Structs (``fleet.schemas``, and the request Structs the API d
 Schemas come from msgspec. The document lists the operations the running app has (an operation described
 here whose route is not mounted is left out); ``tests/test_web.py`` checks that every route is described,
 that each described GET answers, and that the real answers decode into the described Structs.
+
+Each operation's security, and its 401/403 answers, come from the role its route declares
+(``fleet.auth.allow``): a bearer token, or for ``/bundles/{sha}`` a device's client certificate too.
+Parameters and bodies declare the patterns, lengths, enums and bounds the server enforces (the request
+Structs' constrained types are ``fleet.schemas``'); ``tests/test_api_fuzz.py`` runs schemathesis over it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fleet import schemas as s
+from fleet.auth import DEVICE, MEDIA, PUBLIC, access
+from fleet.health import SORTS
 from fleet.series import MAX_SINCE_S, Series
 
 OPENAPI_PATH = "/api/openapi.json"
 TAR = {"application/x-tar": {"schema": {"type": "string", "contentMediaType": "application/x-tar"}}}
+UPLOAD = {m: {"schema": {"type": "string", "contentMediaType": m}} for m in MEDIA["bundle"]}
+SECURITY = {
+    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "eft_ and 43 URL-safe characters",
+               "description": "An API token (`edgefleet fleet token create --role read|operator|admin`). Roles: "
+                              "read (GETs), operator (writes), admin (tokens, audit)."},
+    "deviceCertificate": {"type": "mutualTLS", "description": "An enrolled device's TLS client certificate."},
+}
 
 
 def _request_struct(module: str, name: str) -> type | None:
@@ -46,19 +60,25 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                 "TagsPut": _request_struct("fleet.api", "TagsPut"),
                 "TagsPost": _request_struct("fleet.api", "TagsPost"),
                 "RolloutRequest": _request_struct("fleet.api_rollouts", "RolloutRequest"),
+                "TokenRequest": _request_struct("fleet.api_admin", "TokenRequest"),
                 "EnrollRequest": _request_struct("fleet.api_enroll", "EnrollRequest"),
                 "RenewRequest": _request_struct("fleet.api_enroll", "RenewRequest"),
-                "EnrollmentCreate": _request_struct("fleet.api_enroll", "EnrollmentCreate")}
+                "EnrollmentCreate": _request_struct("fleet.api_enroll", "EnrollmentCreate"),
+                "ProvisioningCreate": _request_struct("fleet.api_enroll", "ProvisioningCreate")}
     bodies = {"Error": s.Error, "Status": s.Status, "BundleUploaded": s.BundleUploaded, "Deployment": s.Deployment,
               "Devices": list[s.Device], "DeviceTags": s.DeviceTags, "HealthList": list[s.Health],
               "DeviceDetail": s.DeviceDetail, "Series": Series, "Rollout": s.Rollout,
-              "Rollouts": list[s.RolloutSummary], "EnrollmentToken": s.EnrollmentToken,
+              "Rollouts": list[s.RolloutSummary], "Tokens": list[s.Token], "Token": s.Token,
+              "TokenCreated": s.TokenCreated, "AuditPage": s.AuditPage, "EnrollmentToken": s.EnrollmentToken,
               "Enrollments": list[s.EnrollmentRow], "Enrolled": s.Enrolled, "Revoked": s.Revoked,
               "EnrollmentRevoked": s.EnrollmentRevoked, "Certificates": list[s.Certificate],
               **{k: v for k, v in requests.items() if v is not None}}
     refs, components = msgspec.json.schema_components(list(bodies.values()),
                                                       ref_template="#/components/schemas/{name}")
     ref = dict(zip(bodies, refs))
+    if "TagsPost" in components:  # what msgspec cannot say: at least one of add and remove names a tag
+        components["TagsPost"]["anyOf"] = [{"required": [k], "properties": {k: {"minItems": 1}}}
+                                           for k in ("add", "remove")]
 
     def json_body(name: str, description: str) -> dict:
         return {"description": description, "content": {"application/json": {"schema": ref[name]}}}
@@ -69,21 +89,21 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
     def request(name: str) -> dict:
         return {"required": True, "content": {"application/json": {"schema": ref[name]}}} if name in ref else {}
 
-    device = _param("device_id", "path", "The device's id.")
-    rollout = _param("rollout_id", "path", "The rollout's id.")
+    device = _param("device_id", "path", "The device's id.", {"type": "string", "pattern": s.DEVICE_ID})
+    rollout = _param("rollout_id", "path", "The rollout's id.", {"type": "string", "pattern": s.ROLLOUT_ID})
     paths: dict[str, dict[str, dict]] = {
         "/api/status": {"get": {
             "summary": "The controller's status: broker, MQTT link and message counts.", "operationId": "status",
             "responses": {"200": json_body("Status", "The status.")}}},
         "/api/bundles": {"post": {
             "summary": "Upload a bundle (a tar written by `edgefleet convert`).", "operationId": "uploadBundle",
-            "requestBody": {"required": True, "content": TAR},
+            "requestBody": {"required": True, "content": UPLOAD},
             "responses": {"200": json_body("BundleUploaded", "Stored (or already stored): its sha256 and manifest."),
-                          "400": err("Not a valid bundle.")}}},
+                          "400": err("Not a valid bundle (a tar with a manifest the agent can read).")}}},
         "/bundles/{sha256}": {"get": {
             "summary": "Download a bundle (devices do, resuming with HTTP Range).", "operationId": "getBundle",
             "parameters": [_param("sha256", "path", "The bundle's sha256 (64 hex digits).",
-                                  {"type": "string", "pattern": "^[0-9a-f]{64}$"})],
+                                  {"type": "string", "pattern": s.SHA256})],
             "responses": {"200": {"description": "The bundle.", "content": TAR},
                           "206": {"description": "The range asked for.", "content": TAR},
                           "404": err("No such bundle.")}}},
@@ -96,12 +116,14 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                           "503": err("The broker did not take the desired model for some devices.")}}},
         "/api/deployments/{deployment_id}": {"get": {
             "summary": "A deployment and each device's phase.", "operationId": "getDeployment",
-            "parameters": [_param("deployment_id", "path", "The deployment's id.")],
+            "parameters": [_param("deployment_id", "path", "The deployment's id.",
+                                  {"type": "string", "pattern": s.DEPLOYMENT_ID})],
             "responses": {"200": json_body("Deployment", "The deployment."), "404": err("No such deployment.")}}},
         "/api/devices": {"get": {
             "summary": "The registered devices.", "operationId": "listDevices",
             "parameters": [_param("target", "query", "Only these: a device id, `tag:NAME` or `all`; repeatable.",
-                                  {"type": "array", "items": {"type": "string"}}, explode=True)],
+                                  {"type": "array", "items": {"type": "string", "pattern": s.TARGET}},
+                                  explode=True)],
             "responses": {"200": json_body("Devices", "The devices, by id."),
                           "400": err("A malformed target or an unknown query parameter."),
                           "404": err("A target names no known device or tag.")}}},
@@ -118,16 +140,16 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
         "/api/health": {"get": {
             "summary": "Every device's health, sortable and filterable.", "operationId": "listHealth",
             "parameters": [
-                _param("tag", "query", "Only devices with this tag."),
+                _param("tag", "query", "Only devices with this tag.", {"type": "string", "pattern": s.TAG}),
                 _param("status", "query", "Only devices online or offline.",
                        {"type": "string", "enum": ["online", "offline"]}),
-                _param("sort", "query", "Sort by a column: device, status, model, version, inferences, rate, "
-                                        "errors, error-rate, p50, p95, p99, cpu, rss, memory, temperature, "
-                                        "last-seen."),
+                _param("sort", "query", "Sort by a column (each has its natural order).",
+                       {"type": "string", "enum": list(SORTS)}),
                 _param("order", "query", "asc or desc (each column has its natural default).",
                        {"type": "string", "enum": ["asc", "desc"]})],
             "responses": {"200": json_body("HealthList", "One entry a device."),
-                          "400": err("An unknown sort column, status, order or query parameter.")}}},
+                          "400": err("An unknown sort column, status, order or query parameter."),
+                          "404": err("No device carries the tag.")}}},
         "/api/health/{device_id}": {"get": {
             "summary": "One device's report: health, identity, errors, events, deployments, transitions.",
             "operationId": "getDeviceHealth",
@@ -150,7 +172,8 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                                         "bucketed when there would be more than 1500).",
                        {"type": "number", "minimum": 1})],
             "responses": {"200": json_body("Series", "The series."),
-                          "400": err("since or step out of range, or an unknown query parameter."),
+                          "400": err("since or step out of range (step is at most since), or an unknown query "
+                                     "parameter."),
                           "404": err("No such device.")}}},
         "/api/rollouts": {
             "get": {"summary": "Every rollout, newest first.", "operationId": "listRollouts",
@@ -159,7 +182,10 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
             "post": {"summary": "Start a rollout: a bundle to targets in cumulative waves, gated on health.",
                      "operationId": "createRollout", "requestBody": request("RolloutRequest"),
                      "responses": {"201": json_body("Rollout", "The rollout, its first wave published."),
-                                   "400": err("A malformed request, target, wave, duration or threshold."),
+                                   "400": err("A malformed request, target, wave, duration or threshold; or "
+                                              "waves that do not increase, do not end at 100%, or ask for "
+                                              "more devices than the targets have; or a wave timeout not "
+                                              "longer than the soak."),
                                    "404": err("An unknown bundle, device or tag."),
                                    "409": err("A device is already in a live rollout."),
                                    "503": err("Rollouts are not running in this controller.")}}},
@@ -176,6 +202,28 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                           "400": err("An unknown action."), "404": err("No such rollout."),
                           "409": err("The rollout's status does not allow that action."),
                           "503": err("Rollouts are not running in this controller.")}}},
+        "/api/tokens": {
+            "get": {"summary": "Every API token, active and revoked (never their secrets).", "operationId": "listTokens",
+                    "responses": {"200": json_body("Tokens", "The tokens, oldest first.")}},
+            "post": {"summary": "Create a token; its secret is in this answer only.", "operationId": "createToken",
+                     "requestBody": request("TokenRequest"),
+                     "responses": {"201": json_body("TokenCreated", "The token, with its secret."),
+                                   "400": err("A malformed request, role or name."),
+                                   "409": err("An active token has that name.")}}},
+        "/api/tokens/{name}": {"delete": {
+            "summary": "Revoke a token: it stops working at once, and so do the dashboard sessions it opened.",
+            "operationId": "revokeToken",
+            "parameters": [_param("name", "path", "The token's name.", {"type": "string", "pattern": s.TOKEN_NAME})],
+            "responses": {"200": json_body("Token", "The token, revoked."), "404": err("No active token has that name.")}}},
+        "/api/audit": {"get": {
+            "summary": "The audit trail: every write, sign-in, token creation and revocation, newest first.",
+            "operationId": "audit",
+            "parameters": [_param("limit", "query", "How many entries (default 100).",
+                                  {"type": "integer", "minimum": 1, "maximum": 1000}),
+                           _param("before", "query", "Entries older than this id (the previous page's `next`).",
+                                  {"type": "integer", "minimum": 1, "maximum": 2**62})],
+            "responses": {"200": json_body("AuditPage", "A page of entries."),
+                          "400": err("A limit or before out of range, or an unknown query parameter.")}}},
         "/enroll/ca.pem": {"get": {
             "summary": "The fleet CA (public: a device checks its sha256 against the fingerprint it was given).",
             "operationId": "getCa",
@@ -196,12 +244,17 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                           "400": err("A malformed request or CSR."),
                           "401": err("No valid, unrevoked client certificate from this fleet.")}}},
         "/api/enrollments": {
-            "post": {"summary": "Make an enrollment token: for one device id, or for provisioning many.",
+            "post": {"summary": "Make a one-time enrollment token for one device id.",
                      "operationId": "createEnrollment", "requestBody": request("EnrollmentCreate"),
                      "responses": {"201": json_body("EnrollmentToken", "The token (shown once)."),
                                    "400": err("A malformed request.")}},
             "get": {"summary": "The enrollment tokens (never their secrets).", "operationId": "listEnrollments",
                     "responses": {"200": json_body("Enrollments", "Newest first.")}}},
+        "/api/provisioning": {"post": {
+            "summary": "Make a provisioning token: devices flashed from one image enroll with it at first boot.",
+            "operationId": "createProvisioning", "requestBody": request("ProvisioningCreate"),
+            "responses": {"201": json_body("EnrollmentToken", "The token (shown once)."),
+                          "400": err("A malformed request.")}}},
         "/api/enrollments/{token_id}/revoke": {"post": {
             "summary": "Revoke an enrollment token.", "operationId": "revokeEnrollment",
             "parameters": [_param("token_id", "path", "The token's id.")],
@@ -231,14 +284,35 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
         for op in ops.values():
             if op.get("requestBody") == {}:
                 del op["requestBody"]
+            if "requestBody" in op:
+                op["responses"]["413"] = err("The body is bigger than this endpoint takes.")
+                op["responses"]["415"] = err("The body's Content-Type is not one this endpoint takes.")
     return paths, components
 
 
-def document(mounted: set[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """The OpenAPI document; with ``mounted`` ({(path, method)}), only the operations the app has."""
+def _secure(op: dict, role: str | None, err: dict) -> None:
+    """Say who may call ``op``: its security, its 401/403 answers and the role in its description."""
+    if role in (None, PUBLIC):
+        op["security"] = []
+        return
+    op["security"] = [{"bearer": []}, {"deviceCertificate": []}] if role == DEVICE else [{"bearer": []}]
+    needs = "an operator token or a device's client certificate" if role == DEVICE else f"a {role} token"
+    op["description"] = (op.get("description", "") + f" Needs {needs}.").strip()
+    op["responses"]["401"] = {**err, "description": "No token, or one that is not valid (or was revoked)."}
+    op["responses"]["403"] = {**err, "description": f"The token's role is not enough: this needs {needs}."}
+
+
+def document(mounted: set[tuple[str, str]] | None = None, roles: dict[tuple[str, str], str] | None = None
+             ) -> dict[str, Any]:
+    """The OpenAPI document; with ``mounted`` ({(path, method)}), only the operations the app has; with
+    ``roles`` ({(path, method): role}), who may call each."""
     paths, components = operations()
     if mounted is not None:
         paths = {p: kept for p, ops in paths.items() if (kept := {m: o for m, o in ops.items() if (p, m) in mounted})}
+    error = {"description": "", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for p, ops in paths.items():
+        for m, op in ops.items():
+            _secure(op, (roles or {}).get((p, m)), error)
     return {
         "openapi": "3.1.0",
         "info": {"title": "edgefleet fleet controller", "version": _version(),
@@ -246,13 +320,20 @@ def document(mounted: set[tuple[str, str]] | None = None) -> dict[str, Any]:
                                 "downloads devices make. Every error is `{\"error\": \"...\"}` with a 4xx/5xx "
                                 "status."},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": SECURITY},
+        "security": [{"bearer": []}],
     }
 
 
 def mounted_operations(routes: list) -> set[tuple[str, str]]:
     """{(path, method)} of an app's routes (HEAD aside)."""
     return {(r.path, m.lower()) for r in routes if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
+
+
+def route_roles(routes: list) -> dict[tuple[str, str], str]:
+    """{(path, method): the role it needs} of an app's routes (``fleet.auth.allow``)."""
+    return {(r.path, m.lower()): a.role(m) for r in routes if isinstance(r, Route) and (a := access(r))
+            for m in (r.methods or ()) if m != "HEAD"}
 
 
 def _version() -> str:
@@ -270,7 +351,7 @@ def routes() -> list[Route]:
     def openapi(request: Request) -> Response:
         app = request.scope["app"]
         if id(app) not in cache:
-            cache[id(app)] = document(mounted_operations(app.routes))
+            cache[id(app)] = document(mounted_operations(app.routes), route_roles(app.routes))
         return JSONResponse(cache[id(app)])
 
     return [Route(OPENAPI_PATH, openapi, methods=["GET"])]

@@ -12,6 +12,10 @@ from html import escape as e
 from typing import Any
 from urllib.parse import quote
 
+import msgspec
+
+from fleet.schemas import ConverterReport
+
 REFRESH_MS = 5000
 RANGES = ((900, "15 min"), (3600, "1 h"), (6 * 3600, "6 h"), (86400, "24 h"), (7 * 86400, "7 d"))
 # the charts of a device page: (key edgefleet.js knows, title, unit)
@@ -19,7 +23,8 @@ CHARTS = (("latency", "Latency percentiles", "ms"), ("errors", "Error rate", "%"
           ("throughput", "Inferences", "per min"), ("cpu", "CPU", "%"), ("memory", "Memory (agent RSS)", "MiB"),
           ("temperature", "Temperature", "°C"))
 _GOOD = {"active", "online", "done", "completed", "passed", "succeeded", "healthy"}
-_BAD = {"failed", "error", "halted", "aborted", "rolled_back", "timed_out", "stopped", "offline", "refused"}
+_BAD = {"failed", "error", "halted", "aborted", "rolled_back", "timed_out", "stopped", "offline", "refused",
+        "identity_conflict"}
 _BUSY = {"downloading", "verifying", "activating", "running", "rolling", "soaking"}
 
 
@@ -112,12 +117,18 @@ def _card(label: str, value: str, cls: str = "") -> str:
 
 
 # -- the frame ---------------------------------------------------------------------------------------
-def layout(title: str, body: str, *, charts: bool = False, active: str = "") -> str:
+def layout(title: str, body: str, *, charts: bool = False, active: str = "", bare: bool = False) -> str:
+    """A page around ``body`` (markup); ``bare``: no navigation and no script (the sign-in page)."""
     uplot_css = '<link rel="stylesheet" href="/static/uplot/uPlot.min.css">' if charts else ""
     uplot_js = '<script src="/static/uplot/uPlot.iife.min.js"></script>' if charts else ""
     nav = "".join(f'<a href="{href}"{" class=on" if key == active else ""}>{label}</a>'
                   for key, href, label in (("fleet", "/", "Fleet"), ("metrics", "/metrics", "Metrics"),
                                            ("api", "/api/openapi.json", "API")))
+    top = "" if bare else f"""
+  <nav>{nav}</nav>
+  <span class="live" id="live-status" title="This page refreshes itself every {REFRESH_MS // 1000} s">live</span>
+  <form class="signout" method="post" action="/logout"><button type="submit">Sign out</button></form>"""
+    script = "" if bare else f'{uplot_js}\n<script src="/static/edgefleet.js"></script>'
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -130,15 +141,12 @@ def layout(title: str, body: str, *, charts: bool = False, active: str = "") -> 
 </head>
 <body data-refresh-ms="{REFRESH_MS}">
 <header class="top">
-  <a class="brand" href="/"><span class="logo">◆</span> edgefleet</a>
-  <nav>{nav}</nav>
-  <span class="live" id="live-status" title="This page refreshes itself every {REFRESH_MS // 1000} s">live</span>
+  <a class="brand" href="/"><span class="logo">◆</span> edgefleet</a>{top}
 </header>
 <main>
 {body}
 </main>
-{uplot_js}
-<script src="/static/edgefleet.js"></script>
+{script}
 </body>
 </html>
 """
@@ -163,12 +171,29 @@ def overview(health: list[dict], rates: dict[str, dict], rollouts: str) -> str:
         _card("Inferences / min", fmt_num(sum(per_min)) if per_min else "–"),
     ])
     body = f"""<div id="overview" data-live>
+{_conflicts(health)}
 <section class="cards" id="counts" data-online="{online}" data-offline="{len(health) - online}"
  data-total="{len(health)}">{cards}</section>
 <section class="panel"><h2>Devices</h2>{_device_table(health, rates)}</section>
 <section class="panel"><h2>Rollouts</h2>{rollouts}</section>
 </div>"""
     return layout("Fleet", body, active="fleet")
+
+
+def _conflicts(health: list[dict]) -> str:
+    """A loud banner for every identity two devices use at once (a cloned image): their session goes back and
+    forth, and what either reports is taken for the other's."""
+    rows = [h for h in health if h.get("identity_conflict")]
+    if not rows:
+        return ""
+    items = "".join(
+        f'<li><a href="{e(device_href(h["device_id"]))}">{e(h["device_id"])}</a>: boot ids '
+        f'{e(", ".join(h["identity_conflict"]["boot_ids"][-3:]))} alternate, '
+        f'{fmt_num(h["identity_conflict"]["takeovers"])} takeover(s) since {fmt_time(h["identity_conflict"]["since"])}'
+        f'</li>' for h in rows)
+    return (f'<section class="panel banner bad" id="conflicts" data-conflicts="{len(rows)}"><h2>Two devices, one '
+            f'identity</h2><ul>{items}</ul><p>A device\'s state dir (its key and certificate) was copied to another: '
+            f'revoke the identity (<code>edgefleet fleet revoke ID</code>) and enroll both devices.</p></section>')
 
 
 def _rates(h: dict, ours: dict) -> dict:
@@ -228,6 +253,7 @@ def device(detail: dict, info: dict, rates: dict, bundle: dict | None, history_b
         _card("Temperature", fmt_temp(d["temperature_c"])),
     ])
     head = f"""<div id="device-head" data-live>
+{_conflicts([d])}
 <section class="titlebar"><h1>{e(d["device_id"])}</h1>{status_pill(d["online"])}{_tags(d.get("tags"))}
 <span class="muted">model</span> <span class="model">{model}</span>
 <span class="muted">last seen {fmt_ago(d["last_seen_ago_s"])}</span></section>
@@ -267,43 +293,44 @@ def _active_model(d: dict, bundle: dict | None) -> str:
     if bundle is None:
         return out + '<p class="muted">This bundle was not uploaded to this controller: no converter report.</p>'
     manifest = bundle["manifest"]
-    report = manifest.get("report") or {}
     out += '<h3>Converter report</h3>'
-    if not report:
-        return out + (f'<p class="muted">Bundle of {fmt_bytes(bundle["size"])}, target {e(manifest["target"])}; '
+    if not manifest.get("report"):
+        return out + (f'<p class="muted">Bundle of {fmt_bytes(bundle["size"])}, target {e(str(manifest["target"]))}; '
                       'it carries no converter report (not built by <code>edgefleet convert</code>).</p>')
-    lat = report.get("latency_ms") or {}
-    agree = report.get("agreement") or {}
-    gate = report.get("gate") or {}
-    host = report.get("host") or {}
-    rows = [("Variant", e(f'{report.get("target", manifest["target"])} / {report.get("variant", "–")}')),
-            ("Size", f'{fmt_bytes(report.get("size_bytes"))} <span class="muted">(bundle '
+    try:  # what the report says is the bundle's maker's: shown through its schema, each field typed
+        report = msgspec.convert(manifest["report"], ConverterReport)
+    except msgspec.ValidationError as err:
+        return out + f'<p class="bad-text">Converter report unreadable: {e(str(err))}.</p>'
+    lat, agree, gate, host = report.latency_ms, report.agreement, report.gate, report.host
+    rows = [("Variant", e(f'{report.target or manifest["target"]} / {report.variant or "–"}')),
+            ("Size", f'{fmt_bytes(report.size_bytes)} <span class="muted">(bundle '
                      f'{fmt_bytes(bundle["size"])})</span>')]
     if lat:
-        threads = (lat.get("settings") or {}).get("intra_op_threads")
-        rows.append(("Latency", f'p50 {fmt_ms(lat.get("p50"))}, p95 {fmt_ms(lat.get("p95"))} '
-                                f'<span class="muted">batch {e(str(lat.get("batch", 1)))}'
-                                f'{f", {threads} thread(s)" if threads else ""}</span>'))
-    if report.get("speedup_vs_fp32") is not None:
-        rows.append(("Speed-up vs fp32", f'{report["speedup_vs_fp32"]:.2f}×'))
+        threads = lat.settings.intra_op_threads if lat.settings else None
+        rows.append(("Latency", f'p50 {fmt_ms(lat.p50)}, p95 {fmt_ms(lat.p95)} '
+                                f'<span class="muted">batch {e(str(lat.batch))}'
+                                f'{e(f", {threads} thread(s)") if threads else ""}</span>'))
+    if report.speedup_vs_fp32 is not None:
+        rows.append(("Speed-up vs fp32", f'{report.speedup_vs_fp32:.2f}×'))
     if agree:
         bits = []
-        if agree.get("top1") is not None:
-            bits.append(f'top-1 {agree["top1"] * 100:.1f} %')
-        if agree.get("min_cosine") is not None:
-            bits.append(f'min cosine {agree["min_cosine"]:.4f}')
-        if agree.get("max_abs_err") is not None:
-            bits.append(f'max abs err {agree["max_abs_err"]:.3g}')
-        rows.append(("Agreement", e(", ".join(bits)) + f' <span class="muted">on {e(str(agree.get("samples", "?")))}'
+        if agree.top1 is not None:
+            bits.append(f'top-1 {agree.top1 * 100:.1f} %')
+        if agree.min_cosine is not None:
+            bits.append(f'min cosine {agree.min_cosine:.4f}')
+        if agree.max_abs_err is not None:
+            bits.append(f'max abs err {agree.max_abs_err:.3g}')
+        samples = "?" if agree.samples is None else agree.samples
+        rows.append(("Agreement", e(", ".join(bits)) + f' <span class="muted">on {e(str(samples))}'
                                                       ' held-out samples</span>'))
-    if report.get("accuracy") is not None:
-        rows.append(("Task accuracy", f'{report["accuracy"] * 100:.1f} %'))
+    if report.accuracy is not None:
+        rows.append(("Task accuracy", f'{report.accuracy * 100:.1f} %'))
     if gate:
-        verdict = {True: "passed", False: "refused", None: "not gated"}.get(gate.get("passed"), "not gated")
-        rows.append(("Gate", f'{pill(verdict)} {e(str(gate.get("reason", "")))}'))
+        verdict = {True: "passed", False: "refused"}.get(gate.passed, "not gated")
+        rows.append(("Gate", f'{pill(verdict)} {e(gate.reason)}'))
     if host:
-        rows.append(("Measured on", e(f'{host.get("cpu", "?")}, {host.get("cpus", "?")} CPUs, '
-                                      f'{host.get("machine", "")}')))
+        rows.append(("Measured on", e(f'{host.cpu}, {"?" if host.cpus is None else host.cpus} CPUs, '
+                                      f'{host.machine}')))
     return out + _kv(rows)
 
 

@@ -4,14 +4,99 @@
 The API builds plain dicts (from the store, the rollout engine); these Structs describe them. They forbid
 unknown fields, so a field the API starts returning without being described here fails that test: add it
 here (the document follows). Request bodies the API already decodes with are used as they are
-(``fleet.api.DeployRequest``, ``TagsPut``, ``TagsPost``, ``fleet.api_rollouts.RolloutRequest``).
+(``fleet.api.DeployRequest``, ``TagsPut``, ``TagsPost``, ``fleet.api_rollouts.RolloutRequest``,
+``fleet.api_admin.TokenRequest``).
+
+The constrained types below (ids, tags, targets, durations, ...) are what the server enforces: the request
+Structs are decoded with them, so the document declares exactly what a request is refused for (what JSON
+Schema cannot say, e.g. that waves increase, is in each operation's description).
 """
 
 from __future__ import annotations
 
-import msgspec
+import re
+from typing import Annotated
 
+import msgspec
+from msgspec import Meta
+
+from agent import protocol
 from agent.bundle import Manifest
+
+_HINTS: dict[str, str] = {}  # pattern -> what it asks for, in words (``explain``)
+
+
+def _text(pattern: str, hint: str, **kw) -> Meta:
+    _HINTS[pattern] = _HINTS[pattern.replace("\\", "\\\\")] = hint  # msgspec's messages double backslashes
+    return Meta(pattern=pattern, description=f"{hint[0].upper()}{hint[1:]}.", **kw)
+
+
+_N = r"[0-9]+(\.[0-9]+)?"
+_PCT = r"([1-9][0-9]?(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*|100)%"  # (0%, 100%]
+_COUNT = r"[1-9][0-9]{0,8}"
+DEVICE_ID = f"^{protocol.DEVICE_ID_RE.pattern}$"  # the wire contract's
+SHA256 = r"^[0-9a-f]{64}$"
+TAG = r"^[A-Za-z0-9._-]{1,64}$"
+TARGET = r"^(all|tag:[A-Za-z0-9._-]{1,64}|[a-z0-9][a-z0-9._-]{0,62})$"
+TOKEN_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+DEPLOYMENT_ID = r"^(dep|ro)-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}(-w[0-9]{1,6}|-rb[0-9]{1,6})?$"
+ROLLOUT_ID = r"^ro-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
+WAVE = rf"^({_COUNT}|{_PCT})$"
+WAVES = rf"^({_COUNT}|{_PCT})(,({_COUNT}|{_PCT})){{0,99}}$"
+DURATION = rf"^({_N}|{_N}[hH]({_N}[mM])?({_N}[sS])?|{_N}[mM]({_N}[sS])?|{_N}[sS])$"
+RATE = r"^([0-9]{1,2}(\.[0-9]+)?%|0(\.[0-9]+)?)$"  # [0%, 100%)
+REGRESSION = r"^(([1-9][0-9]{0,3}(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)%|[1-9][0-9]?(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)$"
+MAX_IDS = 10_000  # device ids or targets in one request
+MAX_TAGS = 100  # tags in one request
+
+DeviceId = Annotated[str, _text(DEVICE_ID, "a device id: 1-63 of a-z, 0-9, '.', '_', '-', starting with a "
+                                           "letter or digit")]
+Sha256 = Annotated[str, _text(SHA256, "a sha256: 64 lowercase hex digits")]
+Tag = Annotated[str, _text(TAG, "a tag: 1-64 of A-Z, a-z, 0-9, '.', '_', '-'")]
+Target = Annotated[str, _text(TARGET, "a target: a device id, tag:NAME or all")]
+TokenName = Annotated[str, _text(TOKEN_NAME, "a token name: 1-64 of a-z, 0-9, '.', '_', '-', starting with a "
+                                             "letter or digit")]
+Wave = Annotated[int, Meta(ge=1, le=999_999_999)] | Annotated[str, _text(
+    WAVE, "a wave: a device count (1, 2, ...) or a percentage of the targets in (0%, 100%]", max_length=32)]
+Waves = Annotated[str, _text(WAVES, "waves: counts or percentages, comma-separated, e.g. 1,10%,50%,100%",
+                             max_length=1000)]
+Duration = Annotated[str, _text(DURATION, "a duration like 30s, 5m, 1h30m, or seconds", max_length=64)] | \
+    Annotated[float, Meta(ge=0)]
+Rate = Annotated[str, _text(RATE, "a rate in [0%, 100%) like 1% (or a fraction like 0.01)", max_length=64)] | \
+    Annotated[float, Meta(ge=0, lt=1)]
+Regression = Annotated[str, _text(REGRESSION, "a regression above 0% like 20% (or a fraction like 0.2)",
+                                  max_length=64)] | Annotated[float, Meta(gt=0, le=100)]
+_AT = re.compile(r"(.*) - at `\$\.?(.*)`", re.S)
+_REGEX = re.compile(r"Expected `str` matching regex '(.*)'", re.S)
+
+
+def _whole(value):
+    """JSON's 3.0 is the integer 3 (as JSON Schema says): whole floats become ints, which float fields take too."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
+
+
+def decode_request(body: bytes, type_: type):
+    """A JSON request body as ``type_`` (a request Struct); msgspec.DecodeError (ValidationError) when it is not."""
+    return msgspec.convert(_whole(msgspec.json.decode(body)), type_)
+
+
+def explain(err: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    """A request's decode error in words, naming the field: ``targets[0] must be a target: a device id, ...``."""
+    text = str(err)
+    at = _AT.fullmatch(text)
+    if not at:
+        return text
+    what, where = at[1], at[2] or "the body"
+    regex = _REGEX.fullmatch(what)
+    if regex and regex[1] in _HINTS:
+        return f"{where} must be {_HINTS[regex[1]]}"
+    return f"{where}: {what}"
 
 
 class _S(msgspec.Struct, forbid_unknown_fields=True):
@@ -294,6 +379,93 @@ class RolloutSummary(_S):
     device_count: int
     unpublished: list[str]
     phases: dict[str, int]  # how many devices are in each phase
+
+
+# -- what the dashboard reads from a bundle's manifest -------------------------------------------------------
+# A manifest's ``report`` is whatever the bundle's maker wrote (``edgefleet convert`` writes these fields and
+# more). The device page shows it through these Structs: unknown fields are ignored, missing ones default, and
+# a field of the wrong type makes the whole report "unreadable" rather than reach the page as it is.
+
+
+class _Lenient(msgspec.Struct):
+    pass
+
+
+class ReportSettings(_Lenient):
+    intra_op_threads: int | None = None
+
+
+class ReportLatency(_Lenient):
+    p50: float | None = None
+    p95: float | None = None
+    batch: int = 1
+    settings: ReportSettings | None = None
+
+
+class ReportAgreement(_Lenient):
+    samples: int | None = None
+    top1: float | None = None
+    min_cosine: float | None = None
+    max_abs_err: float | None = None
+
+
+class ReportGate(_Lenient):
+    passed: bool | None = None
+    reason: str = ""
+
+
+class ReportHost(_Lenient):
+    cpu: str = "?"
+    cpus: int | None = None
+    machine: str = ""
+
+
+class ConverterReport(_Lenient):
+    """The converter's measurements of one variant, as the device page shows them."""
+    target: str | None = None
+    variant: str | None = None
+    size_bytes: int | None = None
+    latency_ms: ReportLatency | None = None
+    speedup_vs_fp32: float | None = None
+    agreement: ReportAgreement | None = None
+    accuracy: float | None = None
+    gate: ReportGate | None = None
+    host: ReportHost | None = None
+
+
+# -- operators (fleet/api_admin.py) ---------------------------------------------------------------------------
+
+
+class Token(_S):
+    """An API token as listed: never its secret (only its sha256 is kept)."""
+    id: int
+    name: str
+    role: str  # read, operator or admin
+    created: float
+    last_used: float | None  # written at most once a minute
+    revoked: float | None
+
+
+class TokenCreated(Token):
+    """A new token with its secret, shown this once."""
+    token: str
+
+
+class AuditEntry(_S):
+    id: int
+    time: float
+    actor: str  # a token's name, device:<id> or enrollment
+    action: str  # e.g. "POST /api/rollouts", "login", "enroll"
+    target: str
+    status: int | None  # the HTTP status it was answered with
+    remote: str  # the client's address
+    detail: str
+
+
+class AuditPage(_S):
+    """The audit trail, newest first; ``next``: the ``before`` of the next (older) page, null at the end."""
+    entries: list[AuditEntry]
+    next: int | None
 
 
 # -- identities (fleet/api_enroll.py) ------------------------------------------------------------------------------

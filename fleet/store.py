@@ -177,9 +177,38 @@ INSERT INTO device_errors (device_id, kind, count, last_time)
 CREATE TABLE retention (tier TEXT PRIMARY KEY, before REAL NOT NULL);
 UPDATE schema_version SET version = 3
 """
-# identities: the certificates the fleet CA issued (fleet/enroll.py), one-time and provisioning enrollment tokens
-# (stored hashed), revoked device ids; and what clone detection keeps per device (fleet.store.record_state)
+# Who may speak to the fleet. Operators (fleet/auth.py): API tokens (only their sha256 is kept), the dashboard's
+# sign-in sessions (a session belongs to the token that signed in: revoking the token ends it) and the audit
+# trail. Devices (fleet/enroll.py): the certificates the fleet CA issued, one-time and provisioning enrollment
+# tokens (stored hashed), revoked device ids; and what clone detection keeps per device (record_state).
 _V3_TO_V4 = """
+CREATE TABLE tokens (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('read', 'operator', 'admin')),
+    hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    last_used REAL,
+    revoked REAL
+);
+CREATE UNIQUE INDEX tokens_active_name ON tokens (name) WHERE revoked IS NULL;
+CREATE TABLE sessions (
+    hash TEXT PRIMARY KEY,
+    token_id INTEGER NOT NULL REFERENCES tokens(id),
+    created REAL NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX sessions_token ON sessions (token_id);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    status INTEGER,
+    remote TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE certificates (
     serial TEXT PRIMARY KEY,
     device_id TEXT NOT NULL,
@@ -674,3 +703,69 @@ class Store:
         """One device's telemetry over [since, until] from raw rows and rollups alike: see
         ``fleet.retention.series`` for the points' fields."""
         return retention.series(self, device_id, since, until, step)
+
+    # -- operators: tokens, dashboard sessions, the audit trail (fleet/auth.py) ---------------------------
+    _TOKEN = "id, name, role, created, last_used, revoked"
+
+    def add_token(self, name: str, role: str, token_hash: str, now: float) -> dict[str, Any] | None:
+        """A new token (only its hash is stored); None when an active token already has that name."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM tokens WHERE name = ? AND revoked IS NULL", (name,)).fetchone():
+                return None
+            cur = db.execute("INSERT INTO tokens (name, role, hash, created) VALUES (?, ?, ?, ?)",
+                             (name, role, token_hash, now))
+            return dict(db.execute(f"SELECT {self._TOKEN} FROM tokens WHERE id = ?", (cur.lastrowid,)).fetchone())
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token, active and revoked, oldest first (never their hashes)."""
+        return [dict(r) for r in self._query(f"SELECT {self._TOKEN} FROM tokens ORDER BY id")]
+
+    def active_token(self, token_hash: str) -> dict[str, Any] | None:
+        rows = self._query(f"SELECT {self._TOKEN} FROM tokens WHERE hash = ? AND revoked IS NULL", (token_hash,))
+        return dict(rows[0]) if rows else None
+
+    def has_active_token(self, role: str) -> bool:
+        return bool(self._query("SELECT 1 FROM tokens WHERE role = ? AND revoked IS NULL LIMIT 1", (role,)))
+
+    def token_used(self, token_id: int, now: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE tokens SET last_used = ? WHERE id = ?", (now, token_id))
+
+    def revoke_token(self, name: str, now: float) -> dict[str, Any] | None:
+        """Revoke the active token called ``name`` and end its sessions; None when there is none."""
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM tokens WHERE name = ? AND revoked IS NULL", (name,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE tokens SET revoked = ? WHERE id = ?", (now, row[0]))
+            db.execute("DELETE FROM sessions WHERE token_id = ?", (row[0],))
+            return dict(db.execute(f"SELECT {self._TOKEN} FROM tokens WHERE id = ?", (row[0],)).fetchone())
+
+    def add_session(self, session_hash: str, token_id: int, now: float, expires: float) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+            db.execute("INSERT INTO sessions (hash, token_id, created, expires) VALUES (?, ?, ?, ?)",
+                       (session_hash, token_id, now, expires))
+
+    def session(self, session_hash: str, now: float) -> dict[str, Any] | None:
+        """The unexpired session with this hash and its (active) token: {"token_id", "name", "role", "expires"}."""
+        rows = self._query("SELECT t.id AS token_id, t.name, t.role, s.expires FROM sessions s "
+                           "JOIN tokens t ON t.id = s.token_id WHERE s.hash = ? AND s.expires > ? "
+                           "AND t.revoked IS NULL", (session_hash, now))
+        return dict(rows[0]) if rows else None
+
+    def end_session(self, session_hash: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sessions WHERE hash = ?", (session_hash,))
+
+    def add_audit(self, now: float, actor: str, action: str, target: str = "", status: int | None = None,
+                  remote: str = "", detail: str = "") -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO audit (time, actor, action, target, status, remote, detail) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (now, actor, action, target, status, remote, detail))
+
+    def audit(self, limit: int = 100, before: int | None = None) -> list[dict[str, Any]]:
+        """The audit trail, newest first: ``limit`` rows with an id below ``before`` (the previous page's last)."""
+        where, args = ("WHERE id < ?", (before,)) if before is not None else ("", ())
+        return [dict(r) for r in self._query(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?",
+                                             (*args, limit))]

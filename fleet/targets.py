@@ -7,6 +7,7 @@ never registered or a tag no device carries raise ``UnknownTarget`` (HTTP 404); 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from agent import protocol
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 ALL = "all"
 TAG = "tag:"
 MAX_TAG = 64
+_TAG = re.compile(r"[A-Za-z0-9._-]{1,64}")  # fleet.schemas.TAG
 
 
 class TargetError(EdgefleetError, ValueError):
@@ -33,9 +35,8 @@ class UnknownTarget(TargetError):
 
 
 def check_tag(tag: str) -> str:
-    ok = isinstance(tag, str) and 0 < len(tag) <= MAX_TAG and all(c.isalnum() or c in "-_." for c in tag)
-    if not ok:
-        raise TargetError(f"invalid tag {tag!r}: use 1-{MAX_TAG} letters, digits, '-', '_' or '.'")
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+        raise TargetError(f"invalid tag {tag!r}: use 1-{MAX_TAG} ASCII letters, digits, '-', '_' or '.'")
     return tag
 
 
@@ -50,7 +51,7 @@ def parse(target: str) -> tuple[str, str | None]:
     try:
         return "device", protocol.check_device_id(target)
     except protocol.ProtocolError:
-        raise TargetError(f"invalid target {target!r}: expected a device id (1-128 letters, digits, '-', '_' "
+        raise TargetError(f"invalid target {target!r}: expected a device id (1-63 of a-z, 0-9, '-', '_' "
                           f"or '.'), tag:NAME or all") from None
 
 

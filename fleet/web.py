@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from fleet import metrics, openapi, pages, pages_rollout
+from fleet.auth import PUBLIC, READ, allow
 from fleet.series import SeriesError, parse_window, recent_rates, series
 from fleet.store import Store
 
@@ -62,13 +63,18 @@ def _device_data(store: Store, device_id: str) -> tuple | None:
     return detail, info, rates, bundle, history
 
 
+_FORWARDED = (b"host", b"authorization", b"cookie")  # so the inner request is the caller's own
+
+
 async def internal_get(request: Request, path: str) -> tuple[int, Any]:
-    """GET ``path`` from this same app in-process: (status, decoded JSON or None)."""
+    """GET ``path`` from this same app in-process, as the caller of ``request``: (status, decoded JSON or None)."""
     app = request.scope["app"]
+    headers = [(k, v) for k, v in request.scope["headers"] if k.lower() in _FORWARDED]
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"accept", b"application/json")],
-             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+             "method": "GET", "scheme": request.scope.get("scheme", "http"), "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"accept", b"application/json"), *headers],
+             "client": request.scope.get("client"), "server": request.scope.get("server")}
     status, chunks = 500, []
 
     async def receive() -> dict:
@@ -138,11 +144,11 @@ def routes(store: Store) -> list[BaseRoute]:
         return Response(_ENCODER.encode(series(store, device_id, since, step)), media_type="application/json")
 
     return [
-        Route("/", overview),
-        Route("/devices/{device_id}", device),
-        Route("/rollouts/{rollout_id}", rollout),
-        Route("/api/devices/{device_id}/series", device_series),
-        *metrics.routes(store),
-        *openapi.routes(),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        allow(Route("/", overview), READ, page=True),
+        allow(Route("/devices/{device_id}", device), READ, page=True),
+        allow(Route("/rollouts/{rollout_id}", rollout), READ, page=True),
+        allow(Route("/api/devices/{device_id}/series", device_series), READ),
+        *(allow(r, READ) for r in metrics.routes(store)),
+        *(allow(r, READ) for r in openapi.routes()),
+        allow(Mount("/static", StaticFiles(directory=STATIC), name="static"), PUBLIC),
     ]

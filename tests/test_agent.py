@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from util import agent_config, client as fleet_client, wait_for
+from util import agent_config, fleet_client, wait_for
 
 from agent import bundle, protocol
 from agent.api import AgentClient
@@ -42,12 +42,14 @@ def agent(tmp_path, fleet, free_port):
 
 
 def deploy(fleet, path, device="dev-1"):
+
     client = fleet_client(fleet)
     sha = client.upload_bundle(path)["sha256"]
     return client.deploy(sha, [device]), sha
 
 
 def events(fleet, device="dev-1"):
+
     return fleet_client(fleet).health(device)["events"]
 
 
@@ -60,6 +62,7 @@ def test_deploy_activates_serves_and_reports(fleet, agent, bundles, crops):
     client = AgentClient(agent.api.address)
     right = sum(int(client.infer({"x": x[i : i + 1]})[OUTPUT].argmax(1)[0] == labels[i]) for i in range(len(x)))
     assert right / len(x) > 0.85  # the real model reads the real text's direction
+
 
     health = wait_for(lambda: (h := fleet_client(fleet).health("dev-1"))["inferences"] >= len(x) and h,
                       what="telemetry")
@@ -101,6 +104,7 @@ def test_a_bad_update_fails_and_the_previous_model_keeps_serving(agent, fleet, b
 
 def test_a_bundle_whose_sha256_does_not_match_is_refused(agent, fleet, bundles):
     """The controller says one sha256, the bytes it serves have another: refused, reported, nothing kept."""
+
     client = fleet_client(fleet)
     real = client.upload_bundle(bundles["v1"])
     liar = protocol.Desired(deployment_id="dep-liar", name="ocr-cls", version="1",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_web import converted, fleet_with_agents  # noqa: F401  (converted is a fixture)
+from util import admin_token, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -46,6 +47,12 @@ def spki(fleet) -> str:
     return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
+def wait_js(page, expression: str, timeout: float = 30.0) -> None:
+    """Wait until ``expression`` is true in the page. (Playwright's wait_for_function evaluates its predicate
+    with eval(), which the dashboard's Content-Security-Policy forbids, as it should; evaluate() does not.)"""
+    wait_for(lambda: page.evaluate(expression), timeout=timeout, what=expression, every=0.1)
+
+
 def points(page, chart: str) -> int:
     return int(page.get_attribute(f'figure[data-chart="{chart}"]', "data-points"))
 
@@ -67,23 +74,31 @@ def test_overview_and_device_page_render_live_charts(tmp_path, bundles, converte
             page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
 
-            # the overview: both devices, online, with their models, each linking to its page
+            # not signed in: the sign-in page, then back to the page asked for
             page.goto(fleet.http_url + "/", wait_until="networkidle")
+            assert page.url == fleet.http_url + "/login?next=%2F"
+            page.fill("#token", admin_token(fleet))
+            page.click("form button[type=submit]")
+            page.wait_for_url(fleet.http_url + "/")
+            page.wait_for_load_state("networkidle")
+            [cookie] = page.context.cookies()
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] not in admin_token(fleet)
+
+            # the overview: both devices, online, with their models, each linking to its page
             assert page.get_attribute("#counts", "data-online") == "2"
             for device, version in (("cam-dock", "2.1"), ("cam-gate", "1")):
                 row = page.locator(f'tr[data-device="{device}"]')
                 assert row.locator("td").nth(0).inner_text() == "online"
                 assert row.locator("td").nth(3).inner_text() == version
                 assert row.locator(f'a[href="/devices/{device}"]').count() == 1
-            page.wait_for_function("document.getElementById('live-status').textContent.startsWith('live ·')")
+            wait_js(page, "document.getElementById('live-status').textContent.startsWith('live ·')")
             page.screenshot(path=str(tmp_path / "dashboard-overview.png"))
             keep(tmp_path / "dashboard-overview.png")
 
             # a device page: the charts draw the series of real telemetry windows
             page.click('a[href="/devices/cam-dock"]')
             page.wait_for_url("**/devices/cam-dock")
-            page.wait_for_function(
-                "[...document.querySelectorAll('figure.chart')].every(f => f.dataset.state)", timeout=30_000)
+            wait_js(page, "[...document.querySelectorAll('figure.chart')].every(f => f.dataset.state)")
             for chart in DRAWN:
                 fig = f'figure[data-chart="{chart}"]'
                 assert page.get_attribute(fig, "data-state") == "drawn", chart
@@ -102,8 +117,7 @@ def test_overview_and_device_page_render_live_charts(tmp_path, bundles, converte
 
             # live: new telemetry windows reach the open page without a reload
             before = points(page, "cpu")
-            page.wait_for_function(f"+document.querySelector('figure[data-chart=\"cpu\"]').dataset.points > {before}",
-                                   timeout=30_000)
+            wait_js(page, f"+document.querySelector('figure[data-chart=\"cpu\"]').dataset.points > {before}")
             page.screenshot(path=str(tmp_path / "dashboard-device.png"))
             page.screenshot(path=str(tmp_path / "dashboard-device-full.png"), full_page=True)
             keep(tmp_path / "dashboard-device.png")
@@ -115,5 +129,12 @@ def test_overview_and_device_page_render_live_charts(tmp_path, bundles, converte
             response = page.goto(fleet.http_url + "/devices/cam-none")
             assert response.status == 404 and "No such device" in page.inner_text("main")
             assert [p for p in problems if "404" not in p] == [], problems
+
+            # signing out ends the session: the pages ask to sign in again
+            page.goto(fleet.http_url + "/", wait_until="networkidle")
+            page.click("form.signout button")
+            page.wait_for_url("**/login")
+            page.goto(fleet.http_url + "/devices/cam-dock")
+            assert page.url == fleet.http_url + "/login?next=%2Fdevices%2Fcam-dock"
         finally:
             browser.close()

@@ -329,7 +329,7 @@ def fleet(tmp_path):
 def test_an_undecodable_desired_is_reported_once_and_nothing_is_touched(tmp_path, fleet, free_port, victim):
     """Through the real broker: the retained bad desired comes back on every reconnect (here: another client
     takes over the agent's session, then leaves); the controller gets one `failed` event naming the field."""
-    from util import agent_config, client, issue_tls
+    from util import agent_config, fleet_client, issue_tls
 
     from agent import transport
 
@@ -342,7 +342,7 @@ def test_an_undecodable_desired_is_reported_once_and_nothing_is_touched(tmp_path
         fleet.link.publish_desired("dev-1", bad)  # a struct built in-process is not checked: it goes out as is
 
         def failed():
-            return [e for e in client(fleet).health("dev-1")["events"] if e["kind"] == "failed"]
+            return [e for e in fleet_client(fleet).health("dev-1")["events"] if e["kind"] == "failed"]
 
         events = wait_for(failed, what="the refusal at the controller")
         assert len(events) == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from util import cli_args, client as fleet_client, issue_tls, wait_for
+from util import admin_token, cli_args, fleet_client, issue_tls, wait_for
 
 from agent import protocol
 from agent.bundle import Manifest, TensorSpec, write_bundle
@@ -65,9 +65,8 @@ class Device:
         self.send_raw(kind, protocol.encode(msg), retain=kind == protocol.STATE)
 
     def state(self, online: bool = True, **kw) -> None:
-        self.send(protocol.State(device_id=self.id, online=online, time=time.time(), boot_id=self.boot_id,
-                                 agent_version="0.1.0", arch="x86_64", cpu_flags=["avx2"],
-                                 runtimes=["onnxruntime"], **kw))
+        kw = {"agent_version": "0.1.0", "arch": "x86_64", "cpu_flags": ["avx2"], "runtimes": ["onnxruntime"], **kw}
+        self.send(protocol.State(device_id=self.id, online=online, time=time.time(), boot_id=self.boot_id, **kw))
 
     def telemetry(self, seq: int, inferences: int = 10, **kw) -> protocol.Telemetry:
         kw.setdefault("interval_s", 10.0)
@@ -95,8 +94,9 @@ ACTIVE = protocol.ActiveModel(name="digits", version="1.2.0", sha256="ab" * 32, 
 
 
 @pytest.fixture
-def fleet(tmp_path):
+def fleet(tmp_path, monkeypatch):
     f = Fleet(tmp_path / "data", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))  # for the CLI
     yield f
     f.stop()
 
@@ -152,11 +152,16 @@ def assert_one_error_line(err: str, *needles: str) -> None:
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, ca=None):
-    """A raw request; ``ca``: the fleet (or its CA file) an https:// URL's certificate must chain to."""
+    """A request with the admin token (EDGEFLEET_TOKEN, which the fleet fixture sets), unless ``headers`` say
+    otherwise; a body is JSON unless its Content-Type is given. ``ca``: the fleet (or its CA file) an https://
+    URL's certificate must chain to."""
     import ssl
 
     ca = getattr(getattr(ca, "pki", None), "ca_crt", ca)
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    token = os.environ.get("EDGEFLEET_TOKEN")
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}),
+               **({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT, context=context) as resp:
@@ -391,7 +396,8 @@ def test_deploy_publishes_a_retained_desired_model(fleet, client, bundle, device
 def test_bad_inputs_are_clear_errors(fleet, client, bundle, tmp_path, capsys):
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"this is not a tar file" * 100)
-    status, _, body = http("POST", f"{fleet.http_url}/api/bundles", junk.read_bytes(), ca=fleet)
+    status, _, body = http("POST", f"{fleet.http_url}/api/bundles", junk.read_bytes(),
+                           {"Content-Type": "application/x-tar"}, ca=fleet)
     assert status == 400 and "not a bundle" in json.loads(body)["error"]
     with pytest.raises(EdgefleetError, match="not a bundle"):
         client.upload_bundle(junk)
@@ -414,7 +420,7 @@ def test_bad_inputs_are_clear_errors(fleet, client, bundle, tmp_path, capsys):
     with pytest.raises(EdgefleetError, match="unknown bundle"):
         client.deploy("0" * 64, ["cam-1"])
     sha = client.upload_bundle(bundle)["sha256"]
-    with pytest.raises(EdgefleetError, match="invalid device id"):
+    with pytest.raises(EdgefleetError, match=r"devices\[0\] must be a device id"):
         client.deploy(sha, ["bad/id"])
     status, _, body = http("POST", f"{fleet.http_url}/api/deployments", b'{"bundle": 1}', ca=fleet)
     assert status == 400 and "invalid deployment request" in json.loads(body)["error"]
@@ -423,7 +429,7 @@ def test_bad_inputs_are_clear_errors(fleet, client, bundle, tmp_path, capsys):
 
 
 def test_unreachable_controller_is_one_line(free_port, capsys):
-    code, _, err = run_cli(capsys, "devices", "--server", f"http://127.0.0.1:{free_port}")
+    code, _, err = run_cli(capsys, "devices", "--server", f"http://127.0.0.1:{free_port}", "--token", "eft_x")
     assert code == 2
     assert_one_error_line(err, "cannot reach the controller", "EDGEFLEET_SERVER")
 
@@ -456,7 +462,10 @@ def test_serve_runs_until_sigterm(tmp_path):
         assert line.startswith("edgefleet fleet: serving https://127.0.0.1:"), line + proc.stderr.read()
         info = json.loads((data / "controller.json").read_text())
         assert info["pid"] == proc.pid and info["broker"].startswith("mqtts://127.0.0.1:")
-        assert FleetClient(info["http"], ca=str(data / "pki" / "ca.crt")).status()["ok"] is True
+        first = proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
+        token = (data / "admin.token").read_text().strip()
+        assert "the first admin token" in first and first.splitlines()[1] == token and "fingerprint" in first
+        assert FleetClient.configured(data=data, env={}).status()["ok"] is True
         assert (data.stat().st_mode & 0o777, (data / "pki").stat().st_mode & 0o777) == (0o700, 0o700)
         assert (data / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
         broker_pid = int(subprocess.check_output(["pgrep", "-P", str(proc.pid), "mosquitto"], text=True))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from util import agent_config, client as fleet_client, enroll, issue_tls, wait_for
+from util import agent_config, cli_args, enroll, fleet_client, issue_tls, wait_for
 
 from agent import identity, protocol, transport
 from agent.daemon import Agent
@@ -349,12 +349,19 @@ def test_one_identity_on_two_devices_is_a_loud_conflict(fleet, tmp_path):
         assert any(e["kind"] == "identity_conflict" and "two devices use the identity cam-1" in e["reason"]
                    for e in h["events"])
         from prometheus_client.parser import text_string_to_metric_families
-        from util import ssl_context
         import urllib.request
 
-        with urllib.request.urlopen(fleet.http_url + "/metrics", context=ssl_context(fleet), timeout=30) as r:
+        from util import bearer, ssl_context
+
+        req = urllib.request.Request(fleet.http_url + "/metrics", headers=bearer(fleet))
+        with urllib.request.urlopen(req, context=ssl_context(fleet), timeout=30) as r:
             samples = {s.name: s for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
         assert samples["edgefleet_device_identity_conflict"].value == 1
+        for page in ("/", "/devices/cam-1"):  # and loudly on the dashboard
+            req = urllib.request.Request(fleet.http_url + page, headers=bearer(fleet))
+            with urllib.request.urlopen(req, context=ssl_context(fleet), timeout=30) as r:
+                html = r.read().decode()
+            assert 'id="conflicts"' in html and "Two devices, one identity" in html and one.boot_id in html
         assert samples["edgefleet_identity_conflicts"].value == 1
     finally:
         one.stop()

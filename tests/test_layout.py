@@ -38,7 +38,7 @@ def test_every_command_is_in_the_readme():
 
     for name in COMMANDS:
         assert f"edgefleet {name}" in README, f"`edgefleet {name}` is not in README.md"
-    for sub in ("serve", "deploy", "devices", "health", "tag", "rollouts", "rollout"):
+    for sub in ("serve", "deploy", "devices", "health", "tag", "rollouts", "rollout", "token", "audit"):
         assert f"edgefleet fleet {sub}" in README
     for sub in ("run", "infer", "status", "install", "uninstall"):
         assert f"edgefleet agent {sub}" in README

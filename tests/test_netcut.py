@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from util import wait_for
+from util import fleet_client, wait_for
 
 from agent.config import dumps
 
@@ -47,7 +47,7 @@ def netns():
 @pytest.mark.slow
 def test_a_cut_device_goes_offline_and_catches_up(tmp_path, netns, bundles):
     from fleet.app import Fleet
-    from util import agent_config, client as fleet_client
+    from util import agent_config
 
     ns, host_if, host_addr = netns
     fleet = Fleet(tmp_path / "fleet", http_host=host_addr, http_port=0, mqtt_listen=f"{host_addr}:0")

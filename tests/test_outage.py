@@ -16,7 +16,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from util import agent_config as enrolled_config, client as fleet_client, wait_for
+from util import agent_config as enrolled_config, fleet_client, wait_for
 
 from agent.config import AgentConfig
 from agent.daemon import Agent

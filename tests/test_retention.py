@@ -7,7 +7,7 @@ the clock (``now`` given to compact, a ``clock`` given to the job).
 from __future__ import annotations
 
 import pytest
-from util import client as fleet_client, wait_for
+from util import fleet_client, wait_for
 
 from agent import protocol
 from agent.errors import EdgefleetError

@@ -12,7 +12,7 @@ import urllib.request
 
 import msgspec
 import pytest
-from util import agent_config, cli_args, client as fleet_client, ssl_context, wait_for
+from util import admin_token, agent_config, bearer, cli_args, fleet_client, ssl_context, wait_for
 
 from agent import protocol
 from agent.api import AgentClient
@@ -28,8 +28,9 @@ DEVICES = ["dev-1", "dev-2", "dev-3", "dev-4"]
 
 
 @pytest.fixture
-def fleet(tmp_path):
+def fleet(tmp_path, monkeypatch):
     f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))  # for the CLI
     yield f
     f.stop()
 
@@ -239,7 +240,8 @@ def test_a_rollout_continues_after_the_controller_restarts(tmp_path, mosquitto, 
 
 
 def post(fleet, url, body: bytes):
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **bearer(fleet)})
     try:
         with urllib.request.urlopen(req, timeout=30, context=ssl_context(fleet)) as resp:
             return resp.status, json.loads(resp.read())
@@ -265,16 +267,19 @@ def test_bad_rollout_requests_are_4xx_and_one_cli_line(fleet, bundles, tmp_path,
     for body, status, needle in [
         (req(targets=["nobody"]), 404, "unknown device 'nobody'"),
         (req(targets=["tag:lobby"]), 404, "unknown tag 'lobby'"),
-        (req(targets=["bad/id"]), 400, "invalid target"),
-        (req(targets=[]), 400, "no target"),
+        (req(targets=["bad/id"]), 400, "targets[0] must be a target"),
+        (req(targets=[]), 400, "targets: Expected `array` of length >= 1"),
         (req(bundle="0" * 64), 404, "unknown bundle"),
         (req(waves="1,50%"), 400, "must end at 100%"),
         (req(waves="50%,10%,100%"), 400, "must increase"),
         (req(targets=["cam-1", "cam-2"], waves="5,100%"), 400, "asks for 5 devices"),
-        (req(max_error_rate="150%"), 400, "max error rate"),
-        (req(max_p95_ms=-1), 400, "max p95"),
-        (req(max_p95_regression="0%"), 400, "regression"),
-        (req(soak="forever"), 400, "not a duration"),
+        (req(max_error_rate="150%"), 400, "max_error_rate must be a rate in [0%, 100%)"),
+        (req(max_error_rate=1.5), 400, "max_error_rate: Expected `float` < 1.0"),
+        (req(max_p95_ms=-1), 400, "max_p95_ms: Expected `float` > 0.0"),
+        (req(max_p95_regression="0%"), 400, "max_p95_regression must be a regression"),
+        (req(soak="forever"), 400, "soak must be a duration"),
+        (req(waves=["0"]), 400, "waves[0] must be a wave"),
+        (req(soak="1h", wave_timeout="30m"), 400, "must be longer than the soak"),
         (req(colour="red"), 400, "invalid rollout request"),
         (b"not json", 400, "invalid rollout request"),
     ]:

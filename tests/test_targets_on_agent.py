@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from util import wait_for
+from util import fleet_client, wait_for
 
 from agent.api import AgentClient
 from agent.bundle import read_manifest
@@ -72,7 +72,7 @@ def fleet(tmp_path):
 @pytest.mark.parametrize("bundle", ["cpu-int8", "intel-ov-int8", "intel-ov-fp16", "arm-tflite-int8",
                                     "arm-tflite-fp16", "arm-ort-int8-arm"])
 def test_every_runtime_serves_on_the_agent(converted, fleet, tmp_path, free_port, bundle):
-    from util import agent_config, client as fleet_client
+    from util import agent_config
 
     out, _, x, reference = converted
     agent = Agent(agent_config(fleet, tmp_path / "dev", "dev-1", api=f"127.0.0.1:{free_port}",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import OUTPUT
-from util import wait_for
+from util import fleet_client, wait_for
 
 from agent import bundle, faults, protocol
 from agent.api import AgentClient
@@ -40,9 +40,8 @@ def _config(tmp_path, fleet, port, **kw) -> AgentConfig:
 
 
 def _client(fleet):
-    from util import client
 
-    return client(fleet)
+    return fleet_client(fleet)
 
 
 def _deploy(fleet, path) -> str:

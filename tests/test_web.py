@@ -14,18 +14,24 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from util import wait_for
+from util import admin_token, fleet_client, wait_for
 
 from agent.errors import EdgefleetError
 
 OUTPUT = "save_infer_model/scale_0.tmp_1"
-PAGES = {"/", "/devices/{device_id}", "/rollouts/{rollout_id}"}  # HTML, not the JSON API
+PAGES = {"/", "/devices/{device_id}", "/rollouts/{rollout_id}", "/login", "/logout"}  # HTML, not the JSON API
+TOKENS: dict[str, str] = {}  # a started controller's URL -> its admin token (fleet_with_agents)
+
+
+def _auth(url: str) -> dict[str, str]:
+    """The admin token's header for a URL of a controller fleet_with_agents started."""
+    return next(({"Authorization": f"Bearer {t}"} for base, t in TOKENS.items() if url.startswith(base + "/")), {})
 
 
 def get(fleet, url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
     from util import ssl_context
 
-    req = urllib.request.Request(url, headers=headers or {})
+    req = urllib.request.Request(url, headers={**_auth(url), **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30, context=ssl_context(fleet)) as resp:
             return resp.status, dict(resp.headers), resp.read()
@@ -45,9 +51,10 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
     from agent.daemon import Agent
     from fleet.app import Fleet
     from fleet.broker import free_port
-    from util import agent_config, client as fleet_client
+    from util import agent_config
 
     fleet = Fleet(tmp / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    TOKENS[fleet.http_url] = admin_token(fleet)
     agents = {}
     try:
         for device in deploy:
@@ -91,6 +98,7 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
     finally:
         for a in agents.values():
             a.stop()
+        TOKENS.pop(fleet.http_url, None)
         fleet.stop()
 
 
@@ -125,7 +133,7 @@ def test_overview_lists_devices_with_their_health(site):
     row = row[: row.index("</tr>")]
     assert 'href="/devices/dev-web"' in row and "online" in row
     assert "ocr-cls" in row and "2.1" in row and "int8" in row and " ms" in row and "ago" in row
-    from util import client as fleet_client
+    from util import fleet_client
 
     [h] = fleet_client(fleet).health()
     assert ("unknown" in row) == (h["temperature_c"] is None)  # no sensor: "unknown", never 0 °C
@@ -222,7 +230,7 @@ def test_metrics_parse_as_prometheus_text(site):
         [v] = [s.value for s in family.samples if s.labels == {**labels, **extra}]
         return v
 
-    from util import client as fleet_client
+    from util import fleet_client
 
     h = fleet_client(fleet).health("dev-web")
     assert value("edgefleet_device_online") == 1
@@ -273,7 +281,7 @@ def call(fleet, method: str, url: str, body: dict | None = None) -> tuple[int, d
     from util import ssl_context
 
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **_auth(url)})
     try:
         with urllib.request.urlopen(req, timeout=30, context=ssl_context(fleet)) as resp:
             return resp.status, json.loads(resp.read())

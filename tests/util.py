@@ -55,16 +55,10 @@ def agent_config(fleet, state_dir: Path, device_id: str, **kw):
     return validate(AgentConfig(state_dir=str(state_dir), **kw))
 
 
-def client(fleet, **kw):
-    """A FleetClient of this controller, trusting its CA."""
-    from fleet.client import FleetClient
-
-    return FleetClient(fleet.http_url, ca=str(fleet.pki.ca_crt) if fleet.pki else None, **kw)
-
-
-def cli_args(fleet) -> list[str]:
-    """What `edgefleet fleet` commands need to reach this controller."""
-    return ["--server", fleet.http_url, *(["--ca", str(fleet.pki.ca_crt)] if fleet.pki else [])]
+def cli_args(fleet, token: str | None = None) -> list[str]:
+    """What `edgefleet fleet` commands need to reach this controller: its URL, CA and a token (the admin's)."""
+    return ["--server", fleet.http_url, *(["--ca", str(fleet.pki.ca_crt)] if fleet.pki else []),
+            "--token", token or admin_token(fleet)]
 
 
 def ssl_context(fleet):
@@ -72,3 +66,21 @@ def ssl_context(fleet):
     import ssl
 
     return ssl.create_default_context(cafile=str(fleet.pki.ca_crt)) if fleet.pki else None
+
+
+def admin_token(fleet) -> str:
+    """A controller's first admin token, where `fleet serve` keeps it (DATA/admin.token)."""
+    return (fleet.data_dir / "admin.token").read_text().strip()
+
+
+def bearer(fleet, token: str | None = None) -> dict[str, str]:
+    """The Authorization header of ``token`` (default: the controller's admin token)."""
+    return {"Authorization": f"Bearer {token or admin_token(fleet)}"}
+
+
+def fleet_client(fleet, token: str | None = None, **kw):
+    """A FleetClient of a started ``fleet.app.Fleet``, trusting its CA, with ``token`` (default: its admin token)."""
+    from fleet.client import FleetClient
+
+    return FleetClient(fleet.http_url, token=token or admin_token(fleet),
+                       ca=str(fleet.pki.ca_crt) if fleet.pki else None, **kw)

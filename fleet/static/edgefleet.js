@@ -33,6 +33,10 @@
     var regions = document.querySelectorAll("[data-live][id]");
     if (!regions.length) return Promise.resolve();
     return fetch(location.href, {headers: {Accept: "text/html"}, cache: "no-store"}).then(function (r) {
+      if (r.redirected && new URL(r.url).pathname === "/login") {  // the session ended: sign in again
+        location.assign(r.url);
+        throw new Error("signed out");
+      }
       if (!r.ok) throw new Error("page answered " + r.status);
       return r.text();
     }).then(function (text) {
