@@ -366,3 +366,34 @@ def test_one_identity_on_two_devices_is_a_loud_conflict(fleet, tmp_path):
     finally:
         one.stop()
         two.stop()
+
+
+def test_bundles_are_served_to_enrolled_devices_and_operators_only(fleet, tmp_path, bundles):
+    import urllib.error
+    import urllib.request
+
+    sha = fleet_client(fleet).upload_bundle(bundles["v1"])["sha256"]
+    url = f"{fleet.http_url}/bundles/{sha}"
+
+    def get(tls: transport.Tls | None = None, headers: dict | None = None) -> int:
+        ctx = (tls or transport.Tls(str(fleet.pki.ca_crt))).context()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), context=ctx,
+                                        timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    device = identity.Identity.load(enroll(fleet, tmp_path / "cam-1", "cam-1").root.parent)
+    assert get(device.tls) == 200  # an enrolled device, by its client certificate
+    assert get() == 401  # nobody
+    from util import bearer
+
+    read = fleet_client(fleet).create_token("read", "reader")["token"]
+    assert get(headers=bearer(fleet, read)) == 403 and get(headers=bearer(fleet)) == 200
+    other = PKI(tmp_path / "other-ca").ensure(["localhost"])  # a certificate from another CA: no handshake
+    foreign = issue_tls(other, "cam-1", tmp_path / "foreign")
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # TLS 1.3: refused just after the handshake
+        get(transport.Tls(str(fleet.pki.ca_crt), foreign.cert, foreign.key))
+    fleet_client(fleet).revoke("cam-1")
+    assert get(device.tls) == 401  # revoked: its downloads stop at once
