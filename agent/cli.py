@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from agent.config import DEFAULT_API
 from agent.errors import EdgefleetError
 
 
@@ -21,11 +23,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Connect to the broker, reconcile toward the desired model, serve local inference "
         "and publish telemetry until SIGTERM/SIGINT; SIGHUP re-reads the config (telemetry_interval_s applies "
         "at once, other keys at the next restart). Config keys: device_id, broker (mqtt://HOST:PORT), "
-        "controller (http://HOST:PORT), state_dir, api (HOST:PORT or unix:/path; default 127.0.0.1:8470), "
+        "controller (http://HOST:PORT), state_dir, api (unix:/path or HOST:PORT; default: the Unix socket "
+        "$RUNTIME_DIRECTORY/agent.sock under systemd, i.e. /run/edgefleet/agent.sock, else state_dir/agent.sock), "
         "telemetry_interval_s (default 10), keepalive_s (default 15), outbox_max_bytes (default 64 MiB), "
         "outbox_max_age_s (default 7 days), rollback_window_s (default 300), rollback_min_inferences "
         "(default 20), rollback_max_error_rate (default 0.05), rollback_max_p95_ms (default: the bundle's "
-        "latency budget). README.md explains each.",
+        "latency budget), api_group (the socket's group, default edgefleet-api), api_token_file (a file "
+        "holding the bearer token every API request must then carry; required for a non-loopback HOST:PORT), "
+        "api_max_body_bytes (default 64 MiB), api_max_connections (default 64), api_workers (default 2). "
+        "README.md explains each.",
     )
     run.add_argument("--config", required=True, type=Path, help="the agent's TOML config file")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -34,12 +40,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Send the arrays of an .npz (one per model input, keyed by input name) to the agent "
         "and print the outputs.",
     )
-    infer.add_argument("--api", default="127.0.0.1:8470", help="the agent's api address (HOST:PORT or unix:/path)")
+    infer.add_argument("--api", default=DEFAULT_API, help=f"the agent's api address: unix:/path or HOST:PORT "
+                       f"(default {DEFAULT_API}, the service's socket)")
+    infer.add_argument("--token", help="the API's bearer token when the agent has api_token_file "
+                       "(default: $EDGEFLEET_AGENT_TOKEN)")
     infer.add_argument("--input", required=True, type=Path, help=".npz (or .npy for a single-input model)")
     infer.add_argument("--output", type=Path, help="also write the outputs to this .npz")
     infer.add_argument("--json", action="store_true", help="print the outputs as JSON")
     status = sub.add_parser("status", help="show what a running agent serves")
-    status.add_argument("--api", default="127.0.0.1:8470", help="the agent's api address")
+    status.add_argument("--api", default=DEFAULT_API, help=f"the agent's api address (default {DEFAULT_API})")
+    status.add_argument("--token", help="the API's bearer token (default: $EDGEFLEET_AGENT_TOKEN)")
     install = sub.add_parser(
         "install", help="install the agent as the systemd service edgefleet-agent (root)",
         description="Create the venv /opt/edgefleet with edgefleet[agent], the system user edgefleet, "
@@ -49,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--device-id", help="the config's device_id")
     install.add_argument("--broker", help="the config's broker: mqtt://HOST:PORT")
     install.add_argument("--controller", help="the config's controller: http://HOST:PORT")
-    install.add_argument("--api", help="the config's api: HOST:PORT or unix:/path (default 127.0.0.1:8470)")
+    install.add_argument("--api", help=f"the config's api: unix:/path or HOST:PORT (default {DEFAULT_API})")
     install.add_argument("--telemetry-interval", type=float, help="the config's telemetry_interval_s (default 10)")
     install.add_argument("--config", type=Path, dest="config_file",
                          help="copy this agent.toml instead (its state_dir must be /var/lib/edgefleet)")
@@ -114,7 +124,7 @@ def main(argv: list[str]) -> int:
         return 0
     from agent.api import AgentClient
 
-    client = AgentClient(args.api)
+    client = AgentClient(args.api, token=args.token or os.environ.get("EDGEFLEET_AGENT_TOKEN") or None)
     if args.cmd == "status":
         print(json.dumps(client.status(), indent=2))
         return 0
