@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     install = sub.add_parser(
         "install", help="install the agent as the systemd service edgefleet-agent (root)",
         description="Create the venv /opt/edgefleet with edgefleet[agent], the system user edgefleet, "
-        "/etc/edgefleet/agent.toml and /etc/systemd/system/edgefleet-agent.service; where systemd runs, "
+        "the group edgefleet-api (the local API socket's), /etc/edgefleet/agent.toml, "
+        "/etc/systemd/system/edgefleet-agent.service and its drop-in network.conf (the only addresses the agent may "
+        "reach: localhost, the controller, the broker, the nameservers); where systemd runs, "
         "enable and start the service. A second run changes nothing.",
     )
     install.add_argument("--device-id", help="the config's device_id")
@@ -75,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     uninstall = sub.add_parser(
         "uninstall", help="stop and remove the service and the venv (root)",
         description="Stop and disable the service, remove the unit and /opt/edgefleet; with --purge also "
-        "/etc/edgefleet, /var/lib/edgefleet and the edgefleet user.",
+        "/etc/edgefleet, /var/lib/edgefleet, the edgefleet user and the edgefleet-api group.",
     )
     uninstall.add_argument("--purge", action="store_true", help="also remove the config, the state and the user")
     uninstall.add_argument("--root", default="/", type=Path, help="uninstall from under this directory")
