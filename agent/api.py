@@ -10,13 +10,14 @@ Where it listens (config ``api``): by default a Unix socket, ``$RUNTIME_DIRECTOR
 ``api_token_file`` is set. With a token every request needs ``Authorization: Bearer TOKEN``.
 
 Why one misbehaving client cannot exhaust the agent: one asyncio event loop thread reads every connection
-(no thread per connection); a request head is at most 16 KiB and must arrive within ``HEAD_TIMEOUT_S``, a
-body within ``BODY_TIMEOUT_S``, an idle kept-alive connection is closed after ``IDLE_TIMEOUT_S``; at most
-``api_max_connections`` are open (a new one closes the one that has waited longest on its client); a body
-over ``api_max_body_bytes`` is refused from its Content-Length before a byte of it is read, and the bodies
-held at once are bounded (``api_workers + 1`` full-size ones; beyond, reading waits); an .npz is checked
-from its headers against the model's inputs before anything is decoded (agent/feeds.py); inference runs on
-``api_workers`` threads, so ``/v1/status`` is answered by the loop while they are busy.
+(no thread per connection; agent/http1.py): a request head is at most 16 KiB and must arrive within
+``HEAD_TIMEOUT_S``, a body within ``BODY_TIMEOUT_S``, an idle kept-alive connection is closed after
+``IDLE_TIMEOUT_S``; at most ``api_max_connections`` are open (a new one closes the one that has waited
+longest on its client); a body over ``api_max_body_bytes`` is refused from its Content-Length before a byte
+of it is read, and the bodies held at once are bounded (``api_workers + 1`` full-size ones; beyond, reading
+waits); an .npz is checked from its headers against the model's inputs before anything is decoded
+(agent/feeds.py); inference runs on ``api_workers`` threads, so ``/v1/status`` is answered by the loop while
+they are busy.
 """
 
 from __future__ import annotations
