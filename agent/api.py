@@ -1,32 +1,55 @@
-"""Local inference for the device's applications: a small HTTP server and its Python client.
-
-The address is ``HOST:PORT`` (keep it on 127.0.0.1) or ``unix:/path/to.sock``.
+"""Local inference for the device's applications: a small HTTP/1.1 server and its Python client.
 
     POST /v1/infer   body: an .npz (one array per input)  -> an .npz of the outputs
                      or JSON {"inputs": {name: nested lists}} -> JSON {"outputs": {...}}
     GET  /v1/status  -> JSON: device, active model, its inputs and outputs, counters
+
+Where it listens (config ``api``): by default a Unix socket, ``$RUNTIME_DIRECTORY/agent.sock`` under systemd
+(``/run/edgefleet/agent.sock``, ``DEFAULT_ADDRESS``), else ``STATE_DIR/agent.sock``, mode 0660 and group
+``api_group`` (the group applications join); or ``unix:/path``; or ``HOST:PORT``, on loopback only unless
+``api_token_file`` is set. With a token every request needs ``Authorization: Bearer TOKEN``.
+
+Why one misbehaving client cannot exhaust the agent: one asyncio event loop thread reads every connection
+(no thread per connection; agent/http1.py): a request head is at most 16 KiB and must arrive within
+``HEAD_TIMEOUT_S``, a body within ``BODY_TIMEOUT_S``, an idle kept-alive connection is closed after
+``IDLE_TIMEOUT_S``; at most ``api_max_connections`` are open (a new one closes the one that has waited
+longest on its client); a body over ``api_max_body_bytes`` is refused from its Content-Length before a byte
+of it is read, and the bodies held at once are bounded (``api_workers + 1`` full-size ones; beyond, reading
+waits); an .npz is checked from its headers against the model's inputs before anything is decoded
+(agent/feeds.py); inference runs on ``api_workers`` threads, so ``/v1/status`` is answered by the loop while
+they are busy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import grp
+import hmac
 import http.client
 import io
 import json
+import logging
 import os
 import socket
-import socketserver
+import stat
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from agent.config import parse_api_address
+from agent.config import DEFAULT_API, ConfigError, check_socket_path, is_loopback, parse_api_address
 from agent.engine import Engine, InferenceError
 from agent.errors import EdgefleetError
+from agent import feeds
+from agent.feeds import JSON_MAX_BYTES, FeedError, size_text
+from agent.http1 import BodyBudget, Connection, HttpError, Reply, Request, error_reply
+
+log = logging.getLogger("edgefleet.agent.api")
 
 NPZ = "application/x-npz"
-MAX_BODY = 256 << 20
+DEFAULT_ADDRESS = DEFAULT_API  # where the systemd service listens (/run/edgefleet: its RuntimeDirectory=)
+SOCKET_NAME = "agent.sock"
 
 
 def to_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -36,107 +59,272 @@ def to_npz(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def from_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The client's side: an .npz the agent sent (the agent decodes requests with agent.feeds)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "edgefleet-agent"
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # TCP: a kept-alive connection must not wait 40 ms for a delayed ACK
-    engine: Engine
-    status: Callable[[], dict]
-
-    def log_message(self, format, *args) -> None:  # quiet; and unix sockets have no client address
-        pass
-
-    def _reply(self, code: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, code: int, obj) -> None:
-        self._reply(code, json.dumps(obj).encode())
-
-    def do_GET(self) -> None:
-        if self.path == "/v1/status":
-            self._json(200, self.status())
-        else:
-            self._json(404, {"error": f"no such endpoint {self.path}"})
-
-    def do_POST(self) -> None:
-        if self.path != "/v1/infer":
-            return self._json(404, {"error": f"no such endpoint {self.path}"})
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 < length <= MAX_BODY:
-            return self._json(400, {"error": f"body of {length} bytes: send 1 byte to {MAX_BODY >> 20} MiB"})
-        body = self.rfile.read(length)
-        as_json = (self.headers.get("Content-Type") or "").startswith("application/json")
-        try:
-            feeds = self._decode(body, as_json)
-        except ValueError as e:
-            self.engine.window.error("bad_input")
-            return self._json(400, {"error": str(e)})
-        try:
-            outputs = self.engine.infer(feeds)
-        except InferenceError as e:
-            code = {"bad_input": 400, "no_model": 503}.get(e.kind, 500)
-            return self._json(code, {"error": str(e), "kind": e.kind})
-        if as_json:
-            self._json(200, {"outputs": {k: v.tolist() for k, v in outputs.items()}})
-        else:
-            self._reply(200, to_npz(outputs), NPZ)
-
-    def _decode(self, body: bytes, as_json: bool) -> dict[str, np.ndarray]:
-        if not as_json:
-            try:
-                return from_npz(body)
-            except Exception as e:
-                raise ValueError(f"body is not an .npz of arrays: {e}") from None
-        model = self.engine.current
-        try:
-            inputs = json.loads(body)["inputs"]
-            dtypes = {s.name: s.dtype for s in model.manifest.inputs} if model else {}
-            return {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in inputs.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f'body is not JSON {{"inputs": {{name: array}}}}: {e}') from None
+def default_address(state_dir: str, environ: Mapping[str, str] | None = None) -> str:
+    """``unix:$RUNTIME_DIRECTORY/agent.sock`` when systemd gives a runtime directory, else in ``state_dir``."""
+    environ = os.environ if environ is None else environ
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    path = os.path.join(runtime or state_dir, SOCKET_NAME)
+    check_socket_path(path, "RUNTIME_DIRECTORY" if runtime else "state_dir")
+    return f"unix:{path}"
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-    def get_request(self):
-        sock, _ = super().get_request()
-        return sock, ("unix", 0)
+def read_token(path: str) -> bytes:
+    """The bearer token in ``api_token_file``: one line, at least 16 characters, not readable by every user."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            token = f.read(4097).strip()
+    except OSError as e:
+        raise ConfigError(f"api_token_file {path}: {e.strerror}") from None
+    if st.st_mode & stat.S_IROTH:
+        raise ConfigError(f"api_token_file {path} is readable by every user (mode {stat.S_IMODE(st.st_mode):04o}): "
+                          f"chmod o-rwx {path}")
+    if not 16 <= len(token) <= 4096 or any(c <= 32 or c >= 127 for c in token):
+        raise ConfigError(f"api_token_file {path}: the token must be 16 to 4096 printable ASCII characters "
+                          f"on one line (e.g. `openssl rand -hex 32 > {path}`)")
+    return token
 
 
 class InferenceServer:
-    def __init__(self, address: str, engine: Engine, status: Callable[[], dict]) -> None:
+    """The local API on ``address`` (``HOST:PORT`` or ``unix:/path``), serving ``engine``. The socket is bound
+    here (errors raise here); ``start()`` serves it from a thread of its own (an asyncio loop: the HTTP side,
+    agent/http1.py); inference runs on ``workers`` threads."""
+
+    def __init__(self, address: str, engine: Engine, status: Callable[[], dict], *, group: str | None = None,
+                 token: bytes | None = None, max_body_bytes: int = 64 << 20, max_connections: int = 64,
+                 workers: int = 2) -> None:
         where = parse_api_address(address)
-        handler = type("Handler", (_Handler,), {"engine": engine, "status": staticmethod(status),
-                                                "disable_nagle_algorithm": not isinstance(where, str)})
+        self.engine, self.status = engine, status
+        self.max_body = max_body_bytes
+        self.max_connections = max_connections
+        self._token = token
+        self._unix = where if isinstance(where, str) else None
         try:
-            if isinstance(where, str):
-                if os.path.exists(where):
-                    os.unlink(where)  # a socket left by a previous run
-                self._server = _UnixServer(where, handler)
+            if self._unix is not None:
+                self._sock = _listen_unix(self._unix, group)
+                self.address = f"unix:{self._unix}"
+                self._check_host = False
             else:
-                self._server = ThreadingHTTPServer(where, handler)
+                self._sock = _listen_tcp(*where)
+                port = self._sock.getsockname()[1]
+                self.address = f"[{where[0]}]:{port}" if ":" in where[0] else f"{where[0]}:{port}"
+                # without a token, a Host that is not a loopback address is a web page that rebound its name
+                # to 127.0.0.1 (DNS rebinding), or a proxy: refused
+                self._check_host = token is None
         except OSError as e:
             raise EdgefleetError(f"cannot listen on api address {address!r}: {e.strerror or e}") from None
-        self.address = address if isinstance(where, str) else f"{where[0]}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="agent-api", daemon=True)
+        self._sock_id = _inode(self._unix)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-api-worker")
+        self.budget = BodyBudget(max_body_bytes * (workers + 1))  # body bytes held at once
+        self._conns: set[Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="agent-api", daemon=True)
 
+    @classmethod
+    def from_config(cls, cfg, engine: Engine, status: Callable[[], dict]) -> InferenceServer:
+        """As the agent's config says (``api``, ``api_*``)."""
+        address = cfg.api if cfg.api is not None else default_address(cfg.state_dir)
+        token = read_token(cfg.api_token_file) if cfg.api_token_file else None
+        return cls(address, engine, status, group=cfg.api_group, token=token, max_body_bytes=cfg.api_max_body_bytes,
+                   max_connections=cfg.api_max_connections, workers=cfg.api_workers)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._ready.wait()
+        if self._failed is not None:
+            raise EdgefleetError(f"the api server on {self.address} did not start: {self._failed}")
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._thread.is_alive() and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._closing.set)
+            self._thread.join(timeout=10)
+        elif not self._thread.is_alive():
+            self._sock.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._unix is not None and _inode(self._unix) == self._sock_id:
+            os.unlink(self._unix)  # ours still (not a later agent's)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:
+            self._failed = e
+            log.exception("the api server stopped")
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._closing = asyncio.Event()
+        if self._unix is None:
+            server = await loop.create_server(lambda: Connection(self, loop, tcp=True), sock=self._sock)
+        else:
+            server = await loop.create_unix_server(lambda: Connection(self, loop, tcp=False), sock=self._sock)
+        self._ready.set()
+        await self._closing.wait()
+        server.close()
+        for conn in list(self._conns):
+            conn.close()
+        await server.wait_closed()
+
+    # --- the Site a Connection serves (on the event loop's thread) ----------------------------------------------
+    def admit(self, conn: Connection) -> bool:
+        """Room for one more connection: at the cap, close the one that has waited longest on its client."""
+        if len(self._conns) >= self.max_connections:
+            waiting = [c for c in self._conns if not c.busy]
+            if not waiting:
+                return False
+            victim = min(waiting, key=lambda c: c.since)
+            self._conns.discard(victim)
+            victim.close()
+        self._conns.add(conn)
+        return True
+
+    def forget(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+
+    def accept(self, req: Request, length: int | None) -> Reply | None:
+        """A reply now, or None: read the body (then ``serve``)."""
+        self._check_caller(req)
+        if req.target == "/v1/infer" and req.method == "POST":
+            if length is None:
+                return error_reply(411, "POST /v1/infer needs a Content-Length")
+            cap = min(self.max_body, JSON_MAX_BYTES) if _is_json(req) else self.max_body
+            if not 0 < length <= cap:  # refused from the Content-Length: not a byte of the body is kept
+                limit = (f"api_max_body_bytes is {size_text(self.max_body)}" if cap == self.max_body else
+                         f"JSON bodies are at most {size_text(cap)}: send an .npz")
+                return error_reply(413 if length else 400,
+                                   f"a body of {size_text(length)}: send 1 byte to {size_text(cap)} ({limit})")
+            return None
+        if req.target == "/v1/status" and req.method == "GET":
+            return 200, json.dumps(self.status()).encode(), "application/json", ()
+        if req.method in ("GET", "POST"):
+            return error_reply(404, f"no such endpoint {req.target[:200]}")
+        return error_reply(501, f"method {req.method[:20]} is not supported")
+
+    def handle(self, req: Request, body: bytearray) -> Reply:
+        """On a worker thread: decode (checked against the model first), infer, encode."""
+        return self._run_inference(body, _is_json(req))
+
+    def _check_caller(self, req: Request) -> None:
+        if self._token is not None:
+            scheme, _, given = req.headers.get(b"authorization", b"").partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)):
+                raise HttpError(401, "this agent's API needs Authorization: Bearer <the token in its api_token_file>",
+                                (("WWW-Authenticate", 'Bearer realm="edgefleet-agent"'),))
+        host = req.header(b"host")
+        if self._check_host and host is not None and not is_loopback(_host_part(host)):
+            raise HttpError(400, f"Host {host[:100]!r} is not a loopback address: this agent answers local callers")
+
+    def _run_inference(self, body: bytearray, as_json: bool) -> Reply:
+        try:
+            model = self.engine.current
+            if model is None:
+                self.engine.window.error("no_model")
+                return error_reply(503, "no model is active on this device yet", kind="no_model")
+            try:
+                decode = feeds.from_json if as_json else feeds.from_npz
+                inputs = decode(body, model.manifest.inputs, self.max_body)
+            except FeedError as e:
+                self.engine.window.error("bad_input")
+                return error_reply(e.status, str(e), kind="bad_input")
+            del body
+            try:
+                outputs = self.engine.infer(inputs)
+            except InferenceError as e:
+                return error_reply({"bad_input": 400, "no_model": 503}.get(e.kind, 500), str(e), kind=e.kind)
+            if as_json:
+                out = json.dumps({"outputs": {k: v.tolist() for k, v in outputs.items()}}).encode()
+                return 200, out, "application/json", ()
+            return 200, to_npz(outputs), NPZ, ()
+        except Exception as e:
+            log.exception("inference request failed")
+            return error_reply(500, f"internal error: {type(e).__name__}: {e}")
 
 
+def _is_json(req: Request) -> bool:
+    return (req.header(b"content-type") or "").startswith("application/json")
+
+
+# --- listening ---------------------------------------------------------------------------------------------------
+def _host_part(host: str) -> str:
+    """'127.0.0.1:8470' -> '127.0.0.1', '[::1]:8470' -> '::1', 'localhost' -> 'localhost'."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _inode(path: str | None) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
+
+
+def _listen_unix(path: str, group: str | None) -> socket.socket:
+    """Bound, 0660 and in ``group`` before it listens (until listen(), a connect is refused)."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise EdgefleetError(f"cannot listen on api address unix:{path}: it exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # left by an agent that is gone
+            else:
+                raise EdgefleetError(f"cannot listen on api address unix:{path}: another process is serving on it")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o660)
+        if group:
+            _give_group(path, group)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _give_group(path: str, group: str) -> None:
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.warning("api_group %s does not exist here: the api socket %s keeps the agent's group %s (to let "
+                    "applications in: groupadd --system %s; usermod -aG %s APP_USER)", group, path,
+                    _group_name(os.getegid()), group, group)
+        return
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        log.warning("cannot give the api socket %s to group %s: the agent is not in it (under systemd: "
+                    "SupplementaryGroups=%s); it keeps the group %s", path, group, group, _group_name(os.getegid()))
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _listen_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
+
+
+# --- the client --------------------------------------------------------------------------------------------------
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -144,8 +332,8 @@ class _UnixConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self._path)  # blocking: with a timeout, a full backlog is an EAGAIN, not a wait
         self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
 
 
 class _TcpConnection(http.client.HTTPConnection):
@@ -155,12 +343,14 @@ class _TcpConnection(http.client.HTTPConnection):
 
 
 class AgentClient:
-    """What an application on the device uses: ``AgentClient("127.0.0.1:8470").infer({"x": x})``."""
+    """What an application on the device uses: ``AgentClient().infer({"x": x})`` (the service's socket), or
+    ``AgentClient("127.0.0.1:8470", token=...)``."""
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0, token: str | None = None) -> None:
         self.address = address
         self._where = parse_api_address(address)
         self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
 
     def _conn(self) -> http.client.HTTPConnection:
@@ -174,8 +364,8 @@ class AgentClient:
         return conn
 
     def _request(self, method: str, path: str, body: bytes | None = None, ctype: str = NPZ):
-        headers = {"Content-Type": ctype} if body is not None else {}
-        for attempt in (0, 1):  # one retry on a kept-alive connection the server closed
+        headers = {**self._headers, **({"Content-Type": ctype} if body is not None else {})}
+        for attempt in (0, 1):  # one retry on a kept-alive connection the server closed (idle, or evicted)
             conn = self._conn()
             try:
                 conn.request(method, path, body=body, headers=headers)
@@ -184,7 +374,8 @@ class AgentClient:
             except (ConnectionError, http.client.HTTPException, OSError) as e:
                 conn.close()
                 self._local.conn = None
-                if attempt or not isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError)):
+                retry = isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                if attempt or not retry:
                     raise EdgefleetError(f"cannot reach the agent at {self.address}: {e}") from None
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

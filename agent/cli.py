@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from agent.config import DEFAULT_API
 from agent.errors import EdgefleetError
 
 
@@ -25,13 +27,17 @@ def _parser() -> argparse.ArgumentParser:
         "three from the enrollment unless set), tls_ca, tls_cert, tls_key (TLS files from elsewhere), "
         "provision_token_file and ca_fingerprint (enroll at first boot, device_id may then be a template such as "
         "cam-{mac}), insecure (plaintext, no identity: experiments only), "
-        "api (HOST:PORT or unix:/path; default 127.0.0.1:8470), "
+        "api (unix:/path or HOST:PORT; default: the Unix socket $RUNTIME_DIRECTORY/agent.sock under systemd, "
+        "i.e. /run/edgefleet/agent.sock, else state_dir/agent.sock), "
         "telemetry_interval_s (default 10), keepalive_s (default 15), outbox_max_bytes (default 64 MiB), "
         "outbox_max_age_s (default 7 days), rollback_window_s (default 300), rollback_min_inferences "
         "(default 20), rollback_max_error_rate (default 0.05), rollback_max_p95_ms (default: the bundle's "
         "latency budget), max_bundle_bytes (default 2 GiB: a larger desired bundle is refused), bundle_origins "
         "(default []: bundles are downloaded only from the controller's origin; list other "
-        "http(s)://HOST[:PORT] origins here). README.md explains each.",
+        "http(s)://HOST[:PORT] origins here), api_group (the socket's group, default edgefleet-api), api_token_file (a "
+        "file holding the bearer token every API request must then carry; required for a non-loopback HOST:PORT), "
+        "api_max_body_bytes (default 64 MiB), api_max_connections (default 64), api_workers (default 2). "
+        "README.md explains each.",
     )
     run.add_argument("--config", required=True, type=Path, help="the agent's TOML config file")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -57,16 +63,22 @@ def _parser() -> argparse.ArgumentParser:
         description="Send the arrays of an .npz (one per model input, keyed by input name) to the agent "
         "and print the outputs.",
     )
-    infer.add_argument("--api", default="127.0.0.1:8470", help="the agent's api address (HOST:PORT or unix:/path)")
+    infer.add_argument("--api", default=DEFAULT_API, help=f"the agent's api address: unix:/path or HOST:PORT "
+                       f"(default {DEFAULT_API}, the service's socket)")
+    infer.add_argument("--token", help="the API's bearer token when the agent has api_token_file "
+                       "(default: $EDGEFLEET_AGENT_TOKEN)")
     infer.add_argument("--input", required=True, type=Path, help=".npz (or .npy for a single-input model)")
     infer.add_argument("--output", type=Path, help="also write the outputs to this .npz")
     infer.add_argument("--json", action="store_true", help="print the outputs as JSON")
     status = sub.add_parser("status", help="show what a running agent serves")
-    status.add_argument("--api", default="127.0.0.1:8470", help="the agent's api address")
+    status.add_argument("--api", default=DEFAULT_API, help=f"the agent's api address (default {DEFAULT_API})")
+    status.add_argument("--token", help="the API's bearer token (default: $EDGEFLEET_AGENT_TOKEN)")
     install = sub.add_parser(
         "install", help="install the agent as the systemd service edgefleet-agent (root)",
         description="Create the venv /opt/edgefleet with edgefleet[agent], the system user edgefleet, "
-        "/etc/edgefleet/agent.toml and /etc/systemd/system/edgefleet-agent.service; where systemd runs, "
+        "the group edgefleet-api (the local API socket's), /etc/edgefleet/agent.toml, "
+        "/etc/systemd/system/edgefleet-agent.service and its drop-in network.conf (the only addresses the agent may "
+        "reach: localhost, the controller, the broker, the nameservers); where systemd runs, "
         "enable and start the service. A second run changes nothing.",
     )
     install.add_argument("--device-id", help="the config's device_id")
@@ -75,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--token", help="enroll the device with this token from `edgefleet fleet enroll` (then "
                          "--device-id and --broker come from the enrollment)")
     install.add_argument("--ca-fingerprint", metavar="SHA256", help="with --token: the fleet CA's fingerprint")
-    install.add_argument("--api", help="the config's api: HOST:PORT or unix:/path (default 127.0.0.1:8470)")
+    install.add_argument("--api", help=f"the config's api: unix:/path or HOST:PORT (default {DEFAULT_API})")
     install.add_argument("--telemetry-interval", type=float, help="the config's telemetry_interval_s (default 10)")
     install.add_argument("--config", type=Path, dest="config_file",
                          help="copy this agent.toml instead (its state_dir must be /var/lib/edgefleet)")
@@ -91,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     uninstall = sub.add_parser(
         "uninstall", help="stop and remove the service and the venv (root)",
         description="Stop and disable the service, remove the unit and /opt/edgefleet; with --purge also "
-        "/etc/edgefleet, /var/lib/edgefleet and the edgefleet user.",
+        "/etc/edgefleet, /var/lib/edgefleet, the edgefleet user and the edgefleet-api group.",
     )
     uninstall.add_argument("--purge", action="store_true", help="also remove the config, the state and the user")
     uninstall.add_argument("--root", default="/", type=Path, help="uninstall from under this directory")
@@ -174,7 +186,7 @@ def main(argv: list[str]) -> int:
         return _enroll(args)
     from agent.api import AgentClient
 
-    client = AgentClient(args.api)
+    client = AgentClient(args.api, token=args.token or os.environ.get("EDGEFLEET_AGENT_TOKEN") or None)
     if args.cmd == "status":
         print(json.dumps(client.status(), indent=2))
         return 0

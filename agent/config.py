@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import re
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,6 +19,9 @@ from agent.protocol import MAX_SIZE
 
 class ConfigError(EdgefleetError):
     pass
+
+
+DEFAULT_API = "unix:/run/edgefleet/agent.sock"  # where the service's local API listens (its RuntimeDirectory=)
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -33,7 +39,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     provision_token_file: str | None = None
     ca_fingerprint: str | None = None
     insecure: bool = False  # plaintext mqtt:// and http:// with no identity: local experiments only
-    api: str = "127.0.0.1:8470"  # local inference: HOST:PORT, or unix:/path/to.sock
+    api: str | None = None  # local inference: unix:/path/to.sock or HOST:PORT; none: the default socket (api_*)
     telemetry_interval_s: float = 10.0
     keepalive_s: int = 15  # MQTT keepalive; the broker sends the last will after ~1.5x this
     # probation after an update: roll back by itself when the new model misbehaves on real traffic
@@ -48,6 +54,13 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # what a desired model may ask for, checked before anything is downloaded (agent/updater.py)
     max_bundle_bytes: int = 2 << 30  # a larger desired size is refused
     bundle_origins: list[str] = []  # http(s)://HOST[:PORT] bundles may come from, besides the controller's
+    # the local inference API (agent/api.py). Without `api`: a Unix socket, $RUNTIME_DIRECTORY/agent.sock under
+    # systemd (/run/edgefleet/agent.sock), else state_dir/agent.sock; mode 0660, group api_group
+    api_group: str = "edgefleet-api"  # the group applications join to use the socket
+    api_token_file: str | None = None  # a file holding the bearer token every request must then carry
+    api_max_body_bytes: int = 64 * 1024 * 1024  # a request body, and the decoded inputs it declares
+    api_max_connections: int = 64  # open at once; beyond, the longest-waiting idle one is closed
+    api_workers: int = 2  # inferences run at once (the rest queue); status never waits for them
 
 
 
@@ -73,16 +86,52 @@ def parse_origin(url: str, what: str = "origin", path_ok: bool = False) -> str:
 
 
 def parse_api_address(addr: str) -> tuple[str, int] | str:
-    """``HOST:PORT`` -> (host, port); ``unix:/path`` -> '/path'."""
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); ``unix:/path`` -> '/path'."""
     if addr.startswith("unix:"):
         path = addr[5:]
         if not path:
             raise ConfigError(f"api {addr!r}: unix: needs a socket path")
+        check_socket_path(path, "api")
         return path
     host, sep, port = addr.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"api {addr!r} is neither HOST:PORT nor unix:/path")
     return host, int(port)
+
+
+def check_socket_path(path: str, field: str) -> None:
+    n = len(os.fsencode(path))
+    if n >= 108:  # sockaddr_un.sun_path, with its NUL
+        raise ConfigError(f"{field}: the Unix socket path {path} is {n} bytes; the kernel takes at most 107: "
+                          f"set api = \"unix:/a/shorter/path.sock\"")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_api(cfg: AgentConfig) -> None:
+    where = parse_api_address(cfg.api) if cfg.api is not None else None
+    if isinstance(where, tuple) and not is_loopback(where[0]) and not cfg.api_token_file:
+        raise ConfigError(f"api {cfg.api!r} is not a loopback address: set api_token_file (every request then "
+                          f"needs its token), or listen on 127.0.0.1 or a unix: socket")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", cfg.api_group):
+        raise ConfigError(f"api_group {cfg.api_group[:40]!r} is not a group name")
+    if cfg.api_token_file is not None and not cfg.api_token_file:
+        raise ConfigError("api_token_file is empty: name a file, or leave the key out")
+    if not 1024 <= cfg.api_max_body_bytes <= 1 << 40:
+        raise ConfigError("api_max_body_bytes must be between 1024 and 2^40")
+    if not 2 <= cfg.api_max_connections <= 65536:
+        raise ConfigError("api_max_connections must be between 2 and 65536")
+    if not 1 <= cfg.api_workers <= 64:
+        raise ConfigError("api_workers must be between 1 and 64")
 
 
 def validate(cfg: AgentConfig) -> AgentConfig:
@@ -116,7 +165,7 @@ def validate(cfg: AgentConfig) -> AgentConfig:
                           "template such as cam-{mac})")
     for origin in cfg.bundle_origins:
         parse_origin(origin, "bundle_origins:")
-    parse_api_address(cfg.api)
+    _validate_api(cfg)
     if not cfg.telemetry_interval_s > 0:
         raise ConfigError("telemetry_interval_s must be > 0")
     if not 5 <= cfg.keepalive_s <= 3600:

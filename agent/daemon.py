@@ -164,7 +164,7 @@ class Agent:
             self._queue_error(broken)
         self._load_current()
         self._resources = Resources(str(self.store.root))
-        self.api = InferenceServer(self.config.api, self.engine, self.status)
+        self.api = InferenceServer.from_config(self.config, self.engine, self.status)
         self.api.start()
         self.link = Link(
             self.config.device_id, transport.parse_url(self.config.broker, allow_plaintext=self.config.insecure),

@@ -141,15 +141,20 @@ class Engine:
 
 
 def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
+    check_declared(specs, {name: (a.dtype, a.shape) for name, a in feeds.items()})
+
+
+def check_declared(specs: list[TensorSpec], declared: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+    """``check_feeds`` on what the arrays declare (dtype, shape), before they are decoded (agent/feeds.py)."""
     names = {s.name for s in specs}
-    if set(feeds) != names:
-        raise InferenceError("bad_input", f"inputs {sorted(feeds)} do not match the model's {sorted(names)}")
+    if set(declared) != names:
+        raise InferenceError("bad_input", f"inputs {sorted(declared)} do not match the model's {sorted(names)}")
     for spec in specs:
-        a = feeds[spec.name]
-        if a.dtype != np.dtype(spec.dtype):
-            raise InferenceError("bad_input", f"input {spec.name!r} is {a.dtype}, the model takes {spec.dtype}")
-        if not _shape_ok(spec.shape, a.shape):
-            raise InferenceError("bad_input", f"input {spec.name!r} has shape {list(a.shape)}, "
+        dtype, shape = declared[spec.name]
+        if dtype != np.dtype(spec.dtype):
+            raise InferenceError("bad_input", f"input {spec.name!r} is {dtype}, the model takes {spec.dtype}")
+        if not _shape_ok(spec.shape, shape):
+            raise InferenceError("bad_input", f"input {spec.name!r} has shape {list(shape)}, "
                                  f"the model takes {spec.shape} (-1: any)")
 
 

@@ -6,7 +6,11 @@ What install puts where (each path under ``--root DIR`` when given):
                                             checkout this edgefleet runs from, else from the package index
   /etc/edgefleet/agent.toml                 the config (0640 root:edgefleet), from systemd/agent.toml.in
   /etc/systemd/system/edgefleet-agent.service   the unit (systemd/edgefleet-agent.service)
+  /etc/systemd/system/edgefleet-agent.service.d/network.conf   the addresses the agent may reach: IPAddressDeny=any
+                                            + localhost, the controller's and broker's addresses (resolved now)
+                                            and the nameservers of /etc/resolv.conf
   the system user and group ``edgefleet``   (not under --root)
+  the group ``edgefleet-api``               the local API socket's group: applications join it (not under --root)
 
 and, where systemd runs (``/run/systemd/system`` exists; never under --root), ``systemctl daemon-reload`` and
 ``systemctl enable --now edgefleet-agent``. Every step checks before it acts, so a second run changes nothing.
@@ -19,11 +23,13 @@ from __future__ import annotations
 
 import grp
 import hashlib
+import ipaddress
 import json
 import os
 import pwd
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +37,17 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from string import Template
+from urllib.parse import urlsplit
 
 from agent import config as agent_config
 from agent.errors import EdgefleetError
 
 SERVICE = "edgefleet-agent"
 USER = GROUP = "edgefleet"
+API_GROUP = "edgefleet-api"  # the config's default api_group; the unit's SupplementaryGroups=
 STATE_DIR = "/var/lib/edgefleet"
 VENV, CONFIG, UNIT = "/opt/edgefleet", "/etc/edgefleet/agent.toml", f"/etc/systemd/system/{SERVICE}.service"
+NETWORK_DROPIN = f"/etc/systemd/system/{SERVICE}.service.d/network.conf"
 _STAMP = ".edgefleet-install.json"  # in the venv: what was installed into it, to skip a same-source rerun
 # not copied when installing from a source checkout
 _SKIP = {".git", ".venv", "__pycache__", "build", "dist", ".pytest_cache", ".ruff_cache", ".cache", "out",
@@ -199,18 +208,20 @@ def _pip(venv: Path, *args: str) -> str:
 
 
 # --- the config ----------------------------------------------------------------------------------------------
-def _render_config(device_id: str | None, broker: str | None, controller: str | None, api: str,
+def _render_config(device_id: str | None, broker: str | None, controller: str | None, api: str | None,
                    interval: float) -> bytes:
     def line(key: str, value: str | None) -> str:  # a JSON string is a TOML basic string
         return f"{key} = {json.dumps(value)}" if value is not None else f"# {key} = (from the enrollment)"
 
     text = Template(data_file("agent.toml.in").read_text()).substitute(
         device_id=line("device_id", device_id), broker=line("broker", broker),
-        controller=line("controller", controller), api=json.dumps(api), telemetry_interval_s=repr(float(interval)))
+        controller=line("controller", controller),
+        api_line=f"api = {json.dumps(api)}" if api else f"# api = {json.dumps(agent_config.DEFAULT_API)}",
+        telemetry_interval_s=repr(float(interval)))
     return text.encode()
 
 
-def _check_config(content: bytes, origin: str) -> None:
+def _check_config(content: bytes, origin: str) -> agent_config.AgentConfig:
     """Validate with agent.config, as the agent will; and the service can only write its StateDirectory."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "agent.toml"
@@ -222,6 +233,7 @@ def _check_config(content: bytes, origin: str) -> None:
     if Path(cfg.state_dir) != Path(STATE_DIR):
         raise InstallError(f"{origin}: state_dir must be {STATE_DIR} for the service (its StateDirectory=; "
                            f"ProtectSystem=strict makes every other path read-only)")
+    return cfg
 
 
 def _plan_config(target: Path, *, config_file: Path | None, device_id: str | None, broker: str | None,
@@ -249,7 +261,7 @@ def _plan_config(target: Path, *, config_file: Path | None, device_id: str | Non
         if missing:
             raise InstallError(f"{target} exists; to write a new one give {', '.join(flags)} "
                                f"(missing: {', '.join(missing)}) with --force")
-        content = _render_config(device_id, broker, controller, api or "127.0.0.1:8470",
+        content = _render_config(device_id, broker, controller, api,
                                  10.0 if telemetry_interval is None else telemetry_interval)
         _check_config(content, "the config from --device-id/--broker/--controller")
     elif target.exists():
@@ -299,6 +311,12 @@ def _group_id(say: Say) -> int:
 def _ensure_user(say: Say) -> bool:
     changed = False
     try:
+        grp.getgrnam(API_GROUP)
+    except KeyError:
+        say(f"user: groupadd --system {API_GROUP} (the local API socket's group: add applications' users to it)")
+        subprocess.run(["groupadd", "--system", API_GROUP], check=True)
+        changed = True
+    try:
         grp.getgrnam(GROUP)
     except KeyError:
         say(f"user: groupadd --system {GROUP}")
@@ -316,7 +334,59 @@ def _ensure_user(say: Say) -> bool:
     return changed
 
 
+# --- the network drop-in ---------------------------------------------------------------------------------------
+def network_dropin(urls: dict[str, str], resolv_conf: Path = Path("/etc/resolv.conf")) -> bytes:
+    """The unit's drop-in that lets the agent reach only localhost, the hosts of ``urls`` ({what: URL}, e.g. the
+    controller's and the broker's; resolved now) and the nameservers of ``resolv_conf`` (so names still
+    resolve). Raises InstallError naming a host that does not resolve."""
+    lines = ["# Written by `edgefleet agent install` from agent.toml and /etc/resolv.conf: the only addresses the",
+             "# agent may exchange packets with. Re-run install after the controller's or the broker's address",
+             "# changes (it rewrites this file only when it changed). Addresses of your own (e.g. the clients of a",
+             "# TCP api) go in a drop-in next to this one, e.g. local.conf with IPAddressAllow=ADDRESS.",
+             "[Service]", "IPAddressDeny=any", "IPAddressAllow=localhost"]
+    for what, url in urls.items():
+        host = urlsplit(url).hostname
+        if not host:
+            continue
+        try:
+            addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+        except (OSError, UnicodeError) as e:
+            raise InstallError(f"cannot resolve the {what}'s host {host} ({e}): install writes the addresses the "
+                               f"agent may reach into {NETWORK_DROPIN}; make {host} resolvable here, or use an IP "
+                               f"address in the config") from None
+        lines.append(f"# the {what}: {host}")
+        lines += [f"IPAddressAllow={a.split('%')[0]}" for a in addrs]
+    try:
+        resolv = resolv_conf.read_text(errors="replace").splitlines()
+    except OSError:
+        resolv = []
+    servers = [ln.split()[1].split("%")[0] for ln in resolv if ln.split()[:1] == ["nameserver"] and len(ln.split()) > 1]
+    servers = [a for a in dict.fromkeys(servers) if _is_ip(a)]
+    if servers:
+        lines.append(f"# the nameservers in {resolv_conf}")
+        lines += [f"IPAddressAllow={a}" for a in servers]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 # --- the commands --------------------------------------------------------------------------------------------
+def _identity(root: Path):
+    """The enrollment in the service's state dir, or None."""
+    from agent import identity
+
+    try:
+        return identity.Identity.load(_under(root, STATE_DIR))
+    except identity.IdentityError:
+        return None
+
+
 def _enroll(root: Path, controller: str | None, token: str, ca_fingerprint: str, device_id: str | None,
             say: Say) -> None:
     """Enroll into the service's state dir (once: an enrolled state dir is kept), owned by the service's user."""
@@ -360,6 +430,10 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
                            device_id=device_id, broker=broker, controller=controller, api=api,
                            telemetry_interval=telemetry_interval, force=force, enrolling=token is not None)
     unit = data_file(f"{SERVICE}.service").read_bytes()
+    cfg = _check_config(content if content is not None else config_path.read_bytes(), str(config_path))
+    dropin_path = _under(root, NETWORK_DROPIN)
+    dropin = network_dropin({k: v for k, v in (("controller", cfg.controller), ("broker", cfg.broker)) if v},
+                            _under(root, "/etc/resolv.conf"))
     old_umask = os.umask(0o022)  # the venv must be readable by the service's user
     try:
         changed = False
@@ -389,6 +463,20 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
             changed = True
         if token is not None:
             _enroll(root, controller, token, ca_fingerprint, device_id, say)
+        ident = _identity(root)
+        if ident is not None:  # the addresses the enrollment gave (the config's, when it names its own, win)
+            dropin = network_dropin({"controller": cfg.controller or ident.controller,
+                                     "broker": cfg.broker or ident.broker}, _under(root, "/etc/resolv.conf"))
+        if dropin_path.exists() and dropin_path.read_bytes() == dropin:
+            say(f"unit: {dropin_path} is up to date")
+        else:
+            say(f"unit: writing {dropin_path} (the addresses the agent may reach)")
+            _write(dropin_path, dropin, 0o644)
+            changed = True
+        where = agent_config.parse_api_address(cfg.api) if cfg.api else None
+        if isinstance(where, tuple) and not agent_config.is_loopback(where[0]):
+            say(f"unit: the api listens on {cfg.api} for other hosts: allow their addresses with "
+                f"IPAddressAllow= in a drop-in of your own ({dropin_path.parent}/local.conf)")
     finally:
         os.umask(old_umask)
     if _systemd_running(root):
@@ -414,6 +502,12 @@ def uninstall(*, root: str | Path = "/", purge: bool = False, say: Say = print) 
             _systemctl(say, "disable", "--now", SERVICE, check=False)
     elif root != Path("/"):
         say(f"--root {root}: no user, no systemctl")
+    dropin_path = _under(root, NETWORK_DROPIN)
+    if dropin_path.exists():
+        say(f"unit: removing {dropin_path}")
+        dropin_path.unlink()
+        if not any(dropin_path.parent.iterdir()):
+            dropin_path.parent.rmdir()
     if unit_path.exists():
         say(f"unit: removing {unit_path}")
         unit_path.unlink()
@@ -431,7 +525,7 @@ def uninstall(*, root: str | Path = "/", purge: bool = False, say: Say = print) 
         say(f"venv: {venv} is not there")
     if not purge:
         say(f"kept the config {_under(root, CONFIG)} and the state {_under(root, STATE_DIR)} (--purge removes "
-            f"them and the {USER} user)")
+            f"them, the {USER} user and the {API_GROUP} group)")
         return
     for what, path in (("config", _under(root, CONFIG).parent), ("state", _under(root, STATE_DIR))):
         if path.exists():
@@ -446,9 +540,10 @@ def uninstall(*, root: str | Path = "/", purge: bool = False, say: Say = print) 
             subprocess.run(["userdel", USER], check=True)
         except KeyError:
             say(f"user: {USER} is not there")
-        try:
-            grp.getgrnam(GROUP)
-            say(f"user: groupdel {GROUP}")
-            subprocess.run(["groupdel", GROUP], check=True)
-        except KeyError:
-            pass
+        for group in (GROUP, API_GROUP):
+            try:
+                grp.getgrnam(group)
+                say(f"user: groupdel {group}")
+                subprocess.run(["groupdel", group], check=True)
+            except KeyError:
+                pass

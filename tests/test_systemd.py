@@ -25,6 +25,7 @@ from agent.daemon import Agent
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edgefleet-agent.service"
+OUTPUT = "save_infer_model/scale_0.tmp_1"
 EDGEFLEET = [sys.executable, "-m", "edgefleet.cli"]
 IS_ROOT = os.geteuid() == 0
 
@@ -214,9 +215,10 @@ def test_notify_speaks_to_a_path_socket_and_the_watchdog_reads_its_environment(t
 
 
 # --- the unit ------------------------------------------------------------------------------------------------
-def _verify(unit_text: str, exec_start: Path, tmp_path: Path) -> None:
-    """systemd-analyze verify a copy of the unit whose ExecStart names ``exec_start`` (verify wants it to exist);
-    it exits 0 even for unknown keys, so any output at all fails the test."""
+def _verify(unit_text: str, exec_start: Path, tmp_path: Path, dropin: str | None = None) -> Path:
+    """systemd-analyze verify a copy of the unit whose ExecStart names ``exec_start`` (verify wants it to exist),
+    with ``dropin`` as its network.conf; it exits 0 even for unknown keys, so any output at all fails the test.
+    Returns the copy."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed (scripts/setup.sh installs Debian's systemd package)")
     assert "ExecStart=/opt/edgefleet/bin/edgefleet " in unit_text
@@ -224,8 +226,12 @@ def _verify(unit_text: str, exec_start: Path, tmp_path: Path) -> None:
     d.mkdir(exist_ok=True)
     unit = d / "edgefleet-agent.service"
     unit.write_text(unit_text.replace("ExecStart=/opt/edgefleet/bin/edgefleet ", f"ExecStart={exec_start} "))
+    if dropin is not None:
+        (d / "edgefleet-agent.service.d").mkdir(exist_ok=True)
+        (d / "edgefleet-agent.service.d" / "network.conf").write_text(dropin)
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+    return unit
 
 
 def test_the_unit_passes_systemd_analyze_verify(tmp_path):
@@ -240,6 +246,143 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert (s["User"], s["Group"], s["StateDirectory"], s["ConfigurationDirectory"]) == ("edgefleet",) * 4
     assert s["ProtectSystem"] == "strict" and s["NoNewPrivileges"] == "yes" and s["CapabilityBoundingSet"] == ""
+    assert s["MemoryMax"] == "1G" and s["TasksMax"] == "256" and s["SystemCallFilter"] == "@system-service"
+    assert s["ProtectProc"] == "invisible" and s["SupplementaryGroups"] == "edgefleet-api"
+    assert s["RuntimeDirectory"] == "edgefleet" and s["RuntimeDirectoryMode"] == "0711"
+
+
+def test_systemd_analyze_security_rates_the_unit_and_its_network_drop_in(tmp_path):
+    """Not a threshold on a score: the drop-in's IP allow list is what `systemd-analyze security` reads."""
+    from agent.install import network_dropin
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    exe = Path(sys.executable).parent / "edgefleet"
+    dropin = network_dropin({"controller": "http://127.0.0.1:8080", "broker": "mqtt://127.0.0.1:1883"}).decode()
+    unit = _verify(UNIT.read_text(), exe, tmp_path, dropin)
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+                       capture_output=True, text=True)
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line[:1] in "✓✗" and len(line.split()) > 1}
+    for ok in ("SystemCallFilter=~@mount", "SystemCallFilter=~@debug", "ProtectProc=", "PrivateMounts="):
+        assert lines[ok].startswith("✓"), lines[ok]
+    assert "allow list with non-localhost entries" in lines["IPAddressDeny="], lines["IPAddressDeny="]
+    assert "Overall exposure level" in r.stdout
+
+
+def test_the_network_drop_in_allows_localhost_the_controller_the_broker_and_the_nameservers(tmp_path):
+    from agent.install import InstallError, network_dropin
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# generated\nsearch lan\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\n"
+                      "nameserver 192.0.2.53\noptions edns0\n")
+    text = network_dropin({"controller": "https://192.0.2.10:8443", "broker": "mqtt://[2001:db8::7]:1883"},
+                          resolv).decode()
+    allow = [x.split("=", 1)[1] for x in text.splitlines() if x.startswith("IPAddressAllow=")]
+    assert text.splitlines()[text.splitlines().index("[Service]") + 1] == "IPAddressDeny=any"
+    assert allow == ["localhost", "192.0.2.10", "2001:db8::7", "192.0.2.53", "fe80::1"], allow
+    with pytest.raises(InstallError, match="no-such-host.invalid"):
+        network_dropin({"broker": "mqtt://no-such-host.invalid:1883"}, resolv)
+
+
+# --- the system call filter, for real ---------------------------------------------------------------------------
+_SECCOMP_EXEC = """
+import ctypes, os, sys
+lib = ctypes.CDLL("libseccomp.so.2")
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_init.argtypes = [ctypes.c_uint32]
+lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+ctx = lib.seccomp_init(0x80000000)  # SCMP_ACT_KILL_PROCESS: any call outside the list ends the process (SIGSYS)
+for name in open(sys.argv[1]).read().split():
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    if nr != -1:  # __NR_SCMP_ERROR: not a call on this architecture
+        lib.seccomp_rule_add(ctx, 0x7FFF0000, nr, 0)  # SCMP_ACT_ALLOW
+assert lib.seccomp_load(ctx) == 0, "seccomp_load failed"
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _syscall_set(name: str) -> set[str]:
+    """What systemd puts in a set such as @system-service (nested sets resolved), as this systemd defines it."""
+    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True,
+                         check=True).stdout.split()
+    calls = set()
+    for item in out[1:]:
+        if item.startswith("@"):
+            calls |= _syscall_set(item)
+        elif not item.startswith("#") and item.isidentifier():
+            calls.add(item)
+    return calls
+
+
+def _agent_bundle(runtime: str, bundles, tmp_path: Path) -> Path:
+    if runtime == "onnxruntime":
+        return bundles["v1"]
+    from edgefleet.data import text_direction
+    from edgefleet.models import model_path
+
+    import numpy as np
+
+    np.savez(tmp_path / "calib.npz", x=text_direction(30)[0])
+    out = tmp_path / "converted"
+    r = subprocess.run([*EDGEFLEET, "convert", str(model_path("ocr-cls")), "--target", "intel", "--calib",
+                        str(tmp_path / "calib.npz"), "--input-shape", "x=1x3x48x192", "--out", str(out), "--name",
+                        "ocr-cls"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return next(out.glob("*-intel-ov-int8.tar"))
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.slow)])
+def test_the_agent_serves_under_the_units_system_call_filter(tmp_path, mosquitto, bundles, crops, runtime):
+    """The agent, its model loaded and serving, under a seccomp filter allowing exactly @system-service (the unit's
+    SystemCallFilter=), built with libseccomp: any other call would kill it with SIGSYS."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    try:
+        import ctypes
+
+        ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        pytest.skip("libseccomp2 is not installed")
+    from test_agent_api import AgentClient, preload
+
+    allowed = tmp_path / "allowed"
+    allowed.write_text("\n".join(sorted(_syscall_set("@system-service"))))
+    sha = preload(tmp_path / "state", _agent_bundle(runtime, bundles, tmp_path))
+    cfg = tmp_path / "agent.toml"
+    tls = issue_tls(mosquitto.pki, "d1", tmp_path / "tls")  # over mutual TLS, as every agent speaks
+    cfg.write_text(f'device_id = "d1"\nbroker = "{mosquitto.url}"\ncontroller = "https://127.0.0.1:9"\n'
+                   f'tls_ca = "{tls.ca}"\ntls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n'
+                   f'state_dir = "{tmp_path / "state"}"\ntelemetry_interval_s = 0.5\n')
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _SECCOMP_EXEC, str(allowed), sys.executable, "-m",
+                                 "edgefleet.cli", "agent", "run", "--config", str(cfg)], stderr=err)
+    try:
+        client = AgentClient(f"unix:{tmp_path}/state/agent.sock")
+
+        def serving():
+            assert proc.poll() is None, (proc.returncode, log.read_text())
+            try:
+                return client.status()
+            except Exception:
+                return None
+
+        status = wait_for(serving, what="the agent under seccomp")
+        assert status["active"]["sha256"] == sha and status["active"]["runtime"] == runtime
+        x, _ = crops
+        for i in range(5):
+            assert client.infer({"x": x[i : i + 1]})[OUTPUT].shape == (1, 2)
+        wait_for(lambda: client.status()["broker_connected"], what="the broker link")
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (proc.returncode, log.read_text())  # -31 would be SIGSYS
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
 
 
 # --- install / uninstall -------------------------------------------------------------------------------------
@@ -285,6 +428,7 @@ def _installed_and_purged(tmp_path, fleet, token):
     assert len(keys) == 1 and stat.S_IMODE(keys[0].stat().st_mode) == 0o600
     assert stat.S_IMODE(ident.stat().st_mode) == 0o700
     assert fleet.store.enrolled_ids() == {"d1"}
+    dropin = root / "etc/systemd/system/edgefleet-agent.service.d/network.conf"
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     help_ = subprocess.run([venv / "bin/edgefleet", "agent", "--help"], capture_output=True, text=True, env=env,
@@ -298,9 +442,12 @@ def _installed_and_purged(tmp_path, fleet, token):
     assert (cfg.device_id, cfg.broker, cfg.state_dir) == ("d1", None, "/var/lib/edgefleet")  # broker: enrolled
     assert stat.S_IMODE(config.stat().st_mode) == 0o640 and config.stat().st_uid == 0
     assert unit.read_bytes() == UNIT.read_bytes()
-    _verify(unit.read_text(), venv / "bin/edgefleet", tmp_path)
+    allowed = [x for x in dropin.read_text().splitlines() if x.startswith("IPAddress")]
+    assert allowed[:2] == ["IPAddressDeny=any", "IPAddressAllow=localhost"] and "IPAddressAllow=127.0.0.1" in allowed
+    _verify(unit.read_text(), venv / "bin/edgefleet", tmp_path, dropin.read_text())
+    assert "api =" not in config.read_text().replace("# api =", "")  # the default: the runtime dir's socket
 
-    before = {p: p.stat().st_mtime_ns for p in (config, unit, venv / "bin/edgefleet")}
+    before = {p: p.stat().st_mtime_ns for p in (config, unit, dropin, venv / "bin/edgefleet")}
     again = _edgefleet(*args)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already has edgefleet[agent]" in again.stdout and "is up to date" in again.stdout, again.stdout
@@ -315,6 +462,7 @@ def _installed_and_purged(tmp_path, fleet, token):
         r = _edgefleet("agent", "uninstall", "--root", root, "--purge")
         assert r.returncode == 0, r.stdout + r.stderr
         assert not venv.exists() and not config.parent.exists() and not unit.exists()
+        assert not dropin.parent.exists()
 
 
 def _pid1() -> str:
