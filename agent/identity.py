@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from agent.errors import EdgefleetError
+from agent.files import write_atomic
 from agent.protocol import ProtocolError, check_device_id
 from agent.transport import Tls
 
@@ -148,20 +149,6 @@ class Identity:
         return ident
 
 
-def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _post(url: str, body: dict, context: ssl.SSLContext, timeout: float) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -242,14 +229,14 @@ def _install(root: Path, answer: dict, key, key_pem: bytes, ca_pem: bytes, ca_fi
     os.chmod(root, 0o700)
     serial = format(cert.serial_number, "x")[:16]
     key_file, cert_file = f"device-{serial}.key", f"device-{serial}.crt"
-    _write(root / key_file, key_pem, 0o600)
-    _write(root / cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(root / CA, ca_pem, 0o644)
+    write_atomic(root / key_file, key_pem, 0o600)
+    write_atomic(root / cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(root / CA, ca_pem, 0o644)
     old = Identity.load(root.parent) if (root / ENROLLMENT).exists() else None
     doc = {"device_id": device_id, "broker": broker, "controller": str(answer.get("controller") or controller),
            "ca_fingerprint": ca_fingerprint, "key_file": key_file, "cert_file": cert_file,
            "not_before": cert.not_valid_before_utc.timestamp(), "not_after": cert.not_valid_after_utc.timestamp()}
-    _write(root / ENROLLMENT, json.dumps(doc, indent=2).encode(), 0o600)  # the switch: one rename
+    write_atomic(root / ENROLLMENT, json.dumps(doc, indent=2).encode(), 0o600)  # the switch: one rename
     if old is not None and old.key_file != key_file:
         for name in (old.key_file, old.cert_file):
             (root / name).unlink(missing_ok=True)

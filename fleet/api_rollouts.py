@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fleet.auth import OPERATOR, READ, allow
-from fleet.rollout import ACTIONS, RolloutError
+from fleet.rollout import RolloutError
 from fleet.schemas import MAX_IDS, Duration, Rate, Regression, Sha256, Target, Wave, Waves, decode_request, explain
 
 

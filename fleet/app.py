@@ -19,7 +19,6 @@ import socket
 import ssl
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit

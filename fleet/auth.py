@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import re
 import secrets
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import EdgefleetError
+from agent.files import write_atomic
 from fleet.schemas import TOKEN_NAME
 
 PUBLIC, DEVICE, READ, OPERATOR, ADMIN = "public", "device", "read", "operator", "admin"
@@ -252,16 +251,7 @@ class Auth:
         path = Path(data_dir) / ADMIN_TOKEN
         name = ADMIN if not any(t["name"] == ADMIN and t["revoked"] is None for t in self.tokens()) else None
         secret, _ = self.create_token(ADMIN, name)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".admin.", suffix=".token")  # mode 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secret + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, (secret + "\n").encode(), 0o600)
         return secret
 
     def check_token(self, secret: str) -> Caller | None:

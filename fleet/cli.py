@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgefleetError
+from fleet.tables import table
 from fleet import cli_admin, cli_enroll, cli_rollouts
 from fleet.health import SORTS
 
@@ -271,12 +272,7 @@ def _print(doc: Any, as_json: bool, render) -> None:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    if not rows:
-        return "no devices yet"
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return table(headers, rows, "no devices yet")
 
 
 def ago(seconds: float | None) -> str:

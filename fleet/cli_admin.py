@@ -12,6 +12,8 @@ import json
 import time
 from typing import Any, Callable
 
+from fleet.tables import table
+
 ROLES = ("read", "operator", "admin")
 
 
@@ -60,15 +62,6 @@ def run(client: Any, args: argparse.Namespace) -> int | None:
     return 0
 
 
-def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
-    if not rows:
-        return empty
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def _when(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -76,10 +69,10 @@ def _when(t: float | None) -> str:
 def tokens_table(tokens: list[dict[str, Any]]) -> str:
     rows = [[t["name"], t["role"], _when(t["created"]), _when(t["last_used"]),
              "revoked " + _when(t["revoked"]) if t["revoked"] else "active"] for t in tokens]
-    return _table(["name", "role", "created", "last used", "status"], rows, "no tokens")
+    return table(["name", "role", "created", "last used", "status"], rows, "no tokens")
 
 
 def audit_table(entries: list[dict[str, Any]]) -> str:
     rows = [[_when(e["time"]), e["actor"], e["action"], e["target"], "-" if e["status"] is None else str(e["status"]),
              e["remote"] or "-", e["detail"]] for e in entries]
-    return _table(["time", "actor", "action", "target", "status", "from", "detail"], rows, "no audit entries yet")
+    return table(["time", "actor", "action", "target", "status", "from", "detail"], rows, "no audit entries yet")

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from agent.errors import EdgefleetError
+from fleet.tables import table
 
 COMMANDS = ("enroll", "provision", "enrollments", "revoke", "certificates")
 
@@ -106,24 +107,15 @@ def _token_text(d: dict) -> str:
     return "\n".join(lines)
 
 
-def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
-    if not rows:
-        return empty
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def _enrollments_table(rows: list[dict]) -> str:
-    return _table(["id", "kind", "for", "used", "left", "state", "expires (UTC)", "created by"],
+    return table(["id", "kind", "for", "used", "left", "state", "expires (UTC)", "created by"],
                   [[r["id"], r["kind"], r["device_id"] or (f"{r['prefix']}*" if r["prefix"] else "any id"),
                     str(r["used"]), str(r["uses_left"]), r["state"], _when(r["expires"]), r["created_by"] or "-"]
                    for r in rows], "no enrollment tokens")
 
 
 def _certificates_table(rows: list[dict]) -> str:
-    return _table(["device", "serial", "kind", "issued (UTC)", "expires (UTC)", "revoked"],
+    return table(["device", "serial", "kind", "issued (UTC)", "expires (UTC)", "revoked"],
                   [[r["device_id"], r["serial"][:16], r["kind"], _when(r["issued"]), _when(r["not_after"]),
                     _when(r["revoked"]) + (f" ({r['reason']})" if r["reason"] else "") if r["revoked"] else "no"]
                    for r in rows], "no certificates")

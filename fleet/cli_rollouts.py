@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleet.tables import table
+
 ROLLOUT_OPTIONS = ("waves", "soak", "wave_timeout", "max_error_rate", "max_p95_ms", "max_p95_regression",
                    "min_inferences")
 
@@ -131,15 +133,6 @@ def _deploy(client: Any, args: argparse.Namespace) -> int:
 # -- rendering ------------------------------------------------------------------------------------------------
 
 
-def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
-    if not rows:
-        return empty
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def _dur(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -169,7 +162,7 @@ def rollouts_table(rollouts: list[dict[str, Any]]) -> str:
     rows = [[r["id"], _model(r["bundle"]), r["status"], f"{r['current_wave']}/{r['wave_count']}",
              f"{r['phases'].get('active', 0)}/{r['device_count']} active", _ago(r["created"]), r["reason"][:80]]
             for r in rollouts]
-    return _table(["rollout", "bundle", "status", "wave", "devices", "created", "reason"], rows, "no rollouts yet")
+    return table(["rollout", "bundle", "status", "wave", "devices", "created", "reason"], rows, "no rollouts yet")
 
 
 def _options(o: dict[str, Any]) -> str:
@@ -219,6 +212,6 @@ def rollout_report(r: dict[str, Any]) -> str:
             rows.append([str(w["wave"]) if i == 0 else "", w["status"] if i == 0 else "", d["device_id"],
                          d["phase"], "yes" if d["online"] else "no", str(d["inferences"]), _pct(d["error_rate"]),
                          "-" if d["p95_ms"] is None else f"{d['p95_ms']:.2f}", _note(d)])
-    table = _table(["wave", "status", "device", "phase", "online", "inferences", "error rate", "p95 ms", "note"],
-                   rows, "no devices")
-    return "\n".join(head) + "\n\n" + table
+    body = table(["wave", "status", "device", "phase", "online", "inferences", "error rate", "p95 ms", "note"],
+                 rows, "no devices")
+    return "\n".join(head) + "\n\n" + body

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 from html import escape as e
-from typing import Any
 from urllib.parse import quote
 
 import msgspec

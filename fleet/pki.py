@@ -21,10 +21,10 @@ import json
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
 
 from agent.errors import EdgefleetError
+from agent.files import write_atomic
 from agent.transport import Tls
 
 CONTROLLER_CN = "controller@edgefleet"
@@ -54,15 +54,6 @@ def fingerprint(cert) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def normalize_fingerprint(text: str) -> str:
-    """``AB:CD:...`` or hex, any case, optionally prefixed ``sha256:`` -> 64 lowercase hex; PkiError otherwise."""
-    clean = text.strip().lower().removeprefix("sha256:").removeprefix("sha256//").replace(":", "")
-    if not re.fullmatch(r"[0-9a-f]{64}", clean):
-        raise PkiError(f"invalid CA fingerprint {text!r}: expected the 64 hex digits of a sha256 "
-                       f"(as `edgefleet fleet enroll` prints it)")
-    return clean
-
-
 def pem(cert) -> str:
     from cryptography.hazmat.primitives import serialization
 
@@ -88,20 +79,6 @@ def check_host(name: str) -> str:
     if not _HOSTNAME.fullmatch(name):
         raise PkiError(f"invalid host name {name!r}: letters, digits, '-', '.' (or an IP address)")
     return name.lower().rstrip(".")
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PKI:
@@ -133,7 +110,7 @@ class PKI:
                              (self.controller_crt, self.controller_key, CONTROLLER_CN)):
             if old_hosts != hosts or not self._valid_for(crt, REISSUE_BEFORE):
                 self._write_server(crt, key, cn, hosts)
-        _write(self._hosts_file, json.dumps(hosts).encode(), 0o600)
+        write_atomic(self._hosts_file, json.dumps(hosts).encode(), 0o600)
         if not self.crl.exists():
             self.write_crl([])
         return self
@@ -167,8 +144,8 @@ class PKI:
                                              decipher_only=False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .sign(key, hashes.SHA256()))
-        _write(self.ca_key, _key_pem(key), 0o600)
-        _write(self.ca_crt, pem(cert).encode(), 0o644)
+        write_atomic(self.ca_key, _key_pem(key), 0o600)
+        write_atomic(self.ca_crt, pem(cert).encode(), 0o644)
 
     def _load_ca(self) -> None:
         from cryptography import x509
@@ -231,8 +208,8 @@ class PKI:
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                       ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                 .sign(self._ca_private, hashes.SHA256()))
-        _write(key_path, _key_pem(key), 0o600)
-        _write(crt, pem(cert).encode(), 0o644)
+        write_atomic(key_path, _key_pem(key), 0o600)
+        write_atomic(crt, pem(cert).encode(), 0o644)
 
     def sign_csr(self, csr_pem: str | bytes, cn: str, lifetime_s: float):
         """A client certificate for ``cn`` on the CSR's public key (the CSR's own subject is ignored)."""
@@ -291,7 +268,7 @@ class PKI:
         if self._ca_private is None:
             self._load_ca()
         crl = builder.sign(self._ca_private, hashes.SHA256())
-        _write(self.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(self.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
 
     def verify_issued(self, der: bytes):
         """The certificate in ``der`` if this CA issued it and it is in its validity period; PkiError otherwise."""

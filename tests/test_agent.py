@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from util import agent_config, fleet_client, wait_for
 
-from agent import bundle, protocol
+from agent import protocol
 from agent.api import AgentClient
 from agent.daemon import Agent
 from agent.errors import EdgefleetError

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from util import agent_config, cli_args, enroll, fleet_client, issue_tls, wait_for
+from util import agent_config, enroll, fleet_client, issue_tls, wait_for
 
 from agent import identity, protocol, transport
 from agent.daemon import Agent

@@ -4,22 +4,18 @@ SQLite, HTTP) throughout; test_api_security.py has the attacks."""
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import json
 import os
 import signal
-import socket
-import ssl
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from test_fleet import assert_one_error_line, run_cli
-from util import admin_token, ssl_context, fleet_client, wait_for
+from util import admin_token, fleet_client, ssl_context
 
 from agent.errors import EdgefleetError
 from fleet.app import Fleet

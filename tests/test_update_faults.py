@@ -5,7 +5,6 @@ controller and mosquitto, real models."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -13,14 +12,13 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import OUTPUT
 from util import fleet_client, wait_for
 
 from agent import bundle, faults, protocol
 from agent.api import AgentClient
-from agent.config import AgentConfig, dumps, validate
+from agent.config import AgentConfig, dumps
 from agent.daemon import Agent
 
 

@@ -314,7 +314,7 @@ def test_rollout_page_shows_waves_and_phases(site, rollout):
     assert status == 200 and f"Rollout {rollout['id']}" in page
     assert 'data-wave="1"' in page and '<tr data-device="dev-web">' in page and 'href="/devices/dev-web"' in page
     r = call(fleet, "GET", fleet.http_url + "/api/rollouts/" + rollout["id"])[1]
-    assert f'<span class="pill' in page and r["waves"][0]["devices"][0]["phase"] in page
+    assert '<span class="pill' in page and r["waves"][0]["devices"][0]["phase"] in page
 
 
 def test_openapi_documents_every_json_endpoint_and_the_real_answers_match(site, rollout):
