@@ -15,7 +15,6 @@ The agent runs as its own process against a real controller and mosquitto starte
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -69,7 +68,7 @@ def main() -> int:
     parser.add_argument("--idle-s", type=float, default=60.0, help="length of the idle measurement")
     args = parser.parse_args()
 
-    from agent import bundle, runtimes
+    from agent import bundle, identity, runtimes
     from agent.api import AgentClient
     from agent.config import AgentConfig, dumps
     from edgefleet.data import text_direction
@@ -94,9 +93,10 @@ def main() -> int:
     try:
         apis = {"tcp": f"127.0.0.1:{free_port()}", "unix": f"unix:{work}/agent.sock"}
         configs = {}
-        for kind, api in apis.items():
-            cfg = AgentConfig(device_id=f"bench-{kind}", broker=fleet.broker_url, controller=fleet.http_url,
-                              state_dir=str(work / kind), api=api, telemetry_interval_s=10.0)
+        for kind, api in apis.items():  # each agent enrolled as a device is (its key, a certificate, mutual TLS)
+            token = fleet.enrollment.create_token(device_id=f"bench-{kind}")
+            identity.enroll(work / kind, fleet.http_url, token["token"], token["ca_fingerprint"])
+            cfg = AgentConfig(state_dir=str(work / kind), api=api, telemetry_interval_s=10.0)
             configs[kind] = work / f"{kind}.toml"
             configs[kind].write_text(dumps(cfg))
         procs = {kind: subprocess.Popen([sys.executable, "-m", "edgefleet.cli", "agent", "run", "--config",
@@ -113,7 +113,7 @@ def main() -> int:
         time.sleep(args.idle_s)
         idle_pct = 100 * (sum(agent.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
 
-        fc = FleetClient(fleet.http_url)
+        fc = FleetClient.configured(data=work / "fleet", env={})  # the admin token and the CA, from the data dir
         sha = fc.upload_bundle(tar)["sha256"]
         fc.deploy(sha, list(f"bench-{k}" for k in apis))
         for c in clients.values():
