@@ -397,3 +397,37 @@ def test_bundles_are_served_to_enrolled_devices_and_operators_only(fleet, tmp_pa
         get(transport.Tls(str(fleet.pki.ca_crt), foreign.cert, foreign.key))
     fleet_client(fleet).revoke("cam-1")
     assert get(device.tls) == 401  # revoked: its downloads stop at once
+
+
+def test_insecure_mode_is_plaintext_and_says_so(tmp_path):
+    """`fleet serve --insecure` (never the default): plaintext MQTT and HTTP, an anonymous broker, no identities;
+    an agent must say insecure = true to use it, and the controller warns on stderr."""
+    import subprocess
+    import sys
+
+    fleet = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0", insecure=True).start_background()
+    try:
+        assert fleet.http_url.startswith("http://") and fleet.broker_url.startswith("mqtt://") and fleet.pki is None
+        from agent.config import AgentConfig, ConfigError, validate
+
+        with pytest.raises(ConfigError, match="plaintext"):
+            validate(AgentConfig(state_dir=str(tmp_path / "d"), device_id="cam-1", broker=fleet.broker_url,
+                                 controller=fleet.http_url))
+        agent = Agent(validate(AgentConfig(state_dir=str(tmp_path / "d"), device_id="cam-1", broker=fleet.broker_url,
+                                           controller=fleet.http_url, insecure=True, api="127.0.0.1:0")))
+        agent.start()
+        try:
+            wait_for(lambda: fleet_client(fleet).devices(), what="the insecure agent")
+        finally:
+            agent.stop()
+    finally:
+        fleet.stop()
+    proc = subprocess.Popen([sys.executable, "-m", "edgefleet.cli", "fleet", "serve", "--data", str(tmp_path / "cli"),
+                             "--http", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--insecure"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("edgefleet fleet: serving http://")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "WARNING: --insecure: plaintext MQTT and HTTP" in err
