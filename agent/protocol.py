@@ -58,6 +58,7 @@ DEVICE_KINDS = (STATE, TELEMETRY, EVENTS)
 # Upper bounds (ms) of the latency histogram's buckets; the last bucket is everything above.
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
+StorageState = Literal["ok", "full", "read_only"]  # can the agent write its state dir
 EventKind = Literal[
     "downloading", "verifying", "activating", "active", "failed", "rolled_back", "error"
 ]
@@ -134,6 +135,9 @@ class State(_Msg):
     cpu_flags: Annotated[list[_Short], msgspec.Meta(max_length=64)] = []
     runtimes: Annotated[list[_Short], msgspec.Meta(max_length=16)] = []
     active: ActiveModel | None = None
+    # additive, optional (older controllers ignore them, older agents leave them out):
+    storage: StorageState = "ok"  # the state dir: writable, full, or read-only (agent/outbox.py)
+    clock_synced: bool | None = None  # the OS's word on the wall clock (agent/clock.py); None: unknown
     v: int = VERSION
 
 
@@ -164,6 +168,8 @@ class Telemetry(_Msg):
     load1: Annotated[float, msgspec.Meta(ge=0)] | None = None
     outbox_pending: Count = 0  # messages queued on the device, not yet acknowledged by the broker
     outbox_dropped: Count = 0  # messages the device's full (or too old) outbox dropped, ever
+    storage: StorageState = "ok"  # additive, optional: as in State
+    clock_synced: bool | None = None  # additive, optional: as in State
     v: int = VERSION
 
 
