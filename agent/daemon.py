@@ -18,6 +18,7 @@ import msgspec
 from agent import __version__, clock, identity, protocol, runtimes, systemd, transport
 from agent.api import InferenceServer
 from agent.config import AgentConfig, ConfigError, validate
+from agent.errors import EdgefleetError
 from agent.config import load as load_config
 from agent.engine import Engine, Loaded
 from agent.link import Link
@@ -46,13 +47,16 @@ def cpu_flags() -> list[str]:
 
 class Agent:
     RENEW_CHECK_S = 3600.0  # how often the identity thread asks whether the certificate is due for renewal
-    PROVISION_ATTEMPTS = 3  # first-boot enrollment tries before start() gives up (systemd starts it again)
+    PROVISION_RETRY_S = (5.0, 300.0)  # first-boot enrollment: the first wait between tries, and the longest
 
     def __init__(self, config: AgentConfig) -> None:
         self.file_config = config  # what the config file says; reload() compares a new file with this
         self.config = config  # the same, with device_id, broker and controller filled in from the enrollment by start()
         self.identity: identity.Identity | None = None
         self.tls: transport.Tls | None = None
+        self.enrollment_error: str | None = None  # why the first-boot enrollment has not happened yet
+        self._provisioner: threading.Thread | None = None
+        self._deferred_errors: list[str] = []  # error events found before the device knows its id
         # New every start (never persisted). seq is per device and persistent (agent/outbox.py); a message queued
         # before a restart is replayed byte for byte, with the boot_id it was built under, so (device, boot_id,
         # seq) stays the controller's dedupe key, and stays unique even if the state dir is wiped and seq restarts.
@@ -75,9 +79,10 @@ class Agent:
         self._renewer = threading.Thread(target=self._renew_loop, name="agent-identity", daemon=True)
 
     # --- who we are --------------------------------------------------------------------------------
-    def _resolve_identity(self) -> None:
-        """Fill in device_id, broker, controller and the TLS files from the enrollment in the state dir (enrolling
-        now, on first boot, when the config has a provisioning token), unless the config says them itself."""
+    def _resolve_identity(self) -> bool:
+        """Fill in device_id, broker, controller and the TLS files from the enrollment in the state dir, unless
+        the config says them itself. Returns True when a first-boot enrollment (a provisioning token) is still
+        to do: start() then serves at once and enrolls in the background (``_provision_loop``)."""
         cfg = self.config
         ident = None
         if not cfg.insecure:
@@ -86,7 +91,13 @@ class Agent:
             except identity.IdentityError as e:
                 raise ConfigError(str(e)) from None
             if ident is None and cfg.provision_token_file:
-                ident = self._provision()
+                self._read_provision_token()  # a missing token file is a config error, now
+                return True
+        self._use_identity(ident)
+        return False
+
+    def _use_identity(self, ident: identity.Identity | None) -> None:
+        cfg = self.config
         if ident is None and not cfg.insecure and cfg.tls_cert is None:
             raise ConfigError(f"this device is not enrolled (no {Path(cfg.state_dir) / identity.DIR}): run `edgefleet "
                               f"agent enroll --controller https://HOST:PORT --token TOKEN --ca-fingerprint SHA256 "
@@ -116,25 +127,41 @@ class Agent:
     def _http_context(self):
         return self.tls.context() if self.tls is not None else None
 
-    def _provision(self) -> identity.Identity:
-        """First boot from an image: enroll with the fleet's provisioning token, under an id made here."""
-        cfg = self.config
+    def _read_provision_token(self) -> str:
+        path = self.config.provision_token_file
         try:
-            token = Path(cfg.provision_token_file).read_text().strip()
+            return Path(path).read_text().strip()
         except OSError as e:
-            raise ConfigError(f"provision_token_file {cfg.provision_token_file}: {e.strerror or e}") from None
-        for attempt in range(1, self.PROVISION_ATTEMPTS + 1):
+            raise ConfigError(f"provision_token_file {path}: {e.strerror or e}") from None
+
+    def _provision_loop(self) -> None:
+        """First boot from an image: enroll with the fleet's provisioning token, under an id made here, retrying
+        with a backoff while the controller cannot be reached or refuses (the token file is read again each
+        time: an administrator may put a new one); then connect. Serving does not wait for it."""
+        cfg, wait = self.config, self.PROVISION_RETRY_S[0]
+        while not self._stop.is_set():
             try:
-                ident = identity.enroll(cfg.state_dir, cfg.controller, token, cfg.ca_fingerprint, cfg.device_id)
-                log.info("enrolled as %s at first boot (certificate until %s)", ident.device_id,
-                         identity.utc(ident.not_after))
-                return ident
-            except identity.IdentityError as e:
-                if attempt == self.PROVISION_ATTEMPTS or "refused" in str(e):
-                    raise
-                log.warning("first-boot enrollment failed (%s); trying again in %d s", e, 5 * attempt)
-                time.sleep(5 * attempt)
-        raise AssertionError("unreachable")
+                ident = identity.enroll(cfg.state_dir, cfg.controller, self._read_provision_token(), cfg.ca_fingerprint,
+                                        cfg.device_id)
+            except (identity.IdentityError, ConfigError, OSError) as e:
+                if str(e) != self.enrollment_error:
+                    log.warning("first-boot enrollment failed: %s; trying again (every %.0f s at most)", e,
+                                self.PROVISION_RETRY_S[1])
+                self.enrollment_error = str(e)
+                self._stop.wait(wait)
+                wait = min(wait * 2, self.PROVISION_RETRY_S[1])
+                continue
+            log.info("enrolled as %s at first boot (certificate until %s)", ident.device_id,
+                     identity.utc(ident.not_after))
+            try:
+                self._use_identity(ident)
+            except (ConfigError, EdgefleetError) as e:
+                self.enrollment_error = str(e)
+                log.error("the enrollment cannot be used: %s", e)
+                return
+            self.enrollment_error = None
+            self._go_online()
+            return
 
     def _renew_loop(self) -> None:
         wait = 0.0
@@ -157,36 +184,46 @@ class Agent:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        """Load the current model from disk and serve it, whatever the network does: a bad config fails here,
+        at once; an unreachable broker or controller does not (the link connects, and a first-boot enrollment
+        happens, in the background, while telemetry and events wait in the outbox)."""
         self.store.open()
-        self._resolve_identity()
+        provisioning = self._resolve_identity()
         broken = self.outbox.open()
         if broken:  # moved aside and replaced: say so (queued, sent once the link is up)
-            self._queue_error(broken)
+            self._deferred_errors.append(broken)
         self._load_current()
         self._resources = Resources(str(self.store.root))
         self.api = InferenceServer.from_config(self.config, self.engine, self.status)
         self.api.start()
+        if provisioning:
+            self._provisioner = threading.Thread(target=self._provision_loop, name="agent-provision", daemon=True)
+            self._provisioner.start()
+        else:
+            self._go_online()
+        self.updater.start()
+        self._telemetry.start()
+        self._renewer.start()
+        log.info("agent %s serving on %s%s", self.config.device_id, self.api.address,
+                 "; enrolling at first boot in the background" if provisioning else "")
+
+    def _go_online(self) -> None:
+        """The device knows who it is: queue what it owes the controller and connect (in the background)."""
         self.link = Link(
             self.config.device_id, transport.parse_url(self.config.broker, allow_plaintext=self.config.insecure),
             tls=self.tls, keepalive=self.config.keepalive_s,
             birth=self._birth, on_desired=self.updater.reconcile, on_cmd=self._on_cmd, outbox=self.outbox,
             on_invalid_desired=self.refuse_desired,
         )
-        try:
-            self.link.start()
-        except BaseException:
-            self.api.stop()
-            self.outbox.close()
-            raise
+        for reason in self._deferred_errors:
+            self._queue_error(reason)
+        self._deferred_errors.clear()
         for kind, what, reason in self._recovered:
             self._emit(kind, what, reason)
             if kind == "active":  # queued on disk now: no longer owed
                 self.store.record_active(what.sha256, what.deployment_id, reported=True)
         self._recovered.clear()
-        self.updater.start()
-        self._telemetry.start()
-        self._renewer.start()
-        log.info("agent %s running: api %s, broker %s", self.config.device_id, self.api.address, self.config.broker)
+        self.link.start()
 
     # what a reload applies to the running agent; any other changed field waits for a restart
     LIVE_FIELDS = ("telemetry_interval_s",)
@@ -203,14 +240,18 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: hup.set())
-        systemd.status("starting: warming up the model, connecting to the broker")
+        systemd.status("starting: loading the current model and warming it up")
         self.start()
         watchdog = systemd.Watchdog.from_env()
         tick = min(1.0, watchdog.period_s / 4) if watchdog.enabled else 1.0
-        systemd.ready(self._status_line())
+        shown = self._status_line()
+        systemd.ready(shown)
         stuck = None
         try:
             while not self._stop.wait(tick):
+                if (line := self._status_line()) != shown:  # connected, lost the broker, enrolled: say so
+                    systemd.status(line)
+                    shown = line
                 if hup.is_set():
                     hup.clear()
                     if config_path is None:
@@ -272,6 +313,10 @@ class Agent:
             return f"the telemetry thread has not woken for {time.monotonic() - tick:.0f} s"
         if not self.updater.alive:
             return "the updater thread has died"
+        if self.link is None:  # enrolling at first boot: no link yet
+            if self._provisioner is not None and not self._provisioner.is_alive() and self.enrollment_error:
+                return f"the first-boot enrollment gave up: {self.enrollment_error}"
+            return None
         # paho has no public handle on loop_start()'s thread; it sets _thread to None when the loop ends
         net = getattr(getattr(self.link, "_c", None), "_thread", None)
         if net is None or not net.is_alive():
@@ -281,8 +326,13 @@ class Agent:
     def _status_line(self) -> str:
         cur = self.engine.current
         model = f"{cur.manifest.name} {cur.manifest.version}" if cur else "no model yet"
-        link = "connected to" if self.link and self.link.connected else "waiting for"
-        return f"serving {model}; {link} {self.config.broker}"
+        if self.link is None:
+            return f"serving {model}; enrolling at first boot" + (f" ({self.enrollment_error})"
+                                                                   if self.enrollment_error else "")
+        if self.link.connected:
+            return f"serving {model}; connected to {self.config.broker}"
+        return f"serving {model}; waiting for {self.config.broker}" + (f" ({self.link.error})" if self.link.error
+                                                                      else "")
 
     def stop(self) -> None:
         self._stop.set()
@@ -291,6 +341,8 @@ class Agent:
             self._telemetry.join(timeout=5)
         if self._renewer.is_alive():
             self._renewer.join(timeout=5)
+        if self._provisioner is not None and self._provisioner.is_alive():
+            self._provisioner.join(timeout=5)
         if self.link:
             self.link.stop()
         self.outbox.close()  # what was not acknowledged stays on disk for the next start
@@ -415,6 +467,8 @@ class Agent:
         )
 
     def publish_telemetry(self) -> None:
+        if self.link is None:  # enrolling at first boot: the device has no id to report under yet
+            return
         for reason in self.outbox.take_reports():  # a broken outbox file found (and replaced) since
             self._queue_error(reason)
         self._queue(protocol.TELEMETRY, self.telemetry())
@@ -436,6 +490,11 @@ class Agent:
             "device_id": self.config.device_id,
             "boot_id": self.boot_id,
             "broker_connected": bool(self.link and self.link.connected),
+            # why the broker cannot be reached (or the first-boot enrollment has not happened), meanwhile
+            "broker_error": self.link.error if self.link is not None else None,
+            "enrollment": ("enrolled" if self.identity is not None else "pending" if self._provisioner is not None
+                           else "none"),
+            "enrollment_error": self.enrollment_error,
             "active": None if cur is None else {
                 "name": cur.manifest.name, "version": cur.manifest.version, "sha256": cur.sha,
                 "precision": cur.manifest.precision, "runtime": cur.manifest.runtime,

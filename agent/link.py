@@ -27,18 +27,14 @@ from collections import deque
 from collections.abc import Callable
 
 from agent import protocol, transport
-from agent.errors import EdgefleetError
 from agent.outbox import Outbox
 
 log = logging.getLogger("edgefleet.agent.link")
 
 WINDOW = 64  # queued messages handed to paho and not yet acknowledged, at most
+DIAGNOSE_EVERY_S = 30.0  # a failing connection is probed for its reason at most this often
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our subscriptions and queued commands this long
 MAX_REASONS = 100  # distinct reasons for dropped messages counted one by one; the rest under "other"
-
-
-class BrokerUnreachable(EdgefleetError):
-    pass
 
 
 class Link:
@@ -70,7 +66,8 @@ class Link:
         self._on_invalid_desired = on_invalid_desired
         self._connected = threading.Event()
         self._stopping = False
-        self._failed: str | None = None
+        self._failed: str | None = None  # why the broker cannot be reached (or refused us), while it cannot be
+        self._diagnosing, self._diagnosed_at = False, float("-inf")
         self.dropped: dict[str, int] = {}  # invalid messages received, by reason (at most MAX_REASONS + "other")
         self.refused: dict[str, int] = {}  # our messages the broker refused (PUBACK reason), by reason
         # the publisher's state: touched only by its thread (and by stop() once it has ended)
@@ -109,22 +106,48 @@ class Link:
         """Whether the thread that drains the outbox runs (for the agent's watchdog)."""
         return self._publisher.is_alive()
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Connect; raise BrokerUnreachable with the reason when the first attempt fails."""
+    def start(self) -> None:
+        """Connect in the background and return at once: the agent serves from disk whether or not the broker
+        answers (an uplink not up yet after a power cut, the controller's host down). paho retries with a
+        backoff of 1 to 30 s; ``error`` says why the broker cannot be reached meanwhile, ``connected`` when it
+        can. Telemetry and events wait in the outbox."""
         url = self.broker
-        try:
-            transport.probe(url, self.tls)  # a refused certificate is one clear line, not a silent retry
-            self._c.connect(url.host, url.port, keepalive=self._keepalive, clean_start=False,
-                            properties=transport.connect_properties(SESSION_EXPIRY_S))
-        except transport.TransportError as e:
-            raise BrokerUnreachable(str(e)) from None
-        except OSError as e:
-            raise BrokerUnreachable(f"cannot reach broker {url}: {transport.describe(e)}") from None
+        self._c.connect_async(url.host, url.port, keepalive=self._keepalive, clean_start=False,
+                              properties=transport.connect_properties(SESSION_EXPIRY_S))
         self._c.loop_start()
-        if not self._connected.wait(timeout):
-            self._c.loop_stop()
-            raise BrokerUnreachable(f"broker {url} did not accept the connection: {self._failed or 'timed out'}")
         self._publisher.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def error(self) -> str | None:
+        """Why the broker could not be reached or refused us, while it cannot be; None once connected."""
+        return None if self.connected else self._failed
+
+    def _diagnose(self) -> None:
+        """A failed connection: find out why in one line (paho only says "failed"), off paho's thread, at most
+        once every DIAGNOSE_EVERY_S; log it when the reason changes."""
+        now = time.monotonic()
+        if self._diagnosing or now - self._diagnosed_at < DIAGNOSE_EVERY_S:
+            return
+        self._diagnosing, self._diagnosed_at = True, now
+
+        def probe() -> None:
+            try:
+                transport.probe(self.broker, self.tls)
+                reason = "the broker did not take the connection"
+            except transport.TransportError as e:
+                reason = str(e)
+            finally:
+                self._diagnosing = False
+            if self.connected:
+                return
+            if reason != self._failed:
+                log.warning("%s; serving from disk and trying again in the background", reason)
+            self._failed = reason
+
+        threading.Thread(target=probe, name="agent-link-probe", daemon=True).start()
 
     def use_identity(self, tls: transport.Tls) -> None:
         """A renewed certificate: the next (re)connection presents it; this one stays up."""
@@ -211,23 +234,33 @@ class Link:
     # --- paho callbacks (on paho's thread): never raise, never block -----------------------------
     def _connected_cb(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self._failed = str(reason_code)
-            log.warning("broker refused the connection: %s", reason_code)
+            reason = f"broker {self.broker} refused the connection: {reason_code}"
+            if reason != self._failed:
+                log.warning("%s; trying again in the background", reason)
+            self._failed = reason
             return
         client.subscribe([(protocol.topic(self.device_id, protocol.DESIRED), 1),
                           (protocol.topic(self.device_id, protocol.CMD), 1)])
         self.publish_state()
+        self._failed = None
         self._connected.set()
         self._wake.set()
         log.info("connected to %s", self.broker)
 
     def _connect_fail_cb(self, client, userdata) -> None:
-        self._failed = "connection failed"
+        if self._failed is None:
+            self._failed = f"cannot reach broker {self.broker}"
+        self._diagnose()
 
     def _disconnect_cb(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._stopping:
             log.warning("disconnected from broker (%s); reconnecting, %d queued messages in flight",
                         reason_code, len(self._inflight))
+            self._failed = f"lost the broker {self.broker} ({reason_code})"
+        elif not self._stopping:  # an attempt that ended before the CONNACK (TLS 1.3 refuses a certificate here)
+            if self._failed is None:
+                self._failed = f"broker {self.broker} closed the connection before accepting it"
+            self._diagnose()
         self._connected.clear()
 
     def _published_cb(self, client, userdata, mid, reason_code, properties) -> None:

@@ -337,6 +337,8 @@ def test_an_undecodable_desired_is_reported_once_and_nothing_is_touched(tmp_path
     agent = Agent(cfg)
     agent.start()
     try:
+        assert agent.link.wait_connected(60)  # start() does not wait for the broker
+        wait_for(lambda: fleet_client(fleet).devices(), what="the device registered")
         bad = protocol.Desired(deployment_id="dep-evil", name="ocr-cls", version="1",
                                url=f"{fleet.http_url}/bundles/x", sha256="../../victim", size=10)
         fleet.link.publish_desired("dev-1", bad)  # a struct built in-process is not checked: it goes out as is

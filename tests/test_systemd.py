@@ -131,7 +131,8 @@ def test_ready_then_watchdog_then_stopping_on_sigterm(agent_process, notify_sock
     wait_for(lambda: notify_socket.count("WATCHDOG=1") >= 5, what="WATCHDOG=1, repeatedly")
     lines = notify_socket.lines()
     assert lines.index("READY=1") < lines.index("WATCHDOG=1")  # the watchdog is petted by the serving loop
-    assert any(x.startswith("STATUS=serving no model yet; connected to") for x in lines), lines
+    wait_for(lambda: any(x.startswith("STATUS=serving no model yet; connected to") for x in notify_socket.lines()),
+             what="STATUS saying the broker is connected")  # READY=1 did not wait for it
 
     agent_process.send_signal(signal.SIGTERM)
     assert agent_process.wait(timeout=60) == 0, agent_process.log.read_text()
