@@ -496,4 +496,7 @@ class Agent:
                 "outputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in cur.manifest.outputs],
             },
             "inferences": self.engine.window.total,
+            "storage": self.outbox.storage,  # ok | full | read_only: whether the state dir takes writes
+            "outbox": {"last_seq": self.outbox.last_seq, "pending": self.outbox.pending_count,
+                       "dropped": self.outbox.dropped, "in_memory": self.outbox.degraded},
         }

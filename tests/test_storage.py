@@ -239,13 +239,6 @@ def outbox_on_disk(state: Path) -> tuple[int, list[int]]:
         return last, [r[0] for r in db.execute("SELECT seq FROM messages ORDER BY seq")]
 
 
-def held_mark(state: Path) -> int:
-    try:
-        return int((state / "outbox.db.held").read_bytes().split()[0])
-    except (FileNotFoundError, IndexError):
-        return 0
-
-
 def assert_all_arrived(fleet, state: Path, missing_ok: set[int] = frozenset()) -> None:
     """Every seq the agent handed out (its outbox's meta, after a clean stop) arrived once or is still queued;
     nothing missing but ``missing_ok``, and the device reported no drop it did not account for."""
@@ -408,11 +401,13 @@ def test_killed_while_the_disk_is_full_nothing_the_outbox_accepted_is_lost(tmp_p
             broker.stop()  # so that messages pile up: on disk first, then in memory
             wait_for(lambda: len(outbox_on_disk(state)[1]) >= 5, what="messages queued on disk")
             fill(state)
-            wait_for(lambda: held_mark(state) >= outbox_on_disk(state)[0] + 3, what="messages held in memory")
+            status = wait_for(lambda: (st := AgentClient(dev.api).status())["outbox"]["in_memory"] and
+                              st["outbox"]["last_seq"] >= outbox_on_disk(state)[0] + 3 and st,
+                              what="messages held in memory")
+            assert status["storage"] == "full" and dev.infer(crops).shape == (1, 2)
             dev.kill()  # SIGKILL while full: what memory held is gone
             durable, queued = outbox_on_disk(state)
-            held = held_mark(state)
-            assert queued and queued[-1] == durable < held
+            assert queued and queued[-1] == durable < status["outbox"]["last_seq"]
 
             (state / "filler").unlink()
             broker.start()
@@ -421,10 +416,13 @@ def test_killed_while_the_disk_is_full_nothing_the_outbox_accepted_is_lost(tmp_p
                      what="everything the outbox had on disk to arrive")
             later = wait_for(lambda: [t for t in telemetry(fleet) if t["boot_id"] != first_boot],
                              what="telemetry of the new run")
-            assert min(t["seq"] for t in later) > held  # no seq that went out from memory is used again
+            assert min(t["seq"] for t in later) > status["outbox"]["last_seq"]  # no seq memory held is used again
             report = wait_for(lambda: [e for e in events(fleet, "error") if "held in memory only" in e["reason"]],
                               what="the report of what memory held")
-            assert f"seqs {durable + 1}..{held} were held in memory only" in report[0]["reason"]
+            m = re.search(r"seqs (\d+)\.\.(\d+) were held in memory only", report[0]["reason"])
+            assert m and int(m[1]) == durable + 1 and int(m[2]) >= status["outbox"]["last_seq"]
+            held = int(m[2])
+            assert min(t["seq"] for t in later) > held
             assert later[-1]["storage"] == "ok" and client(fleet).health(DEVICE)["online"]
             assert dev.infer(crops).shape == (1, 2)
             dev.stop()
