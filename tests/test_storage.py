@@ -504,3 +504,61 @@ def test_a_new_desired_removes_the_old_partial_download_first_and_an_update_leav
     finally:
         agent.outbox.close()
         server.close()
+
+
+@root_only
+def test_a_disk_that_fills_during_a_download_fails_the_update_once_and_leaves_nothing(tmp_path, bundles):
+    """The room was there when the update was checked; another process takes it while the bundle downloads (the
+    server's handler fills the disk as the request arrives). One `failed` event naming the disk, the partial
+    download removed, not retried as if the network had failed; the model keeps serving."""
+    import http.server
+    import threading
+
+    from agent import protocol
+    from agent.config import AgentConfig, validate
+    from agent.daemon import Agent
+    from agent.protocol import Desired
+
+    with tmpfs(tmp_path / "dev") as state:
+        v1, v2 = _sha(bundles["v1"]), _sha(bundles["v2"])
+        served = {f"/bundles/{v1}": bundles["v1"], f"/bundles/{v2}": bundles["v2"]}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                data = served[self.path].read_bytes()
+                if self.path.endswith(v2):
+                    fill(state)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        agent = Agent(validate(AgentConfig(device_id="cam-1", broker="mqtt://127.0.0.1:1", controller=url,
+                                           state_dir=str(state), rollback_window_s=0, insecure=True,
+                                           min_free_bytes=0)))
+        agent.store.open()
+        agent.outbox.open()
+        try:
+            def desired(sha, key):
+                return Desired(deployment_id=f"dep-{key}", name="ocr-cls", version=key, url=f"{url}/bundles/{sha}",
+                               sha256=sha, size=bundles[key].stat().st_size)
+
+            agent.updater.apply(desired(v1, "v1"))
+            assert agent.engine.current.sha == v1
+            agent.updater.apply(desired(v2, "v2"))  # returns: a DownloadError (the network) would raise, to retry
+            queued = [protocol.decode(m.kind, m.payload) for m in agent.outbox.pending(1000)]
+            about_v2 = [(e.kind, e.reason) for e in queued if isinstance(e, protocol.Event) and e.sha256 == v2]
+            assert [k for k, _ in about_v2] == ["downloading", "failed"]
+            assert about_v2[1][1].startswith("downloading: No space left on device (")
+            assert list((state / "downloads").iterdir()) == []
+            assert [p.name for p in (state / "models").iterdir()] == [v1] and agent.engine.current.sha == v1
+        finally:
+            agent.outbox.close()
+            httpd.shutdown()
+            httpd.server_close()
