@@ -389,3 +389,27 @@ def test_a_read_only_state_dir_at_start_queues_in_memory_above_the_ceiling_and_r
     assert on_disk(path)[2] == [1, 2, 3, ceiling + 1]
     assert [m.seq for m in box.pending(10)] == [1, 2, 3, ceiling + 1]
     box.close()
+
+
+def test_storage_says_full_from_the_free_space_before_a_write_fails_and_ok_from_twice_the_floor(tmpfs):
+    box = opened(tmpfs / "outbox.db")
+    put(box)
+    fill(tmpfs)  # SQLite may still find room in pages it has: the state dir is full all the same
+    assert box.refresh() == "full" and not box.degraded and "0 B free" in box.storage_reason
+    filler = tmpfs / "filler"
+
+    def leave(free: int) -> None:
+        os.truncate(filler, filler.stat().st_size - (free - box_free(tmpfs)))
+
+    leave(outbox_mod.FULL_BELOW * 3 // 2)
+    assert box.refresh() == "full"  # between the floor and twice it: no flapping back and forth
+    leave(outbox_mod.FULL_BELOW * 2 + 65536)
+    assert box.refresh() == "ok" and box.storage_reason == ""
+    leave(outbox_mod.FULL_BELOW * 3 // 2)
+    assert box.refresh() == "ok"
+    box.close()
+
+
+def box_free(d) -> int:
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
