@@ -30,7 +30,8 @@ One SQLite file, ``STATE_DIR/outbox.db``, in WAL mode with ``synchronous=FULL``:
   seqs and wait in memory, bounded by ``memory_max`` bytes (the oldest dropped first and counted in
   ``dropped``), and the link's publisher sends them from there through the same ``pending``/``ack``;
   acknowledgements of on-disk messages are remembered until they can be deleted. Every ``RECOVER_S`` the
-  directory is probed; once it takes a write the database is opened again (a filesystem mounted again after
+  directory is probed (not while its mount point, as at open, is unmounted: a write then would land in the bare
+  mount point); once it takes a write the database is opened again (a filesystem mounted again after
   an error leaves the old connection on the dead one) and, in one transaction, what memory held is written
   back with its seqs, the remembered acks deleted and the dropped count added: nothing it had is lost.
   ``storage`` says "full" or "read_only" meanwhile (and "full" also while the free space is under
@@ -55,22 +56,20 @@ import os
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from agent import storage
 from agent.errors import EdgefleetError
+from agent.heldqueue import Held, HeldQueue
+from agent.seqmarks import SeqMarks, fsync_dir
 
 log = logging.getLogger("edgefleet.agent.outbox")
 
 SCHEMA_VERSION = 1
 SEQ_RESERVE = 1000  # the ceiling is kept this far ahead, rewritten once every SEQ_RESERVE // 2 seqs
 FILE = "outbox.db"
-CEILING_SUFFIX = ".seq"
-HELD_SUFFIX = ".held"
-HELD_WIDTH = 32  # bytes of the held mark: a seq, padded, rewritten in place
 BUSY_TIMEOUT_S = 30.0  # waiting for another connection's write lock (only a second agent on the same dir)
 MEMORY_MAX_BYTES = 1 << 20  # payload bytes held in memory while degraded (at most max_bytes)
 RECOVER_S = 2.0  # while degraded, how often the directory is probed
@@ -117,16 +116,6 @@ class Pending(NamedTuple):
     payload: bytes
 
 
-class _Held(NamedTuple):
-    """A message held in memory while the state dir takes no writes."""
-
-    seq: int
-    kind: str
-    payload: bytes
-    created: float
-    mono: float
-
-
 def _kernel_boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -159,8 +148,7 @@ class Outbox:
         if max_bytes <= 0 or max_age_s <= 0:
             raise ValueError("max_bytes and max_age_s must be > 0")
         self.path = Path(path)
-        self.ceiling_path = self.path.with_name(self.path.name + CEILING_SUFFIX)
-        self.held_path = self.path.with_name(self.path.name + HELD_SUFFIX)
+        self._marks = SeqMarks(self.path)  # the seq ceiling and the held mark (agent/seqmarks.py)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.memory_max = min(max_bytes, MEMORY_MAX_BYTES)
@@ -168,8 +156,6 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self._kboot = _kernel_boot_id()
         self._seq = 0  # the last seq handed out (mirrors meta.seq, but for what is held in memory)
-        self._ceiling = 0  # mirrors the ceiling file
-        self._held = 0  # mirrors the held mark
         self._dropped = 0
         self._count = 0  # on disk
         self._bytes = 0
@@ -179,13 +165,13 @@ class Outbox:
         self._degraded = False
         self._fault: str | None = None  # "full" | "read_only": what `storage` says, degraded or short of space
         self._fault_reason = ""
-        self._memory: deque[_Held] = deque()
-        self._memory_bytes = 0
+        self._memory = HeldQueue(self.memory_max, max_age_s)
         self._acked_later: dict[int, int] = {}  # on-disk seq acknowledged while degraded -> its payload length
         self._acked_later_bytes = 0
         self._unsaved_dropped = 0  # dropped while degraded, not yet counted in meta
         self._disk_unread = False  # what is on disk could not be read while degraded (the cursor may be past it)
         self._next_try = 0.0
+        self._mount: Path | None = None  # the state dir's mount point, as at open
         self._warned: set[str] = set()
         self.held_total = 0  # messages ever held in memory
 
@@ -195,8 +181,8 @@ class Outbox:
         state dir takes no writes, and the queue starts in memory)."""
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._ceiling = self._read_ceiling()
-            self._held = self._read_held()
+            self._mount = storage.mount_point(self.path.parent)
+            self._marks.load()
             try:
                 self._connect()
                 report = self._check()  # read-only until the file passes: a broken one is moved aside as it was
@@ -211,17 +197,18 @@ class Outbox:
                     raise OutboxError(f"cannot open the outbox {self.path}: {e}") from None
                 return self._replace(reason)
             self._settle_held()
-            self._make_held_file()
+            self._marks.make_held()
             return report
 
     def close(self) -> None:
         with self._lock:
             if self._degraded:
                 self._recover()  # a last try: the disk may take what memory holds now
-            if self._degraded and self._memory:
+            if self._degraded and len(self._memory):
+                held = [m.seq for m in self._memory]
                 log.error("outbox: stopping with %d messages (seqs %d..%d) held in memory only, the state dir "
-                          "being %s: those not acknowledged by the broker are lost", len(self._memory),
-                          self._memory[0].seq, self._memory[-1].seq, self._fault)
+                          "being %s: those not acknowledged by the broker are lost", len(held), held[0], held[-1],
+                          self._fault)
             self._close_db()
 
     def _close_db(self) -> None:
@@ -271,7 +258,7 @@ class Outbox:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not tables and version == 0:
             self._pragmas()
-            floor = max(self._ceiling, self._held)
+            floor = self._marks.floor
             self._create(floor, 0)
             if not floor:
                 return None
@@ -287,7 +274,7 @@ class Outbox:
                            f"tables {sorted(tables)})")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         top = db.execute("SELECT max(seq) FROM messages").fetchone()[0] or 0
-        self._seq = max(meta.get("seq", self._ceiling), top)
+        self._seq = max(meta.get("seq", self._marks.ceiling), top)
         self._dropped = meta.get("dropped", 0)
         self._count, self._bytes = db.execute("SELECT count(*), coalesce(sum(length(payload)), 0) "
                                               "FROM messages").fetchone()
@@ -305,7 +292,7 @@ class Outbox:
         """Move the broken file aside (never delete it), start a new one; return what to report."""
         self._close_db()
         learned, lost, dropped = _salvage(self.path)
-        start = max(learned, self._ceiling, self._held)
+        start = max(learned, self._marks.floor)
         stamp = int(time.time())
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         n = 1
@@ -319,7 +306,7 @@ class Outbox:
                 side = self.path.with_name(self.path.name + suffix)
                 if side.exists():
                     os.replace(side, aside.with_name(aside.name + suffix))
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             self._connect()
             self._pragmas()
             self._create(start, dropped + lost)
@@ -418,7 +405,7 @@ class Outbox:
                     return self._guard(self._expire_locked)
                 except _NoWrites as e:
                     self._degrade(e.kind, str(e))
-            return self._bound_memory()
+            return self._count_dropped(self._memory.bound(_boottime()))
 
     def _expire_locked(self) -> int:
         with self._tx():
@@ -486,26 +473,18 @@ class Outbox:
 
     def _put_memory(self, kind: str, build: Callable[[int], bytes]) -> int:
         seq = self._seq + 1
-        if not self._write_held(seq) and "held" not in self._warned:
+        if not self._marks.write_held(seq) and "held" not in self._warned:
             self._warned.add("held")
             log.warning("outbox: cannot record the seqs held in memory in %s (the state dir is %s): if the agent "
                         "restarts before the state dir takes writes again, seqs after %d may be handed out again",
-                        self.held_path.name, self._fault, self._seq)
+                        self._marks.held_path.name, self._fault, self._seq)
         payload = bytes(build(seq))
-        self._memory.append(_Held(seq, kind, payload, time.time(), _boottime()))
-        self._memory_bytes += len(payload)
         self._seq = seq
         self.held_total += 1
-        self._bound_memory()
+        self._count_dropped(self._memory.append(Held(seq, kind, payload, time.time(), _boottime()), _boottime()))
         return seq
 
-    def _bound_memory(self) -> int:
-        """Drop the oldest held in memory while over memory_max or older than max_age_s; returns how many."""
-        now = _boottime()
-        dropped = 0
-        while self._memory and (self._memory_bytes > self.memory_max or now - self._memory[0].mono > self.max_age_s):
-            self._memory_bytes -= len(self._memory.popleft().payload)
-            dropped += 1
+    def _count_dropped(self, dropped: int) -> int:
         if dropped:
             self._dropped += dropped
             self._unsaved_dropped += dropped
@@ -527,27 +506,13 @@ class Outbox:
                 self._disk_unread = True
         else:  # opened degraded: what the file holds is read after it takes writes again
             self._disk_unread = True
-        for m in self._memory:
-            if len(out) >= limit:
-                break
-            if m.seq > after:
-                out.append(Pending(m.seq, m.kind, m.payload))
-        return out
+        return out + [Pending(m.seq, m.kind, m.payload) for m in self._memory.after(after, limit - len(out))]
 
     def _ack_degraded(self, seqs: list[int]) -> int:
         wanted = set(seqs)
-        gone = 0
-        if self._memory and wanted & {m.seq for m in self._memory}:
-            kept: deque[_Held] = deque()
-            for m in self._memory:
-                if m.seq in wanted:
-                    gone += 1
-                    self._memory_bytes -= len(m.payload)
-                    wanted.discard(m.seq)
-                else:
-                    kept.append(m)
-            self._memory = kept
-        rest = [s for s in wanted if s not in self._acked_later]
+        found = self._memory.remove(wanted)
+        gone = len(found)
+        rest = [s for s in wanted - found if s not in self._acked_later]
         if rest and self._db is not None:
             try:
                 for i in range(0, len(rest), 500):
@@ -566,6 +531,11 @@ class Outbox:
         """Degraded: when the directory takes a write again, reopen the database and write back what memory holds,
         delete what was acknowledged meanwhile and count what was dropped (one transaction)."""
         self._next_try = time.monotonic() + RECOVER_S
+        if self._mount is not None and not os.path.ismount(self._mount):
+            # unmounted (to be checked and mounted again): writing now would land in the bare mount point, beside
+            # the filesystem that holds the outbox
+            self._fault_reason = f"{self._mount} is not mounted"
+            return False
         kind, why = storage.probe(self.path.parent)
         if why:  # still no writes (or an error that is not a storage condition: keep waiting)
             if kind:
@@ -612,7 +582,6 @@ class Outbox:
         log.warning("outbox: the state dir %s takes writes again; %d messages held in memory written back, "
                     "%d dropped while it did not", self.path.parent, len(held), self._unsaved_dropped)
         self._memory.clear()
-        self._memory_bytes = 0
         self._acked_later.clear()
         self._acked_later_bytes = 0
         self._unsaved_dropped = 0
@@ -625,13 +594,13 @@ class Outbox:
             self._keep_ceiling_ahead(self._seq + 1)
         except OSError:
             pass
-        self._make_held_file()
+        self._marks.make_held()
         self._observe()  # "full" stays until twice FULL_BELOW is free
 
     def _open_degraded(self, kind: str, reason: str) -> str:
         """open() found the state dir taking no writes: start in memory, above every seq that may have been used."""
         self._close_db()
-        self._seq = max(self._ceiling, self._held)
+        self._seq = self._marks.floor
         self._degrade(kind, reason)
         report = (f"the outbox {self.path} cannot be opened ({reason}): the state dir is {kind}; messages wait in "
                   f"memory until it takes writes, seq continues after {self._seq} (the seq ceiling: the seqs "
@@ -685,7 +654,7 @@ class Outbox:
 
     @property
     def pending_bytes(self) -> int:
-        return self._bytes - self._acked_later_bytes + self._memory_bytes
+        return self._bytes - self._acked_later_bytes + self._memory.bytes
 
     # --- internals --------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -717,104 +686,29 @@ class Outbox:
     def _keep_ceiling_ahead(self, seq: int) -> None:
         """Before ``seq`` is used: raise the ceiling when fewer than SEQ_RESERVE // 2 seqs are left under it. A
         failure matters only when ``seq`` itself is above it."""
-        if seq <= self._ceiling - SEQ_RESERVE // 2:
+        if seq <= self._marks.ceiling - SEQ_RESERVE // 2:
             return
         try:
-            self._raise_ceiling(seq + SEQ_RESERVE)
+            self._marks.raise_ceiling(seq + SEQ_RESERVE)
         except OSError as e:
-            if seq > self._ceiling:
+            if seq > self._marks.ceiling:
                 raise
             if "ceiling" not in self._warned:
                 self._warned.add("ceiling")
                 log.warning("outbox: cannot raise the seq ceiling (%s); %d seqs are left under it", e,
-                            self._ceiling - seq)
-
-    def _read_ceiling(self) -> int:
-        try:
-            return int(self.ceiling_path.read_text().strip() or 0)
-        except FileNotFoundError:
-            return 0
-        except (OSError, ValueError) as e:
-            log.warning("ignoring an unreadable seq ceiling %s: %s", self.ceiling_path, e)
-            return 0
-
-    def _raise_ceiling(self, value: int) -> None:
-        """Durably record that seqs up to ``value`` may be used, before using any of them."""
-        tmp = self.ceiling_path.with_name(self.ceiling_path.name + ".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, f"{value}\n".encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.ceiling_path)
-        except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(self.ceiling_path.parent)
-        self._ceiling = value
-
-    def _read_held(self) -> int:
-        try:
-            return int(self.held_path.read_bytes().split()[0])
-        except FileNotFoundError:
-            return 0
-        except (OSError, ValueError, IndexError) as e:
-            log.warning("ignoring an unreadable held mark %s: %s", self.held_path, e)
-            return 0
-
-    def _make_held_file(self) -> None:
-        """Make the held mark while the disk takes writes, so that a full one can still take it in place."""
-        if self.held_path.exists():
-            return
-        tmp = self.held_path.with_name(self.held_path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(_held_bytes(self._held))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.held_path)
-            _fsync_dir(self.held_path.parent)
-        except OSError as e:
-            log.warning("outbox: cannot make %s (%s)", self.held_path.name, e)
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-
-    def _write_held(self, seq: int) -> bool:
-        """Record in place that ``seq`` was handed out while held in memory; False when the disk refused."""
-        try:
-            fd = os.open(self.held_path, os.O_WRONLY)
-            try:
-                os.pwrite(fd, _held_bytes(seq), 0)
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            return False
-        self._held = seq
-        return True
+                            self._marks.ceiling - seq)
 
     def _settle_held(self) -> None:
         """After open: a held mark above the database's seq means the last run stopped with messages in memory."""
-        if self._held <= self._seq:
+        if self._marks.held <= self._seq:
             return
-        first, last = self._seq + 1, self._held
+        first, last = self._seq + 1, self._marks.held
         self._seq = last
         report = (f"the agent stopped while the messages of seqs {first}..{last} were held in memory only (its "
                   f"state dir took no writes); those that had not reached the broker are lost; seq continues "
                   f"after {last}")
         log.error("%s", report)
         self._reports.append(report)
-
-
-def _held_bytes(seq: int) -> bytes:
-    return f"{seq}".ljust(HELD_WIDTH - 1).encode() + b"\n"
 
 
 def _salvage(path: Path) -> tuple[int, int, int]:
@@ -844,15 +738,3 @@ def _salvage(path: Path) -> tuple[int, int, int]:
         db.close()
     return seq, count, dropped
 
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -36,6 +36,14 @@ def mounted_read_only(directory: str | os.PathLike) -> bool:
         return False
 
 
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the filesystem ``path`` is on (``/`` at worst)."""
+    p = Path(os.path.realpath(path))
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
 def probe(directory: str | os.PathLike) -> tuple[str | None, str]:
     """Write, fsync and remove a page-sized file in ``directory``: (None, "") when that works, else ("full" or
     "read_only", the error). Another error (EIO, EACCES...) is not a storage condition this module names:

@@ -82,7 +82,7 @@ def ext4(image: Path, d: Path):
     _run("mount", "-o", "loop,errors=remount-ro", str(image), str(d))
     loops: list[str] = []
     try:
-        yield loops  # loop devices attached by hand (remount_fixed), detached at the end
+        yield loops  # loop devices attached by hand (check_and_mount_again), detached at the end
     finally:
         _unmount(d)
         for dev in loops:
@@ -96,10 +96,9 @@ def make_read_only(d: Path) -> None:
     Path(f"/sys/fs/ext4/{dev}/trigger_fs_error").write_text("edgefleet storage test\n")
 
 
-def remount_fixed(image: Path, d: Path, loops: list[str]) -> None:
-    """What an operator does next: detach the broken mount, check the filesystem, mount it again at the same place
-    (on a new loop device: the old one stays with the files the agent still has open)."""
-    _run("umount", "-l", str(d))
+def check_and_mount_again(image: Path, d: Path, loops: list[str]) -> None:
+    """What an operator does after detaching the broken mount (`umount -l`): check the filesystem, mount it again at
+    the same place (on a new loop device: the old one stays with the files the agent still has open)."""
     r = subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True)
     assert r.returncode in (0, 1), r.stdout + r.stderr  # 1: errors corrected
     dev = _run("losetup", "-f", "--show", str(image)).stdout.strip()
@@ -376,7 +375,12 @@ def test_a_filesystem_turned_read_only_under_the_agent(tmp_path, fleet, bundles,
             health = client(fleet).health(DEVICE)
             assert health["seq_gaps"] == 0 and health["outbox_dropped"] == 0
 
-            remount_fixed(image, mount, loops)
+            _run("umount", "-l", str(mount))  # detached to be checked: the agent must not write beneath it
+            seen = len(storage_said(fleet, "read_only"))
+            # ten windows (3 s) outlast the outbox's probe period (RECOVER_S, 2 s): it has looked meanwhile
+            wait_for(lambda: len(storage_said(fleet, "read_only")) >= seen + 10, what="telemetry while unmounted")
+            assert telemetry(fleet)[-1]["storage"] == "read_only" and list(mount.iterdir()) == []
+            check_and_mount_again(image, mount, loops)
             wait_for(lambda: telemetry(fleet)[-1]["storage"] == "ok", what="telemetry saying ok again")
             wait_for(lambda: len(storage_events(fleet)) == 2, what="the event at the end")
             assert storage_events(fleet)[1].startswith(f"storage ok: the state dir {mount} takes writes again")
@@ -386,6 +390,7 @@ def test_a_filesystem_turned_read_only_under_the_agent(tmp_path, fleet, bundles,
             no_tracebacks(dev)
         finally:
             dev.kill()
+    assert list(mount.iterdir()) == []  # nothing was ever written in the bare mount point
 
 
 # --- (d) killed while the disk is full ----------------------------------------------------------------------
