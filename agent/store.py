@@ -243,8 +243,8 @@ class ModelStore:
         half-unpacked directory, and every download but ``keep``'s (the desired bundle, whose partial download
         may be resumed and whose unpack may be reused: its model is kept too). ``downloads=False`` (at start,
         before the desired model is known) leaves the downloads of other bundles (and their unpacks) alone but for
-        those of current and previous, which are unpacked already. Returns the names removed; what the disk refuses to remove
-        (read-only) stays."""
+        those of current and previous, which are unpacked already. Returns the names removed; what the disk
+        refuses to remove (read-only) stays."""
         if keep is not None:
             check_sha256(keep)
         linked = {x[0] for x in (self.current(), self.previous()) if x}
