@@ -22,6 +22,7 @@ class ConfigError(EdgefleetError):
 
 
 DEFAULT_API = "unix:/run/edgefleet/agent.sock"  # where the service's local API listens (its RuntimeDirectory=)
+RESERVE_MARGIN = 8 << 20  # min_free_bytes by default: outbox_max_bytes + this (the outbox's write-ahead log, a margin)
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -53,6 +54,10 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     outbox_max_age_s: float = 7 * 24 * 3600.0  # age of the oldest queued message
     # what a desired model may ask for, checked before anything is downloaded (agent/updater.py)
     max_bundle_bytes: int = 2 << 30  # a larger desired size is refused
+    # room an update must leave free in the state dir's filesystem: a bundle whose download + unpack + this does
+    # not fit is refused before a byte of it is written. None: outbox_max_bytes + RESERVE_MARGIN (room for the
+    # outbox to fill up to its bound, its write-ahead log and a margin)
+    min_free_bytes: int | None = None
     bundle_origins: list[str] = []  # http(s)://HOST[:PORT] bundles may come from, besides the controller's
     # the local inference API (agent/api.py). Without `api`: a Unix socket, $RUNTIME_DIRECTORY/agent.sock under
     # systemd (/run/edgefleet/agent.sock), else state_dir/agent.sock; mode 0660, group api_group
@@ -62,6 +67,11 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_max_connections: int = 64  # open at once; beyond, the longest-waiting idle one is closed
     api_workers: int = 2  # inferences run at once (the rest queue); status never waits for them
 
+
+
+def min_free_bytes(cfg: AgentConfig) -> int:
+    """The reserve an update leaves free (``min_free_bytes``, or its default from the outbox's bound)."""
+    return cfg.min_free_bytes if cfg.min_free_bytes is not None else cfg.outbox_max_bytes + RESERVE_MARGIN
 
 
 def parse_origin(url: str, what: str = "origin", path_ok: bool = False) -> str:
@@ -184,6 +194,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise ConfigError("outbox_max_age_s must be > 0")
     if not 1 <= cfg.max_bundle_bytes <= MAX_SIZE:
         raise ConfigError(f"max_bundle_bytes must be between 1 and {MAX_SIZE} (1 TiB)")
+    if cfg.min_free_bytes is not None and not 0 <= cfg.min_free_bytes <= MAX_SIZE:
+        raise ConfigError(f"min_free_bytes must be between 0 and {MAX_SIZE} (1 TiB)")
     return cfg
 
 

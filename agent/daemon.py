@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import msgspec
 
-from agent import __version__, clock, identity, protocol, runtimes, systemd, transport
+from agent import __version__, clock, identity, protocol, runtimes, storage, systemd, transport
 from agent.api import InferenceServer
 from agent.config import AgentConfig, ConfigError, validate
 from agent.errors import EdgefleetError
@@ -77,6 +77,11 @@ class Agent:
         self._telemetry = threading.Thread(target=self._telemetry_loop, name="agent-telemetry", daemon=True)
         self._telemetry_tick: float | None = None  # when the telemetry loop last woke (run()'s watchdog)
         self._renewer = threading.Thread(target=self._renew_loop, name="agent-identity", daemon=True)
+        # what the outbox last said of the state dir (ok, full, read_only); since when, and its counts then
+        self._storage = "ok"
+        self._storage_since = 0.0
+        self._storage_counts = (0, 0)
+        self._storage_lock = threading.Lock()
 
     # --- who we are --------------------------------------------------------------------------------
     def _resolve_identity(self) -> bool:
@@ -193,6 +198,9 @@ class Agent:
         if broken:  # moved aside and replaced: say so (queued, sent once the link is up)
             self._deferred_errors.append(broken)
         self._load_current()
+        removed = self.store.collect(downloads=False)  # models but current and previous; a partial download waits
+        if removed:
+            log.info("removed from the state dir: %s", ", ".join(removed))
         self._resources = Resources(str(self.store.root))
         self.api = InferenceServer.from_config(self.config, self.engine, self.status)
         self.api.start()
@@ -220,8 +228,8 @@ class Agent:
         self._deferred_errors.clear()
         for kind, what, reason in self._recovered:
             self._emit(kind, what, reason)
-            if kind == "active":  # queued on disk now: no longer owed
-                self.store.record_active(what.sha256, what.deployment_id, reported=True)
+            if kind == "active":  # queued now: no longer owed
+                self._record_active(what.sha256, what.deployment_id)
         self._recovered.clear()
         self.link.start()
 
@@ -372,8 +380,11 @@ class Agent:
             self.engine.swap(loaded)
             if name == "previous":
                 bad = self.store.current()
-                self.store.switch(sha)
-                self.store.record_active(sha, dep, reported=True)
+                try:
+                    self.store.switch(sha)
+                except OSError as e:  # serve it all the same
+                    log.error("cannot switch the current link back to %s: %s", sha[:12], e)
+                self._record_active(sha, dep)
                 if bad:
                     self._recovered.append(("rolled_back", SimpleNamespace(
                         deployment_id=None, sha256=bad[0], version=None),
@@ -382,11 +393,18 @@ class Agent:
                 self._recovered.append(("active", about(loaded), "switched before a restart, reported now"))
             return
 
+    def _record_active(self, sha: str, deployment_id: str | None) -> None:
+        try:
+            self.store.record_active(sha, deployment_id, reported=True)
+        except OSError as e:  # a full or read-only state dir: the event may be owed again after a restart
+            log.warning("cannot record the active deployment in %s: %s", self.store.root, e)
+
     # --- messages ---------------------------------------------------------------------------------
     def _queue(self, kind: str, msg: protocol.Telemetry | protocol.Event) -> int:
         """Put a message in the outbox under the next seq (it leaves after the broker's PUBACK); return the seq.
 
-        Raises when it cannot be queued (e.g. the disk is full): the caller must not assume it was sent."""
+        While the state dir takes no writes (full, read-only) the outbox holds it in memory instead. Raises only
+        when the outbox itself is unusable: the caller must not assume it was sent."""
         def build(seq: int) -> bytes:  # inside the outbox's transaction
             msg.seq = seq
             if isinstance(msg, protocol.Telemetry):
@@ -429,7 +447,7 @@ class Agent:
             kind=kind, deployment_id=named.deployment_id, sha256=named.sha256, version=named.version,
             reason=protocol.clip(reason),
         )
-        self._queue(protocol.EVENTS, event)  # on disk when this returns (raises if it cannot be)
+        self._queue(protocol.EVENTS, event)  # queued when this returns (raises if it cannot be)
         if kind in ("active", "rolled_back") and self.link:
             self.link.publish_state()
 
@@ -471,7 +489,41 @@ class Agent:
             return
         for reason in self.outbox.take_reports():  # a broken outbox file found (and replaced) since
             self._queue_error(reason)
+        self.outbox.refresh()
+        self._watch_storage()
         self._queue(protocol.TELEMETRY, self.telemetry())
+
+    def _watch_storage(self) -> None:
+        """One error event (and one log line) when the state dir stops taking writes (full, read-only), one when
+        it takes them again; the retained state says it at once. Inference is not touched either way."""
+        with self._storage_lock:
+            now, was = self.outbox.storage, self._storage
+            if now == was:
+                return
+            self._storage = now
+            box, root = self.outbox, self.store.root
+            if now == "ok":
+                held, dropped = box.held_total - self._storage_counts[0], box.dropped - self._storage_counts[1]
+                reason = (f"storage ok: the state dir {root} takes writes again after "
+                          f"{time.monotonic() - self._storage_since:.0f} s {was}; {held} messages waited in memory "
+                          f"meanwhile, {dropped} dropped")
+                log.warning("%s", reason)
+            else:
+                if was == "ok":
+                    self._storage_since, self._storage_counts = time.monotonic(), (box.held_total, box.dropped)
+                detail = box.storage_reason
+                if not detail.endswith(" free"):
+                    try:
+                        detail += f"; {storage.human(storage.free_bytes(root))} free"
+                    except OSError:
+                        pass
+                reason = (f"storage {now}: the state dir {root} takes no writes ({detail}); "
+                          f"messages wait in memory (up to {storage.human(box.memory_max)}) and are sent from there, "
+                          f"updates are refused, inference goes on")
+                log.error("%s", reason)
+        self._queue_error(reason)
+        if self.link:
+            self.link.publish_state()
 
     def _telemetry_loop(self) -> None:
         self._telemetry_tick = time.monotonic()
@@ -503,4 +555,7 @@ class Agent:
                 "outputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in cur.manifest.outputs],
             },
             "inferences": self.engine.window.total,
+            "storage": self.outbox.storage,  # ok | full | read_only: whether the state dir takes writes
+            "outbox": {"last_seq": self.outbox.last_seq, "pending": self.outbox.pending_count,
+                       "dropped": self.outbox.dropped, "in_memory": self.outbox.degraded},
         }

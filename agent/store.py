@@ -9,6 +9,10 @@
 
 Every method that puts a sha256 into a path refuses anything but 64 lowercase hex digits (whatever its
 caller checked before), and nothing is ever removed outside ``models/`` and ``downloads/``.
+
+The state dir holds the two models (``current`` and ``previous``), the outbox, and while an update runs its
+download and unpack; ``collect`` removes everything else (at start, when a desired model arrives, after each
+update), and ``check_room`` refuses an update that would not fit before a byte of it is written.
 """
 
 from __future__ import annotations
@@ -23,13 +27,22 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from agent import storage
 from agent.bundle import MANIFEST, BundleError, Manifest, decode_manifest, safe_unpack, verify_file
 from agent.errors import EdgefleetError
 from agent.protocol import SHA256_RE, check_sha256
 
 
 class DownloadError(EdgefleetError):
-    pass
+    """The network failed a download: tried again later (the partial download is kept to be resumed)."""
+
+
+class StorageError(EdgefleetError):
+    """The state dir took no more of an update (full or read-only): the update fails, and is not retried."""
+
+
+class NoRoom(StorageError):
+    """An update would not fit in the state dir's free space; the message names both figures."""
 
 
 class ModelStore:
@@ -41,13 +54,17 @@ class ModelStore:
         self.http_context: Callable[[], ssl.SSLContext | None] = lambda: None
 
     def open(self) -> None:
-        """Create the layout and clear what a crash can leave half-done (temp dirs, stale links)."""
+        """Create the layout and clear what a crash can leave half-done (temp dirs, stale links). On a state dir
+        that takes no writes (full, read-only) what cannot be cleared stays, for the next start."""
         for d in (self.root, self.downloads, self.models):
             d.mkdir(parents=True, exist_ok=True)
         for tmp in self.models.glob(".*.part"):
             shutil.rmtree(tmp, ignore_errors=True)
         for tmp in self.root.glob(".*.link"):
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     # --- links -------------------------------------------------------------------------------
     def _link(self, name: str) -> tuple[str, Path] | None:
@@ -155,6 +172,8 @@ class ModelStore:
             except urllib.error.HTTPError as e:
                 raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
             except (urllib.error.URLError, OSError) as e:
+                if storage.kind_of(e):  # our side: the disk, not the network (retrying will not help)
+                    raise StorageError(self.describe(e, "downloading")) from None
                 reason = getattr(e, "reason", e)
                 raise DownloadError(f"download of {url} failed: {reason}") from None
         return part
@@ -180,8 +199,74 @@ class ModelStore:
         if (dest / MANIFEST).is_file() and not dest.is_symlink():
             return dest
         self._remove_model(sha)
-        safe_unpack(bundle, dest, on_member=on_member)
+        try:
+            safe_unpack(bundle, dest, on_member=on_member)  # leaves nothing behind when it fails
+        except OSError as e:
+            if storage.kind_of(e):
+                raise StorageError(self.describe(e, "unpacking")) from None
+            raise
         return dest
+
+    def describe(self, e: OSError, doing: str) -> str:
+        """One line for a write the state dir refused: what, why, and the room left."""
+        try:
+            free = f"{storage.human(storage.free_bytes(self.root))} free on {self.root}"
+        except OSError:
+            free = str(self.root)
+        return f"{doing}: {e.strerror or e} ({free})"
+
+    def check_room(self, sha: str, size: int, reserve: int) -> None:
+        """Raise NoRoom unless the rest of the download of bundle <sha> (``size`` bytes, less what a partial
+        download already holds) and its unpack (an uncompressed tar unpacks to about its size), plus ``reserve``,
+        fit in the free space; StorageError when the state dir takes no writes. Writes nothing but a probe."""
+        check_sha256(sha)
+        kind, why = storage.probe(self.root)  # a filesystem the kernel turned read-only is not mounted so
+        if kind == storage.READ_ONLY or storage.mounted_read_only(self.root):
+            raise StorageError(f"the state dir {self.root} takes no writes: {why or 'mounted read-only'}")
+        done = (self.downloads / f"{sha}.tar").is_file()
+        part = self.downloads / f"{sha}.part"
+        have = size if done else min(part.stat().st_size if part.is_file() else 0, size)
+        unpacked = (self.models / sha / MANIFEST).is_file()
+        download, unpack = size - have, 0 if unpacked else size
+        need = download + unpack + reserve
+        free = storage.free_bytes(self.root)
+        if need <= free and kind is None:
+            return
+        h = storage.human
+        held = f", {h(have)} of it downloaded" if have and not done else (", downloaded" if done else "")
+        unpack_text = "already unpacked" if unpacked else f"unpacked ~{h(unpack)}"
+        raise NoRoom(f"needs {h(need)} (bundle {h(size)}{held}, {unpack_text}, reserve {h(reserve)}) but {h(free)} "
+                     f"is free on {self.root}")
+
+    def collect(self, keep: str | None = None, downloads: bool = True) -> list[str]:
+        """Garbage-collect the state dir: remove every model but ``current``'s and ``previous``'s, every
+        half-unpacked directory, and every download but ``keep``'s (the desired bundle, whose partial download
+        may be resumed and whose unpack may be reused: its model is kept too). ``downloads=False`` (at start,
+        before the desired model is known) leaves the downloads of other bundles (and their unpacks) alone but for
+        those of current and previous, which are unpacked already. Returns the names removed; what the disk
+        refuses to remove (read-only) stays."""
+        if keep is not None:
+            check_sha256(keep)
+        linked = {x[0] for x in (self.current(), self.previous()) if x}
+        keep_models = linked | ({keep} if keep else set())
+        if not downloads:  # a download that waits for the desired state keeps its unpack too
+            keep_models |= {e.name.rsplit(".", 1)[0] for e in self.downloads.glob("*.*")
+                            if e.suffix in (".part", ".tar")} - linked
+        removed: list[str] = []
+        for entry in list(self.models.iterdir()) if self.models.is_dir() else []:
+            if entry.name in keep_models and entry.is_dir() and not entry.is_symlink():
+                continue
+            if _remove(entry):
+                removed.append(f"models/{entry.name}")
+        for entry in list(self.downloads.iterdir()) if self.downloads.is_dir() else []:
+            sha = entry.name.rsplit(".", 1)[0]
+            if keep is not None and sha == keep and entry.suffix in (".part", ".tar") and entry.is_file():
+                continue
+            if not downloads and sha not in linked and entry.suffix in (".part", ".tar"):
+                continue
+            if _remove(entry):
+                removed.append(f"downloads/{entry.name}")
+        return removed
 
     def discard(self, sha: str) -> None:
         """Remove a bundle that failed, unless a link still points at it."""
@@ -189,9 +274,12 @@ class ModelStore:
         keep = {x[0] for x in (self.current(), self.previous()) if x}
         if sha in keep:
             return
-        self._remove_model(sha, ignore_errors=True)
-        (self.downloads / f"{sha}.tar").unlink(missing_ok=True)
-        (self.downloads / f"{sha}.part").unlink(missing_ok=True)
+        try:
+            self._remove_model(sha, ignore_errors=True)
+        except OSError:
+            pass
+        for name in (f"{sha}.tar", f"{sha}.part"):
+            _remove(self.downloads / name)  # a read-only disk keeps it: collect() takes it at a later start
 
     def _remove_model(self, sha: str, ignore_errors: bool = False) -> None:
         """Remove models/<sha>: only ever a directory right inside models/ (a link there is unlinked, never
@@ -204,15 +292,17 @@ class ModelStore:
                 raise EdgefleetError(f"refusing to remove {path}: it is not inside {self.models}")
             shutil.rmtree(path, ignore_errors=ignore_errors)
 
-    def prune(self) -> None:
-        """Keep only current and previous models and their bundles."""
-        keep = {x[0] for x in (self.current(), self.previous()) if x}
-        for d in self.models.iterdir():
-            if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
-                shutil.rmtree(d, ignore_errors=True)
-        for f in self.downloads.glob("*.tar"):
-            if f.stem not in keep:
-                f.unlink(missing_ok=True)
+
+def _remove(path: Path) -> bool:
+    """Remove a file, a link (never followed) or a directory tree; False when the disk refused."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+    except OSError:
+        return False
+    return True
 
 
 def _opener(check_redirect: Callable[[str], None] | None,

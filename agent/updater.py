@@ -9,6 +9,13 @@ Before anything is read or written for a desired model, ``check_desired`` holds 
 (again: a Desired built in-process was never decoded) and to this device's ``Policy``: a size of at most
 ``max_bundle_bytes``, and a URL that is http(s) on the controller's origin or one of ``bundle_origins``
 (redirects included). A refusal is a ``failed`` event naming the field.
+
+The state dir is kept to what the two models and the outbox need: before anything else a desired model
+garbage-collects every other bundle's download and unpack (``ModelStore.collect``), an update that would not fit
+the free space with ``min_free_bytes`` to spare is refused before a byte of it is written, a state dir that fills
+or turns read-only during one fails it (one ``failed`` event, what it wrote removed, not retried), and after each
+update only ``current`` and ``previous`` stay. A write the state dir refuses never stops this thread: the loaded
+model keeps serving.
 """
 
 from __future__ import annotations
@@ -21,11 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from agent import faults, protocol
-from agent.config import AgentConfig, ConfigError, parse_origin
+from agent import faults, protocol, storage
+from agent.config import AgentConfig, ConfigError, min_free_bytes, parse_origin
 from agent.engine import Engine, Loaded
 from agent.errors import EdgefleetError
-from agent.store import DownloadError, ModelStore
+from agent.store import DownloadError, ModelStore, StorageError
 
 log = logging.getLogger("edgefleet.agent.updater")
 
@@ -49,18 +56,20 @@ class Refused(EdgefleetError):
 
 @dataclass(frozen=True)
 class Policy:
-    """What a desired model may ask of this device (AgentConfig's controller, bundle_origins and
-    max_bundle_bytes)."""
+    """What a desired model may ask of this device (AgentConfig's controller, bundle_origins,
+    max_bundle_bytes and min_free_bytes)."""
 
     origins: tuple[str, ...]  # normalised scheme://host:port (config.parse_origin); the controller's first
     max_bundle_bytes: int = 2 << 30
+    min_free_bytes: int = 0  # left free in the state dir after the download and the unpack
 
     @classmethod
     def from_config(cls, cfg: AgentConfig) -> "Policy":
         # the controller comes from the enrollment when the config has none: Agent.start() makes the policy again
         origins = [parse_origin(cfg.controller, "controller", path_ok=True)] if cfg.controller else []
         origins += [parse_origin(o, "bundle_origins:") for o in cfg.bundle_origins]
-        return cls(origins=tuple(dict.fromkeys(origins)), max_bundle_bytes=cfg.max_bundle_bytes)
+        return cls(origins=tuple(dict.fromkeys(origins)), max_bundle_bytes=cfg.max_bundle_bytes,
+                   min_free_bytes=min_free_bytes(cfg))
 
     def check_url(self, url: str, what: str = "desired.url:") -> None:
         """Raise Refused unless ``url`` is http(s) on one of the allowed origins; the message starts with
@@ -181,6 +190,13 @@ class Updater:
                 with self._wake:
                     self._wake.wait_for(lambda: self._stopping or self._want is not desired, timeout=delay)
                 delay = min(delay * 2, self._retry_max)
+            except Exception as e:  # a bug, or a write refused where none was expected: never the thread's end
+                log.exception("update to %s failed", desired.sha256[:12])
+                self._done.add((desired.deployment_id, desired.sha256))
+                try:
+                    self.emit("failed", desired, f"{type(e).__name__}: {e}")
+                except Exception:
+                    log.exception("reporting the failure failed")
 
     # --- one update -------------------------------------------------------------------------------
     def apply(self, desired: protocol.Desired) -> None:
@@ -190,13 +206,21 @@ class Updater:
             log.error("refused a desired model: %s", e)
             self.emit("failed", protocol.named(desired), str(e))
             return
+        self._collect(keep=desired.sha256)  # another bundle's partial download or unpack: not wanted any more
         current = self.engine.current
         if current is not None and current.sha == desired.sha256:
             if current.deployment_id != desired.deployment_id:
-                self.store.record_active(desired.sha256, desired.deployment_id, reported=False)
+                self._record(desired.sha256, desired.deployment_id, reported=False)
                 current.deployment_id = desired.deployment_id
                 self.emit("active", desired, "already running this bundle")
-                self.store.record_active(desired.sha256, desired.deployment_id, reported=True)
+                self._record(desired.sha256, desired.deployment_id, reported=True)
+            return
+        try:
+            self.store.check_room(desired.sha256, desired.size, self.policy.min_free_bytes)
+        except StorageError as e:
+            log.error("refused %s: %s", desired.sha256[:12], e)
+            self.store.discard(desired.sha256)  # a partial download of it, that it counted, goes too
+            self.emit("failed", desired, f"refused: {e}")
             return
         root = self.store.root
         loaded = None
@@ -208,6 +232,7 @@ class Updater:
             faults.point("verifying", root)
             self.emit("verifying", desired, "")
             bundle = self.store.verify_download(desired.sha256, desired.size)
+            self.store.check_room(desired.sha256, desired.size, self.policy.min_free_bytes)  # still, for the unpack
             model_dir = self.store.unpack(desired.sha256, bundle, on_member=lambda n: faults.point("unpacking", root))
             faults.point("loading", root)
             self.emit("activating", desired, "")
@@ -218,24 +243,48 @@ class Updater:
             self.emit("failed", desired, str(e))
             raise
         except Exception as e:
-            reason = str(e) if isinstance(e, EdgefleetError) else f"{type(e).__name__}: {e}"
-            log.error("update to %s failed: %s", desired.sha256[:12], reason)
-            if loaded is not None:
-                loaded.close()
-            self.store.discard(desired.sha256)
-            self.emit("failed", desired, reason)
+            self._fail(desired, loaded, e)
             return
-        self.store.switch(desired.sha256)
+        try:
+            self.store.switch(desired.sha256)
+        except OSError as e:  # the state dir took no new link: the old model stays current and serving
+            self._fail(desired, loaded, e, "switching")
+            return
         faults.point("switching", root)
-        self.store.record_active(desired.sha256, desired.deployment_id, reported=False)
+        self._record(desired.sha256, desired.deployment_id, reported=False)
         self.engine.swap(loaded)
         faults.point("reporting", root)
         log.info("active: %s %s (%s), smoke test %.1f ms", manifest.name, manifest.version, manifest.precision, ms)
         self.emit("active", desired, f"smoke test {ms:.1f} ms")
-        self.store.record_active(desired.sha256, desired.deployment_id, reported=True)
+        self._record(desired.sha256, desired.deployment_id, reported=True)
         if self.limits.window_s > 0 and self.engine.previous is not None:
             self._probation = _Probation(loaded, desired, time.monotonic() + self.limits.window_s)
-        self.store.prune()
+        self._collect()
+
+    def _fail(self, desired: protocol.Desired, loaded: Loaded | None, e: Exception, doing: str = "") -> None:
+        """An update that failed: nothing of it stays on disk, the controller hears why, the old model serves."""
+        if isinstance(e, OSError) and storage.kind_of(e):
+            reason = self.store.describe(e, doing or "updating")
+        else:
+            reason = str(e) if isinstance(e, EdgefleetError) else f"{type(e).__name__}: {e}"
+        log.error("update to %s failed: %s", desired.sha256[:12], reason)
+        if loaded is not None:
+            loaded.close()
+        self.store.discard(desired.sha256)
+        self._collect()
+        self.emit("failed", desired, reason)
+
+    def _collect(self, keep: str | None = None) -> None:
+        removed = self.store.collect(keep=keep)
+        if removed:
+            log.info("removed from the state dir: %s", ", ".join(removed))
+
+    def _record(self, sha: str, deployment_id: str | None, reported: bool) -> None:
+        """active.json; a state dir that refuses it costs only the deployment id after a restart."""
+        try:
+            self.store.record_active(sha, deployment_id, reported)
+        except OSError as e:
+            log.warning("cannot record the active deployment in %s: %s", self.store.root, e)
 
     # --- probation ----------------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -269,8 +318,13 @@ class Updater:
         if previous is None or bad is None:
             log.error("cannot roll back (%s): no previous model is loaded", reason)
             return
-        self.store.switch(previous.sha)
-        self.store.record_active(previous.sha, previous.deployment_id, reported=True)
+        try:
+            self.store.switch(previous.sha)
+        except OSError as e:  # served from memory all the same; the restart after would load the bad one again
+            log.error("rolling back: the state dir took no new link (%s); back on the previous model until the "
+                      "agent restarts", e)
+            reason += f"; the state dir did not take the switch ({e.strerror or e})"
+        self._record(previous.sha, previous.deployment_id, reported=True)
         self.engine.rollback()
         self._probation = None
         if getattr(bad, "deployment_id", None):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -243,3 +244,172 @@ def test_concurrent_puts_and_acks_are_safe(tmp_path):
     assert all(g == sorted(g) for g in got)  # monotonic as each thread sees it
     assert sorted(acked) == everything and box.pending_count == 0 and box.pending_bytes == 0
     box.close()
+
+
+# --- a state dir that takes no writes: real filesystems (a small tmpfs, filled; remounted read-only) --------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 8 MiB tmpfs (root only: the outbox must meet a real ENOSPC and EROFS, not a stand-in)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "fs"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(d)], check=True)
+
+
+def fill(d) -> None:
+    """Fill the filesystem of ``d`` to the last byte, as another process would (a log, a core dump)."""
+    with open(d / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    monkeypatch.setattr(outbox_mod, "RECOVER_S", 0.0)  # probe at every call rather than every 2 s (a clock)
+
+
+def fill_until_degraded(box: Outbox, d) -> list[int]:
+    """Fill the disk, then queue until a commit fails; returns the seqs queued after the disk filled."""
+    fill(d)
+    seqs = []
+    while not box.degraded:
+        seqs.append(put(box, size=1000))
+        assert len(seqs) < 500, "the outbox never found the disk full"
+    return seqs
+
+
+def on_disk(path) -> tuple[int, int, list[int]]:
+    """(meta seq, meta dropped, queued seqs) as the file says, read by another connection."""
+    with sqlite3.connect(path) as db:
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        return meta["seq"], meta["dropped"], [r[0] for r in db.execute("SELECT seq FROM messages ORDER BY seq")]
+
+
+def test_a_full_disk_holds_new_messages_in_memory_and_writes_them_back(tmpfs, quick, caplog):
+    path = tmpfs / "outbox.db"
+    box = opened(path)
+    before = [put(box, size=1000) for _ in range(5)]
+    assert box.storage == "ok"
+    after = fill_until_degraded(box, tmpfs)
+    assert box.storage == "full" and "full" in box.storage_reason
+    more = [put(box, size=1000) for _ in range(5)]  # no exception: held in memory, in seq order
+    seqs = before + after + more
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert [m.seq for m in box.pending(100)] == seqs  # on disk, then memory
+    assert box.ack([1, 2, seqs[-1]]) == 3  # two on disk (remembered), one in memory
+    assert [m.seq for m in box.pending(100)] == seqs[2:-1]
+    assert [m.seq for m in box.pending(3, after=5)] == seqs[5:8]
+    assert box.pending_count == len(seqs) - 3
+    assert box.dropped == 0 and box.degraded
+    assert on_disk(path)[2] == before + after[:-1]  # the disk still has what it took, no more
+    assert len([r for r in caplog.records if "takes no writes" in r.getMessage()]) == 1  # logged once
+
+    (tmpfs / "filler").unlink()
+    assert box.refresh() == "ok" and not box.degraded
+    assert on_disk(path) == (seqs[-1], 0, seqs[2:-1])  # written back with their seqs; the acks applied
+    assert [m.seq for m in box.pending(100)] == seqs[2:-1]
+    assert put(box) == seqs[-1] + 1
+    box.close()
+    box = opened(path)
+    assert box.last_seq == seqs[-1] + 1 and box.pending_count == len(seqs) - 2
+    box.close()
+
+
+def test_memory_is_bounded_and_what_it_drops_is_counted_and_kept(tmpfs, quick):
+    path = tmpfs / "outbox.db"
+    box = opened(path, max_bytes=8000)  # memory_max is then 8000 bytes as well
+    assert box.memory_max == 8000
+    fill_until_degraded(box, tmpfs)
+    disk_dropped = box.dropped  # the disk's own bound may have dropped some on the way
+    for _ in range(20):
+        put(box, size=1000)
+    in_memory = [m.seq for m in box.pending(1000) if m.seq > on_disk(path)[0]]
+    assert len(in_memory) == 8 and in_memory == list(range(box.last_seq - 7, box.last_seq + 1))  # the newest
+    dropped = box.dropped - disk_dropped
+    assert dropped > 0
+    (tmpfs / "filler").unlink()
+    assert box.refresh() == "ok"
+    assert on_disk(path)[1] == box.dropped  # the count reaches the file
+    box.close()
+    assert opened(path, max_bytes=8000).dropped == box.dropped
+
+
+def test_killed_while_full_the_next_start_goes_on_after_the_seqs_held_in_memory(tmpfs):
+    path = tmpfs / "outbox.db"
+    opened(path).close()
+    code = ("import os, sys\nsys.path.insert(0, 'tests')\n"
+            "from test_outbox import fill_until_degraded, put\nfrom agent.outbox import Outbox\n"
+            f"b = Outbox({str(path)!r}, 1 << 20, 3600)\nb.open()\n"
+            "for _ in range(3): put(b)\n"
+            "from pathlib import Path\nfill_until_degraded(b, Path(" + repr(str(tmpfs)) + "))\n"
+            "for _ in range(4): put(b)\nprint(b.last_seq)\nos._exit(9)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 9, r.stderr
+    last = int(r.stdout.split()[-1])
+    durable = on_disk(path)[0]
+    assert durable < last - 3  # at least the last four were in memory only
+    (tmpfs / "filler").unlink()
+    box = Outbox(path, 1 << 20, 3600)
+    assert box.open() is None
+    reports = box.take_reports()
+    assert len(reports) == 1 and f"seqs {durable + 1}..{last} were held in memory only" in reports[0]
+    assert put(box) == last + 1  # never a seq that went out from memory before the kill
+    box.close()
+
+
+def test_a_read_only_state_dir_at_start_queues_in_memory_above_the_ceiling_and_recovers(tmpfs, quick):
+    path = tmpfs / "outbox.db"
+    box = opened(path)
+    for _ in range(3):
+        put(box)
+    box.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    try:
+        box = Outbox(path, 1 << 20, 3600)
+        report = box.open()
+        assert "read_only" in report and box.storage == "read_only" and box.degraded
+        ceiling = int((tmpfs / "outbox.db.seq").read_text())
+        assert put(box) == ceiling + 1  # nothing it may have handed out before is handed out again
+        assert [m.seq for m in box.pending(10)] == [ceiling + 1]  # the disk could not be read without writing
+        assert box.refresh() == "read_only"
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    assert box.refresh() == "ok"
+    assert on_disk(path)[2] == [1, 2, 3, ceiling + 1]
+    assert [m.seq for m in box.pending(10)] == [1, 2, 3, ceiling + 1]
+    box.close()
+
+
+def test_storage_says_full_from_the_free_space_before_a_write_fails_and_ok_from_twice_the_floor(tmpfs):
+    box = opened(tmpfs / "outbox.db")
+    put(box)
+    fill(tmpfs)  # SQLite may still find room in pages it has: the state dir is full all the same
+    assert box.refresh() == "full" and not box.degraded and "0 B free" in box.storage_reason
+    filler = tmpfs / "filler"
+
+    def leave(free: int) -> None:
+        os.truncate(filler, filler.stat().st_size - (free - box_free(tmpfs)))
+
+    leave(outbox_mod.FULL_BELOW * 3 // 2)
+    assert box.refresh() == "full"  # between the floor and twice it: no flapping back and forth
+    leave(outbox_mod.FULL_BELOW * 2 + 65536)
+    assert box.refresh() == "ok" and box.storage_reason == ""
+    leave(outbox_mod.FULL_BELOW * 3 // 2)
+    assert box.refresh() == "ok"
+    box.close()
+
+
+def box_free(d) -> int:
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
