@@ -27,7 +27,8 @@ with queued messages (an agent that started without its broker sends its backlog
 high and those rows land too late; when a fresher message lowers it by more than ``REFILE_S`` below what its
 rows were filed with, ``Regime.needs_refile`` says so and the store moves the regime's rows (``fleet.store``).
 
-Pure: messages in, estimates out (``observe``, ``estimate``); the store persists a ``Clock`` per boot as JSON.
+Pure: messages in, estimates out (``observe``, ``estimate``); the store persists a ``Clock`` per boot as JSON and
+re-files with SQL (``Store.refile``).
 """
 
 from __future__ import annotations
@@ -142,20 +143,6 @@ def estimate(messages: Iterable[tuple[int, float, float]], interval_s: float = D
     if clock is None:
         raise ValueError("no messages")
     return clock, filed
-
-
-def refiled(clock: Clock, messages: list[tuple[int, float, float]], filed: list[float]) -> list[float]:
-    """What the store does to ``filed`` when a regime needs it: each row later than its regime's estimate now
-    says by more than REFILE_S is moved to ``sent + offset`` (for tests of the whole, like the store's SQL)."""
-    out = list(filed)
-    for r in clock.regimes:
-        if r.needs_refile:
-            lo, hi = clock.span(r)
-            for i, (seq, sent, _) in enumerate(messages):
-                if lo <= seq < hi and out[i] > sent + r.offset + REFILE_S:
-                    out[i] = sent + r.offset
-            r.filed = r.offset
-    return out
 
 
 def amount(seconds: float) -> str:
