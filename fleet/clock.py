@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+
+import msgspec
 
 DRIFT = 1e-4  # the most a device's clock is assumed to drift against the controller's (100 ppm)
 SLACK_S = 30.0  # a late telemetry window: the agent's watchdog allows 2 intervals + 30 s
@@ -46,8 +46,7 @@ MAX_REGIMES = 16  # the regimes kept per boot (a late message older than them is
 DEFAULT_INTERVAL_S = 10.0
 
 
-@dataclass
-class Regime:
+class Regime(msgspec.Struct):
     """A stretch of one boot's messages (seq >= ``seq``, up to the next regime) stamped by one clock setting."""
 
     seq: int  # its first seq
@@ -64,11 +63,10 @@ class Regime:
         return self.filed - self.offset > REFILE_S
 
 
-@dataclass
-class Clock:
+class Clock(msgspec.Struct):
     """One (device, boot)'s clock: its regimes (by first seq) and the last in-order message."""
 
-    regimes: list[Regime] = field(default_factory=list)
+    regimes: list[Regime] = []
     last_seq: int = 0
     last_sent: float = 0.0
     jumps: int = 0  # steps detected
@@ -91,13 +89,17 @@ class Clock:
         i = self.regimes.index(r)
         return r.seq, self.regimes[i + 1].seq if i + 1 < len(self.regimes) else 2**62
 
-    def dump(self) -> dict[str, Any]:
-        return asdict(self)
+    def dump(self) -> bytes:
+        """As the store keeps it (JSON)."""
+        return _ENCODER.encode(self)
 
     @classmethod
-    def load(cls, doc: dict[str, Any]) -> "Clock":
-        return cls(regimes=[Regime(**r) for r in doc["regimes"]], last_seq=doc["last_seq"],
-                   last_sent=doc["last_sent"], jumps=doc["jumps"])
+    def load(cls, doc: bytes | str) -> "Clock":
+        return _DECODER.decode(doc)
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(Clock)
 
 
 def stepped(step: float, seqs: int, interval_s: float) -> bool:

@@ -41,6 +41,7 @@ CLONE_BOOTS = 8  # the boot ids remembered per device for clone detection
 _INTERNAL = {"boots", "conflicts", "conflict_first", "conflict_last",  # health reports the identity conflict
              "storage_time", "disk_time"}  # bookkeeping: the (corrected) time of the report each figure came from
 MAX_CLOCK_OFFSET_S = 300.0  # a device whose clock is further off than this is flagged (fleet serve --max-clock-offset)
+CLOCK_CACHE = 100_000  # boots whose clock estimate is kept in memory too (the table is the truth)
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
 
 _SCHEMA_V2 = """
@@ -295,6 +296,7 @@ class Store:
         self.max_clock_offset_s = float(max_clock_offset_s)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        self._clocks: dict[tuple[str, str], clocks.Clock] = {}  # (device, boot) -> as last saved
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> "Store":
@@ -405,20 +407,32 @@ class Store:
                    (device_id, seen, seen))
 
     # -- clocks: what is filed where on the controller's time line (fleet/clock.py) ------------------------
-    @staticmethod
-    def _clock(db: sqlite3.Connection, device_id: str, boot_id: str) -> clocks.Clock | None:
-        row = db.execute("SELECT state FROM clocks WHERE device_id = ? AND boot_id = ?", (device_id, boot_id)).fetchone()
-        return clocks.Clock.load(json.loads(row[0])) if row else None
+    def _clock(self, db: sqlite3.Connection, device_id: str, boot_id: str) -> clocks.Clock | None:
+        """A boot's clock (from the cache of those in use, else the table); under the lock."""
+        clock = self._clocks.get((device_id, boot_id))
+        if clock is None:
+            row = db.execute("SELECT state FROM clocks WHERE device_id = ? AND boot_id = ?",
+                             (device_id, boot_id)).fetchone()
+            clock = clocks.Clock.load(row[0]) if row else None
+        return clock
+
+    def _cache_clock(self, device_id: str, boot_id: str, clock: clocks.Clock) -> None:
+        """Once its transaction committed: the clock as the table has it (unless a message taken in since has
+        cached a newer one)."""
+        with self._lock:
+            if len(self._clocks) >= CLOCK_CACHE:
+                self._clocks.clear()
+            self._clocks.setdefault((device_id, boot_id), clock)
 
     @staticmethod
-    def _save_clock(db: sqlite3.Connection, device_id: str, boot_id: str, clock: clocks.Clock, received: float
-                    ) -> None:
+    def _save_clock(db: sqlite3.Connection, device_id: str, boot_id: str, clock: clocks.Clock,
+                    received: float) -> None:
         dirty = int(any(r.needs_refile for r in clock.regimes))
         db.execute("INSERT INTO clocks (device_id, boot_id, offset_s, jumps, updated, dirty, state) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, boot_id) DO UPDATE SET "
                    "offset_s = excluded.offset_s, jumps = excluded.jumps, dirty = excluded.dirty, "
                    "updated = max(updated, excluded.updated), state = excluded.state",
-                   (device_id, boot_id, clock.offset, clock.jumps, received, dirty, json.dumps(clock.dump())))
+                   (device_id, boot_id, clock.offset, clock.jumps, received, dirty, clock.dump().decode()))
 
     def _corrected(self, db: sqlite3.Connection, device_id: str, boot_id: str, sent: float, received: float) -> float:
         """A time the device stamped (a state's: no seq) on the controller's time line: with its boot's current
@@ -435,7 +449,7 @@ class Store:
         with self._tx() as db:
             for device_id, boot_id, state in db.execute(
                     "SELECT device_id, boot_id, state FROM clocks WHERE dirty = 1").fetchall():
-                clock = clocks.Clock.load(json.loads(state))
+                clock = clocks.Clock.load(state)
                 for r in clock.regimes:
                     if not r.needs_refile:
                         continue
@@ -447,21 +461,21 @@ class Store:
                             (r.offset, device_id, boot_id, lo, hi, clocks.REFILE_S)).rowcount
                     r.filed = r.offset
                 db.execute("UPDATE clocks SET dirty = 0, state = ? WHERE device_id = ? AND boot_id = ?",
-                           (json.dumps(clock.dump()), device_id, boot_id))
+                           (clock.dump().decode(), device_id, boot_id))
+                self._clocks.pop((device_id, boot_id), None)  # read again from the table when next needed
         return moved
 
     @staticmethod
     def _report(db: sqlite3.Connection, device_id: str, when: float, storage: str, synced: bool | None,
                 disk_free: int | None = None) -> None:
-        """What a state or telemetry message says of the device's storage, clock and disk, unless the device row
-        already holds a newer report (``when`` is the message's corrected time)."""
+        """What a state or telemetry message says of the device's storage, clock and (telemetry) free disk, unless
+        the device row already holds a newer report (``when`` is the message's corrected time)."""
         db.execute("UPDATE devices SET storage_since = CASE WHEN storage IS ?1 THEN storage_since ELSE ?2 END, "
-                   "storage = ?1, clock_synced = ?3, storage_time = ?2 WHERE id = ?4 "
-                   "AND (storage_time IS NULL OR storage_time <= ?2)",
-                   (storage, when, None if synced is None else int(synced), device_id))
-        if disk_free is not None:
-            db.execute("UPDATE devices SET disk_free_bytes = ?1, disk_time = ?2 WHERE id = ?3 "
-                       "AND (disk_time IS NULL OR disk_time <= ?2)", (disk_free, when, device_id))
+                   "storage = ?1, clock_synced = ?3, storage_time = ?2, "
+                   "disk_free_bytes = coalesce(?5, disk_free_bytes), "
+                   "disk_time = CASE WHEN ?5 IS NULL THEN disk_time ELSE ?2 END "
+                   "WHERE id = ?4 AND (storage_time IS NULL OR storage_time <= ?2)",
+                   (storage, when, None if synced is None else int(synced), device_id, disk_free))
 
     def record_state(self, msg: protocol.State, received: float, retained: bool = False) -> None:
         a = msg.active
@@ -533,9 +547,12 @@ class Store:
 
     def _file(self, db: sqlite3.Connection, msg: protocol.Telemetry | protocol.Event, received: float,
               interval_s: float | None) -> tuple[clocks.Clock, float]:
-        """(the boot's clock with this message taken in, the controller time to file the message at)."""
-        return clocks.observe(self._clock(db, msg.device_id, msg.boot_id), msg.seq, msg.time, received,
-                              interval_s or DEFAULT_INTERVAL_S)
+        """(the boot's clock with this message taken in, the controller time to file the message at). The clock
+        is changed in place, so the cache drops it until its transaction has committed (a duplicate or a failed
+        transaction leaves the table's copy the truth)."""
+        clock = self._clock(db, msg.device_id, msg.boot_id)
+        self._clocks.pop((msg.device_id, msg.boot_id), None)  # back in by _cache_clock, after the commit
+        return clocks.observe(clock, msg.seq, msg.time, received, interval_s or DEFAULT_INTERVAL_S)
 
     def record_telemetry(self, msg: protocol.Telemetry, received: float, retained: bool = False) -> bool:
         """Store one window, filed at the controller's time (``fleet.clock``); False when it was already stored
@@ -567,7 +584,8 @@ class Store:
                 "last_time = max(last_time, excluded.last_time)",
                 [(msg.device_id, kind, n, at) for kind, n in msg.errors.items() if n])
             self._settle(db, msg.device_id, received, "telemetry")
-            return True
+        self._cache_clock(msg.device_id, msg.boot_id, clock)
+        return True
 
     def record_event(self, msg: protocol.Event, received: float, retained: bool = False) -> bool:
         """Store one event, filed at the controller's time, and move the device's phase in its deployment; False
@@ -596,7 +614,8 @@ class Store:
                     (msg.deployment_id, msg.device_id, msg.kind, msg.reason, received, at,
                      msg.deployment_id))
             self._settle(db, msg.device_id, received, "event")
-            return True
+        self._cache_clock(msg.device_id, msg.boot_id, clock)
+        return True
 
     # -- bundles and deployments ----------------------------------------------------------------
     def add_bundle(self, sha256: str, size: int, manifest: dict[str, Any]) -> None:
