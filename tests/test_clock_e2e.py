@@ -33,7 +33,7 @@ from agent.api import AgentClient
 from agent.config import dumps
 from fleet.app import Fleet
 from fleet.broker import Mosquitto, free_port
-from fleet.clock import REFILE_S
+from fleet.clock import DRIFT, REFILE_S
 from fleet.pki import PKI
 
 pytestmark = pytest.mark.slow
@@ -126,11 +126,12 @@ def test_an_agent_400_days_behind_is_on_the_controllers_time_line(tmp_path, libf
         [d] = doc["waves"][0]["devices"]
         assert d["phase"] == "active" and d["inferences"] >= 20
 
+        rows = windows(fleet, "cam-old")  # (more keep coming)
         h = client.health("cam-old")
-        rows = windows(fleet, "cam-old")
         assert h["recent"]["windows"] >= 1 and h["inferences_per_min"] is not None  # recent rates: not empty
-        least = min(r["received"] - r["device_time"] for r in rows)
-        assert 400 * DAY <= h["clock"]["offset_s"] <= least + 1e-3 and h["clock"]["exceeds_max"]
+        least = min(r["received"] - r["device_time"] for r in rows)  # the estimate: at most this, but for drift
+        assert 400 * DAY <= h["clock"]["offset_s"] <= least + DRIFT * (time.time() - started) + 1e-3
+        assert h["clock"]["exceeds_max"]
         last = json.loads(fleet.store.query("SELECT payload FROM telemetry WHERE device_id = 'cam-old' "
                                             "ORDER BY seq DESC LIMIT 1")[0][0])
         assert h["clock"]["synced"] == last["clock_synced"]  # what the agent says (adjtimex is not faked)
@@ -139,8 +140,9 @@ def test_an_agent_400_days_behind_is_on_the_controllers_time_line(tmp_path, libf
             assert r["time"] == pytest.approx(r["device_time"] + 400 * DAY, abs=ACCURACY_S)
 
         # the chart of the last 10 minutes has every window
-        series = fleet_client(fleet)._call("GET", "/api/devices/cam-old/series?since=600")
-        assert series["points"] == len(rows) and all(started <= t <= time.time() for t in series["time"])
+        series = client._call("GET", "/api/devices/cam-old/series?since=600")
+        assert {r["time"] for r in rows} <= set(series["time"])
+        assert all(started <= t <= series["until"] for t in series["time"])
         # and retention, which deletes raw rows by age, keeps them: they are fresh
         assert fleet.compact()["folded"] == 0 and len(windows(fleet, "cam-old")) >= len(rows)
 
@@ -226,7 +228,7 @@ def test_a_clock_set_right_while_the_controller_is_away_keeps_a_continuous_serie
         assert h["clock"]["jumps"] >= 1 and abs(h["clock"]["offset_s"]) <= ACCURACY_S
         assert not h["clock"]["exceeds_max"] and h["recent"]["windows"] >= 1
         series = client._call("GET", "/api/devices/cam-ntp/series?since=3600")
-        assert series["points"] == len(rows) and series["time"] == sorted(series["time"])
+        assert {r["time"] for r in rows} <= set(series["time"]) and series["time"] == sorted(series["time"])
     finally:
         if proc is not None:
             stop(proc, tmp_path / "cam-ntp.log")
