@@ -28,6 +28,7 @@ from starlette.routing import Route
 from agent import protocol
 from agent.bundle import BundleError, read_manifest
 from agent.errors import EdgefleetError
+from fleet import health as health_
 from fleet import login, targets
 from fleet.api_admin import routes as admin_routes
 from fleet.api_enroll import routes as enroll_routes
@@ -162,7 +163,7 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         if failed:
             return _error(503, f"deployment {dep_id}: the broker did not take the desired model for "
                                f"{', '.join(failed)}")
-        return JSONResponse(store.deployment(dep_id))
+        return JSONResponse({**store.deployment(dep_id), "warnings": health_.disk_warnings(store, devices, bundle)})
 
     def devices(request: Request) -> Response:
         bad = _unknown_params(request, {"target"})

@@ -32,7 +32,7 @@ from fleet.link import CLIENT_ID, Link
 from fleet.pki import PKI, default_hosts, fingerprint, pem
 from fleet.retention import Housekeeper, Policy
 from fleet.rollouts import Rollouts
-from fleet.store import OFFLINE_AFTER_INTERVALS, Store
+from fleet.store import MAX_CLOCK_OFFSET_S, OFFLINE_AFTER_INTERVALS, Store
 
 log = logging.getLogger("edgefleet.fleet")
 
@@ -81,7 +81,8 @@ class Fleet:
                  broker_tls: transport.Tls | None = None, public_broker: str | None = None,
                  cert_lifetime_s: float = CERT_LIFETIME_S, pki_dir: Path | None = None,
                  max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
-                 device_identity: Callable[[dict], str | None] | None = None) -> None:
+                 device_identity: Callable[[dict], str | None] | None = None,
+                 max_clock_offset_s: float = MAX_CLOCK_OFFSET_S) -> None:
         self.data_dir = Path(data_dir)
         self.insecure = insecure  # plaintext MQTT and HTTP, an anonymous broker: local experiments only
         # more names devices and operators reach this controller by: in its certificates, and the Hosts it answers
@@ -99,6 +100,7 @@ class Fleet:
         self.auth: Auth | None = None
         self.new_admin_token: str | None = None  # the first admin token, made by this start (DATA/admin.token)
         self.offline_after = offline_after  # telemetry intervals of silence that make a device offline
+        self.max_clock_offset_s = max_clock_offset_s  # a device clock further off is flagged (fleet/clock.py)
         self.retention = retention or Policy()
         self._sweep_every_s = sweep_every_s
         self._compact_every_s = compact_every_s
@@ -185,7 +187,8 @@ class Fleet:
             transport.parse_url(self._public_broker, allow_plaintext=self.insecure, what="--public-broker")
         try:
             self._lock_data_dir()
-            self.store = Store(self.data_dir / DB, offline_after=self.offline_after).open()
+            self.store = Store(self.data_dir / DB, offline_after=self.offline_after,
+                               max_clock_offset_s=self.max_clock_offset_s).open()
             if not self.insecure:
                 self.pki = PKI(self.pki_dir).ensure(self._hosts())
                 self.pki.write_crl(self.store.revoked_serials())

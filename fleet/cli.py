@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long 1-minute rollups are kept (default %(default)s; hourly ones: for ever)")
     s.add_argument("--max-bundle-size", default="2G", metavar="SIZE",
                    help="the largest bundle an upload may be (default %(default)s)")
+    s.add_argument("--max-clock-offset", default="5m", metavar="DURATION",
+                   help="flag a device whose clock is further off than this from the controller's, as estimated "
+                        "from its messages (default %(default)s; its reports are filed at the controller's time "
+                        "either way)")
 
     b = sub.add_parser(
         "broker-config", help="write the mosquitto config and ACL for running the fleet on your own broker",
@@ -200,7 +204,8 @@ def _serve(args: argparse.Namespace) -> int:
                   public_url=args.public_url, mqtt_listen=args.mqtt_listen, offline_after=offline_after,
                   retention=policy, insecure=args.insecure, hostnames=args.hostname, broker_tls=broker_tls,
                   public_broker=args.public_broker, max_bundle_bytes=max_bundle,
-                  cert_lifetime_s=parse_duration(args.cert_lifetime, "--cert-lifetime"))
+                  cert_lifetime_s=parse_duration(args.cert_lifetime, "--cert-lifetime"),
+                  max_clock_offset_s=parse_duration(args.max_clock_offset, "--max-clock-offset"))
     if args.insecure:
         print("edgefleet fleet: WARNING: --insecure: plaintext MQTT and HTTP, a broker anyone who reaches it may "
               "use, no device identities. Anyone on this network can read the fleet and push models to it.",
@@ -258,6 +263,7 @@ def _deploy(client: Any, args: argparse.Namespace) -> int:
     read_manifest(args.bundle)  # a non-bundle fails here, before an upload
     up = client.upload_bundle(args.bundle)
     dep = client.deploy(up["sha256"], args.devices)
+    cli_rollouts.print_warnings(dep)
     if args.json:
         print(json.dumps(dep, indent=2))
     else:
@@ -310,17 +316,41 @@ def _latency(lat: dict[str, Any] | None) -> str:
     return "/".join(_num(lat.get(k), "{:.2f}") for k in ("p50", "p95", "p99"))
 
 
+def _disk(h: dict[str, Any]) -> str:
+    """Free disk, and the storage state when it is not ok (``FULL``, ``READ-ONLY``)."""
+    free = "-" if h.get("disk_free_bytes") is None else _size(h["disk_free_bytes"])
+    storage = h.get("storage")
+    return free if storage in (None, "ok") else f"{storage.upper().replace('_', '-')} {free}"
+
+
+def _size(n: int) -> str:
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def _clock(c: dict[str, Any] | None) -> str:
+    """The clock's offset in words; ``!`` when it is beyond --max-clock-offset."""
+    from fleet.clock import describe
+
+    if not c or c.get("offset_s") is None:
+        return "-"
+    return describe(c["offset_s"]) + (" !" if c.get("exceeds_max") else "")
+
+
 def _health_row(h: dict[str, Any]) -> list[str]:
     m = h["model"] or {}
     return [h["device_id"], "yes" if h["online"] else "no", m.get("name", "-"), m.get("version", "-"),
             m.get("precision", "-"), str(h["inferences"]), str(h["errors"]), _latency(h["latency_ms"]),
             _num(h.get("inferences_per_min")), _pct(h.get("error_rate")), _num(h["cpu_percent"]),
             _mib(h["rss_bytes"]), _num(h["memory_percent"]), _num(h["temperature_c"], unknown="unknown"),
-            ago(h["last_seen_ago_s"]), ",".join(h.get("tags", [])) or "-"]
+            _disk(h), _clock(h.get("clock")), ago(h["last_seen_ago_s"]), ",".join(h.get("tags", [])) or "-"]
 
 
 HEALTH_HEADERS = ["device", "online", "model", "version", "precision", "inferences", "errors",
-                  "p50/p95/p99 ms", "inf/min", "err %", "CPU %", "RSS MiB", "mem %", "temp °C", "last seen", "tags"]
+                  "p50/p95/p99 ms", "inf/min", "err %", "CPU %", "RSS MiB", "mem %", "temp °C", "disk free", "clock",
+                  "last seen", "tags"]
 
 
 def _health_table(health: list[dict[str, Any]]) -> str:
@@ -351,6 +381,13 @@ def _device_report(h: dict[str, Any]) -> str:
                f"{'unknown' if h['temperature_c'] is None else _num(h['temperature_c']) + ' °C'}")
     out.append(f"  seq gaps {h['seq_gaps']}, duplicates {h['duplicates']}, outbox pending "
                f"{_num(h['outbox_pending'], '{}')}, dropped {_num(h['outbox_dropped'], '{}')}")
+    storage = h.get("storage")
+    since = f" since {ago(now - h['storage_since'])}" if storage not in (None, "ok") and h.get("storage_since") else ""
+    out.append(f"storage: {storage or 'not reported'}{since}"
+               + (f", {_size(h['disk_free_bytes'])} free" if h.get("disk_free_bytes") is not None else "")
+               + ("" if storage in (None, "ok") else " (the state dir takes no writes: the agent serves from "
+                                                     "memory and keeps what it can)"))
+    out.append(_clock_line(h.get("clock") or {}))
     kinds = h.get("errors_by_kind") or {}
     if kinds:
         recent = r.get("errors_by_kind") or {}
@@ -374,6 +411,19 @@ def _device_report(h: dict[str, Any]) -> str:
         out.append("recent events:")
         out += [f"  {_event(e, now)}" for e in h["events"]]
     return "\n".join(out)
+
+
+def _clock_line(c: dict[str, Any]) -> str:
+    from fleet.clock import amount, describe
+
+    synced = {True: "synchronised", False: "not synchronised"}.get(c.get("synced"), "unknown")
+    if c.get("offset_s") is None:
+        return f"clock: offset not known yet (no window or event of this boot); the OS says {synced}"
+    flag = f", beyond the {amount(c['max_offset_s'])} bound" if c.get("exceeds_max") else ""
+    jumps = f", {c['jumps']} step(s) seen this boot" if c.get("jumps") else ""
+    text = describe(c["offset_s"])
+    return (f"clock: {text}{' of' if text.startswith('within') else ''} the controller's{flag} (estimated from "
+            f"its messages{jumps}); the OS says {synced}; its windows and events are filed at the controller's time")
 
 
 def _event(e: dict[str, Any], now: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,13 @@ def run(client: Any, args: argparse.Namespace) -> int | None:
     return None
 
 
+def print_warnings(doc: dict[str, Any]) -> None:
+    """A deploy's or rollout's warnings (e.g. too little free disk on a device), one line each on stderr: the
+    deploy went ahead."""
+    for w in doc.get("warnings") or ():
+        print(f"edgefleet fleet: warning: {w}", file=sys.stderr, flush=True)
+
+
 def is_rollout(args: argparse.Namespace) -> bool:
     return (any(getattr(args, k, None) is not None for k in ROLLOUT_OPTIONS) or args.no_auto_rollback
             or any(t == "all" or t.startswith("tag:") for t in _targets(args)))
@@ -116,6 +124,7 @@ def _deploy(client: Any, args: argparse.Namespace) -> int:
     read_manifest(path)  # and so does a file that is not a bundle
     up = client.upload_bundle(path)
     doc = client.create_rollout(up["sha256"], _targets(args), **{k: v for k, v in opts.items() if v is not None})
+    print_warnings(doc)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0

@@ -6,6 +6,12 @@ deleted raw rows; rates come from the raw windows of the last ``RECENT_S`` secon
 = inferences x 60 / the seconds those windows cover, ``error_rate`` = errors / (inferences + errors).
 ``latency_ms`` is the latest window that had inferences (the device's own percentiles); CPU, RSS, memory
 and temperature the latest window's (the newest rollup's means once every raw row has expired).
+
+Every time here is the controller's: windows and events are filed at the device's time corrected by its
+clock's estimated offset (``fleet.clock``), so "the last 5 minutes" means the same for a device whose clock is
+400 days behind. ``clock`` shows that offset (of the device's current boot), whether the device's OS says its
+clock is synchronised, and whether the offset is beyond the store's ``max_clock_offset_s``. ``storage`` and
+``disk_free_bytes`` are what the device last said of its state dir (its newest state or telemetry).
 """
 
 from __future__ import annotations
@@ -45,9 +51,11 @@ SORTS: dict[str, tuple[Any, bool]] = {
     "memory": (lambda h: h["memory_percent"], True),
     "temperature": (lambda h: h["temperature_c"], True),
     "last-seen": (lambda h: h["last_seen_ago_s"], True),  # the longest silent first
+    "disk": (lambda h: h["disk_free_bytes"], False),  # the least free first
+    "clock": (lambda h: None if h["clock"]["offset_s"] is None else abs(h["clock"]["offset_s"]), True),
 }
 _ALIASES = {"temp": "temperature", "mem": "memory", "inferences-per-min": "rate", "seen": "last-seen",
-            "id": "device"}
+            "id": "device", "disk-free": "disk", "clock-offset": "clock"}
 
 
 def check_sort(sort: str) -> str:
@@ -141,7 +149,50 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str]) -> dict
         "identity_conflict": {"since": d["conflict_first"], "last": d["conflict_last"], "takeovers": d["conflicts"],
                               "boot_ids": json.loads(d["boots"])}
         if d["conflict_last"] is not None and now - d["conflict_last"] <= CONFLICT_QUIET_S else None,
+        # what the device last said of its state dir (fleet.store._report)
+        "storage": d["storage"],
+        "storage_since": d["storage_since"],
+        "disk_free_bytes": d["disk_free_bytes"],
+        "clock": clock(store, d),
     }
+
+
+def clock(store: "Store", d: "sqlite3.Row") -> dict[str, Any]:
+    """The device's clock: the offset estimated for its current boot (or its latest, before the current boot has
+    sent a window or event), the OS's word on synchronisation, and the flag."""
+    rows = store.query("SELECT boot_id, offset_s, jumps FROM clocks WHERE device_id = ? "
+                       "ORDER BY boot_id = ? DESC, updated DESC LIMIT 1", (d["id"], d["boot_id"]))
+    offset = rows[0]["offset_s"] if rows else None
+    bound = store.max_clock_offset_s
+    return {"offset_s": None if offset is None else round(offset, 3),
+            "synced": None if d["clock_synced"] is None else bool(d["clock_synced"]),
+            "exceeds_max": offset is not None and abs(offset) > bound, "max_offset_s": bound,
+            "boot_id": rows[0]["boot_id"] if rows else None, "jumps": rows[0]["jumps"] if rows else 0}
+
+
+def disk_warnings(store: "Store", devices: list[str], bundle: dict[str, Any], now: float | None = None
+                  ) -> list[str]:
+    """What to tell whoever deploys ``bundle`` to ``devices``: each device that last reported less free disk
+    than the bundle needs (its size twice: the download and its unpacked copy), or storage that takes no
+    writes. Devices that never reported their disk are not named."""
+    from fleet.pages import fmt_ago, fmt_bytes
+
+    now = time.time() if now is None else now
+    need = 2 * bundle["size"]
+    out = []
+    reports = store.disk_reports(devices)
+    for device_id in devices:  # in the order they were named
+        r = reports.get(device_id)
+        if r is None:
+            continue
+        if r["storage"] in ("full", "read_only"):
+            out.append(f"{device_id} reports its storage {r['storage'].replace('_', '-')}: it cannot take the "
+                       f"bundle until that is fixed")
+        elif r["disk_free_bytes"] is not None and r["disk_free_bytes"] < need:
+            out.append(f"{device_id} last reported {fmt_bytes(r['disk_free_bytes'])} free "
+                       f"({fmt_ago(now - r['disk_time'])}); the bundle needs {fmt_bytes(need)} (2 x "
+                       f"{fmt_bytes(bundle['size'])}: the download and its unpacked copy)")
+    return out
 
 
 def recent(store: "Store", device_id: str, now: float) -> dict[str, Any]:

@@ -4,9 +4,11 @@ scrape with Prometheus and chart with Grafana.
 Per device (labels ``device``, ``model``, ``version``; empty model/version before a model is active):
 online, inferences and errors (counters since the device registered), the latest window's latency
 percentiles (gauges with a ``quantile`` label), CPU, RSS, memory, temperature (only when the device has a
-sensor), last seen, seq gaps and whether two devices use its identity. Fleet-wide: devices by state, and how
-many identities are in conflict. Built from ``Store.health()``; a scrape
-never scans telemetry.
+sensor), last seen, seq gaps and whether two devices use its identity; its free disk and storage state (a
+state set: one sample per state, 1 for the current one), its clock's offset from the controller's, whether
+that is beyond ``--max-clock-offset`` and whether its OS says the clock is synchronised. Fleet-wide: devices by
+state, how many identities are in conflict, how many devices' storage takes no writes and how many clocks are
+beyond the bound. Built from ``Store.health()``; a scrape never scans telemetry.
 """
 
 from __future__ import annotations
@@ -45,7 +47,22 @@ _DEVICE = [
      lambda h: h["seq_gaps"]),
     ("edgefleet_device_identity_conflict", "gauge", "1 while two devices use this device's identity (boot ids "
      "alternating: a cloned image), else 0.", lambda h: int(h.get("identity_conflict") is not None)),
+    ("edgefleet_device_disk_free_bytes", "gauge", "Free space in the filesystem of the device's state dir, from its "
+     "latest telemetry.", lambda h: h.get("disk_free_bytes")),
+    ("edgefleet_device_clock_offset_seconds", "gauge", "The controller's clock minus the device's (positive: the "
+     "device is behind), estimated from its messages; its reports are filed corrected by it.",
+     lambda h: (h.get("clock") or {}).get("offset_s")),
+    ("edgefleet_device_clock_offset_exceeded", "gauge", "1 when the device's clock is further off than the "
+     "controller's --max-clock-offset, else 0.",
+     lambda h: None if (h.get("clock") or {}).get("offset_s") is None else int(h["clock"]["exceeds_max"])),
+    ("edgefleet_device_clock_synced", "gauge", "1 when the device's OS says its clock is synchronised, 0 when it "
+     "says not (absent: unknown).",
+     lambda h: None if (h.get("clock") or {}).get("synced") is None else int(h["clock"]["synced"])),
 ]
+STORAGE_STATES = ("ok", "full", "read_only")  # protocol.StorageState
+_STORAGE = ("edgefleet_device_storage", "gauge",
+            "Whether the device's state dir takes writes: 1 for its current state (ok, full, read_only), 0 for the "
+            "others.")
 _LATENCY = ("edgefleet_device_latency_ms", "gauge",
             "Inference latency percentiles of the device's latest telemetry window with inferences, ms.")
 QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
@@ -85,6 +102,10 @@ def render(health: list[dict[str, Any]]) -> str:
            [(_labels([("state", "online")]), online), (_labels([("state", "offline")]), len(health) - online)])
     family("edgefleet_identity_conflicts", "gauge", "Device identities used by two devices at once (a cloned image).",
            [("", sum(1 for h in health if h.get("identity_conflict")))])
+    family("edgefleet_storage_degraded", "gauge", "Devices whose state dir takes no writes (full or read-only).",
+           [("", sum(1 for h in health if h.get("storage") in ("full", "read_only")))])
+    family("edgefleet_clock_offset_exceeded", "gauge", "Devices whose clock is further off than --max-clock-offset.",
+           [("", sum(1 for h in health if (h.get("clock") or {}).get("exceeds_max")))])
     base = {}
     for h in health:
         m = h["model"] or {}
@@ -100,6 +121,8 @@ def render(health: list[dict[str, Any]]) -> str:
                 if h["latency_ms"].get(key) is not None:
                     samples.append((_labels([*base[h["device_id"]], ("quantile", q)]), h["latency_ms"][key]))
     family(*_LATENCY, samples)
+    family(*_STORAGE, [(_labels([*base[h["device_id"]], ("state", state)]), int(h["storage"] == state))
+                       for h in health if h.get("storage") in STORAGE_STATES for state in STORAGE_STATES])
     return "\n".join(lines) + "\n"
 
 

@@ -68,6 +68,7 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
     bodies = {"Error": s.Error, "Status": s.Status, "BundleUploaded": s.BundleUploaded, "Deployment": s.Deployment,
               "Devices": list[s.Device], "DeviceTags": s.DeviceTags, "HealthList": list[s.Health],
               "DeviceDetail": s.DeviceDetail, "Series": Series, "Rollout": s.Rollout,
+              "DeploymentCreated": s.DeploymentCreated, "RolloutCreated": s.RolloutCreated,
               "Rollouts": list[s.RolloutSummary], "Tokens": list[s.Token], "Token": s.Token,
               "TokenCreated": s.TokenCreated, "AuditPage": s.AuditPage, "EnrollmentToken": s.EnrollmentToken,
               "Enrollments": list[s.EnrollmentRow], "Enrolled": s.Enrolled, "Revoked": s.Revoked,
@@ -110,7 +111,9 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
         "/api/deployments": {"post": {
             "summary": "Deploy an uploaded bundle to devices at once (publishes their desired model).",
             "operationId": "deploy", "requestBody": request("DeployRequest"),
-            "responses": {"200": json_body("Deployment", "The deployment, each device pending."),
+            "responses": {"200": json_body("DeploymentCreated", "The deployment, each device pending, and "
+                                                                 "warnings (a device that last reported too little "
+                                                                 "free disk for the bundle): it is made anyway."),
                           "400": err("A malformed request or device id."),
                           "404": err("The bundle was not uploaded."),
                           "503": err("The broker did not take the desired model for some devices.")}}},
@@ -181,7 +184,9 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                                   "503": err("Rollouts are not running in this controller.")}},
             "post": {"summary": "Start a rollout: a bundle to targets in cumulative waves, gated on health.",
                      "operationId": "createRollout", "requestBody": request("RolloutRequest"),
-                     "responses": {"201": json_body("Rollout", "The rollout, its first wave published."),
+                     "responses": {"201": json_body("RolloutCreated", "The rollout, its first wave published, "
+                                                                      "and warnings (a target that last reported "
+                                                                      "too little free disk for the bundle)."),
                                    "400": err("A malformed request, target, wave, duration or threshold; or "
                                               "waves that do not increase, do not end at 100%, or ask for "
                                               "more devices than the targets have; or a wave timeout not "

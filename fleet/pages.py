@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import msgspec
 
+from fleet.clock import amount, describe as describe_offset
 from fleet.schemas import ConverterReport
 
 REFRESH_MS = 5000
@@ -21,9 +22,10 @@ RANGES = ((900, "15 min"), (3600, "1 h"), (6 * 3600, "6 h"), (86400, "24 h"), (7
 CHARTS = (("latency", "Latency percentiles", "ms"), ("errors", "Error rate", "%"),
           ("throughput", "Inferences", "per min"), ("cpu", "CPU", "%"), ("memory", "Memory (agent RSS)", "MiB"),
           ("temperature", "Temperature", "°C"))
-_GOOD = {"active", "online", "done", "completed", "passed", "succeeded", "healthy"}
+_GOOD = {"active", "online", "done", "completed", "passed", "succeeded", "healthy", "ok"}
 _BAD = {"failed", "error", "halted", "aborted", "rolled_back", "timed_out", "stopped", "offline", "refused",
-        "identity_conflict"}
+        "identity_conflict", "full", "read_only", "clock off"}
+NO_WRITES = ("full", "read_only")  # storage states in which a device's state dir takes no writes
 _BUSY = {"downloading", "verifying", "activating", "running", "rolling", "soaking"}
 
 
@@ -171,6 +173,8 @@ def overview(health: list[dict], rates: dict[str, dict], rollouts: str) -> str:
     ])
     body = f"""<div id="overview" data-live>
 {_conflicts(health)}
+{_storage(health)}
+{_clocks(health)}
 <section class="cards" id="counts" data-online="{online}" data-offline="{len(health) - online}"
  data-total="{len(health)}">{cards}</section>
 <section class="panel"><h2>Devices</h2>{_device_table(health, rates)}</section>
@@ -195,6 +199,51 @@ def _conflicts(health: list[dict]) -> str:
             f'revoke the identity (<code>edgefleet fleet revoke ID</code>) and enroll both devices.</p></section>')
 
 
+def _storage(health: list[dict]) -> str:
+    """A loud banner for every device whose state dir takes no writes (full or read-only)."""
+    rows = [h for h in health if h.get("storage") in NO_WRITES]
+    if not rows:
+        return ""
+    items = "".join(
+        f'<li><a href="{e(device_href(h["device_id"]))}">{e(h["device_id"])}</a>: {pill(h["storage"])} since '
+        f'{fmt_time(h.get("storage_since"))}, {fmt_bytes(h.get("disk_free_bytes"))} free</li>' for h in rows)
+    return (f'<section class="panel banner bad" id="storage" data-storage="{len(rows)}"><h2>Storage that takes no '
+            f'writes</h2><ul>{items}</ul><p>The agent keeps serving the model it has loaded and keeps what it must '
+            f'send until its state dir takes writes again; it cannot take a new model meanwhile. Free space on it, or '
+            f'make it writable again.</p></section>')
+
+
+def _clocks(health: list[dict]) -> str:
+    """A banner for every device whose clock is further off than the controller's bound."""
+    rows = [h for h in health if (h.get("clock") or {}).get("exceeds_max")]
+    if not rows:
+        return ""
+    synced = {True: "its OS says synchronised", False: "its OS says not synchronised"}
+    items = "".join(
+        f'<li><a href="{e(device_href(h["device_id"]))}">{e(h["device_id"])}</a>: clock '
+        f'{e(describe_offset(h["clock"]["offset_s"]))}'
+        f'{e(" (" + synced[h["clock"]["synced"]] + ")") if h["clock"]["synced"] in synced else ""}</li>'
+        for h in rows)
+    bound = amount(rows[0]["clock"]["max_offset_s"])
+    return (f'<section class="panel banner bad" id="clocks" data-clocks="{len(rows)}"><h2>Clocks off by more than '
+            f'{e(bound)}</h2><ul>{items}</ul><p>Their windows and events are filed at this controller\'s time (the '
+            f'offset is estimated from their messages), so figures, charts, rollout gates and retention are right; '
+            f'what the devices stamp themselves is not. Check NTP on them (<code>timedatectl</code>).</p></section>')
+
+
+def _disk_cell(h: dict) -> str:
+    free = fmt_bytes(h.get("disk_free_bytes"))
+    return f'{pill(h["storage"])} {free}' if h.get("storage") in NO_WRITES else free
+
+
+def _clock_cell(h: dict) -> str:
+    c = h.get("clock") or {}
+    if c.get("offset_s") is None:
+        return '<span class="muted">–</span>'
+    text = e(describe_offset(c["offset_s"]))
+    return f'<span class="bad-text" title="beyond the bound">{text}</span>' if c.get("exceeds_max") else text
+
+
 def _rates(h: dict, ours: dict) -> dict:
     """inferences/min and error rate: the health report's own when it has them (what the CLI shows), else
     ours (``fleet.series.recent_rates``)."""
@@ -206,7 +255,7 @@ def _device_table(health: list[dict], rates: dict[str, dict]) -> str:
         return ('<p class="muted">No device has reported yet. Point an agent at this controller\'s broker '
                 '(<code>edgefleet agent run</code>) and it registers itself.</p>')
     head = ("Status", "Device", "Model", "Version", "Precision", "Inf/min", "Error rate", "p50", "p95", "p99",
-            "CPU", "Memory", "Temp", "Last seen")
+            "CPU", "Memory", "Temp", "Disk free", "Clock", "Last seen")
     rows = []
     for h in health:
         m = h["model"] or {}
@@ -225,6 +274,7 @@ def _device_table(health: list[dict], rates: dict[str, dict]) -> str:
             fmt_ms(lat.get("p50")), fmt_ms(lat.get("p95")), fmt_ms(lat.get("p99")),
             fmt_pct(h["cpu_percent"]), mem,
             f'<span class="{"muted" if h["temperature_c"] is None else ""}">{fmt_temp(h["temperature_c"])}</span>',
+            _disk_cell(h), _clock_cell(h),
             f'<span title="{e(str(h["last_seen"]))}">{fmt_ago(h["last_seen_ago_s"])}</span>',
         ]
         rows.append(f'<tr data-device="{e(h["device_id"])}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -250,9 +300,13 @@ def device(detail: dict, info: dict, rates: dict, bundle: dict | None, history_b
         _card("Memory", fmt_bytes(d["rss_bytes"]) + (f' <span class="muted">{d["memory_percent"]:.0f} %</span>'
                                                      if d["memory_percent"] is not None else "")),
         _card("Temperature", fmt_temp(d["temperature_c"])),
+        _card("Disk free", _disk_cell(d), "bad" if d.get("storage") in NO_WRITES else ""),
+        _card("Clock", _clock_cell(d), "bad" if (d.get("clock") or {}).get("exceeds_max") else ""),
     ])
     head = f"""<div id="device-head" data-live>
 {_conflicts([d])}
+{_storage([d])}
+{_clocks([d])}
 <section class="titlebar"><h1>{e(d["device_id"])}</h1>{status_pill(d["online"])}{_tags(d.get("tags"))}
 <span class="muted">model</span> <span class="model">{model}</span>
 <span class="muted">last seen {fmt_ago(d["last_seen_ago_s"])}</span></section>
@@ -363,10 +417,24 @@ def _device_info(d: dict, info: dict) -> str:
         ("Runtimes", e(", ".join(info.get("runtimes") or []) or "–")),
         ("Boot", short(info.get("boot_id"), 8)),
         ("Reporting every", f"{interval:g} s" if interval else "–"),
+        ("Storage", f'{pill(d.get("storage") or "not reported")} {fmt_bytes(d.get("disk_free_bytes"))} free'
+                    + (f' <span class="muted">since {fmt_time(d.get("storage_since"))}</span>'
+                       if d.get("storage") in NO_WRITES else "")),
+        ("Clock", _clock_info(d.get("clock") or {})),
         ("Totals", f'{fmt_num(d["inferences"])} inferences, {fmt_num(d["errors"])} errors'),
         ("Messages", f'{d["seq_gaps"]} lost (seq gaps), {d["duplicates"]} duplicates; outbox '
                      f'{fmt_num(d["outbox_pending"])} pending, {fmt_num(d["outbox_dropped"])} dropped'),
     ])
+
+
+def _clock_info(c: dict) -> str:
+    synced = {True: "synchronised", False: "not synchronised"}.get(c.get("synced"), "unknown")
+    if c.get("offset_s") is None:
+        return f'<span class="muted">offset not known yet; the OS says {synced}</span>'
+    flag = f' {pill("clock off")}' if c.get("exceeds_max") else ""
+    jumps = f", {c['jumps']} step(s) this boot" if c.get("jumps") else ""
+    return (f'<span data-offset="{c["offset_s"]}">{e(describe_offset(c["offset_s"]))}</span>{flag} '
+            f'<span class="muted">(estimated from its messages{e(jumps)}; the OS says {synced})</span>')
 
 
 def _events(events: list[dict]) -> str:

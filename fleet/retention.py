@@ -1,10 +1,15 @@
 """Retention: raw telemetry for a while, then 1-minute and 1-hour rollups, and ``series()`` over all three.
 
+Ages are on the controller's time line: a window's ``time`` is its end as the controller files it (the device's
+clock corrected by its estimated offset, ``fleet.clock``), so a window from a device whose clock is 400 days
+behind is fresh, not 400 days old.
+
 Policy. Raw windows are kept ``raw_s`` (default 7 days). ``compact()`` folds every raw row older than the
 cutoff (now - raw_s, rounded down to a whole hour so that rollup buckets are whole) into its device's
 1-minute bucket (``telemetry_1m``) and 1-hour bucket (``telemetry_1h``) and deletes it, a batch of rows per
 transaction. 1-minute buckets older than now - rollup_s (rounded down to the hour; default 90 days) are
-deleted; hourly ones stay for ever. Each tier's boundary is kept in the ``retention`` table, and
+deleted; hourly ones stay for ever. Clock estimates (``clocks``) of boots not heard from since the raw cutoff
+are deleted, but for each device's latest ``CLOCKS_KEPT``. Each tier's boundary is kept in the ``retention`` table, and
 ``series()`` reads raw rows after the raw boundary, 1-minute rows between the two, hourly rows before.
 
 Merging. A rollup row holds sums and maxima, never means, so folding in more windows later (a device
@@ -48,6 +53,7 @@ RAW_RETENTION_S = 7 * DAY
 ROLLUP_RETENTION_S = 90 * DAY
 MIN_RAW_RETENTION_S = HOUR
 BATCH = 2000  # raw rows folded per transaction: ingest waits at most this long for the lock
+CLOCKS_KEPT = 8  # clock estimates kept per device however old (its latest boots': a replay may still come)
 TIERS = (("telemetry_1m", "1m", MINUTE), ("telemetry_1h", "1h", HOUR))
 _NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
 
@@ -334,6 +340,8 @@ def compact(store: "Store", now: float | None = None, policy: Policy = Policy(),
     with store.tx() as db:
         expired = db.execute("DELETE FROM telemetry_1m WHERE bucket < ?", (m1_cutoff,)).rowcount
         _mark(db, "1m", m1_cutoff)
+        db.execute("DELETE FROM clocks WHERE updated < ? AND rowid NOT IN (SELECT c.rowid FROM clocks c WHERE "
+                   "c.device_id = clocks.device_id ORDER BY c.updated DESC LIMIT ?)", (raw_cutoff, CLOCKS_KEPT))
     if folded or expired:
         log.info("retention: folded %d raw telemetry rows into rollups, dropped %d expired 1-minute rollups",
                  folded, expired)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from agent import protocol
 from agent.errors import EdgefleetError
+from fleet import health
 from fleet import rollout as machine
 from fleet.rollout import Halt, Observation, Publish, Rollback, RolloutError
 from fleet.store import Store
@@ -96,7 +97,8 @@ class Rollouts:
 
     # -- what the API does ---------------------------------------------------------------------------
     def create(self, bundle: str, targets: list[str], **opts: Any) -> dict[str, Any]:
-        """Validate, plan and start a rollout (its first wave is published before this returns)."""
+        """Validate, plan and start a rollout (its first wave is published before this returns); the answer
+        carries ``warnings`` (``fleet.health.disk_warnings``) about its targets."""
         options = machine.options(**opts)
         if not isinstance(bundle, str) or self.store.bundle(bundle) is None:
             raise RolloutError(f"unknown bundle {bundle!r}: upload it first", 404)
@@ -110,7 +112,8 @@ class Rollouts:
             r = machine.new(new_rollout_id(), bundle, targets, devices, options, self.clock())
             self._save(r, [], created=True)
             self._advance(r.id)
-            return self.get(r.id)
+            return {**self.get(r.id),
+                    "warnings": health.disk_warnings(self.store, devices, self.store.bundle(bundle), self.clock())}
 
     def act(self, rollout_id: str, action: str) -> dict[str, Any]:
         with self._lock:
@@ -236,16 +239,15 @@ class Rollouts:
         return out
 
     def _health(self, device_id: str, sha: str, since: float, until: float | None) -> machine.Health:
-        """A device's figures on one model over the windows received in [since, until)."""
-        # device clocks may be off: select by the controller's receive time; the device-time bound (a day
-        # wide) only lets the (device_id, time) index narrow the scan
+        """A device's figures on one model over its windows that ended in [since, until), on the controller's
+        time line (a window's ``time`` is corrected for the device's clock: fleet.clock)."""
         row = self.store.query(
             "SELECT coalesce(sum(inferences), 0) AS n, coalesce(sum(errors), 0) AS e, "
             "sum(CASE WHEN p95 IS NOT NULL AND inferences > 0 THEN p95 * inferences END) "
             "/ sum(CASE WHEN p95 IS NOT NULL AND inferences > 0 THEN inferences END) AS p95 "
-            "FROM telemetry WHERE device_id = ? AND time >= ? AND received >= ? AND received < ? "
+            "FROM telemetry WHERE device_id = ? AND time >= ? AND time < ? "
             "AND json_extract(payload, '$.active.sha256') = ?",
-            (device_id, since - 86400, since, until if until is not None else float("inf"), sha))[0]
+            (device_id, since, until if until is not None else float("inf"), sha))[0]
         return machine.Health(inferences=row["n"], errors=row["e"],
                               p95_ms=None if row["p95"] is None else round(row["p95"], 3))
 

@@ -139,6 +139,12 @@ class Deployment(_S):
     devices: list[DeploymentDevice]
 
 
+class DeploymentCreated(Deployment):
+    """A new deployment, with what the controller warns about (it is made all the same)."""
+    # e.g. a device that last reported less free disk than the bundle needs (2 x its size: download + unpack)
+    warnings: list[str]
+
+
 class Device(_S):
     """A registered device as its last state message described it."""
     id: str
@@ -165,6 +171,10 @@ class Device(_S):
     duplicates: int
     status_online: int | None = None  # the last recorded transition: 1 online, 0 offline
     status_time: float | None = None
+    storage: str | None = None  # ok, full or read_only: whether its state dir takes writes (its latest report)
+    storage_since: float | None = None
+    clock_synced: bool | None = None  # whether its OS says its clock is synchronised (null: unknown)
+    disk_free_bytes: int | None = None  # free space in its state dir's filesystem (its latest telemetry)
     tags: list[str] = []
 
 
@@ -230,6 +240,21 @@ class Health(_S):
     outbox_dropped: int | None
     outbox_pending: int | None
     identity_conflict: "IdentityConflict | None"  # two devices use this identity (a cloned image)
+    storage: str | None  # ok, full or read_only: whether its state dir takes writes; null: never reported
+    storage_since: float | None  # when that state was first reported
+    disk_free_bytes: int | None  # free space in its state dir's filesystem, from its latest telemetry
+    clock: "DeviceClock"
+
+
+class DeviceClock(_S):
+    """The device's clock against the controller's, estimated from its messages (sent time against received
+    time, the least delayed message of its current boot). Its windows and events are filed at its time + this."""
+    offset_s: float | None  # controller - device: positive when the device is behind; null until it sent any
+    synced: bool | None  # what its OS says (adjtimex); null: it does not know or did not say
+    exceeds_max: bool  # |offset_s| > max_offset_s (fleet serve --max-clock-offset)
+    max_offset_s: float
+    boot_id: str | None  # the boot the estimate is of
+    jumps: int  # steps of its clock seen in that boot (e.g. NTP syncing mid-run)
 
 
 class IdentityConflict(_S):
@@ -364,6 +389,12 @@ class Rollout(_S):
     device_count: int
     waves: list[RolloutWave]
     unpublished: list[str]  # devices whose desired model the broker has not taken yet (retried)
+
+
+class RolloutCreated(Rollout):
+    """A new rollout, with what the controller warns about (it is started all the same)."""
+    # e.g. a target that last reported less free disk than the bundle needs (2 x its size: download + unpack)
+    warnings: list[str]
 
 
 class RolloutSummary(_S):

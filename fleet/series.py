@@ -32,7 +32,7 @@ class Series(msgspec.Struct, forbid_unknown_fields=True):
     step: float | None  # bucket width in seconds; None: one point per stored row (raw window or rollup)
     source: str  # the tiers the points come from, e.g. "raw" or "1h,1m,raw"
     points: int
-    time: list[float]  # a raw window's end as the device stamped it, or a bucket's start
+    time: list[float]  # a raw window's end on the controller's time line (fleet.clock), or a bucket's start
     resolution: list[str]  # raw, 1m, 1h
     duration_s: list[float]  # the seconds a point covers
     inferences: list[int]

@@ -31,13 +31,17 @@ from typing import Any
 
 from agent import protocol
 from agent.errors import EdgefleetError
+from fleet import clock as clocks
 from fleet import health, retention, targets
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
 CLONE_BOOTS = 8  # the boot ids remembered per device for clone detection
-_INTERNAL = {"boots", "conflicts", "conflict_first", "conflict_last"}  # health reports the identity conflict
+_INTERNAL = {"boots", "conflicts", "conflict_first", "conflict_last",  # health reports the identity conflict
+             "storage_time", "disk_time"}  # bookkeeping: the (corrected) time of the report each figure came from
+MAX_CLOCK_OFFSET_S = 300.0  # a device whose clock is further off than this is flagged (fleet serve --max-clock-offset)
+CLOCK_CACHE = 100_000  # boots whose clock estimate is kept in memory too (the table is the truth)
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
 
 _SCHEMA_V2 = """
@@ -245,20 +249,54 @@ ALTER TABLE devices ADD COLUMN conflict_first REAL;
 ALTER TABLE devices ADD COLUMN conflict_last REAL;
 UPDATE schema_version SET version = 4
 """
-_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
+# Time the controller can trust (fleet/clock.py). Telemetry and events are filed at the controller's time:
+# ``time`` is the corrected time, ``device_time`` the device's own (NULL in rows stored before schema 5, whose
+# ``time`` is the device's). ``clocks`` holds each (device, boot)'s clock estimate; ``dirty`` marks one whose
+# rows the sweep must move (re-file). The device row keeps what the device said of its storage and clock (from
+# state and telemetry, the newest by corrected time wins) and its free disk (from telemetry).
+_V4_TO_V5 = """
+ALTER TABLE telemetry ADD COLUMN device_time REAL;
+ALTER TABLE events ADD COLUMN device_time REAL;
+CREATE TABLE clocks (
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    boot_id TEXT NOT NULL,
+    offset_s REAL NOT NULL,
+    jumps INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL,
+    dirty INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    PRIMARY KEY (device_id, boot_id)
+);
+CREATE INDEX clocks_dirty ON clocks (dirty) WHERE dirty = 1;
+ALTER TABLE devices ADD COLUMN storage TEXT;
+ALTER TABLE devices ADD COLUMN storage_since REAL;
+ALTER TABLE devices ADD COLUMN storage_time REAL;
+ALTER TABLE devices ADD COLUMN clock_synced INTEGER;
+ALTER TABLE devices ADD COLUMN disk_free_bytes INTEGER;
+ALTER TABLE devices ADD COLUMN disk_time REAL;
+UPDATE schema_version SET version = 5
+"""
+_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5}
 
 class Store:
     """The controller's SQLite registry at ``path``; safe to call from any thread.
 
-    ``offline_after``: how many telemetry intervals of silence make a device offline."""
+    ``offline_after``: how many telemetry intervals of silence make a device offline; ``max_clock_offset_s``:
+    how far off a device's clock may be before health flags it."""
 
-    def __init__(self, path: Path, offline_after: float = OFFLINE_AFTER_INTERVALS) -> None:
+    def __init__(self, path: Path, offline_after: float = OFFLINE_AFTER_INTERVALS,
+                 max_clock_offset_s: float = MAX_CLOCK_OFFSET_S) -> None:
         if not offline_after > 0:
             raise EdgefleetError(f"offline_after must be a positive number of intervals (got {offline_after})")
+        if not max_clock_offset_s > 0:
+            raise EdgefleetError(f"the clock offset bound must be a positive number of seconds "
+                                 f"(got {max_clock_offset_s})")
         self.path = Path(path)
         self.offline_after = float(offline_after)
+        self.max_clock_offset_s = float(max_clock_offset_s)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        self._clocks: dict[tuple[str, str], clocks.Clock] = {}  # (device, boot) -> as last saved
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> "Store":
@@ -358,6 +396,7 @@ class Store:
                 "? - last_seen > ? * coalesce(interval_s, ?))", (now, self.offline_after, DEFAULT_INTERVAL_S))]
             for device_id in ids:
                 self._settle(db, device_id, now, "heartbeat timeout")
+        self.refile()
         return len(ids)
 
     # -- what devices report --------------------------------------------------------------------
@@ -367,16 +406,85 @@ class Store:
                    "ON CONFLICT (id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
                    (device_id, seen, seen))
 
+    # -- clocks: what is filed where on the controller's time line (fleet/clock.py) ------------------------
+    def _clock(self, db: sqlite3.Connection, device_id: str, boot_id: str) -> clocks.Clock | None:
+        """A boot's clock (from the cache of those in use, else the table); under the lock."""
+        clock = self._clocks.get((device_id, boot_id))
+        if clock is None:
+            row = db.execute("SELECT state FROM clocks WHERE device_id = ? AND boot_id = ?",
+                             (device_id, boot_id)).fetchone()
+            clock = clocks.Clock.load(row[0]) if row else None
+        return clock
+
+    def _cache_clock(self, device_id: str, boot_id: str, clock: clocks.Clock) -> None:
+        """Once its transaction committed: the clock as the table has it (unless a message taken in since has
+        cached a newer one)."""
+        with self._lock:
+            if len(self._clocks) >= CLOCK_CACHE:
+                self._clocks.clear()
+            self._clocks.setdefault((device_id, boot_id), clock)
+
     @staticmethod
-    def _seen(received: float, sent: float, retained: bool) -> float:
-        # A retained message replayed on subscribe is old news: it shows the device no later than it was sent.
-        return min(received, sent) if retained else received
+    def _save_clock(db: sqlite3.Connection, device_id: str, boot_id: str, clock: clocks.Clock,
+                    received: float) -> None:
+        dirty = int(any(r.needs_refile for r in clock.regimes))
+        db.execute("INSERT INTO clocks (device_id, boot_id, offset_s, jumps, updated, dirty, state) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, boot_id) DO UPDATE SET "
+                   "offset_s = excluded.offset_s, jumps = excluded.jumps, dirty = excluded.dirty, "
+                   "updated = max(updated, excluded.updated), state = excluded.state",
+                   (device_id, boot_id, clock.offset, clock.jumps, received, dirty, clock.dump().decode()))
+
+    def _corrected(self, db: sqlite3.Connection, device_id: str, boot_id: str, sent: float, received: float) -> float:
+        """A time the device stamped (a state's: no seq) on the controller's time line: with its boot's current
+        estimate when there is one, else when it arrived."""
+        clock = self._clock(db, device_id, boot_id) if boot_id else None
+        if clock is None:
+            return received
+        return min(received, sent + clock.regimes[-1].value(received))
+
+    def refile(self) -> int:
+        """Move the rows of every clock regime whose estimate fell since they were filed (``fleet.clock``): each
+        row more than REFILE_S later than ``device_time`` + the estimate is put there. Returns the rows moved."""
+        moved = 0
+        with self._tx() as db:
+            for device_id, boot_id, state in db.execute(
+                    "SELECT device_id, boot_id, state FROM clocks WHERE dirty = 1").fetchall():
+                clock = clocks.Clock.load(state)
+                for r in clock.regimes:
+                    if not r.needs_refile:
+                        continue
+                    lo, hi = clock.span(r)
+                    for table in ("telemetry", "events"):
+                        moved += db.execute(
+                            f"UPDATE {table} SET time = device_time + ?1 WHERE device_id = ?2 AND boot_id = ?3 AND "
+                            f"seq >= ?4 AND seq < ?5 AND device_time IS NOT NULL AND time > device_time + ?1 + ?6",
+                            (r.offset, device_id, boot_id, lo, hi, clocks.REFILE_S)).rowcount
+                    r.filed = r.offset
+                db.execute("UPDATE clocks SET dirty = 0, state = ? WHERE device_id = ? AND boot_id = ?",
+                           (clock.dump().decode(), device_id, boot_id))
+                self._clocks.pop((device_id, boot_id), None)  # read again from the table when next needed
+        return moved
+
+    @staticmethod
+    def _report(db: sqlite3.Connection, device_id: str, when: float, storage: str, synced: bool | None,
+                disk_free: int | None = None) -> None:
+        """What a state or telemetry message says of the device's storage, clock and (telemetry) free disk, unless
+        the device row already holds a newer report (``when`` is the message's corrected time)."""
+        db.execute("UPDATE devices SET storage_since = CASE WHEN storage IS ?1 THEN storage_since ELSE ?2 END, "
+                   "storage = ?1, clock_synced = ?3, storage_time = ?2, "
+                   "disk_free_bytes = coalesce(?5, disk_free_bytes), "
+                   "disk_time = CASE WHEN ?5 IS NULL THEN disk_time ELSE ?2 END "
+                   "WHERE id = ?4 AND (storage_time IS NULL OR storage_time <= ?2)",
+                   (storage, when, None if synced is None else int(synced), device_id, disk_free))
 
     def record_state(self, msg: protocol.State, received: float, retained: bool = False) -> None:
         a = msg.active
         with self._tx() as db:
-            self._touch(db, msg.device_id, self._seen(received, msg.time, retained))
+            # A retained message replayed on subscribe is old news: it shows the device no later than it was sent.
+            sent = self._corrected(db, msg.device_id, msg.boot_id, msg.time, received)
+            self._touch(db, msg.device_id, sent if retained else received)
             if msg.online:
+                self._report(db, msg.device_id, sent, msg.storage, msg.clock_synced)
                 self._check_boot(db, msg, received)
                 db.execute(
                     "UPDATE devices SET online = 1, state_time = ?, boot_id = ?, agent_version = ?, arch = ?, "
@@ -437,45 +545,63 @@ class Store:
                        (seq, int(n == 1), device_id))
         return True
 
+    def _file(self, db: sqlite3.Connection, msg: protocol.Telemetry | protocol.Event, received: float,
+              interval_s: float | None) -> tuple[clocks.Clock, float]:
+        """(the boot's clock with this message taken in, the controller time to file the message at). The clock
+        is changed in place, so the cache drops it until its transaction has committed (a duplicate or a failed
+        transaction leaves the table's copy the truth)."""
+        clock = self._clock(db, msg.device_id, msg.boot_id)
+        self._clocks.pop((msg.device_id, msg.boot_id), None)  # back in by _cache_clock, after the commit
+        return clocks.observe(clock, msg.seq, msg.time, received, interval_s or DEFAULT_INTERVAL_S)
+
     def record_telemetry(self, msg: protocol.Telemetry, received: float, retained: bool = False) -> bool:
-        """Store one window; False when it was already stored (a redelivery)."""
+        """Store one window, filed at the controller's time (``fleet.clock``); False when it was already stored
+        (a redelivery)."""
         lat = msg.latency_ms
         errors = sum(msg.errors.values())
         hist = json.dumps(msg.histogram) if msg.histogram else None
         with self._tx() as db:
-            self._touch(db, msg.device_id, self._seen(received, msg.time, retained))
+            clock, at = self._file(db, msg, received, msg.interval_s)
+            self._touch(db, msg.device_id, min(at, received) if retained else received)
             cur = db.execute(
-                "INSERT OR IGNORE INTO telemetry (device_id, boot_id, seq, time, received, interval_s, "
+                "INSERT OR IGNORE INTO telemetry (device_id, boot_id, seq, time, device_time, received, interval_s, "
                 "inferences, errors, p50, p95, p99, mean_ms, max_ms, histogram, cpu_percent, rss_bytes, "
                 "memory_percent, temperature_c, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                "?, ?, ?)",
-                (msg.device_id, msg.boot_id, msg.seq, msg.time, received, msg.interval_s, msg.inferences,
+                "?, ?, ?, ?)",
+                (msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.interval_s, msg.inferences,
                  errors, lat and lat.p50, lat and lat.p95, lat and lat.p99, lat and lat.mean, lat and lat.max,
                  hist, msg.cpu_percent, msg.rss_bytes, msg.memory_percent, msg.temperature_c,
                  protocol.encode(msg).decode()))
             if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
                 return False
+            self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
             db.execute("UPDATE devices SET inferences = inferences + ?, errors = errors + ?, interval_s = ? "
                        "WHERE id = ?", (msg.inferences, errors, msg.interval_s, msg.device_id))
+            self._report(db, msg.device_id, at, msg.storage, msg.clock_synced, msg.disk_free_bytes)
             db.executemany(
                 "INSERT INTO device_errors (device_id, kind, count, last_time) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (device_id, kind) DO UPDATE SET count = count + excluded.count, "
                 "last_time = max(last_time, excluded.last_time)",
-                [(msg.device_id, kind, n, msg.time) for kind, n in msg.errors.items() if n])
+                [(msg.device_id, kind, n, at) for kind, n in msg.errors.items() if n])
             self._settle(db, msg.device_id, received, "telemetry")
-            return True
+        self._cache_clock(msg.device_id, msg.boot_id, clock)
+        return True
 
     def record_event(self, msg: protocol.Event, received: float, retained: bool = False) -> bool:
-        """Store one event and move the device's phase in its deployment; False for a redelivery."""
+        """Store one event, filed at the controller's time, and move the device's phase in its deployment; False
+        for a redelivery."""
         with self._tx() as db:
-            self._touch(db, msg.device_id, self._seen(received, msg.time, retained))
+            row = db.execute("SELECT interval_s FROM devices WHERE id = ?", (msg.device_id,)).fetchone()
+            clock, at = self._file(db, msg, received, row and row[0])
+            self._touch(db, msg.device_id, min(at, received) if retained else received)
             cur = db.execute(
-                "INSERT OR IGNORE INTO events (device_id, boot_id, seq, time, received, kind, deployment_id, "
-                "sha256, version, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (msg.device_id, msg.boot_id, msg.seq, msg.time, received, msg.kind, msg.deployment_id,
+                "INSERT OR IGNORE INTO events (device_id, boot_id, seq, time, device_time, received, kind, "
+                "deployment_id, sha256, version, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.kind, msg.deployment_id,
                  msg.sha256, msg.version, msg.reason))
             if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
                 return False
+            self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
             if msg.kind in PHASES and msg.deployment_id:
                 # Only a deployment this controller made; an older event never overwrites a newer phase.
                 db.execute(
@@ -485,10 +611,11 @@ class Store:
                     "reason = excluded.reason, updated = excluded.updated, event_time = excluded.event_time "
                     "WHERE deployment_devices.event_time IS NULL "
                     "OR deployment_devices.event_time <= excluded.event_time",
-                    (msg.deployment_id, msg.device_id, msg.kind, msg.reason, received, msg.time,
+                    (msg.deployment_id, msg.device_id, msg.kind, msg.reason, received, at,
                      msg.deployment_id))
             self._settle(db, msg.device_id, received, "event")
-            return True
+        self._cache_clock(msg.device_id, msg.boot_id, clock)
+        return True
 
     # -- bundles and deployments ----------------------------------------------------------------
     def add_bundle(self, sha256: str, size: int, manifest: dict[str, Any]) -> None:
@@ -685,9 +812,18 @@ class Store:
             d = {k: r[k] for k in r.keys() if k not in _INTERNAL}
             d["cpu_flags"], d["runtimes"] = json.loads(d["cpu_flags"]), json.loads(d["runtimes"])
             d["online"] = self.is_online(r, now)
+            d["clock_synced"] = None if r["clock_synced"] is None else bool(r["clock_synced"])
             d["tags"] = tags.get(r["id"], [])
             out.append(d)
         return out
+
+    def disk_reports(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Device id -> what it last said of its disk: {"disk_free_bytes", "disk_time", "storage"} (a device that
+        never sent telemetry has null figures); unknown ids are left out."""
+        wanted = set(ids)
+        return {r["id"]: {"disk_free_bytes": r["disk_free_bytes"], "disk_time": r["disk_time"], "storage": r["storage"]}
+                for r in self._query("SELECT id, disk_free_bytes, disk_time, storage FROM devices ORDER BY id")
+                if r["id"] in wanted}
 
     def health(self, device_id: str | None = None, now: float | None = None, tag: str | None = None,
                status: str | None = None, sort: str | None = None, descending: bool | None = None

@@ -13,6 +13,9 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt="
 [ -x /usr/bin/chromium ] || need_apt="$need_apt chromium"
 # systemd-analyze, which checks the agent's unit in the tests (the package is installed, not started)
 command -v systemd-analyze >/dev/null 2>&1 || [ -x /usr/bin/systemd-analyze ] || need_apt="$need_apt systemd"
+# libfaketime, which runs agents with a wrong wall clock in tests/test_clock_e2e.py
+# (/usr/lib/<multiarch>/faketime/libfaketime.so.1)
+dpkg-query -W -f='${Status}' libfaketime 2>/dev/null | grep -q "install ok installed" || need_apt="$need_apt libfaketime"
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt="$need_apt python3-venv"
 if [ -n "$need_apt" ]; then
     echo "setup: installing Debian packages:$need_apt"

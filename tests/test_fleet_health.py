@@ -142,7 +142,9 @@ def test_serve_rejects_bad_settings_in_one_line(tmp_path, capsys):
     for flag, value, needle in (("--offline-after", "0", "--offline-after"), ("--offline-after", "x", "intervals"),
                                 ("--raw-retention", "7 days", "--raw-retention"),
                                 ("--raw-retention", "10m", "at least 1h"),
-                                ("--rollup-retention", "1d", "must not be shorter")):
+                                ("--rollup-retention", "1d", "must not be shorter"),
+                                ("--max-clock-offset", "soon", "--max-clock-offset"),
+                                ("--max-clock-offset", "0", "--max-clock-offset")):
         code, _, err = run_cli(capsys, "serve", "--data", str(tmp_path / "data"), flag, value)
         assert code == 2
         assert_one_error_line(err, needle)
