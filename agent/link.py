@@ -76,6 +76,7 @@ class Link:
         self._generation = outbox.generation  # of the outbox file _sent_upto refers to
         self._acked: deque[int] = deque()  # mids whose PUBACK came (appended on paho's thread)
         self._wake = threading.Event()
+        self._halt = threading.Event()  # set by stop(): ends the publisher's back-off at once
         self._publisher = threading.Thread(target=self._publish_loop, name="agent-publisher", daemon=True)
         # with TLS the broker takes the client id from our certificate's CN (the device id) whatever we say
         self._ssl_context = tls.context() if broker.tls and tls else None
@@ -170,6 +171,7 @@ class Link:
 
         What is still queued stays in the outbox on disk and goes out after the next start."""
         self._stopping = True
+        self._halt.set()
         self._wake.set()
         if self._publisher.is_alive():
             self._publisher.join(timeout=10)
@@ -202,7 +204,7 @@ class Link:
                     self._send()
             except Exception:  # a full disk, a broken file: log, keep going
                 log.exception("sending from the outbox failed")
-                time.sleep(1.0)
+                self._halt.wait(1.0)  # not time.sleep: it fails under libfaketime's real-time-only shift
 
     def _settle(self) -> None:
         """Remove from the outbox what the broker acknowledged."""
