@@ -8,7 +8,9 @@ What a bundle may hold, checked from the tar headers and the manifest before a b
 - at most ``MAX_MEMBERS`` (1000) members, each a plain regular file (tar type ``0`` or NUL): no
   directory, link, device, FIFO, contiguous or sparse (GNU or PAX) entries; names relative, without
   ``..``, ``\\`` or control characters, at most 255 characters;
-- ``manifest.json`` (at most ``MAX_MANIFEST_BYTES``) and exactly the files it lists, each once, each
+- ``manifest.json`` (at most ``MAX_MANIFEST_BYTES``), optionally ``manifest.sig`` (at most ``MAX_SIG_BYTES``:
+  agent/signing.py, checked against the device's trust store by agent/trust.py), and exactly the files the
+  manifest lists, each once, each
   with the header size its manifest entry declares; the declared sizes together no more than the
   bundle file itself (an uncompressed tar holds its contents) and than ``max_bytes`` when given;
 - a manifest whose strings and lists are bounded (the same bounds as the wire contract for name,
@@ -39,6 +41,8 @@ from agent.protocol import MAX_SIZE, Name, Sha256, Token, Version
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+SIG = "manifest.sig"  # ed25519 over the exact bytes of manifest.json (agent/signing.py)
+MAX_SIG_BYTES = 4096
 SAMPLE = "sample.npz"
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_MEMBERS = 1000  # tar members, manifest.json included
@@ -91,6 +95,8 @@ class Manifest(_S):
     report: dict[str, Any] = {}  # the converter's measurements of this variant
     source_sha256: Annotated[str, msgspec.Meta(pattern="^(?:[0-9a-f]{64})?$(?!\\n)", max_length=64)] = ""
     created: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    # set when it is signed: grows with every release of a model name; a device refuses a lower one than it ran
+    serial: Annotated[int, msgspec.Meta(ge=0, le=2**53)] = 0
     format: int = FORMAT
 
 
@@ -142,11 +148,14 @@ def decode_manifest(data: bytes) -> Manifest:
     return m
 
 
-def write_bundle(out: str | os.PathLike, manifest: Manifest, files: dict[str, str | os.PathLike]) -> str:
+def write_bundle(out: str | os.PathLike, manifest: Manifest, files: dict[str, str | os.PathLike],
+                 sign_key=None, serial: int | None = None) -> str:
     """Write a bundle of ``files`` (name in bundle -> path on disk) and return its sha256.
 
-    The manifest's ``files`` list is filled in here from the files themselves. The tar is written
-    to a temporary file beside ``out`` and renamed into place, so a crash leaves no half bundle.
+    The manifest's ``files`` list is filled in here from the files themselves. With ``sign_key`` (an ed25519
+    private key, agent/signing.py) the manifest gets a ``serial`` (``serial``, else the manifest's, else the
+    time in seconds) and the bundle a ``manifest.sig``. The tar is written to a temporary file beside ``out``
+    and renamed into place, so a crash leaves no half bundle.
     """
     entries = []
     for name, path in sorted(files.items()):
@@ -155,26 +164,73 @@ def write_bundle(out: str | os.PathLike, manifest: Manifest, files: dict[str, st
     manifest = msgspec.structs.replace(
         manifest, files=entries, created=manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     )
+    if sign_key is not None:
+        manifest = msgspec.structs.replace(manifest, serial=serial or manifest.serial or int(time.time()))
     data = encode_manifest(manifest)
     decode_manifest(data)  # the same checks a device will make
-    out = Path(out)
+
+    def add_files(tar: tarfile.TarFile) -> None:
+        for name, path in sorted(files.items()):
+            with open(path, "rb") as f:
+                info = tar.gettarinfo(arcname=name, fileobj=f)  # what was opened: a symlink's target
+                if not info.isreg():
+                    raise BundleError(f"{path} is not a regular file")
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = 0o644
+                tar.addfile(info, f)
+
+    return _write_tar(Path(out), data, _signature(sign_key, data), add_files)
+
+
+def sign_bundle(src: str | os.PathLike, key, out: str | os.PathLike | None = None,
+                serial: int | None = None) -> tuple[str, Manifest]:
+    """Sign an existing bundle with ``key``: check every file against its manifest, set the manifest's
+    ``serial`` (``serial``, else the one it has, else the time in seconds), add or replace ``manifest.sig``,
+    and write the result to ``out`` (default: over ``src``, atomically). Returns its sha256 and manifest."""
+    src = Path(src)
+    parsed = read_signed(src, check_files=True)
+    manifest, data = parsed.manifest, parsed.manifest_bytes
+    want = serial or manifest.serial or int(time.time())
+    if want != manifest.serial:
+        manifest = msgspec.structs.replace(manifest, serial=want)
+        data = encode_manifest(manifest)
+        decode_manifest(data)
+
+    def add_files(tar: tarfile.TarFile) -> None:
+        with tarfile.open(src, mode="r:", tarinfo=_Header) as old:
+            for info in old:
+                if info.name in (MANIFEST, SIG):
+                    continue
+                copy = tarfile.TarInfo(info.name)
+                copy.size, copy.mtime, copy.mode = info.size, info.mtime, 0o644
+                tar.addfile(copy, old.extractfile(info))
+
+    return _write_tar(Path(out) if out else src, data, _signature(key, data), add_files), manifest
+
+
+def _signature(key, manifest_bytes: bytes) -> bytes | None:
+    if key is None:
+        return None
+    from agent.signing import sign_manifest
+
+    return sign_manifest(key, manifest_bytes)
+
+
+def _write_tar(out: Path, manifest_bytes: bytes, sig: bytes | None,
+               add_files: Callable[[tarfile.TarFile], None]) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
     try:
         os.fchmod(fd, 0o644)  # mkstemp's file is private; a bundle is meant to be published
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            info = tarfile.TarInfo(MANIFEST)
-            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-            tar.addfile(info, io.BytesIO(data))
-            for name, path in sorted(files.items()):
-                with open(path, "rb") as f:
-                    info = tar.gettarinfo(arcname=name, fileobj=f)  # what was opened: a symlink's target
-                    if not info.isreg():
-                        raise BundleError(f"{path} is not a regular file")
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    info.mode = 0o644
-                    tar.addfile(info, f)
+            for name, data in ((MANIFEST, manifest_bytes), (SIG, sig)):
+                if data is None:
+                    continue
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+                tar.addfile(info, io.BytesIO(data))
+            add_files(tar)
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, out)
@@ -197,10 +253,21 @@ def verify_file(path: str | os.PathLike, size: int, sha256: str) -> None:
 def read_manifest(bundle: str | os.PathLike, max_bytes: int | None = None) -> Manifest:
     """Read and validate the manifest of a bundle file, and every member's header against it, without
     unpacking anything."""
+    return read_signed(bundle, max_bytes).manifest
+
+
+def read_signed(bundle: str | os.PathLike, max_bytes: int | None = None, check_files: bool = False) -> _Parsed:
+    """The manifest (decoded and as its exact bytes) and ``manifest.sig`` (None if absent) of a bundle file,
+    every member's header checked against the manifest, without unpacking anything. With ``check_files``,
+    also read every file and compare its sha256 with the manifest's (writing nothing)."""
     try:
         with tarfile.open(bundle, mode="r:", tarinfo=_Header) as tar:
-            manifest, _ = _check_headers(Path(bundle), tar, max_bytes)
-            return manifest
+            parsed = _check_headers(Path(bundle), tar, max_bytes)
+            if check_files:
+                expected = {f.path: f for f in parsed.manifest.files}
+                for info in parsed.members:
+                    _copy_member(tar, info, expected[info.name], None)
+            return parsed
     except BundleError:
         raise
     except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
@@ -222,10 +289,11 @@ def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike,
         raise BundleError(f"{dest} already exists")
     try:
         with tarfile.open(bundle, mode="r:", tarinfo=_Header) as tar:
-            manifest, members = _check_headers(bundle, tar, max_bytes)
+            parsed = _check_headers(bundle, tar, max_bytes)
+            manifest = parsed.manifest
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
             try:
-                _unpack_into(tar, manifest, members, tmp, on_member)
+                _unpack_into(tar, parsed, tmp, on_member)
                 os.replace(tmp, dest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -237,10 +305,16 @@ def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike,
     return manifest
 
 
-def _check_headers(bundle: Path, tar: tarfile.TarFile,
-                   max_bytes: int | None) -> tuple[Manifest, list[tarfile.TarInfo]]:
-    """Read every header (at most MAX_MEMBERS) and the manifest; check each member against it. Reads no
-    member's data but the manifest's."""
+class _Parsed(msgspec.Struct):
+    manifest: Manifest
+    manifest_bytes: bytes
+    sig: bytes | None  # manifest.sig, if the bundle has one
+    members: list  # the tar members holding the manifest's files, in tar order
+
+
+def _check_headers(bundle: Path, tar: tarfile.TarFile, max_bytes: int | None) -> _Parsed:
+    """Read every header (at most MAX_MEMBERS), the manifest and its signature; check each member against
+    the manifest. Reads no member's data but the manifest's and the signature's."""
     members: list[tarfile.TarInfo] = []
     for info in tar:
         if len(members) >= MAX_MEMBERS:
@@ -254,12 +328,23 @@ def _check_headers(bundle: Path, tar: tarfile.TarFile,
         raise BundleError(f"bundle member {MANIFEST!r} appears twice")
     if found[0].size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{bundle}: {MANIFEST} is {found[0].size} bytes, more than {MAX_MANIFEST_BYTES}")
-    manifest = decode_manifest(_read_exactly(tar, found[0]))
+    manifest_bytes = _read_exactly(tar, found[0])
+    manifest = decode_manifest(manifest_bytes)
+    sigs = [m for m in members if m.name == SIG]
+    if len(sigs) > 1:
+        raise BundleError(f"bundle member {SIG!r} appears twice")
+    if sigs and sigs[0].size > MAX_SIG_BYTES:
+        raise BundleError(f"{bundle}: {SIG} is {sigs[0].size} bytes, more than {MAX_SIG_BYTES}")
+    sig = _read_exactly(tar, sigs[0]) if sigs else None
     expected = {f.path: f for f in manifest.files}
+    if SIG in expected:
+        raise BundleError(f"manifest lists {SIG} among its files")
     seen: set[str] = set()
+    files = []
     for info in members:
-        if info.name == MANIFEST:
+        if info.name in (MANIFEST, SIG):
             continue
+        files.append(info)
         entry = expected.get(info.name)
         if entry is None:
             raise BundleError(f"bundle member {info.name!r} is not listed in the manifest")
@@ -278,34 +363,39 @@ def _check_headers(bundle: Path, tar: tarfile.TarFile,
         raise BundleError(f"bundle declares {declared} bytes of files, more than the {have} bytes it has")
     if max_bytes is not None and declared > max_bytes:
         raise BundleError(f"bundle declares {declared} bytes of files, more than the limit of {max_bytes}")
-    return manifest, members
+    return _Parsed(manifest, manifest_bytes, sig, files)
 
 
-def _unpack_into(tar: tarfile.TarFile, manifest: Manifest, members: list[tarfile.TarInfo], tmp: Path,
+def _unpack_into(tar: tarfile.TarFile, parsed: _Parsed, tmp: Path,
                  on_member: Callable[[str], None] | None = None) -> None:
-    expected = {f.path: f for f in manifest.files}
-    for info in members:
-        if info.name == MANIFEST:
-            continue
-        entry = expected[info.name]
+    expected = {f.path: f for f in parsed.manifest.files}
+    for info in parsed.members:
         target = tmp / info.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
-        src = tar.extractfile(info)
-        left = entry.size  # == info.size (checked): never more than the header and the manifest declare
         with open(target, "xb") as out:
-            while left:
-                block = src.read(min(1 << 20, left))
-                if not block:
-                    raise BundleError(f"bundle member {info.name!r} is cut short")
-                left -= len(block)
-                h.update(block)
-                out.write(block)
-        if h.hexdigest() != entry.sha256:
-            raise BundleError(f"bundle member {info.name!r} does not match its manifest entry")
+            _copy_member(tar, info, expected[info.name], out)
         if on_member:
             on_member(info.name)
-    (tmp / MANIFEST).write_bytes(encode_manifest(manifest))
+    (tmp / MANIFEST).write_bytes(parsed.manifest_bytes)  # the exact bytes, which the signature covers
+    if parsed.sig is not None:
+        (tmp / SIG).write_bytes(parsed.sig)
+
+
+def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, entry: FileEntry, out) -> None:
+    """Stream exactly the member's declared size (to ``out`` if given) and compare its sha256."""
+    h = hashlib.sha256()
+    src = tar.extractfile(info)
+    left = entry.size  # == info.size (checked): never more than the header and the manifest declare
+    while left:
+        block = src.read(min(1 << 20, left))
+        if not block:
+            raise BundleError(f"bundle member {info.name!r} is cut short")
+        left -= len(block)
+        h.update(block)
+        if out is not None:
+            out.write(block)
+    if h.hexdigest() != entry.sha256:
+        raise BundleError(f"bundle member {info.name!r} does not match its manifest entry")
 
 
 def _read_exactly(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:

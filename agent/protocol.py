@@ -101,6 +101,11 @@ Version = _str(VERSION_RE)
 Token = _str(TOKEN_RE)
 Reason = _str(max_length=MAX_REASON)
 Url = _str(min_length=1, max_length=MAX_URL)
+KEYID_RE = re.compile(r"[0-9a-f]{16}")
+KeyId = _str(KEYID_RE)
+Signature = _str(re.compile(r"[A-Za-z0-9+/=]{1,200}"))  # base64 of an ed25519 signature (88 characters)
+PemKey = _str(re.compile(r"-----BEGIN PUBLIC KEY-----\n[A-Za-z0-9+/=\n]{1,300}-----END PUBLIC KEY-----\n?"))
+MAX_STATEMENTS = 64
 _Short = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._+-]{1,32}")))]
 _Key = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._-]{1,64}")))]
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -123,6 +128,9 @@ class ActiveModel(_Msg):
     runtime: Token
     precision: Token
     deployment_id: Id | None = None
+    # additive, optional: the release key that signed the running bundle, and the bundle's serial
+    signed_by: KeyId | None = None
+    serial: Count | None = None
 
 
 class State(_Msg):
@@ -186,6 +194,25 @@ class Event(_Msg):
     v: int = VERSION
 
 
+class TrustStatement(_Msg):
+    """A change to the release keys devices trust, signed (``by``) by a key they trust already: ``add`` a key
+    (signed by a trusted release key), or ``remove`` one (by a trusted release key or the controller's key).
+    See agent/signing.py and agent/trust.py."""
+
+    op: Literal["add", "remove"]
+    keyid: KeyId
+    time: Seconds
+    name: Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")))] = "key"
+    key: PemKey | None = None  # add: the new public key (PEM)
+    by: Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"(?:[0-9a-f]{16})?")))] = ""
+    sig: Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9+/=]{0,200}")))] = ""
+    v: int = VERSION
+
+
+_SigField = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9+/=]{0,200}")))]
+_KeyIdField = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"(?:[0-9a-f]{16})?")))]
+
+
 class Desired(_Msg):
     deployment_id: Id
     name: Name
@@ -195,7 +222,16 @@ class Desired(_Msg):
     size: Annotated[int, msgspec.Meta(ge=1, le=MAX_SIZE)]
     settings: Annotated[dict[_Key, bool | int | float | Annotated[str, msgspec.Meta(max_length=MAX_SETTING_CHARS)]],
                         msgspec.Meta(max_length=MAX_SETTINGS)] = {}
-    time: Seconds = 0.0
+    time: Seconds = 0.0  # when the controller issued it
+    # signed desired state (agent/signing.py): for which device, until when, in what order; a rollback to a
+    # bundle the device ran before may have a lower serial; the trust statements the fleet holds
+    device_id: DeviceId | None = None
+    expires: Seconds = 0.0
+    counter: Count = 0
+    rollback: bool = False
+    trust: Annotated[list[TrustStatement], msgspec.Meta(max_length=MAX_STATEMENTS)] = []
+    keyid: _KeyIdField = ""
+    sig: _SigField = ""
     v: int = VERSION
 
 
@@ -203,6 +239,12 @@ class Cmd(_Msg):
     id: Id
     kind: Literal["ping", "rollback", "report"]
     time: Seconds = 0.0
+    # signed as a desired is (agent/signing.py)
+    device_id: DeviceId | None = None
+    expires: Seconds = 0.0
+    counter: Count = 0
+    keyid: _KeyIdField = ""
+    sig: _SigField = ""
     v: int = VERSION
 
 

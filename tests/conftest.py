@@ -47,8 +47,12 @@ def crops():
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, crops):
-    """Real fp32 bundles of the PP-OCR classifier, built directly with the bundle writer."""
+    """Real fp32 bundles of the PP-OCR classifier, built directly with the bundle writer and signed with the
+    tests' release key: serial 1 for v1, 2 for the others (which a device may go between either way)."""
     from edgefleet.models import model_path
+    from util import release_key
+
+    key, _ = release_key()
 
     d = tmp_path_factory.mktemp("bundles")
     x, _ = crops
@@ -62,7 +66,8 @@ def bundles(tmp_path_factory, crops):
             outputs=[bundle.TensorSpec(name=OUTPUT, shape=kw.pop("out_shape", [-1, 2]), dtype="float32")],
         )
         path = d / f"ocr-{version}.tar"
-        bundle.write_bundle(path, m, {"model.onnx": model_path("ocr-cls"), "sample.npz": d / "sample.npz"})
+        bundle.write_bundle(path, m, {"model.onnx": model_path("ocr-cls"), "sample.npz": d / "sample.npz"},
+                            sign_key=key, serial=1 if version == "1" else 2)
         return path
 
     def make_nan():
@@ -83,7 +88,8 @@ def bundles(tmp_path_factory, crops):
             inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
             outputs=[bundle.TensorSpec(name=OUTPUT, shape=[-1, 3], dtype="float32")])
         path = d / "ocr-nan.tar"
-        bundle.write_bundle(path, m, {"model.onnx": d / "nan.onnx", "sample.npz": d / "sample.npz"})
+        bundle.write_bundle(path, m, {"model.onnx": d / "nan.onnx", "sample.npz": d / "sample.npz"},
+                            sign_key=key, serial=2)
         return path
 
     return {"v1": make("1"), "v2": make("2"), "slow": make("slow", budget=0.001),

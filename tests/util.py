@@ -46,11 +46,35 @@ def enroll(fleet, state_dir: Path, device_id: str):
     return identity.enroll(state_dir, fleet.http_url, token["token"], token["ca_fingerprint"])
 
 
+_RELEASE: dict = {}
+
+
+def release_key():
+    """The tests' release key, made once per test process: (private key, trust dir holding its .pub). The
+    ``bundles`` fixture signs with it; ``agent_config`` trusts it; test fleets list it."""
+    if not _RELEASE:
+        import tempfile
+
+        from agent import signing
+
+        d = Path(tempfile.mkdtemp(prefix="edgefleet-release-"))
+        key, pub = signing.generate(d / "trust", "tests")
+        _RELEASE.update(key=signing.load_private(key), trust_dir=d / "trust", pub=pub)
+    return _RELEASE["key"], _RELEASE["trust_dir"]
+
+
+def release_pub() -> Path:
+    release_key()
+    return _RELEASE["pub"]
+
+
 def agent_config(fleet, state_dir: Path, device_id: str, **kw):
-    """An enrolled device's validated config (broker, controller and certificate from the enrollment)."""
+    """An enrolled device's validated config (broker, controller and certificate from the enrollment), trusting
+    the tests' release key."""
     from agent.config import AgentConfig, validate
 
     enroll(fleet, Path(state_dir), device_id)
+    kw.setdefault("trust_dir", str(release_key()[1]))
     kw.setdefault("telemetry_interval_s", kw.pop("interval", 0.5))
     return validate(AgentConfig(state_dir=str(state_dir), **kw))
 
