@@ -60,7 +60,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_free_bytes: int | None = None
     bundle_origins: list[str] = []
     # the release keys whose signed bundles this device runs (*.pub, root-owned; agent/trust.py)
-    trust_dir: str = "/etc/edgefleet/trust"  # http(s)://HOST[:PORT] bundles may come from, besides the controller's
+    trust_dir: str = "/etc/edgefleet/trust"
+    # the controller's public key, which signs every desired and cmd; default: the one the enrollment gave
+    controller_key: str | None = None  # http(s)://HOST[:PORT] bundles may come from, besides the controller's
     # the local inference API (agent/api.py). Without `api`: a Unix socket, $RUNTIME_DIRECTORY/agent.sock under
     # systemd (/run/edgefleet/agent.sock), else state_dir/agent.sock; mode 0660, group api_group
     api_group: str = "edgefleet-api"  # the group applications join to use the socket

@@ -15,17 +15,19 @@ from types import SimpleNamespace
 
 import msgspec
 
-from agent import __version__, clock, identity, protocol, runtimes, storage, systemd, transport
+from agent import __version__, clock, identity, protocol, runtimes, signing, storage, systemd, transport
 from agent.api import InferenceServer
 from agent.config import AgentConfig, ConfigError, validate
 from agent.errors import EdgefleetError
 from agent.config import load as load_config
 from agent.engine import Engine, Loaded
+from agent.ledger import Ledger
 from agent.link import Link
 from agent.metrics import Resources
 from agent.outbox import FILE as OUTBOX_FILE, Outbox
 from agent.store import ModelStore
-from agent.updater import Limits, Policy, Updater, about
+from agent.trust import TrustStore
+from agent.updater import Limits, Policy, Updater, about, check_signed
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -65,10 +67,13 @@ class Agent:
         self._stop = threading.Event()
         self.store = ModelStore(config.state_dir)
         self.engine = Engine()
+        self.trust = TrustStore(config.trust_dir, config.state_dir, controller=self.controller_key)
+        self.ledger = Ledger(config.state_dir)
         self.updater = Updater(self.store, self.engine, self._emit, Limits(
             window_s=config.rollback_window_s, min_inferences=config.rollback_min_inferences,
             max_error_rate=config.rollback_max_error_rate, max_p95_ms=config.rollback_max_p95_ms),
-            policy=Policy.from_config(config))
+            policy=Policy.from_config(config), trust=self.trust, ledger=self.ledger)
+        self._unsigned_warned = False
         self._refused: OrderedDict[bytes, None] = OrderedDict()  # digests of desired payloads already refused
         self._recovered: list[tuple[str, object, str]] = []  # events found owed at start, sent once linked
         self.api: InferenceServer | None = None
@@ -193,6 +198,7 @@ class Agent:
         at once; an unreachable broker or controller does not (the link connects, and a first-boot enrollment
         happens, in the background, while telemetry and events wait in the outbox)."""
         self.store.open()
+        self.ledger.open()
         provisioning = self._resolve_identity()
         broken = self.outbox.open()
         if broken:  # moved aside and replaced: say so (queued, sent once the link is up)
@@ -220,7 +226,7 @@ class Agent:
         self.link = Link(
             self.config.device_id, transport.parse_url(self.config.broker, allow_plaintext=self.config.insecure),
             tls=self.tls, keepalive=self.config.keepalive_s,
-            birth=self._birth, on_desired=self.updater.reconcile, on_cmd=self._on_cmd, outbox=self.outbox,
+            birth=self._birth, on_desired=self._on_desired, on_cmd=self._on_cmd, outbox=self.outbox,
             on_invalid_desired=self.refuse_desired,
         )
         for reason in self._deferred_errors:
@@ -378,6 +384,7 @@ class Agent:
                 log.error("the %s model %s does not load (%s)", name, sha[:12], e)
                 continue
             self.engine.swap(loaded)
+            self.ledger.record_run(loaded.manifest.name, loaded.manifest.serial, sha)  # (an agent upgraded)
             if name == "previous":
                 bad = self.store.current()
                 try:
@@ -427,7 +434,8 @@ class Agent:
             return None
         m = cur.manifest
         return protocol.ActiveModel(name=m.name, version=m.version, sha256=cur.sha, runtime=m.runtime,
-                                    precision=m.precision, deployment_id=cur.deployment_id)
+                                    precision=m.precision, deployment_id=cur.deployment_id,
+                                    signed_by=cur.signed_by, serial=m.serial or None)
 
     def _birth(self) -> protocol.State:
         return protocol.State(
@@ -466,7 +474,61 @@ class Agent:
             self._refused.popitem(last=False)
         return True
 
+    # --- what the controller sends, verified (agent/signing.py) -----------------------------------------
+    def controller_key(self) -> signing.PublicKey | None:
+        """The controller's public key: the config's ``controller_key``, else the one the enrollment gave."""
+        path = (Path(self.config.controller_key) if self.config.controller_key else
+                Path(self.config.state_dir) / identity.DIR / identity.CONTROLLER_KEY)
+        try:
+            return signing.load_public(path)
+        except signing.SigningError as e:
+            if path.exists() or self.config.controller_key:
+                log.error("%s", e)
+            return None
+
+    def _unverified(self, kind: str) -> bool:
+        """An insecure device without a controller key takes unsigned messages (local experiments only)."""
+        if not self.config.insecure:
+            return False
+        if not self._unsigned_warned:
+            log.warning("insecure: no controller key, so %s messages are not verified; anyone who can publish "
+                        "to the broker can move this device (to bundles its trust store accepts)", kind)
+            self._unsigned_warned = True
+        return True
+
+    def _on_desired(self, desired: protocol.Desired) -> None:
+        key = self.controller_key()
+        if key is None and self._unverified("desired"):
+            self.updater.reconcile(desired)
+            return
+        why = check_signed(desired, key, self.config.device_id, self.ledger.desired_counter, time.time(),
+                           clock.synced())
+        if why:
+            cur = self.engine.current
+            if why.startswith("desired expired") and cur is not None and cur.sha == desired.sha256:
+                log.info("the retained desired model expired; it names the running bundle, so nothing changes")
+                return
+            self.refuse_desired(protocol.encode(desired), why)
+            return
+        for change in self.trust.update(desired.trust):
+            log.warning("trust store: %s", change)
+        self.ledger.accept("desired", desired.counter)
+        self.updater.reconcile(desired)
+
     def _on_cmd(self, cmd: protocol.Cmd) -> None:
+        key = self.controller_key()
+        if not (key is None and self._unverified("cmd")):
+            why = check_signed(cmd, key, self.config.device_id, self.ledger.cmd_counter, time.time(), clock.synced())
+            if not why and cmd.counter == self.ledger.cmd_counter:
+                return  # the same command again (a redelivery): done once
+            if why:
+                digest = hashlib.sha256(protocol.encode(cmd)).digest()
+                if digest not in self._refused:
+                    self._refused[digest] = None
+                    log.error("refused a %s command: %s", cmd.kind, why)
+                    self._queue_error(f"refused a {cmd.kind} command: {why}")
+                return
+            self.ledger.accept("cmd", cmd.counter)
         if cmd.kind == "report":
             self.publish_telemetry()
         elif cmd.kind == "ping":

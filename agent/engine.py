@@ -47,6 +47,7 @@ class Loaded:
         self.dir = model_dir
         self.manifest = manifest
         self.deployment_id = deployment_id
+        self.signed_by = _signer(model_dir)  # the release key that signed it (None: unsigned)
         self.stats = ModelStats()
         self.session = runtimes.load(model_dir, manifest)
 
@@ -160,3 +161,14 @@ def check_declared(specs: list[TensorSpec], declared: dict[str, tuple[np.dtype, 
 
 def _shape_ok(spec: list[int], shape: tuple[int, ...]) -> bool:
     return len(spec) == len(shape) and all(s in (-1, d) for s, d in zip(spec, shape))
+
+
+def _signer(model_dir: Path) -> str | None:
+    """The key id in a model's manifest.sig (verified when the bundle was), None if it has none."""
+    from agent.bundle import SIG
+    from agent.signing import SigningError, decode_manifest_sig
+
+    try:
+        return decode_manifest_sig((Path(model_dir) / SIG).read_bytes()).keyid
+    except (OSError, SigningError):
+        return None

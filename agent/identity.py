@@ -38,6 +38,7 @@ from agent.transport import Tls
 
 DIR = "identity"
 ENROLLMENT = "enrollment.json"
+CONTROLLER_KEY = "controller.pub"  # the controller's ed25519 public key, which signs desired and cmd
 CA = "ca.crt"
 TEMPLATE_FIELDS = ("mac", "machine_id", "hostname", "random")
 _FIELD = re.compile(r"\{([a-z_]+)\}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,10 @@ class Trusted:
 
 
 class TrustStore:
-    def __init__(self, trust_dir: str | os.PathLike, state_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, trust_dir: str | os.PathLike, state_dir: str | os.PathLike | None = None,
+                 controller: Callable[[], signing.PublicKey | None] = lambda: None) -> None:
         self.dir = Path(trust_dir)
+        self.controller = controller  # the controller's public key (it may sign removals), read when needed
         self.file = Path(state_dir) / STATEMENTS if state_dir is not None else None
         self.problems: list[str] = []  # what could not be read or did not verify, at the last load
 
@@ -94,16 +97,16 @@ class TrustStore:
             self.problems.append(f"{self.file} is not valid ({e}); its statements are ignored")
             return []
 
-    def evaluate(self, statements: list[protocol.TrustStatement] | None = None,
-                 controller: signing.PublicKey | None = None
+    def evaluate(self, statements: list[protocol.TrustStatement] | None = None
                  ) -> tuple[dict[str, Trusted], dict[str, protocol.TrustStatement]]:
         """(trusted keys, removed key ids -> the statement that removed them): trust_dir's keys, then the
         statements that verify, in time order."""
-        keys, removed, _ = self._evaluate(statements, controller)
+        keys, removed, _ = self._evaluate(statements)
         return keys, removed
 
-    def _evaluate(self, statements, controller):
+    def _evaluate(self, statements):
         self.problems = []
+        controller = self.controller()
         keys = self.roots()
         removed: dict[str, protocol.TrustStatement] = {}
         applied: list[protocol.TrustStatement] = []
@@ -149,8 +152,7 @@ class TrustStore:
         return key
 
     # --- updating ----------------------------------------------------------------------------------
-    def update(self, statements: list[protocol.TrustStatement],
-               controller: signing.PublicKey | None) -> list[str]:
+    def update(self, statements: list[protocol.TrustStatement]) -> list[str]:
         """Keep the statements among ``statements`` that are new and verify (in order, from what is trusted
         now); returns what changed, one line each. Writes state_dir/trust.json atomically when it changed."""
         if self.file is None or not statements:
@@ -160,8 +162,8 @@ class TrustStore:
         new = [s for s in statements if s.sig not in seen]
         if not new:
             return []
-        before, before_removed = self.evaluate(have, controller)
-        keys, removed, applied = self._evaluate(have + new, controller)
+        before, before_removed = self.evaluate(have)
+        keys, removed, applied = self._evaluate(have + new)
         for why in self.problems:
             log.warning("ignored: %s", why)
         changes = [f"trusts release key {keys[k].name} ({k}), vouched for by {keys[k].source.split()[-1]}"
@@ -180,9 +182,9 @@ class TrustStore:
             os.fsync(f.fileno())
         os.replace(tmp, self.file)
 
-    def listing(self, controller: signing.PublicKey | None = None) -> list[dict]:
+    def listing(self) -> list[dict]:
         """Every trusted and removed key, for `agent trust list`."""
-        keys, removed = self.evaluate(controller=controller)
+        keys, removed = self.evaluate()
         rows = [{"keyid": k.keyid, "name": k.name, "trusted": True, "source": k.source} for k in keys.values()]
         rows += [{"keyid": kid, "name": "", "trusted": False, "source": f"removed by {st.by}"}
                  for kid, st in removed.items()]

@@ -28,11 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from agent import faults, protocol, storage
+from agent import faults, protocol, signing, storage
+from agent.bundle import read_signed
 from agent.config import AgentConfig, ConfigError, min_free_bytes, parse_origin
 from agent.engine import Engine, Loaded
 from agent.errors import EdgefleetError
+from agent.ledger import Ledger
 from agent.store import DownloadError, ModelStore, StorageError
+from agent.trust import TrustStore, Untrusted
 
 log = logging.getLogger("edgefleet.agent.updater")
 
@@ -48,6 +51,38 @@ class Limits:
     min_inferences: int = 20
     max_error_rate: float = 0.05
     max_p95_ms: float | None = None  # None: the bundle's latency budget
+
+
+def check_signed(msg: protocol.Desired | protocol.Cmd, key: signing.PublicKey | None, device_id: str,
+                 last_counter: int, now: float, clock_synced: bool | None) -> str:
+    """Why a desired or cmd must be refused ('' if it may be acted on): it must be signed with the
+    controller's key, for this device, unexpired, and its counter not lower than the last one accepted
+    (equal: the same message again, e.g. a retained desired redelivered). Expiry is not judged when the OS
+    says the clock is not synchronised (agent/clock.py): the counter still refuses any replay."""
+    kind = "desired" if isinstance(msg, protocol.Desired) else "cmd"
+    if key is None:
+        return f"{kind} cannot be verified: this device has no controller key (enroll it)"
+    if not msg.sig:
+        return f"{kind} is not signed by the controller"
+    if msg.keyid != key.keyid:
+        return f"{kind} is signed by key {msg.keyid or '(none)'}, not the controller's ({key.keyid})"
+    if not key.verify(msg.sig, signing.message_bytes(msg)):
+        return f"{kind} signature does not verify with the controller's key {key.keyid}"
+    if msg.device_id != device_id:
+        return f"{kind} is for device {msg.device_id}, not this one ({device_id})"
+    if not msg.expires:
+        return f"{kind} has no expiry"
+    if msg.expires < now and clock_synced is not False:
+        return (f"{kind} expired at {_utc(msg.expires)} (this device's clock says {_utc(now)}); the controller "
+                f"re-signs what it still wants")
+    if msg.counter < last_counter:
+        return (f"{kind} counter {msg.counter} is lower than the last one this device accepted "
+                f"({last_counter}): an old message replayed")
+    return ""
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class Refused(EdgefleetError):
@@ -120,9 +155,12 @@ def about(model: Loaded) -> SimpleNamespace:
 
 class Updater:
     def __init__(self, store: ModelStore, engine: Engine, emit: Emit, limits: Limits | None = None,
-                 retry_s: tuple[float, float] = (2.0, 300.0), *, policy: Policy):
+                 retry_s: tuple[float, float] = (2.0, 300.0), *, policy: Policy, trust: TrustStore,
+                 ledger: Ledger):
         self.store = store
         self.engine = engine
+        self.trust = trust
+        self.ledger = ledger
         self.emit = emit
         self.limits = limits or Limits()
         self.policy = policy
@@ -232,6 +270,7 @@ class Updater:
             faults.point("verifying", root)
             self.emit("verifying", desired, "")
             bundle = self.store.verify_download(desired.sha256, desired.size)
+            self._check_bundle(bundle, desired)  # signed by a trusted key, no downgrade, every file matches
             self.store.check_room(desired.sha256, desired.size, self.policy.min_free_bytes)  # still, for the unpack
             model_dir = self.store.unpack(desired.sha256, bundle, on_member=lambda n: faults.point("unpacking", root))
             faults.point("loading", root)
@@ -252,6 +291,7 @@ class Updater:
             return
         faults.point("switching", root)
         self._record(desired.sha256, desired.deployment_id, reported=False)
+        self.ledger.record_run(manifest.name, manifest.serial, desired.sha256)
         self.engine.swap(loaded)
         faults.point("reporting", root)
         log.info("active: %s %s (%s), smoke test %.1f ms", manifest.name, manifest.version, manifest.precision, ms)
@@ -285,6 +325,19 @@ class Updater:
             self.store.record_active(sha, deployment_id, reported)
         except OSError as e:
             log.warning("cannot record the active deployment in %s: %s", self.store.root, e)
+
+    def _check_bundle(self, bundle, desired: protocol.Desired) -> None:
+        """After the tar's sha256: its manifest signed by a trusted release key, not a downgrade, then every
+        file against the manifest, before anything is unpacked. Raises Untrusted naming why."""
+        parsed = read_signed(bundle)
+        key = self.trust.verify_manifest(parsed.manifest_bytes, parsed.sig)
+        m = parsed.manifest
+        why = self.ledger.downgrade(m.name, m.serial, desired.sha256, desired.rollback)
+        if why:
+            raise Untrusted(why)
+        read_signed(bundle, check_files=True)
+        log.info("bundle %s: %s %s serial %d, signed by release key %s (%s)", desired.sha256[:12], m.name,
+                 m.version, m.serial, key.name, key.keyid)
 
     # --- probation ----------------------------------------------------------------------------------
     def _watch(self) -> None:
