@@ -612,7 +612,7 @@ class Agent:
             "active": None if cur is None else {
                 "name": cur.manifest.name, "version": cur.manifest.version, "sha256": cur.sha,
                 "precision": cur.manifest.precision, "runtime": cur.manifest.runtime,
-                "deployment_id": cur.deployment_id,
+                "deployment_id": cur.deployment_id, "signed_by": cur.signed_by, "serial": cur.manifest.serial,
                 "inputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in cur.manifest.inputs],
                 "outputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in cur.manifest.outputs],
             },

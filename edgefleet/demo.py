@@ -70,7 +70,8 @@ class Demo:
 
     def _run(self, args: list[str], **kw) -> subprocess.CompletedProcess:
         """An `edgefleet` command as a user types it; the controller's address and CA come from the environment."""
-        return subprocess.run(args, check=True, env=self.env, **kw)
+        kw.setdefault("check", True)
+        return subprocess.run(args, env=self.env, **kw)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.out / "logs" / f"{name}.log", "w")
@@ -101,9 +102,62 @@ class Demo:
         np.savez(self.out / "calib-320.npz", x=wide)
         out = self.out / "bundles-1.1"
         self._run(_cli("convert", str(model), "--target", "cpu", "--calib", str(self.out / "calib-320.npz"),
-                       "--input-shape", "x=1x3x48x320", "--out", str(out), "--name", "ocr-cls", "--version", "1.1"),
+                       "--input-shape", "x=1x3x48x320", "--out", str(out), "--name", "ocr-cls", "--version", "1.1",
+                       "--sign-key", str(self.release_key)),
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return next(out.glob("*-int8.tar"))
+
+    def _attacks(self, good: Path, data: Path, fleet, clients) -> dict:
+        """A tampered bundle is refused at upload; a forged retained desired is refused by the device, which
+        keeps serving 1.0 and says why."""
+        import io
+        import tarfile
+
+        from agent import protocol, transport
+        from fleet.pki import PKI
+
+        tampered = self.out / "tampered.tar"
+        with tarfile.open(good) as src, tarfile.open(tampered, "w", format=tarfile.PAX_FORMAT) as dst:
+            for m in src:
+                data_ = src.extractfile(m).read()
+                if m.name == "model.onnx":  # one byte of the model changed; manifest and signature kept
+                    data_ = data_[:-1] + bytes([data_[-1] ^ 1])
+                dst.addfile(m, io.BytesIO(data_))
+        upload = self._run(_cli("fleet", "deploy", str(tampered), "--to", "cam-1"), check=False,
+                           capture_output=True, text=True)
+        print(f"$ edgefleet fleet deploy {tampered.name} --to cam-1\n{upload.stderr.strip()} "
+              f"(exit {upload.returncode})")
+        if upload.returncode == 0:
+            raise EdgefleetError("the controller accepted a tampered bundle")
+
+        running = clients["cam-1"].status()["active"]["sha256"]
+        info = json.loads((data / "controller.json").read_text())
+        url = transport.parse_url(info["broker"])
+        forger = transport.make_client(url, "forger", PKI(data / "pki").controller_tls())
+        forger.connect(url.host, url.port)
+        forger.loop_start()
+        sha = "0" * 64
+        forged = protocol.Desired(deployment_id="dep-forged", name="ocr-cls", version="6.6.6",
+                                  url=f"{info['http'].rstrip('/')}/bundles/{sha}", sha256=sha, size=1000,
+                                  time=time.time(), device_id="cam-1", expires=time.time() + 3600,
+                                  counter=int(time.time() * 1000) + 10**9)
+        forger.publish(protocol.topic("cam-1", protocol.DESIRED), protocol.encode(forged), qos=1,
+                       retain=True).wait_for_publish(30)
+        forger.disconnect()
+        forger.loop_stop()
+
+        def refusal():
+            return next((e for e in fleet.health("cam-1")["events"]
+                         if e["kind"] == "failed" and e.get("deployment_id") == "dep-forged"), None)
+
+        event = _wait("cam-1 to refuse the forged desired", refusal, 60, self.procs)
+        print(f"cam-1: failed: {event['reason']}")
+        still = clients["cam-1"].status()["active"]
+        print(f"cam-1 still runs {still['version']} ({still['sha256'][:12]}), signed by release key "
+              f"{still.get('signed_by')}, serial {still.get('serial')}")
+        if still["sha256"] != running:
+            raise EdgefleetError("cam-1 moved on a forged desired")
+        return {"upload": upload.stderr.strip(), "forged": event["reason"]}
 
     def run(self) -> dict:
         t_start = time.monotonic()
@@ -114,7 +168,7 @@ class Demo:
             shutil.rmtree(self.out)
         (self.out / "logs").mkdir(parents=True)
 
-        _say("1/8 the real model: PP-OCR text-direction classifier, from the rapidocr-onnxruntime wheel")
+        _say("1/9 the real model: PP-OCR text-direction classifier, from the rapidocr-onnxruntime wheel")
         model = model_path("ocr-cls")
         calib, labels = self.out / "calib.npz", self.out / "labels.npy"
         x, y = text_direction()
@@ -123,19 +177,25 @@ class Demo:
         print(f"{model}\ncalibration + held-out data: {len(x)} crops of printed text from skimage.data.page(), "
               f"labelled 0° / 180°")
 
-        _say("2/8 convert for the cpu target, every variant checked against fp32; the gate allows a 2 % accuracy drop")
+        _say("2/9 a release key (kept on this host, never on the controller); convert for the cpu target, every "
+             "variant checked against fp32 (the gate allows a 2 % accuracy drop) and signed")
+        keys = self.out / "keys"
+        self._run(_cli("keys", "generate", "--out", str(keys), "--name", "release"))
+        self.release_key, release_pub = keys / "release.key", keys / "release.pub"
         bundles = self.out / "bundles"
         self._run(_cli("convert", str(model), "--target", "cpu", "--calib", str(calib), "--labels", str(labels),
                        "--input-shape", "x=1x3x48x192", "--max-accuracy-drop", "2%", "--out", str(bundles),
-                       "--name", "ocr-cls", "--version", "1.0"))
+                       "--name", "ocr-cls", "--version", "1.0", "--sign-key", str(self.release_key)))
         report = json.loads((bundles / "report.json").read_text())
         int8 = next(bundles.glob("*-int8.tar"))
 
-        _say("3/8 start the fleet controller (SQLite, its own CA, mosquitto with mutual TLS and an ACL), enroll "
-             "three devices, start their agents")
+        _say("3/9 start the fleet controller (SQLite, its own CA and signing key, mosquitto with mutual TLS and an "
+             "ACL; it accepts bundles signed by the release key), enroll three devices (each trusts the release "
+             "key), start their agents")
         data = self.out / "fleet"
         controller = self._spawn("controller", _cli("fleet", "serve", "--data", str(data), "--http",
-                                                     "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"))
+                                                     "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0",
+                                                     "--release-key", str(release_pub)))
         info_file = data / "controller.json"
         info = _wait("the controller", lambda: info_file.exists() and json.loads(info_file.read_text()),
                      60, [controller])
@@ -149,13 +209,15 @@ class Demo:
             state = self.out / "devices" / dev
             state.mkdir(parents=True)
             apis[dev] = f"127.0.0.1:{_free_port()}"
-            (state / "agent.toml").write_text(
-                f'state_dir = "{state}"\napi = "{apis[dev]}"\ntelemetry_interval_s = {self.interval}\n')
+            (state / "agent.toml").write_text(  # on a real device the trust store is /etc/edgefleet/trust
+                f'state_dir = "{state}"\napi = "{apis[dev]}"\ntelemetry_interval_s = {self.interval}\n'
+                f'trust_dir = "{state / "trust"}"\n')
             # the administrator makes a one-time token; the device makes its key and enrolls with it
             token = json.loads(self._run(_cli("fleet", "enroll", dev, "--ttl", "10m", "--json"),
                                          capture_output=True, text=True).stdout)
             enrolled = self._run(_cli("agent", "enroll", "--controller", token["controller"], "--token", token["token"],
-                                      "--ca-fingerprint", token["ca_fingerprint"], "--config", str(state / "agent.toml")),
+                                      "--ca-fingerprint", token["ca_fingerprint"], "--config", str(state / "agent.toml"),
+                                      "--trust", str(release_pub)),
                                  capture_output=True, text=True)
             print(enrolled.stdout.strip())
             self._spawn(dev, _cli("agent", "run", "--config", str(state / "agent.toml")))
@@ -167,7 +229,7 @@ class Demo:
         _wait("three devices online", lambda: sum(d["online"] for d in fleet.health()) == 3, 60, self.procs)
         self._run(_cli("fleet", "devices"))
 
-        _say(f"4/8 deploy the int8 bundle {int8.name} to {', '.join(DEVICES)}")
+        _say(f"4/9 deploy the int8 bundle {int8.name} to {', '.join(DEVICES)}")
         self._run(_cli("fleet", "deploy", str(int8), "--to", *DEVICES))
         clients = {dev: AgentClient(api) for dev, api in apis.items()}
 
@@ -177,7 +239,7 @@ class Demo:
         _wait("the int8 model active on all three devices", all_int8, 120, self.procs)
         print("active on all three")
 
-        _say(f"5/8 inference traffic: {self.requests} real text crops through each agent's local API")
+        _say(f"5/9 inference traffic: {self.requests} real text crops through each agent's local API")
         labels = y
         results = {}
 
@@ -205,10 +267,10 @@ class Demo:
 
         health = _wait("the devices' telemetry to reach the controller", counted, 60, self.procs)
 
-        _say("6/8 the fleet's health, as the devices reported it")
+        _say("6/9 the fleet's health, as the devices reported it")
         self._run(_cli("fleet", "health"))
 
-        _say("7/8 a bad update: version 1.1 was exported for 320-pixel-wide crops, the cameras send 192; "
+        _say("7/9 a bad update: version 1.1 was exported for 320-pixel-wide crops, the cameras send 192; "
              "rolled out in waves, gated on the error rate the devices see")
         bad = self._convert_bad(model, x)
         out = self._run(_cli("fleet", "deploy", str(bad), "--to", "all", "--waves", "1,100%", "--soak", "3s",
@@ -250,8 +312,12 @@ class Demo:
             return all(d["model"] and d["model"]["version"] == "1.0" for d in h) and h
 
         health = _wait("the controller to see every device on 1.0", settled, 60, self.procs)
-        _say("8/8 the fleet after the bad update: stopped at one device, which is back on 1.0")
+        _say("8/9 the fleet after the bad update: stopped at one device, which is back on 1.0")
         self._run(_cli("fleet", "health"))
+
+        _say("9/9 two attacks: a tampered copy of the good bundle uploaded, and a forged desired published on the "
+             "broker with the controller's certificate (not its signing key)")
+        self.attacks = self._attacks(int8, data, fleet, clients)
         elapsed = time.monotonic() - t_start
         variants = {v["variant"]: v for v in report.get("variants", [])}
         self.rollout = done
