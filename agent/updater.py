@@ -10,6 +10,12 @@ Before anything is read or written for a desired model, ``check_desired`` holds 
 ``max_bundle_bytes``, and a URL that is http(s) on the controller's origin or one of ``bundle_origins``
 (redirects included). A refusal is a ``failed`` event naming the field.
 
+Trust (issue 10): the daemon acts on a desired only once ``check_signed`` passed (the controller's signature,
+this device, unexpired, a counter not older than the last accepted); ``apply`` then checks the downloaded tar's
+sha256, its ``manifest.sig`` against the trust store (agent/trust.py), the serial against the ledger
+(agent/ledger.py: no downgrade unless a signed rollback to a bundle run before) and every file against the
+manifest, before anything is unpacked.
+
 The state dir is kept to what the two models and the outbox need: before anything else a desired model
 garbage-collects every other bundle's download and unpack (``ModelStore.collect``), an update that would not fit
 the free space with ``min_free_bytes`` to spare is refused before a byte of it is written, a state dir that fills
