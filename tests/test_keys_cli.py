@@ -237,3 +237,51 @@ def test_sign_refuses_bad_input_in_one_line_and_leaves_the_bundle_as_it_was(tmp_
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     assert len(r.stderr.splitlines()) == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert (sorted(p.name for p in target.parent.iterdir()), target.read_bytes()) == before  # no .part left
+
+
+# --- convert --sign-key -----------------------------------------------------------------------------------------
+def test_convert_signs_every_bundle_it_writes(tmp_path, crops, capsys):
+    pytest.importorskip("onnx")
+    import numpy as np
+
+    from edgefleet.models import model_path
+
+    key, pub = generate(tmp_path / "keys")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=crops[0][:12])
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code = main(["convert", str(model_path("ocr-cls")), "--calib", str(calib), "--out", str(out), "--name", "ocr",
+                 "--input-shape", "x=1x3x48x192", "--sign-key", str(key), "--serial", "12"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    kid = signing.load_public(pub).keyid
+    assert f"signed every bundle with release key {kid}, serial 12" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["signed"] == {"keyid": kid, "serial": 12}
+    tars = sorted(out.glob("*.tar"))
+    assert [p.name for p in tars] == sorted(v["bundle"] for v in report["variants"]) and tars
+    store = TrustStore(tmp_path / "keys")
+    for tar in tars:
+        parsed = bundle.read_signed(tar, check_files=True)
+        assert parsed.manifest.serial == 12
+        assert store.verify_manifest(parsed.manifest_bytes, parsed.sig).keyid == kid
+        assert bundle.sha256_file(tar) == next(v["bundle_sha256"] for v in report["variants"] if v["bundle"] ==
+                                                tar.name)
+
+
+@pytest.mark.parametrize("case", ["wrong passphrase", "not a key", "serial without a key"])
+def test_convert_refuses_a_bad_key_before_any_work(tmp_path, case):
+    pw, wrong = tmp_path / "pw", tmp_path / "wrong"
+    pw.write_text("secret\n")
+    wrong.write_text("guess\n")
+    enc, pub = generate(tmp_path / "keys", "enc", "--passphrase-file", pw)
+    args, needle = {"wrong passphrase": (["--sign-key", enc, "--passphrase-file", wrong], "wrong passphrase"),
+                    "not a key": (["--sign-key", pub], "not a PEM private key"),
+                    "serial without a key": (["--serial", "3"], "--serial needs --sign-key")}[case]
+    out = tmp_path / "out"
+    # the model and calibration files do not even exist: the key is refused first
+    r = run("convert", tmp_path / "model.onnx", "--calib", tmp_path / "calib.npz", "--out", out, *args)
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["keys", "pw", "wrong"]
