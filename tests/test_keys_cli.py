@@ -285,3 +285,76 @@ def test_convert_refuses_a_bad_key_before_any_work(tmp_path, case):
     assert r.returncode == 2 and r.stdout == "", r.stdout
     assert len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["keys", "pw", "wrong"]
+
+
+# --- agent trust ------------------------------------------------------------------------------------------------
+def test_agent_trust_add_list_remove(tmp_path, capsys):
+    _, pub = generate(tmp_path / "keys")
+    _, ci_pub = generate(tmp_path / "keys", "ci")
+    trust_dir, state = tmp_path / "etc" / "trust", tmp_path / "state"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "{state}"\ntrust_dir = "{trust_dir}"\n')
+    conf = ["--config", str(cfg)]
+    kid, ci_id = signing.load_public(pub).keyid, signing.load_public(ci_pub).keyid
+    capsys.readouterr()
+
+    assert main(["agent", "trust", "list", *conf]) == 0
+    captured = capsys.readouterr()
+    assert "no trusted release key" in captured.out and "refuse every bundle" in captured.err
+
+    assert main(["agent", "trust", "add", str(pub), *conf]) == 0
+    assert f"trusts release key release ({kid})" in capsys.readouterr().out
+    assert stat.S_IMODE(trust_dir.stat().st_mode) == 0o755
+    assert stat.S_IMODE((trust_dir / "release.pub").stat().st_mode) == 0o644
+    assert main(["agent", "trust", "add", str(pub), *conf]) == 0  # again: nothing changes
+    assert "trusted already" in capsys.readouterr().out
+    assert main(["agent", "trust", "add", str(ci_pub), *conf, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(trust_dir / "ci.pub")
+    for bad, needle in ((tmp_path / "keys" / "release.key", "not a PEM public key"),
+                        (tmp_path / "nope.pub", "cannot read public key")):
+        assert main(["agent", "trust", "add", str(bad), *conf]) == 2
+        one_line_error(capsys, needle)
+    rsa = tmp_path / "rsa.pub"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-out", tmp_path / "rsa.key"], check=True,
+                   capture_output=True)
+    subprocess.run(["openssl", "pkey", "-in", tmp_path / "rsa.key", "-pubout", "-out", rsa], check=True)
+    assert main(["agent", "trust", "add", str(rsa), *conf]) == 2
+    one_line_error(capsys, "not an ed25519 public key")
+    assert sorted(p.name for p in trust_dir.iterdir()) == ["ci.pub", "release.pub"]
+
+    (trust_dir / "junk.pub").write_text("junk\n")
+    assert main(["agent", "trust", "list", *conf]) == 0
+    captured = capsys.readouterr()
+    rows = [line.split() for line in captured.out.splitlines()]
+    assert rows[0] == ["KEYID", "NAME", "STATE", "SOURCE"]
+    assert sorted(rows[1:]) == sorted([[ci_id, "ci", "trusted", str(trust_dir / "ci.pub")],
+                                       [kid, "release", "trusted", str(trust_dir / "release.pub")]])
+    assert "junk.pub is not a PEM public key" in captured.err  # problems on stderr
+
+    assert main(["agent", "trust", "remove", ci_id, *conf]) == 0
+    assert "refused from the next update on" in capsys.readouterr().out
+    assert main(["agent", "trust", "remove", ci_id, *conf]) == 2
+    one_line_error(capsys, f"no trusted release key {ci_id}")
+    assert main(["agent", "trust", "list", *conf, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(r["keyid"], r["trusted"]) for r in listed["keys"]] == [(kid, True)] and len(listed["problems"]) == 1
+    assert main(["agent", "trust", "remove", "release", *conf]) == 0  # by name too
+    assert not (trust_dir / "release.pub").exists()
+
+
+def test_agent_trust_remove_of_a_key_from_a_statement_points_at_the_fleet(tmp_path, capsys):
+    old_key, old_pub = generate(tmp_path / "keys", "old")
+    _, new_pub = generate(tmp_path / "keys", "new")
+    trust_dir, state = tmp_path / "trust", tmp_path / "state"
+    state.mkdir()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "{state}"\ntrust_dir = "{trust_dir}"\n')
+    assert main(["agent", "trust", "add", str(old_pub), "--config", str(cfg)]) == 0
+    st = signing.add_statement(signing.load_private(old_key), signing.load_public(new_pub), 1.0)
+    assert TrustStore(trust_dir, state).update([st], None)
+    new_id = signing.load_public(new_pub).keyid
+    capsys.readouterr()
+    assert main(["agent", "trust", "list", "--config", str(cfg)]) == 0
+    assert f"statement by {signing.load_public(old_pub).keyid}" in capsys.readouterr().out
+    assert main(["agent", "trust", "remove", new_id, "--config", str(cfg)]) == 2
+    one_line_error(capsys, f"edgefleet fleet keys remove {new_id}")
