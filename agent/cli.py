@@ -14,6 +14,10 @@ import numpy as np
 from agent.config import DEFAULT_API
 from agent.errors import EdgefleetError
 
+CONFIG = "/etc/edgefleet/agent.toml"  # where `agent install` puts it
+NO_TRUST = ("this device trusts no release key, so it will refuse every bundle until one is added "
+            "(edgefleet agent trust add KEY.pub)")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgefleet agent", description="The edgefleet device agent.")
@@ -59,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--device-id", help="the id to enroll as (a provisioning token needs one; a template such as "
                         "cam-{mac} is filled in here; default: the config's device_id)")
     enroll.add_argument("--force", action="store_true", help="enroll again although this device is enrolled")
+    enroll.add_argument("--trust", action="append", default=[], type=Path, metavar="KEY.pub",
+                        help="a release key this device runs bundles signed by: copied into the config's trust_dir "
+                        "(repeatable; more later with `edgefleet agent trust add`)")
     enroll.add_argument("--json", action="store_true", help="print the enrollment as JSON")
     infer = sub.add_parser(
         "infer", help="send one inference to a running agent's local API",
@@ -93,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--telemetry-interval", type=float, help="the config's telemetry_interval_s (default 10)")
     install.add_argument("--config", type=Path, dest="config_file",
                          help="copy this agent.toml instead (its state_dir must be /var/lib/edgefleet)")
+    install.add_argument("--trust", action="append", default=[], type=Path, metavar="KEY.pub",
+                         help="a release key the device runs bundles signed by: copied into /etc/edgefleet/trust "
+                         "(root-owned, read-only to the agent; repeatable)")
     install.add_argument("--force", action="store_true", help="overwrite an existing, different config")
     install.add_argument("--source", metavar="PATH_OR_REQUIREMENT",
                          help="what to pip install: a source tree, a wheel or a requirement (default: the "
@@ -109,6 +119,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     uninstall.add_argument("--purge", action="store_true", help="also remove the config, the state and the user")
     uninstall.add_argument("--root", default="/", type=Path, help="uninstall from under this directory")
+    trust = sub.add_parser(
+        "trust", help="the release keys whose signed bundles this device runs: list, add, remove",
+        description="The device's trust store: the release keys (*.pub) in the config's trust_dir (default "
+        "/etc/edgefleet/trust, root-owned, read-only to the agent), and keys the controller passed on as statements "
+        "signed by a trusted key (state_dir/trust.json). The agent reads it at every update: a key added or removed "
+        "counts from the next bundle on, without a restart. A device that trusts no key refuses every bundle.")
+    tsub = trust.add_subparsers(dest="trust_cmd", required=True, metavar="COMMAND")
+    tlist = tsub.add_parser("list", help="the trusted and removed keys: key id, name, source")
+    tadd = tsub.add_parser("add", help="trust a release key: copy KEY.pub into trust_dir (root)")
+    tadd.add_argument("pub", type=Path, metavar="KEY.pub", help="the public key (from `edgefleet keys generate`)")
+    tremove = tsub.add_parser("remove", help="stop trusting a release key: delete its file from trust_dir (root)")
+    tremove.add_argument("key", metavar="KEYID", help="the key's id (or its name), as `agent trust list` shows")
+    for t in (tlist, tadd, tremove):
+        t.add_argument("--config", type=Path, default=Path(CONFIG),
+                       help=f"the agent's TOML config, for its trust_dir and state_dir (default {CONFIG})")
+        t.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
 
@@ -140,23 +166,72 @@ def _token(token: str | None) -> str | None:
 def _enroll(args: argparse.Namespace) -> int:
     import time
 
-    from agent import config, identity
+    from agent import config, identity, trustdir
 
     cfg = config.load(args.config)
     existing = identity.Identity.load(cfg.state_dir)
     if existing is not None and not args.force:
         raise EdgefleetError(f"already enrolled as {existing.device_id} (certificate until "
                              f"{identity.utc(existing.not_after)}); --force enrolls again")
+    # the keys first: a bad key file, or a trust_dir this user cannot write, is refused before the token is spent
+    added = [(key, *trustdir.add(cfg.trust_dir, key)) for key in trustdir.read_keys(args.trust)]
     ident = identity.enroll(cfg.state_dir, args.controller, _token(args.token), args.ca_fingerprint,
                             args.device_id or cfg.device_id)
     doc = {"device_id": ident.device_id, "broker": ident.broker, "controller": ident.controller,
            "ca_fingerprint": ident.ca_fingerprint, "not_after": ident.not_after,
-           "identity": str(ident.root)}
+           "identity": str(ident.root),
+           "trust": [{"keyid": k.keyid, "name": k.name, "path": str(p)} for k, p, _ in added]}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         print(f"enrolled as {ident.device_id}: key and certificate in {ident.root} (valid until "
               f"{identity.utc(ident.not_after)}, {identity.expires_in(ident, time.time())}); broker {ident.broker}")
+        for key, path, new in added:
+            print(f"trusts release key {key.name} ({key.keyid}): {path}{'' if new else ' (there already)'}")
+    if not trustdir.trusted_files(Path(cfg.trust_dir)):
+        print(f"warning: {NO_TRUST}", file=sys.stderr)
+    return 0
+
+
+def _trust(args: argparse.Namespace) -> int:
+    from agent import config, trustdir
+    from agent.trust import TrustStore
+
+    cfg = config.load(args.config)
+    store = TrustStore(cfg.trust_dir, cfg.state_dir)
+    if args.trust_cmd == "add":
+        key = trustdir.read_keys([args.pub])[0]
+        path, new = trustdir.add(cfg.trust_dir, key)
+        doc = {"keyid": key.keyid, "name": key.name, "path": str(path), "added": new}
+        text = (f"trusts release key {key.name} ({key.keyid}): {path}" if new else
+                f"release key {key.keyid} is trusted already: {path}")
+    elif args.trust_cmd == "remove":
+        gone = trustdir.remove(cfg.trust_dir, args.key)
+        if not gone:
+            rows = store.listing()
+            row = next((r for r in rows if args.key in (r["keyid"], r["name"]) and r["trusted"]), None)
+            if row is not None:
+                raise EdgefleetError(f"release key {row['keyid']} was added by a {row['source']} passed on by the "
+                                     f"controller, not by a file in {cfg.trust_dir}: remove it fleet-wide with "
+                                     f"`edgefleet fleet keys remove {row['keyid']}`")
+            have = ", ".join(f"{r['keyid']} ({r['name']})" for r in rows if r["trusted"]) or "none"
+            raise EdgefleetError(f"no trusted release key {args.key} in {cfg.trust_dir} (trusted: {have})")
+        doc = {"removed": [{"keyid": k.keyid, "name": k.name, "path": str(p)} for p, k in gone]}
+        text = "\n".join(f"removed release key {k.name} ({k.keyid}): deleted {p}; bundles signed by it are refused "
+                         f"from the next update on" for p, k in gone)
+    else:
+        rows = store.listing()
+        doc = {"trust_dir": cfg.trust_dir, "keys": rows, "problems": store.problems}
+        width = max([len(r["name"]) for r in rows] + [4])
+        text = "\n".join([f"{'KEYID':<16}  {'NAME':<{width}}  STATE    SOURCE"] +
+                         [f"{r['keyid']:<16}  {r['name'] or '-':<{width}}  {'trusted' if r['trusted'] else 'removed':<7}"
+                          f"  {r['source']}" for r in rows]) if rows else f"no trusted release key in {cfg.trust_dir}"
+    print(json.dumps(doc, indent=2) if args.json else text)
+    trusted = any(r["trusted"] for r in store.listing())
+    for line in store.problems:
+        print(f"warning: {line}", file=sys.stderr)
+    if not trusted:
+        print(f"warning: {NO_TRUST}", file=sys.stderr)
     return 0
 
 
@@ -182,10 +257,12 @@ def main(argv: list[str]) -> int:
         install.install(root=args.root, device_id=args.device_id, broker=args.broker, controller=args.controller,
                         api=args.api, telemetry_interval=args.telemetry_interval, config_file=args.config_file,
                         force=args.force, source=args.source, extras=args.extras, python=args.python,
-                        token=_token(args.token), ca_fingerprint=args.ca_fingerprint, say=say)
+                        token=_token(args.token), ca_fingerprint=args.ca_fingerprint, trust=args.trust, say=say)
         return 0
     if args.cmd == "enroll":
         return _enroll(args)
+    if args.cmd == "trust":
+        return _trust(args)
     from agent.api import AgentClient
 
     client = AgentClient(args.api, token=args.token or os.environ.get("EDGEFLEET_AGENT_TOKEN") or None)

@@ -5,6 +5,9 @@ What install puts where (each path under ``--root DIR`` when given):
   /opt/edgefleet                            a venv with edgefleet[agent] (+ ``--extra``s), from the source
                                             checkout this edgefleet runs from, else from the package index
   /etc/edgefleet/agent.toml                 the config (0640 root:edgefleet), from systemd/agent.toml.in
+  /etc/edgefleet/trust/NAME.pub             the release keys from ``--trust KEY.pub`` (the config's trust_dir;
+                                            0644 root, the directory 0755 root): read-only to the agent, which
+                                            runs only bundles signed by one of them (agent/trust.py)
   /etc/systemd/system/edgefleet-agent.service   the unit (systemd/edgefleet-agent.service)
   /etc/systemd/system/edgefleet-agent.service.d/network.conf   the addresses the agent may reach: IPAddressDeny=any
                                             + localhost, the controller's and broker's addresses (resolved now)
@@ -233,6 +236,9 @@ def _check_config(content: bytes, origin: str) -> agent_config.AgentConfig:
     if Path(cfg.state_dir) != Path(STATE_DIR):
         raise InstallError(f"{origin}: state_dir must be {STATE_DIR} for the service (its StateDirectory=; "
                            f"ProtectSystem=strict makes every other path read-only)")
+    if Path(cfg.trust_dir) == Path(STATE_DIR) or Path(STATE_DIR) in Path(cfg.trust_dir).parents:
+        raise InstallError(f"{origin}: trust_dir {cfg.trust_dir} is inside the state dir, which the agent can write: "
+                           f"keep it under /etc/edgefleet (the default /etc/edgefleet/trust)")
     return cfg
 
 
@@ -368,6 +374,25 @@ def network_dropin(urls: dict[str, str], resolv_conf: Path = Path("/etc/resolv.c
     return ("\n".join(lines) + "\n").encode()
 
 
+def _trust(trust_dir: Path, keys: list, say: Say) -> None:
+    """The release keys into trust_dir, root's (0755, each key 0644): under ProtectSystem=strict, and by its
+    owner and mode, the agent can read it and never write it."""
+    from agent import trustdir
+
+    for key in keys:
+        path, new = trustdir.add(trust_dir, key)
+        say(f"trust: {'wrote' if new else 'already trusts'} release key {key.name} ({key.keyid}): {path}")
+    if trust_dir.is_dir():
+        st = trust_dir.stat()
+        if (st.st_uid, st.st_gid, st.st_mode & 0o7777) != (0, 0, trustdir.DIR_MODE):
+            say(f"trust: {trust_dir} made root:root 0755 (the agent reads it, only root writes it)")
+            os.chown(trust_dir, 0, 0)
+            os.chmod(trust_dir, trustdir.DIR_MODE)
+    if not trustdir.trusted_files(trust_dir):
+        say(f"warning: no release key in {trust_dir}: the device will refuse every bundle until one is added "
+            f"(--trust KEY.pub, or edgefleet agent trust add KEY.pub)")
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -419,7 +444,7 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
             controller: str | None = None, api: str | None = None, telemetry_interval: float | None = None,
             config_file: str | Path | None = None, force: bool = False, source: str | None = None,
             extras: list[str] | tuple[str, ...] = (), python: str | None = None, token: str | None = None,
-            ca_fingerprint: str | None = None, say: Say = print) -> None:
+            ca_fingerprint: str | None = None, trust: list[str | Path] | tuple = (), say: Say = print) -> None:
     _require_root("install")
     root = Path(root).resolve()
     venv, config_path, unit_path = _under(root, VENV), _under(root, CONFIG), _under(root, UNIT)
@@ -431,6 +456,10 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
                            telemetry_interval=telemetry_interval, force=force, enrolling=token is not None)
     unit = data_file(f"{SERVICE}.service").read_bytes()
     cfg = _check_config(content if content is not None else config_path.read_bytes(), str(config_path))
+    from agent import trustdir
+
+    keys = trustdir.read_keys(trust)
+    trust_path = _under(root, cfg.trust_dir)
     dropin_path = _under(root, NETWORK_DROPIN)
     dropin = network_dropin({k: v for k, v in (("controller", cfg.controller), ("broker", cfg.broker)) if v},
                             _under(root, "/etc/resolv.conf"))
@@ -461,6 +490,7 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
             say(f"unit: writing {unit_path}")
             _write(unit_path, unit, 0o644)
             changed = True
+        _trust(trust_path, keys, say)
         if token is not None:
             _enroll(root, controller, token, ca_fingerprint, device_id, say)
         ident = _identity(root)

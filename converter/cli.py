@@ -67,6 +67,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-accuracy-drop", metavar="X",
                    help="refuse variants whose accuracy drops more than X (e.g. 1%% or 0.01) below the fp32 "
                         "reference and fall back down the chain")
+    p.add_argument("--sign-key", metavar="KEY", help="sign every bundle with this release key (NAME.key from "
+                   "`edgefleet keys generate`): devices and the controller refuse unsigned bundles. Loaded before "
+                   "any work, so a bad key or passphrase fails at once")
+    p.add_argument("--serial", type=int, metavar="N",
+                   help="with --sign-key: the bundles' serial, which must grow with every release of NAME (a device "
+                        "refuses a lower one than it ran) [default: the time in seconds]")
+    p.add_argument("--passphrase-file", metavar="FILE",
+                   help="with --sign-key: a file whose first line is the key's passphrase (default: "
+                        "$EDGEFLEET_KEY_PASSPHRASE, else a prompt when stdin is a terminal)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -89,15 +98,26 @@ def parse_input_shapes(items: list[str]) -> dict[str, list[int]]:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    key = None
+    if args.sign_key is not None:
+        from edgefleet.keys import load_signing_key
+
+        key = load_signing_key(args.sign_key, args.passphrase_file)  # before any work: a bad key fails at once
+    elif args.serial is not None or args.passphrase_file is not None:
+        raise ConvertError(f"{'--serial' if args.serial is not None else '--passphrase-file'} needs --sign-key KEY")
     from converter.convert import convert
 
     report = convert(
         args.model, target=args.target, calib=args.calib, out=args.out, name=args.name, version=args.version,
         input_shapes=parse_input_shapes(args.input_shape), calib_method=args.calib_method,
-        labels=args.labels, max_accuracy_drop=args.max_accuracy_drop,
+        labels=args.labels, max_accuracy_drop=args.max_accuracy_drop, sign_key=key, serial=args.serial,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:
+        if key is None:
+            from converter.report import signature_line
+
+            print(signature_line(report), file=sys.stderr)
         print(json.dumps(report, indent=2))
     else:
         from converter.report import table

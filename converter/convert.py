@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,10 +34,15 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: str | Path, name: str | None = None,
             version: str = "1", input_shapes: dict[str, list[int]] | None = None, calib_method: str = "minmax",
             labels: str | Path | None = None, max_accuracy_drop: float | str | None = None,
-            progress: Callable[[str], None] | None = None) -> dict:
+            sign_key=None, serial: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
-    (also ``out/report.json`` and ``out/report.html``)."""
+    (also ``out/report.json`` and ``out/report.html``).
+
+    ``sign_key`` (an ed25519 private key, agent/signing.py; the CLI loads it before any work) signs every bundle
+    with the same ``serial`` (default: the time in seconds), which must grow with every release of ``name``.
+    Without it the bundles are unsigned, and devices and the controller refuse them until `edgefleet sign`."""
     model, calib, out = Path(model), Path(calib), Path(out)
+    signature = _signature(sign_key, serial)
     say = progress or (lambda line: None)
     targets = _targets(target)
     max_drop = gate.parse_drop(max_accuracy_drop)
@@ -127,7 +133,8 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             )
             file = f"{name}-{version}-{rep['target']}-{v.name}.tar"
             files = {f.name: f for f in sorted(v.path.parent.iterdir()) if f.is_file()}
-            digest = write_bundle(staging / file, manifest, files)
+            digest = write_bundle(staging / file, manifest, files, sign_key=sign_key,
+                                  serial=signature["serial"] if signature else None)
             diff = _round_trip(staging / file, staging / f"unpacked-{rep['target']}-{v.name}", sample_out)
             entries.append({**rep, "bundle": file, "bundle_sha256": digest,
                             "bundle_bytes": os.path.getsize(staging / file),
@@ -142,7 +149,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             "gate": {"max_accuracy_drop": max_drop, "chosen": {t: _chosen_text(c) for t, c in chosen.items()},
                      "chains": chosen},
             "variants": entries, "refused": refused,
-            "skipped": skipped,
+            "skipped": skipped, "signed": signature,
         }
         return _publish(staging, out, report)
     finally:
@@ -270,6 +277,19 @@ def _publish(staging: Path, out: Path, report: dict) -> dict:
     os.replace(staging / "report.json", out / "report.json")
     os.replace(staging / "report.html", out / "report.html")
     return report
+
+
+def _signature(sign_key, serial: int | None) -> dict | None:
+    """What the report says about the bundles' signature: the release key's id and the serial, or None."""
+    if serial is not None and not 1 <= serial <= 2**53:
+        raise ConvertError(f"--serial {serial}: give a positive integer")
+    if sign_key is None:
+        if serial is not None:
+            raise ConvertError("--serial needs --sign-key (an unsigned bundle carries no serial)")
+        return None
+    from agent.signing import keyid
+
+    return {"keyid": keyid(sign_key.public_key()), "serial": serial or int(time.time())}
 
 
 def _targets(target: str) -> list[str]:

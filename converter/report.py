@@ -43,6 +43,14 @@ def rows(report: dict) -> list[tuple[str, ...]]:
     return out
 
 
+def signature_line(report: dict) -> str:
+    signed = report.get("signed")
+    if signed:
+        return (f"signed every bundle with release key {signed['keyid']}, serial {signed['serial']}")
+    return ("not signed: devices and the controller refuse these bundles until they are signed "
+            "(edgefleet sign BUNDLE --key KEY, or convert again with --sign-key KEY)")
+
+
 def table(report: dict) -> str:
     r = rows(report)
     widths = [max(len(row[i]) for row in r) for i in range(len(r[0]))]
@@ -63,6 +71,7 @@ def table(report: dict) -> str:
     for v in report["variants"]:
         lines.append(f"wrote {v['path']}  ({size(v['bundle_bytes'])}, sha256 {v['bundle_sha256'][:16]}…)")
     lines.append(f"wrote {report['out']}/report.json and report.html")
+    lines.append(signature_line(report))
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ import sys
 
 COMMANDS = {
     "convert": ("converter.cli", "quantize and compile an ONNX model into validated bundles"),
+    "sign": ("edgefleet.sign", "sign a bundle with a release key (devices run only bundles signed by a key they trust)"),
+    "keys": ("edgefleet.keys", "release keys: generate a key pair, show a key's id, rotate to a new key"),
     "agent": ("agent.cli", "the device agent: run it, install it as a service, send it an inference"),
     "fleet": ("fleet.cli", "the fleet controller: serve, deploy (in waves), rollouts, devices, tags, health"),
     "demo": ("edgefleet.demo", "convert a real model, deploy it to three local agents, show their health, "

@@ -84,7 +84,9 @@ def test_json_report_progress_and_files(converted, model, real):
     lines = stderr.strip().splitlines()
     steps = [line.split("]")[0] for line in lines if line.startswith("[cpu ")]
     assert steps == ["[cpu 1/5", "[cpu 1/5", "[cpu 2/5", "[cpu 2/5", "[cpu 3/5", "[cpu 3/5"]
-    assert lines[0].startswith("checking") and lines[-1].startswith("writing 3 bundles")
+    assert lines[0].startswith("checking") and lines[-2].startswith("writing 3 bundles")
+    assert lines[-1].startswith("not signed: devices and the controller refuse these bundles")  # no --sign-key
+    assert report["signed"] is None and all(read_manifest(v["path"]).serial == 0 for v in report["variants"])
     assert any("quantizing int8" in line and "per-channel" in line for line in lines)
     assert "Traceback" not in stderr
 
@@ -173,6 +175,7 @@ def test_table_output_and_entropy(model, real, tmp_path, capsys):
     assert fp32.split()[:4] == ["cpu", "fp32", "onnxruntime", "fp32"]
     assert int8.split()[:4] == ["cpu", "int8", "onnxruntime", "int8"]
     assert "% top-1" in int8
+    assert captured.out.splitlines()[-1].startswith("not signed: devices and the controller refuse these bundles")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["name"] == "ch_ppocr_mobile_v2.0_cls_infer" and report["version"] == "1"
     assert report["variants"][1]["recipe"]["calibrate_method"] == "entropy"
@@ -187,7 +190,8 @@ def test_help_lists_every_option(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--target", "--calib", "--out", "--json", "--name", "--version", "--input-shape", "--calib-method"):
+    for flag in ("--target", "--calib", "--out", "--json", "--name", "--version", "--input-shape", "--calib-method",
+                 "--sign-key", "--serial", "--passphrase-file"):
         assert flag in text
 
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from util import agent_config, enroll, fleet_client, issue_tls, wait_for
+from util import agent_config, enroll, fleet_client, issue_tls, release_pub, wait_for
 
-from agent import identity, protocol, transport
+from agent import identity, protocol, signing, transport
 from agent.daemon import Agent
 from agent.errors import EdgefleetError
 from fleet.app import Fleet
@@ -219,14 +219,32 @@ def test_enroll_commands_print_what_the_device_needs_and_refuse_bad_input(fleet,
     assert "edgefleet agent enroll --controller" in out and fleet.pki.ca_fingerprint in out
     token = next(line.split()[0] for line in out.splitlines()[1:2])
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "cam-7"}"\n')
-    assert main(["agent", "enroll", "--controller", fleet.http_url, "--token", token, "--ca-fingerprint",
-                 ":".join(fleet.pki.ca_fingerprint[i:i + 2] for i in range(0, 64, 2)).upper(),
-                 "--config", str(cfg)]) == 0
-    assert "enrolled as cam-7" in capsys.readouterr().out
+    trust_dir = tmp_path / "trust"
+    cfg.write_text(f'state_dir = "{tmp_path / "cam-7"}"\ntrust_dir = "{trust_dir}"\n')
+    enroll_args = ["agent", "enroll", "--controller", fleet.http_url, "--token", token, "--ca-fingerprint",
+                   ":".join(fleet.pki.ca_fingerprint[i:i + 2] for i in range(0, 64, 2)).upper(), "--config", str(cfg)]
+    not_a_key = tmp_path / "cam.key"
+    not_a_key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    assert main([*enroll_args, "--trust", str(release_pub()), "--trust", str(not_a_key)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not a PEM public key" in err, err
+    assert not trust_dir.exists()  # refused before anything was written or the token spent
+    assert main([*enroll_args, "--trust", str(release_pub())]) == 0
+    captured = capsys.readouterr()
+    kid = signing.load_public(release_pub()).keyid
+    assert "enrolled as cam-7" in captured.out and f"trusts release key tests ({kid})" in captured.out
+    assert (trust_dir / "tests.pub").read_bytes() == release_pub().read_bytes()
+    assert "refuse every bundle" not in captured.err
     assert main(["agent", "enroll", "--controller", fleet.http_url, "--token", token, "--ca-fingerprint",
                  fleet.pki.ca_fingerprint, "--config", str(cfg)]) == 2
     assert "already enrolled as cam-7" in capsys.readouterr().err
+    bare = tmp_path / "bare.toml"  # enrolled without --trust: it says the device will refuse every bundle
+    bare.write_text(f'state_dir = "{tmp_path / "cam-9"}"\ntrust_dir = "{tmp_path / "none"}"\n')
+    assert main(["fleet", "enroll", "cam-9", *cli_args(fleet)]) == 0
+    token9 = capsys.readouterr().out.splitlines()[1].split()[0]
+    assert main(["agent", "enroll", "--controller", fleet.http_url, "--token", token9, "--ca-fingerprint",
+                 fleet.pki.ca_fingerprint, "--config", str(bare)]) == 0
+    assert "trusts no release key, so it will refuse every bundle" in capsys.readouterr().err
     for argv, needle in ((["fleet", "enroll", "Cam/1"], "device_id"), (["fleet", "enroll", "cam-8", "--ttl", "1s"],
                                                                            "ttl"),
                          (["fleet", "provision", "--count", "0"], "count"),

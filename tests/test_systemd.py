@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from util import issue_tls, wait_for
+from util import issue_tls, release_pub, wait_for
 
 from agent import protocol, systemd
 from agent.config import AgentConfig, load, validate
@@ -402,6 +402,24 @@ def test_install_and_uninstall_refuse_a_non_root_user_in_one_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="install checks as root: run as root (as CI does)")
+def test_install_refuses_a_bad_trust_key_or_a_trust_dir_the_agent_could_write_before_changing_anything(tmp_path):
+    root = tmp_path / "root"
+    not_a_key = tmp_path / "release.key"
+    not_a_key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    base = ["agent", "install", "--root", root, "--source", tmp_path / "nowhere"]
+    flags = ["--device-id", "d1", "--broker", "mqtts://127.0.0.1:8883", "--controller", "https://127.0.0.1:8443"]
+    writable = tmp_path / "agent.toml"
+    writable.write_text('state_dir = "/var/lib/edgefleet"\ntrust_dir = "/var/lib/edgefleet/trust"\n')
+    for extra, needle in (([*flags, "--trust", release_pub(), "--trust", not_a_key], "not a PEM public key"),
+                          ([*flags, "--trust", tmp_path / "missing.pub"], "cannot read public key"),
+                          (["--config", writable, "--trust", release_pub()], "inside the state dir")):
+        r = _edgefleet(*base, *extra)
+        assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and needle in r.stderr, r.stderr
+        assert not root.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not IS_ROOT, reason="install writes root-owned files: run as root (as CI does)")
 def test_install_under_a_root_dir_is_idempotent_and_uninstall_purges_it(tmp_path):
@@ -418,10 +436,18 @@ def test_install_under_a_root_dir_is_idempotent_and_uninstall_purges_it(tmp_path
 def _installed_and_purged(tmp_path, fleet, token):
     root = tmp_path / "root"
     args = ["agent", "install", "--root", root, "--device-id", "d1", "--controller", fleet.http_url,
-            "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"], "--source", ROOT]
+            "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"], "--source", ROOT,
+            "--trust", release_pub()]
     r = _edgefleet(*args)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "identity: enrolled as d1" in r.stdout, r.stdout
+    # the release key: root's, read-only to the agent (0644 in a 0755 directory; the unit's ProtectSystem=strict
+    # and ReadOnlyPaths=-/etc/edgefleet make it read-only even to a process running as root in the unit)
+    trust = root / "etc/edgefleet/trust"
+    assert "trust: wrote release key tests" in r.stdout and "refuse every bundle" not in r.stdout, r.stdout
+    assert (trust / "tests.pub").read_bytes() == release_pub().read_bytes()
+    for p, mode in ((trust, 0o755), (trust / "tests.pub", 0o644)):
+        assert (stat.S_IMODE(p.stat().st_mode), p.stat().st_uid, p.stat().st_gid) == (mode, 0, 0), p
     venv, config = root / "opt/edgefleet", root / "etc/edgefleet/agent.toml"
     unit = root / "etc/systemd/system/edgefleet-agent.service"
     ident = root / "var/lib/edgefleet/identity"
@@ -448,9 +474,10 @@ def _installed_and_purged(tmp_path, fleet, token):
     _verify(unit.read_text(), venv / "bin/edgefleet", tmp_path, dropin.read_text())
     assert "api =" not in config.read_text().replace("# api =", "")  # the default: the runtime dir's socket
 
-    before = {p: p.stat().st_mtime_ns for p in (config, unit, dropin, venv / "bin/edgefleet")}
+    before = {p: p.stat().st_mtime_ns for p in (config, unit, dropin, venv / "bin/edgefleet", trust / "tests.pub")}
     again = _edgefleet(*args)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "trust: already trusts release key tests" in again.stdout, again.stdout
     assert "already has edgefleet[agent]" in again.stdout and "is up to date" in again.stdout, again.stdout
     assert "already enrolled as d1" in again.stdout, again.stdout  # the token is used up: not asked again
     assert {p: p.stat().st_mtime_ns for p in before} == before
