@@ -194,11 +194,10 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _trust(args: argparse.Namespace) -> int:
-    from agent import config, trustdir
-    from agent.trust import TrustStore
+    from agent import config, trust, trustdir
 
     cfg = config.load(args.config)
-    store = TrustStore(cfg.trust_dir, cfg.state_dir)
+    store = trust.for_config(cfg)
     if args.trust_cmd == "add":
         key = trustdir.read_keys([args.pub])[0]
         path, new = trustdir.add(cfg.trust_dir, key)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import msgspec
 
-from agent import __version__, clock, identity, protocol, runtimes, signing, storage, systemd, transport
+from agent import __version__, clock, identity, protocol, runtimes, signing, storage, systemd, transport, trust
 from agent.api import InferenceServer
 from agent.config import AgentConfig, ConfigError, validate
 from agent.errors import EdgefleetError
@@ -26,7 +26,6 @@ from agent.link import Link
 from agent.metrics import Resources
 from agent.outbox import FILE as OUTBOX_FILE, Outbox
 from agent.store import ModelStore
-from agent.trust import TrustStore
 from agent.updater import Limits, Policy, Updater, about, check_signed
 
 log = logging.getLogger("edgefleet.agent")
@@ -67,7 +66,7 @@ class Agent:
         self._stop = threading.Event()
         self.store = ModelStore(config.state_dir)
         self.engine = Engine()
-        self.trust = TrustStore(config.trust_dir, config.state_dir, controller=self.controller_key)
+        self.trust = trust.for_config(config)
         self.ledger = Ledger(config.state_dir)
         self.updater = Updater(self.store, self.engine, self._emit, Limits(
             window_s=config.rollback_window_s, min_inferences=config.rollback_min_inferences,
@@ -477,14 +476,7 @@ class Agent:
     # --- what the controller sends, verified (agent/signing.py) -----------------------------------------
     def controller_key(self) -> signing.PublicKey | None:
         """The controller's public key: the config's ``controller_key``, else the one the enrollment gave."""
-        path = (Path(self.config.controller_key) if self.config.controller_key else
-                Path(self.config.state_dir) / identity.DIR / identity.CONTROLLER_KEY)
-        try:
-            return signing.load_public(path)
-        except signing.SigningError as e:
-            if path.exists() or self.config.controller_key:
-                log.error("%s", e)
-            return None
+        return trust.controller_key(self.config)
 
     def _unverified(self, kind: str) -> bool:
         """An insecure device without a controller key takes unsigned messages (local experiments only)."""

@@ -210,3 +210,23 @@ def _check(st: protocol.TrustStatement, keys: dict[str, Trusted], controller: si
         if key.keyid != st.keyid:
             return f"a trust statement adds {st.keyid} with a key whose id is {key.keyid}"
     return ""
+
+
+def controller_key(cfg) -> signing.PublicKey | None:
+    """The controller's public key for an AgentConfig: its ``controller_key``, else the one the enrollment gave
+    (state_dir/identity/controller.pub); None when there is none (an error is logged for a bad file)."""
+    from agent import identity
+
+    path = (Path(cfg.controller_key) if cfg.controller_key else
+            Path(cfg.state_dir) / identity.DIR / identity.CONTROLLER_KEY)
+    try:
+        return signing.load_public(path)
+    except signing.SigningError as e:
+        if path.exists() or cfg.controller_key:
+            log.error("%s", e)
+        return None
+
+
+def for_config(cfg) -> TrustStore:
+    """The trust store of the device this AgentConfig describes."""
+    return TrustStore(cfg.trust_dir, cfg.state_dir, controller=lambda: controller_key(cfg))
