@@ -121,13 +121,13 @@ def test_a_rotate_statement_makes_devices_trust_the_new_key(tmp_path, capsys):
     state.mkdir()
     shutil.copy(old_pub, trust_dir / "old.pub")
     store = TrustStore(trust_dir, state)
-    assert store.update([st], None) == [f"trusts release key new ({new_id}), vouched for by {old_id}"]
+    assert store.update([st]) == [f"trusts release key new ({new_id}), vouched for by {old_id}"]
     assert {r["keyid"]: r["trusted"] for r in store.listing()} == {old_id: True, new_id: True}
 
     # a device that does not trust the old key does not take the new one from it
     other = TrustStore(tmp_path / "empty", tmp_path / "state2")
     (tmp_path / "state2").mkdir()
-    assert other.update([st], None) == [] and other.listing() == []
+    assert other.update([st]) == [] and other.listing() == []
 
     assert main(["keys", "rotate", "--key", str(old_key), "--new", str(old_pub), "--out", str(tmp_path / "x")]) == 2
     one_line_error(capsys, "public half of")
@@ -351,7 +351,7 @@ def test_agent_trust_remove_of_a_key_from_a_statement_points_at_the_fleet(tmp_pa
     cfg.write_text(f'state_dir = "{state}"\ntrust_dir = "{trust_dir}"\n')
     assert main(["agent", "trust", "add", str(old_pub), "--config", str(cfg)]) == 0
     st = signing.add_statement(signing.load_private(old_key), signing.load_public(new_pub), 1.0)
-    assert TrustStore(trust_dir, state).update([st], None)
+    assert TrustStore(trust_dir, state).update([st])
     new_id = signing.load_public(new_pub).keyid
     capsys.readouterr()
     assert main(["agent", "trust", "list", "--config", str(cfg)]) == 0
