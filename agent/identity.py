@@ -6,6 +6,8 @@ is the device id, the CA itself, and what the enrollment said (broker and contro
         device-<serial>.key        the private key (0600)
         device-<serial>.crt        its certificate
         ca.crt                     the fleet CA, pinned by the fingerprint the administrator gave
+        controller.pub             the controller's ed25519 public key: it signs every desired and cmd
+                                   (from the enrollment answer; kept on renewal)
 
 ``enroll()`` fetches the controller's CA over an unverified TLS connection and accepts it only if its sha256
 is the fingerprint given (``edgefleet fleet enroll`` prints it), then speaks to the controller with that CA
@@ -40,6 +42,7 @@ DIR = "identity"
 ENROLLMENT = "enrollment.json"
 CONTROLLER_KEY = "controller.pub"  # the controller's ed25519 public key, which signs desired and cmd
 CA = "ca.crt"
+CONTROLLER_KEY = "controller.pub"
 TEMPLATE_FIELDS = ("mac", "machine_id", "hostname", "random")
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 
@@ -127,6 +130,12 @@ class Identity:
     def tls(self) -> Tls:
         return Tls(str(self.root / CA), str(self.root / self.cert_file), str(self.root / self.key_file))
 
+    @property
+    def controller_key_path(self) -> Path | None:
+        """The controller's public key (it signs every desired and cmd), or None when the enrollment gave none."""
+        path = self.root / CONTROLLER_KEY
+        return path if path.is_file() else None
+
     def renewal_due(self, now: float) -> bool:
         """Less than a third of the certificate's lifetime is left."""
         return now > self.not_after - (self.not_after - self.not_before) / 3
@@ -208,9 +217,25 @@ def _new_key_and_csr(device_id: str):
     return key, key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
+def _controller_key(answer: dict) -> str | None:
+    """The controller's signing key (PEM) from an enrollment answer, checked to be an ed25519 public key; None
+    when the controller sent none (an older one)."""
+    pem = answer.get("controller_key")
+    if pem is None:
+        return None
+    from agent import signing
+
+    try:
+        return signing.parse_public(str(pem), "controller", "the controller's key").pem
+    except signing.SigningError as e:
+        raise IdentityError(f"the controller's answer: {e}") from None
+
+
 def _install(root: Path, answer: dict, key, key_pem: bytes, ca_pem: bytes, ca_fingerprint: str,
-             controller: str) -> Identity:
-    """Check the controller's answer against our key and CA, and make it the current identity."""
+             controller: str, renewal: bool = False) -> Identity:
+    """Check the controller's answer against our key and CA, and make it the current identity. The controller's
+    signing key is stored at enrollment; a renewal keeps the one the device has (it learns one only if it had
+    none)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -226,6 +251,7 @@ def _install(root: Path, answer: dict, key, key_pem: bytes, ca_pem: bytes, ca_fi
     ca = x509.load_pem_x509_certificate(ca_pem)
     if ours != theirs or cert.issuer != ca.subject:
         raise IdentityError("the controller's certificate is not for this device's key or not from the pinned CA")
+    controller_key = _controller_key(answer)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     serial = format(cert.serial_number, "x")[:16]
@@ -233,6 +259,8 @@ def _install(root: Path, answer: dict, key, key_pem: bytes, ca_pem: bytes, ca_fi
     write_atomic(root / key_file, key_pem, 0o600)
     write_atomic(root / cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     write_atomic(root / CA, ca_pem, 0o644)
+    if controller_key is not None and not (renewal and (root / CONTROLLER_KEY).is_file()):
+        write_atomic(root / CONTROLLER_KEY, controller_key.encode(), 0o644)
     old = Identity.load(root.parent) if (root / ENROLLMENT).exists() else None
     doc = {"device_id": device_id, "broker": broker, "controller": str(answer.get("controller") or controller),
            "ca_fingerprint": ca_fingerprint, "key_file": key_file, "cert_file": cert_file,
@@ -275,7 +303,7 @@ def renew(identity: Identity, timeout: float = 30.0) -> Identity:
     if answer.get("device_id") != identity.device_id:
         raise IdentityError(f"the controller renewed {answer.get('device_id')!r}, not {identity.device_id!r}")
     return _install(identity.root, answer, key, key_pem, (identity.root / CA).read_bytes(), identity.ca_fingerprint,
-                    identity.controller)
+                    identity.controller, renewal=True)
 
 
 def expires_in(identity: Identity, now: float) -> str:

@@ -26,12 +26,13 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from agent import protocol
-from agent.bundle import BundleError, read_manifest
+from agent.bundle import BundleError, read_signed
 from agent.errors import EdgefleetError
 from fleet import health as health_
 from fleet import login, targets
 from fleet.api_admin import routes as admin_routes
 from fleet.api_enroll import routes as enroll_routes
+from fleet.api_keys import routes as key_routes
 from fleet.api_rollouts import routes as rollout_routes
 from fleet.auth import BUNDLE, DEVICE, OPERATOR, READ, Auth, allow
 from fleet.guard import Guard
@@ -42,6 +43,7 @@ from fleet.web import routes as web_routes
 
 if TYPE_CHECKING:
     from fleet.enroll import Enrollment
+    from fleet.keys import Keys
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -49,6 +51,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 class DeployRequest(msgspec.Struct, forbid_unknown_fields=True):
     bundle: Sha256
     devices: Annotated[list[DeviceId], Meta(min_length=1, max_length=MAX_IDS)]
+    rollback: bool = False  # sent back to an older bundle on purpose: the devices take a lower serial
 
 
 class TagsPut(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,10 +84,12 @@ def new_deployment_id() -> str:
 
 
 def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable[[], str], auth: Auth,
-               enrollment: "Enrollment | None" = None) -> Starlette:
+               enrollment: "Enrollment | None" = None, keys: "Keys | None" = None,
+               allow_unsigned: bool = False) -> Starlette:
     """The Starlette app over one store and one link; ``public_url()`` is the base URL devices download from,
     ``auth`` says who may call it (fleet.auth, enforced by fleet.guard), ``enrollment`` (None in insecure mode)
-    issues and revokes device identities."""
+    issues and revokes device identities, ``keys`` (fleet.keys) are the release keys uploads must be signed by
+    (None: no policy, every readable bundle is taken), ``allow_unsigned`` relaxes that for experiments."""
     bundles_dir = Path(bundles_dir)
 
     async def status(request: Request) -> Response:
@@ -106,20 +111,36 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
                     f.write(chunk)
             sha = h.hexdigest()
             try:
-                manifest = await run_in_threadpool(read_manifest, tmp)
+                parsed = await run_in_threadpool(lambda: read_signed(tmp, check_files=True))
             except BundleError as e:
                 return _error(400, str(e).replace(str(tmp), "upload"))
+            manifest, signed_by, signer = parsed.manifest, None, None
+            if keys is not None:
+                from fleet.keys import KeysError
+
+                try:
+                    signed_by, signer = await run_in_threadpool(keys.check_upload, parsed.sig, parsed.manifest_bytes,
+                                                                allow_unsigned)
+                except KeysError as e:
+                    return _error(e.status, str(e))
             final = bundles_dir / f"{sha}.tar"
             if final.exists():
                 tmp.unlink()
             else:
                 os.replace(tmp, final)
             doc = msgspec.to_builtins(manifest)
-            await run_in_threadpool(store.add_bundle, sha, size, doc)
-            request.state.audit = {"target": sha, "detail": f"{manifest.name} {manifest.version}"}
-            return JSONResponse({"sha256": sha, "size": size, "manifest": doc})
+            await run_in_threadpool(store.add_bundle, sha, size, doc, signed_by, signer)
+            request.state.audit = {"target": sha, "detail": f"{manifest.name} {manifest.version}, signed by "
+                                                            f"{signer or signed_by or 'nobody'}"}
+            return JSONResponse({"sha256": sha, "size": size, "manifest": doc, "signed_by": signed_by,
+                                 "signer": signer})
         finally:
             tmp.unlink(missing_ok=True)
+
+    async def bundles(request: Request) -> Response:
+        if request.method == "POST":
+            return await upload_bundle(request)
+        return JSONResponse(await run_in_threadpool(store.bundles))
 
     async def download_bundle(request: Request) -> Response:
         sha = request.path_params["sha256"]
@@ -141,9 +162,9 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
                 protocol.check_device_id(d)
             except protocol.ProtocolError as e:
                 return _error(400, str(e))
-        return await run_in_threadpool(_deploy, req.bundle, devices)
+        return await run_in_threadpool(_deploy, req.bundle, devices, req.rollback)
 
-    def _deploy(sha: str, devices: list[str]) -> Response:
+    def _deploy(sha: str, devices: list[str], rollback: bool = False) -> Response:
         bundle = store.bundle(sha) if _SHA256.fullmatch(sha) else None
         if bundle is None:
             return _error(404, f"unknown bundle {sha!r}: upload it first")
@@ -152,7 +173,7 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         desired = protocol.Desired(
             deployment_id=dep_id, name=bundle["name"], version=bundle["version"],
             url=f"{public_url().rstrip('/')}/bundles/{sha}", sha256=sha, size=bundle["size"],
-            settings={}, time=time.time())
+            settings={}, time=time.time(), rollback=rollback)
         failed = []
         for d in devices:
             try:
@@ -250,7 +271,7 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
 
     routes = [
         allow(Route("/api/status", status), READ),
-        allow(Route("/api/bundles", upload_bundle, methods=["POST"]), OPERATOR, body=BUNDLE),
+        allow(Route("/api/bundles", bundles, methods=["GET", "POST"]), GET=READ, POST=OPERATOR, body=BUNDLE),
         allow(Route("/bundles/{sha256}", download_bundle, methods=["GET", "HEAD"]), DEVICE),
         allow(Route("/api/deployments", deploy, methods=["POST"]), OPERATOR),
         allow(Route("/api/deployments/{deployment_id}", deployment), READ),
@@ -260,6 +281,7 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         allow(Route("/api/health/{device_id}", device_health), READ),
         *rollout_routes(),  # /api/rollouts (fleet/api_rollouts.py)
         *admin_routes(auth),  # /api/tokens, /api/audit (fleet/api_admin.py)
+        *(key_routes(keys) if keys is not None else []),  # /api/keys (fleet/api_keys.py)
         *login.routes(auth),  # /login, /logout
         *web_routes(store),  # the dashboard, its series, /metrics, /api/openapi.json, /static
         *(enroll_routes(enrollment) if enrollment is not None else []),  # /enroll/*, enrollments, revocation

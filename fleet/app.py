@@ -28,10 +28,12 @@ from agent.errors import EdgefleetError
 from fleet.auth import DEFAULT_MAX_BUNDLE_BYTES, Auth, any_caller_is_a_device
 from fleet.broker import Mosquitto
 from fleet.enroll import CERT_LIFETIME_S, Enrollment
+from fleet.keys import Keys
 from fleet.link import CLIENT_ID, Link
 from fleet.pki import PKI, default_hosts, fingerprint, pem
 from fleet.retention import Housekeeper, Policy
 from fleet.rollouts import Rollouts
+from fleet.signer import DESIRED_TTL_S, MIN_DESIRED_TTL_S, Signer, resign
 from fleet.store import MAX_CLOCK_OFFSET_S, OFFLINE_AFTER_INTERVALS, Store
 
 log = logging.getLogger("edgefleet.fleet")
@@ -82,8 +84,18 @@ class Fleet:
                  cert_lifetime_s: float = CERT_LIFETIME_S, pki_dir: Path | None = None,
                  max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
                  device_identity: Callable[[dict], str | None] | None = None,
-                 max_clock_offset_s: float = MAX_CLOCK_OFFSET_S) -> None:
+                 max_clock_offset_s: float = MAX_CLOCK_OFFSET_S, release_keys: list[str | Path] = (),
+                 allow_unsigned: bool = False, desired_ttl_s: float = DESIRED_TTL_S) -> None:
         self.data_dir = Path(data_dir)
+        # signing (fleet/signer.py, fleet/keys.py): release keys to list at start, whether unsigned bundles are
+        # taken (experiments only), how long a signed desired is valid (it is signed again before it expires)
+        self.release_keys = [Path(p) for p in release_keys]
+        self.allow_unsigned = allow_unsigned
+        if not desired_ttl_s >= MIN_DESIRED_TTL_S:
+            raise EdgefleetError(f"the desired TTL must be at least {MIN_DESIRED_TTL_S:g} s (got {desired_ttl_s:g})")
+        self.desired_ttl_s = float(desired_ttl_s)
+        self.signer: Signer | None = None
+        self.keys: Keys | None = None
         self.insecure = insecure  # plaintext MQTT and HTTP, an anonymous broker: local experiments only
         # more names devices and operators reach this controller by: in its certificates, and the Hosts it answers
         self.hostnames = list(hostnames)
@@ -200,14 +212,22 @@ class Fleet:
                 self.broker.start()
                 connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
                 self._broker_url = f"{'mqtt' if self.insecure else 'mqtts'}://{connect_host}:{self.broker.port}"
+            self.signer = Signer.open(self.data_dir, self.store, desired_ttl_s=self.desired_ttl_s)
+            self.keys = Keys(self.store, self.signer, lambda: resign(self.link)[0])
+            self.keys.ensure(self.release_keys)
+            if self.allow_unsigned:
+                log.warning("--allow-unsigned: bundles that no listed release key signed are taken; devices that "
+                            "check signatures will refuse them. For experiments only.")
             if self.pki is not None:
                 self.enrollment = Enrollment(self.store, self.pki, lambda: self.public_broker, lambda: self.public_url,
-                                             cert_lifetime_s=self.cert_lifetime_s, on_revoke=self._revoked)
+                                             cert_lifetime_s=self.cert_lifetime_s, on_revoke=self._revoked,
+                                             controller_key=self.signer.pem)
             tls = self.broker_tls or (self.pki.controller_tls() if self.pki else None)
             self.link = Link(self._broker_url, self.store, client_id=self.client_id, tls=tls,
-                             enrolled=self.enrollment.is_enrolled if self.enrollment else None).start()
-            self.housekeeper = Housekeeper(self.store, self.retention, self._sweep_every_s,
-                                           self._compact_every_s).start()
+                             enrolled=self.enrollment.is_enrolled if self.enrollment else None,
+                             signer=self.signer).start()
+            self.housekeeper = Housekeeper(self.store, self.retention, self._sweep_every_s, self._compact_every_s,
+                                           tasks=[("re-signing desireds", self.resign)]).start()
             from fleet.api import create_app
 
             self.auth = Auth.for_controller(self.store, self.http_host, self.public_url, self.hostnames,
@@ -215,7 +235,8 @@ class Fleet:
                                             max_bundle_bytes=self.max_bundle_bytes)
             self.new_admin_token = self.auth.ensure_admin(self.data_dir)
             self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url,
-                                  self.auth, enrollment=self.enrollment)
+                                  self.auth, enrollment=self.enrollment, keys=self.keys,
+                                  allow_unsigned=self.allow_unsigned)
             self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url).start()
         except BaseException:
             self.stop()
@@ -376,6 +397,13 @@ class Fleet:
             self.store.revoke_certificates(device_id, "session takeover", serials=[cert.serial_number])
             self.pki.write_crl(self.store.revoked_serials())
             self.broker.reload()
+
+    def resign(self, now: float | None = None) -> int:
+        """Sign again and republish the retained desireds that expire within half the TTL or carry old trust
+        statements (the housekeeper does every sweep); ``now`` for tests. Returns how many went out."""
+        if self.link is None:
+            raise EdgefleetError("the fleet controller is not started")
+        return resign(self.link, now=now)[0]
 
     def compact(self, now: float | None = None) -> dict[str, int]:
         """Run retention now (the housekeeper also does every minute); ``now`` for tests."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from agent.errors import EdgefleetError
 from fleet.tables import table
-from fleet import cli_admin, cli_enroll, cli_rollouts
+from fleet import cli_admin, cli_enroll, cli_keys, cli_rollouts
 from fleet.health import SORTS
 
 
@@ -92,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="flag a device whose clock is further off than this from the controller's, as estimated "
                         "from its messages (default %(default)s; its reports are filed at the controller's time "
                         "either way)")
+    s.add_argument("--release-key", action="append", default=[], type=Path, metavar="KEY.pub",
+                   help="list this release public key at start if it is not (repeatable; the same as `fleet keys "
+                        "add`): uploads must be signed by a listed key")
+    s.add_argument("--allow-unsigned", action="store_true",
+                   help="INSECURE: take bundles no listed release key signed (a signature present is still "
+                        "checked); devices that check signatures refuse them. For experiments only")
+    s.add_argument("--desired-ttl", default="1d", metavar="DURATION",
+                   help="how long a signed desired model is valid; the controller signs and republishes it when "
+                        "half is left (default %(default)s; at least 1m)")
 
     b = sub.add_parser(
         "broker-config", help="write the mosquitto config and ACL for running the fleet on your own broker",
@@ -111,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deploy", help="upload a bundle and deploy it to devices")
     d.add_argument("bundle", type=Path, metavar="BUNDLE")
     d.add_argument("--to", nargs="+", required=True, metavar="DEVICE_ID", dest="devices")
+    d.add_argument("--rollback", action="store_true",
+                   help="send the devices back to an older bundle on purpose: the desired is signed as a rollback, "
+                        "so they take a lower serial (a plain deploy only)")
     client_args(d)
     v = sub.add_parser("devices", help="list the devices (all, or those the targets name)")
     v.add_argument("targets", nargs="*", metavar="TARGET", help="device ids, tag:NAME or all")
@@ -132,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_rollouts.register(sub, client_args)  # deploy's rollout options, `rollouts`, `rollout ID [ACTION]`
     cli_enroll.register(sub, client_args)  # enroll, provision, enrollments, revoke, certificates
     cli_admin.register(sub, client_args)  # `token create|list|revoke`, `audit`
+    cli_keys.register(sub, client_args)  # `keys add|list|remove`, `bundles`
     return p
 
 
@@ -148,6 +161,11 @@ def main(argv: list[str]) -> int:
         return code
     if (code := cli_admin.run(client, args)) is not None:
         return code
+    if (code := cli_keys.run(client, args)) is not None:
+        return code
+    if args.command == "deploy" and args.rollback and cli_rollouts.is_rollout(args):
+        raise EdgefleetError("--rollback sends devices back at once (a plain deploy to device ids): give it without "
+                             "rollout options; a rollout's own rollback is `edgefleet fleet rollout ID rollback`")
     if (code := cli_rollouts.run(client, args)) is not None:  # None: a plain deploy, below
         return code
     if args.command == "deploy":
@@ -205,7 +223,13 @@ def _serve(args: argparse.Namespace) -> int:
                   retention=policy, insecure=args.insecure, hostnames=args.hostname, broker_tls=broker_tls,
                   public_broker=args.public_broker, max_bundle_bytes=max_bundle,
                   cert_lifetime_s=parse_duration(args.cert_lifetime, "--cert-lifetime"),
-                  max_clock_offset_s=parse_duration(args.max_clock_offset, "--max-clock-offset"))
+                  max_clock_offset_s=parse_duration(args.max_clock_offset, "--max-clock-offset"),
+                  release_keys=args.release_key, allow_unsigned=args.allow_unsigned,
+                  desired_ttl_s=parse_duration(args.desired_ttl, "--desired-ttl"))
+    if args.allow_unsigned:
+        print("edgefleet fleet: WARNING: --allow-unsigned: bundles no listed release key signed are taken. Devices "
+              "that check signatures refuse them; anyone with an operator token can upload any model.",
+              file=sys.stderr, flush=True)
     if args.insecure:
         print("edgefleet fleet: WARNING: --insecure: plaintext MQTT and HTTP, a broker anyone who reaches it may "
               "use, no device identities. Anyone on this network can read the fleet and push models to it.",
@@ -223,6 +247,9 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"edgefleet fleet: the first admin token is in {path}", flush=True)
         if f.pki is not None:
             print(f"edgefleet fleet: CA {f.pki.ca_crt}, fingerprint {f.pki.ca_fingerprint}", flush=True)
+        if f.signer is not None:
+            print(f"edgefleet fleet: desired models and commands are signed with {f.data_dir / 'keys'}/controller.key "
+                  f"(key id {f.signer.keyid}; devices get controller.pub at enrollment)", flush=True)
 
     fleet.serve(ready)
     return 0
@@ -262,14 +289,15 @@ def _deploy(client: Any, args: argparse.Namespace) -> int:
         raise EdgefleetError(f"{args.bundle}: no such bundle file")
     read_manifest(args.bundle)  # a non-bundle fails here, before an upload
     up = client.upload_bundle(args.bundle)
-    dep = client.deploy(up["sha256"], args.devices)
+    dep = client.deploy(up["sha256"], args.devices, rollback=args.rollback)
     cli_rollouts.print_warnings(dep)
     if args.json:
         print(json.dumps(dep, indent=2))
     else:
         m = up["manifest"]
-        print(f"deployed {m['name']} {m['version']} ({m['runtime']}, {m['precision']}, {up['sha256'][:12]}) "
-              f"to {len(dep['devices'])} device(s) as {dep['id']}")
+        print(f"deployed {m['name']} {m['version']} ({m['runtime']}, {m['precision']}, {up['sha256'][:12]}, "
+              f"signed by {cli_keys.signer_text(up.get('signed_by'), up.get('signer'))}) to {len(dep['devices'])} "
+              f"device(s) as {dep['id']}{' (a rollback)' if args.rollback else ''}")
     return 0
 
 
@@ -370,6 +398,8 @@ def _device_report(h: dict[str, Any]) -> str:
     m = h.get("model")
     out.append("model: " + (f"{m['name']} {m['version']} ({m['precision']}, {m['runtime']}, {m['sha256'][:12]})"
                             if m else "none active"))
+    if m:
+        out.append("  " + _signer_line(h.get("signer")))
     r = h.get("recent") or {}
     window = f"the last {int(r.get('window_s', 0)) // 60} min"
     out.append("figures:")
@@ -411,6 +441,15 @@ def _device_report(h: dict[str, Any]) -> str:
         out.append("recent events:")
         out += [f"  {_event(e, now)}" for e in h["events"]]
     return "\n".join(out)
+
+
+def _signer_line(sg: dict[str, Any] | None) -> str:
+    """Who signed the running bundle, and its serial."""
+    if sg is None:
+        return "signed by: unknown (the controller does not have this bundle)"
+    who = cli_keys.signer_text(sg["keyid"], sg["name"]) + (" (removed from the fleet since)" if sg["removed"] else "")
+    serial = f", serial {sg['serial']}" if sg["serial"] else ""
+    return f"signed by {who}{serial} (as the {'device reports' if sg['source'] == 'device' else 'upload recorded'})"
 
 
 def _clock_line(c: dict[str, Any]) -> str:

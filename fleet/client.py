@@ -81,8 +81,10 @@ class FleetClient:
             return self._call("POST", "/api/bundles", f,
                               {"Content-Type": "application/x-tar", "Content-Length": str(size)})
 
-    def deploy(self, sha256: str, devices: list[str]) -> dict[str, Any]:
-        body = json.dumps({"bundle": sha256, "devices": list(devices)}).encode()
+    def deploy(self, sha256: str, devices: list[str], rollback: bool = False) -> dict[str, Any]:
+        """Deploy at once; ``rollback``: the devices are sent back to an older bundle on purpose (signed so)."""
+        body = json.dumps({"bundle": sha256, "devices": list(devices), **({"rollback": True} if rollback else {})
+                           }).encode()
         return self._call("POST", "/api/deployments", body, {"Content-Type": "application/json"})
 
     def deployment(self, deployment_id: str) -> dict[str, Any]:
@@ -146,6 +148,21 @@ class FleetClient:
         """A page of the audit trail, newest first: {"entries": [...], "next": the next page's before}."""
         query = urllib.parse.urlencode({k: v for k, v in (("limit", limit), ("before", before)) if v is not None})
         return self._call("GET", "/api/audit" + (f"?{query}" if query else ""))
+    # release keys (fleet/api_keys.py) and bundles
+    def bundles(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/bundles")
+
+    def keys(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/keys")
+
+    def add_key(self, pem: str, name: str | None = None, statement: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps({"key": pem, **({"name": name} if name else {}),
+                           **({"statement": statement} if statement is not None else {})}).encode()
+        return self._call("POST", "/api/keys", body, {"Content-Type": "application/json"})
+
+    def remove_key(self, keyid: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/api/keys/{urllib.parse.quote(keyid, safe='')}")
+
     # enrollment and revocation (fleet/api_enroll.py)
     def create_enrollment(self, device_id: str, ttl_s: float = 3600.0) -> dict[str, Any]:
         """A one-time token that enrolls ``device_id``; its secret is the answer's ``token`` (shown this once)."""

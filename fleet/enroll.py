@@ -51,12 +51,14 @@ class Enrollment:
     """Issues and revokes device identities. ``on_revoke(device_id, kick)`` is told after a revocation was
     stored and the CRL written (the controller then reloads the broker and, with ``kick``, drops the device's
     connection);
-    ``broker_url()`` and ``public_url()`` are what enrolled devices are told to use."""
+    ``broker_url()`` and ``public_url()`` are what enrolled devices are told to use, ``controller_key`` (PEM) the
+    public key the controller signs their desired and cmd messages with."""
 
     def __init__(self, store: Store, pki: PKI, broker_url: Callable[[], str], public_url: Callable[[], str],
                  cert_lifetime_s: float = CERT_LIFETIME_S,
-                 on_revoke: Callable[[str, bool], None] | None = None) -> None:
+                 on_revoke: Callable[[str, bool], None] | None = None, controller_key: str | None = None) -> None:
         self.store = store
+        self.controller_key = controller_key  # PEM: the key that signs every desired and cmd (fleet/signer.py)
         self.pki = pki
         self.broker_url = broker_url
         self.public_url = public_url
@@ -170,7 +172,8 @@ class Enrollment:
     def _answer(self, device_id: str, cert) -> dict[str, Any]:
         return {"device_id": device_id, "certificate": pem(cert), "ca": self.pki.ca_pem(),
                 "broker": self.broker_url(), "controller": self.public_url(),
-                "not_after": cert.not_valid_after_utc.timestamp(), "serial": format(cert.serial_number, "x")}
+                "not_after": cert.not_valid_after_utc.timestamp(), "serial": format(cert.serial_number, "x"),
+                "controller_key": self.controller_key}
 
     def device_identity(self, der: bytes | None) -> str | None:
         """The device id a TLS client certificate proves: issued by this CA, valid now, not revoked, a device's

@@ -170,6 +170,25 @@ def clock(store: "Store", d: "sqlite3.Row") -> dict[str, Any]:
             "boot_id": rows[0]["boot_id"] if rows else None, "jumps": rows[0]["jumps"] if rows else 0}
 
 
+def signer(store: "Store", d: "sqlite3.Row") -> dict[str, Any] | None:
+    """Which release key signed the device's running bundle and its serial: what the device says (its state's
+    ``active.signed_by``/``serial``), else what the controller recorded when that bundle was uploaded. None when
+    neither knows the running bundle; ``keyid`` None: an unsigned bundle (taken under --allow-unsigned)."""
+    if d["active_sha256"] is None:
+        return None
+    keyid, serial, source = d["active_signed_by"], d["active_serial"], "device"
+    rows = store.query("SELECT signed_by, signer, serial FROM bundles WHERE sha256 = ?", (d["active_sha256"],))
+    b = rows[0] if rows else None
+    if keyid is None and serial is None:
+        if b is None:
+            return None
+        keyid, serial, source = b["signed_by"], b["serial"], "bundle"
+    key = store.query("SELECT name, removed FROM release_keys WHERE keyid = ?", (keyid,)) if keyid else []
+    name = key[0]["name"] if key else (b["signer"] if b is not None and b["signed_by"] == keyid else None)
+    return {"keyid": keyid, "name": name, "serial": serial, "source": source,
+            "removed": bool(key and key[0]["removed"] is not None)}
+
+
 def disk_warnings(store: "Store", devices: list[str], bundle: dict[str, Any], now: float | None = None
                   ) -> list[str]:
     """What to tell whoever deploys ``bundle`` to ``devices``: each device that last reported less free disk
@@ -237,6 +256,7 @@ def report(store: "Store", device_id: str, events: int = 20, transitions: int = 
         "FROM deployment_devices dd JOIN deployments p ON p.id = dd.deployment_id "
         "LEFT JOIN bundles b ON b.sha256 = p.bundle_sha256 "
         "WHERE dd.device_id = ? ORDER BY p.created DESC", (device_id,))]
+    h["signer"] = signer(store, d)
     h["transitions"] = [{"time": r["time"], "online": bool(r["online"]), "reason": r["reason"]}
                         for r in store.query("SELECT time, online, reason FROM transitions WHERE device_id = ? "
                                              "ORDER BY time DESC, id DESC LIMIT ?", (device_id, transitions))]

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -22,6 +22,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent import protocol, transport
 from agent.errors import EdgefleetError
 from fleet.store import Store
+
+if TYPE_CHECKING:
+    from fleet.signer import Signer
 
 log = logging.getLogger("edgefleet.fleet.link")
 
@@ -36,13 +39,15 @@ class Link:
     def __init__(self, broker_url: str, store: Store, client_id: str = CLIENT_ID, keepalive: int = 30,
                  connect_timeout: float = 5.0, publish_timeout: float = 10.0,
                  session_expiry_s: int = SESSION_EXPIRY_S, tls: transport.Tls | None = None,
-                 enrolled: Callable[[str], bool] | None = None) -> None:
+                 enrolled: Callable[[str], bool] | None = None, signer: "Signer | None" = None) -> None:
         self.broker_url = broker_url
         self.url = transport.parse_url(broker_url)
         self.host, self.port = self.url.host, self.url.port
         self.tls = tls
         self.enrolled = enrolled  # None: every device id the broker lets through is taken (insecure mode)
         self.store = store
+        self.signer = signer  # None: messages go out unsigned (a link without a controller: some tests)
+        self.desired_lock = threading.RLock()  # sign, publish and record one device's desired at a time
         self.client_id = client_id
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
@@ -181,11 +186,28 @@ class Link:
 
     # -- fleet -> device ------------------------------------------------------------------------
     def publish_desired(self, device_id: str, desired: protocol.Desired) -> None:
-        """Publish a device's desired model, retained, and wait until the broker has acknowledged it."""
-        self._publish(device_id, protocol.DESIRED, desired, retain=True, what="the desired model")
+        """Publish a device's desired model, retained, and wait until the broker has acknowledged it. With a
+        signer (``fleet.signer``), the one place a desired is signed: for this device, issued now, expiring,
+        with the next counter and the fleet's trust statements; the store then keeps it (unsigned) so that the
+        sweep can sign it again before it expires."""
+        with self.desired_lock:
+            if self.signer is None:
+                self._publish(device_id, protocol.DESIRED, desired, retain=True, what="the desired model")
+                return
+            from fleet.signer import unsigned
+
+            plain = unsigned(desired)
+            trust = self.signer.trust()
+            signed = self.signer.desired(device_id, plain, trust)
+            self._publish(device_id, protocol.DESIRED, signed, retain=True, what="the desired model")
+            self.store.set_signed_desired(device_id, protocol.encode(plain).decode(), signed.time, signed.expires,
+                                          self.signer.digest(trust))
 
     def publish_cmd(self, device_id: str, cmd: protocol.Cmd) -> None:
-        """Send a device a one-shot command (not retained) and wait until the broker has acknowledged it."""
+        """Send a device a one-shot command (not retained) and wait until the broker has acknowledged it; signed
+        (for this device, expiring in minutes, the next counter) when the link has a signer."""
+        if self.signer is not None:
+            cmd = self.signer.cmd(device_id, cmd)
         self._publish(device_id, protocol.CMD, cmd, retain=False, what=f"the {cmd.kind} command")
 
     def _publish(self, device_id: str, kind: str, msg: protocol.Message, *, retain: bool, what: str) -> None:

@@ -61,6 +61,7 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                 "TagsPost": _request_struct("fleet.api", "TagsPost"),
                 "RolloutRequest": _request_struct("fleet.api_rollouts", "RolloutRequest"),
                 "TokenRequest": _request_struct("fleet.api_admin", "TokenRequest"),
+                "KeyRequest": _request_struct("fleet.api_keys", "KeyRequest"),
                 "EnrollRequest": _request_struct("fleet.api_enroll", "EnrollRequest"),
                 "RenewRequest": _request_struct("fleet.api_enroll", "RenewRequest"),
                 "EnrollmentCreate": _request_struct("fleet.api_enroll", "EnrollmentCreate"),
@@ -73,6 +74,8 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
               "TokenCreated": s.TokenCreated, "AuditPage": s.AuditPage, "EnrollmentToken": s.EnrollmentToken,
               "Enrollments": list[s.EnrollmentRow], "Enrolled": s.Enrolled, "Revoked": s.Revoked,
               "EnrollmentRevoked": s.EnrollmentRevoked, "Certificates": list[s.Certificate],
+              "Bundles": list[s.BundleRow], "ReleaseKeys": list[s.ReleaseKey],
+              "ReleaseKeyChanged": s.ReleaseKeyChanged,
               **{k: v for k, v in requests.items() if v is not None}}
     refs, components = msgspec.json.schema_components(list(bodies.values()),
                                                       ref_template="#/components/schemas/{name}")
@@ -96,11 +99,38 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
         "/api/status": {"get": {
             "summary": "The controller's status: broker, MQTT link and message counts.", "operationId": "status",
             "responses": {"200": json_body("Status", "The status.")}}},
-        "/api/bundles": {"post": {
-            "summary": "Upload a bundle (a tar written by `edgefleet convert`).", "operationId": "uploadBundle",
-            "requestBody": {"required": True, "content": UPLOAD},
-            "responses": {"200": json_body("BundleUploaded", "Stored (or already stored): its sha256 and manifest."),
-                          "400": err("Not a valid bundle (a tar with a manifest the agent can read).")}}},
+        "/api/bundles": {
+            "post": {
+                "summary": "Upload a bundle (a tar written by `edgefleet convert`, signed by a release key the fleet "
+                           "lists).", "operationId": "uploadBundle",
+                "requestBody": {"required": True, "content": UPLOAD},
+                "responses": {"200": json_body("BundleUploaded", "Stored (or already stored): its sha256, manifest "
+                                                                 "and the key that signed it."),
+                              "400": err("Not a valid bundle (a tar with a manifest the agent can read, every file "
+                                         "matching it), or not signed by a release key the fleet lists (unsigned, "
+                                         "an unknown or removed key, a signature that does not verify), unless "
+                                         "the controller runs with --allow-unsigned.")}},
+            "get": {"summary": "The uploaded bundles, newest first, with who signed each and its serial.",
+                    "operationId": "listBundles",
+                    "responses": {"200": json_body("Bundles", "The bundles.")}}},
+        "/api/keys": {
+            "get": {"summary": "The release keys the fleet accepts bundles from (and those removed).",
+                    "operationId": "listKeys", "responses": {"200": json_body("ReleaseKeys", "Oldest first.")}},
+            "post": {"summary": "List a release public key; with a signed `add` statement (`edgefleet keys rotate`) "
+                                "devices are told to trust it too.", "operationId": "addKey",
+                     "requestBody": request("KeyRequest"),
+                     "responses": {"201": json_body("ReleaseKeyChanged", "The key, and how many devices got their "
+                                                                         "desired model again."),
+                                   "400": err("Not an ed25519 public key, a bad name, or a statement that is not "
+                                              "for this key or does not verify with a listed key."),
+                                   "409": err("The key is listed already, or was removed.")}}},
+        "/api/keys/{keyid}": {"delete": {
+            "summary": "Remove a release key: its bundles are refused, and devices get the controller's signed "
+                       "removal with their next desired.", "operationId": "removeKey",
+            "parameters": [_param("keyid", "path", "The key's id (16 hex digits).",
+                                  {"type": "string", "pattern": "^[0-9a-f]{16}$"})],
+            "responses": {"200": json_body("ReleaseKeyChanged", "The key, removed."),
+                          "404": err("No such key."), "409": err("The key was removed already.")}}},
         "/bundles/{sha256}": {"get": {
             "summary": "Download a bundle (devices do, resuming with HTTP Range).", "operationId": "getBundle",
             "parameters": [_param("sha256", "path", "The bundle's sha256 (64 hex digits).",

@@ -340,6 +340,13 @@ def _active_model(d: dict, bundle: dict | None) -> str:
         return '<p class="muted">No model is active on this device.</p>'
     pairs = [("Model", f'{e(m["name"])} {e(m["version"])}'), ("Precision", e(m["precision"])),
              ("Runtime", e(m["runtime"])), ("Bundle", short(m["sha256"]))]
+    sg = d.get("signer")
+    if sg is not None:
+        who = ("unsigned" if sg["keyid"] is None else
+               f'{e(sg["name"] or "unknown key")} <code>{e(sg["keyid"])}</code>'
+               + (' <span class="muted">(removed since)</span>' if sg["removed"] else ""))
+        pairs.append(("Signed by", f'<span data-signer="{e(sg["keyid"] or "")}">{who}</span>'))
+        pairs.append(("Serial", e(str(sg["serial"])) if sg["serial"] else "-"))
     if d.get("deployment"):
         pairs.append(("Deployment", f'{e(d["deployment"]["deployment_id"])} {pill(d["deployment"]["phase"])}'))
     out = _kv(pairs)

@@ -416,12 +416,15 @@ def latest_rollup(store: "Store", device_id: str) -> dict[str, Any] | None:
 # -- the background job ---------------------------------------------------------------------------------------
 class Housekeeper:
     """The controller's upkeep in one thread: the heartbeat sweep (every ``sweep_every_s``), so that
-    transitions to offline are recorded even when nobody asks, and compaction (every ``compact_every_s``).
+    transitions to offline are recorded even when nobody asks, with ``tasks`` after it, and compaction (every
+    ``compact_every_s``).
     ``clock`` is the time source (tests pass their own)."""
 
     def __init__(self, store: "Store", policy: Policy = Policy(), sweep_every_s: float = 1.0,
-                 compact_every_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+                 compact_every_s: float = 60.0, clock: Callable[[], float] = time.time,
+                 tasks: list[tuple[str, Callable[[], Any]]] = ()) -> None:
         self.store = store
+        self.tasks = list(tasks)  # more upkeep, each round after the sweep: (what, fn), e.g. re-signing desireds
         self.policy = policy
         self.sweep_every_s = sweep_every_s
         self.compact_every_s = compact_every_s
@@ -450,6 +453,8 @@ class Housekeeper:
         next_compact = time.monotonic()  # once at start, then every compact_every_s
         while not self._stop.is_set():
             self._guard("sweep", lambda: self.store.sweep(self.clock()))
+            for what, fn in self.tasks:
+                self._guard(what, fn)
             if time.monotonic() >= next_compact:
                 self._guard("compaction", self.compact)
                 next_compact = time.monotonic() + self.compact_every_s

@@ -193,7 +193,7 @@ class Rollouts:
             desired = protocol.Desired(
                 deployment_id=a.deployment_id, name=bundle["name"], version=bundle["version"],
                 url=f"{self.public_url().rstrip('/')}/bundles/{a.sha256}", sha256=a.sha256, size=bundle["size"],
-                settings={}, time=self.clock())
+                settings={}, time=self.clock(), rollback=isinstance(a, Rollback))  # signed as a rollback
             failed = []
             for device in a.devices:
                 try:

@@ -122,6 +122,50 @@ class BundleUploaded(_S):
     sha256: str
     size: int
     manifest: Manifest
+    signed_by: str | None  # the key id of the release key that signed it (null: unsigned, under --allow-unsigned)
+    signer: str | None  # that key's name in this fleet (null: unsigned, or a key the fleet does not list)
+
+
+class BundleRow(_S):
+    """An uploaded bundle, who signed it and its serial."""
+    sha256: str
+    size: int
+    name: str
+    version: str
+    target: str
+    runtime: str
+    precision: str
+    uploaded: float
+    serial: int | None  # the manifest's serial (only grows per model name; 0: none)
+    signed_by: str | None  # the signing key's id (null: unsigned)
+    signer: str | None  # its name here
+
+
+class ReleaseKey(_S):
+    """A release key the fleet accepts bundles from (or did: ``removed``)."""
+    keyid: str  # the first 16 hex digits of the sha256 of its raw public key
+    name: str
+    pem: str
+    added: float
+    removed: float | None
+    status: str  # active | removed
+    statement: dict | None  # the signed ``add`` statement it came with: devices learn the key from it
+    removal: dict | None  # the controller's signed ``remove`` statement
+
+
+class ReleaseKeyChanged(ReleaseKey):
+    """A key just added or removed, and how many devices' desired models went out again with the new trust
+    statements."""
+    republished: int
+
+
+class Signer(_S):
+    """Which release key signed the running bundle, and its serial."""
+    keyid: str | None  # null: an unsigned bundle
+    name: str | None  # the key's name in this fleet
+    serial: int | None
+    source: str  # device (its state said so) | bundle (the controller's record of the bundle it runs)
+    removed: bool  # the key was removed from the fleet since
 
 
 class DeploymentDevice(_S):
@@ -175,6 +219,8 @@ class Device(_S):
     storage_since: float | None = None
     clock_synced: bool | None = None  # whether its OS says its clock is synchronised (null: unknown)
     disk_free_bytes: int | None = None  # free space in its state dir's filesystem (its latest telemetry)
+    active_signed_by: str | None = None  # the key that signed its running bundle, as it says
+    active_serial: int | None = None  # and that bundle's serial
     tags: list[str] = []
 
 
@@ -317,6 +363,7 @@ class DeviceDetail(Health):
     recent_errors: list[EventRow]
     deployments: list[DeploymentHistoryRow]
     transitions: list[Transition]
+    signer: Signer | None  # who signed the running bundle (null: the running bundle is unknown)
 
 
 class RolloutBundle(_S):
@@ -536,6 +583,7 @@ class Enrolled(_S):
     controller: str
     not_after: float
     serial: str  # hex
+    controller_key: str | None  # PEM: the ed25519 key the controller signs every desired and cmd with
 
 
 class Revoked(_S):

@@ -34,7 +34,7 @@ from agent.errors import EdgefleetError
 from fleet import clock as clocks
 from fleet import health, retention, targets
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
 CLONE_BOOTS = 8  # the boot ids remembered per device for clone detection
@@ -276,7 +276,37 @@ ALTER TABLE devices ADD COLUMN disk_free_bytes INTEGER;
 ALTER TABLE devices ADD COLUMN disk_time REAL;
 UPDATE schema_version SET version = 5
 """
-_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5}
+# Signing (issue 10, fleet/keys.py and fleet/signer.py). ``release_keys``: the keys whose bundles the fleet takes
+# (``statement``: the signed ``add`` statement it came with, ``removal``: the controller's signed ``remove``); the
+# trust statements every desired carries are these, in time order. ``signed``: per device, the counter of its last
+# signed desired or cmd (it only grows), and the desired last published, unsigned, with when its signed copy
+# expires and which trust list it carried (the re-sign sweep republishes it). Bundles record who signed them.
+_V5_TO_V6 = """
+CREATE TABLE release_keys (
+    keyid TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    pem TEXT NOT NULL,
+    added REAL NOT NULL,
+    removed REAL,
+    statement TEXT,
+    removal TEXT
+);
+CREATE TABLE signed (
+    device_id TEXT PRIMARY KEY,
+    counter INTEGER NOT NULL DEFAULT 0,
+    desired TEXT,
+    issued REAL,
+    expires REAL,
+    trust TEXT
+);
+ALTER TABLE bundles ADD COLUMN signed_by TEXT;
+ALTER TABLE bundles ADD COLUMN signer TEXT;
+ALTER TABLE bundles ADD COLUMN serial INTEGER;
+ALTER TABLE devices ADD COLUMN active_signed_by TEXT;
+ALTER TABLE devices ADD COLUMN active_serial INTEGER;
+UPDATE schema_version SET version = 6
+"""
+_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6}
 
 class Store:
     """The controller's SQLite registry at ``path``; safe to call from any thread.
@@ -489,11 +519,12 @@ class Store:
                 db.execute(
                     "UPDATE devices SET online = 1, state_time = ?, boot_id = ?, agent_version = ?, arch = ?, "
                     "cpu_flags = ?, runtimes = ?, active_name = ?, active_version = ?, active_sha256 = ?, "
-                    "active_runtime = ?, active_precision = ?, active_deployment_id = ? WHERE id = ?",
+                    "active_runtime = ?, active_precision = ?, active_deployment_id = ?, active_signed_by = ?, "
+                    "active_serial = ? WHERE id = ?",
                     (msg.time, msg.boot_id, msg.agent_version, msg.arch,
                      json.dumps(msg.cpu_flags), json.dumps(msg.runtimes),
                      a and a.name, a and a.version, a and a.sha256, a and a.runtime, a and a.precision,
-                     a and a.deployment_id, msg.device_id))
+                     a and a.deployment_id, a and a.signed_by, a and a.serial, msg.device_id))
                 self._settle(db, msg.device_id, received, "birth")
                 return
             # Offline: the last will, or the state an agent sends when it stops. Neither says more than that, so
@@ -618,11 +649,24 @@ class Store:
         return True
 
     # -- bundles and deployments ----------------------------------------------------------------
-    def add_bundle(self, sha256: str, size: int, manifest: dict[str, Any]) -> None:
+    def add_bundle(self, sha256: str, size: int, manifest: dict[str, Any], signed_by: str | None = None,
+                   signer: str | None = None) -> None:
+        """Record an uploaded bundle; ``signed_by``/``signer``: the key id and name of the release key that signed
+        it (None: unsigned, taken under --allow-unsigned)."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO bundles (sha256, size, name, version, target, runtime, precision, manifest, "
+                       "uploaded, signed_by, signer, serial) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT (sha256) DO UPDATE SET signed_by = coalesce(signed_by, excluded.signed_by), "
+                       "signer = coalesce(signer, excluded.signer)",
                        (sha256, size, manifest["name"], manifest["version"], manifest["target"],
-                        manifest["runtime"], manifest["precision"], json.dumps(manifest), time.time()))
+                        manifest["runtime"], manifest["precision"], json.dumps(manifest), time.time(), signed_by,
+                        signer, manifest.get("serial")))
+
+    def bundles(self) -> list[dict[str, Any]]:
+        """Every uploaded bundle, newest first, without its manifest."""
+        return [dict(r) for r in self._query(
+            "SELECT sha256, size, name, version, target, runtime, precision, uploaded, serial, signed_by, signer "
+            "FROM bundles ORDER BY uploaded DESC, sha256")]
 
     def bundle(self, sha256: str) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM bundles WHERE sha256 = ?", (sha256,))
@@ -657,6 +701,73 @@ class Store:
             "ORDER BY device_id", (deployment_id,))]
         return d
 
+
+    # -- release keys and signed messages (fleet/keys.py, fleet/signer.py) ------------------------------
+    def release_keys(self, include_removed: bool = True) -> list[dict[str, Any]]:
+        """The release keys, in the order they were added; ``statement``/``removal`` decoded (or None)."""
+        where = "" if include_removed else "WHERE removed IS NULL"
+        out = []
+        for r in self._query(f"SELECT * FROM release_keys {where} ORDER BY added, keyid"):
+            k = dict(r)
+            k["statement"] = json.loads(k["statement"]) if k["statement"] else None
+            k["removal"] = json.loads(k["removal"]) if k["removal"] else None
+            out.append(k)
+        return out
+
+    def release_key(self, keyid: str) -> dict[str, Any] | None:
+        return next((k for k in self.release_keys() if k["keyid"] == keyid), None)
+
+    def add_release_key(self, keyid: str, name: str, pem: str, added: float,
+                        statement: dict[str, Any] | None = None) -> bool:
+        """List a key; False when it is listed already (removed or not: nothing changes)."""
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO release_keys (keyid, name, pem, added, statement) "
+                             "VALUES (?, ?, ?, ?, ?)",
+                             (keyid, name, pem, added, json.dumps(statement) if statement else None))
+            return cur.rowcount == 1
+
+    def remove_release_key(self, keyid: str, removed: float, removal: dict[str, Any]) -> bool:
+        """Mark a listed key removed, with the controller's signed statement; False if none is listed and active."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE release_keys SET removed = ?, removal = ? WHERE keyid = ? AND removed IS NULL",
+                             (removed, json.dumps(removal), keyid))
+            return cur.rowcount == 1
+
+    def next_counter(self, device_id: str, now: float) -> int:
+        """The counter for the next message signed for this device: above every earlier one, and at least the
+        time in ms (so a restored database does not go back)."""
+        with self._tx() as db:
+            return db.execute(
+                "INSERT INTO signed (device_id, counter) VALUES (?1, ?2) ON CONFLICT (device_id) DO UPDATE SET "
+                "counter = max(counter + 1, ?2) RETURNING counter", (device_id, int(now * 1000))).fetchone()[0]
+
+    def set_signed_desired(self, device_id: str, desired: str, issued: float, expires: float, trust: str) -> None:
+        """The desired (unsigned JSON) just published to the device, when its signed copy expires, and a digest
+        of the trust list it carried."""
+        with self._tx() as db:
+            db.execute("INSERT INTO signed (device_id, desired, issued, expires, trust) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT (device_id) DO UPDATE SET desired = excluded.desired, issued = excluded.issued, "
+                       "expires = excluded.expires, trust = excluded.trust",
+                       (device_id, desired, issued, expires, trust))
+
+    def signed_desired(self, device_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM signed WHERE device_id = ?", (device_id,))
+        return dict(rows[0]) if rows else None
+
+    def signed_desireds(self, due_before: float | None = None, trust_not: str | None = None
+                        ) -> list[dict[str, Any]]:
+        """Devices with a retained desired: all, or those expiring before ``due_before`` or carrying another trust
+        list than ``trust_not``."""
+        conds, args = [], []
+        if due_before is not None:
+            conds.append("expires < ?")
+            args.append(due_before)
+        if trust_not is not None:
+            conds.append("trust IS NOT ?")
+            args.append(trust_not)
+        where = f" AND ({' OR '.join(conds)})" if conds else ""
+        rows = self._query(f"SELECT * FROM signed WHERE desired IS NOT NULL{where} ORDER BY device_id", tuple(args))
+        return [dict(r) for r in rows]
 
     # -- identities: certificates, enrollment tokens, revocations (fleet/enroll.py) --------------------
     def add_certificate(self, serial: int, device_id: str, fingerprint: str, not_before: float, not_after: float,

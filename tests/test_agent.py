@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from util import agent_config, fleet_client, wait_for
+from util import agent_config, fleet_client, wait_for, release_pub
 
 from agent import protocol
 from agent.api import AgentClient
@@ -23,7 +23,8 @@ OUTPUT = "save_infer_model/scale_0.tmp_1"
 def fleet(tmp_path):
     from fleet.app import Fleet
 
-    f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     yield f
     f.stop()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_fleet import Device, bundle  # noqa: F401  (bundle is a fixture)
-from util import fleet_client, issue_tls, wait_for
+from util import fleet_client, issue_tls, wait_for, release_pub
 
 from fleet.app import Fleet
 from fleet.auth import no_device
@@ -31,7 +31,8 @@ SEED = 8
 
 
 def test_schemathesis_finds_nothing(tmp_path, bundle):  # noqa: F811
-    fleet = Fleet(tmp_path / "data", http_port=0, mqtt_listen="127.0.0.1:0", device_identity=no_device)
+    fleet = Fleet(tmp_path / "data", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0", device_identity=no_device)
     fleet.start_background()
     devices = []
     try:

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 from test_fleet import Device, bundle  # noqa: F401  (bundle is a fixture)
-from util import admin_token, fleet_client, issue_tls, wait_for
+from util import admin_token, fleet_client, issue_tls, wait_for, release_key, release_pub
 
 from agent import protocol
 from agent.bundle import Manifest, TensorSpec, write_bundle
@@ -27,7 +27,8 @@ from fleet.openapi import route_roles
 
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 SAMPLE = {"device_id": "cam-1", "token_id": "0123456789ab", "rollout_id": "ro-20260101-000000-abcdef", "action": "pause", "name": "nobody",
-          "sha256": "0" * 64, "deployment_id": "dep-20260101-000000-abcdef"}
+          "sha256": "0" * 64, "deployment_id": "dep-20260101-000000-abcdef",
+          "keyid": "0123456789abcdef"}
 XSS = "<img src=x onerror=alert(1)>"
 NOT_SHOWN = {"cpu_flags"}  # stored, but on no page
 
@@ -75,7 +76,8 @@ def site(tmp_path_factory):
     """A controller with no device identities (as for a client without a certificate), reached as
     "fleet.example" too and published as controller.example, with a token of each role:
     (fleet, {"admin": ..., "operator": ..., "read": ...})."""
-    fleet = Fleet(tmp_path_factory.mktemp("sec") / "data", http_port=0, mqtt_listen="127.0.0.1:0",
+    fleet = Fleet(tmp_path_factory.mktemp("sec") / "data", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0",
                   device_identity=no_device, hostnames=["fleet.example"],
                   public_url="https://controller.example:9999").start_background()
     try:
@@ -236,7 +238,7 @@ def test_a_write_from_another_origin_is_refused(site):
 
 def test_an_upload_one_byte_over_the_cap_is_413_and_leaves_nothing(tmp_path, bundle):  # noqa: F811
     data = bundle.read_bytes()
-    fleet = Fleet(tmp_path / "data", http_port=0, mqtt_listen="127.0.0.1:0",
+    fleet = Fleet(tmp_path / "data", release_keys=[release_pub()], http_port=0, mqtt_listen="127.0.0.1:0",
                   max_bundle_bytes=len(data)).start_background()
     try:
         auth = {"Content-Type": "application/x-tar", **bearer(admin_token(fleet))}
@@ -304,7 +306,7 @@ def report_bundle(tmp: Path, name: str, report: dict) -> Path:
                  model="model.onnx", files=[], inputs=[TensorSpec(name="x", shape=[1, 4], dtype="float32")],
                  outputs=[TensorSpec(name="y", shape=[1, 2], dtype="float32")], report=report)
     path = tmp / f"{name}.tar"
-    write_bundle(path, m, {"model.onnx": model, "sample.npz": tmp / "sample.npz"})
+    write_bundle(path, m, {"model.onnx": model, "sample.npz": tmp / "sample.npz"}, sign_key=release_key()[0])
     return path
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from util import agent_config, fleet_client, wait_for
+from util import agent_config, fleet_client, wait_for, release_pub
 
 from agent.api import AgentClient
 from agent.config import dumps
@@ -92,7 +92,8 @@ def alive(proc: subprocess.Popen, log: Path) -> None:
 
 
 def test_an_agent_400_days_behind_is_on_the_controllers_time_line(tmp_path, libfaketime, bundles, crops):
-    fleet = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    fleet = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     proc = None
     try:
         client = fleet_client(fleet)
@@ -179,7 +180,8 @@ def test_a_clock_set_right_while_the_controller_is_away_keeps_a_continuous_serie
     rc.write_text("-400d\n")
 
     def controller() -> Fleet:
-        return Fleet(tmp_path / "fleet", broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
+        return Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+                     broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
 
     fleet = controller()
     db = fleet.data_dir / "fleet.db"

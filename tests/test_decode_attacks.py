@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from util import wait_for
+from util import wait_for, release_pub
 
 from agent import protocol
 from agent.config import AgentConfig, ConfigError, validate
@@ -321,7 +321,8 @@ def test_policy_origins_are_normalised(tmp_path):
 def fleet(tmp_path):
     from fleet.app import Fleet
 
-    f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     yield f
     f.stop()
 

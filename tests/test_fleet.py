@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from util import admin_token, cli_args, fleet_client, issue_tls, wait_for
+from util import admin_token, cli_args, fleet_client, issue_tls, wait_for, release_key, release_pub
 
 from agent import protocol
 from agent.bundle import Manifest, TensorSpec, write_bundle
@@ -95,7 +95,8 @@ ACTIVE = protocol.ActiveModel(name="digits", version="1.2.0", sha256="ab" * 32, 
 
 @pytest.fixture
 def fleet(tmp_path, monkeypatch):
-    f = Fleet(tmp_path / "data", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "data", release_keys=[release_pub()],
+              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))  # for the CLI
     yield f
     f.stop()
@@ -134,7 +135,7 @@ def bundle(tmp_path) -> Path:
                         inputs=[TensorSpec(name="x", shape=[1, 4], dtype="float32")],
                         outputs=[TensorSpec(name="y", shape=[1, 2], dtype="float32")])
     out = tmp_path / "tiny.bundle.tar"
-    write_bundle(out, manifest, {"model.onnx": model, "sample.npz": sample})
+    write_bundle(out, manifest, {"model.onnx": model, "sample.npz": sample}, sign_key=release_key()[0])
     return out
 
 
@@ -300,7 +301,8 @@ def test_messages_sent_while_the_link_is_down_arrive_after_it_reconnects(mosquit
 
 
 def test_fleet_on_an_external_broker(mosquitto, tmp_path):
-    with Fleet(tmp_path / "data", broker_url=mosquitto.url, http_port=0, pki_dir=mosquitto.pki.root) as fleet:
+    with Fleet(tmp_path / "data", release_keys=[release_pub()],
+               broker_url=mosquitto.url, http_port=0, pki_dir=mosquitto.pki.root) as fleet:
         assert fleet.broker_url == mosquitto.url and fleet.broker is None
         dev = Device(mosquitto.url, "cam-9", issue_tls(mosquitto.pki, "cam-9", tmp_path, fleet.store))
         try:

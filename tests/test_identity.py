@@ -26,7 +26,8 @@ TIMEOUT = 30.0
 
 @pytest.fixture
 def fleet(tmp_path):
-    f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     yield f
     f.stop()
 
@@ -292,7 +293,8 @@ def test_a_revoked_device_is_disconnected_and_stays_out(fleet, tmp_path):
 
 
 def test_the_agent_renews_its_certificate_before_it_expires(tmp_path):
-    fleet = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0", cert_lifetime_s=600).start_background()
+    fleet = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0", cert_lifetime_s=600).start_background()
     try:
         cfg = agent_config(fleet, tmp_path / "cam-1", "cam-1", api="127.0.0.1:0")
         first = identity.Identity.load(tmp_path / "cam-1")
@@ -438,7 +440,8 @@ def test_insecure_mode_is_plaintext_and_says_so(tmp_path):
     import subprocess
     import sys
 
-    fleet = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0", insecure=True).start_background()
+    fleet = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0", insecure=True).start_background()
     try:
         assert fleet.http_url.startswith("http://") and fleet.broker_url.startswith("mqtt://") and fleet.pki is None
         from agent.config import AgentConfig, ConfigError, validate

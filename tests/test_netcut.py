@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from util import fleet_client, wait_for
+from util import fleet_client, wait_for, release_pub
 
 from agent.config import dumps
 
@@ -50,7 +50,8 @@ def test_a_cut_device_goes_offline_and_catches_up(tmp_path, netns, bundles):
     from util import agent_config
 
     ns, host_if, host_addr = netns
-    fleet = Fleet(tmp_path / "fleet", http_host=host_addr, http_port=0, mqtt_listen=f"{host_addr}:0")
+    fleet = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+                  http_host=host_addr, http_port=0, mqtt_listen=f"{host_addr}:0")
     fleet.start_background()
     agent = None
     try:

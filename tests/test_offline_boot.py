@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_outage import has_all, outbox_on_disk, received
 from test_systemd import NotifySocket
-from util import agent_config, fleet_client, wait_for
+from util import agent_config, fleet_client, wait_for, release_pub
 
 from agent.api import AgentClient
 from agent.config import AgentConfig, dumps, validate
@@ -39,7 +39,8 @@ def broker(tmp_path):
 
 @pytest.fixture
 def fleet(tmp_path, broker):
-    f = Fleet(tmp_path / "fleet", broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
     yield f
     f.stop()
 
@@ -116,7 +117,7 @@ def test_first_boot_enrollment_waits_for_the_controller_and_the_agent_serves_mea
     data, port = tmp_path / "fleet", free_port()
 
     def controller() -> Fleet:
-        return Fleet(data, http_port=port, mqtt_listen="127.0.0.1:0").start_background()
+        return Fleet(data, release_keys=[release_pub()], http_port=port, mqtt_listen="127.0.0.1:0").start_background()
 
     f = controller()
     token = f.enrollment.create_token(count=1, prefix="cam-", ttl_s=600)

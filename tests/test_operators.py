@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_fleet import assert_one_error_line, run_cli
-from util import admin_token, fleet_client, ssl_context
+from util import admin_token, fleet_client, ssl_context, release_pub
 
 from agent.errors import EdgefleetError
 from fleet.app import Fleet
@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 ROLES = {
     ("/api/status", "GET"): READ,
     ("/api/bundles", "POST"): OPERATOR,
+    ("/api/bundles", "GET"): READ,
+    ("/api/keys", "GET"): ADMIN,
+    ("/api/keys", "POST"): ADMIN,
+    ("/api/keys/{keyid}", "DELETE"): ADMIN,
     ("/bundles/{sha256}", "GET"): DEVICE,
     ("/api/deployments", "POST"): OPERATOR,
     ("/api/deployments/{deployment_id}", "GET"): READ,
@@ -70,7 +74,8 @@ PAGES = {"/", "/devices/{device_id}", "/rollouts/{rollout_id}"}
 
 @pytest.fixture
 def fleet(tmp_path, monkeypatch):
-    f = Fleet(tmp_path / "data", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "data", release_keys=[release_pub()],
+              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     monkeypatch.delenv("EDGEFLEET_SERVER", raising=False)
     monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))
     monkeypatch.setenv("EDGEFLEET_CA", str(f.pki.ca_crt))  # the https controller's CA, for the CLI
@@ -80,7 +85,7 @@ def fleet(tmp_path, monkeypatch):
 
 def test_the_first_start_makes_one_admin_token_and_later_starts_keep_it(tmp_path):
     data = tmp_path / "data"
-    with Fleet(data, http_port=0, mqtt_listen="127.0.0.1:0") as fleet:
+    with Fleet(data, release_keys=[release_pub()], http_port=0, mqtt_listen="127.0.0.1:0") as fleet:
         path = data / "admin.token"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert fleet.new_admin_token == path.read_text().strip() and fleet.new_admin_token.startswith("eft_")
@@ -88,11 +93,11 @@ def test_the_first_start_makes_one_admin_token_and_later_starts_keep_it(tmp_path
         assert (row["name"], row["role"], row["revoked"]) == ("admin", "admin", None)
         assert not list(data.glob(".admin.*")), "no temporary file left"
     first = path.read_text()
-    with Fleet(data, http_port=0, mqtt_listen="127.0.0.1:0") as fleet:
+    with Fleet(data, release_keys=[release_pub()], http_port=0, mqtt_listen="127.0.0.1:0") as fleet:
         assert fleet.new_admin_token is None and path.read_text() == first
         assert fleet_client(fleet).status()["ok"] is True
         fleet_client(fleet).revoke_token("admin")  # no admin token left: the next start makes one again
-    with Fleet(data, http_port=0, mqtt_listen="127.0.0.1:0") as fleet:
+    with Fleet(data, release_keys=[release_pub()], http_port=0, mqtt_listen="127.0.0.1:0") as fleet:
         assert fleet.new_admin_token and path.read_text().strip() == fleet.new_admin_token != first.strip()
         assert [t["name"] for t in fleet_client(fleet).tokens() if t["revoked"] is None] == ["admin"]
 

@@ -16,7 +16,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from util import agent_config as enrolled_config, fleet_client, wait_for
+from util import agent_config as enrolled_config, fleet_client, wait_for, release_pub
 
 from agent.config import AgentConfig
 from agent.daemon import Agent
@@ -40,7 +40,8 @@ def broker(tmp_path, free_port):
 
 @pytest.fixture
 def fleet(tmp_path, broker):
-    f = Fleet(tmp_path / "fleet", broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
     yield f
     f.stop()
 

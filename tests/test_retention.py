@@ -7,7 +7,7 @@ the clock (``now`` given to compact, a ``clock`` given to the job).
 from __future__ import annotations
 
 import pytest
-from util import fleet_client, wait_for
+from util import fleet_client, wait_for, release_pub
 
 from agent import protocol
 from agent.errors import EdgefleetError
@@ -215,7 +215,8 @@ def test_the_job_compacts_with_the_clock_it_is_given(store):
 
 
 def test_health_totals_survive_compaction_through_the_api(tmp_path):
-    with Fleet(tmp_path / "data", http_port=0, mqtt_listen="127.0.0.1:0", retention=POLICY,
+    with Fleet(tmp_path / "data", release_keys=[release_pub()],
+               http_port=0, mqtt_listen="127.0.0.1:0", retention=POLICY,
                compact_every_s=3600) as fleet:  # the job's own (real clock) run is at start, before any row
         client = fleet_client(fleet)
         send = Sender(fleet.store, "cam-r")

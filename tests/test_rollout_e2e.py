@@ -12,7 +12,7 @@ import urllib.request
 
 import msgspec
 import pytest
-from util import admin_token, agent_config, bearer, cli_args, fleet_client, ssl_context, wait_for
+from util import admin_token, agent_config, bearer, cli_args, fleet_client, ssl_context, wait_for, release_pub
 
 from agent import protocol
 from agent.api import AgentClient
@@ -29,7 +29,8 @@ DEVICES = ["dev-1", "dev-2", "dev-3", "dev-4"]
 
 @pytest.fixture
 def fleet(tmp_path, monkeypatch):
-    f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))  # for the CLI
     yield f
     f.stop()
@@ -192,7 +193,7 @@ def test_a_rollout_continues_after_the_controller_restarts(tmp_path, mosquitto, 
     data = tmp_path / "fleet"
 
     def controller() -> Fleet:
-        return Fleet(data, broker_url=mosquitto.url, http_port=free_port,
+        return Fleet(data, release_keys=[release_pub()], broker_url=mosquitto.url, http_port=free_port,
                      pki_dir=mosquitto.pki.root).start_background()
 
     fleet = controller()

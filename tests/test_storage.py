@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import OUTPUT
-from util import agent_config, fleet_client, wait_for
+from util import agent_config, fleet_client, wait_for, release_key, release_pub
 
 from agent import bundle as bundle_mod
 from agent.api import AgentClient
@@ -135,7 +135,8 @@ def broker(tmp_path, free_port):
 def fleet(tmp_path, broker):
     from fleet.app import Fleet
 
-    f = Fleet(tmp_path / "fleet", broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              broker_url=broker.url, http_port=0, pki_dir=broker.pki.root).start_background()
     yield f
     f.stop()
 
@@ -307,7 +308,7 @@ def bigger_bundle(tmp_path: Path, bundles, crops, size: int) -> Path:
     manifest = msgspec.structs.replace(bundle_mod.read_manifest(bundles["v1"]), version="big", files=[])
     out = d / "ocr-big.tar"
     bundle_mod.write_bundle(out, manifest, {"model.onnx": model_path("ocr-cls"), "sample.npz": d / "sample.npz",
-                                            "padding.bin": d / "padding.bin"})
+                                            "padding.bin": d / "padding.bin"}, sign_key=release_key()[0])
     return out
 
 

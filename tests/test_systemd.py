@@ -425,7 +425,8 @@ def test_install_refuses_a_bad_trust_key_or_a_trust_dir_the_agent_could_write_be
 def test_install_under_a_root_dir_is_idempotent_and_uninstall_purges_it(tmp_path):
     from fleet.app import Fleet
 
-    fleet = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    fleet = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     try:
         token = fleet.enrollment.create_token(device_id="d1")
         _installed_and_purged(tmp_path, fleet, token)
@@ -516,7 +517,8 @@ def test_systemd_restarts_the_agent_after_a_sigkill(tmp_path):
         pytest.skip("an edgefleet agent is installed on this machine already; not touching it")
     from fleet.app import Fleet
 
-    fleet = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    fleet = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     token = fleet.enrollment.create_token(device_id="systemd-test")
     r = _edgefleet("agent", "install", "--controller", fleet.http_url, "--token", token["token"],
                    "--ca-fingerprint", token["ca_fingerprint"], "--telemetry-interval", "1", "--source", ROOT)

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from util import fleet_client, wait_for
+from util import fleet_client, wait_for, release_pub
 
 from agent.api import AgentClient
 from agent.bundle import read_manifest
@@ -33,6 +33,11 @@ def converted(tmp_path_factory):
          "--name", "ocr-cls"],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
+    from agent.bundle import sign_bundle
+    from util import release_key
+
+    for path in (d / "out").glob("*.tar"):  # signed as a build host would (`edgefleet sign`)
+        sign_bundle(path, release_key()[0])
     import onnxruntime as ort
 
     reference = ort.InferenceSession(str(model_path("ocr-cls")), providers=["CPUExecutionProvider"]).run(
@@ -63,7 +68,8 @@ def test_target_all_builds_every_target(converted):
 def fleet(tmp_path):
     from fleet.app import Fleet
 
-    f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     yield f
     f.stop()
 

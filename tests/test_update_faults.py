@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import OUTPUT
-from util import fleet_client, wait_for
+from util import fleet_client, wait_for, release_pub
 
 from agent import bundle, faults, protocol
 from agent.api import AgentClient
@@ -26,7 +26,8 @@ from agent.daemon import Agent
 def fleet(tmp_path):
     from fleet.app import Fleet
 
-    f = Fleet(tmp_path / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     yield f
     f.stop()
 

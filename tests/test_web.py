@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from util import admin_token, fleet_client, wait_for
+from util import admin_token, fleet_client, wait_for, release_pub
 
 from agent.errors import EdgefleetError
 
@@ -53,7 +53,8 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
     from fleet.broker import free_port
     from util import agent_config
 
-    fleet = Fleet(tmp / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    fleet = Fleet(tmp / "fleet", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     TOKENS[fleet.http_url] = admin_token(fleet)
     agents = {}
     try:
@@ -114,6 +115,10 @@ def converted(tmp_path_factory, crops) -> Path:
     report = convert(model_path("ocr-cls"), target="cpu", calib=d / "calib.npz", out=d / "out", name="ocr-cls",
                      version="2.1", input_shapes={"x": [1, 3, 48, 192]})
     [int8] = [v for v in report["variants"] if v["variant"] == "int8"]
+    from agent.bundle import sign_bundle
+    from util import release_key
+
+    sign_bundle(int8["path"], release_key()[0])  # the converter's output, signed as a build host would
     return Path(int8["path"])
 
 
