@@ -32,6 +32,8 @@ UNSAYABLE = {
     # a certificate signing request whose bytes are not one (its PEM armour is all a pattern can ask for)
     "POST /enroll": lambda case, message: message.startswith("csr:"),
     "POST /enroll/renew": lambda case, message: message.startswith("csr:"),
+    # a public key whose PEM bytes are not an ed25519 key; a statement that is not a signed trust statement
+    "POST /api/keys": lambda case, message: message.startswith(("the key is", "the statement")),
 }
 
 

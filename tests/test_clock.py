@@ -17,7 +17,7 @@ from agent import protocol
 from fleet import clock
 from fleet.clock import REFILE_S, Clock, estimate, observe
 from fleet.rollouts import Rollouts
-from fleet.store import Store
+from fleet.store import SCHEMA_VERSION, Store
 
 DAY = 86400.0
 T0 = 1_800_000_000.0
@@ -315,7 +315,7 @@ def test_a_version_4_database_is_migrated(tmp_path):
     db.close()
     s = Store(path).open()
     try:
-        assert rows(s, "SELECT version FROM schema_version") == [(5,)]
+        assert rows(s, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]  # and on to the newest
         assert rows(s, "SELECT time, device_time FROM telemetry") == [(T0, None)]  # as it was: the device's time
         h = s.health("cam-1", now=T0 + 1)[0]
         assert h["recent"]["inferences"] == 5 and h["clock"]["offset_s"] is None and h["storage"] is None
