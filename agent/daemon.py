@@ -494,7 +494,7 @@ class Agent:
             self.updater.reconcile(desired)
             return
         why = check_signed(desired, key, self.config.device_id, self.ledger.desired_counter, time.time(),
-                           clock.synced())
+                           clock.synced(), self.ledger.issued)
         if why:
             cur = self.engine.current
             if why.startswith("desired expired") and cur is not None and cur.sha == desired.sha256:
@@ -504,13 +504,14 @@ class Agent:
             return
         for change in self.trust.update(desired.trust):
             log.warning("trust store: %s", change)
-        self.ledger.accept("desired", desired.counter)
+        self.ledger.accept("desired", desired.counter, desired.time)
         self.updater.reconcile(desired)
 
     def _on_cmd(self, cmd: protocol.Cmd) -> None:
         key = self.controller_key()
         if not (key is None and self._unverified("cmd")):
-            why = check_signed(cmd, key, self.config.device_id, self.ledger.cmd_counter, time.time(), clock.synced())
+            why = check_signed(cmd, key, self.config.device_id, self.ledger.cmd_counter, time.time(), clock.synced(),
+                               self.ledger.issued)
             if not why and cmd.counter == self.ledger.cmd_counter:
                 return  # the same command again (a redelivery): done once
             if why:
@@ -520,7 +521,7 @@ class Agent:
                     log.error("refused a %s command: %s", cmd.kind, why)
                     self._queue_error(f"refused a {cmd.kind} command: {why}")
                 return
-            self.ledger.accept("cmd", cmd.counter)
+            self.ledger.accept("cmd", cmd.counter, cmd.time)
         if cmd.kind == "report":
             self.publish_telemetry()
         elif cmd.kind == "ping":

@@ -40,7 +40,6 @@ from agent.transport import Tls
 
 DIR = "identity"
 ENROLLMENT = "enrollment.json"
-CONTROLLER_KEY = "controller.pub"  # the controller's ed25519 public key, which signs desired and cmd
 CA = "ca.crt"
 CONTROLLER_KEY = "controller.pub"
 TEMPLATE_FIELDS = ("mac", "machine_id", "hostname", "random")

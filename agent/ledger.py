@@ -1,7 +1,8 @@
 """What this device has accepted, kept across restarts so that nothing older can be replayed at it:
 
 - the counter of the last ``desired`` and of the last ``cmd`` it accepted from the controller (each signed
-  with a per-device counter that only grows: agent/signing.py);
+  with a per-device counter that only grows: agent/signing.py), and the latest time the controller signed
+  one at: a lower bound on the real time that holds when the device's own clock does not;
 - per model name, the highest bundle ``serial`` it has run, and the bundles (sha256) it has run: a lower
   serial is refused unless the controller's signed desired marks it as a rollback to one of those.
 
@@ -25,6 +26,7 @@ MAX_RAN = 256  # bundles remembered as run (the oldest forgotten first)
 class _Doc(msgspec.Struct):
     desired_counter: int = 0
     cmd_counter: int = 0
+    issued: float = 0.0  # the latest issued time of an accepted desired or cmd (the controller's clock)
     serials: dict[str, int] = {}  # model name -> highest serial run
     ran: list[str] = []  # sha256 of bundles run, oldest first
 
@@ -52,17 +54,27 @@ class Ledger:
     def cmd_counter(self) -> int:
         return self._doc.cmd_counter
 
+    @property
+    def issued(self) -> float:
+        return self._doc.issued
+
     def highest_serial(self, name: str) -> int:
         return self._doc.serials.get(name, 0)
 
     def ran(self, sha: str) -> bool:
         return sha in self._doc.ran
 
-    def accept(self, kind: str, counter: int) -> None:
-        """Record the counter of an accepted desired (``kind`` "desired") or cmd ("cmd")."""
+    def accept(self, kind: str, counter: int, issued: float = 0.0) -> None:
+        """Record the counter and issued time of an accepted desired (``kind`` "desired") or cmd ("cmd")."""
         field = f"{kind}_counter"
+        changed = False
         if counter > getattr(self._doc, field):
             setattr(self._doc, field, counter)
+            changed = True
+        if issued > self._doc.issued:
+            self._doc.issued = issued
+            changed = True
+        if changed:
             self._save()
 
     def record_run(self, name: str, serial: int, sha: str) -> None:

@@ -60,11 +60,15 @@ class Limits:
 
 
 def check_signed(msg: protocol.Desired | protocol.Cmd, key: signing.PublicKey | None, device_id: str,
-                 last_counter: int, now: float, clock_synced: bool | None) -> str:
+                 last_counter: int, now: float, clock_synced: bool | None, known: float = 0.0) -> str:
     """Why a desired or cmd must be refused ('' if it may be acted on): it must be signed with the
     controller's key, for this device, unexpired, and its counter not lower than the last one accepted
-    (equal: the same message again, e.g. a retained desired redelivered). Expiry is not judged when the OS
-    says the clock is not synchronised (agent/clock.py): the counter still refuses any replay."""
+    (equal: the same message again, e.g. a retained desired redelivered).
+
+    Expiry is judged against the later of this device's clock and ``known``, the latest time the controller
+    signed a message this device accepted (a lower bound on the real time whatever the local clock says).
+    When the OS says the clock is not synchronised (agent/clock.py), against ``known`` alone: a clock that is
+    ahead cannot expire everything, and the counter still refuses any replay."""
     kind = "desired" if isinstance(msg, protocol.Desired) else "cmd"
     if key is None:
         return f"{kind} cannot be verified: this device has no controller key (enroll it)"
@@ -78,9 +82,11 @@ def check_signed(msg: protocol.Desired | protocol.Cmd, key: signing.PublicKey | 
         return f"{kind} is for device {msg.device_id}, not this one ({device_id})"
     if not msg.expires:
         return f"{kind} has no expiry"
-    if msg.expires < now and clock_synced is not False:
-        return (f"{kind} expired at {_utc(msg.expires)} (this device's clock says {_utc(now)}); the controller "
-                f"re-signs what it still wants")
+    ref, said = (known, "the controller's latest signed time") if clock_synced is False else (
+        (now, "this device's clock") if now >= known else (known, "the controller's latest signed time"))
+    if msg.expires < ref:
+        return (f"{kind} expired at {_utc(msg.expires)} ({said} is {_utc(ref)}); the controller re-signs what "
+                f"it still wants")
     if msg.counter < last_counter:
         return (f"{kind} counter {msg.counter} is lower than the last one this device accepted "
                 f"({last_counter}): an old message replayed")

@@ -138,8 +138,13 @@ def test_check_signed_names_each_reason(tmp_path, keys):
     ]
     for msg, key, device, last, at, synced, reason in cases:
         assert reason in check_signed(msg, key, device, last, at, synced), reason
-    # a clock the OS says is not synchronised cannot judge expiry; the counter still refuses a replay
-    assert check_signed(good, ctl_pub, "cam-1", 0, now + 10**8, False) == ""
+    # a clock the OS says is not synchronised (here: far ahead) does not expire what is fresh; the controller's
+    # latest signed time does, whatever the clock; the counter still refuses a replay
+    assert check_signed(good, ctl_pub, "cam-1", 0, now + 10**8, False, known=now) == ""
+    assert "the controller's latest signed time" in check_signed(good, ctl_pub, "cam-1", 0, now - 10**8, False,
+                                                                 known=now + 61)
+    assert "the controller's latest signed time" in check_signed(good, ctl_pub, "cam-1", 0, now - 10**8, True,
+                                                                 known=now + 61)
     assert "replayed" in check_signed(good, ctl_pub, "cam-1", 101, now + 10**8, False)
     cmd = signing.sign_message(ctl_key, protocol.Cmd(id="c1", kind="rollback", time=now, device_id="cam-1",
                                                      expires=now + 60, counter=5))
