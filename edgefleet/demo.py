@@ -133,8 +133,11 @@ class Demo:
         running = clients["cam-1"].status()["active"]["sha256"]
         info = json.loads((data / "controller.json").read_text())
         url = transport.parse_url(info["broker"])
-        forger = transport.make_client(url, "forger", PKI(data / "pki").controller_tls())
-        forger.connect(url.host, url.port)
+        # the broker's rights are the controller's certificate, whose CN is also its client id: connecting takes
+        # the controller's session over for a moment. Keep that session (clean_start off, its expiry) and ack
+        # nothing in it, so what devices send meanwhile waits for the controller, which reconnects at once.
+        forger = transport.make_client(url, "forger", PKI(data / "pki").controller_tls(), manual_ack=True)
+        forger.connect(url.host, url.port, clean_start=False, properties=transport.connect_properties(7 * 86400))
         forger.loop_start()
         sha = "0" * 64
         forged = protocol.Desired(deployment_id="dep-forged", name="ocr-cls", version="6.6.6",

@@ -128,7 +128,8 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str]) -> dict
         "status": "online" if online else "offline",
         "status_since": d["status_time"],  # the latest transition's time
         "tags": tags,
-        "model": {k: d[f"active_{k}"] for k in ("name", "version", "precision", "runtime", "sha256")}
+        "model": {k: d[f"active_{k}"] for k in ("name", "version", "precision", "runtime", "sha256", "signed_by",
+                                                  "serial")}
         if d["active_name"] is not None else None,
         "inferences": d["inferences"],
         "errors": d["errors"],

@@ -235,6 +235,8 @@ class ActiveModel(_S):
     precision: str
     runtime: str
     sha256: str
+    signed_by: str | None = None  # the release key id the device says signed it
+    serial: int | None = None
 
 
 class LatencyMs(_S):

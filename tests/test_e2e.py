@@ -33,6 +33,18 @@ def test_demo_end_to_end(tmp_path):
     assert demo.server.startswith("https://") and all(
         (tmp_path / "demo" / "devices" / d / "identity").stat().st_mode & 0o777 == 0o700 for d in DEVICES)
 
+    # signed releases: every bundle deployed was signed by the demo's release key and verified on the devices;
+    # a tampered upload and a forged (unsigned) desired were refused, the device kept serving 1.0
+    from agent import signing
+
+    release = signing.load_public(tmp_path / "demo" / "keys" / "release.pub").keyid
+    for d in DEVICES:
+        ran = {(m / "manifest.sig").is_file() and signing.decode_manifest_sig((m / "manifest.sig").read_bytes()).keyid
+               for m in (tmp_path / "demo" / "devices" / d / "models").iterdir() if m.is_dir()}
+        assert ran == {release}, (d, ran)
+    assert "does not match its manifest entry" in demo.attacks["upload"]
+    assert "desired is not signed by the controller" in demo.attacks["forged"]
+
     # the converter's gate: int8 agrees with fp32 on the held-out real inputs
     int8 = result["variants"]["int8"]
     assert int8["agreement"]["top1"] >= 0.9
@@ -44,6 +56,7 @@ def test_demo_end_to_end(tmp_path):
         assert dev["online"] is True
         assert dev["model"]["precision"] == "int8" and dev["model"]["name"] == "ocr-cls"
         assert dev["model"]["version"] == "1.0"  # the bad 1.1 was stopped and sent back
+        assert dev["model"]["signed_by"] == release and dev["model"]["serial"] > 0
         assert dev["inferences"] >= 40
         # only the first wave's device ever ran 1.1, and its applications' requests failed there
         assert (dev["errors"] > 0) == (dev["device_id"] == "cam-1")

@@ -190,7 +190,7 @@ def test_device_reports_and_health_shows_them(fleet, client, devices, capsys, mo
     [h] = client.health()
     assert h["device_id"] == "cam-1" and h["online"] is True
     assert h["model"] == {"name": "digits", "version": "1.2.0", "precision": "int8",
-                          "runtime": "onnxruntime", "sha256": "ab" * 32}
+                          "runtime": "onnxruntime", "sha256": "ab" * 32, "signed_by": None, "serial": None}
     assert h["errors"] == 4
     assert h["latency_ms"] == {"p50": 2.5, "p95": 4.0, "p99": 5.0}  # the latest window that had inferences
     assert (h["cpu_percent"], h["rss_bytes"], h["memory_percent"]) == (1.0, 66 << 20, 3.75)
