@@ -22,3 +22,19 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_new(path: str | os.PathLike, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path``, which must not exist (FileExistsError if it does, even if it appears
+    meanwhile): written whole beside it, fsynced, then hard-linked into place. For keys: never over another."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import msgspec
 
+from agent.files import write_atomic
+
 log = logging.getLogger("edgefleet.agent.ledger")
 
 FILE = "ledger.json"
@@ -103,14 +105,7 @@ class Ledger:
                 f"is accepted only as a rollback signed by the controller")
 
     def _save(self) -> None:
-        data = msgspec.json.encode(self._doc)
-        tmp = self.path.with_name(f".{self.path.name}.part")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, msgspec.json.encode(self._doc), 0o644)
         except OSError as e:  # a full or read-only state dir: it holds in memory until the next write works
             log.warning("cannot write %s (%s): kept in memory", self.path, e.strerror or e)
-            tmp.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent import protocol
 from agent.errors import EdgefleetError
+from agent.files import write_new
 
 SIG = "manifest.sig"
 MAX_SIG_BYTES = 4096
@@ -149,25 +150,12 @@ def generate(out_dir: str | os.PathLike, name: str, passphrase: bytes | None = N
     enc = (serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
     write_private(key_path, pem)
-    _write_new(pub_path, public_pem(key.public_key()).encode(), 0o644)
+    write_new(pub_path, public_pem(key.public_key()).encode(), 0o644)
     return key_path, pub_path
 
 
 def write_private(path: Path, pem: bytes) -> None:
-    _write_new(path, pem, 0o600)
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.link(tmp, path)  # fails if the name was taken meanwhile: never overwrites a key
-    tmp.unlink()
+    write_new(path, pem, 0o600)
 
 
 def b64(data: bytes) -> str:

@@ -26,6 +26,7 @@ import msgspec
 
 from agent import protocol, signing
 from agent.errors import EdgefleetError
+from agent.files import write_atomic
 
 log = logging.getLogger("edgefleet.agent.trust")
 
@@ -174,13 +175,10 @@ class TrustStore:
         return changes
 
     def _write(self, statements: list[protocol.TrustStatement]) -> None:
-        data = msgspec.json.encode(statements)
-        tmp = self.file.with_name(f".{self.file.name}.part")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.file)
+        try:
+            write_atomic(self.file, msgspec.json.encode(statements), 0o644)
+        except OSError as e:  # a full or read-only state dir: applied now, kept on disk once it takes writes
+            log.warning("cannot write %s (%s)", self.file, e.strerror or e)
 
     def listing(self) -> list[dict]:
         """Every trusted and removed key, for `agent trust list`."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent import signing
 from agent.errors import EdgefleetError
+from agent.files import write_new
 
 DIR_MODE, FILE_MODE = 0o755, 0o644
 
@@ -69,7 +70,7 @@ def add(trust_dir: str | os.PathLike, key: signing.PublicKey) -> tuple[Path, boo
         if not trust_dir.is_dir():
             trust_dir.mkdir(parents=True, mode=DIR_MODE)
             os.chmod(trust_dir, DIR_MODE)  # whatever the umask
-        _write_new(path, key.pem.encode())
+        write_new(path, key.pem.encode(), FILE_MODE)
     except OSError as e:
         raise TrustDirError(f"cannot write {path}: {e.strerror or e}"
                             f"{' (run as root)' if e.errno in (1, 13) and os.geteuid() else ''}") from None
@@ -89,18 +90,3 @@ def remove(trust_dir: str | os.PathLike, which: str) -> list[tuple[Path, signing
                                     f"{' (run as root)' if e.errno in (1, 13) and os.geteuid() else ''}") from None
             gone.append((path, key))
     return gone
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path)  # fails if the name was taken meanwhile: never over another key
-    finally:
-        tmp.unlink(missing_ok=True)

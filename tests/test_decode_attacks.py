@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from util import wait_for, release_pub
+from util import release_key, release_pub, wait_for
 
 from agent import protocol
 from agent.config import AgentConfig, ConfigError, validate
@@ -104,7 +104,8 @@ def _make_agent(tmp_path, controller, **kw):
     # The updater's policy is the same whatever the transport: these servers speak plain HTTP, so the agent
     # is configured insecure (it never connects anywhere); the test through a real broker below is secure.
     cfg = validate(AgentConfig(device_id="cam-1", broker="mqtt://127.0.0.1:1", controller=controller.url,
-                               state_dir=str(tmp_path / "state"), rollback_window_s=0, insecure=True, **kw))
+                               state_dir=str(tmp_path / "state"), rollback_window_s=0, insecure=True,
+                               trust_dir=str(release_key()[1]), **kw))
     a = Agent(cfg)  # built, not started: the updater is driven by hand, the outbox read back
     a.store.open()
     a.outbox.open()

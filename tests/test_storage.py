@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import OUTPUT
-from util import agent_config, fleet_client, wait_for, release_key, release_pub
+from util import agent_config, fleet_client, release_key, release_pub, wait_for
 
 from agent import bundle as bundle_mod
 from agent.api import AgentClient
@@ -488,7 +488,8 @@ def test_a_new_desired_removes_the_old_partial_download_first_and_an_update_leav
         shutil.copy(bundles[key], root / "bundles" / sha)
     server = Server(root)
     agent = Agent(validate(AgentConfig(device_id="cam-1", broker="mqtt://127.0.0.1:1", controller=server.url,
-                                       state_dir=str(tmp_path / "state"), rollback_window_s=0, insecure=True)))
+                                       state_dir=str(tmp_path / "state"), rollback_window_s=0, insecure=True,
+                                       trust_dir=str(release_key()[1]))))
     agent.store.open()
     agent.outbox.open()
     try:
@@ -545,7 +546,7 @@ def test_a_disk_that_fills_during_a_download_fails_the_update_once_and_leaves_no
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
         agent = Agent(validate(AgentConfig(device_id="cam-1", broker="mqtt://127.0.0.1:1", controller=url,
                                            state_dir=str(state), rollback_window_s=0, insecure=True,
-                                           min_free_bytes=0)))
+                                           min_free_bytes=0, trust_dir=str(release_key()[1]))))
         agent.store.open()
         agent.outbox.open()
         try:
