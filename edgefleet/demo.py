@@ -113,7 +113,7 @@ class Demo:
         import io
         import tarfile
 
-        from agent import protocol, transport
+        from agent import bundle, protocol, transport
         from fleet.pki import PKI
 
         tampered = self.out / "tampered.tar"
@@ -139,9 +139,18 @@ class Demo:
         forger = transport.make_client(url, "forger", PKI(data / "pki").controller_tls(), manual_ack=True)
         forger.connect(url.host, url.port, clean_start=False, properties=transport.connect_properties(7 * 86400))
         forger.loop_start()
-        sha = "0" * 64
+        # an unsigned bundle (the good one without manifest.sig), put where the controller serves bundles, as a
+        # compromised controller host could
+        unsigned = data / "bundles" / ".unsigned.tar"
+        with tarfile.open(good) as src, tarfile.open(unsigned, "w", format=tarfile.PAX_FORMAT) as dst:
+            for m in src:
+                if m.name != "manifest.sig":
+                    dst.addfile(m, src.extractfile(m))
+        sha = bundle.sha256_file(unsigned)
+        unsigned.rename(data / "bundles" / f"{sha}.tar")
         forged = protocol.Desired(deployment_id="dep-forged", name="ocr-cls", version="6.6.6",
-                                  url=f"{info['http'].rstrip('/')}/bundles/{sha}", sha256=sha, size=1000,
+                                  url=f"{info['http'].rstrip('/')}/bundles/{sha}", sha256=sha,
+                                  size=(data / "bundles" / f"{sha}.tar").stat().st_size,
                                   time=time.time(), device_id="cam-1", expires=time.time() + 3600,
                                   counter=int(time.time() * 1000) + 10**9)
         forger.publish(protocol.topic("cam-1", protocol.DESIRED), protocol.encode(forged), qos=1,
@@ -154,7 +163,8 @@ class Demo:
                          if e["kind"] == "failed" and e.get("deployment_id") == "dep-forged"), None)
 
         event = _wait("cam-1 to refuse the forged desired", refusal, 60, self.procs)
-        print(f"cam-1: failed: {event['reason']}")
+        print(f"cam-1 was sent the unsigned bundle {sha[:12]} in a desired forged on the broker: failed: "
+              f"{event['reason']}")
         still = clients["cam-1"].status()["active"]
         print(f"cam-1 still runs {still['version']} ({still['sha256'][:12]}), signed by release key "
               f"{still.get('signed_by')}, serial {still.get('serial')}")

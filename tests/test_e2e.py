@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,6 +43,14 @@ def test_demo_end_to_end(tmp_path):
         ran = {(m / "manifest.sig").is_file() and signing.decode_manifest_sig((m / "manifest.sig").read_bytes()).keyid
                for m in (tmp_path / "demo" / "devices" / d / "models").iterdir() if m.is_dir()}
         assert ran == {release}, (d, ran)
+    # cam-1 ran 1.1 (a higher serial) and is back on 1.0 (a lower one): by the rollout's auto-rollback, which the
+    # controller signs as a rollback, or by its own probation, whichever came first (test_signed_updates.py and
+    # test_release_keys.py check each path on its own)
+    ledger = json.loads((tmp_path / "demo" / "devices" / "cam-1" / "ledger.json").read_text())
+    running = json.loads((tmp_path / "demo" / "devices" / "cam-1" / "models" /
+                          os.readlink(tmp_path / "demo" / "devices" / "cam-1" / "current").split("/")[-1] /
+                          "manifest.json").read_text())
+    assert running["version"] == "1.0" and ledger["serials"]["ocr-cls"] > running["serial"]
     assert "does not match its manifest entry" in demo.attacks["upload"]
     assert "desired is not signed by the controller" in demo.attacks["forged"]
 
