@@ -26,6 +26,9 @@ Desired.url                1-2048 characters (which URLs a device fetches is the
                            agent/updater.py)
 Desired.size               1 .. 2**40 bytes (the agent's ``max_bundle_bytes`` is lower)
 Desired.settings           at most 64 entries, keys ``[A-Za-z0-9._-]{1,64}``, strings <= 1024
+keyid, sig                 16 hex digits; base64 (at most 200 characters): the controller's signature over a
+                           desired or cmd (agent/signing.py), a trust statement's
+Desired.trust              at most 64 trust statements; a statement's ``key`` is one PEM public key
 seq, counts, bytes, time   >= 0; percentages 0..100 (cpu_percent: >= 0, one core is 100);
                            temperature_c -273.15..1000
 =========================  =================================================================
