@@ -292,8 +292,9 @@ def groups(an: Analysis) -> dict[int, Group]:
     return {r: g for r, g in out.items() if g.producers}
 
 
-def choose(an: Analysis, found: dict[int, Group], ratio: float, norm: str) -> None:
-    """Rank each safe group's channels by the summed filter norms of its Convs; keep the top (1 - ratio)."""
+def choose(an: Analysis, found: dict[int, Group], ratio: float, norm: str, round_to: int = 1) -> None:
+    """Rank each safe group's channels by the summed filter norms of its Convs; keep the top (1 - ratio),
+    rounded up to a multiple of ``round_to`` (SIMD-friendly channel counts)."""
     importance = {r: np.zeros(g.channels) for r, g in found.items()}
     for node, tensor, _ in an.producers:
         w = an.consts[an.model.graph.node[node].input[1]].astype(np.float64)
@@ -308,9 +309,10 @@ def choose(an: Analysis, found: dict[int, Group], ratio: float, norm: str) -> No
     for r, g in found.items():
         if g.reasons:
             continue
-        remove = min(math.floor(ratio * g.channels + 1e-9), g.channels - 1)
+        keep = max(g.channels - math.floor(ratio * g.channels + 1e-9), 1)
+        keep = min(g.channels, -(-keep // round_to) * round_to)
         order = np.argsort(-importance[r], kind="stable")  # highest first; ties keep the lower index
-        g.keep = np.sort(order[: g.channels - remove])
+        g.keep = np.sort(order[:keep])
 
 
 def apply(an: Analysis, found: dict[int, Group], mask: bool = False) -> None:
