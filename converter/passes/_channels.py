@@ -95,7 +95,8 @@ class Analysis:
         a, b = self.root(a), self.root(b)
         if a != b:
             self.parent[b] = a
-            self.reasons.setdefault(a, []).extend(r for r in self.reasons.pop(b, []) if r not in self.reasons.get(a, []))
+            mine = self.reasons.setdefault(a, [])
+            mine.extend(r for r in self.reasons.pop(b, []) if r not in mine)
 
     def mark(self, tensor: str, reason: str) -> None:
         for s, _ in self.layout.get(tensor, ()):
@@ -123,7 +124,8 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> Anal
     for inp in model.graph.input:
         dims = shapes.get(inp.name)
         if inp.name not in inits and dims and len(dims) >= 2 and dims[1]:
-            an.layout[inp.name] = ((an.space(dims[1], f"its channels come from the graph input {inp.name!r}"), dims[1]),)
+            reason = f"its channels come from the graph input {inp.name!r}"
+            an.layout[inp.name] = ((an.space(dims[1], reason), dims[1]),)
     for index, node in enumerate(model.graph.node):
         _visit(an, index, node)
         for name in subgraph_inputs(node):

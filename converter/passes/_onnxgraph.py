@@ -128,16 +128,19 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
         if len([o for o in bn.output if o]) != 1 or not all(i in consts for i in bn.input[1:5]):
             continue
         conv = producers.get(bn.input[0])
+        bias = conv.input[2] if conv is not None and len(conv.input) > 2 else ""
         if (conv is None or conv.op_type != "Conv" or bn.input[0] in outputs or len(consumers[bn.input[0]]) != 1
-                or conv.input[1] not in consts or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in consts)):
+                or conv.input[1] not in consts or (bias and bias not in consts)):
             continue
         w = consts[conv.input[1]].astype(np.float64)
-        b = consts[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
+        b = consts[bias].astype(np.float64) if bias else np.zeros(w.shape[0])
         gamma, beta, mean, var = (consts[i].astype(np.float64) for i in bn.input[1:5])
         scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
         dtype = consts[conv.input[1]].dtype
-        new_w = add_initializer(model, conv.input[1] + "_bnfold", (w * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(dtype))
-        new_b = add_initializer(model, (conv.name or conv.output[0]) + "_bias_bnfold", ((b - mean) * scale + beta).astype(dtype))
+        new_w = add_initializer(model, conv.input[1] + "_bnfold",
+                                (w * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(dtype))
+        new_b = add_initializer(model, (conv.name or conv.output[0]) + "_bias_bnfold",
+                                ((b - mean) * scale + beta).astype(dtype))
         data = conv.input[0]
         del conv.input[:]
         conv.input.extend([data, new_w, new_b])
@@ -164,7 +167,8 @@ def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     name they read)."""
     names: set[str] = set()
     for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+        graphs = ([a.g] if a.type == onnx.AttributeProto.GRAPH
+                  else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
         for g in graphs:
             for n in g.node:
                 names.update(i for i in n.input if i)
@@ -200,7 +204,8 @@ def input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None) -> 
                 for d in inp.type.tensor_type.shape.dim]
         if inp.name in given:
             shape = given.pop(inp.name)
-            if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)) or min(shape, default=1) < 1:
+            fits = len(shape) == len(dims) and all(d is None or d == s for d, s in zip(dims, shape))
+            if not fits or min(shape, default=1) < 1:
                 raise ConvertError(f"input shape {shape} does not fit input {inp.name!r} "
                                    f"[{', '.join('?' if d is None else str(d) for d in dims)}]")
         else:

@@ -109,8 +109,8 @@ class Prune(Pass):
             "input_shapes": shapes_in,
             "batchnorm_folded": len(folded),
             "constants_folded": constants,
-            **{k: {"before": before[k], "after": after[k], "ratio": round(after[k] / before[k], 4) if before[k] else None}
-               for k in ("params", "macs", "size")},
+            **{k: {"before": before[k], "after": after[k],
+                   "ratio": round(after[k] / before[k], 4) if before[k] else None} for k in ("params", "macs", "size")},
             "latency_ms": latency,
             "channels": {"in_pruned_groups": sum(g.channels for g in pruned),
                          "removed": sum(g.channels - len(g.keep) for g in pruned)},
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x48x192",
                    help="shape for MACs and latency where the model's is dynamic (batch defaults to 1)")
     p.add_argument("--round-to", type=int, default=ROUND_TO, metavar="N",
-                   help=f"keep a multiple of N channels in each group (fast kernels), 1 for exactly the ratio [{ROUND_TO}]")
+                   help=f"keep a multiple of N channels per group (fast kernels); 1: exactly the ratio [{ROUND_TO}]")
     p.add_argument("--runs", type=int, default=RUNS, help=f"timed runs per model, 0 for none [{RUNS}]")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     try:
