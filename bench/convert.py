@@ -5,7 +5,8 @@
 For each model it runs ``convert(..., target="all")`` and prints one table: variant x size x p50
 latency x speedup x agreement with fp32 (top-1/top-5 and KL for classifiers, SQNR for dense outputs, and the
 metric the gate judges). Speedups are ratios against ONNX Runtime fp32 on the same model measured in the
-same run (batch 1, 1 thread), so they hold on a shared, noisy machine where absolute times do not. Writes DIR/convert.md and DIR/convert.json as well.
+same run (batch 1, 1 thread), so they hold on a shared, noisy machine where absolute times do not. Writes
+DIR/convert.md and DIR/convert.json as well.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             version: str = "1", input_shapes: dict[str, list[int]] | None = None, calib_method: str = "minmax",
             labels: str | Path | None = None, max_accuracy_drop: float | str | None = None,
             gate_metric: str | None = None, gate_output: str | None = None, min_sqnr: float | None = None,
-            max_kl: float | None = None, output_kinds: dict[str, str] | None = None, sign_key=None, serial: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+            max_kl: float | None = None, output_kinds: dict[str, str] | None = None, sign_key=None,
+            serial: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from converter import ConvertError
-from converter.measure import CLASSIFIER, DENSE, KINDS, output_kind
+from converter.measure import CLASSIFIER, KINDS, output_kind
 
 METRICS = {"top1": "top-1 agreement", "top5": "top-5 agreement", "kl": "mean KL", "sqnr": "SQNR",
            "accuracy": "task accuracy"}
