@@ -3,9 +3,10 @@
     .venv/bin/python bench/convert.py [--models resnet18,ocr-cls,ocr-det] [--out DIR] [--samples N]
 
 For each model it runs ``convert(..., target="all")`` and prints one table: variant x size x p50
-latency x speedup x accuracy. Speedups are ratios against ONNX Runtime fp32 on the same model measured
-in the same run (batch 1, 1 thread), so they hold on a shared, noisy machine where absolute times do
-not. Writes DIR/convert.md and DIR/convert.json as well.
+latency x speedup x agreement with fp32 (top-1/top-5 and KL for classifiers, SQNR for dense outputs, and the
+metric the gate judges). Speedups are ratios against ONNX Runtime fp32 on the same model measured in the
+same run (batch 1, 1 thread), so they hold on a shared, noisy machine where absolute times do not. Writes
+DIR/convert.md and DIR/convert.json as well.
 """
 
 from __future__ import annotations
@@ -62,11 +63,17 @@ def ocr_det(work: Path, n: int):
 MODELS = {"resnet18": resnet18, "ocr-cls": ocr_cls, "ocr-det": ocr_det}
 
 
-def accuracy(v: dict) -> str:
+def metrics(v: dict) -> str:
+    """top-1 | top-5 | KL | SQNR dB | agreement cells: the classifier columns for a classifier output, SQNR for a
+    dense one, then the gated metric and the max abs error (of the gated output: converter/gate.py)."""
+    from converter.report import gated_by
+
     a = v["agreement"]
-    cos = min(e["mean_cosine"] for e in a["outputs"].values())
-    return (f"{a['top1']:.1%} top-1, " if a["top1"] is not None else "") + \
-        f"cosine {cos:.4f}, max abs err {a['max_abs_err']:.3g}"
+    e = a["outputs"][a["output"]]
+    cells = ([f"{e['top1']:.1%}", f"{e['top5']:.1%}", "–" if e["kl"] is None else f"{e['kl']:.2e}", "–"]
+             if e["kind"] == "classifier" else ["–", "–", "–", f"{e['sqnr_db']:.1f}"])
+    err = "–" if e["max_abs_err"] is None else f"{e['max_abs_err']:.3g}"
+    return " | ".join([*cells, f"{gated_by(v)}, max abs err {err}"])
 
 
 def main() -> int:
@@ -91,18 +98,19 @@ def main() -> int:
         results[name] = report
         ref = report["reference_latency_ms"]["p50"]
         rows.append(f"| {name} | source | ORT fp32 | {report['source']['size_bytes'] / 1e6:.2f} MB | {ref:.2f} | "
-                    f"1.00x | reference |")
+                    f"1.00x | | | | | reference |")
         for v in report["variants"] + report["refused"]:
             rows.append(f"| {name} | {v['target']} | {v['variant']} ({v['runtime']}) | {v['size_bytes'] / 1e6:.2f} MB "
-                        f"| {v['latency_ms']['p50']:.2f} | {v['speedup_vs_fp32']:.2f}x | {accuracy(v)} |")
+                        f"| {v['latency_ms']['p50']:.2f} | {v['speedup_vs_fp32']:.2f}x | {metrics(v)} |")
         for s in report["skipped"]:
-            rows.append(f"| {name} | {s['target']} | skipped: {s['reason']} | | | | |")
+            rows.append(f"| {name} | {s['target']} | skipped: {s['reason']} | | | | | | | | |")
         print(f"  {name}: {what}, converted in {time.monotonic() - t0:.0f} s", file=sys.stderr)
     host = next(iter(results.values()))["host"]
     lines = [f"Host: {host['cpu']}, {host['cpus']} CPUs, ISA {', '.join(host['flags'])}. Batch 1, 1 thread; speedup "
              f"= ORT fp32 p50 / variant p50, both measured in this run; accuracy on {args.samples // 5} held-out "
              f"samples against the fp32 reference.", "",
-             "| model | target | variant | size | p50 ms | speedup | agreement |", "|---|---|---|---|---|---|---|", *rows]
+             "| model | target | variant | size | p50 ms | speedup | top-1 | top-5 | KL | SQNR dB | agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|", *rows]
     text = "\n".join(lines)
     print(text)
     (args.out / "convert.md").write_text(text + "\n")

@@ -21,9 +21,17 @@ targets and their variants:
   all    every target whose toolchain is installed; says which it skipped and why
 
 Each variant runs in its own runtime, through the same loader a device uses, on held-out samples and
-is compared with the one fp32 reference (ONNX Runtime on the original model): task accuracy with
---labels, top-1 agreement for classifiers, cosine similarity and max abs error for every output.
-With --max-accuracy-drop a variant that drifts further is refused (not written), its worst outputs
+is compared with the one fp32 reference (ONNX Runtime on the original model). Classifier outputs
+([N, C], C >= 2): top-1 and top-5 agreement, mean KL(fp32 || variant), top-1 agreement where fp32 is
+confident (p >= 0.9); every output: SQNR in dB, relative L2 and max abs error over all elements; task
+accuracy with --labels.
+
+The gate judges the first output (or --gate-output) in one metric, its threshold in that metric:
+  --gate top1|top5|accuracy   at most --max-accuracy-drop below fp32 (100 % agreement, or its accuracy)
+  --gate kl                   mean KL at most --max-kl
+  --gate sqnr                 SQNR at least --min-sqnr dB (default 30 dB)
+By default a classifier is gated on top1 (accuracy with --labels), a dense output on sqnr. The gate is
+on when any of these flags is given. A variant that fails it is refused (not written), its worst outputs
 named, and the next rung of the fallback chain int8 -> int8-mixed -> fp16 -> fp32 is tried; the
 manifest records which rung passed and why the others did not. Bundles are written as
 DIR/NAME-VERSION-TARGET-VARIANT.tar with DIR/report.json and DIR/report.html (a latency-vs-accuracy
@@ -66,7 +74,17 @@ def parser() -> argparse.ArgumentParser:
                    help="integer class labels, one per calibration sample: gate on task accuracy")
     p.add_argument("--max-accuracy-drop", metavar="X",
                    help="refuse variants whose accuracy drops more than X (e.g. 1%% or 0.01) below the fp32 "
-                        "reference and fall back down the chain")
+                        "reference (top1, top5, accuracy gates) and fall back down the chain")
+    p.add_argument("--gate", choices=["top1", "top5", "kl", "sqnr", "accuracy"], metavar="METRIC",
+                   help="the metric the gate judges: top1, top5, kl, sqnr or accuracy [default: top1 for a "
+                        "classifier output (accuracy with --labels), sqnr for a dense one]")
+    p.add_argument("--gate-output", metavar="NAME", help="the output the gate judges [default: the first]")
+    p.add_argument("--min-sqnr", type=float, metavar="DB",
+                   help="the sqnr gate's minimum, in dB [default: 30 when gating on sqnr]")
+    p.add_argument("--max-kl", type=float, metavar="X", help="the kl gate's maximum mean KL(fp32 || variant)")
+    p.add_argument("--output-kind", action="append", default=[], metavar="NAME=KIND",
+                   help="judge output NAME as a classifier or dense (an [N, C] output is taken for a classifier); "
+                        "repeat per output")
     p.add_argument("--sign-key", metavar="KEY", help="sign every bundle with this release key (NAME.key from "
                    "`edgefleet keys generate`): devices and the controller refuse unsigned bundles. Loaded before "
                    "any work, so a bad key or passphrase fails at once")
@@ -96,6 +114,18 @@ def parse_input_shapes(items: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def parse_output_kinds(items: list[str]) -> dict[str, str]:
+    kinds = {}
+    for item in items:
+        name, sep, kind = item.rpartition("=")
+        if not sep or not name or kind not in ("classifier", "dense"):
+            raise ConvertError(f"--output-kind {item!r} is not NAME=classifier or NAME=dense")
+        if name in kinds:
+            raise ConvertError(f"--output-kind names {name!r} twice")
+        kinds[name] = kind
+    return kinds
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     key = None
@@ -110,7 +140,9 @@ def main(argv: list[str]) -> int:
     report = convert(
         args.model, target=args.target, calib=args.calib, out=args.out, name=args.name, version=args.version,
         input_shapes=parse_input_shapes(args.input_shape), calib_method=args.calib_method,
-        labels=args.labels, max_accuracy_drop=args.max_accuracy_drop, sign_key=key, serial=args.serial,
+        labels=args.labels, max_accuracy_drop=args.max_accuracy_drop, gate_metric=args.gate,
+        gate_output=args.gate_output, min_sqnr=args.min_sqnr, max_kl=args.max_kl,
+        output_kinds=parse_output_kinds(args.output_kind), sign_key=key, serial=args.serial,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:

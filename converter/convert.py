@@ -34,18 +34,26 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: str | Path, name: str | None = None,
             version: str = "1", input_shapes: dict[str, list[int]] | None = None, calib_method: str = "minmax",
             labels: str | Path | None = None, max_accuracy_drop: float | str | None = None,
-            sign_key=None, serial: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+            gate_metric: str | None = None, gate_output: str | None = None, min_sqnr: float | None = None,
+            max_kl: float | None = None, output_kinds: dict[str, str] | None = None, sign_key=None,
+            serial: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
 
     ``sign_key`` (an ed25519 private key, agent/signing.py; the CLI loads it before any work) signs every bundle
     with the same ``serial`` (default: the time in seconds), which must grow with every release of ``name``.
-    Without it the bundles are unsigned, and devices and the controller refuse them until `edgefleet sign`."""
+    Without it the bundles are unsigned, and devices and the controller refuse them until `edgefleet sign`.
+
+    The gate (converter/gate.py) judges ``gate_output`` (default the first output) in ``gate_metric`` (top1, top5,
+    kl, sqnr, accuracy; default by the output's kind) against ``max_accuracy_drop``, ``min_sqnr`` or ``max_kl``;
+    ``output_kinds`` ({name: "classifier" | "dense"}) overrides how an output is judged."""
     model, calib, out = Path(model), Path(calib), Path(out)
     signature = _signature(sign_key, serial)
     say = progress or (lambda line: None)
     targets = _targets(target)
-    max_drop = gate.parse_drop(max_accuracy_drop)
+    gating = gate.options(metric=gate_metric, output=gate_output, max_accuracy_drop=max_accuracy_drop,
+                          min_sqnr=min_sqnr, max_kl=max_kl, output_kinds=output_kinds)
+    max_drop = gating.max_drop
     name = _safe(name if name is not None else re.sub(r"[^A-Za-z0-9._+-]+", "-", model.stem).strip("-.") or "model",
                  "--name")
     version = _safe(str(version), "--version")
@@ -75,10 +83,8 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             reference = measure.run_batched(session, held, batch)
         except Exception as e:
             raise ConvertError(f"the source model fails on the calibration data: {_first_line(e)}") from None
-        classifier = gate.classifier_output(reference)
-        ref_accuracy = gate.task_accuracy(reference, held_labels, classifier)
-        if held_labels is not None and classifier is None:
-            raise ConvertError("--labels needs a classifier output ([N, classes]); this model has none")
+        rule = gate.resolve(gating, reference, labels=held_labels is not None)
+        ref_accuracy = gate.task_accuracy(reference, held_labels, rule.labels_output)
         common = {
             "calibration": {"sha256": data.sha256, "samples": data.samples,
                             "calibration_samples": data.samples - data.n_eval, "held_out_samples": data.n_eval,
@@ -92,7 +98,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
 
         fix_shapes(model, fixed, specs)
         outputs = _output_specs(fixed, batch)
-        ctx = _Context(held, one, batch, reference, held_labels, classifier, ref_accuracy, common, max_drop, say)
+        ctx = _Context(held, one, batch, reference, held_labels, rule, ref_accuracy, common, say)
 
         built, refused, skipped, chosen = [], [], [], {}
         for t in targets:
@@ -146,7 +152,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
                        "opset": _opset(source), "inputs": [_spec_dict(s) for s in specs]},
             "reference_accuracy": ref_accuracy,
             **common,
-            "gate": {"max_accuracy_drop": max_drop, "chosen": {t: _chosen_text(c) for t, c in chosen.items()},
+            "gate": {"max_accuracy_drop": max_drop, **rule.describe(), "chosen": {t: _chosen_text(c) for t, c in chosen.items()},
                      "chains": chosen},
             "variants": entries, "refused": refused,
             "skipped": skipped, "signed": signature,
@@ -159,10 +165,10 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
 class _Context:
     """What every variant is measured against."""
 
-    def __init__(self, held, one, batch, reference, labels, classifier, ref_accuracy, common, max_drop, say):
+    def __init__(self, held, one, batch, reference, labels, rule, ref_accuracy, common, say):
         self.held, self.one, self.batch, self.reference = held, one, batch, reference
-        self.labels, self.classifier, self.ref_accuracy = labels, classifier, ref_accuracy
-        self.common, self.max_drop, self.say = common, max_drop, say
+        self.labels, self.rule, self.ref_accuracy = labels, rule, ref_accuracy
+        self.common, self.say = common, say
 
 
 def _plan_options(module, max_drop: float | None) -> dict:
@@ -196,12 +202,13 @@ def _run_target(target: str, steps: list[Step], ctx: _Context) -> tuple[list, li
         else:
             emitted.append((v, rep, sample_out))
         if v.rung is not None:
-            chain.append({"rung": v.rung, "variant": v.name, "passed": rep["gate"]["passed"],
-                          "drop": rep["gate"]["drop"], "reason": rep["gate"]["reason"]})
+            g = rep["gate"]
+            chain.append({"rung": v.rung, "variant": v.name, "passed": g["passed"], "metric": g["metric"],
+                          "value": g["value"], "drop": g["drop"], "text": g["text"], "reason": g["reason"]})
 
     for i, step in enumerate(regular, 1):
         build(i, step)
-    if ctx.max_drop is not None:
+    if ctx.rule.active:
         def passed(rung: str) -> bool:
             return any(c["rung"] == rung and c["passed"] for c in chain)
 
@@ -222,11 +229,11 @@ def _chosen_text(chain: list[dict]) -> str:
     if not chain:
         return "no variant on the fallback chain"
     if chain[0]["passed"] is None:
-        return "not gated (no --max-accuracy-drop)"
+        return "not gated (no --gate, --max-accuracy-drop, --min-sqnr or --max-kl)"
     if not passed:
         return "every rung was refused"
     best = passed[0]
-    before = [f"{c['rung']} ({c['variant']}) refused: drop {c['drop']:.2%}" for c in chain
+    before = [f"{c['rung']} ({c['variant']}) refused: {c['text']}" for c in chain
               if RUNGS.index(c["rung"]) < RUNGS.index(best["rung"]) and not c["passed"]]
     return f"rung {best['rung']} ({best['variant']}) passed" + (f" after {'; '.join(before)}" if before else "")
 
@@ -247,9 +254,12 @@ def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
     finally:
         session.close()
     ref_p50 = ctx.common["reference_latency_ms"]["p50"]
-    agreement = measure.agreement(ctx.reference, got)
-    accuracy = gate.task_accuracy(got, ctx.labels, ctx.classifier)
-    verdict = gate.judge(gate.measure_drop(agreement, accuracy, ctx.ref_accuracy), agreement, ctx.max_drop)
+    try:
+        agreement = measure.agreement(ctx.reference, got, ctx.rule.kinds, ctx.rule.output)
+    except ValueError as e:
+        raise ConvertError(f"{target} {v.name} variant: {e}") from None
+    accuracy = gate.task_accuracy(got, ctx.labels, ctx.rule.labels_output)
+    verdict = gate.judge(ctx.rule, agreement, accuracy, ctx.ref_accuracy)
     report = {
         "target": target, "variant": v.name, "runtime": v.runtime, "precision": v.precision, "rung": v.rung,
         "size_bytes": sum(f.stat().st_size for f in v.path.parent.iterdir() if f.name != "sample.npz"),

@@ -1,4 +1,5 @@
-"""Measurements of a variant in its own runtime: host latency and agreement with the fp32 reference.
+"""Measurements of a variant in its own runtime: host latency and agreement with the fp32 reference
+(classifier outputs: top-1/top-5 agreement, KL, confident top-1; every output: SQNR, relative L2, max abs error).
 
 A variant is loaded the way a device loads it: ``agent.runtimes.load(model_dir, manifest)`` on a
 directory laid out like an unpacked bundle. What measures never writes bundles or prints.
@@ -6,6 +7,7 @@ directory laid out like an unpacked bundle. What measures never writes bundles o
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -61,38 +63,121 @@ def latency(session, feeds: dict[str, np.ndarray], *, warmup: int = WARMUP, runs
             "mean": round(float(t.mean()), 4), "runs": len(t)}
 
 
-def agreement(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict:
-    """Per output: cosine similarity per sample (min, mean), max abs error, and top-1 agreement for
-    classifier outputs ([N, C], C > 1). The summary takes the worst over outputs."""
+CLASSIFIER, DENSE = "classifier", "dense"
+KINDS = (CLASSIFIER, DENSE)
+SQNR_CAP_DB = 200.0  # identical outputs: SQNR is infinite; reported as this (JSON has no infinity)
+CONFIDENT = 0.9  # fp32 top-1 probability at or above which a sample counts as confident
+TOP_K = 5
+_PROB_TOLERANCE = 1e-3  # rows of probabilities sum to 1 within this
+_EPS = 1e-12  # probabilities are clipped to this before a log: an int8 softmax may output an exact 0
+
+
+def output_kind(reference: np.ndarray, override: str | None = None) -> str:
+    """``classifier`` for a floating [N, C] output with C >= 2 (scores over classes), else ``dense``;
+    ``override`` (the user's word) wins."""
+    if override is not None:
+        return override
+    ref = np.asarray(reference)
+    return CLASSIFIER if ref.ndim == 2 and ref.shape[1] >= 2 and ref.dtype.kind == "f" else DENSE
+
+
+def agreement(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], kinds: dict[str, str] | None = None,
+              primary: str | None = None) -> dict:
+    """Every output's agreement with the fp32 reference: dense metrics (SQNR, relative L2, max abs error over
+    all elements) for all, classifier metrics (top-1/top-5 agreement, KL, confident top-1) for classifiers.
+
+    The top level repeats the ``primary`` output's figures (default the first output): the one the gate judges.
+    """
+    kinds = kinds or {}
     per = {}
     for name, ref in reference.items():
         if name not in got:
             raise ValueError(f"output {name!r} is missing from the variant")
-        r = ref.reshape(len(ref), -1).astype(np.float64)
-        g = np.asarray(got[name]).reshape(len(ref), -1).astype(np.float64)
-        cos = _cosine(r, g)
-        entry = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                 "max_abs_err": float(np.abs(r - g).max()) if r.size else 0.0}
-        if ref.ndim == 2 and ref.shape[1] > 1:
-            entry["top1"] = float((ref.argmax(1) == np.asarray(got[name]).argmax(1)).mean())
+        out = np.asarray(got[name])
+        if out.size != np.size(ref):
+            raise ValueError(f"output {name!r} has shape {list(out.shape)}, the fp32 reference {list(np.shape(ref))}")
+        out = out.reshape(np.shape(ref))
+        kind = output_kind(ref, kinds.get(name))
+        entry = {"kind": kind, **dense_metrics(ref, out)}
+        if kind == CLASSIFIER:
+            entry.update(classifier_metrics(ref, out))
         per[name] = entry
-    top1 = [e["top1"] for e in per.values() if "top1" in e]
+    primary = primary or next(iter(reference))
+    first = per[primary]
+    return {"samples": len(next(iter(reference.values()))), "output": primary, "kind": first["kind"],
+            "top1": first.get("top1"), "top5": first.get("top5"), "kl": first.get("kl"),
+            "sqnr_db": first["sqnr_db"], "rel_l2": first["rel_l2"], "max_abs_err": first["max_abs_err"],
+            "outputs": per}
+
+
+def dense_metrics(reference: np.ndarray, got: np.ndarray) -> dict:
+    """Over all elements: SQNR in dB (10 log10(sum ref^2 / sum (ref - got)^2), capped at +-SQNR_CAP_DB),
+    the relative L2 error ||ref - got|| / ||ref|| (None when the reference is all zeros and the output is
+    not) and the max abs error. A variant with NaN or inf in its output gets the worst SQNR and no error."""
+    r = np.asarray(reference, np.float64).ravel()
+    g = np.asarray(got, np.float64).ravel()
+    nonfinite = int(g.size - np.isfinite(g).sum())
+    if nonfinite:
+        return {"sqnr_db": -SQNR_CAP_DB, "rel_l2": None, "max_abs_err": None, "nonfinite": nonfinite}
+    signal, noise = float(r @ r), float((r - g) @ (r - g))
+    return {"sqnr_db": sqnr_db(signal, noise),
+            "rel_l2": (0.0 if noise == 0 else None) if signal == 0 else math.sqrt(noise / signal),
+            "max_abs_err": float(np.abs(r - g).max()) if r.size else 0.0}
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) in dB, within +-SQNR_CAP_DB (identical: +cap; a zero signal with noise: -cap)."""
+    if noise == 0:
+        return SQNR_CAP_DB
+    if signal == 0:
+        return -SQNR_CAP_DB
+    return float(np.clip(10 * math.log10(signal / noise), -SQNR_CAP_DB, SQNR_CAP_DB))
+
+
+def classifier_metrics(reference: np.ndarray, got: np.ndarray) -> dict:
+    """For [N, C] scores: top-1 agreement with fp32; top-5 agreement (the fp32 top-1 is within the variant's
+    top-5; k = min(5, C)) and the mean overlap of the two top-5 sets; mean KL(fp32 || variant) over the class
+    distributions (softmax of the scores unless the fp32 rows already are probabilities); and top-1 agreement
+    on the samples where fp32's top-1 probability is at least CONFIDENT (None when there are none)."""
+    r = np.asarray(reference, np.float64)
+    g = np.asarray(got, np.float64)
+    n, c = r.shape
+    k = min(TOP_K, c)
+    ref_top1 = r.argmax(1)
+    same = ref_top1 == g.argmax(1)
+    ref_topk = np.argsort(-r, axis=1, kind="stable")[:, :k]
+    got_topk = np.argsort(-g, axis=1, kind="stable")[:, :k]
+    in_topk = (got_topk == ref_top1[:, None]).any(1)
+    overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(ref_topk, got_topk)])
+    probabilities = is_probability(r)
+    log_p, log_q = _log_distribution(r, probabilities), _log_distribution(g, probabilities)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(1) if n else np.zeros(0)
+    confident = np.exp(log_p.max(1)) >= CONFIDENT if n else np.zeros(0, bool)
     return {
-        "samples": len(next(iter(reference.values()))),
-        "top1": min(top1) if top1 else None,
-        "min_cosine": min(e["min_cosine"] for e in per.values()),
-        "max_abs_err": max(e["max_abs_err"] for e in per.values()),
-        "outputs": per,
+        "top1": _mean(same), "top5": _mean(in_topk), "top5_k": k, "top5_overlap": _mean(overlap),
+        "kl": None if not np.isfinite(kl).all() else max(0.0, _mean(kl)),
+        "softmax_applied": not probabilities,
+        "confident_samples": int(confident.sum()),
+        "top1_confident": _mean(same[confident]) if confident.any() else None,
     }
 
 
-def _cosine(r: np.ndarray, g: np.ndarray) -> np.ndarray:
-    nr, ng = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
-    dot = (r * g).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = dot / (nr * ng)
-    cos = np.where((nr == 0) & (ng == 0), 1.0, cos)
-    return np.nan_to_num(np.clip(cos, -1.0, 1.0), nan=0.0)
+def is_probability(scores: np.ndarray) -> bool:
+    """Rows in [0, 1] that sum to 1 (within 1e-3): already a distribution, no softmax needed."""
+    s = np.asarray(scores, np.float64)
+    return bool(s.size and (s >= 0).all() and (s <= 1).all() and np.allclose(s.sum(1), 1.0, atol=_PROB_TOLERANCE))
+
+
+def _log_distribution(scores: np.ndarray, probabilities: bool) -> np.ndarray:
+    if probabilities:  # clipped and renormalised: an int8 output may hold exact zeros or sum to 0.99
+        p = np.clip(scores, _EPS, None)
+        return np.log(p / p.sum(1, keepdims=True))
+    shifted = scores - scores.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None
 
 
 def cpu_flags() -> frozenset[str]:

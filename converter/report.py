@@ -6,6 +6,8 @@ from __future__ import annotations
 import html
 import math
 
+from converter.measure import SQNR_CAP_DB as SQNR_CAP
+
 COLOURS = {"cpu": "#1f77b4", "intel": "#2ca02c", "arm": "#d62728"}
 
 
@@ -13,13 +15,37 @@ def size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
-def _accuracy(v: dict) -> str:
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _num(x: float | None, fmt: str = ".3g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _db(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _confident(e: dict) -> str:
+    n = e.get("confident_samples")
+    return "-" if n is None else f"{_pct(e.get('top1_confident'))} of {n}"
+
+
+# the columns each output kind shows: (header, value from an output's agreement entry)
+COLUMNS = {
+    "classifier": [("top-1", lambda e: _pct(e.get("top1"))), ("top-5", lambda e: _pct(e.get("top5"))),
+                   ("KL", lambda e: _num(e.get("kl"), ".2e")), ("top-1 if confident", _confident)],
+    "dense": [("SQNR dB", lambda e: _db(e.get("sqnr_db"))), ("rel L2", lambda e: _num(e.get("rel_l2"), ".2e"))],
+}
+UNITS = {"top1": _pct, "top5": _pct, "accuracy": _pct, "kl": lambda x: _num(x, ".2e"),
+         "sqnr": lambda x: f"{_db(x)} dB"}
+
+
+def gated_by(v: dict) -> str:
+    """Which metric gated the variant and its value, e.g. ``top1 95.0%`` or ``sqnr 41.2 dB``."""
     g = v["gate"]
-    if g["metric"] == "task accuracy":
-        return f"{g['value']:.1%} acc"
-    if g["metric"] == "top-1 agreement":
-        return f"{g['value']:.1%} top-1"
-    return f"{g['value']:.4f} cos"
+    return f"{g['metric']} {UNITS[g['metric']](g['value'])}"
 
 
 def _gate(v: dict) -> str:
@@ -28,18 +54,46 @@ def _gate(v: dict) -> str:
 
 
 def rows(report: dict) -> list[tuple[str, ...]]:
+    """The summary table: one row a variant, the metric columns of the gated output's kind."""
     ref = report["reference_latency_ms"]
-    out = [("target", "variant", "runtime", "precision", "size", "p50 ms", "p95 ms", "speedup", "accuracy",
-            "max abs err", "gate")]
+    rule = report.get("gate", {})
+    kind, output = rule.get("kind", "dense"), rule.get("output")
+    columns = COLUMNS[kind]
     ref_acc = report.get("reference_accuracy")
+    acc = [] if ref_acc is None else ["accuracy"]
+    out = [("target", "variant", "runtime", "precision", "size", "p50 ms", "p95 ms", "speedup",
+            *(h for h, _ in columns), *acc, "max abs err", "gated by", "gate")]
     out.append(("source", "onnx", "onnxruntime", "fp32", size(report["source"]["size_bytes"]), f"{ref['p50']:.2f}",
-                f"{ref['p95']:.2f}", "1.00x", "ref" if ref_acc is None else f"{ref_acc:.1%} acc", "ref", ""))
+                f"{ref['p95']:.2f}", "1.00x", *("ref" for _ in columns), *(_pct(ref_acc) for _ in acc), "ref", "",
+                ""))
     for v in report["variants"] + report.get("refused", []):
         lat = v["latency_ms"]
+        e = v["agreement"]["outputs"][output or v["agreement"]["output"]]
         out.append((v["target"], v["variant"], v["runtime"], v["precision"], size(v["size_bytes"]),
                     f"{lat['p50']:.2f}", f"{lat['p95']:.2f}",
-                    f"{v['speedup_vs_fp32']:.2f}x" if v["speedup_vs_fp32"] else "-", _accuracy(v),
-                    f"{v['agreement']['max_abs_err']:.3g}", _gate(v)))
+                    f"{v['speedup_vs_fp32']:.2f}x" if v["speedup_vs_fp32"] else "-", *(f(e) for _, f in columns),
+                    *(_pct(v.get("accuracy")) for _ in acc), _num(e.get("max_abs_err")), gated_by(v), _gate(v)))
+    return out
+
+
+def gate_line(report: dict) -> str:
+    """What the gate judged: ``gate: top-1 agreement of output 'probs' (default for a classifier output), ...``."""
+    g = report.get("gate", {})
+    if "metric" not in g:
+        return ""
+    return (f"gate: {g['metric_name']} ({g['metric']}) of output {g['output']!r}, a {g['kind']} output; "
+            f"{g['chosen_by']}; {g['limit']}")
+
+
+def output_rows(report: dict) -> list[tuple[str, ...]]:
+    """Every output of every variant, every metric (the HTML report's second table)."""
+    out = [("target", "variant", "output", "kind", "top-1", "top-5", "top-5 overlap", "KL", "top-1 if confident",
+            "SQNR dB", "rel L2", "max abs err")]
+    for v in report["variants"] + report.get("refused", []):
+        for name, e in v["agreement"]["outputs"].items():
+            out.append((v["target"], v["variant"], name, e["kind"], _pct(e.get("top1")), _pct(e.get("top5")),
+                        _pct(e.get("top5_overlap")), _num(e.get("kl"), ".2e"), _confident(e), _db(e.get("sqnr_db")),
+                        _num(e.get("rel_l2"), ".2e"), _num(e.get("max_abs_err"))))
     return out
 
 
@@ -61,7 +115,9 @@ def table(report: dict) -> str:
     isa = ", ".join(f for f in host["flags"] if "vnni" in f or "amx" in f or f in ("avx2", "asimddp", "i8mm"))
     n = report["calibration"]["held_out_samples"]
     lines += ["", f"latency: batch 1, 1 thread, on {host['cpu']} ({isa or host['machine']}); speedup against ONNX "
-                  f"Runtime fp32 in the same run; accuracy on {n} held-out samples"]
+                  f"Runtime fp32 in the same run; agreement with fp32 on {n} held-out samples"]
+    if gate_line(report):
+        lines.append(gate_line(report))
     for v in report.get("refused", []):
         lines.append(f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}")
     for t, chosen in report.get("gate", {}).get("chosen", {}).items():
@@ -76,13 +132,23 @@ def table(report: dict) -> str:
 
 
 def _plot(report: dict, w: int = 640, h: int = 360, pad: int = 56) -> str:
-    points = [(v["latency_ms"]["p50"], v["gate"]["value"], v) for v in report["variants"] + report.get("refused", [])]
+    """Latency (x, log) against the gate's metric (y) for every variant; the fp32 reference as a ring (or, when
+    its value is no point on the axis, as SQNR's infinity is not, a dashed line at its latency)."""
+    points = [(v["latency_ms"]["p50"], v["gate"]["value"], v) for v in report["variants"] + report.get("refused", [])
+              if v["gate"]["value"] is not None]
     ref = report["reference_latency_ms"]["p50"]
-    ref_value = report.get("reference_accuracy") if report.get("reference_accuracy") is not None else 1.0
+    metric = report.get("gate", {}).get("metric", "top1")
+    ref_value = {"accuracy": report.get("reference_accuracy"), "top1": 1.0, "top5": 1.0, "kl": 0.0}.get(metric)
     xs = [p[0] for p in points] + [ref]
-    ys = [p[1] for p in points] + [ref_value]
+    ys = [p[1] for p in points] + ([] if ref_value is None else [ref_value])
     x0, x1 = math.log10(min(xs) * 0.8), math.log10(max(xs) * 1.25)
-    y0, y1 = min(ys) - 0.02, min(1.0, max(ys) + 0.01) + 0.005
+    span = (max(ys) - min(ys)) if ys else 0.0
+    margin = max(span * 0.08, 0.01 if metric in ("top1", "top5", "accuracy") else 0.5 if metric == "sqnr" else 1e-4)
+    y0, y1 = (min(ys) - margin, max(ys) + margin) if ys else (0.0, 1.0)
+    if metric in ("top1", "top5", "accuracy"):
+        y1 = min(y1, 1.005)
+    if metric == "kl":
+        y0 = max(y0, -margin / 4)
 
     def sx(x: float) -> float:
         return pad + (math.log10(x) - x0) / ((x1 - x0) or 1) * (w - 2 * pad)
@@ -90,20 +156,32 @@ def _plot(report: dict, w: int = 640, h: int = 360, pad: int = 56) -> str:
     def sy(y: float) -> float:
         return h - pad - (y - y0) / ((y1 - y0) or 1) * (h - 2 * pad)
 
-    metric = report["variants"][0]["gate"]["metric"] if report["variants"] else "accuracy"
+    g = report.get("gate", {})
+    label = f"{g.get('metric_name', metric)} ({'lower' if metric == 'kl' else 'higher'} is better)"
+    if metric == "sqnr":
+        label = "SQNR, dB (higher is better)"
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
              f'font-size="11">',
              f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" fill="#fafafa" stroke="#999"/>',
              f'<text x="{w / 2}" y="{h - 14}" text-anchor="middle">p50 latency, ms (log scale): left is faster</text>',
              f'<text x="14" y="{h / 2}" text-anchor="middle" transform="rotate(-90 14 {h / 2})">'
-             f'{html.escape(metric)}</text>']
+             f'{html.escape(label)}</text>']
     for frac in (0, 0.5, 1):
         y = y0 + frac * (y1 - y0)
-        parts.append(f'<text x="{pad - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3f}</text>')
+        parts.append(f'<text x="{pad - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
         x = 10 ** (x0 + frac * (x1 - x0))
         parts.append(f'<text x="{sx(x):.1f}" y="{h - pad + 16}" text-anchor="middle">{x:.2f}</text>')
-    parts.append(f'<circle cx="{sx(ref):.1f}" cy="{sy(ref_value):.1f}" r="6" fill="none" stroke="#000"/>'
-                 f'<text x="{sx(ref) + 8:.1f}" y="{sy(ref_value) - 8:.1f}">ORT fp32 (reference)</text>')
+    if g.get("threshold") is not None and y0 <= _threshold_y(g, report) <= y1:
+        ty = sy(_threshold_y(g, report))
+        parts.append(f'<line x1="{pad}" x2="{w - pad}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#999" '
+                     f'stroke-dasharray="2 3"/><text x="{w - pad - 4}" y="{ty - 4:.1f}" text-anchor="end" '
+                     f'fill="#777">gate</text>')
+    if ref_value is None:
+        parts.append(f'<line x1="{sx(ref):.1f}" x2="{sx(ref):.1f}" y1="{pad}" y2="{h - pad}" stroke="#000" '
+                     f'stroke-dasharray="4 3"/><text x="{sx(ref) + 4:.1f}" y="{pad + 12}">ORT fp32 (reference)</text>')
+    else:
+        parts.append(f'<circle cx="{sx(ref):.1f}" cy="{sy(ref_value):.1f}" r="6" fill="none" stroke="#000"/>'
+                     f'<text x="{sx(ref) + 8:.1f}" y="{sy(ref_value) - 8:.1f}">ORT fp32 (reference)</text>')
     for x, y, v in points:
         colour = COLOURS.get(v["target"], "#555")
         fill = colour if v["gate"]["passed"] is not False else "#fff"
@@ -115,11 +193,24 @@ def _plot(report: dict, w: int = 640, h: int = 360, pad: int = 56) -> str:
     return "".join(parts)
 
 
-def to_html(report: dict) -> str:
-    r = rows(report)
+def _threshold_y(g: dict, report: dict) -> float:
+    """The gate's threshold on the plot's axis: a drop is drawn below the reference value."""
+    if g["metric"] in ("top1", "top5"):
+        return 1.0 - g["threshold"]
+    if g["metric"] == "accuracy":
+        return (report.get("reference_accuracy") or 0.0) - g["threshold"]
+    return g["threshold"]
+
+
+def _table(r: list[tuple[str, ...]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in r[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in r[1:])
-    notes = [f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}" for v in report.get("refused", [])]
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def to_html(report: dict) -> str:
+    notes = [gate_line(report)] if gate_line(report) else []
+    notes += [f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}" for v in report.get("refused", [])]
     notes += [f"gate {t}: {c}" for t, c in report.get("gate", {}).get("chosen", {}).items()]
     notes += [f"skipped {s['target']}: {s['reason']}" for s in report.get("skipped", [])]
     host = report["host"]
@@ -136,8 +227,15 @@ calibration sha256 <code>{report['calibration']['sha256'][:16]}…</code>, {repo
 ISA {html.escape(', '.join(host['flags']))}. Latency at batch 1, 1 thread; speedup against ONNX Runtime fp32
 measured in the same run. A hollow point was refused by the gate.</p>
 {_plot(report)}
-<table><tr>{head}</tr>{body}</table>
+{_table(rows(report))}
 <ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
+<h2>Every output</h2>
+<p>Agreement with fp32 over the held-out samples. Classifier outputs: top-1 agreement; top-5 (fp32's top-1 within
+the variant's top 5) and the overlap of the two top-5 sets; mean KL(fp32 || variant) of the class distributions;
+top-1 agreement on the samples where fp32's top-1 probability is at least 0.9 (of how many). Every output: SQNR
+over all elements (10 log10 of signal power over error power; {SQNR_CAP:g} dB means identical), relative L2 error
+and max abs error.</p>
+{_table(output_rows(report))}
 <p>Toolchain: {html.escape(', '.join(f'{k} {v}' for k, v in report['toolchain'].items()))}</p>
 </body></html>
 """

@@ -102,7 +102,8 @@ def test_manifests_validate(converted, model, real):
         assert [(i.name, i.shape, i.dtype) for i in m.inputs] == [("x", [-1, 3, 48, 192], "float32")]
         assert [(o.shape, o.dtype) for o in m.outputs] == [([-1, 2], "float32")]
         assert m.settings == {"intra_op_threads": 1}
-        assert m.report["gate"]["passed"] is None and m.report["gate"]["metric"] == "top-1 agreement"
+        assert m.report["gate"]["passed"] is None and m.report["gate"]["metric"] == "top1"
+        assert m.report["gate"]["output"] == "save_infer_model/scale_0.tmp_1"
         assert m.source_sha256 == sha256_file(model)
         assert m.latency_budget_ms >= 250.0
         assert m.latency_budget_ms >= 20 * m.report["latency_ms"]["p95"] - 0.1
@@ -136,10 +137,11 @@ def test_agreement_on_real_data(converted):
     _, report, _ = converted
     by = {v["variant"]: v["agreement"] for v in report["variants"]}
     for a in by.values():
-        assert a["samples"] == N_SAMPLES // 5
+        assert a["samples"] == N_SAMPLES // 5 and a["kind"] == "classifier"
         assert 0.0 <= a["top1"] <= 1.0 and a["top1"] >= 0.9
-        assert -1.0 <= a["min_cosine"] <= 1.0 and a["max_abs_err"] >= 0.0
-    assert by["fp32"]["top1"] == 1.0 and by["fp32"]["min_cosine"] > 0.9999
+        assert a["top5"] == 1.0  # two classes: the fp32 top-1 is always within the top 2
+        assert a["kl"] >= 0.0 and a["max_abs_err"] >= 0.0
+    assert by["fp32"]["top1"] == 1.0 and by["fp32"]["sqnr_db"] > 60 and by["fp32"]["kl"] < 1e-9
 
 
 def test_bundles_run_via_agent_runtimes(converted, real, tmp_path):
@@ -171,10 +173,11 @@ def test_table_output_and_entropy(model, real, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     header, rule, source, fp32, int8 = captured.out.splitlines()[:5]
-    assert header.split()[:4] == ["target", "variant", "runtime", "precision"] and "accuracy" in header
+    assert header.split()[:4] == ["target", "variant", "runtime", "precision"]
+    assert " top-1 " in header and " top-5 " in header and " KL " in header and header.endswith("gated by  gate")
     assert fp32.split()[:4] == ["cpu", "fp32", "onnxruntime", "fp32"]
     assert int8.split()[:4] == ["cpu", "int8", "onnxruntime", "int8"]
-    assert "% top-1" in int8
+    assert int8.split()[-3] == "top1" and int8.split()[-2].endswith("%")  # gated by top-1 agreement: its value
     assert captured.out.splitlines()[-1].startswith("not signed: devices and the controller refuse these bundles")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["name"] == "ch_ppocr_mobile_v2.0_cls_infer" and report["version"] == "1"
@@ -191,7 +194,8 @@ def test_help_lists_every_option(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--target", "--calib", "--out", "--json", "--name", "--version", "--input-shape", "--calib-method",
-                 "--sign-key", "--serial", "--passphrase-file"):
+                 "--sign-key", "--serial", "--passphrase-file", "--labels", "--max-accuracy-drop", "--gate",
+                 "--gate-output", "--min-sqnr", "--max-kl", "--output-kind"):
         assert flag in text
 
 
@@ -344,7 +348,8 @@ def test_gate_refuses_int8_and_falls_back_down_the_chain(outlier_model, tmp_path
                      progress=lines.append)
     refused = {v["variant"]: v for v in report["refused"]}
     assert "int8" in refused and refused["int8"]["gate"]["passed"] is False
-    assert "worst outputs: probs" in refused["int8"]["gate"]["reason"]
+    assert refused["int8"]["gate"]["metric"] == "top1" and refused["int8"]["gate"]["threshold"] == 0.01
+    assert "fails drop <= 1.00%; worst outputs: probs (top-1" in refused["int8"]["gate"]["reason"]
     assert not (tmp_path / "out" / "outlier-1-cpu-int8.tar").exists()  # refused: not emitted
     # int8-mixed keeps the most sensitive node in float, but the outlier's range reaches the Softmax too
     assert refused["int8-mixed"]["recipe"]["nodes_to_exclude"] == ["fc"]
@@ -354,9 +359,12 @@ def test_gate_refuses_int8_and_falls_back_down_the_chain(outlier_model, tmp_path
     chain = manifest.report["gate"]["chain"]
     assert [(c["rung"], c["passed"]) for c in chain] == [("int8", False), ("int8-mixed", False), ("fp16", True),
                                                          ("fp32", True)]
-    assert report["gate"]["chosen"]["cpu"] == ("rung fp16 (fp16) passed after int8 (int8) refused: drop "
-                                               f"{refused['int8']['gate']['drop']:.2%}; int8-mixed (int8-mixed) "
-                                               f"refused: drop {refused['int8-mixed']['gate']['drop']:.2%}")
+    assert report["gate"]["chosen"]["cpu"] == (
+        "rung fp16 (fp16) passed after int8 (int8) refused: top-1 agreement "
+        f"{refused['int8']['gate']['value']:.1%} (drop {refused['int8']['gate']['drop']:.2%}); int8-mixed "
+        f"(int8-mixed) refused: top-1 agreement {refused['int8-mixed']['gate']['value']:.1%} "
+        f"(drop {refused['int8-mixed']['gate']['drop']:.2%})")
+    assert (report["gate"]["metric"], report["gate"]["chosen_by"]) == ("top1", "default for a classifier output")
     assert any("refused int8" in line for line in lines)
 
 
@@ -379,7 +387,7 @@ def test_gate_with_labels_uses_task_accuracy(model, real, tmp_path):
                      input_shapes={"x": [1, 3, 48, 192]}, max_accuracy_drop=0.5)
     assert 0.8 <= report["reference_accuracy"] <= 1.0
     for v in report["variants"]:
-        assert v["gate"]["metric"] == "task accuracy" and v["gate"]["passed"] is True
+        assert v["gate"]["metric"] == "accuracy" and v["gate"]["passed"] is True
         assert v["accuracy"] == v["gate"]["value"]
 
 
