@@ -376,6 +376,12 @@ def _active_model(d: dict, bundle: dict | None) -> str:
         bits = []
         if agree.top1 is not None:
             bits.append(f'top-1 {agree.top1 * 100:.1f} %')
+        if agree.top5 is not None:
+            bits.append(f'top-5 {agree.top5 * 100:.1f} %')
+        if agree.kl is not None:
+            bits.append(f'KL {agree.kl:.3g}')
+        if agree.sqnr_db is not None:
+            bits.append(f'SQNR {agree.sqnr_db:.1f} dB')
         if agree.min_cosine is not None:
             bits.append(f'min cosine {agree.min_cosine:.4f}')
         if agree.max_abs_err is not None:

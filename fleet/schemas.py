@@ -485,7 +485,10 @@ class ReportLatency(_Lenient):
 class ReportAgreement(_Lenient):
     samples: int | None = None
     top1: float | None = None
-    min_cosine: float | None = None
+    top5: float | None = None
+    kl: float | None = None
+    sqnr_db: float | None = None
+    min_cosine: float | None = None  # bundles made before the SQNR/KL metrics
     max_abs_err: float | None = None
 
 
