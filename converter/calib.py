@@ -184,7 +184,7 @@ def load(path: str | Path, specs: list[TensorSpec]) -> Calibration:
     (shape -1 where a dimension is dynamic) and fix the dynamic dims the data fixes."""
     path = Path(path)
     if not path.exists():
-        raise ConvertError(f"calibration data not found: {path}")
+        raise ConvertError(f"calibration file not found: {path}")
     names = [s.name for s in specs]
     if path.is_dir():
         fmt, feeds, digest = "directory", *_read_directory(path)
