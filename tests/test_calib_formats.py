@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from agent import runtimes
-from agent.bundle import read_manifest, safe_unpack
+from agent.bundle import TensorSpec, read_manifest, safe_unpack
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -252,3 +252,35 @@ def test_a_declared_output_shape_that_disagrees_is_a_warning_and_corrected(rec, 
     assert len(report["warnings"]) == 1 and "[?, 40, 6625]" in report["warnings"][0]
     for tar in out.glob("*.tar"):
         assert [s.shape for s in read_manifest(tar).outputs] == [[-1, 40, 6625]]
+
+
+@pytest.mark.slow
+def test_tflite_recognizer_takes_a_batch_its_graph_cannot_be_resized_to(rec, tmp_path):
+    """onnx2tf bakes the recognizer's batch of 1 into its Reshapes, so LiteRT cannot resize it to 4. The
+    plugin used to leave the interpreter at the failed batch ("Cannot set tensor: Dimension mismatch. Got 1
+    but expected 4 for dimension 0 of input 0"); now it puts it back and runs the batch one feed at a time."""
+    pytest.importorskip("ai_edge_litert")
+    from agent.runtimes.tflite import TfliteSession
+    from converter.arm import io_settings, run_onnx2tf
+    from converter.calib import Feeds
+    from converter.cpu import fix_shapes
+    from converter.toolchain import onnx2tf_venv
+    from edgefleet.data import text_lines
+
+    onnx2tf_venv()
+    x = text_lines(4)
+    specs = [TensorSpec("x", [-1, 3, 48, 320], "float32")]
+    fixed = tmp_path / "fixed.onnx"
+    fix_shapes(rec, fixed, specs)
+    feeds = Feeds.from_arrays({"x": x})
+    model = run_onnx2tf(fixed, specs, feeds, tmp_path / "onnx2tf", quantize=False)["tflite-fp32"]
+    session = TfliteSession(model, io_settings(model, fixed, specs, feeds[0]), ["x"], [])
+    try:
+        got = next(iter(session.run({"x": x}).values()))
+        one = next(iter(session.run({"x": x[:1]}).values()))
+    finally:
+        session.close()
+    want = ort.InferenceSession(str(rec), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == want.shape == (4, 40, 6625)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.99
+    assert np.array_equal(one, got[:1])
