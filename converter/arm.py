@@ -29,6 +29,7 @@ import numpy as np
 
 from agent.bundle import TensorSpec
 from converter import ConvertError, cpu, toolchain
+from converter.calib import Feeds, as_feeds
 from converter.plan import Step, Variant
 
 TARGET = "arm"
@@ -55,17 +56,24 @@ def missing() -> str | None:
     return None
 
 
-def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], work: Path, *,
+def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
          calib_method: str = "minmax", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
     """The passes for this target, in order; the steps that produce a variant return it."""
     if calib_method not in cpu.CALIB_METHODS:
         raise ConvertError(f"unknown calibration method {calib_method!r} "
                            f"(choose from {', '.join(cpu.CALIB_METHODS)})")
-    samples = len(next(iter(calib.values())))
-    quantizable = all(s.dtype == "float32" for s in specs)  # onnx2tf calibrates float32 inputs only
-    batch = specs[0].shape[0] if specs[0].shape[0] > 0 else None
+    calib = as_feeds(calib)
+    samples = len(calib)
+    # onnx2tf calibrates float32 inputs only, and takes sample i of every input as [i:i+1] along axis 0
+    no_int8 = next((f"onnx2tf calibrates float32 inputs only (input {s.name!r} is {s.dtype})"
+                    for s in specs if s.dtype != "float32"), None)
+    if no_int8 is None and (name := calib.axis0_stackable()) is not None:
+        no_int8 = (f"onnx2tf takes calibration samples along axis 0 of every input; input {name!r} holds its "
+                   f"batch on another axis")
+    quantizable = no_int8 is None
+    batch = specs[0].shape[0] if specs[0].shape and specs[0].shape[0] > 0 else None
     shapes = " ".join(f"{s.name}={'x'.join('N' if d < 0 else str(d) for d in s.shape)}" for s in specs)
-    sample = {s.name: calib[s.name][:1] for s in specs}
+    sample = calib[0]
     made: dict[str, Path] = {}
 
     def onnx2tf_outputs() -> dict[str, Path]:
@@ -109,7 +117,7 @@ def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], wo
 
     steps = [Step(f"converting to TFLite with {toolchain.ONNX2TF} in its own venv (fp32, fp16"
                   + (f" and full-integer int8, per-channel, calibrated on {samples} samples in NHWC)"
-                     if quantizable else "; no int8: onnx2tf calibrates float32 inputs only)"),
+                     if quantizable else f"; no int8: {no_int8})"),
                   fp32, "tflite-fp32"),
              Step("taking the fp16 TFLite model", fp16, "tflite-fp16")]
     if quantizable:
@@ -163,7 +171,7 @@ def prepare_for_onnx2tf(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def run_onnx2tf(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], work: Path, *,
+def run_onnx2tf(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
                 quantize: bool = True, io_dtype: str = "float32") -> dict[str, Path]:
     """One onnx2tf run in ``work``; returns {variant name: the .tflite it wrote}.
 
@@ -173,8 +181,9 @@ def run_onnx2tf(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarr
     args = ["-i", f"{STEM}.onnx", "-o", "out", "-b", "1"]
     if quantize:
         args += ["-oiqt", "-qt", "per-channel", "-iqd", io_dtype, "-oqd", io_dtype]
+        arrays = as_feeds(calib).arrays()  # one sample per feed along axis 0
         for i, spec in enumerate(specs):
-            data = np.asarray(calib[spec.name], np.float32)
+            data = np.asarray(arrays[spec.name], np.float32)
             if data.ndim >= 3:
                 data = np.transpose(data, channels_last(data.ndim))
             np.save(work / f"calib_{i}.npy", np.ascontiguousarray(data))
@@ -227,7 +236,7 @@ def io_settings(model: Path, source: Path, specs: list[TensorSpec], sample: dict
             j = position
         taken.add(j)
         want = tuple(int(d) for d in ins[j]["shape"])
-        shape = (1, *spec.shape[1:])
+        shape = tuple(1 if d < 0 else d for d in spec.shape)  # the built batch is 1
         perm = channels_last(len(shape)) if len(shape) >= 3 else None
         if perm and tuple(shape[p] for p in perm) == want and tuple(shape) != want:
             input_transpose[spec.name] = perm

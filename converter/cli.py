@@ -17,7 +17,7 @@ targets and their variants:
   intel  OpenVINO IR: ov-fp16 (fp16-compressed weights), ov-int8 (NNCF post-training quantization);
          fallback ov-int8-mixed (NNCF accuracy-controlled quantization)      [pip install 'edgefleet[intel]']
   arm    TFLite via onnx2tf (its own venv): tflite-fp32, tflite-fp16, tflite-int8 (full integer,
-         calibrated on DATA.npz); and ort-int8-arm (ONNX Runtime int8 for ARM64)  [pip install 'edgefleet[arm]']
+         calibrated on --calib); and ort-int8-arm (ONNX Runtime int8 for ARM64)  [pip install 'edgefleet[arm]']
   all    every target whose toolchain is installed; says which it skipped and why
 
 Each variant runs in its own runtime, through the same loader a device uses, on held-out samples and
@@ -38,11 +38,21 @@ DIR/NAME-VERSION-TARGET-VARIANT.tar with DIR/report.json and DIR/report.html (a 
 plot), only when every step succeeded."""
 
 EPILOG = """\
-calibration data:
-  DATA.npz holds one array per model input, keyed by input name, samples along the first axis
-  (np.savez("calib.npz", x=batch)). The last 20 % of the samples (at least one) are held out for
-  evaluation; the rest calibrate the int8 variants. At least 10 samples are needed. Every input dim
-  but the first (batch) must be fixed, by the model or by --input-shape.
+calibration data (--calib; the format is told from the path and the entry names):
+  stacked    DATA.npz, one array per model input, keyed by input name, samples along the first axis
+             (np.savez("calib.npz", x=batch)); every input needs that axis.
+  directory  DIR/ of .npz files (taken in name order), each one complete feed exactly as the model
+             takes it: state inputs, scalars, the batch on any axis
+             (np.savez("calib/0000.npz", input=chunk, state=state, sr=np.array(16000))).
+  indexed    DATA.npz whose entries are named INPUT/INDEX, each index one complete feed
+             (np.savez("calib.npz", **{"input/0": chunk, "state/0": state, "sr/0": np.array(16000), ...})).
+  The last 20 % of the samples or feeds (at least one) are held out for evaluation; the rest
+  calibrate the int8 variants. At least 10 are needed. Each feed must match the model's inputs
+  (names, dtypes, ranks, fixed dims). A dim the model leaves dynamic is taken from the data when every
+  feed gives it the same size (the first, batch, axis of stacked data stays dynamic); --input-shape is
+  needed only where the data does not fix it. An output whose real shape (from the fp32 reference
+  run) disagrees with the shape the model declares is reported as a warning and corrected in the
+  manifests.
 
 example:
   edgefleet convert cls.onnx --target all --calib calib.npz --labels labels.npy \\
@@ -60,14 +70,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx", help="the trained model (ONNX, fp32)")
     p.add_argument("--target", default="cpu", metavar="TARGET",
                    help="cpu, intel, arm or all (see above) [default: cpu]")
-    p.add_argument("--calib", required=True, metavar="DATA.npz",
-                   help="calibration and evaluation samples: one array per model input (see below)")
+    p.add_argument("--calib", required=True, metavar="DATA.npz|DIR",
+                   help="calibration and evaluation samples: stacked arrays, a directory of feeds or INPUT/INDEX "
+                        "entries (see below)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the bundles and report.json")
     p.add_argument("--name", help="bundle name [default: the model file's stem]")
     p.add_argument("--version", default="1", help="bundle version [default: 1]")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x48x192",
                    help="fix an input's dynamic dims (the first, batch, stays dynamic); repeat per input; "
-                        "needed when the model leaves dims other than batch dynamic")
+                        "needed only where the model and the calibration data leave dims other than batch dynamic")
     p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="how int8 activation ranges are calibrated [default: minmax]")
     p.add_argument("--labels", metavar="LABELS.npy",

@@ -60,44 +60,59 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out {out} exists and is not a directory")
 
-    source, specs = _load_source(model)
-    specs = calibration.apply_input_shapes(specs, input_shapes)
-    calibration.require_static(specs)
-    data = calibration.load(calib, specs)
+    source, declared = _load_source(model)
+    shaped = calibration.apply_input_shapes(declared, input_shapes)
+    data = calibration.load(calib, shaped)
+    specs = data.specs  # the dims the model leaves dynamic, fixed by --input-shape or by the data
+    calibration.require_static(specs, data.feeds)
     label_array = calibration.load_labels(labels, data) if labels is not None else None
-    batch = specs[0].shape[0] if specs[0].shape[0] > 0 else None  # a fixed batch dim, or None (dynamic)
+    # a fixed batch dim (stacked samples are joined into batches of it), or None (dynamic, or one feed a run)
+    batch = specs[0].shape[0] if data.feeds.stacked and specs[0].shape[0] > 0 else None
     if batch and (data.n_eval < batch or data.samples - data.n_eval < batch):
         raise ConvertError(f"the model has a fixed batch of {batch}: the calibration file needs at least {batch} "
                            f"samples to calibrate and {batch} to hold out (it has {data.samples})")
     held = data.held_out()
     held_labels = None if label_array is None else label_array[data.samples - data.n_eval :]
-    one = {k: v[: batch or 1] for k, v in held.items()}  # the smoke-test sample, batch 1
+    one = next(held.batches(batch or 1))  # the smoke-test sample: one feed (batch 1, or the model's fixed batch)
 
     staging = _staging_dir(out)
     try:
         work = staging / "work"
-        say(f"checking {model.name} and {calib.name} ({data.samples} samples: {data.samples - data.n_eval} "
-            f"calibrate, {data.n_eval} held out); running the fp32 reference in ONNX Runtime ...")
+        say(f"checking {model.name} and {calib.name} ({data.describe()}: {data.samples} feeds, "
+            f"{data.samples - data.n_eval} calibrate, {data.n_eval} held out); inputs "
+            f"{', '.join(f'{s.name}{calibration._fmt(s.shape)}' for s in specs)}; running the fp32 reference in "
+            f"ONNX Runtime ...")
         session = _session(model.parent, model.name, "source model")
         try:
-            reference = measure.run_batched(session, held, batch)
+            parts = calibration.run_feeds(session.run, held, batch, measure.EVAL_BATCH)
+            reference = held.join(parts)
+            parts.append(session.run(one))
         except Exception as e:
             raise ConvertError(f"the source model fails on the calibration data: {_first_line(e)}") from None
         rule = gate.resolve(gating, reference, labels=held_labels is not None)
         ref_accuracy = gate.task_accuracy(reference, held_labels, rule.labels_output)
         common = {
-            "calibration": {"sha256": data.sha256, "samples": data.samples,
+            "calibration": {"sha256": data.sha256, "format": data.format, "samples": data.samples,
                             "calibration_samples": data.samples - data.n_eval, "held_out_samples": data.n_eval,
-                            "method": calib_method, "labels": held_labels is not None},
+                            "method": calib_method, "labels": held_labels is not None,
+                            "dims_from_data": {}},
             "toolchain": measure.toolchain(), "host": measure.host(),
             "reference_latency_ms": measure.latency(session, one),
         }
         session.close()
         fixed = work / "fixed.onnx"
-        from converter.cpu import fix_shapes
-
-        fix_shapes(model, fixed, specs)
-        outputs = _output_specs(fixed, batch)
+        specs, kept = _fix_shapes(model, fixed, specs, shaped)
+        for line in kept:
+            say(f"note: {line}")
+        common["calibration"]["dims_kept_dynamic"] = kept
+        common["calibration"]["dims_from_data"] = {  # dims neither the model nor --input-shape fixed
+            s.name: axes for s, given in zip(specs, shaped)
+            if (axes := [a for a, (d, g) in enumerate(zip(s.shape, given.shape)) if d > 0 and g < 0])}
+        outputs, warnings = _outputs_from_reference(_output_specs(fixed), parts,
+                                                    dynamic_batch=data.feeds.stacked and batch is None)
+        for line in warnings:
+            say(f"warning: {line}")
+        common["warnings"] = warnings
         ctx = _Context(held, one, batch, reference, held_labels, rule, ref_accuracy, common, say)
 
         built, refused, skipped, chosen = [], [], [], {}
@@ -113,11 +128,14 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
                 steps = module.plan(fixed, specs, data.calibration_split(), work / t, calib_method=calib_method,
                                     cpu_flags=measure.cpu_flags(), **_plan_options(module, max_drop))
                 ok, bad, chosen[t] = _run_target(t, steps, ctx)
-            except ConvertError as e:
+            except Exception as e:  # e.g. an op this target cannot take: the other targets still convert
                 if target != "all":
-                    raise
-                skipped.append({"target": t, "reason": str(e)})  # e.g. an op this target cannot take
-                say(f"[{t}] skipped: {e}")
+                    if isinstance(e, EdgefleetError):
+                        raise
+                    raise ConvertError(f"target {t!r} failed: {type(e).__name__}: {_first_line(e)}") from None
+                why = str(e) if isinstance(e, EdgefleetError) else f"{type(e).__name__}: {_first_line(e)}"
+                skipped.append({"target": t, "reason": why})
+                say(f"[{t}] skipped: {why}")
                 continue
             built += ok
             refused += bad
@@ -149,7 +167,8 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         report = {
             "name": name, "version": version, "target": target,
             "source": {"path": str(model), "sha256": source_sha, "size_bytes": os.path.getsize(model),
-                       "opset": _opset(source), "inputs": [_spec_dict(s) for s in specs]},
+                       "opset": _opset(source), "inputs": [_spec_dict(s) for s in specs],
+                       "outputs": [_spec_dict(s) for s in outputs]},
             "reference_accuracy": ref_accuracy,
             **common,
             "gate": {"max_accuracy_drop": max_drop, **rule.describe(), "chosen": {t: _chosen_text(c) for t, c in chosen.items()},
@@ -344,8 +363,6 @@ def _load_source(path: Path):
         if not value.type.HasField("tensor_type") or not tt.HasField("shape"):
             raise ConvertError(f"model input {value.name!r} is not a tensor of known rank")
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tt.shape.dim]
-        if not shape:
-            raise ConvertError(f"model input {value.name!r} is a scalar; inputs need a batch axis")
         specs.append(TensorSpec(value.name, shape, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)).name))
     if not specs:
         raise ConvertError(f"{path} has no inputs to feed")
@@ -366,7 +383,8 @@ def _session(model_dir: Path, model: str, what: str, runtime: str = "onnxruntime
         raise ConvertError(f"{runtime} cannot load the {what}: {_first_line(e)}") from None
 
 
-def _output_specs(path: Path, batch: int | None) -> list[TensorSpec]:
+def _output_specs(path: Path) -> list[TensorSpec]:
+    """The outputs as the model declares them (after ONNX shape inference); -1 where a dim is not fixed."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
@@ -379,10 +397,68 @@ def _output_specs(path: Path, batch: int | None) -> list[TensorSpec]:
     for value in model.graph.output:
         tt = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tt.shape.dim]
-        if shape and batch is None:
-            shape[0] = -1
         specs.append(TensorSpec(value.name, shape, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)).name))
     return specs
+
+
+def _fix_shapes(model: Path, fixed: Path, specs: list[TensorSpec], shaped: list[TensorSpec]):
+    """Write ``model`` with its inputs' dims fixed to ``specs``. A dim the DATA fixed (not the model, not
+    --input-shape) that ONNX Runtime cannot load the graph with (e.g. shape inference failing in an ``If``
+    branch the data never takes) stays dynamic. Returns (the specs written, what stayed dynamic and why)."""
+    from converter.cpu import fix_shapes
+
+    def loads(candidate: list[TensorSpec]) -> str | None:
+        fix_shapes(model, fixed, candidate)
+        try:
+            _session(fixed.parent, fixed.name, "model with fixed input shapes").close()
+            return None
+        except ConvertError as e:
+            return str(e).split(": ", 1)[-1]
+
+    if (why := loads(specs)) is None:
+        return specs, []
+    current = [TensorSpec(s.name, list(s.shape), s.dtype) for s in shaped]
+    kept = []
+    for i, (spec, before) in enumerate(zip(specs, shaped)):
+        for axis, (want, had) in enumerate(zip(spec.shape, before.shape)):
+            if want == had:
+                continue
+            trial = [TensorSpec(s.name, list(s.shape), s.dtype) for s in current]
+            trial[i].shape[axis] = want
+            if (err := loads(trial)) is None:
+                current = trial
+            else:
+                kept.append(f"input {spec.name!r} dimension {axis} stays dynamic (the data gives it {want}, but ONNX "
+                            f"Runtime cannot load the graph with it fixed: {_first_line(Exception(err))[:160]})")
+    if (err := loads(current)) is not None:
+        raise ConvertError(f"ONNX Runtime cannot load the model with its input shapes fixed: {err or why}")
+    return current, kept
+
+
+def _outputs_from_reference(declared: list[TensorSpec], parts: list[dict[str, np.ndarray]], *,
+                            dynamic_batch: bool) -> tuple[list[TensorSpec], list[str]]:
+    """Each output's real shape, from the fp32 reference's runs (``parts``): a dim is fixed where every run
+    gave it the same size, else -1 (as is axis 0 when stacked samples go along it). A declared shape that
+    disagrees (rank, or a fixed size) is corrected, with a warning; the manifest carries the real shapes."""
+    outputs, warnings = [], []
+    for spec in declared:
+        shapes = {tuple(np.shape(p[spec.name])) for p in parts if spec.name in p}
+        ranks = {len(s) for s in shapes}
+        if len(ranks) != 1:
+            outputs.append(spec)  # no run, or runs of different ranks: keep what the model says
+            continue
+        rank = ranks.pop()
+        real = [next(iter({s[a] for s in shapes})) if len({s[a] for s in shapes}) == 1 else -1 for a in range(rank)]
+        if dynamic_batch and real:
+            real[0] = -1
+        wrong = len(spec.shape) != rank or any(d > 0 and d != r for d, r in zip(spec.shape, real))
+        if wrong:
+            warnings.append(f"output {spec.name!r}: the model declares shape {calibration._fmt(spec.shape)} but "
+                            f"returns {calibration._fmt(real)} (seen: "
+                            f"{', '.join(str(list(s)) for s in sorted(shapes)[:3])}); the manifest says "
+                            f"{calibration._fmt(real)}")
+        outputs.append(TensorSpec(spec.name, real, spec.dtype))
+    return outputs, warnings
 
 
 def _round_trip(bundle: Path, dest: Path, expected: dict[str, np.ndarray]) -> float:

@@ -22,6 +22,7 @@ import numpy as np
 
 from agent.bundle import TensorSpec
 from converter import ConvertError
+from converter.calib import Feeds, as_feeds
 from converter.plan import Step, Variant
 
 TARGET = "cpu"
@@ -40,14 +41,15 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 BATCH_PARAM = "batch"
 
 
-def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], work: Path, *,
+def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
          calib_method: str = "minmax", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
     """The passes for this target, in order; the steps that produce a variant return it."""
     if calib_method not in CALIB_METHODS:
         raise ConvertError(f"unknown calibration method {calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
     fixed = source  # the converter fixed the input shapes already
-    batch = specs[0].shape[0] if specs[0].shape[0] > 0 else None  # a fixed batch dim, or None
-    recipe = int8_recipe(cpu_flags, calib_method, samples=len(next(iter(calib.values()))))
+    batch = specs[0].shape[0] if specs[0].shape and specs[0].shape[0] > 0 else None  # a fixed batch dim, or None
+    calib = as_feeds(calib)
+    recipe = int8_recipe(cpu_flags, calib_method, samples=len(calib))
     shapes = " ".join(f"{s.name}={'x'.join('N' if d < 0 else str(d) for d in s.shape)}" for s in specs)
 
     def fp32() -> Variant:
@@ -215,8 +217,9 @@ def pre_process(src: Path, dst: Path) -> bool:
     return False
 
 
-def quantize(src: Path, dst: Path, calib: dict[str, np.ndarray], recipe: dict, batch: int | None = None) -> None:
-    """Static QDQ quantization per ``recipe``, calibrated in batches (of the model's fixed batch, if any)."""
+def quantize(src: Path, dst: Path, calib: Feeds, recipe: dict, batch: int | None = None) -> None:
+    """Static QDQ quantization per ``recipe``, calibrated on the feeds, stacked ones in batches (of the model's
+    fixed batch, if any)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -227,10 +230,9 @@ def quantize(src: Path, dst: Path, calib: dict[str, np.ndarray], recipe: dict, b
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            n = len(next(iter(calib.values())))
-            step = batch or min(CALIB_BATCH, n)
-            end = n - n % step  # equal batches: the histogram calibrators stack them
-            self._batches = iter([{k: v[i : i + step] for k, v in calib.items()} for i in range(0, end, step)])
+            feeds = as_feeds(calib)
+            # equal batches: the histogram calibrators stack them
+            self._batches = feeds.batches(batch or min(CALIB_BATCH, len(feeds)), whole=True)
 
         def get_next(self):
             return next(self._batches, None)

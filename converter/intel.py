@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from agent.bundle import TensorSpec
 from converter import ConvertError
+from converter.calib import Feeds, as_feeds
 from converter.plan import Step, Variant
 
 TARGET = "intel"
@@ -51,14 +53,15 @@ def missing() -> str | None:
     return None
 
 
-def plan(source: Path, specs: list[TensorSpec], calib: dict[str, np.ndarray], work: Path, *,
+def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
          calib_method: str = "minmax", cpu_flags: frozenset[str] = frozenset(),
          max_accuracy_drop: float | None = None) -> list[Step]:
     """The passes for this target, in order; the steps that produce a variant return it."""
     if calib_method not in RANGE_ESTIMATORS:
         raise ConvertError(f"unknown calibration method {calib_method!r} (choose from {', '.join(RANGE_ESTIMATORS)})")
     max_drop = DEFAULT_MAX_DROP if max_accuracy_drop is None else float(max_accuracy_drop)
-    samples = len(next(iter(calib.values())))
+    calib = as_feeds(calib)
+    samples = len(calib)
     shapes = " ".join(f"{s.name}={'x'.join('N' if d < 0 else str(d) for d in s.shape)}" for s in specs)
     fp32_ir = work / "ir-fp32" / MODEL
     base = {"input_shapes": shapes}
@@ -127,7 +130,7 @@ def to_ir(src: Path, dst: Path) -> None:
     try:
         model = ov.convert_model(str(src))
     except Exception as e:
-        raise ConvertError(f"openvino cannot convert the model: {_first_line(e)}") from None
+        raise ConvertError(f"openvino cannot convert the model: {_conversion_failure(e)}") from None
     _save(model, dst, compress_to_fp16=False)
 
 
@@ -137,12 +140,13 @@ def save_ir(src: Path, dst: Path, *, compress_to_fp16: bool) -> None:
     _save(ov.Core().read_model(str(src)), dst, compress_to_fp16=compress_to_fp16)
 
 
-def quantize(src: Path, dst: Path, calib: dict[str, np.ndarray], calib_method: str) -> dict:
+def quantize(src: Path, dst: Path, calib: Feeds, calib_method: str) -> dict:
     """NNCF post-training int8 quantization of the IR at ``src``; returns its recipe."""
     import nncf
     import openvino as ov
 
-    n = len(next(iter(calib.values())))
+    calib = as_feeds(calib)
+    n = len(calib)
     subset = min(SUBSET, n)
     with _quiet():
         try:
@@ -155,7 +159,7 @@ def quantize(src: Path, dst: Path, calib: dict[str, np.ndarray], calib_method: s
     return {**_int8_recipe(calib_method, subset, n), **ir_stats(dst)}
 
 
-def quantize_with_accuracy_control(src: Path, dst: Path, calib: dict[str, np.ndarray], calib_method: str,
+def quantize_with_accuracy_control(src: Path, dst: Path, calib: Feeds, calib_method: str,
                                    max_drop: float) -> dict:
     """NNCF int8 with accuracy control: layers go back to float until the metric (agreement with the fp32 IR
     on the calibration split) drops by at most ``max_drop``; returns its recipe."""
@@ -163,7 +167,8 @@ def quantize_with_accuracy_control(src: Path, dst: Path, calib: dict[str, np.nda
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    n = len(next(iter(calib.values())))
+    calib = as_feeds(calib)
+    n = len(calib)
     subset = min(SUBSET, n)
     val = list(range(min(VALIDATION, n)))
     core = ov.Core()
@@ -236,23 +241,23 @@ def _options(calib_method: str, advanced: str) -> dict:
             advanced: AdvancedQuantizationParameters(activations_range_estimator_params=estimator)}
 
 
-def _dataset(calib: dict[str, np.ndarray], indices):
-    """Items are sample indices; each becomes a batch-1 feed (NNCF calibrates one sample at a time)."""
+def _dataset(calib: Feeds, indices):
+    """Items are feed indices; each becomes its feed (NNCF calibrates one feed, a batch-1 sample, at a time)."""
     import nncf
 
-    return nncf.Dataset(list(indices), lambda i: {k: v[i : i + 1] for k, v in calib.items()})
+    return nncf.Dataset(list(indices), lambda i: calib[i])
 
 
-def _infer(compiled, calib: dict[str, np.ndarray], indices) -> list[list[np.ndarray]]:
-    """Per sample, every output of ``compiled`` (a compiled model), in output order."""
+def _infer(compiled, calib: Feeds, indices) -> list[list[np.ndarray]]:
+    """Per feed, every output of ``compiled`` (a compiled model), in output order."""
     outs = []
     for i in indices:
-        result = compiled({k: v[i : i + 1] for k, v in calib.items()})
+        result = compiled(calib[i])
         outs.append([np.asarray(result[j]).copy() for j in range(len(compiled.outputs))])
     return outs
 
 
-def _validation_fn(calib: dict[str, np.ndarray], reference: list[list[np.ndarray]]):
+def _validation_fn(calib: Feeds, reference: list[list[np.ndarray]]):
     """(metric name, NNCF's validation_fn(compiled model, sample indices) -> (metric, per-sample values),
     per_item(outputs) -> per-sample values).
 
@@ -307,6 +312,18 @@ def _save(model, dst: Path, *, compress_to_fp16: bool) -> None:
         shutil.rmtree(dst.parent)
     dst.parent.mkdir(parents=True)
     ov.save_model(model, str(dst), compress_to_fp16=compress_to_fp16)
+
+
+def _conversion_failure(e: BaseException) -> str:
+    """The ops OpenVINO's frontend could not convert and the first reason it gives (its first line is only
+    the check that failed), else the first line."""
+    text = str(e)
+    ops = re.findall(r"^-- (\S+) with a message", text, re.M)
+    if not ops:
+        return _first_line(e)
+    block = text.split(f"-- {ops[0]} with a message", 1)[1]
+    lines = [ln.strip() for ln in block.split("\n\n", 1)[0].splitlines() if ln.strip()]
+    return f"{len(ops)} op(s) failed ({', '.join(ops[:4])}{', ...' if len(ops) > 4 else ''}): {lines[-1]}"
 
 
 def _first_line(e: BaseException) -> str:

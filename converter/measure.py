@@ -36,15 +36,13 @@ def open_session(model_dir: Path, model: str = "model.onnx", runtime: str = "onn
     return runtimes.load(model_dir, manifest)
 
 
-def run_batched(session, inputs: dict[str, np.ndarray], batch: int | None = None) -> dict[str, np.ndarray]:
-    """Run every sample (axis 0) in batches of ``batch`` (the model's fixed batch, or EVAL_BATCH)."""
-    n = len(next(iter(inputs.values())))
-    step = batch or EVAL_BATCH
-    parts: dict[str, list[np.ndarray]] = {}
-    for i in range(0, n - (n % step if batch else 0), step):
-        for name, value in session.run({k: v[i : i + step] for k, v in inputs.items()}).items():
-            parts.setdefault(name, []).append(np.asarray(value))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+def run_batched(session, inputs, batch: int | None = None) -> dict[str, np.ndarray]:
+    """Run every feed (``converter.calib.Feeds``; stacked arrays are samples along axis 0) in batches of
+    ``batch`` (the model's fixed batch, or EVAL_BATCH stacked samples); one row of output per feed."""
+    from converter.calib import as_feeds, run_feeds
+
+    feeds = as_feeds(inputs)
+    return feeds.join(run_feeds(session.run, feeds, batch, EVAL_BATCH))
 
 
 def latency(session, feeds: dict[str, np.ndarray], *, warmup: int = WARMUP, runs: int = RUNS,

@@ -47,6 +47,22 @@ MODELS = {
             "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
             "PP-OCRv4 text detector: f32[N,3,H,W] -> [N,1,H,W] text mask",
         ),
+        Model(
+            "ocr-rec",
+            "rapidocr-onnxruntime==1.4.4",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+            "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+            "PP-OCRv4 text recognizer (CTC): f32[N,3,48,W] -> [N,W/8,6625] character probabilities "
+            "(declares its output dims dynamic)",
+        ),
+        Model(
+            "silero-vad",
+            "silero-vad==6.2.3",
+            "silero_vad/data/silero_vad.onnx",
+            "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+            "Silero VAD (recurrent): f32[N,64+512] audio at 16 kHz + state f32[2,N,128] + sr int64 scalar -> "
+            "speech probability [N,1] and the next state",
+        ),
     ]
 }
 

@@ -16,6 +16,8 @@ command -v systemd-analyze >/dev/null 2>&1 || [ -x /usr/bin/systemd-analyze ] ||
 # libfaketime, which runs agents with a wrong wall clock in tests/test_clock_e2e.py
 # (/usr/lib/<multiarch>/faketime/libfaketime.so.1)
 dpkg-query -W -f='${Status}' libfaketime 2>/dev/null | grep -q "install ok installed" || need_apt="$need_apt libfaketime"
+# espeak-ng, which speaks the real speech the voice-activity model (Silero VAD) is calibrated and tested on
+command -v espeak-ng >/dev/null 2>&1 || need_apt="$need_apt espeak-ng"
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt="$need_apt python3-venv"
 if [ -n "$need_apt" ]; then
     echo "setup: installing Debian packages:$need_apt"

@@ -220,6 +220,8 @@ def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[s
     }
     for name, arrays in files.items():
         np.savez(tmp / name, **arrays)
+    # one feed per index (INPUT/INDEX entries), their widths disagree: no shape can be taken from the data
+    np.savez(tmp / "widths.npz", **{f"x/{i}": x[i : i + 1, :, :, : 192 - 32 * (i % 2)] for i in range(12)})
     (tmp / "text.npz").write_text("x,y\n1,2\n")
     np.save(tmp / "labels3.npy", np.array([0, 1, 0]))
     np.save(tmp / "labelsf.npy", np.zeros(12, np.float32))
@@ -237,8 +239,8 @@ def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[s
         "calib wrong dtype": ([m, "--calib", str(tmp / "dtype.npz")], "float64"),
         "too few samples": ([m, "--calib", str(tmp / "one.npz")], "need at least 10"),
         "target unknown": ([m, "--calib", c, "--target", "gpu"], "unknown target 'gpu'"),
-        "dynamic dims": ([m, "--calib", c, "--no-shape"], "has dynamic dimensions [?, 3, ?, ?]: give them with "
-                                                          "--input-shape x=1x3xHxW"),
+        "dynamic dims": ([m, "--calib", str(tmp / "widths.npz"), "--no-shape"],
+                         "give model input 'x' [1, 3, 48, ?] different sizes along dimension 3 (160, 192)"),
         "labels missing": ([m, "--calib", c, "--labels", str(tmp / "nope.npy")], "labels file not found"),
         "labels count": ([m, "--calib", c, "--labels", str(tmp / "labels3.npy")], "3 labels for 12"),
         "labels float": ([m, "--calib", c, "--labels", str(tmp / "labelsf.npy")], "one integer class"),
@@ -306,10 +308,11 @@ def test_held_out_split():
 
     spec = [TensorSpec("x", [-1, 3], "float32")]
     for n, held in [(2, 1), (4, 1), (10, 2), (100, 20), (558, 111)]:
-        c = calib.Calibration(Path("c.npz"), "0", {"x": np.arange(n * 3, dtype=np.float32).reshape(n, 3)})
+        x = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+        c = calib.Calibration(Path("c.npz"), "0", "stacked", calib.Feeds.from_arrays({"x": x}), spec)
         assert c.n_eval == held
-        assert len(c.calibration_split()["x"]) == n - held
-        assert np.array_equal(c.held_out()["x"], c.arrays["x"][n - held :])  # the LAST samples are held out
+        assert len(c.calibration_split()) == n - held
+        assert np.array_equal(c.held_out().arrays()["x"], x[n - held :])  # the LAST samples are held out
     assert calib.apply_input_shapes(spec, {"x": [1, 3]}) == spec
 
 

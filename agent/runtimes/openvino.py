@@ -95,7 +95,7 @@ class OpenVinoSession:
         for name, value in feeds.items():
             if name not in self._inputs:
                 raise KeyError(f"the model has no input {name!r} (inputs: {', '.join(sorted(self._inputs))})")
-            arrays[self._inputs[name]] = np.ascontiguousarray(value)
+            arrays[self._inputs[name]] = np.asarray(value, order="C")  # keeps a scalar 0-d (ascontiguousarray makes it [1])
         if any(a is None for a in arrays):
             raise KeyError(f"missing inputs: need {', '.join(sorted(self._inputs))}")
         request = self._request(arrays)

@@ -112,7 +112,7 @@ class TfliteSession:
             if dtype.kind in "iu" and scale and value.dtype.kind == "f":
                 info = np.iinfo(dtype)
                 value = np.clip(np.round(value / scale) + zero, info.min, info.max)
-            out[j] = np.ascontiguousarray(value, dtype=dtype)
+            out[j] = np.asarray(value, dtype=dtype, order="C")  # a scalar stays 0-d
         return out
 
     def _invoke(self, arrays: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,18 +128,26 @@ class TfliteSession:
                 value = (value.astype(np.float32) - np.float32(zero)) * np.float32(scale)
             if name in self._out_t:
                 value = np.transpose(value, self._out_t[name])
-            result[name] = np.ascontiguousarray(value)  # get_tensor's buffer is reused by the next invoke
+            result[name] = np.array(value, order="C")  # a copy: get_tensor's buffer is reused by the next invoke
         return result
 
     def _resize(self, n: int) -> None:
         if n == self._batch:
             return
-        for detail in self._in:
-            shape = list(detail["shape"])
-            if shape:
-                shape[0] = n
-            self._it.resize_tensor_input(detail["index"], shape)
-        self._it.allocate_tensors()
+        try:
+            for detail in self._in:
+                shape = list(detail["shape"])
+                if shape:
+                    shape[0] = n
+                self._it.resize_tensor_input(detail["index"], shape)
+            self._it.allocate_tensors()
+        except Exception:
+            # a model with its batch baked into a Reshape cannot take another: put every input back at the
+            # shape it last ran with, or the next set_tensor would meet the failed batch ("Got 1 but expected 4")
+            for detail in self._in:
+                self._it.resize_tensor_input(detail["index"], list(detail["shape"]))
+            self._it.allocate_tensors()
+            raise
         self._in, self._out = self._it.get_input_details(), self._it.get_output_details()
         self._batch = n
 
