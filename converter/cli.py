@@ -105,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--passphrase-file", metavar="FILE",
                    help="with --sign-key: a file whose first line is the key's passphrase (default: "
                         "$EDGEFLEET_KEY_PASSPHRASE, else a prompt when stdin is a terminal)")
+    p.add_argument("--prune", metavar="RATIO", help="prune this fraction of the output channels of every Conv "
+                   "group it can prune safely (e.g. 30%%; L1 norm of the filters, residual, depthwise and concat groups "
+                   "kept whole) before quantizing; every variant is still judged against the original model")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -153,7 +156,7 @@ def main(argv: list[str]) -> int:
         input_shapes=parse_input_shapes(args.input_shape), calib_method=args.calib_method,
         labels=args.labels, max_accuracy_drop=args.max_accuracy_drop, gate_metric=args.gate,
         gate_output=args.gate_output, min_sqnr=args.min_sqnr, max_kl=args.max_kl,
-        output_kinds=parse_output_kinds(args.output_kind), sign_key=key, serial=args.serial,
+        output_kinds=parse_output_kinds(args.output_kind), sign_key=key, serial=args.serial, prune=args.prune,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:

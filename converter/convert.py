@@ -36,7 +36,8 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             labels: str | Path | None = None, max_accuracy_drop: float | str | None = None,
             gate_metric: str | None = None, gate_output: str | None = None, min_sqnr: float | None = None,
             max_kl: float | None = None, output_kinds: dict[str, str] | None = None, sign_key=None,
-            serial: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+            serial: int | None = None, prune: float | str | None = None,
+            progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
 
@@ -46,7 +47,11 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
 
     The gate (converter/gate.py) judges ``gate_output`` (default the first output) in ``gate_metric`` (top1, top5,
     kl, sqnr, accuracy; default by the output's kind) against ``max_accuracy_drop``, ``min_sqnr`` or ``max_kl``;
-    ``output_kinds`` ({name: "classifier" | "dense"}) overrides how an output is judged."""
+    ``output_kinds`` ({name: "classifier" | "dense"}) overrides how an output is judged.
+
+    ``prune`` ("30%" or 0.3) prunes that fraction of the channels of every safe Conv group
+    (converter/passes/prune.py) before the targets' passes; every variant is still judged against the original
+    model, so the report shows what pruning cost."""
     model, calib, out = Path(model), Path(calib), Path(out)
     signature = _signature(sign_key, serial)
     say = progress or (lambda line: None)
@@ -54,6 +59,10 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
     gating = gate.options(metric=gate_metric, output=gate_output, max_accuracy_drop=max_accuracy_drop,
                           min_sqnr=min_sqnr, max_kl=max_kl, output_kinds=output_kinds)
     max_drop = gating.max_drop
+    if prune is not None:
+        from converter.passes.prune import parse_ratio
+
+        prune = parse_ratio(prune)  # a bad ratio fails before any work
     name = _safe(name if name is not None else re.sub(r"[^A-Za-z0-9._+-]+", "-", model.stem).strip("-.") or "model",
                  "--name")
     version = _safe(str(version), "--version")
@@ -114,6 +123,13 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             say(f"warning: {line}")
         common["warnings"] = warnings
         ctx = _Context(held, one, batch, reference, held_labels, rule, ref_accuracy, common, say)
+        if prune:
+            from converter.passes.prune import prune as prune_model
+
+            say(f"pruning {prune:.0%} of the channels of every safe Conv group ...")
+            pruned = work / "pruned.onnx"
+            common["pruning"] = {k: v for k, v in prune_model(fixed, pruned, prune).items() if k != "out_path"}
+            fixed = pruned  # the targets start from it; the reference stays the original model
 
         built, refused, skipped, chosen = [], [], [], {}
         for t in targets:

@@ -118,6 +118,12 @@ def table(report: dict) -> str:
                   f"Runtime fp32 in the same run; agreement with fp32 on {n} held-out samples"]
     if gate_line(report):
         lines.append(gate_line(report))
+    if (p := report.get("pruning")) is not None:
+        n = p["notes"]
+        lines.append(f"pruned {p['config']['ratio']:.0%} of the channels of every safe Conv group before the targets: "
+                     f"parameters {n['params']['ratio']:.2f}x, MACs {n['macs']['ratio']:.2f}x, size "
+                     f"{n['size']['ratio']:.2f}x, ORT fp32 {n['latency_ms']['speedup']:.2f}x as fast; every variant "
+                     f"is judged against the unpruned model")
     for v in report.get("refused", []):
         lines.append(f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}")
     for t, chosen in report.get("gate", {}).get("chosen", {}).items():

@@ -195,7 +195,7 @@ def test_help_lists_every_option(capsys):
     text = capsys.readouterr().out
     for flag in ("--target", "--calib", "--out", "--json", "--name", "--version", "--input-shape", "--calib-method",
                  "--sign-key", "--serial", "--passphrase-file", "--labels", "--max-accuracy-drop", "--gate",
-                 "--gate-output", "--min-sqnr", "--max-kl", "--output-kind"):
+                 "--gate-output", "--min-sqnr", "--max-kl", "--output-kind", "--prune"):
         assert flag in text
 
 
@@ -246,6 +246,8 @@ def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[s
         "labels float": ([m, "--calib", c, "--labels", str(tmp / "labelsf.npy")], "one integer class"),
         "drop not a number": ([m, "--calib", c, "--max-accuracy-drop", "lots"], "not a number"),
         "drop out of range": ([m, "--calib", c, "--max-accuracy-drop", "150%"], "below 100 %"),
+        "prune out of range": ([m, "--calib", c, "--prune", "150%"], "pruning ratio '150%' is out of range"),
+        "prune not a ratio": ([m, "--calib", c, "--prune", "lots"], "not a percentage like 30%"),
         "input-shape name": ([m, "--calib", c, "--input-shape", "y=1x3x48x192"], "not a model input"),
         "input-shape rank": ([m, "--calib", c, "--input-shape", "x=1x3x48"], "rank 3"),
         "input-shape vs data": ([m, "--calib", c, "--input-shape", "x=1x3x48x100"], "dimension 3 differs"),
@@ -256,7 +258,7 @@ def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[s
 CASES = ["model missing", "model is text", "model truncated", "calib missing", "calib not npz",
          "calib missing input", "calib extra key", "calib wrong rank", "calib wrong dim", "calib wrong dtype",
          "too few samples", "target unknown", "dynamic dims", "labels missing", "labels count", "labels float",
-         "drop not a number", "drop out of range", "input-shape name", "input-shape rank",
+         "drop not a number", "drop out of range", "prune out of range", "prune not a ratio", "input-shape name", "input-shape rank",
          "input-shape vs data", "no --calib"]
 
 
@@ -411,3 +413,19 @@ def test_an_op_the_runtime_cannot_take_is_one_line(outlier_model, tmp_path, caps
     assert code == 2 and len(errors) == 1 and errors == err[-1:] and "Frobnicate" in errors[0], err
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_then_convert_is_judged_against_the_unpruned_model(model, real, tmp_path):
+    """`--prune 30%`: the targets start from the pruned graph (fewer parameters and MACs), and every variant, the
+    pruned fp32 one too, is measured against the original model, so what pruning cost shows."""
+    from converter.convert import convert
+
+    path, x, _ = real
+    report = convert(model, target="cpu", calib=path, out=tmp_path / "out", prune="30%")
+    notes = report["pruning"]["notes"]
+    assert notes["params"]["after"] < notes["params"]["before"] and notes["macs"]["ratio"] < 1
+    assert report["pruning"]["config"]["ratio"] == 0.3 and "out_path" not in report["pruning"]
+    fp32 = next(v for v in report["variants"] if v["variant"] == "fp32")
+    assert fp32["agreement"]["top1"] < 1.0  # the reference is the unpruned model
+    m = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert m["pruning"]["notes"]["params"] == notes["params"]
