@@ -57,11 +57,12 @@ def missing() -> str | None:
 
 
 def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
-         calib_method: str = "minmax", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
+         calib_method: str = "auto", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
     """The passes for this target, in order; the steps that produce a variant return it."""
     if calib_method not in cpu.CALIB_METHODS:
         raise ConvertError(f"unknown calibration method {calib_method!r} "
                            f"(choose from {', '.join(cpu.CALIB_METHODS)})")
+    calib_method = "minmax" if calib_method == "auto" else calib_method  # ONNX Runtime's default
     calib = as_feeds(calib)
     samples = len(calib)
     # onnx2tf calibrates float32 inputs only, and takes sample i of every input as [i:i+1] along axis 0

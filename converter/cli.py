@@ -79,8 +79,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x48x192",
                    help="fix an input's dynamic dims (the first, batch, stays dynamic); repeat per input; "
                         "needed only where the model and the calibration data leave dims other than batch dynamic")
-    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax",
-                   help="how int8 activation ranges are calibrated [default: minmax]")
+    p.add_argument("--calib-method", choices=["auto", "minmax", "entropy", "percentile"], default="auto",
+                   help="how int8 activation ranges are calibrated; auto: each quantizer's own default (ONNX "
+                        "Runtime: minmax; NNCF: its preset and range estimators) [default: auto]")
     p.add_argument("--labels", metavar="LABELS.npy",
                    help="integer class labels, one per calibration sample: gate on task accuracy")
     p.add_argument("--max-accuracy-drop", metavar="X",

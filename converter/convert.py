@@ -32,7 +32,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: str | Path, name: str | None = None,
-            version: str = "1", input_shapes: dict[str, list[int]] | None = None, calib_method: str = "minmax",
+            version: str = "1", input_shapes: dict[str, list[int]] | None = None, calib_method: str = "auto",
             labels: str | Path | None = None, max_accuracy_drop: float | str | None = None,
             gate_metric: str | None = None, gate_output: str | None = None, min_sqnr: float | None = None,
             max_kl: float | None = None, output_kinds: dict[str, str] | None = None, sign_key=None,

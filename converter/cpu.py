@@ -37,15 +37,16 @@ def missing() -> str | None:
 RUNTIME = "onnxruntime"
 QDQ_MIN_OPSET = 13
 CALIB_BATCH = 8
-CALIB_METHODS = ("minmax", "entropy", "percentile")
+CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")  # auto: each library's own default (ORT: minmax)
 BATCH_PARAM = "batch"
 
 
 def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
-         calib_method: str = "minmax", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
+         calib_method: str = "auto", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
     """The passes for this target, in order; the steps that produce a variant return it."""
     if calib_method not in CALIB_METHODS:
         raise ConvertError(f"unknown calibration method {calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
+    calib_method = "minmax" if calib_method == "auto" else calib_method  # ONNX Runtime's default
     fixed = source  # the converter fixed the input shapes already
     batch = specs[0].shape[0] if specs[0].shape and specs[0].shape[0] > 0 else None  # a fixed batch dim, or None
     calib = as_feeds(calib)
