@@ -251,8 +251,8 @@ class Agent:
         """
         hup = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: hup.set())
+            signal.signal(sig, systemd.on_signal(self._stop))
+        signal.signal(signal.SIGHUP, systemd.on_signal(hup))
         systemd.status("starting: loading the current model and warming it up")
         self.start()
         watchdog = systemd.Watchdog.from_env()

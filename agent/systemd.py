@@ -104,3 +104,12 @@ class Watchdog:
             return False
         self._last = now
         return notify("WATCHDOG=1")
+
+
+def on_signal(event):
+    """A signal handler that sets ``event``, from another thread: a handler runs on the main thread between two
+    bytecodes, possibly while that thread is inside ``event.wait()`` holding the event's lock, where setting it
+    directly would deadlock (a stop signal then hangs the process)."""
+    import threading
+
+    return lambda *_: threading.Thread(target=event.set, name="signal", daemon=True).start()

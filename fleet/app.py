@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from agent import transport
+from agent import systemd, transport
 from agent.errors import EdgefleetError
 from fleet.auth import DEFAULT_MAX_BUNDLE_BYTES, Auth, any_caller_is_a_device
 from fleet.broker import Mosquitto
@@ -302,7 +302,7 @@ class Fleet:
     def serve(self, ready: Callable[["Fleet"], None] | None = None) -> None:
         """Run in the foreground until SIGINT or SIGTERM, then stop everything cleanly."""
         stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, systemd.on_signal(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start_background()
             if ready is not None:
