@@ -109,6 +109,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", metavar="RATIO", help="prune this fraction of the output channels of every Conv "
                    "group it can prune safely (e.g. 30%%; L1 norm of the filters, residual, depthwise and concat groups "
                    "kept whole) before quantizing; every variant is still judged against the original model")
+    p.add_argument("--search", choices=["auto", "on", "off"], default="auto", metavar="WHEN",
+                   help="try several int8 recipes per target (calibration, presets, bias correction, layers kept in "
+                        "float, ...) and keep the fastest that passes the gate, shown in the report; auto: when the "
+                        "gate is on; off: each library's defaults only [default: auto]")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -158,6 +162,7 @@ def main(argv: list[str]) -> int:
         labels=args.labels, max_accuracy_drop=args.max_accuracy_drop, gate_metric=args.gate,
         gate_output=args.gate_output, min_sqnr=args.min_sqnr, max_kl=args.max_kl,
         output_kinds=parse_output_kinds(args.output_kind), sign_key=key, serial=args.serial, prune=args.prune,
+        search=args.search,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:

@@ -24,10 +24,11 @@ import numpy as np
 from agent.bundle import Manifest, TensorSpec, safe_unpack, sha256_file, write_bundle
 from agent.errors import EdgefleetError
 from converter import ConvertError, calib as calibration, gate, measure
-from converter.plan import RUNGS, Step, Variant
+from converter.plan import RUNGS, SPEED_TIE, Step, Variant
 
 # target -> module with plan(...) (see converter/cpu.py); a target is one file.
 TARGETS = {"cpu": "converter.cpu", "intel": "converter.intel", "arm": "converter.arm"}
+SEARCH = ("auto", "on", "off")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -36,7 +37,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             labels: str | Path | None = None, max_accuracy_drop: float | str | None = None,
             gate_metric: str | None = None, gate_output: str | None = None, min_sqnr: float | None = None,
             max_kl: float | None = None, output_kinds: dict[str, str] | None = None, sign_key=None,
-            serial: int | None = None, prune: float | str | None = None,
+            serial: int | None = None, prune: float | str | None = None, search: str = "auto",
             progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
@@ -59,6 +60,9 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
     gating = gate.options(metric=gate_metric, output=gate_output, max_accuracy_drop=max_accuracy_drop,
                           min_sqnr=min_sqnr, max_kl=max_kl, output_kinds=output_kinds)
     max_drop = gating.max_drop
+    if search not in SEARCH:
+        raise ConvertError(f"--search {search!r}: choose one of {', '.join(SEARCH)}")
+    searching = search == "on" or (search == "auto" and gating.active)
     if prune is not None:
         from converter.passes.prune import parse_ratio
 
@@ -142,7 +146,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
                 continue
             try:
                 steps = module.plan(fixed, specs, data.calibration_split(), work / t, calib_method=calib_method,
-                                    cpu_flags=measure.cpu_flags(), **_plan_options(module, max_drop))
+                                    cpu_flags=measure.cpu_flags(), **_plan_options(module, max_drop, searching))
                 ok, bad, chosen[t] = _run_target(t, steps, ctx)
             except Exception as e:  # e.g. an op this target cannot take: the other targets still convert
                 if target != "all":
@@ -206,31 +210,40 @@ class _Context:
         self.common, self.say = common, say
 
 
-def _plan_options(module, max_drop: float | None) -> dict:
+def _plan_options(module, max_drop: float | None, search: bool) -> dict:
     """Keywords a target's plan() takes beyond the common ones (e.g. intel's accuracy-controlled rung)."""
     import inspect
 
     params = inspect.signature(module.plan).parameters
-    return {"max_accuracy_drop": max_drop} if "max_accuracy_drop" in params else {}
+    given = {"max_accuracy_drop": max_drop, "search": search}
+    return {k: v for k, v in given.items() if k in params}
 
 
 def _run_target(target: str, steps: list[Step], ctx: _Context) -> tuple[list, list, list]:
-    """Run a target's steps; measure and gate each variant; build fallback rungs only while needed.
+    """Run a target's steps; measure and gate each variant; build fallback rungs only while needed. Steps that
+    write the same variant by different recipes (``Step.candidate``) are a search: see ``_search``.
 
     Returns (emitted [(variant, report, sample outputs)], refused [report], the chain [rung records])."""
     emitted, refused, chain = [], [], []
-    regular = [s for s in steps if not s.fallback]
-    fallback = [s for s in steps if s.fallback]
+    regular = _groups([s for s in steps if not s.fallback])
+    fallback = _groups([s for s in steps if s.fallback])
     n = len(regular) + len(fallback)
 
-    def build(i: int, step: Step) -> None:
-        ctx.say(f"[{target} {i}/{n}] {step.text} ...")
-        v = step.run()
-        if v is None:
+    def build(i: int, group: list[Step]) -> None:
+        measured = []
+        for k, step in enumerate(group, 1):
+            which = f" [{k}/{len(group)}: {step.candidate}]" if len(group) > 1 else ""
+            ctx.say(f"[{target} {i}/{n}] {step.text}{which} ...")
+            v = step.run()
+            if v is None:
+                continue
+            ctx.say(f"[{target} {i}/{n}] measuring {v.name}{which} in {v.runtime} (batch {ctx.batch or 1}, 1 thread; "
+                    f"{len(ctx.reference[next(iter(ctx.reference))])} held-out samples) ...")
+            rep, sample_out = _measure(v, target, ctx)
+            measured.append((v, rep, sample_out, step.candidate))
+        if not measured:
             return
-        ctx.say(f"[{target} {i}/{n}] measuring {v.name} in {v.runtime} (batch {ctx.batch or 1}, 1 thread; "
-                f"{len(ctx.reference[next(iter(ctx.reference))])} held-out samples) ...")
-        rep, sample_out = _measure(v, target, ctx)
+        v, rep, sample_out = _search(target, measured, ctx) if len(measured) > 1 else measured[0][:3]
         if rep["gate"]["passed"] is False:
             refused.append(rep)
             ctx.say(f"[{target}] refused {v.name}: {rep['gate']['reason']}")
@@ -241,22 +254,102 @@ def _run_target(target: str, steps: list[Step], ctx: _Context) -> tuple[list, li
             chain.append({"rung": v.rung, "variant": v.name, "passed": g["passed"], "metric": g["metric"],
                           "value": g["value"], "drop": g["drop"], "text": g["text"], "reason": g["reason"]})
 
-    for i, step in enumerate(regular, 1):
-        build(i, step)
+    for i, group in enumerate(regular, 1):
+        build(i, group)
     if ctx.rule.active:
         def passed(rung: str) -> bool:
             return any(c["rung"] == rung and c["passed"] for c in chain)
 
         for rung in RUNGS:
             if not passed(rung):
-                for i, step in enumerate(fallback, len(regular) + 1):
-                    if step.rung == rung:
-                        build(i, step)
+                for i, group in enumerate(fallback, len(regular) + 1):
+                    if group[0].rung == rung:
+                        build(i, group)
             if passed(rung):
                 break  # the best rung that passes is found: no fallback below it is needed
     order = {r: k for k, r in enumerate(RUNGS)}
     chain.sort(key=lambda c: order[c["rung"]])
     return emitted, refused, chain
+
+
+def _groups(steps: list[Step]) -> list[list[Step]]:
+    """Steps in order, the candidates of one variant (same ``produces``, ``candidate`` set) together."""
+    groups: list[list[Step]] = []
+    for step in steps:
+        if step.candidate is not None and groups and groups[-1][0].candidate is not None \
+                and groups[-1][0].produces == step.produces:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def _search(target: str, measured: list, ctx: _Context) -> tuple[Variant, dict, dict]:
+    """Keep one of several recipes for a variant: of those the gate passes (all when it is off), the fastest, and
+    of those within SPEED_TIE of it the most faithful; when the gate refuses all, the most faithful (refused).
+    Latencies are timed again side by side in interleaved rounds (one candidate after another), so a
+    neighbour's load on a shared machine weighs on all of them alike. The kept variant's report carries the
+    search: every candidate's recipe, speed-up and gate figure."""
+    eligible = [m for m in measured if m[1]["gate"]["passed"] is not False]
+    times = _race([m[0] for m in (eligible or measured)], ctx)
+    faithful = {id(m[0]): gate.fidelity(ctx.rule, m[1]["agreement"], m[1]["accuracy"]) for m in measured}
+    if eligible:
+        fastest = min(times[id(m[0])] for m in eligible)
+        near = [m for m in eligible if times[id(m[0])] <= fastest * (1 + SPEED_TIE)]
+        kept = max(near, key=lambda m: faithful[id(m[0])])
+        why = ("the fastest that passes the gate" if ctx.rule.active else "the fastest") + \
+            f" (within {SPEED_TIE:.0%} of it, the most faithful)"
+    else:
+        kept = max(measured, key=lambda m: faithful[id(m[0])])
+        why = "none passes the gate: the most faithful is shown refused"
+    ref_p50 = ctx.common["reference_latency_ms"]["p50"]
+    rows = []
+    for v, rep, _, candidate in measured:
+        p50 = times.get(id(v))
+        rows.append({"candidate": candidate, "recipe": _recipe_summary(v.recipe), "kept": v is kept[0],
+                     "raced_p50_ms": p50, "speedup_vs_fp32": rep["speedup_vs_fp32"],
+                     "relative_latency": round(p50 / min(times.values()), 3) if p50 else None,
+                     "size_bytes": rep["size_bytes"], "gate": {k: rep["gate"][k] for k in ("metric", "value",
+                                                                                             "text", "passed")},
+                     "agreement": _agreement_summary(rep["agreement"], ctx.rule.output)})
+    v, rep, sample_out, candidate = kept
+    rep = {**rep, "search": {"candidates": rows, "kept": candidate, "rule": why, "speed_tie": SPEED_TIE}}
+    ctx.say(f"[{target}] search for {v.name}: kept {candidate} ({why}); "
+            + "; ".join(f"{r['candidate']}: {r['gate']['text']}"
+                        + (f", {r['relative_latency']:.2f}x the fastest's latency" if r["relative_latency"] else "")
+                        for r in rows))
+    return v, rep, sample_out
+
+
+RACE_ROUNDS = 5
+RACE_RUNS = 20
+
+
+def _race(variants: list[Variant], ctx: _Context) -> dict[int, float]:
+    """Each variant's median p50 over RACE_ROUNDS interleaved rounds of RACE_RUNS runs (id(variant) -> ms)."""
+    sessions = []
+    try:
+        for v in variants:
+            sessions.append((v, _session(v.path.parent, v.path.name, f"{v.name} variant", v.runtime, _settings(v))))
+        p50s: dict[int, list[float]] = {id(v): [] for v in variants}
+        for _ in range(RACE_ROUNDS):
+            for v, session in sessions:
+                p50s[id(v)].append(measure.latency(session, ctx.one, warmup=2, runs=RACE_RUNS)["p50"])
+    finally:
+        for _, session in sessions:
+            session.close()
+    return {k: round(float(np.median(t)), 4) for k, t in p50s.items()}
+
+
+def _recipe_summary(recipe: dict) -> dict:
+    """A candidate's recipe without its bulky parts (toolchain versions, node lists), for the search table."""
+    return {k: v for k, v in recipe.items() if k not in ("toolchain", "input_shapes", "passes")
+            and not (isinstance(v, (list, dict)) and len(str(v)) > 120)}
+
+
+def _agreement_summary(agreement: dict, output: str) -> dict:
+    entry = agreement["outputs"][output]
+    return {k: entry.get(k) for k in ("top1", "top5", "kl", "sqnr_db") if entry.get(k) is not None}
 
 
 def _chosen_text(chain: list[dict]) -> str:

@@ -226,3 +226,20 @@ def _figures(entry: dict) -> str:
     if entry.get("max_abs_err") is not None:
         bits.append(f"max abs err {entry['max_abs_err']:.3g}")
     return ", ".join(bits)
+
+
+def fidelity(rule: Rule, agreement: dict, accuracy: float | None) -> tuple[float, ...]:
+    """A sort key, higher is more faithful: the gate's metric first, then the judged output's KL (classifiers)
+    and SQNR, which separate variants a top-1 count on a few held-out samples calls equal."""
+    entry = agreement["outputs"][rule.output]
+    kl = entry.get("kl")
+    kl_key = -kl if kl is not None and math.isfinite(kl) else -math.inf
+    if rule.metric == "accuracy":
+        first = accuracy if accuracy is not None else -math.inf
+    elif rule.metric in ("top1", "top5"):
+        first = entry[rule.metric]
+    elif rule.metric == "kl":
+        first = kl_key
+    else:
+        first = entry["sqnr_db"]
+    return (first, kl_key, entry["sqnr_db"])

@@ -4,9 +4,13 @@ A target is one module (``converter/cpu.py``, ``intel.py``, ``arm.py``) with
 
     TARGET: str                                  # "cpu" | "intel" | "arm"
     def missing() -> str | None                  # None when its toolchain is installed, else what to install
-    def plan(source, specs, calib, work, *, calib_method, cpu_flags) -> list[Step]
+    def plan(source, specs, calib, work, *, calib_method, cpu_flags[, search, max_accuracy_drop]) -> list[Step]
 
-Each step that writes a variant returns it. A variant's directory (``path.parent``) is laid out like
+Each step that writes a variant returns it. Several steps may write the same variant by different recipes
+(``candidate`` names each): the converter measures every candidate, gates each, and keeps the fastest that
+passes (within ``SPEED_TIE`` of the fastest, the most faithful); the others are shown as the variant's search.
+A plan that takes ``search`` is told whether to offer more than one candidate (it is off when nothing gates
+the choice, to keep a plain conversion quick). A variant's directory (``path.parent``) is laid out like
 an unpacked bundle: every file in it goes into the bundle (the converter adds ``sample.npz``), and
 ``path.name`` is the manifest's ``model``.
 """
@@ -19,6 +23,8 @@ from pathlib import Path
 
 # The accuracy gate's fallback chain, best first: a target names which rung each variant stands on.
 RUNGS = ("int8", "int8-mixed", "fp16", "fp32")
+# candidates of a search whose latencies are within this fraction of the fastest count as equally fast
+SPEED_TIE = 0.05
 
 
 @dataclass
@@ -39,3 +45,4 @@ class Step:
     produces: str | None = None  # the name of the variant this step writes, if any
     fallback: bool = False  # built only when the accuracy gate needs it (e.g. int8 with sensitive nodes in float)
     rung: str | None = None  # for a fallback step: the rung its variant stands on
+    candidate: str | None = None  # one of several recipes for the same variant (``produces``): its short name

@@ -97,6 +97,21 @@ def output_rows(report: dict) -> list[tuple[str, ...]]:
     return out
 
 
+def search_lines(report: dict) -> list[str]:
+    """One line per variant whose recipe was searched: what was kept and why, each candidate's figures."""
+    lines = []
+    for v in report["variants"] + report.get("refused", []):
+        if not (search := v.get("search")):
+            continue
+        cands = "; ".join(
+            f"{c['candidate']}{' (kept)' if c['kept'] else ''}: {c['gate']['text']}"
+            + (f", {c['relative_latency']:.2f}x the fastest's latency" if c.get("relative_latency") else "")
+            + ("" if c["gate"]["passed"] is not False else ", refused")
+            for c in search["candidates"])
+        lines.append(f"search {v['target']}/{v['variant']}: kept {search['kept']}, {search['rule']}: {cands}")
+    return lines
+
+
 def signature_line(report: dict) -> str:
     signed = report.get("signed")
     if signed:
@@ -124,6 +139,7 @@ def table(report: dict) -> str:
                      f"parameters {n['params']['ratio']:.2f}x, MACs {n['macs']['ratio']:.2f}x, size "
                      f"{n['size']['ratio']:.2f}x, ORT fp32 {n['latency_ms']['speedup']:.2f}x as fast; every variant "
                      f"is judged against the unpruned model")
+    lines += search_lines(report)
     for v in report.get("refused", []):
         lines.append(f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}")
     for t, chosen in report.get("gate", {}).get("chosen", {}).items():
@@ -216,6 +232,7 @@ def _table(r: list[tuple[str, ...]]) -> str:
 
 def to_html(report: dict) -> str:
     notes = [gate_line(report)] if gate_line(report) else []
+    notes += search_lines(report)
     notes += [f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}" for v in report.get("refused", [])]
     notes += [f"gate {t}: {c}" for t, c in report.get("gate", {}).get("chosen", {}).items()]
     notes += [f"skipped {s['target']}: {s['reason']}" for s in report.get("skipped", [])]
