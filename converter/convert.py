@@ -127,12 +127,14 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             say(f"warning: {line}")
         common["warnings"] = warnings
         ctx = _Context(held, one, batch, reference, held_labels, rule, ref_accuracy, common, say)
+        ctx.passes.append(_fix_shapes_record(specs, kept))
         if prune:
             from converter.passes.prune import prune as prune_model
 
             say(f"pruning {prune:.0%} of the channels of every safe Conv group ...")
             pruned = work / "pruned.onnx"
             common["pruning"] = {k: v for k, v in prune_model(fixed, pruned, prune).items() if k != "out_path"}
+            ctx.passes.append(common["pruning"])
             fixed = pruned  # the targets start from it; the reference stays the original model
 
         built, refused, skipped, chosen = [], [], [], {}
@@ -208,6 +210,7 @@ class _Context:
         self.held, self.one, self.batch, self.reference = held, one, batch, reference
         self.labels, self.rule, self.ref_accuracy = labels, rule, ref_accuracy
         self.common, self.say = common, say
+        self.passes: list[dict] = []  # the passes every target starts from (fix_shapes, prune, ...), as recorded
 
 
 def _plan_options(module, max_drop: float | None, search: bool) -> dict:
@@ -302,7 +305,6 @@ def _search(target: str, measured: list, ctx: _Context) -> tuple[Variant, dict, 
     else:
         kept = max(measured, key=lambda m: faithful[id(m[0])])
         why = "none passes the gate: the most faithful is shown refused"
-    ref_p50 = ctx.common["reference_latency_ms"]["p50"]
     rows = []
     for v, rep, _, candidate in measured:
         p50 = times.get(id(v))
@@ -391,7 +393,7 @@ def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
     report = {
         "target": target, "variant": v.name, "runtime": v.runtime, "precision": v.precision, "rung": v.rung,
         "size_bytes": sum(f.stat().st_size for f in v.path.parent.iterdir() if f.name != "sample.npz"),
-        "recipe": v.recipe,
+        "recipe": {**v.recipe, "passes": ctx.passes + list(v.recipe.get("passes", []))},
         "latency_ms": {**lat, "batch": ctx.batch or 1, "settings": _settings(v)},
         "speedup_vs_fp32": round(ref_p50 / lat["p50"], 3) if lat["p50"] > 0 else None,
         "agreement": agreement, "accuracy": accuracy, "gate": verdict,
@@ -490,6 +492,15 @@ def _session(model_dir: Path, model: str, what: str, runtime: str = "onnxruntime
         raise
     except Exception as e:
         raise ConvertError(f"{runtime} cannot load the {what}: {_first_line(e)}") from None
+
+
+def _fix_shapes_record(specs: list[TensorSpec], kept: list[str]) -> dict:
+    """The first pass of every recipe, recorded like the others (converter/passes PassResult.report())."""
+    from converter.passes import versions
+
+    return {"name": "fix_shapes", "config": {"input_shapes": {s.name: list(s.shape) for s in specs}},
+            "out_path": "fixed.onnx", "toolchain": versions(("onnx", "onnxruntime")),
+            "notes": {"kept_dynamic": kept}}
 
 
 def _output_specs(path: Path) -> list[TensorSpec]:
