@@ -20,6 +20,11 @@ targets and their variants:
          calibrated on --calib); and ort-int8-arm (ONNX Runtime int8 for ARM64)  [pip install 'edgefleet[arm]']
   all    every target whose toolchain is installed; says which it skipped and why
 
+A MODEL.tflite is measured, gated and bundled AS GIVEN, for --target arm only: one variant, `tflite`
+(its precision told from its tensors), fed as it declares its inputs (NHWC for images; --calib must
+match them). Its reference is the model itself (agreement 100 % by construction, and the report says
+so) unless --reference REF.onnx|REF.tflite names an fp32 model to judge it against.
+
 Each variant runs in its own runtime, through the same loader a device uses, on held-out samples and
 is compared with the one fp32 reference (ONNX Runtime on the original model). Classifier outputs
 ([N, C], C >= 2): top-1 and top-5 agreement, mean KL(fp32 || variant), top-1 agreement where fp32 is
@@ -67,7 +72,8 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgefleet convert", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL.onnx", help="the trained model (ONNX, fp32)")
+    p.add_argument("model", metavar="MODEL.onnx|MODEL.tflite",
+                   help="the trained model: ONNX (fp32), or a TFLite model to bundle as given (--target arm)")
     p.add_argument("--target", default="cpu", metavar="TARGET",
                    help="cpu, intel, arm or all (see above) [default: cpu]")
     p.add_argument("--calib", required=True, metavar="DATA.npz|DIR",
@@ -113,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
                    help="try several int8 recipes per target (calibration, presets, bias correction, layers kept in "
                         "float, ...) and keep the fastest that passes the gate, shown in the report; auto: when the "
                         "gate is on; off: each library's defaults only [default: auto]")
+    p.add_argument("--reference", metavar="REF.onnx|REF.tflite",
+                   help="with a MODEL.tflite: the fp32 model it is judged against (inputs and outputs matched by "
+                        "name, else by position; 4-D NCHW/NHWC transposed by shape) [default: the model itself]")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -163,6 +172,7 @@ def main(argv: list[str]) -> int:
         gate_output=args.gate_output, min_sqnr=args.min_sqnr, max_kl=args.max_kl,
         output_kinds=parse_output_kinds(args.output_kind), sign_key=key, serial=args.serial, prune=args.prune,
         search=args.search,
+        reference=args.reference,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:

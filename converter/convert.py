@@ -38,6 +38,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             gate_metric: str | None = None, gate_output: str | None = None, min_sqnr: float | None = None,
             max_kl: float | None = None, output_kinds: dict[str, str] | None = None, sign_key=None,
             serial: int | None = None, prune: float | str | None = None, search: str = "auto",
+            reference: str | Path | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
@@ -52,7 +53,10 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
 
     ``prune`` ("30%" or 0.3) prunes that fraction of the channels of every safe Conv group
     (converter/passes/prune.py) before the targets' passes; every variant is still judged against the original
-    model, so the report shows what pruning cost."""
+    model, so the report shows what pruning cost.
+
+    A ``.tflite`` model is measured, gated and bundled as given (target arm only; converter/tflite_source.py),
+    against itself or against ``reference`` (an fp32 .onnx or .tflite)."""
     model, calib, out = Path(model), Path(calib), Path(out)
     signature = _signature(sign_key, serial)
     say = progress or (lambda line: None)
@@ -72,6 +76,15 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
     version = _safe(str(version), "--version")
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out {out} exists and is not a directory")
+    if model.suffix.lower() == ".tflite":  # bundled as given: one variant, no passes
+        from converter.tflite_source import convert_tflite
+
+        return convert_tflite(model, target=target, calib=calib, out=out, name=name, version=version,
+                              input_shapes=input_shapes, calib_method=calib_method, labels=labels, gating=gating,
+                              reference=reference, sign_key=sign_key, signature=signature, say=say,
+                              onnx_only={"--prune": prune, "--search on": search == "on" or None})
+    if reference is not None:
+        raise ConvertError("--reference is for a .tflite model; an ONNX model is its own fp32 reference")
 
     source, declared = _load_source(model)
     shaped = calibration.apply_input_shapes(declared, input_shapes)

@@ -63,7 +63,8 @@ def rows(report: dict) -> list[tuple[str, ...]]:
     acc = [] if ref_acc is None else ["accuracy"]
     out = [("target", "variant", "runtime", "precision", "size", "p50 ms", "p95 ms", "speedup",
             *(h for h, _ in columns), *acc, "max abs err", "gated by", "gate")]
-    out.append(("source", "onnx", "onnxruntime", "fp32", size(report["source"]["size_bytes"]), f"{ref['p50']:.2f}",
+    r = reference(report)
+    out.append((r["row"], r["label"], r["runtime"], r["precision"], size(r["size_bytes"]), f"{ref['p50']:.2f}",
                 f"{ref['p95']:.2f}", "1.00x", *("ref" for _ in columns), *(_pct(ref_acc) for _ in acc), "ref", "",
                 ""))
     for v in report["variants"] + report.get("refused", []):
@@ -112,6 +113,22 @@ def search_lines(report: dict) -> list[str]:
     return lines
 
 
+def reference(report: dict) -> dict:
+    """What the variants were judged against: ONNX Runtime on the source model, unless the report says otherwise
+    (a .tflite bundled as given: the model itself, or its --reference; converter/tflite_source.py)."""
+    r = report.get("reference")
+    if r is None:
+        return {"row": "source", "label": "onnx", "runtime": "onnxruntime", "precision": "fp32",
+                "size_bytes": report["source"]["size_bytes"], "short": "ORT fp32", "text": "ONNX Runtime fp32",
+                "note": None}
+    if r["kind"] == "self":
+        return {"row": "source", "label": "tflite (reference: the model itself)", "runtime": r["runtime"],
+                "precision": r["precision"], "size_bytes": r["size_bytes"], "short": r["short"], "text": r["text"],
+                "note": r.get("note")}
+    return {"row": "reference", "label": r["kind"], "runtime": r["runtime"], "precision": r["precision"],
+            "size_bytes": r["size_bytes"], "short": r["short"], "text": r["text"], "note": r.get("note")}
+
+
 def signature_line(report: dict) -> str:
     signed = report.get("signed")
     if signed:
@@ -129,8 +146,11 @@ def table(report: dict) -> str:
     host = report["host"]
     isa = ", ".join(f for f in host["flags"] if "vnni" in f or "amx" in f or f in ("avx2", "asimddp", "i8mm"))
     n = report["calibration"]["held_out_samples"]
-    lines += ["", f"latency: batch 1, 1 thread, on {host['cpu']} ({isa or host['machine']}); speedup against ONNX "
-                  f"Runtime fp32 in the same run; agreement with fp32 on {n} held-out samples"]
+    ref = reference(report)
+    lines += ["", f"latency: batch 1, 1 thread, on {host['cpu']} ({isa or host['machine']}); speedup against "
+                  f"{ref['text']} in the same run; agreement with {ref['text']} on {n} held-out samples"]
+    if ref["note"]:
+        lines.append(ref["note"])
     if gate_line(report):
         lines.append(gate_line(report))
     if (p := report.get("pruning")) is not None:
@@ -200,10 +220,11 @@ def _plot(report: dict, w: int = 640, h: int = 360, pad: int = 56) -> str:
                      f'fill="#777">gate</text>')
     if ref_value is None:
         parts.append(f'<line x1="{sx(ref):.1f}" x2="{sx(ref):.1f}" y1="{pad}" y2="{h - pad}" stroke="#000" '
-                     f'stroke-dasharray="4 3"/><text x="{sx(ref) + 4:.1f}" y="{pad + 12}">ORT fp32 (reference)</text>')
+                     f'stroke-dasharray="4 3"/><text x="{sx(ref) + 4:.1f}" y="{pad + 12}">{html.escape(reference(report)["short"])} (reference)</text>')
     else:
         parts.append(f'<circle cx="{sx(ref):.1f}" cy="{sy(ref_value):.1f}" r="6" fill="none" stroke="#000"/>'
-                     f'<text x="{sx(ref) + 8:.1f}" y="{sy(ref_value) - 8:.1f}">ORT fp32 (reference)</text>')
+                     f'<text x="{sx(ref) + 8:.1f}" y="{sy(ref_value) - 8:.1f}">{html.escape(reference(report)["short"])} '
+                     f'(reference)</text>')
     for x, y, v in points:
         colour = COLOURS.get(v["target"], "#555")
         fill = colour if v["gate"]["passed"] is not False else "#fff"
@@ -231,7 +252,8 @@ def _table(r: list[tuple[str, ...]]) -> str:
 
 
 def to_html(report: dict) -> str:
-    notes = [gate_line(report)] if gate_line(report) else []
+    notes = [reference(report)["note"]] if reference(report)["note"] else []
+    notes += [gate_line(report)] if gate_line(report) else []
     notes += search_lines(report)
     notes += [f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}" for v in report.get("refused", [])]
     notes += [f"gate {t}: {c}" for t, c in report.get("gate", {}).get("chosen", {}).items()]
@@ -247,8 +269,8 @@ code{{background:#f3f3f3}}</style></head><body>
 <p>Source <code>{html.escape(report['source']['path'])}</code> (sha256 <code>{report['source']['sha256'][:16]}…</code>);
 calibration sha256 <code>{report['calibration']['sha256'][:16]}…</code>, {report['calibration']['samples']} samples,
 {report['calibration']['held_out_samples']} held out. Host: {html.escape(host['cpu'])}, {host['cpus']} CPUs,
-ISA {html.escape(', '.join(host['flags']))}. Latency at batch 1, 1 thread; speedup against ONNX Runtime fp32
-measured in the same run. A hollow point was refused by the gate.</p>
+ISA {html.escape(', '.join(host['flags']))}. Latency at batch 1, 1 thread; speedup against
+{html.escape(reference(report)['text'])} measured in the same run. A hollow point was refused by the gate.</p>
 {_plot(report)}
 {_table(rows(report))}
 <ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
