@@ -27,6 +27,7 @@ bundle is unpacked and run as a device does.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -88,8 +89,9 @@ def describe(path: Path, what: str = "model") -> Interface:
     if len(head) < 8 or head[4:8] != b"TFL3":
         raise ConvertError(f"{path} is not a TFLite model (no TFL3 flatbuffer identifier)")
     try:
-        it = tflite._interpreter_class()(model_path=str(path), num_threads=THREADS)
-        it.allocate_tensors()
+        with _native_stderr_quiet():  # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate" (once a process)
+            it = tflite._interpreter_class()(model_path=str(path), num_threads=THREADS)
+            it.allocate_tensors()
     except Exception as e:
         raise ConvertError(f"{path} is not a valid TFLite model: LiteRT cannot load it: {_first_line(e)}") from None
     ins, outs = it.get_input_details(), it.get_output_details()
@@ -118,6 +120,24 @@ def describe(path: Path, what: str = "model") -> Interface:
     precision, detail = _precision(it)
     settings = {"threads": THREADS, "input_map": input_map, "output_map": output_map}
     return Interface(path, inputs, outputs, settings, precision, detail)
+
+
+@contextlib.contextmanager
+def _native_stderr_quiet():
+    """File descriptor 2 pointed at /dev/null for the block: LiteRT's C++ logging writes there, not to sys.stderr;
+    its errors still arrive as Python exceptions."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _signature_names(it) -> tuple[dict[int, str], dict[int, str]]:
@@ -348,9 +368,19 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
     source_sha = sha256_file(model)
     litert = litert_version()
 
-    staging = c._staging_dir(out)
-    ref = None
+    probe = _open(model, RUNTIME, interface.settings, "model")
     try:
+        probe_out = probe.run(one)
+    except Exception as e:
+        raise ConvertError(f"{model.name} fails on the calibration data in LiteRT: {_first_line(e)}") from None
+    finally:
+        probe.close()
+    # the reference is matched before any progress line: a reference that does not fit is the only line
+    ref = open_reference(Path(reference), interface, one, probe_out) if reference is not None else \
+        self_reference(interface)
+    staging = None
+    try:
+        staging = c._staging_dir(out)
         say(f"checking {model.name} ({interface.precision} TFLite, bundled as given) and {calib.name} "
             f"({data.describe()}: {data.samples} feeds, {data.n_eval} held out); inputs "
             f"{', '.join(f'{s.name}{calibration._fmt(s.shape)}' for s in specs)} ...")
@@ -358,15 +388,6 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
         vdir.mkdir(parents=True)
         path = vdir / "model.tflite"
         shutil.copyfile(model, path)
-        probe = _open(path, RUNTIME, interface.settings, "model")
-        try:
-            probe_out = probe.run(one)
-        except Exception as e:
-            raise ConvertError(f"{model.name} fails on the calibration data in LiteRT: {_first_line(e)}") from None
-        finally:
-            probe.close()
-        ref = open_reference(Path(reference), interface, one, probe_out) if reference is not None else \
-            self_reference(interface)
         say(f"running the reference, {ref.info['text']}, on the held-out feeds ...")
         try:
             parts = calibration.run_feeds(ref.session.run, held, batch, measure.EVAL_BATCH)
@@ -435,7 +456,8 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
     finally:
         if ref is not None:
             ref.session.close()
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def ref_note(info: dict) -> str | None:
