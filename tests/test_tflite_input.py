@@ -140,6 +140,7 @@ def test_as_given_against_itself(converted, tflites, case, precision):
     assert v["agreement"]["top1"] == 1.0 and v["agreement"]["sqnr_db"] == 200.0  # by construction
     assert v["recipe"]["as_given"] is True and v["recipe"]["source_sha256"] == _sha(tflites[case])
     assert v["recipe"]["litert"].startswith("ai-edge-litert ")
+    assert [p["name"] for p in v["recipe"]["passes"]] == ["as_given"]
     assert report["source"]["format"] == "tflite" and report["source"]["sha256"] == _sha(tflites[case])
     assert v["round_trip"]["ok"] is True and v["latency_ms"]["p50"] > 0
     m = read_manifest(out / v["bundle"])
@@ -277,6 +278,7 @@ def _bad_cases(tflites, onnx_model, data, tmp: Path) -> dict[str, tuple[list[str
                             "input 'input' [?, 3, 224, 224] does not fit the model's input 'x' [1, 48, 192, 3]"),
         "reference quantized": ([*base, "--reference", str(tflites["int8"])], "is not an fp32 model"),
         "reference not a model": ([*base, "--reference", nhwc], "must be an .onnx or .tflite model"),
+        "search on": ([*base, "--search", "on"], "--search on needs an ONNX model"),
         "reference on onnx": ([str(onnx_model), "--target", "arm", "--calib", str(data["nchw.npz"]), "--reference",
                                fp32], "--reference is for a .tflite model"),
     }
@@ -293,7 +295,7 @@ def _snapshot(root: Path) -> list[str]:
 
 BAD = ["target cpu", "target intel", "target all", "default target", "prune", "input-shape", "calib-method",
        "not a tflite", "truncated", "missing", "calib NCHW", "calib name", "reference inputs", "reference shape",
-       "reference quantized", "reference not a model", "reference on onnx"]
+       "reference quantized", "reference not a model", "search on", "reference on onnx"]
 
 
 @pytest.mark.parametrize("case", BAD)
