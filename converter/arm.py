@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
@@ -36,9 +35,7 @@ TARGET = "arm"
 TFLITE = "tflite"
 ORT = "onnxruntime"
 STEM = "model"  # onnx2tf names its outputs after the input file: model_float32.tflite, ...
-FILES = {"tflite-fp32": "float32", "tflite-fp16": "float16", "tflite-int8": "full_integer_quant"}
 INT8_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D", "BATCH_MATMUL")
-SCOPE_NAME = re.compile(r"[^A-Za-z0-9_.\\/>-]")  # what TensorFlow allows in a scope name
 THREADS = 1
 
 
@@ -57,12 +54,14 @@ def missing() -> str | None:
 
 
 def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
-         calib_method: str = "auto", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
-    """The passes for this target, in order; the steps that produce a variant return it."""
+         calib_method: str = "auto", cpu_flags: frozenset[str] = frozenset(), search: bool = False) -> list[Step]:
+    """The passes for this target, in order; the steps that produce a variant return it.
+
+    ``search``: offer several recipes for ``ort-int8-arm`` (``int8_candidates``, ONNX Runtime's own defaults
+    among them). ``tflite-int8`` stays one recipe (see ``TFLITE_SINGLE``)."""
     if calib_method not in cpu.CALIB_METHODS:
         raise ConvertError(f"unknown calibration method {calib_method!r} "
                            f"(choose from {', '.join(cpu.CALIB_METHODS)})")
-    calib_method = "minmax" if calib_method == "auto" else calib_method  # ONNX Runtime's default
     calib = as_feeds(calib)
     samples = len(calib)
     # onnx2tf calibrates float32 inputs only, and takes sample i of every input as [i:i+1] along axis 0
@@ -75,22 +74,27 @@ def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
     batch = specs[0].shape[0] if specs[0].shape and specs[0].shape[0] > 0 else None
     shapes = " ".join(f"{s.name}={'x'.join('N' if d < 0 else str(d) for d in s.shape)}" for s in specs)
     sample = calib[0]
-    made: dict[str, Path] = {}
+    made: list = []
+    base_ort = int8_recipe("minmax" if calib_method == "auto" else calib_method, samples)
+    candidates = cpu.int8_candidates(base_ort, calib_method) if search else {None: base_ort}
+    prep = cpu.Prepared(source, work)
 
-    def onnx2tf_outputs() -> dict[str, Path]:
+    def onnx2tf_outputs() -> tuple[dict[str, Path], dict]:
         if not made:
-            made.update(run_onnx2tf(source, specs, calib, work / "onnx2tf", quantize=quantizable))
-        return made
+            result = cpu.run_pass("onnx2tf", source, work / "onnx2tf", quantize=quantizable, specs=specs, calib=calib)
+            made.append(({k: Path(v) for k, v in result.notes["files"].items()}, result.report()))
+        return made[0]
 
     base = {"converter": toolchain.ONNX2TF, "tensorflow": "2.19.0", "layout": "NHWC (onnx2tf)",
             "built_batch": 1, "input_shapes": shapes}
 
     def tflite(name: str, precision: str, rung: str, recipe: dict) -> Variant:
+        files, report = onnx2tf_outputs()
         out = work / name / f"{STEM}.tflite"
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(onnx2tf_outputs()[name], out)
-        return Variant(name, precision, out, TFLITE, {**base, **recipe}, io_settings(out, source, specs, sample),
-                       rung=rung)
+        shutil.copyfile(files[name], out)
+        return Variant(name, precision, out, TFLITE, {**base, **recipe, "passes": [report]},
+                       io_settings(out, source, specs, sample), rung=rung)
 
     def fp32() -> Variant:
         return tflite("tflite-fp32", "fp32", "fp32", {})
@@ -102,19 +106,19 @@ def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
         v = tflite("tflite-int8", "int8", "int8", {
             "quantization": "full integer (TFLite converter, representative dataset)", "per_channel": True,
             "activations": "int8", "weights": "int8", "io": "float32 (quantize/dequantize inside the model)",
-            "calibration_samples": samples, "calibration_layout": "NHWC", "calibration_mean_std": [0.0, 1.0]})
+            "calibration_samples": samples, "calibration_layout": "NHWC", "calibration_mean_std": [0.0, 1.0],
+            "search": TFLITE_SINGLE})
         v.recipe["int8_check"] = check_full_int8(v.path)
         return v
 
-    def ort_int8() -> Variant:
-        recipe = int8_recipe(calib_method, samples)
-        upgraded = work / "ort-int8-arm-opset.onnx"
-        prepared = work / "ort-int8-arm-pre.onnx"
-        out = work / "ort-int8-arm" / "model.onnx"
-        recipe["opset_upgraded_from"] = cpu.upgrade_opset(source, upgraded, cpu.QDQ_MIN_OPSET)
-        recipe["symbolic_shape_inference"] = cpu.pre_process(upgraded, prepared)
-        cpu.quantize(prepared, out, calib, recipe, batch=batch)
-        return Variant("ort-int8-arm", "int8", out, ORT, {**recipe, "input_shapes": shapes}, rung=None)
+    def ort_int8(candidate: str | None):
+        def run() -> Variant:
+            out = work / ("ort-int8-arm" if candidate is None else f"ort-int8-arm@{candidate}") / "model.onnx"
+            recipe = prep.quantized(dict(candidates[candidate]), out, calib, batch, "ort-int8-arm")
+            if candidate is not None:
+                recipe["candidate"] = candidate
+            return Variant("ort-int8-arm", "int8", out, ORT, {**recipe, "input_shapes": shapes}, rung=None)
+        return run
 
     steps = [Step(f"converting to TFLite with {toolchain.ONNX2TF} in its own venv (fp32, fp16"
                   + (f" and full-integer int8, per-channel, calibrated on {samples} samples in NHWC)"
@@ -124,9 +128,18 @@ def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
     if quantizable:
         steps.append(Step("checking the int8 TFLite model is full-integer (int8 weights and activations)",
                           int8, "tflite-int8"))
-    steps.append(Step(f"quantizing int8 for ONNX Runtime on ARM64 (static QDQ, per-channel, int8 activations / "
-                      f"int8 weights, {calib_method} calibration on {samples} samples)", ort_int8, "ort-int8-arm"))
+    for name, recipe in candidates.items():
+        steps.append(Step(f"quantizing int8 for ONNX Runtime on ARM64 ({cpu.describe(recipe)})", ort_int8(name),
+                          "ort-int8-arm", candidate=name))
     return steps
+
+
+# Why tflite-int8 is not searched: one onnx2tf run (minutes: TensorFlow's converter and its calibration, in the
+# toolchain venv) writes the fp32, fp16 and int8 models together; each other int8 recipe (per-tensor, other
+# calibration) would repeat the whole run, and onnx2tf's calibration knobs are few (mean/std, per-channel or
+# per-tensor). The search happens where it is cheap: ort-int8-arm.
+TFLITE_SINGLE = ("one recipe: each other TFLite int8 recipe needs another full onnx2tf run (minutes), which also "
+                 "rewrites fp32 and fp16; the ARM search is on ort-int8-arm")
 
 
 def int8_recipe(calib_method: str, samples: int) -> dict:
@@ -147,59 +160,21 @@ def int8_recipe(calib_method: str, samples: int) -> dict:
     }
 
 
-# ---- passes: each reads one model and writes new files ---------------------------------------------
+# ---- kept for callers (and tests) that use them directly ----------------------------------------------
 
 
 def prepare_for_onnx2tf(src: Path, dst: Path) -> None:
     """A copy of ``src`` with the batch fixed to 1 and node names TensorFlow accepts as scope names."""
-    import onnx
+    from converter.passes.onnx2tf import prepare
 
-    model = onnx.load(str(src))
-    for value in [*model.graph.input, *model.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        name = SCOPE_NAME.sub("_", node.name) or f"{node.op_type}_{i}"
-        while name in seen:
-            name = f"{name}_{i}"
-        seen.add(name)
-        node.name = name
-    del model.graph.value_info[:]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
+    prepare(src, dst)
 
 
 def run_onnx2tf(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
                 quantize: bool = True, io_dtype: str = "float32") -> dict[str, Path]:
-    """One onnx2tf run in ``work``; returns {variant name: the .tflite it wrote}.
-
-    ``io_dtype`` is the full-integer model's input/output type (onnx2tf's own default is int8)."""
-    work.mkdir(parents=True, exist_ok=True)
-    prepare_for_onnx2tf(source, work / f"{STEM}.onnx")
-    args = ["-i", f"{STEM}.onnx", "-o", "out", "-b", "1"]
-    if quantize:
-        args += ["-oiqt", "-qt", "per-channel", "-iqd", io_dtype, "-oqd", io_dtype]
-        arrays = as_feeds(calib).arrays()  # one sample per feed along axis 0
-        for i, spec in enumerate(specs):
-            data = np.asarray(arrays[spec.name], np.float32)
-            if data.ndim >= 3:
-                data = np.transpose(data, channels_last(data.ndim))
-            np.save(work / f"calib_{i}.npy", np.ascontiguousarray(data))
-            zero, one = ("[" * data.ndim + v + "]" * data.ndim for v in ("0.0", "1.0"))
-            args += ["-cind", spec.name, f"calib_{i}.npy", zero, one]
-    toolchain.run_onnx2tf(args, work)
-    found = {}
-    for name, suffix in FILES.items():
-        if name == "tflite-int8" and not quantize:
-            continue
-        path = work / "out" / f"{STEM}_{suffix}.tflite"
-        if not path.is_file():
-            raise ConvertError(f"onnx2tf finished but wrote no {path.name} (log: {work / 'onnx2tf.log'})")
-        found[name] = path
-    return found
+    """One onnx2tf run in ``work`` (the ``onnx2tf`` pass); returns {variant name: the .tflite it wrote}."""
+    result = cpu.run_pass("onnx2tf", source, work, quantize=quantize, io_dtype=io_dtype, specs=specs, calib=calib)
+    return {k: Path(v) for k, v in result.notes["files"].items()}
 
 
 def channels_last(rank: int) -> list[int]:

@@ -1,11 +1,21 @@
-"""Target ``cpu``: ONNX Runtime on any CPU. Two variants, each written by its own passes:
+"""Target ``cpu``: ONNX Runtime on any CPU. Its variants, each written by passes (``converter/passes/``:
+ort_optimize, onnx_opset, ort_preprocess, ort_quantize, ort_dynamic, ort_mixed, ort_fp16; each variant's
+recipe lists them under ``passes``):
 
 - ``fp32``: the ONNX Runtime graph optimizations saved offline at ORT_ENABLE_EXTENDED (fusions into
   standard and com.microsoft CPU ops). ORT_ENABLE_ALL would also save the NCHWc layout, which ORT
   itself warns is specific to the CPU it was optimized on; the device applies that layer at load.
 - ``int8``: static QDQ quantization with per-channel weights (onnxruntime.quantization), calibrated on
   the calibration split, after ``quant_pre_process``. The opset is raised to 13 where needed
-  (per-channel QDQ needs axis on Quantize/DequantizeLinear).
+  (per-channel QDQ needs axis on Quantize/DequantizeLinear). With a search, several recipes are measured
+  (``int8_candidates``, ONNX Runtime's own defaults among them) and the fastest that passes the gate is kept.
+- ``int8-dynamic``: weights-only int8 for MatMul/Gemm/LSTM-heavy models.
+- ``int8-mixed`` (a fallback rung): the layers whose int8 costs the output the most, MEASURED one by one on
+  calibration feeds (``ort_mixed``), kept in float.
+- ``fp16`` (a fallback rung).
+
+A quantized variant in which no op ended up quantized (ORT's quantizer does not enter If/Loop subgraphs)
+carries ``recipe["warning"]``: it computes in float, exactly as fp32 does.
 
 Every pass takes a model path and writes a NEW model to a new path (Olive style); onnx and
 onnxruntime are imported inside the passes.
@@ -13,16 +23,13 @@ onnxruntime are imported inside the passes.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from agent.bundle import TensorSpec
-from converter import ConvertError
+from converter import ConvertError, passes
 from converter.calib import Feeds, as_feeds
+from converter.passes.ort_dynamic import present_ops
 from converter.plan import Step, Variant
 
 TARGET = "cpu"
@@ -34,83 +41,95 @@ def missing() -> str | None:
     if importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed: pip install 'edgefleet[converter]'"
     return None
+
+
 RUNTIME = "onnxruntime"
 QDQ_MIN_OPSET = 13
-CALIB_BATCH = 8
 CALIB_METHODS = ("auto", "minmax", "entropy", "percentile")  # auto: each library's own default (ORT: minmax)
 BATCH_PARAM = "batch"
 
 
 def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
-         calib_method: str = "auto", cpu_flags: frozenset[str] = frozenset()) -> list[Step]:
-    """The passes for this target, in order; the steps that produce a variant return it."""
+         calib_method: str = "auto", cpu_flags: frozenset[str] = frozenset(), search: bool = False) -> list[Step]:
+    """The passes for this target, in order; the steps that produce a variant return it.
+
+    ``search``: offer the int8 candidates of ``int8_candidates`` (ONNX Runtime's own defaults among them), else
+    only this target's recipe for the host (``int8_recipe``)."""
     if calib_method not in CALIB_METHODS:
         raise ConvertError(f"unknown calibration method {calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
-    calib_method = "minmax" if calib_method == "auto" else calib_method  # ONNX Runtime's default
     fixed = source  # the converter fixed the input shapes already
     batch = specs[0].shape[0] if specs[0].shape and specs[0].shape[0] > 0 else None  # a fixed batch dim, or None
     calib = as_feeds(calib)
-    recipe = int8_recipe(cpu_flags, calib_method, samples=len(calib))
     shapes = " ".join(f"{s.name}={'x'.join('N' if d < 0 else str(d) for d in s.shape)}" for s in specs)
+    base = int8_recipe(cpu_flags, "minmax" if calib_method == "auto" else calib_method, samples=len(calib))
+    candidates = int8_candidates(base, calib_method) if search else {None: base}
+    prep = Prepared(fixed, work)
 
     def fp32() -> Variant:
-        out = work / "fp32" / "model.onnx"
-        optimize(fixed, out, level="extended")
-        return Variant("fp32", "fp32", out, RUNTIME, {"graph_optimization": "ORT_ENABLE_EXTENDED",
-                                                      "input_shapes": shapes}, rung="fp32")
+        result = run_pass("ort_optimize", fixed, work / "fp32" / "model.onnx", level="extended")
+        return Variant("fp32", "fp32", Path(result.out_path), RUNTIME,
+                       {"graph_optimization": "ORT_ENABLE_EXTENDED", "input_shapes": shapes,
+                        "passes": [result.report()]}, rung="fp32")
 
-    def int8() -> Variant:
-        upgraded = work / "int8-opset.onnx"
-        prepared = work / "int8-pre.onnx"
-        out = work / "int8" / "model.onnx"
-        recipe["opset_upgraded_from"] = upgrade_opset(fixed, upgraded, QDQ_MIN_OPSET)
-        recipe["symbolic_shape_inference"] = pre_process(upgraded, prepared)
-        quantize(prepared, out, calib, recipe, batch=batch)
-        return Variant("int8", "int8", out, RUNTIME, {**recipe, "input_shapes": shapes}, rung="int8")
+    def int8(candidate: str | None) -> Callable[[], Variant]:
+        def run() -> Variant:
+            recipe = dict(candidates[candidate])
+            out = work / ("int8" if candidate is None else f"int8@{candidate}") / "model.onnx"
+            made = prep.quantized(recipe, out, calib, batch, "int8")
+            if candidate is not None:
+                made["candidate"] = candidate
+            return Variant("int8", "int8", out, RUNTIME, {**made, "input_shapes": shapes}, rung="int8")
+        return run
 
     def int8_dynamic() -> Variant | None:
-        prepared = work / "int8-pre.onnx"
-        if not prepared.exists():
-            pre_process(fixed, prepared)
-        ops = dynamic_ops(prepared)
+        prepared, before = prep.prepared()
+        ops = present_ops(prepared)
         if not ops:
             return None  # nothing for dynamic quantization to do in this model
-        out = work / "int8-dynamic" / "model.onnx"
-        quantize_dynamic_weights(prepared, out, ops)
-        return Variant("int8-dynamic", "int8", out, RUNTIME,
-                       {"method": "dynamic", "weight_type": "QInt8", "op_types": ops, "input_shapes": shapes})
+        result = run_pass("ort_dynamic", prepared, work / "int8-dynamic" / "model.onnx", op_types=ops)
+        recipe = {"method": "dynamic", "weight_type": "QInt8", "op_types": ops, "input_shapes": shapes,
+                  "passes": [*before, result.report()]}
+        if "warning" in result.notes:
+            recipe["warning"] = result.notes["warning"]
+        return Variant("int8-dynamic", "int8", Path(result.out_path), RUNTIME, recipe)
 
     def int8_mixed() -> Variant:
-        prepared = work / "int8-pre.onnx"
-        if not prepared.exists():
-            int8()
-        excluded = sensitive_nodes(prepared)
+        # the layers to keep in float are measured on the int8 model of this target's recipe for the host
         out = work / "int8-mixed" / "model.onnx"
-        mixed = {**recipe, "nodes_to_exclude": excluded, "kept_in_float": len(excluded)}
-        quantize(prepared, out, calib, mixed, batch=batch)
-        return Variant("int8-mixed", "mixed", out, RUNTIME, {**mixed, "input_shapes": shapes}, rung="int8-mixed")
+        made = prep.quantized(dict(base), work / "int8-mixed-qdq" / "model.onnx", calib, batch, "int8-mixed")
+        prepared, _ = prep.prepared()
+        result = run_pass("ort_mixed", Path(made["passes"][-1]["out_path"]), out, float_model=prepared, calib=calib,
+                          batch=batch)
+        kept = result.notes["kept_in_float"]
+        mixed = {**made, "nodes_to_exclude": kept, "kept_in_float": len(kept),
+                 "chosen_by": f"measured layer-wise sensitivity ({result.notes['metric']} on "
+                              f"{result.notes['measured_on']})",
+                 "sensitivity": {k: result.notes[k] for k in ("metric", "int8_error", "mixed_error", "layers", "cap")},
+                 "passes": [*made["passes"], result.report()], "input_shapes": shapes}
+        mixed.pop("warning", None)
+        return Variant("int8-mixed", "mixed", out, RUNTIME, mixed, rung="int8-mixed")
 
     def fp16() -> Variant:
-        out = work / "fp16" / "model.onnx"
-        to_fp16(fixed, out)
-        return Variant("fp16", "fp16", out, RUNTIME, {"conversion": "float16, float32 inputs and outputs",
-                                                      "input_shapes": shapes}, rung="fp16")
+        result = run_pass("ort_fp16", fixed, work / "fp16" / "model.onnx")
+        return Variant("fp16", "fp16", Path(result.out_path), RUNTIME,
+                       {"conversion": "float16, float32 inputs and outputs", "input_shapes": shapes,
+                        "passes": [result.report()]}, rung="fp16")
 
-    act = "uint8" if recipe["activation_type"] == "QUInt8" else "int8"
-    return [
-        Step("optimizing fp32 graph (ONNX Runtime, extended level)", fp32, "fp32"),
-        Step(f"quantizing int8 (static QDQ, per-channel, {act} activations / int8 weights, {calib_method} "
-             f"calibration on {recipe['calibration_samples']} samples)", int8, "int8"),
+    steps = [Step("optimizing fp32 graph (ONNX Runtime, extended level)", fp32, "fp32")]
+    for name, recipe in candidates.items():
+        steps.append(Step(f"quantizing int8 ({describe(recipe)})", int8(name), "int8", candidate=name))
+    steps += [
         Step("quantizing int8-dynamic (weights only ahead of time, for MatMul/Gemm-heavy models)", int8_dynamic,
              "int8-dynamic"),
-        Step("quantizing int8-mixed (the most sensitive nodes kept in float)", int8_mixed, "int8-mixed",
-             fallback=True, rung="int8-mixed"),
+        Step("quantizing int8-mixed (the layers whose int8 costs the most output accuracy, measured on calibration "
+             "feeds, kept in float)", int8_mixed, "int8-mixed", fallback=True, rung="int8-mixed"),
         Step("converting to fp16 (float32 inputs and outputs)", fp16, "fp16", fallback=True, rung="fp16"),
     ]
+    return steps
 
 
 def int8_recipe(flags: frozenset[str], calib_method: str, samples: int) -> dict:
-    """U8S8 (uint8 activations, int8 weights): the fast path of ORT's x86 and ARM int8 kernels.
+    """U8S8 (uint8 activations, int8 weights), per-channel: the fast path of ORT's x86 and ARM int8 kernels.
 
     Without VNNI, x86's u8*s8 multiply-add can saturate: weights then use 7 bits (reduce_range).
     """
@@ -127,6 +146,99 @@ def int8_recipe(flags: frozenset[str], calib_method: str, samples: int) -> dict:
         "calibration_samples": samples,
         "chosen_for": "x86 with VNNI" if vnni else ("x86 without VNNI" if x86 else "non-x86"),
     }
+
+
+def library_defaults(samples: int) -> dict:
+    """ONNX Runtime's own ``quantize_static(model, out, reader)``: QDQ, per-tensor, S8S8, MinMax."""
+    return {"method": "static", "format": "QDQ", "per_channel": False, "activation_type": "QInt8",
+            "weight_type": "QInt8", "reduce_range": False, "calibrate_method": "minmax",
+            "calibration_samples": samples, "chosen_for": "ONNX Runtime's defaults"}
+
+
+def int8_candidates(base: dict, calib_method: str = "auto") -> dict[str, dict]:
+    """The int8 recipes a search measures (see the README's search table for why these):
+
+    - ``ort-defaults``: ONNX Runtime's own defaults, always offered;
+    - ``per-channel``: this target's recipe for the host (``base``: per-channel weights, U8S8 on x86);
+    - ``symmetric-activations``: per-channel, int8 activations with zero point 0 (ActivationSymmetric);
+    - ``ends-in-float``: ``base`` with the first and the last Conv/Gemm/MatMul kept in float;
+    - ``percentile``: ``base`` calibrated by 99.999th percentile instead of min/max (clips outliers).
+
+    A ``calib_method`` the user chose (not ``auto``) applies to every candidate but the library's defaults.
+    """
+    out = {"ort-defaults": library_defaults(base["calibration_samples"]), "per-channel": dict(base)}
+    out["symmetric-activations"] = {**base, "activation_type": "QInt8", "activation_symmetric": True,
+                                    "reduce_range": False}
+    out["ends-in-float"] = {**base, "exclude_ends": True}
+    if calib_method == "auto":
+        out["percentile"] = {**base, "calibrate_method": "percentile"}
+    return out
+
+
+def describe(recipe: dict) -> str:
+    act = {"QUInt8": "uint8", "QInt8": "int8"}[recipe["activation_type"]]
+    parts = ["static QDQ", "per-channel" if recipe["per_channel"] else "per-tensor",
+             f"{act}{' symmetric' if recipe.get('activation_symmetric') else ''} activations / int8 weights",
+             f"{recipe['calibrate_method']} calibration on {recipe['calibration_samples']} samples"]
+    if recipe.get("exclude_ends"):
+        parts.append("first and last layers in float")
+    return ", ".join(parts)
+
+
+class Prepared:
+    """The opset upgrade and ``quant_pre_process`` passes, run once per target and shared by every int8 recipe."""
+
+    def __init__(self, source: Path, work: Path):
+        self.source, self.work = source, work
+        self._done: tuple[Path, list[dict]] | None = None
+
+    def prepared(self) -> tuple[Path, list[dict]]:
+        """The prepared float model and the reports of the passes that made it."""
+        if self._done is None:
+            upgraded = run_pass("onnx_opset", self.source, self.work / "int8-opset.onnx", opset=QDQ_MIN_OPSET)
+            pre = run_pass("ort_preprocess", Path(upgraded.out_path), self.work / "int8-pre.onnx")
+            self._done = (Path(pre.out_path), [upgraded.report(), pre.report()])
+        return self._done
+
+    def quantized(self, recipe: dict, out: Path, calib: Feeds, batch: int | None, variant: str) -> dict:
+        """Quantize the prepared model by ``recipe`` into ``out``; returns the recipe as the variant records it
+        (its summary keys, ``passes``, and ``warning`` when no op ended up quantized)."""
+        prepared, before = self.prepared()
+        exclude = list(recipe.get("nodes_to_exclude") or [])
+        if recipe.get("exclude_ends"):
+            exclude += end_layers(prepared)
+            recipe["nodes_to_exclude"] = exclude
+        result = run_pass("ort_quantize", prepared, out, calib=calib, batch=batch, variant=variant,
+                          per_channel=recipe["per_channel"], activation_type=recipe["activation_type"],
+                          weight_type=recipe["weight_type"], reduce_range=recipe["reduce_range"],
+                          calibrate_method=recipe["calibrate_method"],
+                          activation_symmetric=recipe.get("activation_symmetric", False), nodes_to_exclude=exclude)
+        made = {**recipe, "opset_upgraded_from": before[0]["notes"]["upgraded_from"],
+                "symbolic_shape_inference": before[1]["notes"]["symbolic_shape_inference"],
+                "quantized_ops": result.notes["quantized_ops"], "passes": [*before, result.report()]}
+        if "warning" in result.notes:
+            made["warning"] = result.notes["warning"]
+        return made
+
+
+def end_layers(model_path: Path) -> list[str]:
+    """The first and the last Conv/Gemm/MatMul of the graph (in its node order), by name."""
+    import onnx
+
+    named = [n.name for n in onnx.load(str(model_path)).graph.node
+             if n.op_type in ("Conv", "Gemm", "MatMul") and n.name]
+    return list(dict.fromkeys(named[:1] + named[-1:]))
+
+
+def run_pass(name: str, src: Path, out: Path, /, **options):
+    """Run the pass ``converter/passes/<name>.py``: config fields from ``options`` (the ones its Config has), the
+    rest (calibration feeds, other models, ...) passed to ``run`` as they are."""
+    import msgspec
+
+    step = passes.load(name)
+    fields = {f.name for f in msgspec.structs.fields(step.Config)}
+    config = step.config(**{k: v for k, v in options.items() if k in fields})
+    return step.run(Path(src), config, Path(out), **{k: v for k, v in options.items() if k not in fields})
 
 
 # ---- passes: each reads one model and writes a new one -------------------------------------------
@@ -164,165 +276,41 @@ def fix_shapes(src: Path, dst: Path, specs: list[TensorSpec]) -> None:
 
 
 def optimize(src: Path, dst: Path, level: str = "extended") -> None:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    }[level]
-    opts.optimized_model_filepath = str(dst)
-    opts.log_severity_level = 3
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    run_pass("ort_optimize", src, dst, level=level)
 
 
 def upgrade_opset(src: Path, dst: Path, opset: int) -> int | None:
     """Write the model at ``opset`` if it is older; returns the old opset, or None if unchanged."""
-    import onnx
-    from onnx import version_converter
-
-    model = onnx.load(str(src))
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
-    if current >= opset:
-        _save(model, dst)
-        return None
-    try:
-        model = version_converter.convert_version(model, opset)
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise ConvertError(f"cannot upgrade the model from opset {current} to {opset} for per-channel "
-                           f"int8: {_first_line(e)}") from None
-    _save(model, dst)
-    return current
+    return run_pass("onnx_opset", src, dst, opset=opset).notes["upgraded_from"]
 
 
 def pre_process(src: Path, dst: Path) -> bool:
-    """``quant_pre_process``; returns whether symbolic shape inference could be used.
-
-    ORT's symbolic shape inference asserts on some graphs (the PP-OCR classifier's shape-computing
-    Concat); ONNX shape inference alone is enough once the input shapes are fixed.
-    """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    # when symbolic inference gives up, ORT saves sym_shape_infer_temp.onnx in the working directory:
-    # let that be the staging directory, never the user's
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.chdir(dst.parent):
-        try:
-            quant_pre_process(str(src.resolve()), str(dst.resolve()))
-            return True
-        except Exception:
-            dst.unlink(missing_ok=True)
-        quant_pre_process(str(src.resolve()), str(dst.resolve()), skip_symbolic_shape=True)
-    return False
+    """``quant_pre_process``; returns whether symbolic shape inference could be used."""
+    return run_pass("ort_preprocess", src, dst).notes["symbolic_shape_inference"]
 
 
-def quantize(src: Path, dst: Path, calib: Feeds, recipe: dict, batch: int | None = None) -> None:
-    """Static QDQ quantization per ``recipe``, calibrated on the feeds, stacked ones in batches (of the model's
-    fixed batch, if any)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            feeds = as_feeds(calib)
-            # equal batches: the histogram calibrators stack them
-            self._batches = feeds.batches(batch or min(CALIB_BATCH, len(feeds)), whole=True)
-
-        def get_next(self):
-            return next(self._batches, None)
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs advice at WARNING on the root logger
-    try:
-        # ... and its histogram calibrators print() progress: keep stdout for the report (--json).
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(
-                str(src), str(dst), Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=recipe["per_channel"],
-                reduce_range=recipe["reduce_range"],
-                activation_type=getattr(QuantType, recipe["activation_type"]),
-                weight_type=getattr(QuantType, recipe["weight_type"]),
-                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                  "percentile": CalibrationMethod.Percentile}[recipe["calibrate_method"]],
-                nodes_to_exclude=recipe.get("nodes_to_exclude") or [],
-            )
-    except Exception as e:
-        raise ConvertError(f"int8 quantization failed: {type(e).__name__}: {_first_line(e)}") from None
-    finally:
-        logging.getLogger().setLevel(quiet)
-
-
-DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "GRU")
+def quantize(src: Path, dst: Path, calib: Feeds, recipe: dict, batch: int | None = None):
+    """Static QDQ quantization per ``recipe`` (the keys of ``int8_recipe``), calibrated on the feeds; returns the
+    ``ort_quantize`` pass's result."""
+    return run_pass("ort_quantize", src, dst, calib=calib, batch=batch, variant=recipe.get("variant", "int8"),
+                    per_channel=recipe["per_channel"], activation_type=recipe["activation_type"],
+                    weight_type=recipe["weight_type"], reduce_range=recipe["reduce_range"],
+                    calibrate_method=recipe["calibrate_method"],
+                    activation_symmetric=recipe.get("activation_symmetric", False),
+                    nodes_to_exclude=list(recipe.get("nodes_to_exclude") or []))
 
 
 def dynamic_ops(src: Path) -> list[str]:
     """The op types dynamic quantization helps with that this model has (Conv gets slower: not listed)."""
-    import onnx
-
-    present = {n.op_type for n in onnx.load(str(src)).graph.node}
-    return [op for op in DYNAMIC_OPS if op in present]
+    return present_ops(src)
 
 
 def quantize_dynamic_weights(src: Path, dst: Path, ops: list[str]) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
-    except Exception as e:
-        raise ConvertError(f"int8-dynamic quantization failed: {type(e).__name__}: {_first_line(e)}") from None
-
-
-def sensitive_nodes(float_model: Path, *, fraction: float = 0.15) -> list[str]:
-    """The Conv/MatMul/Gemm nodes whose weights lose the most to per-channel int8 (lowest signal-to-
-    quantization-noise ratio of the weights' int8 round trip; depthwise convolutions usually lead):
-    int8-mixed keeps these in float and quantizes the rest as before."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(float_model)).graph
-    weights = {t.name: t for t in graph.initializer}
-    ranked = []
-    for node in graph.node:
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or not node.name or len(node.input) < 2:
-            continue
-        if node.input[1] not in weights:
-            continue
-        w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
-        axis = 0 if node.op_type == "Conv" else w.ndim - 1  # the output channel
-        ranked.append((_int8_sqnr(w, axis), node.name))
-    ranked.sort()
-    return [name for _, name in ranked[: max(1, int(len(ranked) * fraction))]]
-
-
-def _int8_sqnr(w: np.ndarray, axis: int) -> float:
-    """SQNR in dB of symmetric per-channel int8 quantization of ``w`` along ``axis``."""
-    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    scale = np.abs(rows).max(1, keepdims=True) / 127
-    scale[scale == 0] = 1.0
-    noise = ((rows - np.clip(np.round(rows / scale), -127, 127) * scale) ** 2).sum()
-    signal = (rows ** 2).sum()
-    return float("inf") if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
+    run_pass("ort_dynamic", src, dst, op_types=ops)
 
 
 def to_fp16(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    try:
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    except Exception as e:
-        raise ConvertError(f"fp16 conversion failed: {type(e).__name__}: {_first_line(e)}") from None
-    _save(model, dst)
+    run_pass("ort_fp16", src, dst)
 
 
 def _save(model, dst: Path) -> None:

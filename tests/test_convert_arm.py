@@ -90,6 +90,14 @@ def test_bundles_for_every_variant(converted):
         assert sorted(f.path for f in m.files) == sorted([file, "sample.npz"])
         assert [(i.name, i.shape[1:]) for i in m.inputs] == [("x", [3, 48, 192])]  # NCHW, as the source
         assert [o.name for o in m.outputs] == [OUTPUT]
+        # the recipe names the passes that made the variant, in order, with their configs and toolchains
+        passes = [p["name"] for p in m.report["recipe"]["passes"]]
+        assert passes == (["onnx2tf"] if runtime == "tflite" else ["onnx_opset", "ort_preprocess", "ort_quantize"])
+        assert passes == [p["name"] for p in v["recipe"]["passes"]]
+    assert by["tflite-int8"]["recipe"]["passes"][0]["config"]["quant_type"] == "per-channel"
+    assert "onnx2tf" in by["tflite-int8"]["recipe"]["passes"][0]["toolchain"]
+    assert "search" not in by["ort-int8-arm"]  # no gate, no --search: one recipe
+    assert by["tflite-int8"]["recipe"]["search"].startswith("one recipe")
     fp16, fp32 = by["tflite-fp16"]["size_bytes"], by["tflite-fp32"]["size_bytes"]
     assert by["tflite-int8"]["size_bytes"] < fp16 < fp32
     recipe = by["ort-int8-arm"]["recipe"]

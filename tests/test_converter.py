@@ -356,8 +356,13 @@ def test_gate_refuses_int8_and_falls_back_down_the_chain(outlier_model, tmp_path
     assert refused["int8"]["gate"]["metric"] == "top1" and refused["int8"]["gate"]["threshold"] == 0.01
     assert "fails drop <= 1.00%; worst outputs: probs (top-1" in refused["int8"]["gate"]["reason"]
     assert not (tmp_path / "out" / "outlier-1-cpu-int8.tar").exists()  # refused: not emitted
-    # int8-mixed keeps the most sensitive node in float, but the outlier's range reaches the Softmax too
-    assert refused["int8-mixed"]["recipe"]["nodes_to_exclude"] == ["fc"]
+    # int8-mixed measures each layer alone in float: "fc" in float does not lower the error (the outlier's range
+    # reaches the Softmax's output too), so nothing is kept in float and the rung is refused like int8
+    mixed = refused["int8-mixed"]["recipe"]
+    assert mixed["nodes_to_exclude"] == [] and mixed["passes"][-1]["name"] == "ort_mixed"
+    ranked = mixed["passes"][-1]["notes"]["ranked"]
+    assert [r["node"] for r in ranked] == ["fc"] and ranked[0]["error_alone_in_float"] >= mixed["sensitivity"][
+        "int8_error"]
     emitted = {v["variant"]: v for v in report["variants"]}
     assert emitted["fp16"]["gate"]["passed"] is True  # built only because the rungs above it were refused
     manifest = read_manifest(tmp_path / "out" / "outlier-1-cpu-fp16.tar")
