@@ -162,7 +162,9 @@ def int8_candidates(base: dict, calib_method: str = "auto") -> dict[str, dict]:
     - ``per-channel``: this target's recipe for the host (``base``: per-channel weights, U8S8 on x86);
     - ``symmetric-activations``: per-channel, int8 activations with zero point 0 (ActivationSymmetric);
     - ``ends-in-float``: ``base`` with the first and the last Conv/Gemm/MatMul kept in float;
-    - ``percentile``: ``base`` calibrated by 99.999th percentile instead of min/max (clips outliers).
+    - ``percentile``: ``base`` calibrated by 99.999th percentile instead of min/max (clips outliers);
+    - ``mean-minmax``: ``base`` with each activation's range the mean of the calibration batches' min/max
+      (ORT's CalibMovingAverage; NNCF's default way), not their extremes.
 
     A ``calib_method`` the user chose (not ``auto``) applies to every candidate but the library's defaults.
     """
@@ -172,6 +174,8 @@ def int8_candidates(base: dict, calib_method: str = "auto") -> dict[str, dict]:
     out["ends-in-float"] = {**base, "exclude_ends": True}
     if calib_method == "auto":
         out["percentile"] = {**base, "calibrate_method": "percentile"}
+    if base["calibrate_method"] == "minmax":
+        out["mean-minmax"] = {**base, "moving_average": True}
     return out
 
 
@@ -182,6 +186,8 @@ def describe(recipe: dict) -> str:
              f"{recipe['calibrate_method']} calibration on {recipe['calibration_samples']} samples"]
     if recipe.get("exclude_ends"):
         parts.append("first and last layers in float")
+    if recipe.get("moving_average"):
+        parts.append("activation ranges the mean of the batches' min/max")
     return ", ".join(parts)
 
 
@@ -212,7 +218,8 @@ class Prepared:
                           per_channel=recipe["per_channel"], activation_type=recipe["activation_type"],
                           weight_type=recipe["weight_type"], reduce_range=recipe["reduce_range"],
                           calibrate_method=recipe["calibrate_method"],
-                          activation_symmetric=recipe.get("activation_symmetric", False), nodes_to_exclude=exclude)
+                          activation_symmetric=recipe.get("activation_symmetric", False),
+                          moving_average=recipe.get("moving_average", False), nodes_to_exclude=exclude)
         made = {**recipe, "opset_upgraded_from": before[0]["notes"]["upgraded_from"],
                 "symbolic_shape_inference": before[1]["notes"]["symbolic_shape_inference"],
                 "quantized_ops": result.notes["quantized_ops"], "passes": [*before, result.report()]}
@@ -297,6 +304,7 @@ def quantize(src: Path, dst: Path, calib: Feeds, recipe: dict, batch: int | None
                     weight_type=recipe["weight_type"], reduce_range=recipe["reduce_range"],
                     calibrate_method=recipe["calibrate_method"],
                     activation_symmetric=recipe.get("activation_symmetric", False),
+                    moving_average=recipe.get("moving_average", False),
                     nodes_to_exclude=list(recipe.get("nodes_to_exclude") or []))
 
 

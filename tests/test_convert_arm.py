@@ -92,10 +92,11 @@ def test_bundles_for_every_variant(converted):
         assert [o.name for o in m.outputs] == [OUTPUT]
         # the recipe names the passes that made the variant, in order, with their configs and toolchains
         passes = [p["name"] for p in m.report["recipe"]["passes"]]
-        assert passes == (["onnx2tf"] if runtime == "tflite" else ["onnx_opset", "ort_preprocess", "ort_quantize"])
+        assert passes == ["fix_shapes", *(["onnx2tf"] if runtime == "tflite" else
+                                          ["onnx_opset", "ort_preprocess", "ort_quantize"])]
         assert passes == [p["name"] for p in v["recipe"]["passes"]]
-    assert by["tflite-int8"]["recipe"]["passes"][0]["config"]["quant_type"] == "per-channel"
-    assert "onnx2tf" in by["tflite-int8"]["recipe"]["passes"][0]["toolchain"]
+    assert by["tflite-int8"]["recipe"]["passes"][1]["config"]["quant_type"] == "per-channel"
+    assert "onnx2tf" in by["tflite-int8"]["recipe"]["passes"][1]["toolchain"]
     assert "search" not in by["ort-int8-arm"]  # no gate, no --search: one recipe
     assert by["tflite-int8"]["recipe"]["search"].startswith("one recipe")
     fp16, fp32 = by["tflite-fp16"]["size_bytes"], by["tflite-fp32"]["size_bytes"]

@@ -69,7 +69,7 @@ def test_search_keeps_the_fastest_passing_candidate_and_records_all(searched):
     # the emitted bundle is the kept candidate's model, and says how it was made, pass by pass
     recipe = read_manifest(out / "ocr-1-cpu-int8.tar").report["recipe"]
     assert recipe["candidate"] == search["kept"]
-    assert [p["name"] for p in recipe["passes"]] == ["onnx_opset", "ort_preprocess", "ort_quantize"]
+    assert [p["name"] for p in recipe["passes"]] == ["fix_shapes", "onnx_opset", "ort_preprocess", "ort_quantize"]
     quantize = recipe["passes"][-1]
     assert quantize["config"]["per_channel"] == expected[search["kept"]]["per_channel"]
     assert quantize["toolchain"]["onnxruntime"] == ort.__version__ and quantize["notes"]["quantized_ops"] > 0
@@ -80,6 +80,7 @@ def test_passes_are_in_every_manifest_and_in_report_json(searched):
     on_disk = json.loads((out / "report.json").read_text())
     names = {"fp32": ["ort_optimize"], "int8": ["onnx_opset", "ort_preprocess", "ort_quantize"],
              "int8-dynamic": ["onnx_opset", "ort_preprocess", "ort_dynamic"]}
+    names = {k: ["fix_shapes", *v] for k, v in names.items()}  # every recipe starts from the fixed input shapes
     for entry in on_disk["variants"]:
         want = names[entry["variant"]]
         assert [p["name"] for p in entry["recipe"]["passes"]] == want

