@@ -256,6 +256,8 @@ def _run_target(target: str, steps: list[Step], ctx: _Context) -> tuple[list, li
             ctx.say(f"[{target} {i}/{n}] measuring {v.name}{which} in {v.runtime} (batch {ctx.batch or 1}, 1 thread; "
                     f"{len(ctx.reference[next(iter(ctx.reference))])} held-out samples) ...")
             rep, sample_out = _measure(v, target, ctx)
+            if v.recipe.get("warning"):
+                ctx.say(f"[{target}] warning: {v.name}: {v.recipe['warning']}")
             measured.append((v, rep, sample_out, step.candidate))
         if not measured:
             return

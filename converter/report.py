@@ -129,6 +129,12 @@ def reference(report: dict) -> dict:
             "size_bytes": r["size_bytes"], "short": r["short"], "text": r["text"], "note": r.get("note")}
 
 
+def warning_lines(report: dict) -> list[str]:
+    """What a target's passes warn about a variant (e.g. an int8 variant in which nothing got quantized)."""
+    return [f"warning {v['target']}/{v['variant']}: {v['recipe']['warning']}"
+            for v in report["variants"] + report.get("refused", []) if (v.get("recipe") or {}).get("warning")]
+
+
 def signature_line(report: dict) -> str:
     signed = report.get("signed")
     if signed:
@@ -159,7 +165,7 @@ def table(report: dict) -> str:
                      f"parameters {n['params']['ratio']:.2f}x, MACs {n['macs']['ratio']:.2f}x, size "
                      f"{n['size']['ratio']:.2f}x, ORT fp32 {n['latency_ms']['speedup']:.2f}x as fast; every variant "
                      f"is judged against the unpruned model")
-    lines += search_lines(report)
+    lines += search_lines(report) + warning_lines(report)
     for v in report.get("refused", []):
         lines.append(f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}")
     for t, chosen in report.get("gate", {}).get("chosen", {}).items():
@@ -254,7 +260,7 @@ def _table(r: list[tuple[str, ...]]) -> str:
 def to_html(report: dict) -> str:
     notes = [reference(report)["note"]] if reference(report)["note"] else []
     notes += [gate_line(report)] if gate_line(report) else []
-    notes += search_lines(report)
+    notes += search_lines(report) + warning_lines(report)
     notes += [f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}" for v in report.get("refused", [])]
     notes += [f"gate {t}: {c}" for t, c in report.get("gate", {}).get("chosen", {}).items()]
     notes += [f"skipped {s['target']}: {s['reason']}" for s in report.get("skipped", [])]

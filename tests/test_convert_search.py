@@ -186,9 +186,15 @@ def test_int8_that_quantized_nothing_is_flagged(vad_dir, searched, tmp_path):
     (the text classifier) carries no such warning."""
     from converter.convert import convert
 
+    from converter.report import table
+
     vad, feeds = vad_dir
-    report = convert(vad, target="cpu", calib=feeds, out=tmp_path / "out", name="vad", search="off")
+    said = []
+    report = convert(vad, target="cpu", calib=feeds, out=tmp_path / "out", name="vad", search="off",
+                     progress=said.append)
     int8 = next(v for v in report["variants"] if v["variant"] == "int8")
+    assert f"[cpu] warning: int8: {int8['recipe']['warning']}" in said  # the run says it as it goes
+    assert f"warning cpu/int8: {int8['recipe']['warning']}" in table(report).splitlines()  # and the summary
     assert int8["recipe"]["quantized_ops"] == 0
     assert "int8 holds no quantized op" in int8["recipe"]["warning"]
     assert "If/Loop subgraphs" in int8["recipe"]["warning"]
