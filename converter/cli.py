@@ -109,6 +109,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", metavar="RATIO", help="prune this fraction of the output channels of every Conv "
                    "group it can prune safely (e.g. 30%%; L1 norm of the filters, residual, depthwise and concat groups "
                    "kept whole) before quantizing; every variant is still judged against the original model")
+    p.add_argument("--distill", action="store_true", help="with --prune: fine-tune the pruned model against the "
+                   "original model's outputs (knowledge distillation, no labels needed) before quantizing, with early "
+                   "stop on a held-out share of the training data [pip install 'edgefleet[distill]' (torch)]")
+    p.add_argument("--train-data", metavar="DATA.npz|DIR", help="with --distill: unlabelled samples to distill on, in "
+                   "any --calib format, matching the model's inputs [default: the calibration samples, never the "
+                   "held-out ones]")
+    p.add_argument("--distill-epochs", type=int, metavar="N", help="with --distill: train at most N epochs (early "
+                   "stop usually ends sooner) [default: 15]")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -158,6 +166,7 @@ def main(argv: list[str]) -> int:
         labels=args.labels, max_accuracy_drop=args.max_accuracy_drop, gate_metric=args.gate,
         gate_output=args.gate_output, min_sqnr=args.min_sqnr, max_kl=args.max_kl,
         output_kinds=parse_output_kinds(args.output_kind), sign_key=key, serial=args.serial, prune=args.prune,
+        distill=args.distill, train_data=args.train_data, distill_epochs=args.distill_epochs,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:
