@@ -122,6 +122,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="REF.onnx|REF.tflite",
                    help="with a MODEL.tflite: the fp32 model it is judged against (inputs and outputs matched by "
                         "name, else by position; 4-D NCHW/NHWC transposed by shape) [default: the model itself]")
+    p.add_argument("--distill", action="store_true", help="with --prune: fine-tune the pruned model against the "
+                   "original model's outputs (knowledge distillation, no labels needed) before quantizing, with early "
+                   "stop on a held-out share of the training data [pip install 'edgefleet[distill]' (torch)]")
+    p.add_argument("--train-data", metavar="DATA.npz|DIR", help="with --distill: unlabelled samples to distill on, in "
+                   "any --calib format, matching the model's inputs [default: the calibration samples, never the "
+                   "held-out ones]")
+    p.add_argument("--distill-epochs", type=int, metavar="N", help="with --distill: train at most N epochs (early "
+                   "stop usually ends sooner) [default: 15]")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -173,6 +181,7 @@ def main(argv: list[str]) -> int:
         output_kinds=parse_output_kinds(args.output_kind), sign_key=key, serial=args.serial, prune=args.prune,
         search=args.search,
         reference=args.reference,
+        distill=args.distill, train_data=args.train_data, distill_epochs=args.distill_epochs,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:

@@ -38,7 +38,8 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             gate_metric: str | None = None, gate_output: str | None = None, min_sqnr: float | None = None,
             max_kl: float | None = None, output_kinds: dict[str, str] | None = None, sign_key=None,
             serial: int | None = None, prune: float | str | None = None, search: str = "auto",
-            reference: str | Path | None = None,
+            reference: str | Path | None = None, distill: bool = False,
+            train_data: str | Path | None = None, distill_epochs: int | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
@@ -54,6 +55,14 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
     ``prune`` ("30%" or 0.3) prunes that fraction of the channels of every safe Conv group
     (converter/passes/prune.py) before the targets' passes; every variant is still judged against the original
     model, so the report shows what pruning cost.
+
+    ``distill`` (with ``prune``) fine-tunes the pruned model against the original's outputs in ONNX Runtime
+    (converter/passes/distill.py, torch) on ``train_data`` (same formats as ``calib``; default: the calibration
+    split, never the held-out samples), for at most ``distill_epochs`` epochs with early stop, before the targets'
+    passes; the report's ``distillation`` section says what it did.
+
+    ``search`` ("auto": on when the gate is; "on"; "off") lets each target try several recipes for its int8
+    variants and keep the fastest that passes the gate (``_search``); off, each uses its library's defaults.
 
     A ``.tflite`` model is measured, gated and bundled as given (target arm only; converter/tflite_source.py),
     against itself or against ``reference`` (an fp32 .onnx or .tflite)."""
@@ -71,6 +80,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         from converter.passes.prune import parse_ratio
 
         prune = parse_ratio(prune)  # a bad ratio fails before any work
+    distiller = _distiller(distill, prune, train_data, distill_epochs, output_kinds)
     name = _safe(name if name is not None else re.sub(r"[^A-Za-z0-9._+-]+", "-", model.stem).strip("-.") or "model",
                  "--name")
     version = _safe(str(version), "--version")
@@ -82,7 +92,8 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         return convert_tflite(model, target=target, calib=calib, out=out, name=name, version=version,
                               input_shapes=input_shapes, calib_method=calib_method, labels=labels, gating=gating,
                               reference=reference, sign_key=sign_key, signature=signature, say=say,
-                              onnx_only={"--prune": prune, "--search on": search == "on" or None})
+                              onnx_only={"--prune": prune, "--distill": distill or None,
+                                         "--search on": search == "on" or None})
     if reference is not None:
         raise ConvertError("--reference is for a .tflite model; an ONNX model is its own fp32 reference")
 
@@ -92,6 +103,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
     specs = data.specs  # the dims the model leaves dynamic, fixed by --input-shape or by the data
     calibration.require_static(specs, data.feeds)
     label_array = calibration.load_labels(labels, data) if labels is not None else None
+    train_feeds = _train_feeds(train_data, specs) if distiller else None
     # a fixed batch dim (stacked samples are joined into batches of it), or None (dynamic, or one feed a run)
     batch = specs[0].shape[0] if data.feeds.stacked and specs[0].shape[0] > 0 else None
     if batch and (data.n_eval < batch or data.samples - data.n_eval < batch):
@@ -149,6 +161,16 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             common["pruning"] = {k: v for k, v in prune_model(fixed, pruned, prune).items() if k != "out_path"}
             ctx.passes.append(common["pruning"])
             fixed = pruned  # the targets start from it; the reference stays the original model
+        if distiller:
+            step, config = distiller
+            distilled = work / "distilled.onnx"
+            result = step.run(fixed, config, distilled, teacher=model,
+                              data=train_feeds if train_feeds is not None else data.calibration_split(), progress=say)
+            common["distillation"] = {"train_data": str(train_data) if train_data is not None else
+                                      "the calibration split", **{k: v for k, v in result.report().items()
+                                                                  if k != "out_path"}}
+            ctx.passes.append({k: v for k, v in result.report().items() if k != "out_path"})
+            fixed = distilled  # pruned + distilled: the targets start from it, judged against the original
 
         built, refused, skipped, chosen = [], [], [], {}
         for t in targets:
@@ -214,6 +236,34 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         return _publish(staging, out, report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _distiller(distill: bool, prune, train_data, epochs: int | None, output_kinds: dict | None):
+    """(the distill pass, its config) when ``distill``, else None; refuses flags that need --distill or --prune,
+    and a missing torch, before any work."""
+    if not distill:
+        if train_data is not None or epochs is not None:
+            raise ConvertError(f"{'--train-data' if train_data is not None else '--distill-epochs'} needs --distill")
+        return None
+    if not prune:
+        raise ConvertError("--distill fine-tunes the pruned model: give --prune too (e.g. --prune 30%)")
+    from converter.passes import distill as distill_pass
+
+    distill_pass.require()
+    values = {"output_kinds": dict(output_kinds or {})}
+    if epochs is not None:
+        values["epochs"] = epochs
+    return distill_pass.PASS, distill_pass.PASS.config(**values)
+
+
+def _train_feeds(path: str | Path | None, specs: list[TensorSpec]):
+    """--train-data checked against the model's inputs as the calibration fixed them (None: the calibration split)."""
+    if path is None:
+        return None
+    try:
+        return calibration.load(path, specs).feeds
+    except ConvertError as e:  # "calibration array 'x' is float64 ..." -> "--train-data T.npz: array 'x' is ..."
+        raise ConvertError(f"--train-data {Path(path).name}: {re.sub(r'^calibration ', '', str(e))}") from None
 
 
 class _Context:

@@ -165,6 +165,10 @@ def table(report: dict) -> str:
                      f"parameters {n['params']['ratio']:.2f}x, MACs {n['macs']['ratio']:.2f}x, size "
                      f"{n['size']['ratio']:.2f}x, ORT fp32 {n['latency_ms']['speedup']:.2f}x as fast; every variant "
                      f"is judged against the unpruned model")
+    if (d := report.get("distillation")) is not None:
+        from converter.passes.distill import render
+
+        lines.append(render(d))
     lines += search_lines(report) + warning_lines(report)
     for v in report.get("refused", []):
         lines.append(f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}")
