@@ -198,7 +198,7 @@ def test_accuracy_controlled_rung(real, tmp_path):
     assert (v.name, v.precision, v.rung, v.runtime) == ("ov-int8-mixed", "mixed", "int8-mixed", "openvino")
     assert sorted(p.name for p in v.path.parent.iterdir()) == ["model.bin", "model.xml"]
     control = v.recipe["accuracy_control"]
-    assert control["metric"].startswith("top-1 agreement") and control["max_drop"] == 0.05
+    assert control["metric"].startswith("top-1 agreement") and control["max_drop"] == pytest.approx(0.05 * intel.MARGIN)
     assert control["validation_value"] >= 0.95
     assert v.recipe["fake_quantize_nodes"] > 0
     assert isinstance(v.recipe["reverted_to_float"], list)
@@ -330,14 +330,15 @@ def test_the_candidates_really_differ(searched):
 
 @pytest.mark.slow
 def test_a_strict_gate_gets_a_mixed_rung_smaller_than_fp16_and_more_faithful_than_int8(model, real, tmp_path):
-    """PP-OCR classifier, gate on KL at 0.01: NNCF's int8 (KL ~0.05 on these crops) is refused; the
+    """PP-OCR classifier, gate on KL at 0.004: NNCF's int8 (KL ~0.05 on the held-out crops) is refused; the
     accuracy-controlled rung, validated on the same KL, puts the layers that disturb the output most back in
     float, saves them in fp16 (no larger than ov-fp16) and still runs its other convolutions in int8."""
+    from converter import intel
     from converter.convert import convert
 
     out = tmp_path / "dist"
     report = convert(model, target="intel", calib=real[0], out=out, name="ocr-cls", version="3",
-                     input_shapes={"x": SHAPE}, search="off", max_kl=0.01)
+                     input_shapes={"x": SHAPE}, search="off", max_kl=0.004)
     chain = {c["rung"]: c for c in report["gate"]["chains"]["intel"]}
     assert chain["int8"]["passed"] is False
     assert chain["int8-mixed"]["passed"] is True, chain
@@ -346,8 +347,8 @@ def test_a_strict_gate_gets_a_mixed_rung_smaller_than_fp16_and_more_faithful_tha
     assert mixed["size_bytes"] <= fp16["size_bytes"]
     assert mixed["agreement"]["kl"] < int8["agreement"]["kl"]
     recipe = mixed["recipe"]
-    assert recipe["accuracy_control"]["metric"].startswith("minus the mean KL")
-    assert recipe["accuracy_control"]["max_drop"] == 0.01
+    assert recipe["accuracy_control"]["metric"].startswith("1 - the mean KL")
+    assert recipe["accuracy_control"]["max_drop"] == pytest.approx(0.004 * intel.MARGIN)
     assert recipe["reverted_to_float"], recipe["accuracy_control"]
     executed = recipe["accuracy_control"]["executed_precisions"]
     assert executed.get("u8", 0) + executed.get("i8", 0) > 0 and executed.get("f32", 0) > 0, executed

@@ -8,9 +8,11 @@ worst group, re-validates, re-ranks. The validation metric is the converter's ga
 computed without labels:
 
 - ``top1`` / ``top5``: agreement with the fp32 IR's top-1 (within the quantized top-5 for top5), drop in points;
-- ``kl``: minus the mean KL(fp32 || quantized) of the softmaxed scores, so the drop IS the mean KL;
-- ``sqnr``: the SQNR in dB over all validation elements, capped at ``min_sqnr`` (fp32 scores the cap), with
-  ``max_drop`` 0: the rung passes when SQNR >= min_sqnr. (Cosine similarity misjudges near-empty maps.)
+- ``kl``: 1 - the mean KL(fp32 || quantized) (softmax of the scores unless they are probabilities, as the gate
+  does), so the drop IS the mean KL;
+- ``sqnr``: 1 - how many dB the SQNR over all validation elements falls short of ``min_sqnr``, with ``max_drop``
+  0: the rung passes when SQNR >= min_sqnr. (Cosine similarity misjudges near-empty maps.)
+The fp32 IR scores 1 on each (NNCF divides by the fp32 metric, so it must not be 0).
 
 The result is saved with fp16-compressed float weights by default: the layers put back in float cost half of
 what fp32 weights would, so the rung is no larger than the fp16 IR, while the int8 layers still run in int8
@@ -123,10 +125,16 @@ class Validation:
     stops on the metric."""
 
     def __init__(self, config: AccuracyConfig, feeds, reference: list[list[np.ndarray]], output: int):
+        from converter.measure import is_probability
+
         self.config, self.feeds, self.reference, self.output = config, feeds, reference, output
+        first = np.concatenate([np.asarray(r[output]).reshape(len(r[output]), -1) for r in reference]) \
+            if reference else np.zeros((0, 0))
+        self.probabilities = first.ndim == 2 and is_probability(first)  # softmax outputs: KL of them, not re-softmaxed
         self.name = {"top1": "top-1 agreement with the fp32 IR", "top5": "top-5 agreement with the fp32 IR",
-                     "kl": "minus the mean KL(fp32 || int8)",
-                     "sqnr": f"SQNR in dB over all elements, capped at {config.min_sqnr:g}"}[config.metric]
+                     "kl": "1 - the mean KL(fp32 || int8) (the drop is the KL)",
+                     "sqnr": f"1 - the dB by which the SQNR over all elements falls short of {config.min_sqnr:g}"
+                     }[config.metric]
 
     def validate(self, compiled, items) -> tuple[float, list[list[np.ndarray]]]:
         indices = list(items)
@@ -145,7 +153,7 @@ class Validation:
             g = np.concatenate([np.asarray(a, np.float64).ravel() for a in got])
             signal, noise = float(r @ r), float((r - g) @ (r - g))
             sqnr = SQNR_CAP_DB if noise == 0 else (-SQNR_CAP_DB if signal == 0 else 10 * np.log10(signal / noise))
-            return float(min(sqnr, self.config.min_sqnr))
+            return 1.0 - max(0.0, self.config.min_sqnr - float(sqnr))  # fp32: 1 (NNCF divides by it)
         r = np.concatenate([np.asarray(a, np.float64).reshape(len(a), -1) for a in ref])
         g = np.concatenate([np.asarray(a, np.float64).reshape(len(a), -1) for a in got])
         top1 = r.argmax(1)
@@ -154,8 +162,8 @@ class Validation:
         if m == "top5":
             k = min(5, r.shape[1])
             return float(np.mean((np.argsort(-g, axis=1, kind="stable")[:, :k] == top1[:, None]).any(1)))
-        log_p, log_q = _log_softmax(r), _log_softmax(g)
-        return -float(np.mean((np.exp(log_p) * (log_p - log_q)).sum(1)))
+        log_p, log_q = _log_distribution(r, self.probabilities), _log_distribution(g, self.probabilities)
+        return 1.0 - float(np.mean((np.exp(log_p) * (log_p - log_q)).sum(1)))  # fp32: 1 (NNCF divides by it)
 
 
 def _output_index(compiled, name: str | None) -> int:
@@ -167,7 +175,11 @@ def _output_index(compiled, name: str | None) -> int:
     raise ConvertError(f"nncf_accuracy: the model has no output {name!r}")
 
 
-def _log_softmax(s: np.ndarray) -> np.ndarray:
+def _log_distribution(s: np.ndarray, probabilities: bool) -> np.ndarray:
+    """As converter/measure.py: rows that already are probabilities are only clipped and renormalised."""
+    if probabilities:
+        p = np.clip(s, 1e-12, None)
+        return np.log(p / p.sum(1, keepdims=True))
     shifted = s - s.max(1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
