@@ -183,7 +183,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
                 continue
             try:
                 steps = module.plan(fixed, specs, data.calibration_split(), work / t, calib_method=calib_method,
-                                    cpu_flags=measure.cpu_flags(), **_plan_options(module, max_drop, searching))
+                                    cpu_flags=measure.cpu_flags(), **_plan_options(module, max_drop, searching, rule))
                 ok, bad, chosen[t] = _run_target(t, steps, ctx)
             except Exception as e:  # e.g. an op this target cannot take: the other targets still convert
                 if target != "all":
@@ -276,12 +276,13 @@ class _Context:
         self.passes: list[dict] = []  # the passes every target starts from (fix_shapes, prune, ...), as recorded
 
 
-def _plan_options(module, max_drop: float | None, search: bool) -> dict:
-    """Keywords a target's plan() takes beyond the common ones (e.g. intel's accuracy-controlled rung)."""
+def _plan_options(module, max_drop: float | None, search: bool, rule=None) -> dict:
+    """Keywords a target's plan() takes beyond the common ones (e.g. intel's accuracy-controlled rung, which
+    validates in the gate's own metric: ``gate``, the resolved gate.Rule)."""
     import inspect
 
     params = inspect.signature(module.plan).parameters
-    given = {"max_accuracy_drop": max_drop, "search": search}
+    given = {"max_accuracy_drop": max_drop, "search": search, "gate": rule}
     return {k: v for k, v in given.items() if k in params}
 
 
