@@ -221,7 +221,9 @@ def test_accuracy_controlled_rung(real, tmp_path):
 
 
 def _passes_are_recorded(recipe: dict, names: list[str]) -> None:
-    passes = recipe["passes"]
+    """A converted variant's passes: the converter's fix_shapes (the fixed input shapes), then the target's."""
+    first, *passes = recipe["passes"]
+    assert first["name"] == "fix_shapes" and first["config"]["input_shapes"]
     assert [p["name"] for p in passes] == names
     for p in passes:
         assert set(p) >= {"name", "config", "toolchain", "notes", "out_path"}
@@ -243,8 +245,8 @@ def test_every_manifest_and_report_json_carries_the_passes(converted):
         _passes_are_recorded(manifest.report["recipe"], names)
         assert manifest.report["recipe"]["passes"] == saved["recipe"]["passes"]
     by = {v["variant"]: v for v in report["variants"]}
-    assert by["ov-fp16"]["recipe"]["passes"][1]["config"] == {"compress_to_fp16": True}
-    quantize = by["ov-int8"]["recipe"]["passes"][1]
+    assert by["ov-fp16"]["recipe"]["passes"][2]["config"] == {"compress_to_fp16": True}
+    quantize = by["ov-int8"]["recipe"]["passes"][2]
     # no gate, no --search: NNCF's defaults only, and nothing searched
     assert quantize["config"]["preset"] == "default" and quantize["config"]["ignored"] == "none"
     assert quantize["notes"]["changed_from_nncf_defaults"] == {}
@@ -306,7 +308,7 @@ def test_the_search_keeps_the_fastest_passing_candidate_and_records_all(searched
     key = lambda r: (r["agreement"]["top1"], -r["agreement"]["kl"], r["agreement"]["sqnr_db"])  # noqa: E731
     assert key(kept) == max(key(r) for r in near)
     # each candidate's own recipe: what it changed vs NNCF's defaults, in the pass's config
-    quantize = v["recipe"]["passes"][1]
+    quantize = v["recipe"]["passes"][2]
     assert quantize["name"] == "nncf_quantize"
     options = intel.CANDIDATES[kept["candidate"]][0]
     assert {k: quantize["config"][k] for k in options} == options
