@@ -40,7 +40,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             serial: int | None = None, prune: float | str | None = None, search: str = "auto",
             reference: str | Path | None = None, distill: bool = False,
             train_data: str | Path | None = None, distill_epochs: int | None = None,
-            progress: Callable[[str], None] | None = None) -> dict:
+            distill_lr: float | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
 
@@ -80,7 +80,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         from converter.passes.prune import parse_ratio
 
         prune = parse_ratio(prune)  # a bad ratio fails before any work
-    distiller = _distiller(distill, prune, train_data, distill_epochs, output_kinds)
+    distiller = _distiller(distill, prune, train_data, distill_epochs, output_kinds, distill_lr)
     name = _safe(name if name is not None else re.sub(r"[^A-Za-z0-9._+-]+", "-", model.stem).strip("-.") or "model",
                  "--name")
     version = _safe(str(version), "--version")
@@ -238,12 +238,15 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _distiller(distill: bool, prune, train_data, epochs: int | None, output_kinds: dict | None):
+def _distiller(distill: bool, prune, train_data, epochs: int | None, output_kinds: dict | None,
+               lr: float | None = None):
     """(the distill pass, its config) when ``distill``, else None; refuses flags that need --distill or --prune,
     and a missing torch, before any work."""
     if not distill:
-        if train_data is not None or epochs is not None:
-            raise ConvertError(f"{'--train-data' if train_data is not None else '--distill-epochs'} needs --distill")
+        given = [flag for flag, v in (("--train-data", train_data), ("--distill-epochs", epochs),
+                                      ("--distill-lr", lr)) if v is not None]
+        if given:
+            raise ConvertError(f"{given[0]} needs --distill")
         return None
     if not prune:
         raise ConvertError("--distill fine-tunes the pruned model: give --prune too (e.g. --prune 30%)")
@@ -253,6 +256,8 @@ def _distiller(distill: bool, prune, train_data, epochs: int | None, output_kind
     values = {"output_kinds": dict(output_kinds or {})}
     if epochs is not None:
         values["epochs"] = epochs
+    if lr is not None:
+        values["learning_rate"] = lr
     return distill_pass.PASS, distill_pass.PASS.config(**values)
 
 
