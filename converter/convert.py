@@ -318,6 +318,7 @@ def _run_target(target: str, steps: list[Step], ctx: _Context) -> tuple[list, li
         if not measured:
             return
         v, rep, sample_out = _search(target, measured, ctx) if len(measured) > 1 else measured[0][:3]
+        v.kept = True
         if rep["gate"]["passed"] is False:
             refused.append(rep)
             ctx.say(f"[{target}] refused {v.name}: {rep['gate']['reason']}")

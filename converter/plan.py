@@ -36,6 +36,8 @@ class Variant:
     recipe: dict = field(default_factory=dict)  # how it was made, for the report
     settings: dict = field(default_factory=dict)  # runtime settings, go into the manifest
     rung: str | None = None  # its place on RUNGS, or None when it is not on the fallback chain
+    # set by the converter on the variant a search kept (or the only one): a fallback rung may start from its recipe
+    kept: bool = False
 
 
 @dataclass

@@ -105,6 +105,25 @@ def test_without_search_one_recipe(model, crops, tmp_path):
     assert [s.candidate for s in searching] == list(cpu.int8_candidates(cpu.int8_recipe(frozenset(), "minmax", 8)))
 
 
+def test_int8_mixed_starts_from_the_candidate_the_search_kept(model, crops, tmp_path):
+    """The int8-mixed rung measures its layers on the int8 model of the recipe the search kept (the most faithful
+    one when the gate refused all): here the first and last layers already in float, then the measured ones."""
+    from agent.bundle import TensorSpec
+    from converter import cpu
+    from converter.calib import Feeds
+
+    feeds = Feeds.from_arrays({"x": crops[1][:16]})
+    steps = cpu.plan(model, [TensorSpec("x", SHAPE["x"], "float32")], feeds, tmp_path, search=True)
+    made = {s.candidate: s.run() for s in steps if s.produces == "int8" and s.candidate in ("per-channel",
+                                                                                           "ends-in-float")}
+    made["ends-in-float"].kept = True  # as the converter marks the variant its search kept
+    mixed = next(s for s in steps if s.produces == "int8-mixed").run()
+    assert mixed.recipe["started_from"] == "ends-in-float"
+    ends = cpu.end_layers(Path(mixed.recipe["passes"][1]["out_path"]))
+    assert ends and set(ends) <= set(mixed.recipe["nodes_to_exclude"])  # the kept recipe's float ends stay float
+    assert not set(ends) & set(made["per-channel"].recipe.get("nodes_to_exclude") or [])
+
+
 def _mixed(model: Path, shape: dict, x: np.ndarray, n_calib: int, tmp_path: Path, samples: int):
     from agent.bundle import TensorSpec
     from converter import cpu

@@ -32,13 +32,15 @@ import numpy as np
 from converter import ConvertError
 from converter.passes import Pass, PassResult
 from converter.passes import _openvino as ovh
-from converter.passes.nncf_quantize import Device, Ignored, Preset, Range
+from converter.passes.nncf_quantize import QuantizeConfig
 
 Metric = Literal["auto", "top1", "top5", "kl", "sqnr"]
 SQNR_CAP_DB = 200.0  # identical outputs (the fp32 IR against itself)
 
 
-class AccuracyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class AccuracyConfig(QuantizeConfig, forbid_unknown_fields=True, kw_only=True):
+    """nncf_quantize's options (the quantization it starts from) and the accuracy control's own."""
+
     metric: Metric = "auto"  # auto: top1 for a classifier output ([N, C], C > 1), else sqnr
     max_drop: Annotated[float, msgspec.Meta(ge=0.0)] = 0.01  # absolute; for sqnr it is forced to 0
     min_sqnr: float = 30.0  # dB, for metric sqnr
@@ -46,13 +48,6 @@ class AccuracyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     validation_samples: Annotated[int, msgspec.Meta(ge=1)] = 200
     ranking_subset_size: Annotated[int, msgspec.Meta(ge=1)] = 100
     max_num_iterations: Annotated[int, msgspec.Meta(ge=1)] = 10
-    subset_size: Annotated[int, msgspec.Meta(ge=1)] = 300
-    preset: Preset = "default"
-    target_device: Device = "default"
-    fast_bias_correction: bool = True
-    ignored: Ignored = "none"
-    activations_range: Range = "default"
-    weights_range: Range = "default"
     compress_to_fp16: bool = True  # float weights of the reverted layers in fp16: no larger than the fp16 IR
 
 
