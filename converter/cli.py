@@ -13,12 +13,19 @@ Quantize and compile an ONNX model for a target and write one validated bundle p
 
 targets and their variants:
   cpu    ONNX Runtime: fp32 (graph-optimized), int8 (static QDQ, per-channel), int8-dynamic;
-         fallbacks int8-mixed (the most sensitive nodes kept in float) and fp16
+         fallbacks int8-mixed (the layers whose int8 costs the output most, measured, kept in float)
+         and fp16
   intel  OpenVINO IR: ov-fp16 (fp16-compressed weights), ov-int8 (NNCF post-training quantization);
          fallback ov-int8-mixed (NNCF accuracy-controlled quantization)      [pip install 'edgefleet[intel]']
   arm    TFLite via onnx2tf (its own venv): tflite-fp32, tflite-fp16, tflite-int8 (full integer,
          calibrated on --calib); and ort-int8-arm (ONNX Runtime int8 for ARM64)  [pip install 'edgefleet[arm]']
   all    every target whose toolchain is installed; says which it skipped and why
+
+With a gate (or --search on), each int8 variant is made by several recipes (the library's own defaults
+always among them: ORT's quantize_static defaults, NNCF's defaults), each measured and gated, and the
+fastest that passes is kept; the report shows them all. Every variant's recipe lists the passes that
+made it (converter/passes/), with their configs and toolchain versions, in its manifest and the report.
+--prune 30% prunes channels first; --distill then fine-tunes the pruned model against the original.
 
 A MODEL.tflite is measured, gated and bundled AS GIVEN, for --target arm only: one variant, `tflite`
 (its precision told from its tensors), fed as it declares its inputs (NHWC for images; --calib must
