@@ -111,14 +111,21 @@ def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
         v.recipe["int8_check"] = check_full_int8(v.path)
         return v
 
+    made_ort: dict[str | None, Variant] = {}  # candidate -> its variant (the converter marks the one it kept)
+
     def ort_int8(candidate: str | None):
         def run() -> Variant:
             out = work / ("ort-int8-arm" if candidate is None else f"ort-int8-arm@{candidate}") / "model.onnx"
             recipe = prep.quantized(dict(candidates[candidate]), out, calib, batch, "ort-int8-arm")
             if candidate is not None:
                 recipe["candidate"] = candidate
-            return Variant("ort-int8-arm", "int8", out, ORT, {**recipe, "input_shapes": shapes}, rung=None)
+            made_ort[candidate] = Variant("ort-int8-arm", "int8", out, ORT, {**recipe, "input_shapes": shapes},
+                                          rung=None)
+            return made_ort[candidate]
         return run
+
+    def ort_mixed() -> Variant:
+        return cpu.mixed_variant("ort-int8-mixed-arm", prep, candidates, base_ort, made_ort, work, calib, batch, shapes)
 
     steps = [Step(f"converting to TFLite with {toolchain.ONNX2TF} in its own venv (fp32, fp16"
                   + (f" and full-integer int8, per-channel, calibrated on {samples} samples in NHWC)"
@@ -131,6 +138,11 @@ def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
     for name, recipe in candidates.items():
         steps.append(Step(f"quantizing int8 for ONNX Runtime on ARM64 ({cpu.describe(recipe)})", ort_int8(name),
                           "ort-int8-arm", candidate=name))
+    # the int8-mixed rung, when the gate refuses tflite-int8: ONNX Runtime on ARM64 with the layers whose int8
+    # costs the output most kept in float, from the ort-int8-arm recipe the search kept
+    steps.append(Step("quantizing ort-int8-mixed-arm (ONNX Runtime on ARM64; the layers whose int8 costs the most "
+                      "output accuracy, measured on calibration feeds, kept in float)", ort_mixed,
+                      "ort-int8-mixed-arm", fallback=True, rung="int8-mixed"))
     return steps
 
 

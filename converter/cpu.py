@@ -97,27 +97,7 @@ def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
         return Variant("int8-dynamic", "int8", Path(result.out_path), RUNTIME, recipe)
 
     def int8_mixed() -> Variant:
-        # the layers to keep in float are measured on the int8 model of the recipe the int8 search kept (when the
-        # gate refused every candidate: the most faithful), else of this target's recipe for the host
-        start = next((c for c, v in made_int8.items() if v.kept), None)
-        out = work / "int8-mixed" / "model.onnx"
-        made = prep.quantized(dict(candidates.get(start, base)), work / "int8-mixed-qdq" / "model.onnx", calib,
-                              batch, "int8-mixed")
-        if start is not None:
-            made["started_from"] = start
-        prepared, _ = prep.prepared()
-        result = run_pass("ort_mixed", Path(made["passes"][-1]["out_path"]), out, float_model=prepared, calib=calib,
-                          batch=batch)
-        kept = result.notes["kept_in_float"]
-        in_float = list(made.get("nodes_to_exclude") or []) + [n for n in kept if n not in (made.get("nodes_to_exclude")
-                                                                                           or [])]
-        mixed = {**made, "nodes_to_exclude": in_float, "kept_in_float": len(in_float),
-                 "chosen_by": f"measured layer-wise sensitivity ({result.notes['metric']} on "
-                              f"{result.notes['measured_on']})",
-                 "sensitivity": {k: result.notes[k] for k in ("metric", "int8_error", "mixed_error", "layers", "cap")},
-                 "passes": [*made["passes"], result.report()], "input_shapes": shapes}
-        mixed.pop("warning", None)
-        return Variant("int8-mixed", "mixed", out, RUNTIME, mixed, rung="int8-mixed")
+        return mixed_variant("int8-mixed", prep, candidates, base, made_int8, work, calib, batch, shapes)
 
     def fp16() -> Variant:
         result = run_pass("ort_fp16", fixed, work / "fp16" / "model.onnx")
@@ -136,6 +116,30 @@ def plan(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
         Step("converting to fp16 (float32 inputs and outputs)", fp16, "fp16", fallback=True, rung="fp16"),
     ]
     return steps
+
+
+def mixed_variant(name: str, prep: Prepared, candidates: dict, base: dict, made: dict, work: Path, calib: Feeds,
+                  batch: int | None, shapes: str) -> Variant:
+    """The int8-mixed rung ``name`` (cpu's int8-mixed, arm's ort-int8-mixed-arm): the layers to keep in float are
+    measured (``ort_mixed``) on the int8 model of the recipe the int8 search kept (``made``: candidate -> variant,
+    the converter marks the kept one; when the gate refused every candidate it kept the most faithful), else of
+    ``base``. The recipe lists every layer in float: the kept recipe's and the measured ones."""
+    start = next((c for c, v in made.items() if v.kept), None)
+    out = work / name / "model.onnx"
+    recipe = prep.quantized(dict(candidates.get(start, base)), work / f"{name}-qdq" / "model.onnx", calib, batch, name)
+    if start is not None:
+        recipe["started_from"] = start
+    prepared, _ = prep.prepared()
+    result = run_pass("ort_mixed", Path(recipe["passes"][-1]["out_path"]), out, float_model=prepared, calib=calib,
+                      batch=batch)
+    before = list(recipe.get("nodes_to_exclude") or [])
+    in_float = before + [n for n in result.notes["kept_in_float"] if n not in before]
+    mixed = {**recipe, "nodes_to_exclude": in_float, "kept_in_float": len(in_float),
+             "chosen_by": f"measured layer-wise sensitivity ({result.notes['metric']} on {result.notes['measured_on']})",
+             "sensitivity": {k: result.notes[k] for k in ("metric", "int8_error", "mixed_error", "layers", "cap")},
+             "passes": [*recipe["passes"], result.report()], "input_shapes": shapes}
+    mixed.pop("warning", None)
+    return Variant(name, "mixed", out, RUNTIME, mixed, rung="int8-mixed")
 
 
 def int8_recipe(flags: frozenset[str], calib_method: str, samples: int) -> dict:

@@ -124,6 +124,31 @@ def test_int8_mixed_starts_from_the_candidate_the_search_kept(model, crops, tmp_
     assert not set(ends) & set(made["per-channel"].recipe.get("nodes_to_exclude") or [])
 
 
+def test_arm_has_an_int8_mixed_rung_from_the_kept_ort_recipe(model, crops, tmp_path):
+    """When the gate refuses tflite-int8, the arm target's int8-mixed rung is ONNX Runtime on ARM64 (S8S8) with
+    the measured layers in float, started from the ort-int8-arm recipe the search kept."""
+    from agent.bundle import TensorSpec
+    from converter import arm
+
+    feeds = _feeds_of(crops[1][:16])
+    steps = arm.plan(model, [TensorSpec("x", SHAPE["x"], "float32")], feeds, tmp_path, search=True)
+    rung = [s for s in steps if s.fallback]
+    assert [(s.produces, s.rung) for s in rung] == [("ort-int8-mixed-arm", "int8-mixed")]
+    kept = next(s for s in steps if s.produces == "ort-int8-arm" and s.candidate == "ends-in-float").run()
+    kept.kept = True  # as the converter marks the variant its search kept
+    mixed = rung[0].run()
+    assert (mixed.name, mixed.precision, mixed.runtime, mixed.rung) == ("ort-int8-mixed-arm", "mixed", "onnxruntime",
+                                                                       "int8-mixed")
+    assert mixed.recipe["started_from"] == "ends-in-float" and mixed.recipe["activation_type"] == "QInt8"
+    assert [p["name"] for p in mixed.recipe["passes"]][-2:] == ["ort_quantize", "ort_mixed"]
+
+
+def _feeds_of(x: np.ndarray):
+    from converter.calib import Feeds
+
+    return Feeds.from_arrays({"x": x})
+
+
 def _mixed(model: Path, shape: dict, x: np.ndarray, n_calib: int, tmp_path: Path, samples: int):
     from agent.bundle import TensorSpec
     from converter import cpu
