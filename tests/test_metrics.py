@@ -278,7 +278,7 @@ def test_dense_model_is_gated_on_sqnr_and_falls_back(dense_model, tmp_path):
     from converter.convert import convert
 
     model, calib = dense_model
-    report = convert(model, target="cpu", calib=calib, out=tmp_path / "out", min_sqnr=40)
+    report = convert(model, target="cpu", calib=calib, out=tmp_path / "out", min_sqnr=40, search="off")
     assert (report["gate"]["metric"], report["gate"]["kind"], report["gate"]["threshold"]) == ("sqnr", "dense", 40.0)
     refused = {v["variant"]: v for v in report["refused"]}
     emitted = {v["variant"]: v for v in report["variants"]}
@@ -294,6 +294,21 @@ def test_dense_model_is_gated_on_sqnr_and_falls_back(dense_model, tmp_path):
     assert saved["variants"][0]["agreement"]["sqnr_db"] == emitted["fp32"]["agreement"]["sqnr_db"]
     html = (tmp_path / "out" / "report.html").read_text()
     assert "SQNR, dB (higher is better)" in html and "Every output" in html
+
+
+def test_the_search_finds_an_int8_recipe_the_outlier_does_not_spoil(dense_model, tmp_path):
+    """The same gate with the search on (the default with a gate): a calibration sample 1000x louder than the rest
+    stretches min/max ranges past what 40 dB allows, and a recipe that does not take the extremes passes."""
+    from converter.convert import convert
+
+    model, calib = dense_model
+    report = convert(model, target="cpu", calib=calib, out=tmp_path / "out", min_sqnr=40)
+    int8 = next(v for v in report["variants"] if v["variant"] == "int8")
+    rows = {r["candidate"]: r for r in int8["search"]["candidates"]}
+    assert rows["per-channel"]["gate"]["passed"] is False  # the recipe used without the search is refused
+    assert int8["gate"]["passed"] and rows[int8["search"]["kept"]]["gate"]["passed"]
+    assert int8["recipe"]["candidate"] == int8["search"]["kept"] != "per-channel"
+    assert report["gate"]["chosen"]["cpu"] == "rung int8 (int8) passed"
 
 
 def _refuse_constant(name: str):
