@@ -29,6 +29,9 @@ from converter.plan import RUNGS, SPEED_TIE, Step, Variant
 # target -> module with plan(...) (see converter/cpu.py); a target is one file.
 TARGETS = {"cpu": "converter.cpu", "intel": "converter.intel", "arm": "converter.arm"}
 SEARCH = ("auto", "on", "off")
+# the reference profile (agent/quality.py) and golden feeds with their fp32 outputs, in every bundle
+PROFILE, GOLDEN = "profile.json", "golden.npz"
+GOLDEN_MAX, GOLDEN_BYTES = 16, 1 << 20  # at most 16 golden feeds, within 1 MiB of inputs (at least one)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -125,6 +128,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             parts = calibration.run_feeds(session.run, held, batch, measure.EVAL_BATCH)
             reference = held.join(parts)
             parts.append(session.run(one))
+            golden = _golden(held, session.run) if not batch or batch == 1 else [(one, session.run(one))]
         except Exception as e:
             raise ConvertError(f"the source model fails on the calibration data: {_first_line(e)}") from None
         rule = gate.resolve(gating, reference, labels=held_labels is not None)
@@ -152,6 +156,9 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             say(f"warning: {line}")
         common["warnings"] = warnings
         ctx = _Context(held, one, batch, reference, held_labels, rule, ref_accuracy, common, say)
+        ctx.quality = _quality_files(reference, rule.kinds, golden)
+        common["quality_profile"] = {"id": ctx.quality["profile_id"], "golden_inputs": len(golden),
+                                     "files": [PROFILE, GOLDEN]}
         ctx.passes.append(_fix_shapes_record(specs, kept))
         if prune:
             from converter.passes.prune import prune as prune_model
@@ -278,6 +285,7 @@ class _Context:
         self.held, self.one, self.batch, self.reference = held, one, batch, reference
         self.labels, self.rule, self.ref_accuracy = labels, rule, ref_accuracy
         self.common, self.say = common, say
+        self.quality: dict | None = None  # profile.json bytes and golden.npz arrays, when the converter made them
         self.passes: list[dict] = []  # the passes every target starts from (fix_shapes, prune, ...), as recorded
 
 
@@ -445,6 +453,9 @@ def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
 
     Returns the variant's report (it goes into the manifest) and its outputs on the sample."""
     np.savez_compressed(v.path.parent / "sample.npz", **ctx.one)
+    if ctx.quality is not None:  # the reference profile and golden feeds every bundle carries (agent/quality.py)
+        (v.path.parent / PROFILE).write_bytes(ctx.quality["profile"])
+        np.savez_compressed(v.path.parent / GOLDEN, **ctx.quality["golden"])
     session = _session(v.path.parent, v.path.name, f"{target} {v.name} variant", v.runtime, _settings(v))
     try:
         try:
@@ -464,7 +475,8 @@ def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
     verdict = gate.judge(ctx.rule, agreement, accuracy, ctx.ref_accuracy)
     report = {
         "target": target, "variant": v.name, "runtime": v.runtime, "precision": v.precision, "rung": v.rung,
-        "size_bytes": sum(f.stat().st_size for f in v.path.parent.iterdir() if f.name != "sample.npz"),
+        "size_bytes": sum(f.stat().st_size for f in v.path.parent.iterdir()
+                          if f.name not in ("sample.npz", PROFILE, GOLDEN)),
         "recipe": {**v.recipe, "passes": ctx.passes + list(v.recipe.get("passes", []))},
         "latency_ms": {**lat, "batch": ctx.batch or 1, "settings": _settings(v)},
         "speedup_vs_fp32": round(ref_p50 / lat["p50"], 3) if lat["p50"] > 0 else None,
@@ -564,6 +576,36 @@ def _session(model_dir: Path, model: str, what: str, runtime: str = "onnxruntime
         raise
     except Exception as e:
         raise ConvertError(f"{runtime} cannot load the {what}: {_first_line(e)}") from None
+
+
+def _golden(held, run) -> list[tuple[dict, dict]]:
+    """The first held-out feeds (at most GOLDEN_MAX, within GOLDEN_BYTES of inputs, at least one) and their fp32
+    outputs: what a device runs at activation and every canary interval to check its runtime computes the same.
+    (A model with a fixed batch above 1 gets its one smoke-test batch instead.)"""
+    out, used = [], 0
+    for i in range(min(GOLDEN_MAX, len(held))):
+        feed = held[i]
+        size = sum(np.asarray(v).nbytes for v in feed.values())
+        if out and used + size > GOLDEN_BYTES:
+            break
+        out.append((feed, {k: np.asarray(v) for k, v in run(feed).items()}))
+        used += size
+    return out
+
+
+def _quality_files(reference: dict, kinds: dict, golden: list) -> dict:
+    """profile.json (the fp32 reference's histograms, agent/quality.py) and golden.npz (INPUT/INDEX and
+    output/NAME/INDEX entries, the indexed calibration layout)."""
+    import msgspec
+
+    from agent import quality
+
+    profile = quality.build(reference, kinds)
+    arrays = {}
+    for i, (feed, outputs) in enumerate(golden):
+        arrays.update({f"{k}/{i}": np.asarray(v) for k, v in feed.items()})
+        arrays.update({f"output/{k}/{i}": v for k, v in outputs.items()})
+    return {"profile": msgspec.json.encode(profile), "profile_id": profile.id, "golden": arrays}
 
 
 def _fix_shapes_record(specs: list[TensorSpec], kept: list[str]) -> dict:

@@ -87,7 +87,7 @@ def test_bundles_for_every_variant(converted):
         assert v["round_trip"]["ok"] is True and v["latency_ms"]["p50"] > 0
         m = read_manifest(out / v["bundle"])
         assert (m.target, m.runtime, m.precision, m.model) == ("arm", runtime, precision, file)
-        assert sorted(f.path for f in m.files) == sorted([file, "sample.npz"])
+        assert sorted(f.path for f in m.files) == sorted([file, "sample.npz", "profile.json", "golden.npz"])
         assert [(i.name, i.shape[1:]) for i in m.inputs] == [("x", [3, 48, 192])]  # NCHW, as the source
         assert [o.name for o in m.outputs] == [OUTPUT]
         # the recipe names the passes that made the variant, in order, with their configs and toolchains

@@ -104,7 +104,7 @@ def test_manifests_describe_an_ir_with_a_dynamic_batch(converted, tmp_path):
     for v in report["variants"]:
         m = read_manifest(out / v["bundle"])
         assert (m.target, m.runtime, m.model) == ("intel", "openvino", "model.xml")
-        assert sorted(f.path for f in m.files) == ["model.bin", "model.xml", "sample.npz"]
+        assert sorted(f.path for f in m.files) == ["golden.npz", "model.bin", "model.xml", "profile.json", "sample.npz"]
         assert m.settings["inference_precision"] == v["recipe"]["inference_precision"]
     dest, m = _unpacked(out, "ov-fp16", tmp_path)
     shape = ov.Core().read_model(str(dest / m.model)).inputs[0].get_partial_shape()

@@ -91,6 +91,34 @@ def test_json_report_progress_and_files(converted, model, real):
     assert "Traceback" not in stderr
 
 
+def test_every_bundle_carries_the_reference_profile_and_golden_feeds(converted, model, tmp_path):
+    """profile.json: the fp32 reference's histograms on the held-out samples (agent/quality.py); golden.npz: the
+    first held-out feeds with the fp32 outputs, which a device re-runs to check its runtime (issue 12)."""
+    import msgspec
+    import onnxruntime as ort
+
+    from agent import quality
+    from agent.bundle import safe_unpack
+
+    out, report, _ = converted
+    held = report["calibration"]["held_out_samples"]
+    for precision in ("fp32", "int8"):
+        dest = tmp_path / precision
+        safe_unpack(_bundle(out, precision), dest)
+        profile = msgspec.json.decode((dest / "profile.json").read_bytes(), type=quality.Profile)
+        assert profile.id == report["quality_profile"]["id"] and profile.samples == held
+        (o,) = profile.outputs
+        assert o.kind == "classifier" and all(sum(c) == held for c in o.counts.values())
+        with np.load(dest / "golden.npz") as g:
+            n = report["quality_profile"]["golden_inputs"]
+            feed_bytes = 3 * 48 * 192 * 4  # one float32 crop: as many as fit in 1 MiB, at most 16
+            assert n == min(16, held, (1 << 20) // feed_bytes) == 9 and sorted(g.files) == sorted(
+                [f"x/{i}" for i in range(n)] + [f"output/{o.name}/{i}" for i in range(n)])
+            session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+            for i in range(n):
+                np.testing.assert_array_equal(session.run([o.name], {"x": g[f"x/{i}"]})[0], g[f"output/{o.name}/{i}"])
+
+
 def test_manifests_validate(converted, model, real):
     out, report, _ = converted
     for precision in ("fp32", "int8"):
@@ -98,7 +126,7 @@ def test_manifests_validate(converted, model, real):
         assert (m.name, m.version, m.target, m.runtime, m.precision) == ("ocr-cls", "7", "cpu", "onnxruntime",
                                                                          precision)
         assert m.model == "model.onnx" and m.sample == "sample.npz"
-        assert sorted(f.path for f in m.files) == ["model.onnx", "sample.npz"]
+        assert sorted(f.path for f in m.files) == ["golden.npz", "model.onnx", "profile.json", "sample.npz"]
         assert [(i.name, i.shape, i.dtype) for i in m.inputs] == [("x", [-1, 3, 48, 192], "float32")]
         assert [(o.shape, o.dtype) for o in m.outputs] == [([-1, 2], "float32")]
         assert m.settings == {"intra_op_threads": 1}
