@@ -138,6 +138,7 @@ def test_first_boot_enrollment_waits_for_the_controller_and_the_agent_serves_mea
         assert agent._wedged() is None  # not a reason for systemd to restart it
         f = controller()  # the controller comes back: the device enrolls and connects by itself
         wait_for(lambda: api.status()["enrollment"] == "enrolled", what="the enrollment")
+        wait_for(lambda: agent.link is not None, what="the link the enrolled agent starts")  # right after enrolling
         assert agent.link.wait_connected(60)
         wait_for(lambda: [d["id"] for d in fleet_client(f).devices()] == [agent.config.device_id],
                  what="the device registered")
