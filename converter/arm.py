@@ -175,13 +175,6 @@ def int8_recipe(calib_method: str, samples: int) -> dict:
 # ---- kept for callers (and tests) that use them directly ----------------------------------------------
 
 
-def prepare_for_onnx2tf(src: Path, dst: Path) -> None:
-    """A copy of ``src`` with the batch fixed to 1 and node names TensorFlow accepts as scope names."""
-    from converter.passes.onnx2tf import prepare
-
-    prepare(src, dst)
-
-
 def run_onnx2tf(source: Path, specs: list[TensorSpec], calib: Feeds, work: Path, *,
                 quantize: bool = True, io_dtype: str = "float32") -> dict[str, Path]:
     """One onnx2tf run in ``work`` (the ``onnx2tf`` pass); returns {variant name: the .tflite it wrote}."""

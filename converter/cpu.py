@@ -301,45 +301,6 @@ def fix_shapes(src: Path, dst: Path, specs: list[TensorSpec]) -> None:
     _save(model, dst)
 
 
-def optimize(src: Path, dst: Path, level: str = "extended") -> None:
-    run_pass("ort_optimize", src, dst, level=level)
-
-
-def upgrade_opset(src: Path, dst: Path, opset: int) -> int | None:
-    """Write the model at ``opset`` if it is older; returns the old opset, or None if unchanged."""
-    return run_pass("onnx_opset", src, dst, opset=opset).notes["upgraded_from"]
-
-
-def pre_process(src: Path, dst: Path) -> bool:
-    """``quant_pre_process``; returns whether symbolic shape inference could be used."""
-    return run_pass("ort_preprocess", src, dst).notes["symbolic_shape_inference"]
-
-
-def quantize(src: Path, dst: Path, calib: Feeds, recipe: dict, batch: int | None = None):
-    """Static QDQ quantization per ``recipe`` (the keys of ``int8_recipe``), calibrated on the feeds; returns the
-    ``ort_quantize`` pass's result."""
-    return run_pass("ort_quantize", src, dst, calib=calib, batch=batch, variant=recipe.get("variant", "int8"),
-                    per_channel=recipe["per_channel"], activation_type=recipe["activation_type"],
-                    weight_type=recipe["weight_type"], reduce_range=recipe["reduce_range"],
-                    calibrate_method=recipe["calibrate_method"],
-                    activation_symmetric=recipe.get("activation_symmetric", False),
-                    moving_average=recipe.get("moving_average", False),
-                    nodes_to_exclude=list(recipe.get("nodes_to_exclude") or []))
-
-
-def dynamic_ops(src: Path) -> list[str]:
-    """The op types dynamic quantization helps with that this model has (Conv gets slower: not listed)."""
-    return present_ops(src)
-
-
-def quantize_dynamic_weights(src: Path, dst: Path, ops: list[str]) -> None:
-    run_pass("ort_dynamic", src, dst, op_types=ops)
-
-
-def to_fp16(src: Path, dst: Path) -> None:
-    run_pass("ort_fp16", src, dst)
-
-
 def _save(model, dst: Path) -> None:
     import onnx
 
