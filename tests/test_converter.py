@@ -17,6 +17,7 @@ import pytest
 
 from agent import runtimes
 from agent.bundle import read_manifest, safe_unpack, sha256_file
+from util import assert_refused_in_one_line, snapshot
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -296,10 +297,6 @@ def bad(model, real, tmp_path_factory):
     return tmp, _bad_inputs(tmp, model, real[1])
 
 
-def _snapshot(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_writes_nothing(case, bad, tmp_path, capsys):
     from edgefleet.cli import main
@@ -309,16 +306,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, bad, tmp_path, capsys):
     out = tmp_path / "dist"
     out.mkdir()
     (out / "keep.txt").write_text("already here\n")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     shape = [] if "--no-shape" in argv or "--input-shape" in argv else ["--input-shape", "x=1x3x48x192"]
     code = main(["convert", *[a for a in argv if a != "--no-shape"], *shape, "--out", str(out)])
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("edgefleet convert: error: ") and needle in lines[0], lines[0]
-    assert "Traceback" not in captured.err and captured.out == ""
-    assert _snapshot(tmp_path) == before
+    assert_refused_in_one_line(code, capsys.readouterr(), needle)
+    assert snapshot(tmp_path) == before
 
 
 def test_bad_input_in_a_real_process(bad, tmp_path):

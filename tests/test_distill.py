@@ -24,6 +24,7 @@ pytest.importorskip("torch")
 from converter import ConvertError  # noqa: E402
 from converter import passes  # noqa: E402
 from converter.passes.prune import prune  # noqa: E402
+from util import snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = "save_infer_model/scale_0.tmp_1"
@@ -138,10 +139,6 @@ def test_the_config_is_typed():
 
 # ---- through the converter's CLI ----
 
-def _snapshot(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
 @pytest.fixture(scope="module")
 def calib(ocr, tmp_path_factory):
     _, _, crops, _, _ = ocr
@@ -206,12 +203,12 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, ocr, calib, tmp_path
     if data is not None:
         np.savez(bad, **data)
         needle = f"--train-data bad.npz: {needle}"
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code = main(["convert", str(src), "--calib", str(calib / "calib.npz"), "--out", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("edgefleet convert: error: ") and needle in err, err
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_missing_torch_is_one_line_in_a_real_process(ocr, calib, tmp_path):
@@ -249,14 +246,14 @@ def test_a_student_with_an_op_torch_cannot_run_is_one_line(tmp_path, capsys):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, tmp_path / "lp.onnx")
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((12, 3, 16, 16)).astype(np.float32))
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code = main(["convert", str(tmp_path / "lp.onnx"), "--calib", str(tmp_path / "calib.npz"),
                  "--out", str(tmp_path / "out"), "--prune", "30%", "--distill"])
     lines = capsys.readouterr().err.strip().splitlines()  # progress lines up to the pruning, then the error
     assert code == 2 and lines[-1] == ("edgefleet convert: error: the student uses op 'LpNormalization' (node "
                                        "'norm'), which the distillation pass cannot run in torch"), lines
     assert lines[-2].startswith("pruning 30%") and not any("Traceback" in line for line in lines)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_help_names_the_distill_flags(capsys):

@@ -22,6 +22,7 @@ import pytest
 
 from agent import runtimes
 from agent.bundle import read_manifest, safe_unpack
+from util import assert_refused_in_one_line, snapshot
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -289,10 +290,6 @@ def bad(tflites, onnx_model, data, tmp_path_factory):
     return _bad_cases(tflites, onnx_model, data, tmp_path_factory.mktemp("bad"))
 
 
-def _snapshot(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
 BAD = ["target cpu", "target intel", "target all", "default target", "prune", "input-shape", "calib-method",
        "not a tflite", "truncated", "missing", "calib NCHW", "calib name", "reference inputs", "reference shape",
        "reference quantized", "reference not a model", "search on", "reference on onnx"]
@@ -306,15 +303,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, bad, tmp_path, capsys):
     out = tmp_path / "dist"
     out.mkdir()
     (out / "keep.txt").write_text("already here\n")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code = main(["convert", *argv, "--out", str(out)])
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("edgefleet convert: error: ") and needle in lines[0], lines[0]
-    assert "Traceback" not in captured.err and captured.out == ""
-    assert _snapshot(tmp_path) == before
+    assert_refused_in_one_line(code, capsys.readouterr(), needle)
+    assert snapshot(tmp_path) == before
 
 
 def test_help_names_tflite_and_reference():

@@ -108,3 +108,18 @@ def fleet_client(fleet, token: str | None = None, **kw):
 
     return FleetClient(fleet.http_url, token=token or admin_token(fleet),
                        ca=str(fleet.pki.ca_crt) if fleet.pki else None, **kw)
+
+
+def snapshot(root: Path) -> list[str]:
+    """Every path under ``root``, relative and sorted: what a refused command must leave as it found it."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def assert_refused_in_one_line(code: int, captured, needle: str, prog: str = "edgefleet convert") -> None:
+    """A CLI's refusal (``captured``: capsys.readouterr()): exit 2, one line on stderr naming ``needle``, nothing on
+    stdout, no traceback."""
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"{prog}: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
