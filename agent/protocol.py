@@ -21,6 +21,8 @@ arch, agent_version        ``[A-Za-z0-9._+-]``, at most 32 / 64 characters
 cpu_flags, runtimes        at most 64 / 16 items of ``[A-Za-z0-9._+-]{1,32}``
 errors (telemetry)         at most 64 kinds, keys ``[A-Za-z0-9._-]{1,64}``, counts >= 0
 histogram                  at most 64 buckets, counts >= 0
+quality bins               at most 16 outputs x 8 features x 64 bins; confusion at most 1089 cells
+                           (33 x 33: the profile's 32 classes + "other"); refusal reasons at most 16
 event reason               at most 2000 characters (the agent cuts longer ones where it builds them)
 Desired.url                1-2048 characters (which URLs a device fetches is the agent's policy:
                            agent/updater.py)
@@ -52,11 +54,12 @@ PREFIX = "edgefleet/v1"
 STATE = "state"
 TELEMETRY = "telemetry"
 EVENTS = "events"
+QUALITY = "quality"  # additive: the model-quality counts of a window (its own topic: see Quality)
 # fleet -> device
 DESIRED = "desired"
 CMD = "cmd"
-KINDS = (STATE, TELEMETRY, EVENTS, DESIRED, CMD)
-DEVICE_KINDS = (STATE, TELEMETRY, EVENTS)
+KINDS = (STATE, TELEMETRY, EVENTS, QUALITY, DESIRED, CMD)
+DEVICE_KINDS = (STATE, TELEMETRY, EVENTS, QUALITY)
 
 # Upper bounds (ms) of the latency histogram's buckets; the last bucket is everything above.
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -197,6 +200,60 @@ class Event(_Msg):
     v: int = VERSION
 
 
+MAX_QUALITY_OUTPUTS = 16
+MAX_QUALITY_BINS = 64
+MAX_CONFUSION = 33 * 33
+_Feature = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[a-z][a-z0-9_]{0,31}")))]
+_Bins = Annotated[list[Count], msgspec.Meta(max_length=MAX_QUALITY_BINS)]
+
+
+class Canary(_Msg):
+    """The bundle's golden inputs run on the device against their fp32 outputs (in the bundle)."""
+
+    runs: Count  # golden inputs run in this window
+    agree: Count  # of them, how many agree with fp32 (classifier: the same top-1 class; other outputs: within
+    #               the bundle's tolerance, agent/quality.py)
+    max_abs_err: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # the largest |device - fp32| over them
+    time: Seconds = 0.0  # when the last run ended
+
+
+class Feedback(_Msg):
+    """Ground truth the device's applications joined to predictions (POST /v1/feedback) in this window."""
+
+    labels: Count = 0  # labels joined
+    # [true bin, predicted bin, count] over the profile's first classifier output's class bins (its classes in
+    # order, then "other"): a sparse confusion matrix
+    confusion: Annotated[list[Annotated[list[Count], msgspec.Meta(min_length=3, max_length=3)]],
+                         msgspec.Meta(max_length=MAX_CONFUSION)] = []
+    refused: Annotated[dict[_Key, Count], msgspec.Meta(max_length=16)] = {}  # reason -> labels refused
+
+
+class Quality(_Msg):
+    """One window's model-quality counts, on its own topic (``edgefleet/v1/<id>/quality``) so that telemetry
+    stays as it was: a controller from before this message never subscribes to it (v1 decoders refuse unknown
+    fields, so a new Telemetry field would have made them drop whole telemetry messages). It takes a seq from
+    the device's one counter, like telemetry and events.
+
+    ``bins[i]`` holds the counts for the profile's ``outputs[i]`` (agent/quality.py), feature -> counts; the
+    ``profile`` id names those bins, so the controller refuses counts that do not match the bundle's profile."""
+
+    device_id: DeviceId
+    boot_id: BootId
+    seq: Count
+    time: Seconds
+    interval_s: Annotated[float, msgspec.Meta(gt=0)]
+    sha256: Sha256  # the bundle whose outputs these are
+    version: Version
+    profile: Sha256  # the id of the bundle's profile.json: the bins these counts follow
+    served: Count = 0  # outputs folded into ``bins`` in this window
+    bins: Annotated[list[Annotated[dict[_Feature, _Bins], msgspec.Meta(max_length=8)]],
+                    msgspec.Meta(max_length=MAX_QUALITY_OUTPUTS)] = []
+    canary: Canary | None = None
+    feedback: Feedback | None = None
+    deployment_id: Id | None = None
+    v: int = VERSION
+
+
 class TrustStatement(_Msg):
     """A change to the release keys devices trust, signed (``by``) by a key they trust already: ``add`` a key
     (signed by a trusted release key), or ``remove`` one (by a trusted release key or the controller's key).
@@ -251,9 +308,9 @@ class Cmd(_Msg):
     v: int = VERSION
 
 
-Message = State | Telemetry | Event | Desired | Cmd
+Message = State | Telemetry | Event | Quality | Desired | Cmd
 _TYPES: dict[str, type] = {
-    STATE: State, TELEMETRY: Telemetry, EVENTS: Event, DESIRED: Desired, CMD: Cmd
+    STATE: State, TELEMETRY: Telemetry, EVENTS: Event, QUALITY: Quality, DESIRED: Desired, CMD: Cmd
 }
 _ENCODER = msgspec.json.Encoder()
 _DECODERS = {kind: msgspec.json.Decoder(cls) for kind, cls in _TYPES.items()}

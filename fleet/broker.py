@@ -54,7 +54,8 @@ def acl_text(revoked: list[str] = ()) -> str:
         lines += [f"user {device_id}", "topic deny #", ""]
     lines += ["# every other client: a device, its user name being the CN of its certificate",
               "pattern write edgefleet/v1/%u/state", "pattern write edgefleet/v1/%u/telemetry",
-              "pattern write edgefleet/v1/%u/events", "pattern read edgefleet/v1/%u/desired",
+              "pattern write edgefleet/v1/%u/events", "pattern write edgefleet/v1/%u/quality",
+              "pattern read edgefleet/v1/%u/desired",
               "pattern read edgefleet/v1/%u/cmd", ""]
     return "\n".join(lines)
 

@@ -30,6 +30,7 @@ log = logging.getLogger("edgefleet.fleet.link")
 
 CLIENT_ID = "edgefleet-fleet"
 SESSION_EXPIRY_S = 7 * 24 * 3600
+STORED = (protocol.STATE, protocol.TELEMETRY, protocol.EVENTS)  # the device kinds this controller stores
 MAX_REASONS = 100  # distinct reasons counted one by one; the rest under "other"
 
 
@@ -111,7 +112,7 @@ class Link:
             return
         # Retained state is sent only for a new subscription (retain handling 1), not on every reconnect.
         opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        client.subscribe([(protocol.subscription(kind), opts) for kind in protocol.DEVICE_KINDS])
+        client.subscribe([(protocol.subscription(kind), opts) for kind in STORED])
         log.info("connected to %s (session present: %s)", self.broker_url, flags.session_present)
         self._connect_error = None
         self._connected.set()
@@ -146,7 +147,7 @@ class Link:
             return
         try:
             device_id, kind = protocol.parse_topic(topic)
-            if kind not in protocol.DEVICE_KINDS:
+            if kind not in STORED:
                 raise protocol.ProtocolError(f"{kind} is not a message devices send")
             if self.enrolled is not None and not self.enrolled(device_id):
                 raise protocol.ProtocolError("device not enrolled (or revoked)")

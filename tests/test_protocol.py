@@ -38,6 +38,12 @@ def test_every_message_round_trips():
         p.DESIRED: p.Desired(deployment_id="dep-1", name="m", version="1", url="http://h/bundles/x",
                              sha256="cd" * 32, size=10),
         p.CMD: p.Cmd(id="c1", kind="ping"),
+        p.QUALITY: p.Quality(device_id="d", boot_id="b", seq=5, time=4.0, interval_s=10, sha256="ab" * 32,
+                             version="1", profile="ef" * 32, served=3,
+                             bins=[{"class": [2, 1, 0], "confidence": [0] * 9 + [3]}],
+                             canary=p.Canary(runs=16, agree=15, max_abs_err=0.02, time=3.5),
+                             feedback=p.Feedback(labels=2, confusion=[[0, 0, 1], [1, 0, 1]],
+                                                 refused={"unknown_id": 1})),
     }
     for kind, msg in msgs.items():
         data = p.encode(msg)
@@ -122,6 +128,13 @@ def _telemetry(**kw):
     return json.dumps(doc).encode()
 
 
+def _quality(**kw):
+    doc = {"v": 1, "device_id": "d", "boot_id": "b", "seq": 1, "time": 1, "interval_s": 10, "sha256": "ab" * 32,
+           "version": "1", "profile": "cd" * 32}
+    doc.update(kw)
+    return json.dumps(doc).encode()
+
+
 def _state(**kw):
     doc = {"v": 1, "device_id": "d", "online": True, "time": 1}
     doc.update(kw)
@@ -173,6 +186,15 @@ BAD = [
     (p.TELEMETRY, _telemetry(outbox_dropped=-1), "outbox_dropped"),
     (p.TELEMETRY, _telemetry(latency_ms={"p50": -1, "p95": 1, "p99": 1, "max": 1, "mean": 1}), "latency_ms.p50"),
     (p.TELEMETRY, _telemetry(active={**ACTIVE, "runtime": "r" * 33}), "active.runtime"),
+    (p.QUALITY, _quality(profile="x"), "profile"),
+    (p.QUALITY, _quality(bins=[{"class": [1]}] * (p.MAX_QUALITY_OUTPUTS + 1)), "bins"),
+    (p.QUALITY, _quality(bins=[{"class": [1] * (p.MAX_QUALITY_BINS + 1)}]), "bins"),
+    (p.QUALITY, _quality(bins=[{"class": [-1]}]), "bins"),
+    (p.QUALITY, _quality(bins=[{"Class!": [1]}]), "bins"),
+    (p.QUALITY, _quality(canary={"runs": -1, "agree": 0}), "canary.runs"),
+    (p.QUALITY, _quality(feedback={"confusion": [[0, 1]]}), "feedback.confusion"),
+    (p.QUALITY, _quality(feedback={"confusion": [[0, 0, 1]] * (p.MAX_CONFUSION + 1)}), "feedback.confusion"),
+    (p.QUALITY, _quality(feedback={"refused": {f"r{i}": 1 for i in range(17)}}), "feedback.refused"),
     (p.STATE, _state(agent_version="v" * 65), "agent_version"),
     (p.STATE, _state(arch="x86 64"), "arch"),
     (p.STATE, _state(cpu_flags=["avx2"] * 65), "cpu_flags"),
