@@ -397,6 +397,9 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
         expected = held.join(parts)
         rule = gate.resolve(gating, expected, labels=held_labels is not None)
         ref_accuracy = gate.task_accuracy(expected, held_labels, rule.labels_output)
+        # the reference profile and golden feeds, as every bundle from ONNX carries (agent/quality.py)
+        golden = c._golden(held, ref.session.run) if not batch or batch == 1 else [(one, ref.session.run(one))]
+        quality = c._quality_files(expected, rule.kinds, golden)
         common = {
             "calibration": {"sha256": data.sha256, "format": data.format, "samples": data.samples,
                             "calibration_samples": data.samples - data.n_eval, "held_out_samples": data.n_eval,
@@ -415,7 +418,10 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
                               "toolchain": {"litert": litert}, "notes": {"copied": "byte for byte, unchanged"}}]}
         v = Variant(VARIANT, interface.precision, path, RUNTIME, recipe, dict(interface.settings),
                     rung=RUNGS[interface.precision])
+        common["quality_profile"] = {"id": quality["profile_id"], "golden_inputs": len(golden),
+                                     "files": [c.PROFILE, c.GOLDEN]}
         ctx = c._Context(held, one, batch, expected, held_labels, rule, ref_accuracy, common, say)
+        ctx.quality = quality
         say(f"[{TARGET}] measuring {VARIANT} in {RUNTIME} (batch {batch or 1}, 1 thread; {data.n_eval} held-out "
             f"samples) against {common['reference']['text']} ...")
         rep, sample_out = c._measure(v, TARGET, ctx)

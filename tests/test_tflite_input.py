@@ -206,6 +206,23 @@ def test_judged_against_the_onnx_model(converted, tflites, data, onnx_out, tmp_p
     r = onnx_out[N_SAMPLES - HELD :].astype(np.float64)
     sqnr = 10 * np.log10((r**2).sum() / ((r - got) ** 2).sum())
     assert a["sqnr_db"] == pytest.approx(sqnr, abs=0.01)
+    # the bundle carries the reference's profile and golden feeds (issue 12) in the device's layout (NHWC), with
+    # the ONNX model's outputs on them
+    import msgspec
+
+    from agent import quality
+
+    profile = msgspec.json.decode((tmp_path / "b" / "profile.json").read_bytes(), type=quality.Profile)
+    assert profile.id == report["quality_profile"]["id"] and profile.samples == HELD
+    assert [(o.name, o.kind) for o in profile.outputs] == [("output_0", "classifier")]
+    with np.load(tmp_path / "b" / "golden.npz") as g:
+        n = report["quality_profile"]["golden_inputs"]
+        assert 1 <= n <= 16 and sorted(g.files) == sorted([f"x/{i}" for i in range(n)] +
+                                                           [f"output/output_0/{i}" for i in range(n)])
+        first = N_SAMPLES - HELD
+        for i in range(n):
+            np.testing.assert_array_equal(g[f"x/{i}"], data["nhwc"][first + i : first + i + 1])
+            np.testing.assert_allclose(g[f"output/output_0/{i}"], onnx_out[first + i : first + i + 1], atol=1e-5)
     from converter.report import table
 
     text = table(report)
