@@ -13,15 +13,35 @@ from agent import quality
 
 
 def test_psi_by_hand():
-    # shares 0.5/0.5 -> 0.25/0.75: (0.25-0.5) ln(0.25/0.5) + (0.75-0.5) ln(0.75/0.5)
-    want = (0.25 - 0.5) * math.log(0.5) + 0.25 * math.log(1.5)
-    assert quality.psi([50, 50], [25, 75]) == pytest.approx(want) == pytest.approx(0.274653, abs=1e-6)
-    assert quality.psi([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0)  # the same shares, other totals
+    # counts 50/50 -> 25/75, each bin + 0.5: shares 0.5/0.5 -> 25.5/101 and 75.5/101
+    e, a = np.array([0.5, 0.5]), np.array([25.5, 75.5]) / 101
+    want = float(((a - e) * np.log(a / e)).sum())
+    assert quality.psi([50, 50], [25, 75]) == pytest.approx(want) == pytest.approx(0.268677, abs=1e-6)
+    assert quality.psi([50, 50], [25, 75], smoothing=0) == pytest.approx(
+        (0.25 - 0.5) * math.log(0.5) + 0.25 * math.log(1.5))  # unsmoothed: the textbook 0.274653
+    assert quality.psi([10, 20, 30], [10, 20, 30]) == pytest.approx(0.0)
     assert quality.psi_band(0.05) == "stable" and quality.psi_band(0.2) == "moderate"
     assert quality.psi_band(0.2747) == "significant"
-    # an empty bin counts as EPS, not as an infinite distance
-    assert quality.psi([100, 0], [50, 50]) == pytest.approx((0.5 - 1) * math.log(0.5) + (0.5 - 1e-4) *
-                                                          math.log(0.5 / 1e-4))
+    # an empty bin is smoothed, not an infinite distance: 100/0 -> 50/50 is (1/202, 100.5/101 ...) by hand
+    e, a = np.array([100.5, 0.5]) / 101, np.array([50.5, 50.5]) / 101
+    assert quality.psi([100, 0], [50, 50]) == pytest.approx(float(((a - e) * np.log(a / e)).sum()))
+    with pytest.raises(ValueError, match="no counts"):
+        quality.psi([0, 0], [1, 1])
+
+
+def test_drift_p_tells_sampling_noise_from_a_shift():
+    # 50/50 vs 25/75 with 100 each: x = 0.268677 * 100 * 100 / 200 = 13.43 on 1 degree of freedom;
+    # Wilson-Hilferty: z = ((x/1)^(1/3) - (1 - 2/9)) / sqrt(2/9)
+    x = quality.psi([50, 50], [25, 75]) * 50
+    z = (x ** (1 / 3) - 7 / 9) / math.sqrt(2 / 9)
+    assert quality.drift_p([50, 50], [25, 75]) == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)))
+    assert quality.drift_p([50, 50], [25, 75]) < 1e-3  # chi-square(1) tail at 13.4 is 2.5e-4
+    # the same shift seen in 4 + 4 samples is noise: PSI is as large, p is not small
+    d = quality.drift([2, 2], [1, 3])
+    assert d.psi > 0.1 and d.p > 0.05 and d.band == "stable"
+    d = quality.drift([500, 500], [250, 750])
+    assert d.band == "significant" and d.p < 1e-10 and d.js == pytest.approx(quality.jensen_shannon([2, 2], [1, 3]))
+    assert quality.drift_p([5, 5], [5, 5]) == 1.0
 
 
 def test_jensen_shannon_by_hand():
