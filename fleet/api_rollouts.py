@@ -40,6 +40,12 @@ class RolloutRequest(msgspec.Struct, forbid_unknown_fields=True):
     # a device soaks until it has served this many (and is judged from then)
     min_inferences: Annotated[int, Meta(ge=0, le=1_000_000_000)] = 0
     auto_rollback: bool = True
+    # quality gates (fleet/quality.py): PSI against the bundle's reference, golden-input agreement, accuracy from
+    # the applications' feedback against the model being replaced (with at least min_labels labels on each side)
+    max_drift_psi: Annotated[float, Meta(gt=0, le=1000)] | None = None
+    min_canary_agreement: Annotated[float, Meta(gt=0, le=1)] | None = None  # a fraction: 0.95
+    max_accuracy_drop: Rate | None = None  # e.g. "5%": 5 points
+    min_labels: Annotated[int, Meta(ge=1, le=1_000_000_000)] = 30
 
 
 # -- what the API answers (for the OpenAPI document; the e2e tests decode real answers with these) ----------

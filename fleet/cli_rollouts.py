@@ -18,7 +18,7 @@ from typing import Any
 from fleet.tables import table
 
 ROLLOUT_OPTIONS = ("waves", "soak", "wave_timeout", "max_error_rate", "max_p95_ms", "max_p95_regression",
-                   "min_inferences")
+                   "min_inferences", "max_drift_psi", "min_canary_agreement", "max_accuracy_drop", "min_labels")
 
 
 def register(sub: argparse._SubParsersAction, client_args) -> None:
@@ -47,6 +47,18 @@ def register(sub: argparse._SubParsersAction, client_args) -> None:
                           "(e.g. 20%%)")
     g.add_argument("--min-inferences", metavar="N",
                    help="a device soaks until it has also served N inferences, and is judged from then (default 0)")
+    g.add_argument("--max-drift-psi", metavar="X",
+                   help="halt when a device's outputs drift further than PSI X from the bundle's reference profile "
+                        "(0.1 moderate, 0.25 significant; judged after 50 outputs, and only a shift sampling alone "
+                        "would not give)")
+    g.add_argument("--min-canary-agreement", metavar="PCT",
+                   help="halt when fewer than PCT of the bundle's golden inputs agree with their fp32 outputs on a "
+                        "device (it runs them at activation: no traffic needed; e.g. 95%%)")
+    g.add_argument("--max-accuracy-drop", metavar="PCT",
+                   help="halt when a device's accuracy from its applications' feedback falls more than PCT points "
+                        "below its accuracy on the model being replaced (e.g. 5%%)")
+    g.add_argument("--min-labels", metavar="N",
+                   help="feedback labels needed on each side before --max-accuracy-drop judges (default 30)")
     g.add_argument("--no-auto-rollback", action="store_true",
                    help="on a halt, leave the halted wave's devices on the new bundle")
 
@@ -102,7 +114,7 @@ def _targets(args: argparse.Namespace) -> list[str]:
 def _deploy(client: Any, args: argparse.Namespace) -> int:
     from agent.bundle import read_manifest
     from agent.errors import EdgefleetError
-    from fleet.rollout import RolloutError, options
+    from fleet.rollout import RolloutError, options, parse_fraction
 
     path = Path(args.bundle)
     if not path.is_file():
@@ -110,7 +122,19 @@ def _deploy(client: Any, args: argparse.Namespace) -> int:
     opts = {"waves": args.waves, "soak": args.soak, "wave_timeout": args.wave_timeout,
             "max_error_rate": args.max_error_rate, "max_p95_ms": args.max_p95_ms,
             "max_p95_regression": args.max_p95_regression, "min_inferences": 0,
-            "auto_rollback": not args.no_auto_rollback}
+            "auto_rollback": not args.no_auto_rollback, "max_drift_psi": None,
+            "min_canary_agreement": None, "max_accuracy_drop": args.max_accuracy_drop}
+    if args.min_canary_agreement is not None:  # the API takes a fraction
+        opts["min_canary_agreement"] = parse_fraction(args.min_canary_agreement, "--min-canary-agreement")
+    if args.max_drift_psi is not None:
+        try:
+            opts["max_drift_psi"] = float(args.max_drift_psi)
+        except ValueError:
+            raise RolloutError(f"--max-drift-psi {args.max_drift_psi!r}: give a number, e.g. 0.25") from None
+    if args.min_labels is not None:
+        if not args.min_labels.isdigit() or int(args.min_labels) < 1:
+            raise RolloutError(f"--min-labels {args.min_labels!r}: give a count >= 1")
+        opts["min_labels"] = int(args.min_labels)
     if args.max_p95_ms is not None:
         try:
             opts["max_p95_ms"] = float(args.max_p95_ms)
@@ -184,6 +208,12 @@ def _options(o: dict[str, Any]) -> str:
         out.append(f"max p95 regression +{o['max_p95_regression']:.0%}")
     if o["min_inferences"]:
         out.append(f"min inferences {o['min_inferences']}")
+    if o.get("max_drift_psi") is not None:
+        out.append(f"max drift PSI {o['max_drift_psi']:g}")
+    if o.get("min_canary_agreement") is not None:
+        out.append(f"min canary agreement {o['min_canary_agreement']:.0%}")
+    if o.get("max_accuracy_drop") is not None:
+        out.append(f"max accuracy drop {o['max_accuracy_drop'] * 100:g} points (min {o['min_labels']} labels)")
     out.append("auto-rollback" if o["auto_rollback"] else "no auto-rollback")
     return "; ".join(out)
 
@@ -193,6 +223,11 @@ def _note(d: dict[str, Any]) -> str:
     rb = d["rollback"]
     if d["phase"] == "active" and not rb:
         bits.append("soaked" if d["soaked"] else "soaking")
+    quality = [f"drift PSI {d['drift_psi']:.2f}" if d.get("drift_psi") is not None else "",
+               f"canary {d['canary_agreement']:.0%}" if d.get("canary_agreement") is not None else "",
+               f"accuracy {d['accuracy']:.0%} of {d['labels']}" if d.get("accuracy") is not None else ""]
+    if any(quality) and not d["verdict"]:
+        bits.append(", ".join(q for q in quality if q))
     if d["verdict"]:
         bits.append(d["verdict"])
     elif d["reason"] and d["phase"] in ("failed", "rolled_back"):

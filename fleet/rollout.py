@@ -17,6 +17,17 @@ Figures, per device, over the telemetry windows it sent on the new bundle since 
   taken the same way over its windows in the hour before the wave was published.
 A device is judged once it has served ``max(1, min_inferences)`` inferences (errors included).
 
+Quality figures, per device, over the quality windows (agent/protocol.Quality) it sent on the new bundle since it
+became active (fleet/quality.py computes them):
+- drift = the PSI of its served outputs against the bundle's reference profile, the largest over the profile's
+  outputs and features (agent/quality.drift), judged once ``MIN_DRIFT_SERVED`` outputs were folded and only when
+  sampling alone would give so large a PSI with a probability under agent.quality.NOISE_P;
+- canary agreement = golden inputs agreeing with their fp32 outputs / golden inputs run: the device runs them at
+  activation, so this gate needs no traffic;
+- accuracy = labels its applications fed back that match the prediction / labels; the drop compares it with the same
+  device's accuracy on the model being replaced (labels before the wave was published), once both have
+  ``min_labels`` labels.
+
 ``step(rollout, observations, now) -> (rollout, actions)`` never changes its argument; the driver
 (``fleet/rollouts.py``) gathers observations from the store, persists the result and executes the actions
 (publish a desired model, log a halt). ``act()`` applies pause / resume / abort / rollback.
@@ -49,6 +60,8 @@ ACTIONS = ("pause", "resume", "abort", "rollback")
 DEFAULT_SOAK_ONE_WAVE_S = 0.0
 DEFAULT_SOAK_WAVES_S = 300.0
 DEFAULT_WAVE_TIMEOUT_S = 1800.0
+DEFAULT_MIN_LABELS = 30
+MIN_DRIFT_SERVED = 50  # outputs folded before a device's drift is judged
 
 
 class RolloutError(EdgefleetError, ValueError):
@@ -177,12 +190,18 @@ class Options:
     max_p95_regression: float | None = None  # a fraction: 0.2 is p95 up to 20 % above the previous model's
     min_inferences: int = 0
     auto_rollback: bool = True
+    max_drift_psi: float | None = None  # halt when a device's outputs drift further from the reference
+    min_canary_agreement: float | None = None  # a fraction: 0.95 is 95 % of the golden inputs agreeing
+    max_accuracy_drop: float | None = None  # a fraction: 0.05 is 5 points below the previous model's accuracy
+    min_labels: int = DEFAULT_MIN_LABELS  # labels on each side before accuracy is judged
 
 
 def options(waves: str | list | None = None, soak: str | float | None = None,
             wave_timeout: str | float | None = None, max_error_rate: str | float | None = None,
             max_p95_ms: float | None = None, max_p95_regression: str | float | None = None,
-            min_inferences: int = 0, auto_rollback: bool = True) -> Options:
+            min_inferences: int = 0, auto_rollback: bool = True, max_drift_psi: str | float | None = None,
+            min_canary_agreement: str | float | None = None, max_accuracy_drop: str | float | None = None,
+            min_labels: int = DEFAULT_MIN_LABELS) -> Options:
     """Validate a rollout's options. Without waves: one wave of 100 % and no soak; with waves: 5 m soak."""
     wave_list = parse_waves(waves) if waves is not None else ["100%"]
     default_soak = DEFAULT_SOAK_ONE_WAVE_S if waves is None else DEFAULT_SOAK_WAVES_S
@@ -209,9 +228,31 @@ def options(waves: str | list | None = None, soak: str | float | None = None,
             raise RolloutError(f"max p95 regression must be in (0%, 10000%], not {max_p95_regression!r}")
     if isinstance(min_inferences, bool) or not isinstance(min_inferences, int) or min_inferences < 0:
         raise RolloutError(f"min inferences must be an integer >= 0, not {min_inferences!r}")
+    drift = None
+    if max_drift_psi is not None:
+        try:
+            drift = float(max_drift_psi) if not isinstance(max_drift_psi, bool) else None
+        except ValueError:
+            drift = None
+        if drift is None or not (math.isfinite(drift) and drift > 0):
+            raise RolloutError(f"max drift psi must be a number > 0 (0.1 moderate, 0.25 significant), "
+                               f"not {max_drift_psi!r}")
+    agreement = None
+    if min_canary_agreement is not None:
+        agreement = parse_fraction(min_canary_agreement, "min canary agreement")
+        if not 0 < agreement <= 1:
+            raise RolloutError(f"min canary agreement must be in (0%, 100%], not {min_canary_agreement!r}")
+    drop = None
+    if max_accuracy_drop is not None:
+        drop = parse_fraction(max_accuracy_drop, "max accuracy drop")
+        if not 0 <= drop < 1:
+            raise RolloutError(f"max accuracy drop must be in [0%, 100%), not {max_accuracy_drop!r}")
+    if isinstance(min_labels, bool) or not isinstance(min_labels, int) or min_labels < 1:
+        raise RolloutError(f"min labels must be an integer >= 1, not {min_labels!r}")
     return Options(waves=wave_list, soak_s=soak_s, wave_timeout_s=timeout, max_error_rate=rate,
                    max_p95_ms=p95, max_p95_regression=reg, min_inferences=min_inferences,
-                   auto_rollback=bool(auto_rollback))
+                   auto_rollback=bool(auto_rollback), max_drift_psi=drift, min_canary_agreement=agreement,
+                   max_accuracy_drop=drop, min_labels=min_labels)
 
 
 @dataclass
@@ -221,10 +262,26 @@ class Health:
     inferences: int = 0
     errors: int = 0
     p95_ms: float | None = None
+    # quality (fleet/quality.py), from the device's quality windows
+    served: int = 0  # outputs folded into the drift bins
+    drift_psi: float | None = None  # against the bundle's reference: the largest over outputs and features
+    drift_p: float | None = None  # how likely sampling alone gives that PSI
+    canary_runs: int = 0
+    canary_agree: int = 0
+    labels: int = 0
+    correct: int = 0
 
     @property
     def total(self) -> int:
         return self.inferences + self.errors
+
+    @property
+    def canary_agreement(self) -> float | None:
+        return self.canary_agree / self.canary_runs if self.canary_runs else None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labels if self.labels else None
 
     @property
     def error_rate(self) -> float | None:
@@ -259,6 +316,8 @@ class Device:
     active_since: float | None = None
     health: Health = field(default_factory=Health)
     baseline_p95_ms: float | None = None
+    baseline_labels: int | None = None  # feedback on the model being replaced (None: not looked up yet)
+    baseline_correct: int = 0
     verdict: str = ""  # why it crossed a threshold
     rollback_deployment: str | None = None
     rollback_sha: str | None = None
@@ -385,6 +444,8 @@ def _observe(r: Rollout, observations: dict[str, Observation]) -> None:
             d.health = copy.copy(o.health)
         if o.baseline is not None and d.baseline_p95_ms is None:
             d.baseline_p95_ms = o.baseline.p95_ms
+        if o.baseline is not None and d.baseline_labels is None and o.baseline.labels:
+            d.baseline_labels, d.baseline_correct = o.baseline.labels, o.baseline.correct
 
 
 def _touched(r: Rollout) -> list[Device]:
@@ -397,14 +458,22 @@ def _failure(r: Rollout, d: Device, now: float) -> str | None:
         return f"reported {d.phase}" + (f": {d.reason}" if d.reason else "")
     if d.phase != ACTIVE:
         return None
-    d.verdict = crossed(r.options, d.health, d.baseline_p95_ms) or ""
+    baseline = Health(labels=d.baseline_labels or 0, correct=d.baseline_correct)
+    d.verdict = crossed(r.options, d.health, d.baseline_p95_ms, baseline) or ""
     return d.verdict or None
 
 
-def crossed(o: Options, h: Health, baseline_p95_ms: float | None) -> str | None:
+def crossed(o: Options, h: Health, baseline_p95_ms: float | None, baseline: Health | None = None) -> str | None:
     """The threshold ``h`` crosses, said in words; None when it crosses none (or has too little traffic yet)."""
+    agreement = h.canary_agreement  # the golden inputs need no traffic: judged from the first canary
+    if o.min_canary_agreement is not None and agreement is not None and agreement < o.min_canary_agreement:
+        return (f"canary agreement {agreement:.0%} ({h.canary_agree} of {h.canary_runs} golden inputs agree with "
+                f"fp32) < {o.min_canary_agreement:.0%}")
     if h.total < max(1, o.min_inferences):
         return None
+    quality = _quality_crossed(o, h, baseline)
+    if quality:
+        return quality
     rate = h.error_rate
     if o.max_error_rate is not None and rate is not None and rate > o.max_error_rate:
         return f"error rate {rate:.1%} > {o.max_error_rate:.1%} over {h.total} inferences"
@@ -415,6 +484,22 @@ def crossed(o: Options, h: Health, baseline_p95_ms: float | None) -> str | None:
     if o.max_p95_regression is not None and baseline_p95_ms and h.p95_ms > baseline_p95_ms * (1 + o.max_p95_regression):
         return (f"p95 latency {h.p95_ms:g} ms is {h.p95_ms / baseline_p95_ms - 1:.0%} above the previous model's "
                 f"{baseline_p95_ms:g} ms (limit +{o.max_p95_regression:.0%}) over {h.inferences} inferences")
+    return None
+
+
+def _quality_crossed(o: Options, h: Health, baseline: Health | None) -> str | None:
+    from agent.quality import NOISE_P
+
+    if (o.max_drift_psi is not None and h.drift_psi is not None and h.served >= MIN_DRIFT_SERVED
+            and h.drift_psi > o.max_drift_psi and h.drift_p is not None and h.drift_p < NOISE_P):
+        return (f"output drift PSI {h.drift_psi:.2f} > {o.max_drift_psi:g} against the bundle's reference over "
+                f"{h.served} outputs (p {h.drift_p:.1g})")
+    if (o.max_accuracy_drop is not None and baseline is not None and h.labels >= o.min_labels
+            and baseline.labels >= o.min_labels):
+        drop = baseline.accuracy - h.accuracy
+        if drop > o.max_accuracy_drop:
+            return (f"accuracy {h.accuracy:.1%} over {h.labels} labels is {drop * 100:.1f} points below the previous "
+                    f"model's {baseline.accuracy:.1%} over {baseline.labels} (limit {o.max_accuracy_drop * 100:g})")
     return None
 
 
@@ -546,6 +631,10 @@ def view(r: Rollout, now: float) -> dict[str, Any]:
                 "inferences": d.health.inferences, "errors": d.health.errors,
                 "error_rate": d.health.error_rate, "p95_ms": d.health.p95_ms,
                 "baseline_p95_ms": d.baseline_p95_ms, "verdict": d.verdict,
+                "served": d.health.served, "drift_psi": d.health.drift_psi,
+                "canary_agreement": d.health.canary_agreement, "labels": d.health.labels,
+                "accuracy": d.health.accuracy,
+                "baseline_accuracy": d.baseline_correct / d.baseline_labels if d.baseline_labels else None,
                 "previous": d.previous, "note": d.note,
                 "rollback": None if not d.rollback else {
                     "deployment_id": d.rollback_deployment, "sha256": d.rollback_sha, "version": None,

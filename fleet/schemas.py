@@ -383,6 +383,10 @@ class RolloutOptions(_S):
     max_p95_regression: float | None  # a fraction
     min_inferences: int
     auto_rollback: bool
+    max_drift_psi: float | None
+    min_canary_agreement: float | None  # a fraction
+    max_accuracy_drop: float | None  # a fraction (points of accuracy)
+    min_labels: int
 
 
 class RolloutDeviceRollback(_S):
@@ -407,6 +411,12 @@ class RolloutDevice(_S):
     p95_ms: float | None  # inference-weighted mean of the windows' p95
     baseline_p95_ms: float | None  # the same on the model being replaced (with --max-p95-regression)
     verdict: str  # the threshold it crossed
+    served: int  # outputs folded into its quality bins on the new bundle
+    drift_psi: float | None  # PSI against the bundle's reference (the largest over outputs and features)
+    canary_agreement: float | None  # golden inputs agreeing with fp32 / run
+    labels: int  # feedback labels on the new bundle
+    accuracy: float | None
+    baseline_accuracy: float | None  # on the model being replaced (with --max-accuracy-drop)
     previous: str | None  # sha256 it ran when its wave was published
     note: str
     rollback: RolloutDeviceRollback | None

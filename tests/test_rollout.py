@@ -190,6 +190,12 @@ def test_waves_that_do_not_fit_the_targets_are_refused(n, waves, needle):
     ({"soak": -1}, ">= 0"),
     ({"soak": "10m", "wave_timeout": "5m"}, "longer than the soak"),
     ({"min_inferences": -1}, "min inferences"),
+    ({"max_drift_psi": 0}, "max drift psi"),
+    ({"max_drift_psi": "lots"}, "max drift psi"),
+    ({"min_canary_agreement": "0%"}, "min canary agreement"),
+    ({"min_canary_agreement": "101%"}, "min canary agreement"),
+    ({"max_accuracy_drop": "100%"}, "max accuracy drop"),
+    ({"min_labels": 0}, "min labels"),
 ])
 def test_options_out_of_range_are_refused(kw, needle):
     with pytest.raises(RolloutError, match=needle) as e:
@@ -239,6 +245,43 @@ def test_figures_within_the_thresholds_pass():
     sim.traffic("d1", inferences=1000, errors=5, p95=9.0, baseline=8.0)
     assert publishes(sim.step(60)) == [(NEW, ["d2"])]
     assert sim.r.devices["d1"].health.error_rate == 5 / 1005
+
+
+@pytest.mark.parametrize("opts,health,baseline,needle", [
+    ({"min_canary_agreement": "95%"}, Health(canary_runs=16, canary_agree=12), None,
+     "canary agreement 75% (12 of 16 golden inputs agree with fp32) < 95%"),
+    ({"max_drift_psi": 0.25}, Health(inferences=200, served=200, drift_psi=1.5, drift_p=1e-9), None,
+     "output drift PSI 1.50 > 0.25 against the bundle's reference over 200 outputs (p 1e-09)"),
+    ({"max_accuracy_drop": "5%", "min_labels": 40}, Health(inferences=100, labels=40, correct=30),
+     Health(labels=50, correct=45), "accuracy 75.0% over 40 labels is 15.0 points below the previous model's "
+     "90.0% over 50 (limit 5)"),
+])
+def test_a_quality_gate_crossed_halts_and_sends_the_wave_back(opts, health, baseline, needle):
+    sim = soaking(**opts)
+    sim.obs["d1"].health = health
+    sim.obs["d1"].baseline = baseline
+    acts = sim.step(1)
+    assert sim.r.status == "halted" and halts(acts) == [f"wave 1: d1 {needle}"]
+    assert rollbacks(acts) == [(OLD, ["d1"])]
+
+
+@pytest.mark.parametrize("opts,health,baseline", [
+    # the canary agrees enough
+    ({"min_canary_agreement": "90%"}, Health(canary_runs=16, canary_agree=15), None),
+    # a large PSI that sampling alone could give (p not < 0.001), or too few outputs folded yet
+    ({"max_drift_psi": 0.25}, Health(inferences=200, served=200, drift_psi=0.6, drift_p=0.01), None),
+    ({"max_drift_psi": 0.25}, Health(inferences=20, served=20, drift_psi=3.0, drift_p=1e-9), None),
+    # too few labels on either side, or a drop within the limit
+    ({"max_accuracy_drop": "5%"}, Health(inferences=100, labels=29, correct=0), Health(labels=50, correct=50)),
+    ({"max_accuracy_drop": "5%"}, Health(inferences=100, labels=50, correct=0), Health(labels=29, correct=29)),
+    ({"max_accuracy_drop": "5%"}, Health(inferences=100, labels=100, correct=86), Health(labels=100, correct=90)),
+    ({"max_accuracy_drop": "5%"}, Health(inferences=100, labels=100, correct=0), None),  # no baseline at all
+])
+def test_quality_within_the_gates_or_not_yet_judged_passes(opts, health, baseline):
+    sim = soaking(**opts)
+    sim.obs["d1"].health = health
+    sim.obs["d1"].baseline = baseline
+    assert publishes(sim.step(60)) == [(NEW, ["d2"])] and sim.r.status == "running"
 
 
 def test_regression_without_a_baseline_is_not_judged():
