@@ -149,7 +149,8 @@ class ModelQuality:
         rows = self._rows(first if first is not None else next(iter(keep.values())))
         bins = None
         if first is not None and first.ndim >= 1 and first.size == rows * self.classifier.n_classes:
-            bins = tuple(int(b) for b in self.index[first.reshape(rows, -1).argmax(1)])
+            bins = ((int(self.index[int(first.argmax())]),) if rows == 1 else
+                    tuple(int(b) for b in self.index[first.reshape(rows, -1).argmax(1)]))
         size = sum(v.nbytes for v in keep.values())
         with self._lock:
             self.served += rows
