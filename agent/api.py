@@ -1,8 +1,11 @@
 """Local inference for the device's applications: a small HTTP/1.1 server and its Python client.
 
-    POST /v1/infer   body: an .npz (one array per input)  -> an .npz of the outputs
-                     or JSON {"inputs": {name: nested lists}} -> JSON {"outputs": {...}}
-    GET  /v1/status  -> JSON: device, active model, its inputs and outputs, counters
+    POST /v1/infer    body: an .npz (one array per input)  -> an .npz of the outputs
+                      or JSON {"inputs": {name: nested lists}} -> JSON {"outputs": {...}, "id": REQUEST_ID}
+                      every answer to a served inference has the header X-Request-Id: REQUEST_ID (16 hex digits)
+    POST /v1/feedback JSON {"id": REQUEST_ID, "label": CLASS_INDEX} (or {"labels": [{"id", "label"}, ...]}): the
+                      true class of that prediction, joined to it (agent/feedback.py); at most 64 KiB
+    GET  /v1/status   -> JSON: device, active model, its inputs and outputs, counters, quality
 
 Where it listens (config ``api``): by default a Unix socket, ``$RUNTIME_DIRECTORY/agent.sock`` under systemd
 (``/run/edgefleet/agent.sock``, ``DEFAULT_ADDRESS``), else ``STATE_DIR/agent.sock``, mode 0660 and group
@@ -41,7 +44,7 @@ import numpy as np
 from agent.config import DEFAULT_API, ConfigError, check_socket_path, is_loopback, parse_api_address
 from agent.engine import Engine, InferenceError
 from agent.errors import EdgefleetError
-from agent import feeds
+from agent import feedback, feeds
 from agent.feeds import JSON_MAX_BYTES, FeedError, size_text
 from agent.http1 import BodyBudget, Connection, HttpError, Reply, Request, error_reply
 
@@ -50,6 +53,7 @@ log = logging.getLogger("edgefleet.agent.api")
 NPZ = "application/x-npz"
 DEFAULT_ADDRESS = DEFAULT_API  # where the systemd service listens (/run/edgefleet: its RuntimeDirectory=)
 SOCKET_NAME = "agent.sock"
+REQUEST_ID = "X-Request-Id"  # the header naming a served inference, for POST /v1/feedback
 
 
 def to_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -205,6 +209,13 @@ class InferenceServer:
                 return error_reply(413 if length else 400,
                                    f"a body of {size_text(length)}: send 1 byte to {size_text(cap)} ({limit})")
             return None
+        if req.target == "/v1/feedback" and req.method == "POST":
+            if length is None:
+                return error_reply(411, "POST /v1/feedback needs a Content-Length")
+            if not 0 < length <= feedback.MAX_BODY:
+                return error_reply(413 if length else 400, f"a body of {size_text(length)}: feedback is 1 byte to "
+                                                           f"{size_text(feedback.MAX_BODY)}", kind="bad_request")
+            return None
         if req.target == "/v1/status" and req.method == "GET":
             return 200, json.dumps(self.status()).encode(), "application/json", ()
         if req.method in ("GET", "POST"):
@@ -212,8 +223,34 @@ class InferenceServer:
         return error_reply(501, f"method {req.method[:20]} is not supported")
 
     def handle(self, req: Request, body: bytearray) -> Reply:
-        """On a worker thread: decode (checked against the model first), infer, encode."""
+        """On a worker thread: decode (checked against the model first), infer, encode; or join feedback."""
+        if req.target == "/v1/feedback":
+            return self._feedback(bytes(body))
         return self._run_inference(body, _is_json(req))
+
+    def _feedback(self, body: bytes) -> Reply:
+        engine = self.engine
+        if not engine.quality:
+            return error_reply(404, "feedback is off on this device (quality = false in the agent's config)",
+                               kind="disabled")
+        cur = engine.current
+        active = cur.quality if cur is not None else None
+        try:
+            items, many = feedback.parse(body)
+        except feedback.FeedbackError as e:
+            if active is not None:
+                active.refuse("bad_request")
+            return error_reply(400, str(e), kind="bad_request")
+        refused: dict[str, int] = {}
+        for rid, label in items:
+            try:
+                engine.feedback.label(rid, label, active)
+            except feedback.Refused as e:
+                if not many:
+                    return error_reply(feedback.STATUS[e.reason], str(e), kind=e.reason)
+                refused[e.reason] = refused.get(e.reason, 0) + 1
+        out = {"accepted": len(items) - sum(refused.values()), "refused": refused}
+        return 200, json.dumps(out).encode(), "application/json", ()
 
     def _check_caller(self, req: Request) -> None:
         if self._token is not None:
@@ -239,13 +276,14 @@ class InferenceServer:
                 return error_reply(e.status, str(e), kind="bad_input")
             del body
             try:
-                outputs = self.engine.infer(inputs)
+                outputs, rid = self.engine.serve(inputs)
             except InferenceError as e:
                 return error_reply({"bad_input": 400, "no_model": 503}.get(e.kind, 500), str(e), kind=e.kind)
+            headers = ((REQUEST_ID, rid),)
             if as_json:
-                out = json.dumps({"outputs": {k: v.tolist() for k, v in outputs.items()}}).encode()
-                return 200, out, "application/json", ()
-            return 200, to_npz(outputs), NPZ, ()
+                out = json.dumps({"outputs": {k: v.tolist() for k, v in outputs.items()}, "id": rid}).encode()
+                return 200, out, "application/json", headers
+            return 200, to_npz(outputs), NPZ, headers
         except Exception as e:
             log.exception("inference request failed")
             return error_reply(500, f"internal error: {type(e).__name__}: {e}")
@@ -342,9 +380,22 @@ class _TcpConnection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers and body go out at once
 
 
+class FeedbackRefused(EdgefleetError):
+    """The agent refused a label; ``reason`` says why (agent/feedback.py: unknown_id, expired, duplicate, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class AgentClient:
     """What an application on the device uses: ``AgentClient().infer({"x": x})`` (the service's socket), or
-    ``AgentClient("127.0.0.1:8470", token=...)``."""
+    ``AgentClient("127.0.0.1:8470", token=...)``. Ground truth, when the application learns it::
+
+        outputs, rid = client.infer({"x": x}, with_id=True)
+        ...
+        client.feedback(rid, true_class)
+    """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0, token: str | None = None) -> None:
         self.address = address
@@ -370,6 +421,7 @@ class AgentClient:
             try:
                 conn.request(method, path, body=body, headers=headers)
                 resp = conn.getresponse()
+                self._local.request_id = resp.getheader(REQUEST_ID)
                 return resp.status, resp.getheader("Content-Type", ""), resp.read()
             except (ConnectionError, http.client.HTTPException, OSError) as e:
                 conn.close()
@@ -378,11 +430,25 @@ class AgentClient:
                 if attempt or not retry:
                     raise EdgefleetError(f"cannot reach the agent at {self.address}: {e}") from None
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, inputs: dict[str, np.ndarray], *, with_id: bool = False):
+        """The outputs; with ``with_id``, (outputs, request id): the id ``feedback`` takes."""
         status, ctype, body = self._request("POST", "/v1/infer", to_npz(inputs))
         if status != 200:
             raise EdgefleetError(f"agent refused the inference: {_error(body)}")
-        return from_npz(body)
+        outputs = from_npz(body)
+        return (outputs, self._local.request_id) if with_id else outputs
+
+    def feedback(self, request_id: str, label: int | list[int]) -> None:
+        """Tell the agent the true class of prediction ``request_id`` (a list of classes for a request of several
+        rows). Raises FeedbackRefused (with its ``reason``) when the agent does not take it."""
+        doc = json.dumps({"id": request_id, "label": label}).encode()
+        status, _, body = self._request("POST", "/v1/feedback", doc, "application/json")
+        if status != 200:
+            try:
+                reason = json.loads(body).get("kind", "other")
+            except (ValueError, AttributeError):
+                reason = "other"
+            raise FeedbackRefused(reason, f"agent refused the label: {_error(body)}")
 
     def status(self) -> dict:
         status, _, body = self._request("GET", "/v1/status")

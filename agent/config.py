@@ -70,6 +70,14 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_max_body_bytes: int = 64 * 1024 * 1024  # a request body, and the decoded inputs it declares
     api_max_connections: int = 64  # open at once; beyond, the longest-waiting idle one is closed
     api_workers: int = 2  # inferences run at once (the rest queue); status never waits for them
+    # model quality (issue 12; bundles with a profile.json): served outputs folded into the profile's bins, the
+    # canary, feedback labels, sent as one `quality` message a telemetry window. false: none of it (a fleet whose
+    # controller predates the quality topic never subscribes to it, and counts those seqs as gaps)
+    quality: bool = True
+    canary_interval_s: float = 3600.0  # the golden inputs run at activation and this often (0: at activation only)
+    feedback_buffer: int = 1024  # predictions kept for POST /v1/feedback (the oldest are overwritten)
+    feedback_ttl_s: float = 3600.0  # a label for an older prediction is refused (expired)
+    feedback_max_per_window: int = 10_000  # labels taken in one telemetry window; beyond, refused (flood)
 
 
 
@@ -200,6 +208,14 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise ConfigError(f"max_bundle_bytes must be between 1 and {MAX_SIZE} (1 TiB)")
     if cfg.min_free_bytes is not None and not 0 <= cfg.min_free_bytes <= MAX_SIZE:
         raise ConfigError(f"min_free_bytes must be between 0 and {MAX_SIZE} (1 TiB)")
+    if not 0 <= cfg.canary_interval_s <= 366 * 86400:
+        raise ConfigError("canary_interval_s must be between 0 (at activation only) and 31622400 (a year)")
+    if not 1 <= cfg.feedback_buffer <= 1_000_000:
+        raise ConfigError("feedback_buffer must be between 1 and 1000000 predictions")
+    if not 0 < cfg.feedback_ttl_s <= 366 * 86400:
+        raise ConfigError("feedback_ttl_s must be > 0 and at most 31622400 (a year)")
+    if not 0 <= cfg.feedback_max_per_window <= 10_000_000:
+        raise ConfigError("feedback_max_per_window must be between 0 (no feedback) and 10000000")
     return cfg
 
 

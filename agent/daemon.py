@@ -19,6 +19,7 @@ from agent import __version__, clock, identity, protocol, runtimes, signing, sto
 from agent.api import InferenceServer
 from agent.config import AgentConfig, ConfigError, validate
 from agent.errors import EdgefleetError
+from agent.feedback import FeedbackBook
 from agent.config import load as load_config
 from agent.engine import Engine, Loaded
 from agent.ledger import Ledger
@@ -65,7 +66,8 @@ class Agent:
         self.outbox = Outbox(Path(config.state_dir) / OUTBOX_FILE, config.outbox_max_bytes, config.outbox_max_age_s)
         self._stop = threading.Event()
         self.store = ModelStore(config.state_dir)
-        self.engine = Engine()
+        self.engine = Engine(feedback=FeedbackBook(config.feedback_buffer, config.feedback_ttl_s,
+                                                   config.feedback_max_per_window), quality=config.quality)
         self.trust = trust.for_config(config)
         self.ledger = Ledger(config.state_dir)
         self.updater = Updater(self.store, self.engine, self._emit, Limits(
@@ -406,7 +408,7 @@ class Agent:
             log.warning("cannot record the active deployment in %s: %s", self.store.root, e)
 
     # --- messages ---------------------------------------------------------------------------------
-    def _queue(self, kind: str, msg: protocol.Telemetry | protocol.Event) -> int:
+    def _queue(self, kind: str, msg: protocol.Telemetry | protocol.Event | protocol.Quality) -> int:
         """Put a message in the outbox under the next seq (it leaves after the broker's PUBACK); return the seq.
 
         While the state dir takes no writes (full, read-only) the outbox holds it in memory instead. Raises only
@@ -547,6 +549,21 @@ class Agent:
         self.outbox.refresh()
         self._watch_storage()
         self._queue(protocol.TELEMETRY, self.telemetry())
+        self.publish_quality()
+
+    def publish_quality(self) -> None:
+        """After the telemetry of a window: the canary when it is due, then one ``quality`` message per bundle with
+        something to say (agent/engine.py ``take_quality``), through the outbox like telemetry (durable, a seq
+        of the device's one counter). Nothing with ``quality = false``."""
+        if not self.config.quality:
+            return
+        every, cur = self.config.canary_interval_s, self.engine.current
+        if every > 0 and cur is not None and cur.quality is not None:
+            last = cur.quality.canary_at
+            if last is None or time.monotonic() - last >= every:
+                self.engine.canary(cur)
+        for msg in self.engine.take_quality(self.config.device_id, self.boot_id, self.config.telemetry_interval_s):
+            self._queue(protocol.QUALITY, msg)
 
     def _watch_storage(self) -> None:
         """One error event (and one log line) when the state dir stops taking writes (full, read-only), one when
@@ -610,6 +627,9 @@ class Agent:
                 "outputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in cur.manifest.outputs],
             },
             "inferences": self.engine.window.total,
+            # the active bundle's quality window so far (None: no profile.json, or quality = false)
+            "quality": (cur.quality.status() if cur is not None and cur.quality is not None and self.config.quality
+                        else None),
             "storage": self.outbox.storage,  # ok | full | read_only: whether the state dir takes writes
             "outbox": {"last_seq": self.outbox.last_seq, "pending": self.outbox.pending_count,
                        "dropped": self.outbox.dropped, "in_memory": self.outbox.degraded},

@@ -2,21 +2,36 @@
 
 Every inference served is timed here, so telemetry reports the latency applications saw
 (the runtime's time plus the agent's own checks), and every failure is counted by kind.
+
+Model quality (issue 12): a bundle that carries ``profile.json`` (and ``golden.npz``) gets a
+``metrics.ModelQuality`` window; every served output is folded into it (after the latency is taken) and gets a
+request id (``feedback.FeedbackBook``). The canary (the golden inputs against their fp32 outputs) runs at every
+activation (``swap``, right after the updater's smoke test, and at a restart) and when the agent asks
+(``canary``, every ``canary_interval_s``); it calls the runtime directly, so it is not a served inference, not in
+the latency, not in the bins. At a swap the old bundle's partial window is kept and sent under its own sha256
+(``take_quality``), so every served output is counted once, for the bundle that computed it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
-from agent import runtimes
+from agent import protocol, quality, runtimes
 from agent.bundle import Manifest, TensorSpec
 from agent.errors import EdgefleetError
-from agent.metrics import InferenceWindow
+from agent.feedback import FeedbackBook
+from agent.metrics import InferenceWindow, ModelQuality
+
+log = logging.getLogger("edgefleet.agent")
+
+PROFILE, GOLDEN = "profile.json", "golden.npz"  # the converter's names (converter/convert.py)
 
 
 class InferenceError(EdgefleetError):
@@ -50,6 +65,61 @@ class Loaded:
         self.signed_by = _signer(model_dir)  # the release key that signed it (None: unsigned)
         self.stats = ModelStats()
         self.session = runtimes.load(model_dir, manifest)
+        self.quality = self._quality()  # None: the bundle has no (usable) profile.json
+
+    def _quality(self) -> ModelQuality | None:
+        """The bundle's reference profile (verified with the bundle), or None: no profile.json (a bundle from
+        .tflite input, or made before profiles existed), or one this agent cannot use (logged once)."""
+        path = self.dir / PROFILE
+        if not path.is_file():
+            return None
+        try:
+            profile = msgspec.json.decode(path.read_bytes(), type=quality.Profile)
+            if not 1 <= len(profile.outputs) <= protocol.MAX_QUALITY_OUTPUTS:
+                raise ValueError(f"{len(profile.outputs)} outputs (1 to {protocol.MAX_QUALITY_OUTPUTS} are sent)")
+            return ModelQuality(self.sha, self.manifest.version, self.deployment_id, profile)
+        except (OSError, ValueError, msgspec.MsgspecError) as e:
+            log.error("model %s: its %s is not usable (%s); it serves without quality monitoring",
+                      self.sha[:12], PROFILE, str(e).splitlines()[0][:300])
+            return None
+
+    def canary(self) -> protocol.Canary | None:
+        """Run the bundle's golden inputs and compare with their fp32 outputs (``quality.canary_compare``); the
+        result is noted in this bundle's quality window and returned. None: no profile or no golden inputs (or a
+        golden.npz this agent cannot read: logged). A golden input the runtime fails on is a run that disagrees."""
+        q, path = self.quality, self.dir / GOLDEN
+        if q is None or not path.is_file():
+            return None
+        runs = agree = 0
+        worst = 0.0
+        try:
+            with np.load(path, allow_pickle=False) as g:
+                have = set(g.files)
+                while all(f"{s.name}/{runs}" in have for s in self.manifest.inputs):
+                    i = runs
+                    feeds = {s.name: g[f"{s.name}/{i}"] for s in self.manifest.inputs}
+                    runs += 1
+                    try:
+                        check_feeds(self.manifest.inputs, feeds)
+                        outputs = self.session.run(feeds)
+                    except Exception as e:  # the runtime's own error types vary by plugin
+                        log.error("model %s: canary input %d fails (%s: %s)", self.sha[:12], i, type(e).__name__, e)
+                        continue
+                    ok = True
+                    for o in q.profile.outputs:
+                        key = f"output/{o.name}/{i}"
+                        if key in have:
+                            same, err = (quality.canary_compare(o, outputs[o.name], g[key]) if o.name in outputs
+                                         else (False, float("inf")))
+                            ok, worst = ok and same, max(worst, err)
+                    agree += ok
+        except (OSError, ValueError, KeyError) as e:
+            log.error("model %s: its %s is not usable (%s); no canary", self.sha[:12], GOLDEN, e)
+            return None
+        if not runs:
+            return None
+        q.note_canary(runs, agree, worst, protocol.now())
+        return q.last_canary
 
     def sample(self) -> dict[str, np.ndarray]:
         with np.load(self.dir / self.manifest.sample) as data:
@@ -79,17 +149,23 @@ class Loaded:
         return ms
 
     def close(self) -> None:
+        if self.quality is not None:
+            self.quality.closed = True
         self.session.close()
 
 
 class Engine:
     """Serves inference with whichever model is current; thread-safe."""
 
-    def __init__(self, window: InferenceWindow | None = None) -> None:
+    def __init__(self, window: InferenceWindow | None = None, feedback: FeedbackBook | None = None,
+                 quality: bool = True) -> None:
         self.window = window or InferenceWindow()
+        self.feedback = feedback or FeedbackBook()
+        self.quality = quality  # False: no folding, no canary, no feedback (config ``quality``)
         self._lock = threading.Lock()
         self._current: Loaded | None = None
         self._previous: Loaded | None = None
+        self._retired: list[ModelQuality] = []  # windows of unloaded bundles, until take_quality sends them
 
     @property
     def current(self) -> Loaded | None:
@@ -101,13 +177,45 @@ class Engine:
 
     def swap(self, loaded: Loaded) -> Loaded | None:
         """Make ``loaded`` serve from the next request on; keeps the old one loaded as previous, for an
-        instant rollback."""
+        instant rollback. First its canary runs (quality on; the result is reported, it does not block)."""
+        self.canary(loaded)
         with self._lock:
             old, self._current = self._current, loaded
             if self._previous is not None and self._previous not in (old, loaded):
-                self._previous.close()
+                self._retire(self._previous)
             self._previous = old
         return old
+
+    def canary(self, loaded: Loaded | None = None) -> protocol.Canary | None:
+        """Run the canary of ``loaded`` (default: the current model), unless quality is off."""
+        loaded = loaded or self._current
+        if not self.quality or loaded is None:
+            return None
+        try:
+            return loaded.canary()
+        except Exception:  # never a failed activation
+            log.exception("the canary of %s failed", loaded.sha[:12])
+            return None
+
+    def _retire(self, loaded: Loaded) -> None:
+        """Unload (the lock held); its quality window waits for the next take_quality."""
+        loaded.close()
+        if loaded.quality is not None:
+            self._retired.append(loaded.quality)
+
+    def take_quality(self, device_id: str, boot_id: str, interval_s: float) -> list[protocol.Quality]:
+        """One window's quality messages: of bundles unloaded since the last call, of the previous bundle (late
+        labels for its predictions) and of the current one; only those with something to say."""
+        with self._lock:
+            windows, self._retired = self._retired, []
+            windows += [m.quality for m in (self._previous, self._current) if m is not None and m.quality]
+        msgs = []
+        for w in dict.fromkeys(windows):  # each once, in order
+            msg = w.take(device_id, boot_id, interval_s)
+            if msg is not None:
+                msgs.append(msg)
+        self.feedback.new_window()
+        return msgs
 
     def rollback(self) -> Loaded:
         """Serve the previous model again (it is still loaded); the current one is closed."""
@@ -115,11 +223,15 @@ class Engine:
             if self._previous is None:
                 raise InferenceError("no_model", "there is no previous model to roll back to")
             bad, self._current, self._previous = self._current, self._previous, None
-        if bad is not None:
-            bad.close()
+            if bad is not None:
+                self._retire(bad)
         return self._current
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.serve(feeds)[0]
+
+    def serve(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+        """``infer``, and the request id that feedback for this prediction names (agent/feedback.py)."""
         model = self._current
         try:
             if model is None:
@@ -135,10 +247,17 @@ class Engine:
             model.stats.served += 1
             model.stats.latencies.append(ms)
             self.window.record(ms)
-            return outputs
         except InferenceError as e:
             self.window.error(e.kind)
             raise
+        q = model.quality if self.quality else None
+        bins = None
+        if q is not None:
+            try:
+                bins = q.fold(outputs)
+            except Exception:  # the outputs were served: counting them must never fail the request
+                log.exception("folding the outputs of %s failed", model.sha[:12])
+        return outputs, self.feedback.issue(q, bins)
 
 
 def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:

@@ -8,8 +8,12 @@
 2. Idle cost: the agent's CPU time over a quiet minute with telemetry every 10 s, as % of one core.
 3. Memory: the agent's RSS before a model is loaded, after, and sampled every 10 s over a long run while
    it serves --rate inferences/s; the growth per hour of the agent's own memory.
+4. Model quality (issue 12) on MobileNetV2 (1000 classes, the costliest classifier bins): the agent's inference
+   path (``Engine.serve``: checks, runtime, latency accounting, request id) with quality on against off, the
+   fold alone (``ModelQuality.fold``, its batched folds included) against the runtime's time, and the bytes of
+   one window's ``quality`` message (JSON) against its telemetry message. ``--quality-only`` runs only this.
 
-The agent runs as its own process against a real controller and mosquitto started here.
+The agent runs as its own process against a real controller and mosquitto started here (1-3; 4 is in-process).
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="inferences per second during the memory run")
     parser.add_argument("--calls", type=int, default=500, help="inferences per latency measurement")
     parser.add_argument("--idle-s", type=float, default=60.0, help="length of the idle measurement")
+    parser.add_argument("--quality-only", action="store_true", help="only section 4 (model quality)")
     args = parser.parse_args()
+    if args.quality_only:
+        print(quality_cost(args.calls))
+        return 0
 
     from agent import bundle, identity, runtimes
     from agent.api import AgentClient
@@ -170,7 +178,104 @@ def main() -> int:
         f"max {rss.max() / mib:.1f} MiB; growth over the second half {growth:+.2f} MiB/hour ({len(rss)} samples)",
     ]
     print("\n".join(lines))
+    print()
+    print(quality_cost(args.calls))
     return 0
+
+
+def quality_cost(calls: int) -> str:
+    """Section 4: what folding served outputs, request ids and the quality message cost, on MobileNetV2."""
+    import msgspec
+
+    from agent import bundle, protocol, quality
+    from agent.engine import Engine, Loaded
+    from agent.metrics import InferenceWindow
+    from edgefleet import mobilenet
+    from edgefleet.data import photo_crops
+    from edgefleet.models import model_path
+
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-quality-"))
+    model = model_path("mobilenetv2")
+    photos = photo_crops(64)
+    manifest = bundle.Manifest(name="mobilenetv2", version="1", target="cpu", runtime="onnxruntime",
+                               precision="fp32", model="model.onnx", files=[], settings={"intra_op_threads": 1},
+                               inputs=[bundle.TensorSpec(name=mobilenet.INPUT, shape=[-1, 3, 224, 224],
+                                                         dtype="float32")],
+                               outputs=[bundle.TensorSpec(name=mobilenet.OUTPUT, shape=[-1, mobilenet.CLASSES],
+                                                          dtype="float32")])
+    (work / "model.onnx").symlink_to(model)
+    np.savez(work / "sample.npz", **{mobilenet.INPUT: photos[:1]})
+    plain = Loaded("0" * 64, work, manifest)  # no profile.json yet: no quality
+    reference = np.concatenate([plain.session.run({mobilenet.INPUT: photos[i:i + 1]})[mobilenet.OUTPUT]
+                                for i in range(32)])
+    (work / "profile.json").write_bytes(msgspec.json.encode(
+        quality.build({mobilenet.OUTPUT: reference}, {mobilenet.OUTPUT: "classifier"})))
+    loaded = Loaded("1" * 64, work, manifest)
+    feeds = [{mobilenet.INPUT: photos[i][None]} for i in range(len(photos))]
+    on, off = Engine(quality=True), Engine(quality=False)
+    on.swap(loaded)
+    off.swap(loaded)  # the same session: only what quality adds differs
+    i = iter(range(10**9))
+    # interleaved rounds, so that the machine's noise falls on both alike
+    t_on, t_off, t_run = [], [], []
+    for _ in range(5):
+        t_off += time_calls(lambda: off.serve(feeds[next(i) % len(feeds)]), calls // 5)
+        t_on += time_calls(lambda: on.serve(feeds[next(i) % len(feeds)]), calls // 5)
+        t_run += time_calls(lambda: loaded.session.run(feeds[next(i) % len(feeds)]), calls // 5)
+    # the fold alone, on real outputs (its batched Folder passes included: amortised over FOLD_ROWS calls)
+    outs = [plain.session.run(f) for f in feeds]
+    q = loaded.quality
+    q.take("bench", "bench", 10.0)
+    n_fold = 50 * len(outs)
+    t0 = time.perf_counter()
+    for k in range(n_fold):
+        q.fold(outs[k % len(outs)])
+    fold_us = (time.perf_counter() - t0) / n_fold * 1e6
+    t0 = time.perf_counter()
+    for k in range(n_fold):
+        on.feedback.issue(q, (0,))
+    id_us = (time.perf_counter() - t0) / n_fold * 1e6
+
+    # one window's messages: 200 inferences, a canary, 50 labels
+    q.take("bench", "bench", 10.0)
+    window = InferenceWindow()
+    for k in range(200):
+        out, rid = on.serve(feeds[k % len(feeds)])
+        window.record(1.0 + k % 7)
+        if k < 50:
+            on.feedback.label(rid, int(out[mobilenet.OUTPUT].argmax()), q)
+    loaded.canary()  # no golden.npz here: nothing; note a run as one would
+    q.note_canary(16, 16, 0.0123, protocol.now())
+    msg = q.take("cam-0001", "0123456789abcdef", 10.0)
+    msg.seq = 123456
+    count, errors, latency, hist = window.snapshot()
+    tele = protocol.Telemetry(
+        device_id="cam-0001", boot_id="0123456789abcdef", seq=123455, time=protocol.now(), interval_s=10.0,
+        inferences=count, errors=errors, latency_ms=latency, histogram=hist,
+        active=protocol.ActiveModel(name="mobilenetv2", version="1", sha256="1" * 64, runtime="onnxruntime",
+                                    precision="fp32", deployment_id="dep-20261201-120000-1a2b3c"),
+        cpu_percent=12.5, rss_bytes=123456789, memory_percent=3.2, disk_free_bytes=12345678901,
+        temperature_c=48.5, load1=0.42, outbox_pending=0, outbox_dropped=0, storage="ok", clock_synced=True)
+    q_bytes, t_bytes = len(protocol.encode(msg)), len(protocol.encode(tele))
+    quiet = msgspec.structs.replace(msg, feedback=None, canary=None)
+    m_off, m_on, m_run = statistics.median(t_off), statistics.median(t_on), statistics.median(t_run)
+    plain.close()
+    loaded.close()
+    return "\n".join([
+        f"model quality: MobileNetV2 fp32 (1000 classes), ONNX Runtime, batch 1, 1 thread; {calls} calls each",
+        "",
+        "| path | p50 ms | vs runtime (p50) |",
+        "|---|---|---|",
+        f"| runtime called directly | {m_run:.3f} | 1.000x |",
+        f"| Engine.serve, quality off | {m_off:.3f} | {m_off / m_run:.3f}x |",
+        f"| Engine.serve, quality on (fold + request id) | {m_on:.3f} | {m_on / m_run:.3f}x |",
+        "",
+        f"fold alone: {fold_us:.1f} µs per inference ({fold_us / (m_run * 1000):.2%} of the runtime's p50); "
+        f"request id + ring entry: {id_us:.2f} µs",
+        f"bytes per window (JSON): telemetry {t_bytes}; quality {q_bytes} with a canary and feedback "
+        f"({len(msg.feedback.confusion)} confusion cells), {len(protocol.encode(quiet))} with bins only "
+        f"(one classifier output: {sum(len(c) for c in msg.bins[0].values())} bins)",
+    ])
 
 
 def _try(fn) -> bool:
