@@ -168,26 +168,54 @@ def _class_index(o: OutputProfile) -> np.ndarray:
 
 def _probabilities(scores: np.ndarray) -> np.ndarray:
     """Rows that already are probabilities stay as they are; scores are softmaxed."""
-    s = np.asarray(scores, np.float64).reshape(len(scores), -1)
-    if (s >= 0).all() and np.allclose(s.sum(1), 1.0, atol=1e-3):
+    s = _rows(scores)
+    if _are_probabilities(s):
         return s
     e = np.exp(s - s.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
 
 
+def _rows(scores: np.ndarray) -> np.ndarray:
+    """[N, C] in the outputs' own float type (float32 stays float32: the converter's reference and the device's
+    outputs are binned by the same arithmetic), other types as float64."""
+    s = np.asarray(scores)
+    s = s.reshape(len(s), -1) if s.ndim else s.reshape(1, -1)
+    return s if s.dtype in (np.float32, np.float64) else s.astype(np.float64)
+
+
+def _are_probabilities(s: np.ndarray) -> bool:
+    return bool(s.min() >= 0) and bool(np.abs(s.sum(1) - 1.0).max() <= 1e-3)
+
+
 def _classifier_bins(o: OutputProfile, scores: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
-    p = _probabilities(scores)
-    # the two largest, in ascending order: a partition finds the same two values as a full sort, in O(C)
-    top2 = np.partition(p, -2, 1)[:, -2:] if p.shape[1] >= 2 else np.concatenate([np.zeros_like(p), p], 1)
-    entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
+    s = _rows(scores)
+    rows = np.arange(len(s))
+    top = s.argmax(1)
+    if s.shape[1] >= 2:  # the runner-up: the largest once the top is masked (a partition costs 20x more)
+        masked = s.copy()
+        masked[rows, top] = -np.inf
+        second = masked.max(1)
+    else:
+        second = None
+    if _are_probabilities(s):
+        p1, p2 = s[rows, top], (np.zeros(len(s), s.dtype) if second is None else second)
+        entropy = -(s * np.log(np.clip(s, 1e-12, 1.0))).sum(1)
+    else:  # softmax without dividing the whole array: p = e / Z, H = ln Z - sum(e z) / Z with z = s - max
+        z = s - s[rows, top][:, None]
+        e = np.exp(z)
+        total = e.sum(1)
+        p1 = 1.0 / total
+        p2 = np.zeros(len(s), s.dtype) if second is None else np.exp(second - s[rows, top]) / total
+        entropy = np.log(total) - np.einsum("ij,ij->i", e, z) / total
     unit = lambda x: np.clip((x * UNIT_BINS).astype(np.int64), 0, UNIT_BINS - 1)  # noqa: E731
-    return {"class": index[p.argmax(1)], "confidence": unit(top2[:, 1]), "margin": unit(top2[:, 1] - top2[:, 0]),
+    return {"class": index[top], "confidence": unit(p1), "margin": unit(p1 - p2),
             "entropy": unit(entropy / math.log(max(o.n_classes, 2)))}
 
 
 def _accumulate(counts: list[int], bins: np.ndarray) -> None:
-    for b, n in zip(*np.unique(bins, return_counts=True)):
-        counts[int(b)] += int(n)
+    added = np.bincount(bins.ravel(), minlength=len(counts))
+    for b in np.flatnonzero(added):
+        counts[int(b)] += int(added[b])
 
 
 # ---- statistics over counts ----------------------------------------------------------------------------------
