@@ -33,6 +33,7 @@ from fleet import login, quality, targets
 from fleet.api_admin import routes as admin_routes
 from fleet.api_enroll import routes as enroll_routes
 from fleet.api_keys import routes as key_routes
+from fleet.api_quality import routes as quality_routes
 from fleet.api_rollouts import routes as rollout_routes
 from fleet.auth import BUNDLE, DEVICE, OPERATOR, READ, Auth, allow
 from fleet.guard import Guard
@@ -283,6 +284,7 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         allow(Route("/api/health", health), READ),
         allow(Route("/api/health/{device_id}", device_health), READ),
         *rollout_routes(),  # /api/rollouts (fleet/api_rollouts.py)
+        *quality_routes(store),  # /api/quality, /api/devices/{id}/quality[/series] (fleet/api_quality.py)
         *admin_routes(auth),  # /api/tokens, /api/audit (fleet/api_admin.py)
         *(key_routes(keys) if keys is not None else []),  # /api/keys (fleet/api_keys.py)
         *login.routes(auth),  # /login, /logout

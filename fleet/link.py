@@ -31,7 +31,8 @@ log = logging.getLogger("edgefleet.fleet.link")
 
 CLIENT_ID = "edgefleet-fleet"
 SESSION_EXPIRY_S = 7 * 24 * 3600
-STORED = (protocol.STATE, protocol.TELEMETRY, protocol.EVENTS, protocol.QUALITY)  # the device kinds this controller stores
+# the device kinds this controller stores
+STORED = (protocol.STATE, protocol.TELEMETRY, protocol.EVENTS, protocol.QUALITY)
 MAX_REASONS = 100  # distinct reasons counted one by one; the rest under "other"
 
 

@@ -132,7 +132,7 @@ def window(since: float | None = None, until: float | None = None, now: float | 
            ) -> tuple[float, float]:
     """[since, until): until defaults to now, since to until - DEFAULT_WINDOW_S; WindowError when out of range."""
     until = (time.time() if now is None else now) if until is None else until
-    since = until - DEFAULT_WINDOW_S if since is None else since
+    since = max(0.0, until - DEFAULT_WINDOW_S) if since is None else since
     for name, v in (("since", since), ("until", until)):
         if not math.isfinite(v) or v < 0:
             raise WindowError(f"{name}={v!r}: must be a unix time in seconds")

@@ -9,8 +9,8 @@ cutoff (now - raw_s, rounded down to a whole hour so that rollup buckets are who
 1-minute bucket (``telemetry_1m``) and 1-hour bucket (``telemetry_1h``) and deletes it, a batch of rows per
 transaction. 1-minute buckets older than now - rollup_s (rounded down to the hour; default 90 days) are
 deleted; hourly ones stay for ever. Quality windows (``quality``, fleet/quality.py) are deleted at the raw cutoff,
-with no rollup: their counts are kept as long as raw telemetry. Clock estimates (``clocks``) of boots not heard from since the raw cutoff
-are deleted, but for each device's latest ``CLOCKS_KEPT``. Each tier's boundary is kept in the ``retention`` table, and
+with no rollup: their counts are kept as long as raw telemetry. Clock estimates (``clocks``) of boots not heard
+from since the raw cutoff are deleted, but for each device's latest ``CLOCKS_KEPT``. Each tier's boundary is kept in the ``retention`` table, and
 ``series()`` reads raw rows after the raw boundary, 1-minute rows between the two, hourly rows before.
 
 Merging. A rollup row holds sums and maxima, never means, so folding in more windows later (a device

@@ -4,6 +4,7 @@ classifier's real outputs folded by ``agent.quality.Folder``."""
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import time
@@ -11,8 +12,8 @@ import time
 import msgspec
 import numpy as np
 import pytest
-from test_fleet import client, devices, fleet  # noqa: F401
-from util import release_key, wait_for
+from test_fleet import assert_one_error_line, client, devices, fleet, http, run_cli  # noqa: F401
+from util import cli_args, release_key, wait_for
 
 from agent import protocol
 from agent import quality as aq
@@ -448,7 +449,8 @@ def test_quality_over_mqtt_from_real_outputs(fleet, client, devices, real):
     # noise only (its largest PSI, on the sparse margin and entropy bins, measured 0.096), turned text by far more
     ok_psi = ok["drift"]["reference"]["psi"]
     assert ok["drift"]["reference"]["band"] != "significant"
-    assert turned_q["drift"]["reference"]["band"] == "significant" and turned_q["drift"]["reference"]["psi"] > 10 * ok_psi
+    assert turned_q["drift"]["reference"]["band"] == "significant"
+    assert turned_q["drift"]["reference"]["psi"] > 10 * ok_psi
     assert turned_q["drift"]["reference"]["worst"] == {"output": real["output"], "feature": "class"}
     assert turned_q["drift"]["reference"]["psi"] == pytest.approx(
         max(aq.psi(real["profile"].outputs[0].counts[f], c) for f, c in folded(real, turned[:100])[0].items()))
@@ -458,3 +460,123 @@ def test_quality_over_mqtt_from_real_outputs(fleet, client, devices, real):
     assert ok["feedback"]["accuracy"] == pytest.approx(correct / len(labels))
     assert ok["feedback"]["labels"] == len(labels)
     assert turned_q["canary"]["agreement"] == 15 / 16 and ok["canary"]["agreement"] == 1.0
+
+
+def test_quality_in_health_the_api_and_metrics(fleet, client, devices, real, capsys, tmp_path):
+    client.upload_bundle(real["path"])
+    labels = real["labels"]
+    turned = np.flatnonzero(labels == 1)
+    mixed = np.arange(len(labels))
+    pid = real["profile"].id
+
+    def send(dev, seq, rows, **kw):
+        dev.send(protocol.Quality(device_id=dev.id, boot_id=dev.boot_id, seq=seq, time=time.time(), interval_s=10.0,
+                                  sha256=real["sha"], version="1", profile=pid, served=len(rows),
+                                  bins=folded(real, rows), **kw))
+
+    ok, bad, quiet = devices("cam-ok"), devices("cam-turned"), devices("cam-quiet")
+    send(ok, 1, mixed, feedback=protocol.Feedback(labels=len(mixed), confusion=confusion(real, mixed)),
+         canary=protocol.Canary(runs=16, agree=16))
+    send(bad, 1, turned[:100], canary=protocol.Canary(runs=16, agree=12, max_abs_err=0.5, time=time.time()),
+         feedback=protocol.Feedback(labels=3, confusion=confusion(real, turned[:3])))
+    quiet.telemetry(1)  # no quality at all
+    bad.send(protocol.Quality(device_id="cam-turned", boot_id="boot-1", seq=2, time=time.time(), interval_s=10.0,
+                              sha256=real["sha"], version="1", profile="00" * 32))  # refused
+    wait_for(lambda: client.status()["received"] == 3 and client.status()["invalid"], what="the messages")
+
+    # the fleet table: drift vs reference with its band, canary agreement, accuracy with its labels
+    code, out, err = run_cli(capsys, "health", "--sort", "drift", *cli_args(fleet))
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    header = lines[0]
+    for column in ("drift PSI", "canary %", "acc % (labels)"):
+        assert column in header
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert [line.split()[0] for line in lines[1:]] == ["cam-turned", "cam-ok", "cam-quiet"]  # the most drifted first
+    h = {x["device_id"]: x for x in client.health()}
+    tq, oq = h["cam-turned"]["quality"], h["cam-ok"]["quality"]
+    assert f"{tq['psi_ref']:.3f} significant" in rows["cam-turned"] and " 75.0 " in rows["cam-turned"]
+    assert f"{oq['accuracy'] * 100:.1f} ({len(mixed)})" in rows["cam-ok"] and " 100.0 " in rows["cam-ok"]
+    assert h["cam-quiet"]["quality"] is None and rows["cam-quiet"].count(" - ") >= 3
+    assert (tq["window_s"], tq["canary_runs"], tq["labels"], tq["sha256"]) == (600.0, 16, 3, real["sha"])
+    assert [x["device_id"] for x in client.health(sort="canary")][:2] == ["cam-turned", "cam-ok"]
+
+    # the device report: a quality section; --json carries it
+    code, out, err = run_cli(capsys, "health", "cam-turned", *cli_args(fleet))
+    assert code == 0, err
+    report = client.health("cam-turned")["quality_report"]
+    for needle in ("quality (the last 10 min, version 1", "100 outputs served",
+                   f"drift vs reference: PSI {report['drift']['reference']['psi']:.3f} significant",
+                   f"(worst: {real['output']} class)", "drift vs fleet (1 other device(s)): PSI",
+                   "canary: 12/16 agree with fp32, 75.0 % (95 % CI", "max abs error 0.5, last",
+                   "feedback: 3 labels, accuracy"):
+        assert needle in out, (needle, out)
+    code, out, _ = run_cli(capsys, "health", "cam-turned", "--json", *cli_args(fleet))
+    assert json.loads(out)["quality_report"]["drift"] == report["drift"]
+    code, out, _ = run_cli(capsys, "health", "cam-quiet", *cli_args(fleet))
+    assert "quality: nothing reported in the last 10 min" in out
+
+    # the JSON API
+    url = fleet.http_url
+    status, _, body = http("GET", f"{url}/api/devices/cam-turned/quality", ca=fleet)
+    doc = json.loads(body)
+    assert status == 200 and doc["sha256"] == real["sha"] and doc["drift"]["reference"]["band"] == "significant"
+    assert doc["feedback"]["classes"] == [*real["profile"].outputs[0].classes, "other"]
+    assert doc["canary"]["agreement"] == 0.75
+    now = time.time()
+    status, _, body = http("GET", f"{url}/api/devices/cam-turned/quality?since={now - 3600}&until={now - 1800}",
+                           ca=fleet)
+    assert status == 200 and json.loads(body)["sha256"] is None  # nothing then
+    status, _, body = http("GET", f"{url}/api/devices/cam-turned/quality/series", ca=fleet)
+    s = json.loads(body)
+    assert status == 200 and len(s["points"]) == 1 and s["points"][0]["band"] == "significant"
+    status, _, body = http("GET", f"{url}/api/quality?limit=1", ca=fleet)
+    page = json.loads(body)
+    assert status == 200 and page["total"] == 2 and page["next"] == 1
+    assert [d["device_id"] for d in page["devices"]] == ["cam-turned"]
+    assert page["refused"] == {quality.WRONG_PROFILE: 1}
+    status, _, body = http("GET", f"{url}/api/quality?limit=1&offset=1", ca=fleet)
+    assert [d["device_id"] for d in json.loads(body)["devices"]] == ["cam-ok"] and json.loads(body)["next"] is None
+    for path, needle in (("/api/devices/cam-ok/quality?since=abc", "since='abc' is not a unix time"),
+                         (f"/api/devices/cam-ok/quality?since={now}&until={now - 5}", "must be before until"),
+                         ("/api/devices/cam-ok/quality?sha256=xyz", "sha256='xyz' is not a sha256"),
+                         ("/api/devices/cam-ok/quality?window=1", "unknown query parameter 'window'"),
+                         ("/api/devices/cam-ok/quality/series?step=0", "step='0'"),
+                         ("/api/quality?limit=0", "limit='0' is out of range"),
+                         ("/api/quality?offset=-1", "offset='-1' is out of range"),
+                         ("/api/quality?since=1&since=2", "since is given more than once"),
+                         ("/api/quality?since=0&until=99999999999", "at most")):
+        status, _, body = http("GET", url + path, ca=fleet)
+        assert status == 400 and needle in json.loads(body)["error"], (path, body)
+        assert "\n" not in json.loads(body)["error"]
+    for path in ("/api/devices/cam-nobody/quality", "/api/devices/cam-nobody/quality/series"):
+        assert http("GET", url + path, ca=fleet)[0] == 404
+    assert http("GET", f"{url}/api/quality", headers={"Authorization": ""}, ca=fleet)[0] == 401
+
+    # /metrics
+    status, _, body = http("GET", f"{url}/metrics", ca=fleet)
+    text = body.decode()
+    base = 'device="cam-turned",model="",version=""'
+    assert f'edgefleet_quality_drift_psi{{{base},against="reference"}} {tq["psi_ref"]!r}' in text
+    assert f'edgefleet_quality_drift_psi{{{base},against="fleet"}} {tq["psi_fleet"]!r}' in text
+    assert f"edgefleet_canary_agreement{{{base}}} 0.75" in text
+    assert f"edgefleet_feedback_labels{{{base}}} 3" in text
+    assert 'edgefleet_feedback_accuracy{device="cam-ok",model="",version=""} ' in text
+    assert "cam-quiet" not in "".join(x for x in text.splitlines() if x.startswith(("edgefleet_quality",
+                                                                                       "edgefleet_canary")))
+    assert f'edgefleet_quality_refused_total{{reason="{quality.WRONG_PROFILE}"}} 1' in text
+
+    # a bundle whose profile.json is not a profile is refused at upload, in one line, and not kept
+    broken = tmp_path / "profile.json"
+    broken.write_text('{"outputs": "no"}')
+    m = Manifest(name="ocr-cls", version="broken", target="cpu", runtime="onnxruntime", precision="fp32",
+                 model="model.onnx", files=[], inputs=[TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
+                 outputs=[TensorSpec(name=real["output"], shape=[-1, 2], dtype="float32")])
+    path = tmp_path / "broken.tar"
+    sample = real["path"].parent / "sample.npz"
+    write_bundle(path, m, {"model.onnx": sample, "sample.npz": sample, "profile.json": broken},
+                 sign_key=release_key()[0], serial=3)
+    code, out, err = run_cli(capsys, "deploy", str(path), "--to", "cam-ok", *cli_args(fleet))
+    assert code == 2 and "profile.json is not a quality profile" in err
+    assert_one_error_line(err, "profile.json is not a quality profile")
+    assert [b["version"] for b in client.bundles()] == ["1"]
