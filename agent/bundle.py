@@ -276,6 +276,29 @@ def read_signed(bundle: str | os.PathLike, max_bytes: int | None = None, check_f
         raise BundleError(f"{bundle}: cannot read it ({e.strerror or e})") from None
 
 
+def read_member(bundle: str | os.PathLike, name: str, max_bytes: int) -> bytes | None:
+    """One file the manifest lists, read into memory (at most ``max_bytes``) and checked against its manifest
+    entry, every header checked as ``read_signed`` does, nothing written; None when the manifest does not list
+    ``name``. (The controller reads a bundle's profile.json this way.)"""
+    try:
+        with tarfile.open(bundle, mode="r:", tarinfo=_Header) as tar:
+            parsed = _check_headers(Path(bundle), tar, None)
+            entry = next((f for f in parsed.manifest.files if f.path == name), None)
+            if entry is None:
+                return None
+            if entry.size > max_bytes:
+                raise BundleError(f"bundle member {name!r} is {entry.size} bytes, more than {max_bytes}")
+            out = io.BytesIO()
+            _copy_member(tar, next(m for m in parsed.members if m.name == name), entry, out)
+            return out.getvalue()
+    except BundleError:
+        raise
+    except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
+        raise BundleError(f"{bundle}: not a bundle ({e})") from None
+    except OSError as e:
+        raise BundleError(f"{bundle}: cannot read it ({e.strerror or e})") from None
+
+
 def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike,
                 on_member: Callable[[str], None] | None = None, max_bytes: int | None = None) -> Manifest:
     """Unpack a bundle into ``dest`` (which must not exist) and verify every file.

@@ -26,13 +26,14 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from agent import protocol
-from agent.bundle import BundleError, read_signed
+from agent.bundle import BundleError, read_member, read_signed
 from agent.errors import EdgefleetError
 from fleet import health as health_
-from fleet import login, targets
+from fleet import login, quality, targets
 from fleet.api_admin import routes as admin_routes
 from fleet.api_enroll import routes as enroll_routes
 from fleet.api_keys import routes as key_routes
+from fleet.api_quality import routes as quality_routes
 from fleet.api_rollouts import routes as rollout_routes
 from fleet.auth import BUNDLE, DEVICE, OPERATOR, READ, Auth, allow
 from fleet.guard import Guard
@@ -112,7 +113,10 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
             sha = h.hexdigest()
             try:
                 parsed = await run_in_threadpool(lambda: read_signed(tmp, check_files=True))
-            except BundleError as e:
+                profile = await run_in_threadpool(read_member, tmp, quality.PROFILE, quality.MAX_PROFILE_BYTES)
+                if profile is not None:
+                    quality.load_profile(profile)  # refused here, not after the file is kept
+            except (BundleError, EdgefleetError) as e:
                 return _error(400, str(e).replace(str(tmp), "upload"))
             manifest, signed_by, signer = parsed.manifest, None, None
             if keys is not None:
@@ -129,7 +133,7 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
             else:
                 os.replace(tmp, final)
             doc = msgspec.to_builtins(manifest)
-            await run_in_threadpool(store.add_bundle, sha, size, doc, signed_by, signer)
+            await run_in_threadpool(store.add_bundle, sha, size, doc, signed_by, signer, profile)
             request.state.audit = {"target": sha, "detail": f"{manifest.name} {manifest.version}, signed by "
                                                             f"{signer or signed_by or 'nobody'}"}
             return JSONResponse({"sha256": sha, "size": size, "manifest": doc, "signed_by": signed_by,
@@ -280,6 +284,7 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         allow(Route("/api/health", health), READ),
         allow(Route("/api/health/{device_id}", device_health), READ),
         *rollout_routes(),  # /api/rollouts (fleet/api_rollouts.py)
+        *quality_routes(store),  # /api/quality, /api/devices/{id}/quality[/series] (fleet/api_quality.py)
         *admin_routes(auth),  # /api/tokens, /api/audit (fleet/api_admin.py)
         *(key_routes(keys) if keys is not None else []),  # /api/keys (fleet/api_keys.py)
         *login.routes(auth),  # /login, /logout

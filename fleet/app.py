@@ -201,6 +201,7 @@ class Fleet:
             self._lock_data_dir()
             self.store = Store(self.data_dir / DB, offline_after=self.offline_after,
                                max_clock_offset_s=self.max_clock_offset_s).open()
+            self.store.read_profiles(self.data_dir / BUNDLES)  # bundles stored before the store kept profiles
             if not self.insecure:
                 self.pki = PKI(self.pki_dir).ensure(self._hosts())
                 self.pki.write_crl(self.store.revoked_serials())

@@ -373,12 +373,78 @@ def _health_row(h: dict[str, Any]) -> list[str]:
             m.get("precision", "-"), str(h["inferences"]), str(h["errors"]), _latency(h["latency_ms"]),
             _num(h.get("inferences_per_min")), _pct(h.get("error_rate")), _num(h["cpu_percent"]),
             _mib(h["rss_bytes"]), _num(h["memory_percent"]), _num(h["temperature_c"], unknown="unknown"),
-            _disk(h), _clock(h.get("clock")), ago(h["last_seen_ago_s"]), ",".join(h.get("tags", [])) or "-"]
+            _disk(h), _clock(h.get("clock")), *_quality_cells(h.get("quality")), ago(h["last_seen_ago_s"]),
+            ",".join(h.get("tags", [])) or "-"]
 
 
 HEALTH_HEADERS = ["device", "online", "model", "version", "precision", "inferences", "errors",
                   "p50/p95/p99 ms", "inf/min", "err %", "CPU %", "RSS MiB", "mem %", "temp °C", "disk free", "clock",
-                  "last seen", "tags"]
+                  "drift PSI", "canary %", "acc % (labels)", "last seen", "tags"]
+
+
+def _drift(psi: float | None, band: str) -> str:
+    """``0.274 significant``, ``0.041 stable``, ``too few`` (below the minimum of served outputs)."""
+    return band if psi is None else f"{psi:.3f} {band}"
+
+
+def _quality_cells(mq: dict[str, Any] | None) -> list[str]:
+    """The table's quality columns (fleet/quality.py, over health's quality window): drift vs the bundle's
+    reference with its band, canary agreement, feedback accuracy with the labels it rests on."""
+    if not mq:
+        return ["-", "-", "-"]
+    acc = "-" if mq["accuracy"] is None else f"{mq['accuracy'] * 100:.1f} ({mq['labels']})"
+    return [_drift(mq["psi_ref"], mq["band_ref"]), _pct1(mq["canary_agreement"]), acc]
+
+
+def _pct1(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.1f}"
+
+
+def _interval(iv: list[float] | None) -> str:
+    return "" if not iv else f" (95 % CI {iv[0] * 100:.1f}-{iv[1] * 100:.1f} %)"
+
+
+def _quality_lines(q: dict[str, Any] | None, now: float) -> list[str]:
+    """The device report's quality section (GET /api/health/{id}'s ``quality_report``, fleet.quality.device)."""
+    if not q or q["sha256"] is None:
+        return ["quality: nothing reported in the last " + (f"{int(q['until'] - q['since']) // 60} min" if q else
+                                                            "window")]
+    out = [f"quality (the last {int(q['until'] - q['since']) // 60} min, version {q['version']} "
+           f"{q['sha256'][:12]}): {q['windows']} window{'' if q['windows'] == 1 else 's'}, {q['served']} outputs served"]
+    if q["drift"] is None:
+        out.append("  drift: the controller has no reference profile for this bundle")
+    else:
+        for what, d in (("reference", q["drift"]["reference"]), ("fleet", q["drift"]["fleet"])):
+            who = f" ({d['devices']} other device(s))" if what == "fleet" else ""
+            if d["psi"] is None:
+                out.append(f"  drift vs {what}{who}: too few outputs to judge ({d['served']} here, "
+                           f"{d['expected_served'] or 0} expected side; at least {q['min_served']} each)")
+            else:
+                w = d["worst"]
+                out.append(f"  drift vs {what}{who}: PSI {d['psi']:.3f} {d['band']}, JS {d['js']:.3f} bits "
+                           f"(worst: {w['output']} {w['feature']})")
+    c = q["canary"]
+    if c["runs"]:
+        last = f", last {ago(now - c['last_time'])}" if c["last_time"] else ""
+        out.append(f"  canary: {c['agree']}/{c['runs']} agree with fp32, {_pct1(c['agreement'])} %"
+                   f"{_interval(c['interval'])}, max abs error {c['max_abs_err'] or 0:g}{last}")
+    else:
+        out.append("  canary: no runs")
+    f = q["feedback"]
+    if f is not None and f["labels"]:
+        m = f["macro"]
+        macro = "/".join(_num(m[k], "{:.2f}") for k in ("precision", "recall", "f1"))
+        out.append(f"  feedback: {f['labels']} labels, accuracy {_pct1(f['accuracy'])} %"
+                   f"{_interval(f['accuracy_interval'])}; macro precision/recall/F1 {macro}")
+        rows = [[str(k["class"]), *(_num(k[x], "{:.2f}") for x in ("precision", "recall", "f1")), str(k["support"]),
+                 str(k["predicted"])] for k in f["per_class"] if k["support"] or k["predicted"]]
+        out += ["    " + line for line in table(["class", "precision", "recall", "F1", "labels", "predicted"], rows,
+                                                 "").splitlines()]
+    elif f is not None:
+        out.append("  feedback: no labels")
+    if q["refused"]:
+        out.append("  feedback the agent refused: " + ", ".join(f"{k} {v}" for k, v in q["refused"].items()))
+    return out
 
 
 def _health_table(health: list[dict[str, Any]]) -> str:
@@ -418,6 +484,7 @@ def _device_report(h: dict[str, Any]) -> str:
                + ("" if storage in (None, "ok") else " (the state dir takes no writes: the agent serves from "
                                                      "memory and keeps what it can)"))
     out.append(_clock_line(h.get("clock") or {}))
+    out += _quality_lines(h.get("quality_report"), now)
     kinds = h.get("errors_by_kind") or {}
     if kinds:
         recent = r.get("errors_by_kind") or {}

@@ -7,6 +7,10 @@ deleted raw rows; rates come from the raw windows of the last ``RECENT_S`` secon
 ``latency_ms`` is the latest window that had inferences (the device's own percentiles); CPU, RSS, memory
 and temperature the latest window's (the newest rollup's means once every raw row has expired).
 
+``quality`` is the device's model quality over the last ``QUALITY_S`` seconds (``fleet.quality.summary``: drift
+against its bundle's reference and the rest of the fleet, canary agreement, feedback accuracy), None when it sent
+none; the report adds ``quality_report`` (``fleet.quality.device``: per output and feature, the confusion matrix).
+
 Every time here is the controller's: windows and events are filed at the device's time corrected by its
 clock's estimated offset (``fleet.clock``), so "the last 5 minutes" means the same for a device whose clock is
 400 days behind. ``clock`` shows that offset (of the device's current boot), whether the device's OS says its
@@ -21,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import EdgefleetError
-from fleet import retention, targets
+from fleet import quality, retention, targets
 
 if TYPE_CHECKING:
     import sqlite3
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     from fleet.store import Store
 
 RECENT_S = 300.0
+QUALITY_S = 600.0  # the table's and the report's model quality (fleet/quality.py): over the last 10 minutes
 CONFLICT_QUIET_S = 600.0  # an identity conflict (two devices, one identity) shows until this long after its last takeover
 ERROR_EVENTS = ("failed", "error", "rolled_back", "identity_conflict")
 STATUSES = ("online", "offline")
@@ -53,9 +58,12 @@ SORTS: dict[str, tuple[Any, bool]] = {
     "last-seen": (lambda h: h["last_seen_ago_s"], True),  # the longest silent first
     "disk": (lambda h: h["disk_free_bytes"], False),  # the least free first
     "clock": (lambda h: None if h["clock"]["offset_s"] is None else abs(h["clock"]["offset_s"]), True),
+    "drift": (lambda h: (h["quality"] or {}).get("psi_ref"), True),  # the most drifted first
+    "canary": (lambda h: (h["quality"] or {}).get("canary_agreement"), False),  # the lowest agreement first
+    "accuracy": (lambda h: (h["quality"] or {}).get("accuracy"), False),  # the least accurate first
 }
 _ALIASES = {"temp": "temperature", "mem": "memory", "inferences-per-min": "rate", "seen": "last-seen",
-            "id": "device", "disk-free": "disk", "clock-offset": "clock"}
+            "id": "device", "disk-free": "disk", "clock-offset": "clock", "psi": "drift", "acc": "accuracy"}
 
 
 def check_sort(sort: str) -> str:
@@ -94,15 +102,27 @@ def entries(store: "Store", device_id: str | None = None, now: float | None = No
             raise targets.UnknownTarget(f"unknown tag {tag!r}: no device carries it")
         where, args = "WHERE id IN (SELECT device_id FROM device_tags WHERE tag = ?)", (tag,)
     tags = store.tags(device_id)
-    out = [entry(store, r, now, tags.get(r["id"], []))
-           for r in store.query(f"SELECT * FROM devices {where} ORDER BY id", args)]
+    found = store.query(f"SELECT * FROM devices {where} ORDER BY id", args)
+    qualities = model_quality(store, now, [r["id"] for r in found])
+    out = [entry(store, r, now, tags.get(r["id"], []), qualities.get(r["id"])) for r in found]
     if status is not None:
         out = [h for h in out if h["status"] == status]
     return sort_entries(out, key, descending)
 
 
-def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str]) -> dict[str, Any]:
-    """One device's health, from its registry row."""
+def model_quality(store: "Store", now: float, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Device id -> its model quality over the last QUALITY_S seconds (a ``fleet.quality.summary`` row, without
+    the device id, with ``window_s``), for the devices that sent quality in that time."""
+    if not device_ids:
+        return {}
+    rows = quality.summary(store, now - QUALITY_S, now, device_ids)
+    return {r["device_id"]: {"window_s": QUALITY_S, **{k: v for k, v in r.items() if k != "device_id"}}
+            for r in rows}
+
+
+def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str],
+          model_quality: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One device's health, from its registry row (and its ``model_quality`` row, when it sent quality)."""
     last = store.query("SELECT cpu_percent, rss_bytes, memory_percent, temperature_c, payload FROM telemetry "
                        "WHERE device_id = ? ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
     lat = store.query("SELECT p50, p95, p99 FROM telemetry WHERE device_id = ? AND inferences > 0 "
@@ -155,6 +175,8 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str]) -> dict
         "storage_since": d["storage_since"],
         "disk_free_bytes": d["disk_free_bytes"],
         "clock": clock(store, d),
+        # model quality over the last QUALITY_S seconds (fleet/quality.py): drift, canary, feedback accuracy
+        "quality": model_quality,
     }
 
 
@@ -239,7 +261,11 @@ def report(store: "Store", device_id: str, events: int = 20, transitions: int = 
     if not rows:
         return None
     d = rows[0]
-    h = entry(store, d, time.time(), store.tags(device_id).get(device_id, []))
+    now = time.time()
+    h = entry(store, d, now, store.tags(device_id).get(device_id, []),
+              model_quality(store, now, [device_id]).get(device_id))
+    # the full quality report over the same window: drift per output and feature, canary, feedback scores
+    h["quality_report"] = quality.device(store, device_id, now - QUALITY_S, now)
     h["identity"] = {"arch": d["arch"], "agent_version": d["agent_version"],
                      "runtimes": json.loads(d["runtimes"]), "cpu_flags": json.loads(d["cpu_flags"]),
                      "boot_id": d["boot_id"], "first_seen": d["first_seen"]}

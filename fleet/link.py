@@ -21,6 +21,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import protocol, transport
 from agent.errors import EdgefleetError
+from fleet import quality
 from fleet.store import Store
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ log = logging.getLogger("edgefleet.fleet.link")
 
 CLIENT_ID = "edgefleet-fleet"
 SESSION_EXPIRY_S = 7 * 24 * 3600
-STORED = (protocol.STATE, protocol.TELEMETRY, protocol.EVENTS)  # the device kinds this controller stores
+# the device kinds this controller stores
+STORED = (protocol.STATE, protocol.TELEMETRY, protocol.EVENTS, protocol.QUALITY)
 MAX_REASONS = 100  # distinct reasons counted one by one; the rest under "other"
 
 
@@ -157,14 +159,20 @@ class Link:
         except protocol.ProtocolError as e:
             self._count(_reason(e), topic)
             return
+        if kind == protocol.QUALITY:  # checked against its bundle's profile before it counts as received
+            try:
+                stored = self.store.record_quality(msg, received, retained)
+            except quality.Refused as e:
+                self._count(str(e), topic)
+                return
         with self._lock:
             self.received += 1
-        stored = True
         if kind == protocol.STATE:
             self.store.record_state(msg, received, retained)
+            stored = True
         elif kind == protocol.TELEMETRY:
             stored = self.store.record_telemetry(msg, received, retained)
-        else:
+        elif kind == protocol.EVENTS:
             stored = self.store.record_event(msg, received, retained)
         if not stored:
             with self._lock:

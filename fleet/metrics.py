@@ -8,7 +8,10 @@ sensor), last seen, seq gaps and whether two devices use its identity; its free 
 state set: one sample per state, 1 for the current one), its clock's offset from the controller's, whether
 that is beyond ``--max-clock-offset`` and whether its OS says the clock is synchronised. Fleet-wide: devices by
 state, how many identities are in conflict, how many devices' storage takes no writes and how many clocks are
-beyond the bound. Built from ``Store.health()``; a scrape never scans telemetry.
+beyond the bound. Model quality over health's last 10 minutes (fleet/quality.py), per device: drift PSI against the
+bundle's reference and against the fleet (label ``against``), canary agreement, feedback accuracy and labels; and
+the quality messages refused, by reason. Built from ``Store.health()``; a scrape never scans telemetry (it reads
+the last 10 minutes of quality windows once).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from fleet import quality
 from fleet.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -63,6 +67,21 @@ STORAGE_STATES = ("ok", "full", "read_only")  # protocol.StorageState
 _STORAGE = ("edgefleet_device_storage", "gauge",
             "Whether the device's state dir takes writes: 1 for its current state (ok, full, read_only), 0 for the "
             "others.")
+# model quality over health's quality window (fleet/health.QUALITY_S, fleet/quality.py); absent when not judged
+_QUALITY = [
+    ("edgefleet_canary_agreement", "gauge", "The share of the device's golden inputs (canary) whose output agreed "
+     "with the fp32 reference, over the last 10 minutes.", lambda mq: mq["canary_agreement"]),
+    ("edgefleet_feedback_accuracy", "gauge", "The device's accuracy on the labels its applications gave, over the "
+     "last 10 minutes.", lambda mq: mq["accuracy"]),
+    ("edgefleet_feedback_labels", "gauge", "Labels the device's applications gave, over the last 10 minutes.",
+     lambda mq: mq["labels"]),
+]
+_DRIFT = ("edgefleet_quality_drift_psi", "gauge",
+          "The device's output drift over the last 10 minutes: the largest PSI over its outputs' features against "
+          "the bundle's reference (against=reference) or the other devices on the bundle (against=fleet); absent "
+          "below 50 served outputs. 0.1 and 0.25 are the usual moderate and significant bands.")
+_REFUSED = ("edgefleet_quality_refused_total", "counter",
+            "Quality messages the controller refused (they did not fit the bundle's profile), by reason.")
 _LATENCY = ("edgefleet_device_latency_ms", "gauge",
             "Inference latency percentiles of the device's latest telemetry window with inferences, ms.")
 QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
@@ -88,8 +107,9 @@ def _number(v: float | int) -> str:
     return repr(float(v)) if v == v else "NaN"
 
 
-def render(health: list[dict[str, Any]]) -> str:
-    """The exposition text for the devices' health (``Store.health()``)."""
+def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None) -> str:
+    """The exposition text for the devices' health (``Store.health()``) and the quality messages refused by reason
+    (``fleet.quality.refused``)."""
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -123,12 +143,20 @@ def render(health: list[dict[str, Any]]) -> str:
     family(*_LATENCY, samples)
     family(*_STORAGE, [(_labels([*base[h["device_id"]], ("state", state)]), int(h["storage"] == state))
                        for h in health if h.get("storage") in STORAGE_STATES for state in STORAGE_STATES])
+    family(*_DRIFT, [(_labels([*base[h["device_id"]], ("against", against)]), h["quality"][f"psi_{key}"])
+                     for h in health if h.get("quality") for against, key in (("reference", "ref"), ("fleet", "fleet"))
+                     if h["quality"][f"psi_{key}"] is not None])
+    for name, kind, help_text, read in _QUALITY:
+        family(name, kind, help_text, [(_labels(base[h["device_id"]]), v) for h in health
+                                       if h.get("quality") and (v := read(h["quality"])) is not None])
+    family(*_REFUSED, [(_labels([("reason", reason)]), n) for reason, n in sorted((refused or {}).items())])
     return "\n".join(lines) + "\n"
 
 
 def routes(store: Store) -> list[Route]:
     async def metrics(request: Request) -> Response:
         health = await run_in_threadpool(store.health, None, time.time())
-        return Response(render(health), media_type=CONTENT_TYPE)
+        refused = await run_in_threadpool(quality.refused, store)
+        return Response(render(health, refused), media_type=CONTENT_TYPE)
 
     return [Route("/metrics", metrics, methods=["GET"])]

@@ -75,7 +75,8 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
               "Enrollments": list[s.EnrollmentRow], "Enrolled": s.Enrolled, "Revoked": s.Revoked,
               "EnrollmentRevoked": s.EnrollmentRevoked, "Certificates": list[s.Certificate],
               "Bundles": list[s.BundleRow], "ReleaseKeys": list[s.ReleaseKey],
-              "ReleaseKeyChanged": s.ReleaseKeyChanged,
+              "ReleaseKeyChanged": s.ReleaseKeyChanged, "DeviceQuality": s.DeviceQuality,
+              "QualitySeries": s.QualitySeries, "QualityPage": s.QualityPage,
               **{k: v for k, v in requests.items() if v is not None}}
     refs, components = msgspec.json.schema_components(list(bodies.values()),
                                                       ref_template="#/components/schemas/{name}")
@@ -95,6 +96,11 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
 
     device = _param("device_id", "path", "The device's id.", {"type": "string", "pattern": s.DEVICE_ID})
     rollout = _param("rollout_id", "path", "The rollout's id.", {"type": "string", "pattern": s.ROLLOUT_ID})
+    quality_window = [
+        _param("since", "query", "Unix time (s) the window starts at, included (default: an hour before until).",
+               {"type": "number", "minimum": 0}),
+        _param("until", "query", "Unix time (s) the window ends at, excluded (default: now).",
+               {"type": "number", "minimum": 0})]
     paths: dict[str, dict[str, dict]] = {
         "/api/status": {"get": {
             "summary": "The controller's status: broker, MQTT link and message counts.", "operationId": "status",
@@ -208,6 +214,45 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                           "400": err("since or step out of range (step is at most since), or an unknown query "
                                      "parameter."),
                           "404": err("No such device.")}}},
+        "/api/devices/{device_id}/quality": {"get": {
+            "summary": "One device's model quality on one bundle over [since, until): drift against the bundle's "
+                       "reference and against the other devices on it (PSI, Jensen-Shannon, bands), canary "
+                       "agreement, feedback accuracy, per-class and macro precision / recall / F1 with Wilson "
+                       "intervals, the confusion matrix.", "operationId": "getDeviceQuality",
+            "parameters": [device, *quality_window,
+                           _param("sha256", "query", "The bundle (default: the device's active one when it reported "
+                                                     "on it in the window, else its latest window's).",
+                                  {"type": "string", "pattern": s.SHA256})],
+            "responses": {"200": json_body("DeviceQuality", "The device's quality (sha256 null: none in the "
+                                                            "window)."),
+                          "400": err("since, until or sha256 malformed or out of range (since must be before "
+                                     "until, at most 400 days apart), or an unknown query parameter."),
+                          "404": err("No such device.")}}},
+        "/api/devices/{device_id}/quality/series": {"get": {
+            "summary": "One device's model quality per window (or per step bucket), for charts: PSI vs the "
+                       "reference, canary agreement, accuracy.", "operationId": "getDeviceQualitySeries",
+            "parameters": [device, *quality_window,
+                           _param("sha256", "query", "The bundle (default as for the device's quality).",
+                                  {"type": "string", "pattern": s.SHA256}),
+                           _param("step", "query", "Bucket width in seconds (default: one point per window, "
+                                                   "bucketed when there would be more than 1500).",
+                                  {"type": "number", "minimum": 1})],
+            "responses": {"200": json_body("QualitySeries", "The points, oldest first."),
+                          "400": err("since, until, sha256 or step malformed or out of range, or an unknown query "
+                                     "parameter."),
+                          "404": err("No such device.")}}},
+        "/api/quality": {"get": {
+            "summary": "The fleet's model quality over [since, until): one row a device that sent quality (on its "
+                       "latest window's bundle), worst first, a page at a time; and the quality messages refused "
+                       "by reason.", "operationId": "listQuality",
+            "parameters": [*quality_window,
+                           _param("limit", "query", "How many devices (default 100).",
+                                  {"type": "integer", "minimum": 1, "maximum": 1000}),
+                           _param("offset", "query", "Skip this many (the previous page's `next`).",
+                                  {"type": "integer", "minimum": 0, "maximum": 10**9})],
+            "responses": {"200": json_body("QualityPage", "A page of devices, worst first."),
+                          "400": err("since, until, limit or offset malformed or out of range, or an unknown query "
+                                     "parameter.")}}},
         "/api/rollouts": {
             "get": {"summary": "Every rollout, newest first.", "operationId": "listRollouts",
                     "responses": {"200": json_body("Rollouts", "The rollouts."),

@@ -8,8 +8,9 @@ Policy. Raw windows are kept ``raw_s`` (default 7 days). ``compact()`` folds eve
 cutoff (now - raw_s, rounded down to a whole hour so that rollup buckets are whole) into its device's
 1-minute bucket (``telemetry_1m``) and 1-hour bucket (``telemetry_1h``) and deletes it, a batch of rows per
 transaction. 1-minute buckets older than now - rollup_s (rounded down to the hour; default 90 days) are
-deleted; hourly ones stay for ever. Clock estimates (``clocks``) of boots not heard from since the raw cutoff
-are deleted, but for each device's latest ``CLOCKS_KEPT``. Each tier's boundary is kept in the ``retention`` table, and
+deleted; hourly ones stay for ever. Quality windows (``quality``, fleet/quality.py) are deleted at the raw cutoff,
+with no rollup: their counts are kept as long as raw telemetry. Clock estimates (``clocks``) of boots not heard
+from since the raw cutoff are deleted, but for each device's latest ``CLOCKS_KEPT``. Each tier's boundary is kept in the ``retention`` table, and
 ``series()`` reads raw rows after the raw boundary, 1-minute rows between the two, hourly rows before.
 
 Merging. A rollup row holds sums and maxima, never means, so folding in more windows later (a device
@@ -338,14 +339,15 @@ def compact(store: "Store", now: float | None = None, policy: Policy = Policy(),
         if len(rows) < batch:
             break
     with store.tx() as db:
+        quality = db.execute("DELETE FROM quality WHERE time < ?", (raw_cutoff,)).rowcount
         expired = db.execute("DELETE FROM telemetry_1m WHERE bucket < ?", (m1_cutoff,)).rowcount
         _mark(db, "1m", m1_cutoff)
         db.execute("DELETE FROM clocks WHERE updated < ? AND rowid NOT IN (SELECT c.rowid FROM clocks c WHERE "
                    "c.device_id = clocks.device_id ORDER BY c.updated DESC LIMIT ?)", (raw_cutoff, CLOCKS_KEPT))
-    if folded or expired:
-        log.info("retention: folded %d raw telemetry rows into rollups, dropped %d expired 1-minute rollups",
-                 folded, expired)
-    return {"folded": folded, "expired_1m": expired}
+    if folded or expired or quality:
+        log.info("retention: folded %d raw telemetry rows into rollups, dropped %d expired 1-minute rollups and "
+                 "%d quality windows", folded, expired, quality)
+    return {"folded": folded, "expired_1m": expired, "quality": quality}
 
 
 def _mark(db: Any, tier: str, before: float) -> None:

@@ -292,6 +292,172 @@ class Health(_S):
     storage_since: float | None  # when that state was first reported
     disk_free_bytes: int | None  # free space in its state dir's filesystem, from its latest telemetry
     clock: "DeviceClock"
+    quality: "HealthQuality | None"  # model quality over the last 10 minutes (null: the device sent none)
+
+
+# -- model quality (fleet/quality.py, fleet/api_quality.py) ------------------------------------------------------
+class _QualityFigures(_S):
+    sha256: str  # the bundle the figures are of (the device's latest window's in the time asked)
+    version: str
+    windows: int  # quality windows summed
+    served: int  # outputs folded into their bins
+    psi_ref: float | None  # drift vs the bundle's reference: the largest PSI over outputs and features
+    js_ref: float | None  # the largest Jensen-Shannon divergence, bits
+    band_ref: str  # stable (< 0.1), moderate (< 0.25), significant, or "too few" (below min_served outputs)
+    psi_fleet: float | None  # drift vs every other device on the same bundle in the same time
+    js_fleet: float | None
+    band_fleet: str
+    band: str  # the worse of band_ref and band_fleet
+    canary_runs: int
+    canary_agreement: float | None  # agree / runs
+    accuracy: float | None  # from feedback labels
+    labels: int
+
+
+class HealthQuality(_QualityFigures):
+    """A device's model quality in the fleet table (``fleet.quality.summary``)."""
+    window_s: float  # over the last this many seconds
+
+
+class QualityRow(_QualityFigures):
+    """One device in the fleet's quality view."""
+    device_id: str
+
+
+class QualityPage(_S):
+    """The fleet's quality over [since, until), worst first (the worse drift band, the larger PSI, the lower canary
+    agreement, the lower accuracy); ``next``: the ``offset`` of the next page, null at the end."""
+    since: float
+    until: float
+    min_served: int  # outputs (a device's, and the other devices') below which drift is not judged
+    total: int  # devices that sent quality in the window
+    devices: list[QualityRow]
+    next: int | None
+    refused: dict[str, int]  # quality messages the controller refused since its database was made, by reason
+
+
+class DriftWorst(_S):
+    output: str
+    feature: str
+
+
+class DriftFeature(_S):
+    output: str
+    feature: str  # classifier: class, confidence, margin, entropy; other outputs: value
+    psi: float
+    js: float  # bits
+    band: str
+    count: int  # the device's counts in it
+
+
+class Drift(_S):
+    """Drift from an expected distribution: the largest over the outputs' features (null below min_served)."""
+    psi: float | None
+    js: float | None
+    band: str  # stable, moderate, significant, or "too few"
+    worst: DriftWorst | None
+    served: int  # the device's outputs
+    expected_served: int | None  # the expected side's (the reference's samples, the other devices' outputs)
+    features: list[DriftFeature]
+
+
+class FleetDrift(Drift):
+    devices: int  # the other devices on the same bundle
+
+
+class QualityDrift(_S):
+    reference: Drift  # vs the bundle's profile (the fp32 reference on the converter's held-out data)
+    fleet: FleetDrift  # vs the sum of every other device's counts on the same bundle
+
+
+class CanaryFigures(_S):
+    """The golden inputs the device ran against their fp32 outputs."""
+    runs: int
+    agree: int
+    agreement: float | None  # agree / runs
+    interval: list[float] | None  # its 95 % Wilson interval
+    max_abs_err: float | None
+    last_time: float | None  # the last run (controller time)
+
+
+class ClassScores(_S):
+    precision: float | None  # tp / predicted (null: never predicted)
+    recall: float | None  # tp / support (null: no label of it)
+    f1: float | None
+    support: int  # labels of this class
+    predicted: int  # labelled predictions of this class
+    tp: int
+    precision_interval: list[float] | None  # 95 % Wilson
+    recall_interval: list[float] | None
+    class_: int | str = msgspec.field(name="class")  # a class id, or "other" (every class without a bin)
+
+
+class MacroScores(_S):
+    precision: float | None  # the mean over the classes where it is defined
+    recall: float | None
+    f1: float | None
+
+
+class FeedbackFigures(_S):
+    """From the labels the device's applications gave (POST /v1/feedback on the device)."""
+    labels: int  # as the device counted them
+    scored: int  # in the confusion matrix
+    accuracy: float | None
+    accuracy_interval: list[float] | None  # 95 % Wilson
+    classes: list[int | str]  # the confusion matrix's class ids: the profile's classes, then "other"
+    confusion: list[list[int]]  # rows: true class, columns: prediction
+    per_class: list[ClassScores]
+    macro: MacroScores
+
+
+class QualityVersion(_S):
+    sha256: str
+    version: str
+    windows: int
+    served: int
+
+
+class DeviceQuality(_S):
+    """One device's model quality on one bundle over [since, until) (``fleet.quality.device``)."""
+    device_id: str
+    since: float
+    until: float
+    sha256: str | None  # null: no quality in the window
+    version: str | None
+    profile: str | None  # the bundle's profile id (null: the controller has no profile for it)
+    min_served: int
+    windows: int
+    served: int
+    first: float | None  # the first and last window's time
+    last: float | None
+    versions: list[QualityVersion]  # every bundle the device reported on in the window, newest first
+    drift: QualityDrift | None  # null: no profile
+    canary: CanaryFigures
+    feedback: FeedbackFigures | None
+    refused: dict[str, int]  # feedback labels the device's agent refused, by reason
+
+
+class QualityPoint(_S):
+    time: float  # a window's time, or a bucket's start
+    windows: int
+    served: int
+    psi: float | None  # vs the reference (null below min_served in the point)
+    band: str | None
+    canary_runs: int
+    canary_agreement: float | None
+    labels: int
+    accuracy: float | None
+
+
+class QualitySeries(_S):
+    """A device's quality per window (or per ``step`` bucket), oldest first: for charts."""
+    device_id: str
+    sha256: str | None
+    since: float
+    until: float
+    step: float | None
+    min_served: int
+    points: list[QualityPoint]
 
 
 class DeviceClock(_S):
@@ -366,6 +532,7 @@ class DeviceDetail(Health):
     deployments: list[DeploymentHistoryRow]
     transitions: list[Transition]
     signer: Signer | None  # who signed the running bundle (null: the running bundle is unknown)
+    quality_report: DeviceQuality  # model quality over the same 10 minutes, in full
 
 
 class RolloutBundle(_S):

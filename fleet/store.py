@@ -5,8 +5,8 @@ so every call goes through one connection guarded by a lock. A QoS 1 message may
 and events are keyed by (device_id, boot_id, seq) and a repeat changes nothing but the device's
 ``duplicates`` count.
 
-seq is per device and persistent across the agent's restarts (its outbox keeps it; telemetry and events
-share it), so what never arrived shows as gaps: ``seq_gaps`` = the highest seq received from the device
+seq is per device and persistent across the agent's restarts (its outbox keeps it; telemetry, events and
+quality messages share it), so what never arrived shows as gaps: ``seq_gaps`` = the highest seq received from the device
 minus the number of distinct seqs received (any boot_id; seqs >= 1). A seq that arrives late closes its
 gap. The counters live on the device row, kept as messages are stored, so health never scans telemetry;
 so do the running totals of inferences and errors (and errors by kind, in ``device_errors``), which stay
@@ -22,19 +22,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import protocol
 from agent.errors import EdgefleetError
 from fleet import clock as clocks
-from fleet import health, retention, targets
+from fleet import health, quality, retention, targets
 
-SCHEMA_VERSION = 6
+if TYPE_CHECKING:
+    from agent import quality as quality_
+
+log = logging.getLogger("edgefleet.fleet.store")
+
+SCHEMA_VERSION = 7
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
 CLONE_BOOTS = 8  # the boot ids remembered per device for clone detection
@@ -306,7 +312,52 @@ ALTER TABLE devices ADD COLUMN active_signed_by TEXT;
 ALTER TABLE devices ADD COLUMN active_serial INTEGER;
 UPDATE schema_version SET version = 6
 """
-_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6}
+# Model quality (issue 12, fleet/quality.py). ``quality``: one row a device's quality message (a window's counts in
+# the bins of its bundle's profile, canary and feedback), filed at the controller's time like telemetry (``time``
+# corrected, ``device_time`` the device's) and keyed like it by (device, boot, seq); ``bins``, ``confusion`` and
+# ``refused`` are the message's JSON. ``quality_refused``: quality messages refused (fleet/quality.refusal), by
+# reason. ``bundles.profile``: the bundle's profile.json as uploaded ('' when it has none; NULL for a bundle stored
+# before schema 7, until the controller reads it from its file at start) and ``profile_id`` its id.
+_V6_TO_V7 = """
+CREATE TABLE quality (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    boot_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time REAL NOT NULL,
+    device_time REAL,
+    received REAL NOT NULL,
+    interval_s REAL NOT NULL,
+    sha256 TEXT NOT NULL,
+    version TEXT NOT NULL,
+    deployment_id TEXT,
+    profile TEXT NOT NULL,
+    served INTEGER NOT NULL,
+    bins TEXT NOT NULL,
+    canary_runs INTEGER NOT NULL DEFAULT 0,
+    canary_agree INTEGER NOT NULL DEFAULT 0,
+    canary_max_abs_err REAL,
+    canary_time REAL,
+    labels INTEGER NOT NULL DEFAULT 0,
+    confusion TEXT NOT NULL DEFAULT '[]',
+    refused TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (device_id, boot_id, seq)
+);
+CREATE INDEX quality_device_time ON quality (device_id, time);
+CREATE INDEX quality_sha_time ON quality (sha256, time);
+CREATE INDEX quality_device_seq ON quality (device_id, seq);
+CREATE INDEX quality_time ON quality (time);
+CREATE TABLE quality_refused (
+    reason TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    last_time REAL NOT NULL
+);
+ALTER TABLE bundles ADD COLUMN profile TEXT;
+ALTER TABLE bundles ADD COLUMN profile_id TEXT;
+UPDATE schema_version SET version = 7
+"""
+_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6, 6: _V6_TO_V7}
+SEQ_TABLES = ("telemetry", "events", "quality")  # the messages that take a seq from the device's one counter
 
 class Store:
     """The controller's SQLite registry at ``path``; safe to call from any thread.
@@ -327,6 +378,7 @@ class Store:
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._clocks: dict[tuple[str, str], clocks.Clock] = {}  # (device, boot) -> as last saved
+        self._profiles: dict[str, Any] = {}  # bundle sha256 -> (profile id, Profile) or None (it has none)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> "Store":
@@ -484,7 +536,7 @@ class Store:
                     if not r.needs_refile:
                         continue
                     lo, hi = clock.span(r)
-                    for table in ("telemetry", "events"):
+                    for table in SEQ_TABLES:
                         moved += db.execute(
                             f"UPDATE {table} SET time = device_time + ?1 WHERE device_id = ?2 AND boot_id = ?3 AND "
                             f"seq >= ?4 AND seq < ?5 AND device_time IS NOT NULL AND time > device_time + ?1 + ?6",
@@ -562,21 +614,21 @@ class Store:
 
     @staticmethod
     def _count_seq(db: sqlite3.Connection, device_id: str, seq: int, stored: bool) -> bool:
-        """Keep the device's seq accounting after one telemetry/event insert; returns ``stored``."""
+        """Keep the device's seq accounting after one telemetry/event/quality insert; returns ``stored``."""
         if not stored:  # the same (boot_id, seq) again: a redelivery
             db.execute("UPDATE devices SET duplicates = duplicates + 1 WHERE id = ?", (device_id,))
             return False
         if seq > 0:
             # The row just stored counts once; more than one means this seq came before under another boot_id
             # (only after a device lost its outbox and started seq again): not a new seq, not a duplicate.
-            n = db.execute("SELECT (SELECT count(*) FROM telemetry WHERE device_id = ?1 AND seq = ?2) + "
-                           "(SELECT count(*) FROM events WHERE device_id = ?1 AND seq = ?2)",
-                           (device_id, seq)).fetchone()[0]
+            n = db.execute("SELECT " + " + ".join(f"(SELECT count(*) FROM {t} WHERE device_id = ?1 AND seq = ?2)"
+                                                  for t in SEQ_TABLES), (device_id, seq)).fetchone()[0]
             db.execute("UPDATE devices SET seq_max = max(seq_max, ?), seq_count = seq_count + ? WHERE id = ?",
                        (seq, int(n == 1), device_id))
         return True
 
-    def _file(self, db: sqlite3.Connection, msg: protocol.Telemetry | protocol.Event, received: float,
+    def _file(self, db: sqlite3.Connection, msg: protocol.Telemetry | protocol.Event | protocol.Quality,
+              received: float,
               interval_s: float | None) -> tuple[clocks.Clock, float]:
         """(the boot's clock with this message taken in, the controller time to file the message at). The clock
         is changed in place, so the cache drops it until its transaction has committed (a duplicate or a failed
@@ -648,19 +700,98 @@ class Store:
         self._cache_clock(msg.device_id, msg.boot_id, clock)
         return True
 
+    def record_quality(self, msg: protocol.Quality, received: float, retained: bool = False) -> bool:
+        """Store one window's model-quality counts, filed at the controller's time like telemetry; False for a
+        redelivery. Raises ``fleet.quality.Refused`` (and counts it in ``quality_refused``) for a message that does
+        not fit its bundle: an unknown bundle, one without a profile, another profile id, bins that do not follow
+        the profile's layout, a confusion cell outside its classes (``fleet.quality.refusal``)."""
+        ref = self.reference(msg.sha256)
+        known = ref is not None or bool(self._query("SELECT 1 FROM bundles WHERE sha256 = ?", (msg.sha256,)))
+        reason = quality.refusal(msg, known, ref and ref[1], ref and ref[0])
+        if reason is not None:
+            with self._tx() as db:
+                db.execute("INSERT INTO quality_refused (reason, count, last_time) VALUES (?, 1, ?) ON CONFLICT "
+                           "(reason) DO UPDATE SET count = count + 1, last_time = excluded.last_time",
+                           (reason, received))
+            raise quality.Refused(reason)
+        c, fb = msg.canary, msg.feedback
+        with self._tx() as db:
+            clock, at = self._file(db, msg, received, msg.interval_s)
+            self._touch(db, msg.device_id, min(at, received) if retained else received)
+            canary_time = min(at, at + c.time - msg.time) if c is not None and c.runs and c.time > 0 else None
+            cur = db.execute(
+                "INSERT OR IGNORE INTO quality (device_id, boot_id, seq, time, device_time, received, interval_s, "
+                "sha256, version, deployment_id, profile, served, bins, canary_runs, canary_agree, "
+                "canary_max_abs_err, canary_time, labels, confusion, refused) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.interval_s, msg.sha256,
+                 msg.version, msg.deployment_id, msg.profile, msg.served, json.dumps(msg.bins),
+                 c.runs if c else 0, c.agree if c else 0, c.max_abs_err if c else None, canary_time,
+                 fb.labels if fb else 0, json.dumps(fb.confusion if fb else []),
+                 json.dumps(fb.refused if fb else {})))
+            if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
+                return False
+            self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
+            self._settle(db, msg.device_id, received, "quality")
+        self._cache_clock(msg.device_id, msg.boot_id, clock)
+        return True
+
     # -- bundles and deployments ----------------------------------------------------------------
     def add_bundle(self, sha256: str, size: int, manifest: dict[str, Any], signed_by: str | None = None,
-                   signer: str | None = None) -> None:
+                   signer: str | None = None, profile: bytes | None = None) -> None:
         """Record an uploaded bundle; ``signed_by``/``signer``: the key id and name of the release key that signed
-        it (None: unsigned, taken under --allow-unsigned)."""
+        it (None: unsigned, taken under --allow-unsigned); ``profile``: its profile.json (None: it has none), which
+        must decode as ``agent.quality.Profile`` (EdgefleetError if not)."""
+        text, profile_id = "", ""
+        if profile is not None:
+            profile_id, text = quality.load_profile(profile).id, profile.decode()
         with self._tx() as db:
             db.execute("INSERT INTO bundles (sha256, size, name, version, target, runtime, precision, manifest, "
-                       "uploaded, signed_by, signer, serial) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                       "uploaded, signed_by, signer, serial, profile, profile_id) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                        "ON CONFLICT (sha256) DO UPDATE SET signed_by = coalesce(signed_by, excluded.signed_by), "
-                       "signer = coalesce(signer, excluded.signer)",
+                       "signer = coalesce(signer, excluded.signer), profile = coalesce(profile, excluded.profile), "
+                       "profile_id = coalesce(profile_id, excluded.profile_id)",
                        (sha256, size, manifest["name"], manifest["version"], manifest["target"],
                         manifest["runtime"], manifest["precision"], json.dumps(manifest), time.time(), signed_by,
-                        signer, manifest.get("serial")))
+                        signer, manifest.get("serial"), text, profile_id))
+
+    def reference(self, sha256: str) -> tuple[str, "quality_.Profile"] | None:
+        """(profile id, profile) of a bundle's reference profile; None for an unknown bundle or one without a
+        profile. Bundles do not change, so each is decoded once."""
+        if sha256 in self._profiles:
+            return self._profiles[sha256]
+        rows = self._query("SELECT profile, profile_id FROM bundles WHERE sha256 = ?", (sha256,))
+        if not rows or rows[0]["profile"] is None:  # unknown, or not read from its file yet: ask again later
+            return None
+        found = (rows[0]["profile_id"], quality.load_profile(rows[0]["profile"].encode())) if rows[0]["profile"] \
+            else None
+        with self._lock:
+            if len(self._profiles) >= CLOCK_CACHE:
+                self._profiles.clear()
+            self._profiles[sha256] = found
+        return found
+
+    def read_profiles(self, bundles_dir: Path) -> int:
+        """Read the reference profile of every bundle stored before the controller kept them (schema 7) from its
+        file in ``bundles_dir``; returns how many had one. A file that is gone or unreadable is logged and its
+        bundle left without a profile."""
+        from agent.bundle import BundleError, read_member
+
+        found = 0
+        for (sha,) in self._query("SELECT sha256 FROM bundles WHERE profile IS NULL"):
+            data = None
+            try:
+                data = read_member(Path(bundles_dir) / f"{sha}.tar", quality.PROFILE, quality.MAX_PROFILE_BYTES)
+                profile_id = quality.load_profile(data).id if data is not None else ""
+            except (BundleError, EdgefleetError) as e:
+                log.warning("bundle %s: no reference profile (%s)", sha[:12], e)
+                data, profile_id = None, ""
+            with self._tx() as db:
+                db.execute("UPDATE bundles SET profile = ?, profile_id = ? WHERE sha256 = ?",
+                           (data.decode() if data is not None else "", profile_id, sha))
+            found += data is not None
+        return found
 
     def bundles(self) -> list[dict[str, Any]]:
         """Every uploaded bundle, newest first, without its manifest."""

@@ -21,6 +21,15 @@ def _step_over_since(case, message: str) -> bool:
             and float(q["step"]) > float(q.get("since", 3600)))
 
 
+def _quality_window(case, message: str) -> bool:
+    """The quality API's window: since before until (until defaults to now, since to an hour before it), at most
+    400 days long; a series' step at most until - since."""
+    q = case.query or {}
+    return (bool({"since", "until"} & set(q)) and ("must be before until" in message
+                                                   or message.startswith("the window [since, until) is"))
+            or "step" in q and "must be seconds in [1, until - since]" in message)
+
+
 # operation -> whether a 400's message (and the request) is one of the refusals JSON Schema cannot express
 UNSAYABLE = {
     # waves that do not increase or end at 100%, or ask for more devices than the targets have; a wave
@@ -29,6 +38,9 @@ UNSAYABLE = {
         r"must be longer than the soak|must increase|must end at 100%|asks for \d+ devices", message)),
     "GET /api/devices/{device_id}/series": _step_over_since,  # step is at most since
     "POST /api/bundles": lambda case, message: "not a bundle" in message,  # a tar with a manifest
+    "GET /api/devices/{device_id}/quality": _quality_window,
+    "GET /api/devices/{device_id}/quality/series": _quality_window,
+    "GET /api/quality": _quality_window,
     # a certificate signing request whose bytes are not one (its PEM armour is all a pattern can ask for)
     "POST /enroll": lambda case, message: message.startswith("csr:"),
     "POST /enroll/renew": lambda case, message: message.startswith("csr:"),

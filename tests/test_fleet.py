@@ -61,7 +61,7 @@ class Device:
 
     def send(self, msg: protocol.Message) -> None:
         kind = {protocol.State: protocol.STATE, protocol.Telemetry: protocol.TELEMETRY,
-                protocol.Event: protocol.EVENTS}[type(msg)]
+                protocol.Event: protocol.EVENTS, protocol.Quality: protocol.QUALITY}[type(msg)]
         self.send_raw(kind, protocol.encode(msg), retain=kind == protocol.STATE)
 
     def state(self, online: bool = True, **kw) -> None:
