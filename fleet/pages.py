@@ -1,6 +1,7 @@
 """The dashboard's HTML: pure functions from data to markup (``fleet.web`` gathers the data and serves).
 
-Plain server-rendered pages; everything shown is escaped here. Regions marked ``data-live`` are swapped
+Plain server-rendered pages; everything shown is escaped here (the rollout and model-quality panels in
+``fleet.pages_rollout`` and ``fleet.pages_quality``, passed in as markup). Regions marked ``data-live`` are swapped
 in place every few seconds by ``static/edgefleet.js`` (it fetches the same page again), and the charts
 draw ``/api/devices/{id}/series`` with the vendored uPlot. No CDN: the pages work offline.
 """
@@ -160,8 +161,9 @@ def not_found(what: str, detail: str) -> str:
 
 
 # -- /: the fleet --------------------------------------------------------------------------------------
-def overview(health: list[dict], rates: dict[str, dict], rollouts: str) -> str:
-    """The fleet page; ``rollouts`` is the rollouts panel's markup (``fleet.pages_rollout.rollout_list``)."""
+def overview(health: list[dict], rates: dict[str, dict], rollouts: str, quality: str = "") -> str:
+    """The fleet page; ``rollouts`` is the rollouts panel's markup (``fleet.pages_rollout.rollout_list``),
+    ``quality`` the worst devices' (``fleet.pages_quality.worst_panel``)."""
     online = sum(1 for h in health if h["online"])
     per_min = [r["inferences_per_min"] for h in health
                if (r := _rates(h, rates.get(h["device_id"], {})))["inferences_per_min"] is not None]
@@ -178,6 +180,7 @@ def overview(health: list[dict], rates: dict[str, dict], rollouts: str) -> str:
 <section class="cards" id="counts" data-online="{online}" data-offline="{len(health) - online}"
  data-total="{len(health)}">{cards}</section>
 <section class="panel"><h2>Devices</h2>{_device_table(health, rates)}</section>
+{quality}
 <section class="panel"><h2>Rollouts</h2>{rollouts}</section>
 </div>"""
     return layout("Fleet", body, active="fleet")
@@ -284,7 +287,9 @@ def _device_table(health: list[dict], rates: dict[str, dict]) -> str:
 
 # -- /devices/{id} ---------------------------------------------------------------------------------------
 def device(detail: dict, info: dict, rates: dict, bundle: dict | None, history_bundles: dict[str, dict],
-           since: int) -> str:
+           since: int, quality: str = "") -> str:
+    """A device's page; ``quality`` is its model-quality section's markup (``fleet.pages_quality.device_section``),
+    shown under the telemetry charts."""
     d = detail
     rates = _rates(d, rates)
     m = d["model"] or {}
@@ -331,7 +336,7 @@ def device(detail: dict, info: dict, rates: dict, bundle: dict | None, history_b
 {_history(d)}
 <section class="panel"><h2>Deployments</h2>{_deployments(d["deployments"], history_bundles)}</section>
 </div>"""
-    return layout(d["device_id"], head + charts + tail, charts=True)
+    return layout(d["device_id"], head + charts + quality + tail, charts=True)
 
 
 def _active_model(d: dict, bundle: dict | None) -> str:

@@ -3,7 +3,9 @@ device's recent rates.
 
 ``series()`` is the one place charts get their data from. It reads ``Store.series`` (raw windows and the
 retention rollups alike, ``fleet.retention.series``) when the store has it, else the raw ``telemetry``
-table, and answers column by column (``Series``), which is what uPlot draws. Reads only.
+table, and answers column by column (``Series``), which is what uPlot draws. The model-quality charts' columns
+(``QualitySeries``: PSI vs the bundle's reference, canary agreement, feedback accuracy) ride along in
+``Series.quality``, as ``fleet.quality.series`` computes them over the same range. Reads only.
 """
 
 from __future__ import annotations
@@ -14,12 +16,33 @@ from typing import Any
 
 import msgspec
 
+from fleet import quality as fleet_quality
 from fleet.store import DEFAULT_INTERVAL_S, Store
 
 DEFAULT_SINCE_S = 3600.0
 MAX_SINCE_S = 400 * 86400.0
 MAX_POINTS = 1500  # beyond this many points a series is bucketed (step chosen to fit)
 RATE_WINDOW_S = 60.0  # inferences/min and error rate: over at least the last minute (2 intervals if longer)
+
+
+class QualitySeries(msgspec.Struct, forbid_unknown_fields=True):
+    """One device's model-quality windows on one bundle (``fleet.quality.series``), column by column, oldest
+    first: ``time[i]`` goes with ``psi[i]`` etc. A null is a point without that figure (fewer than
+    ``min_served`` outputs for PSI, no canary run, no feedback label)."""
+
+    sha256: str | None  # the bundle (None: the device sent no quality in the range)
+    step: float | None  # bucket width in seconds; None: one point per quality window
+    min_served: int  # served outputs a point needs before its PSI is judged
+    points: int
+    time: list[float]  # a window's time on the controller's time line, or a bucket's start
+    windows: list[int]
+    served: list[int]
+    psi: list[float | None]  # vs the bundle's reference profile
+    band: list[str | None]  # "stable" | "moderate" | "significant" | "too few"
+    canary_runs: list[int]
+    canary_agreement: list[float | None]  # agree / runs
+    labels: list[int]
+    accuracy: list[float | None]  # correct / labels
 
 
 class Series(msgspec.Struct, forbid_unknown_fields=True):
@@ -46,6 +69,7 @@ class Series(msgspec.Struct, forbid_unknown_fields=True):
     rss_bytes: list[int | None]
     memory_percent: list[float | None]
     temperature_c: list[float | None]
+    quality: QualitySeries | None = None  # the model-quality charts' columns over the same range
 
 
 class SeriesError(ValueError):
@@ -87,7 +111,21 @@ def series(store: Store, device_id: str, since_s: float = DEFAULT_SINCE_S, step_
     for q in ("p50", "p95", "p99"):
         cols[q] = [p.get(f"{q}_ms") for p in points]
     return Series(device_id=device_id, since=start, until=now, step=step_s,
-                  source=",".join(sorted(set(cols["resolution"]))) or "raw", points=len(points), **cols)
+                  source=",".join(sorted(set(cols["resolution"]))) or "raw", points=len(points), **cols,
+                  quality=quality_series(store, device_id, start, now, step_s))
+
+
+QUALITY_COLUMNS = ("time", "windows", "served", "psi", "band", "canary_runs", "canary_agreement", "labels",
+                   "accuracy")
+
+
+def quality_series(store: Store, device_id: str, since: float, until: float, step: float | None = None
+                   ) -> QualitySeries:
+    """``fleet.quality.series`` column by column (its points' figures as it computes them)."""
+    q = fleet_quality.series(store, device_id, since, until, step=step)
+    cols = {k: [p[k] for p in q["points"]] for k in QUALITY_COLUMNS}
+    return QualitySeries(sha256=q["sha256"], step=q["step"], min_served=q["min_served"], points=len(q["points"]),
+                         **cols)
 
 
 def _points(store: Store, device_id: str, since: float, until: float, step: float | None) -> list[dict[str, Any]]:

@@ -2,9 +2,12 @@
 OpenAPI document and the static files (CSS, script, the vendored uPlot).
 
 ``routes(store)`` is mounted by ``fleet.api.create_app``. Pages are server-rendered (``fleet.pages``);
-the store is read in the thread pool. Rollouts are read through the controller's own JSON API
-(``/api/rollouts``, ``/api/rollouts/{id}``) with an in-process ASGI call, so the pages render exactly what
-the API answers, and a controller without a rollout engine still serves every page.
+the store is read in the thread pool. Model quality comes from ``fleet.quality`` as it computes it: the
+fleet page's worst devices (``quality.summary`` over the last ``QUALITY_WINDOW_S``), a device page's quality
+over the page's range (``quality.device``) and its charts' columns (``Series.quality``). Rollouts are read
+through the controller's own JSON API (``/api/rollouts``, ``/api/rollouts/{id}``) with an in-process ASGI
+call, so the pages render exactly what the API answers, and a controller without a rollout engine still
+serves every page.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from fleet import metrics, openapi, pages, pages_rollout
+from fleet import metrics, openapi, pages, pages_quality, pages_rollout, quality
 from fleet.auth import PUBLIC, READ, allow
 from fleet.series import SeriesError, parse_window, recent_rates, series
 from fleet.store import Store
 
 STATIC = Path(__file__).parent / "static"
 _ENCODER = msgspec.json.Encoder()
+QUALITY_WINDOW_S = quality.DEFAULT_WINDOW_S  # the fleet page's worst devices: over the last hour
+QUALITY_ROWS = 10  # the fleet page's worst devices: this many unless ?quality=all
 
 
 def _device_row(store: Store, device_id: str) -> dict[str, Any] | None:
@@ -45,22 +50,28 @@ def _rates(store: Store, health: list[dict], now: float) -> dict:
     return {} if health and "inferences_per_min" in health[0] else recent_rates(store, now)
 
 
-def _overview_data(store: Store) -> tuple[list[dict], dict]:
+def _overview_data(store: Store) -> tuple[list[dict], dict, list[dict]]:
     now = time.time()
     health = store.health(now=now)
-    return health, _rates(store, health, now)
+    return health, _rates(store, health, now), quality.summary(store, now - QUALITY_WINDOW_S, now)
 
 
-def _device_data(store: Store, device_id: str) -> tuple | None:
+def _device_data(store: Store, device_id: str, since: float) -> tuple[tuple, dict] | None:
+    """(pages.device's positional data, its ``quality``: ``fleet.quality.device`` over the page's range, plus
+    ``ever``: whether the device ever sent a quality window)."""
     detail = store.device_detail(device_id)
     if detail is None:
         return None
+    now = time.time()
     info = _device_row(store, device_id) or {}
-    rates = _rates(store, [detail], time.time()).get(device_id, {})
+    rates = _rates(store, [detail], now).get(device_id, {})
     bundle = store.bundle(detail["model"]["sha256"]) if detail["model"] else None
     history = {sha: b for sha in {r["bundle_sha256"] for r in detail["deployments"]}
                if (b := store.bundle(sha)) is not None}
-    return detail, info, rates, bundle, history
+    q = quality.device(store, device_id, now - since, now) or {}
+    q["ever"] = bool(q.get("sha256")) or bool(
+        store._query("SELECT 1 FROM quality WHERE device_id = ? LIMIT 1", (device_id,)))
+    return (detail, info, rates, bundle, history), q
 
 
 _FORWARDED = (b"host", b"authorization", b"cookie")  # so the inner request is the caller's own
@@ -101,21 +112,24 @@ def routes(store: Store) -> list[BaseRoute]:
     """The dashboard's routes over one store."""
 
     async def overview(request: Request) -> Response:
-        health, rates = await run_in_threadpool(_overview_data, store)
+        health, rates, worst = await run_in_threadpool(_overview_data, store)
         rollouts = pages_rollout.rollout_list(*await internal_get(request, "/api/rollouts"))
-        return HTMLResponse(pages.overview(health, rates, rollouts))
+        limit = None if request.query_params.get("quality") == "all" else QUALITY_ROWS
+        panel = pages_quality.worst_panel(worst, limit, QUALITY_WINDOW_S)
+        return HTMLResponse(pages.overview(health, rates, rollouts, quality=panel))
 
     async def device(request: Request) -> Response:
         device_id = request.path_params["device_id"]
-        data = await run_in_threadpool(_device_data, store, device_id)
-        if data is None:
-            return HTMLResponse(pages.not_found("No such device", f"No device {device_id!r} has reported to "
-                                                                  f"this controller."), status_code=404)
         try:
             since, _ = parse_window(request.query_params.get("since"), None)
         except SeriesError:
             since = 3600
-        return HTMLResponse(pages.device(*data, since=int(since)))
+        data = await run_in_threadpool(_device_data, store, device_id, since)
+        if data is None:
+            return HTMLResponse(pages.not_found("No such device", f"No device {device_id!r} has reported to "
+                                                                  f"this controller."), status_code=404)
+        return HTMLResponse(pages.device(*data[0], since=int(since),
+                                         quality=pages_quality.device_section(data[1], since)))
 
     async def rollout(request: Request) -> Response:
         rollout_id = request.path_params["rollout_id"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from test_fleet_quality import real  # noqa: F401  (a fixture: a real bundle with its reference profile)
 from util import admin_token, fleet_client, wait_for, release_pub
 
 from agent.errors import EdgefleetError
@@ -394,3 +395,239 @@ def _refs(node) -> list[str]:
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
+
+
+# -- model quality (issue 12): the fleet page's worst devices, a device page's section and its chart columns ----------
+HOSTILE = '<script>alert("out")</script>&'  # an output name a bundle's profile.json may carry
+
+
+@pytest.fixture(scope="module")
+def quality_site(tmp_path_factory, real):
+    """A controller with a real bundle uploaded (the PP-OCR direction classifier with a reference profile built
+    from the fp32 outputs on half of the real text crops: ``test_fleet_quality.real``) and quality windows filed in
+    its store as its link files them (``Store.record_quality``): the bins are the model's real outputs on the
+    other half folded by ``agent.quality.Folder``, the confusion its real predictions against the crops' labels.
+    cam-ok serves upright and turned text like the reference, cam-turned only turned text (drift), cam-odd runs a
+    bundle whose profile names its output ``HOSTILE``, cam-old reported 30 min ago, cam-quiet never; nine more
+    devices make the worst list longer than the page shows."""
+    from agent import protocol
+    from agent import quality as aq
+    from fleet.app import Fleet
+
+    fleet = Fleet(tmp_path_factory.mktemp("quality-site") / "fleet", release_keys=[release_pub()],
+                  http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    TOKENS[fleet.http_url] = admin_token(fleet)
+    try:
+        sha = fleet_client(fleet).upload_bundle(real["path"])["sha256"]
+        profile_id, profile = fleet.store.reference(sha)
+        assert sha == real["sha"] and profile == real["profile"]
+        out, labels, output = real["outputs"], real["labels"], real["output"]
+        turned = np.flatnonzero(labels == 1)
+        index = {c: i for i, c in enumerate(profile.outputs[0].classes)}
+        now = time.time()
+
+        def fold(rows) -> list[dict]:
+            f = aq.Folder(profile)
+            f.add({output: out[rows]})
+            taken = f.take()
+            return [taken[o.name] for o in profile.outputs]
+
+        def confusion(rows) -> list[list[int]]:
+            cells: dict[tuple[int, int], int] = {}
+            for t, p in zip(labels[rows], out[rows].argmax(1)):
+                k = (index.get(int(t), len(index)), index.get(int(p), len(index)))
+                cells[k] = cells.get(k, 0) + 1
+            return [[t, p, n] for (t, p), n in sorted(cells.items())]
+
+        def send(device, seq, at, rows, *, sha256=sha, prof=profile_id, bins=None, **kw):
+            assert fleet.store.record_quality(protocol.Quality(
+                device_id=device, boot_id="boot-1", seq=seq, time=at, interval_s=60.0, sha256=sha256, version="2.1",
+                profile=prof, served=len(rows), bins=fold(rows) if bins is None else bins, **kw), received=at)
+
+        everything = np.arange(len(labels))
+        for i in range(3):
+            at = now - 600 + 200 * i
+            send("cam-ok", i + 1, at, everything, canary=protocol.Canary(runs=16, agree=16, time=at),
+                 feedback=protocol.Feedback(labels=len(labels), confusion=confusion(everything),
+                                            refused={"unknown-id": 2, "late": 1}))
+            send("cam-turned", i + 1, at, turned,
+                 canary=protocol.Canary(runs=16, agree=15, max_abs_err=0.5, time=at))
+        for n in range(9):
+            send(f"cam-more-{n}", 1, now - 300, everything[n::2])
+        send("cam-old", 1, now - 1800, everything)
+        fleet.store.record_telemetry(protocol.Telemetry(device_id="cam-quiet", boot_id="boot-1", seq=1,
+                                                        time=now - 60, interval_s=60.0, inferences=0),
+                                       received=now - 60)
+        # a bundle (stored as an upload stores it) whose profile names its classifier output HOSTILE
+        from test_fleet_quality import bins as hand_bins, hand_profile
+
+        odd = hand_profile()
+        odd.outputs[0].name = HOSTILE
+        odd_sha = "0d" * 32
+        fleet.store.add_bundle(odd_sha, 1000, {"name": "odd", "version": "1", "target": "cpu",
+                                               "runtime": "onnxruntime", "precision": "int8"},
+                               profile=msgspec.json.encode(odd))
+        send("cam-odd", 1, now - 120, range(50), sha256=odd_sha, prof=odd.id, bins=hand_bins((40, 10, 0)))
+        yield fleet, {"sha": sha, "profile": profile, "labels": labels, "out": out, "turned": turned,
+                      "fold": fold, "index": index}
+    finally:
+        TOKENS.pop(fleet.http_url, None)
+        fleet.stop()
+
+
+def _section(page: str, start: str, end: str) -> str:
+    i = page.index(start)
+    return page[i: page.index(end, i)]
+
+
+def _psi(v) -> str:
+    return f"{v:.3f}"
+
+
+def _pct(v) -> str:
+    return f"{v * 100:.1f} %"
+
+
+def test_fleet_page_lists_the_worst_devices_by_model_quality(quality_site):
+    from fleet import quality
+
+    fleet, _ = quality_site
+    page = get(fleet, fleet.http_url + "/")[2].decode()
+    panel = _section(page, '<section class="panel" id="quality-worst"', "</section>")
+    rows = quality.summary(fleet.store)  # what the panel renders: the last hour, worst first
+    assert len(rows) == 13 and 'data-quality-total="13" data-quality-shown="10"' in panel
+    shown = [r["device_id"] for r in rows[:10]]
+    assert [line.split('"')[0] for line in panel.split('data-quality-device="')[1:]] == shown
+    assert '<a href="/?quality=all">All 13 devices</a>' in panel
+    turned = next(r for r in rows if r["device_id"] == "cam-turned")
+    assert turned["band_ref"] == "significant" and rows[0]["band"] == "significant"
+    row = _section(panel, '<tr data-quality-device="cam-turned"', "</tr>")
+    # a drifting device stands out: the row is marked and its band is a "bad" pill
+    assert 'data-band="significant" class=drifting' in row
+    assert (f'<span class="psi">{_psi(turned["psi_ref"])}</span> <span class="pill bad" '
+            f'data-band="significant">significant</span>') in row
+    assert f'<span class="psi">{_psi(turned["psi_fleet"])}</span>' in row
+    # the rest: only a significant band marks a row (cam-ok's outputs are like the reference's)
+    ok_row = next(r for r in rows if r["device_id"] == "cam-ok")
+    assert ok_row["band_ref"] != "significant" and ok_row["psi_ref"] < turned["psi_ref"] / 10
+    for r in rows[:10]:
+        marked = f'data-quality-device="{r["device_id"]}" data-band="{r["band"]}" class=drifting' in panel
+        assert marked == (r["band"] == "significant"), r
+    assert any(r["band"] != "significant" for r in rows[:10])
+    assert 'href="/devices/cam-turned"' in row and "2.1 <code" in row and f'title="{quality_site[1]["sha"]}"' in row
+    assert f"{_pct(45 / 48)} <span class=\"muted\">48 runs</span>" in row  # 3 windows of 15 of 16
+    # all of them, one click away (cam-quiet sent no quality: not listed)
+    every = _section(get(fleet, fleet.http_url + "/?quality=all")[2].decode(), 'id="quality-worst"', "</section>")
+    assert every.count("data-quality-device=") == 13 and '<a href="/">Only the worst ten</a>' in every
+    assert [line.split('"')[0] for line in every.split('data-quality-device="')[1:]] == [r["device_id"] for r in rows]
+    assert "cam-quiet" not in every
+    ok = _section(every, '<tr data-quality-device="cam-ok"', "</tr>")
+    labels, out = quality_site[1]["labels"], quality_site[1]["out"]
+    accuracy = float((out.argmax(1) == labels).mean())
+    assert f'{_pct(accuracy)} <span class="muted">{3 * len(labels)} labels</span>' in ok
+    assert f'{_pct(1.0)} <span class="muted">48 runs</span>' in ok and "class=drifting" not in ok
+
+
+def test_device_page_shows_drift_canary_feedback_and_the_confusion_matrix(quality_site):
+    from agent import quality as aq
+    from fleet import quality
+
+    fleet, data = quality_site
+    page = get(fleet, fleet.http_url + "/devices/cam-turned")[2].decode()
+    section = _section(page, '<section class="panel" id="quality">', "</section>")
+    q = quality.device(fleet.store, "cam-turned")
+    # drift vs the bundle's reference, against a value computed here from the folded outputs (3 windows)
+    folded = [{f: [3 * n for n in c] for f, c in o.items()} for o in data["fold"](data["turned"])]
+    expected = max(aq.psi(o.counts[f], folded[i][f]) for i, o in enumerate(data["profile"].outputs)
+                   for f in o.counts)
+    ref, vs_fleet = q["drift"]["reference"], q["drift"]["fleet"]
+    assert ref["psi"] == pytest.approx(expected, abs=1e-6) and ref["band"] == "significant"
+    row = _section(section, '<tr data-drift="reference"', "</tr>")
+    assert (f'<td class="psi">{_psi(ref["psi"])}</td><td class="js">{_psi(ref["js"])}</td>'
+            f'<td><span class="pill bad" data-band="significant">significant</span></td>') in row
+    assert f'{3 * len(data["turned"])} served vs {ref["expected_served"]} reference samples' in row
+    row = _section(section, '<tr data-drift="fleet"', "</tr>")
+    assert f'<td class="psi">{_psi(vs_fleet["psi"])}</td>' in row and "other devices" in row
+    # canary: 45 of 48 with its Wilson interval, the largest error, the last run
+    lo, hi = aq.wilson(45, 48)
+    assert f'{_pct(45 / 48)}</span> <span class="muted interval" title="95 % Wilson interval">' \
+           f'[{lo * 100:.1f}–{hi * 100:.1f} %]</span>' in section
+    assert "45 of 48 agree with fp32" in section and "<dd>0.5</dd>" in section
+    assert "No feedback labels in this range." in section  # cam-turned's application sends no labels
+    for chart in ("psi", "canary", "accuracy"):
+        assert f'data-chart="{chart}"' in section
+
+    page = get(fleet, fleet.http_url + "/devices/cam-ok")[2].decode()
+    section = _section(page, '<section class="panel" id="quality">', "</section>")
+    labels, pred = data["labels"], data["out"].argmax(1)
+    correct = int((pred == labels).sum())
+    lo, hi = aq.wilson(3 * correct, 3 * len(labels))
+    assert (f'{_pct(correct / len(labels))}</span> <span class="muted interval" title="95 % Wilson interval">'
+            f'[{lo * 100:.1f}–{hi * 100:.1f} %]</span> <span class="muted">on {3 * len(labels)} labels</span>'
+            ) in section
+    # the confusion matrix: the profile's classes then "other" on both axes, true class in rows
+    classes = [*data["profile"].outputs[0].classes, "other"]
+    matrix = _section(section, '<table class="confusion"', "</table>")
+    assert "<thead><tr><th class=\"corner\">true \\ predicted</th>" + "".join(
+        f'<th scope="col">{c}</th>' for c in classes) in matrix
+    for t in classes:
+        for p in classes:
+            n = 3 * int(((labels == t) & (pred == p)).sum()) if "other" not in (t, p) else 0
+            assert f'data-true="{t}" data-pred="{p}">{n}</td>' in matrix, (t, p)
+    assert sum(f'data-true="{t}" data-pred="{t}">' in matrix for t in classes) == len(classes)
+    fb = quality.device(fleet.store, "cam-ok")["feedback"]
+    for c in fb["per_class"]:
+        row = _section(section, f'<tr data-class="{c["class"]}">', "</tr>")
+        assert f'<td>{c["support"]}</td><td>{c["predicted"]}</td>' in row
+        assert (c["precision"] is None and "<td>–" in row) or _pct(c["precision"]) in row
+    macro = fb["macro"]
+    assert f'{_pct(macro["precision"])} <span class="muted">/</span> {_pct(macro["recall"])}' in section
+    # refused feedback by reason (3 windows: 2 and 1 each)
+    refused = _section(section, '<table class="grid quality-refused">', "</table>")
+    assert "<code>unknown-id</code></td><td>6</td>" in refused and "<code>late</code></td><td>3</td>" in refused
+    assert "<h3>Canary</h3>" in section and "48 of 48 agree with fp32" in section
+
+
+def test_device_page_escapes_what_a_profile_names(quality_site):
+    fleet, _ = quality_site
+    page = get(fleet, fleet.http_url + "/devices/cam-odd")[2].decode()
+    section = _section(page, '<section class="panel" id="quality">', "</section>")
+    assert HOSTILE not in page and "<script>alert" not in page
+    escaped = "&lt;script&gt;alert(&quot;out&quot;)&lt;/script&gt;&amp;"
+    # the worst output of the drift (40 / 10 against 50 / 50) and the per-feature table name it, escaped
+    assert f"<td><code>{escaped}</code> · class</td>" in _section(section, '<tr data-drift="reference"', "</tr>")
+    assert section.count(f"<code>{escaped}</code>") >= 3
+
+
+def test_device_pages_without_quality_say_so_in_one_line(quality_site):
+    fleet, _ = quality_site
+    page = get(fleet, fleet.http_url + "/devices/cam-quiet")[2].decode()
+    section = _section(page, '<section class="panel" id="quality">', "</section>")
+    assert '<p class="muted" id="quality-none">No quality reports yet.</p>' in section
+    assert "data-chart" not in section and "<table" not in section
+    assert 'id="device-tail"' in page  # the rest of the page is there
+    # cam-old reported 30 minutes ago: in the last hour, not in the last 15 minutes
+    assert 'id="quality-none"' not in get(fleet, fleet.http_url + "/devices/cam-old")[2].decode()
+    page = get(fleet, fleet.http_url + "/devices/cam-old?since=900")[2].decode()
+    assert '<p class="muted" id="quality-none">No quality reports in the last 15 min.</p>' in page
+
+
+def test_series_carries_the_quality_columns(quality_site):
+    from fleet import quality
+    from fleet.series import Series
+
+    fleet, data = quality_site
+    s = msgspec.json.decode(get(fleet, fleet.http_url + "/api/devices/cam-turned/series?since=3600")[2], type=Series)
+    q, expected = s.quality, quality.series(fleet.store, "cam-turned")
+    assert q.sha256 == data["sha"] and q.points == 3 and q.step is None and q.min_served == 50
+    assert q.time == [p["time"] for p in expected["points"]] and q.time == sorted(q.time)
+    assert q.psi == [p["psi"] for p in expected["points"]] and all(v > 0.25 for v in q.psi)
+    assert q.band == ["significant"] * 3 and q.canary_agreement == [15 / 16] * 3
+    assert q.accuracy == [None] * 3 and q.labels == [0] * 3 and q.served == [len(data["turned"])] * 3
+    ok = msgspec.json.decode(get(fleet, fleet.http_url + "/api/devices/cam-ok/series")[2], type=Series).quality
+    assert ok.accuracy == [pytest.approx(float((data["out"].argmax(1) == data["labels"]).mean()))] * 3
+    b = msgspec.json.decode(get(fleet, fleet.http_url + "/api/devices/cam-turned/series?since=3600&step=3600")[2],
+                            type=Series).quality
+    assert b.step == 3600 and sum(b.windows) == 3 and sum(b.served) == 3 * len(data["turned"])
+    quiet = msgspec.json.decode(get(fleet, fleet.http_url + "/api/devices/cam-quiet/series")[2], type=Series)
+    assert quiet.quality.sha256 is None and quiet.quality.points == 0 and quiet.quality.time == []

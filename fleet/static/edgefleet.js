@@ -2,8 +2,9 @@
  *
  * Every few seconds it fetches the same page again and swaps each region marked data-live (by id), and
  * it fetches the device's series (JSON, column by column) and redraws the charts. Each chart's figure
- * carries data-points (points with data) and data-state (drawn | empty | no-sensor); the uPlot
- * instances are window.edgefleetCharts[key]. */
+ * carries data-points (points with data) and data-state (drawn | empty | no-sensor | no-data); the uPlot
+ * instances are window.edgefleetCharts[key]. The model-quality charts draw the series' "quality" columns
+ * (their own time axis: one point a quality window), as fleet/quality.py computed them. */
 (function () {
   "use strict";
   var REFRESH_MS = Number(document.body.getAttribute("data-refresh-ms")) || 5000;
@@ -17,7 +18,17 @@
     throughput: {fields: [["inferences_per_min", "inferences/min", 1, "#1f9d55"]], digits: 0},
     cpu: {fields: [["cpu_percent", "CPU %", 1, "#7b4fd6"]], digits: 1},
     memory: {fields: [["rss_bytes", "RSS MiB", MIB, "#0f8b8d"]], digits: 1},
-    temperature: {fields: [["temperature_c", "°C", 1, "#d9682b"]], digits: 1, empty: "no sensor", free: true}
+    temperature: {fields: [["temperature_c", "°C", 1, "#d9682b"]], digits: 1, empty: "no sensor", free: true},
+    // model quality (source: the series' "quality" columns); lines: the PSI bands' 0.1 and 0.25
+    psi: {source: "quality", fields: [["psi", "PSI", 1, "#d64541"]], digits: 3, marks: true, trim: true,
+          none: "no quality reports in this range yet", empty: "too few outputs a window to judge drift",
+          lines: [[0.1, "#e0a030"], [0.25, "#d64541"]], floor: 0.3},
+    canary: {source: "quality", fields: [["canary_agreement", "agreement %", 100, "#1f9d55"]], digits: 1,
+             trim: true, marks: true, none: "no quality reports in this range yet",
+             empty: "no canary run in this range", percent: true},
+    accuracy: {source: "quality", fields: [["accuracy", "accuracy %", 100, "#2f6fde"]], digits: 1, marks: true,
+               trim: true, none: "no quality reports in this range yet", empty: "no feedback labels in this range",
+               percent: true}
   };
   var charts = {};
   window.edgefleetCharts = charts;
@@ -52,12 +63,21 @@
   }
 
   // -- charts ------------------------------------------------------------------------------------
+  function spacing(s) {  // the typical time between points, for columns without duration_s
+    var d = [];
+    for (var i = 1; i < s.time.length; i++) d.push(s.time[i] - s.time[i - 1]);
+    d.sort(function (a, b) { return a - b; });
+    return d.length ? d[Math.floor(d.length / 2)] : 0;
+  }
+
   function columns(s, spec) {
     var t = [], cols = spec.fields.map(function () { return []; }), points = 0;
+    var typical = s.duration_s ? 0 : spacing(s);
     for (var i = 0; i < s.time.length; i++) {
       if (i > 0) {  // a pause in reporting (offline, restarted) shows as a gap, not as a straight line
-        var every = Math.max(s.step || 0, s.duration_s[i] || 0, s.duration_s[i - 1] || 0);
-        if (s.time[i] - s.time[i - 1] > 3 * every) {
+        var every = s.duration_s ? Math.max(s.step || 0, s.duration_s[i] || 0, s.duration_s[i - 1] || 0)
+                                 : Math.max(s.step || 0, typical);
+        if (every > 0 && s.time[i] - s.time[i - 1] > 3 * every) {
           t.push(s.time[i - 1] + every);
           cols.forEach(function (c) { c.push(null); });
         }
@@ -75,11 +95,13 @@
     return {data: [t].concat(cols), points: points};
   }
 
-  function axisValue(digits) {
+  function axisValue(digits, trim) {  // trim: no trailing zeros (a PSI axis reads 0, 0.05, 5, not 5.000)
     return function (u, vals) {
       return vals.map(function (v) {
         if (v === null) return "";
-        return Math.abs(v) >= 10000 ? (v / 1000).toFixed(0) + "k" : v.toFixed(Math.abs(v) < 10 ? digits : 0);
+        if (Math.abs(v) >= 10000) return (v / 1000).toFixed(0) + "k";
+        var text = v.toFixed(Math.abs(v) < 10 ? digits : 0);
+        return trim ? String(parseFloat(text)) : text;
       });
     };
   }
@@ -101,31 +123,55 @@
       width: Math.max(240, plot.clientWidth),
       height: 200,
       scales: {x: {time: true}, y: spec.free ? {} : {range: function (u, min, max) {
-        return [0, max > 0 ? max * 1.15 : 1];
+        if (spec.percent) return [0, 100];
+        return [0, Math.max(spec.floor || 0, max > 0 ? max * 1.15 : 1)];
       }}},
       series: [{}].concat(spec.fields.map(function (f) {
-        return {label: f[1], stroke: f[3], width: 1.6, spanGaps: false, points: {show: false},
+        // quality windows may stand alone between windows without the figure: marks keep them visible
+        return {label: f[1], stroke: f[3], width: 1.6, spanGaps: false,
+                points: spec.marks ? {show: true, size: 5, fill: f[3]} : {show: false},
                 fill: spec.fields.length === 1 ? f[3] + "1f" : undefined,
                 value: function (u, v) { return v === null ? "–" : v.toFixed(spec.digits); }};
       })),
       axes: [{stroke: "#6b7685", grid: grid, ticks: grid, values: timeValue, space: 60, size: 32},
-             {stroke: "#6b7685", grid: grid, ticks: grid, size: 52, values: axisValue(spec.digits)}],
+             {stroke: "#6b7685", grid: grid, ticks: grid, size: 52, values: axisValue(spec.digits, spec.trim)}],
       cursor: {drag: {x: true, y: false}},
-      legend: {live: true}
+      legend: {live: true},
+      hooks: {draw: [function (u) { drawLines(u, spec.lines || []); }]}
     };
     return new uPlot(opts, data, plot);
+  }
+
+  function drawLines(u, lines) {  // dashed horizontal lines (thresholds) across the plot
+    var ctx = u.ctx;
+    lines.forEach(function (l) {
+      var y = Math.round(u.valToPos(l[0], "y", true));
+      if (y < u.bbox.top || y > u.bbox.top + u.bbox.height) return;
+      ctx.save();
+      ctx.strokeStyle = l[1];
+      ctx.lineWidth = 1;
+      ctx.setLineDash([5, 4]);
+      ctx.beginPath();
+      ctx.moveTo(u.bbox.left, y);
+      ctx.lineTo(u.bbox.left + u.bbox.width, y);
+      ctx.stroke();
+      ctx.restore();
+    });
   }
 
   function drawCharts(s) {
     document.querySelectorAll("figure.chart[data-chart]").forEach(function (fig) {
       var key = fig.getAttribute("data-chart"), spec = CHARTS[key];
       if (!spec) return;
-      var plot = fig.querySelector(".plot"), built = columns(s, spec);
+      var src = spec.source ? s[spec.source] : s;
+      if (!src) src = {time: [], points: 0};  // a series without such columns: nothing to draw
+      var plot = fig.querySelector(".plot"), built = columns(src, spec);
       var note = fig.querySelector(".nodata");
       fig.setAttribute("data-points", String(built.points));
       if (built.points === 0) {
-        var text = s.points > 0 && spec.empty ? spec.empty : "no telemetry in this range yet";
-        fig.setAttribute("data-state", s.points > 0 && spec.empty ? "no-sensor" : "empty");
+        var some = src.points > 0 && spec.empty;
+        var text = some ? spec.empty : spec.none || "no telemetry in this range yet";
+        fig.setAttribute("data-state", some ? (spec.source ? "no-data" : "no-sensor") : "empty");
         if (!note) {
           note = document.createElement("div");
           note.className = "nodata";
