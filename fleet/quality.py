@@ -25,9 +25,12 @@ The API (read-only over the store; the dashboard and the rollout gates build on 
 
 Formulas (agent/quality.py computes them):
 
-- PSI = sum over bins (a - e) ln(a / e), a and e the bins' shares of the device's and the expected counts,
-  each floored at 1e-4 (``agent.quality.EPS``). Bands (``agent.quality.psi_band``): "stable" below 0.1,
-  "moderate" from 0.1 to 0.25, "significant" from 0.25.
+- PSI = sum over bins (a - e) ln(a / e), a and e the bins' shares of the device's and the expected counts after
+  0.5 is added to every bin's count (``agent.quality.SMOOTHING``). Bands (``agent.quality.psi_band``): "stable"
+  below 0.1, "moderate" from 0.1 to 0.25, "significant" from 0.25 -- given only when sampling alone would give so
+  large a PSI with probability p < 0.001 (``agent.quality.drift_p``: n_eff PSI against chi-square with k - 1
+  degrees of freedom, n_eff = n_e n_a / (n_e + n_a)); otherwise "stable". A small reference (a bundle converted
+  with few held-out samples) thus reads stable unless the shift is large, instead of drifting on noise.
 - Jensen-Shannon divergence in bits (0: the same distribution, 1: disjoint).
 - Drift is computed per output and feature (classifier: class, confidence, margin, entropy; other outputs: value);
   a device's drift is the largest over them (``psi``/``js``, and ``worst`` names where). It is judged only over
@@ -236,13 +239,14 @@ def _interval(successes: int, n: int) -> list[float] | None:
 def drift(profile: q.Profile, actual: Sums, expected: list[dict[str, list[int]]] | None,
           expected_served: int | None = None) -> dict[str, Any]:
     """Drift of ``actual``'s counts from ``expected`` (per output: feature -> counts; None: the profile's own
-    reference counts): per output and feature PSI and Jensen-Shannon (bits), the largest of each, the band of
-    the largest PSI and where it is. ``expected_served``: the outputs ``expected`` holds (the fleet's; the
+    reference counts): per output and feature PSI, its p (agent.quality.drift_p), Jensen-Shannon (bits) and band;
+    the worst feature (worst band, then largest PSI) with its PSI, p and band, and the largest JS. ``expected_served``: the outputs ``expected`` holds (the fleet's; the
     reference is judged whatever its sample count). Below MIN_SERVED (either side) nothing is judged: psi/js
     None, band "too few"."""
     reference = expected is None
     expected = [o.counts for o in profile.outputs] if reference else expected
-    out: dict[str, Any] = {"psi": None, "js": None, "band": TOO_FEW, "worst": None, "served": actual.served,
+    out: dict[str, Any] = {"psi": None, "p": None, "js": None, "band": TOO_FEW, "worst": None,
+                           "served": actual.served,
                            "expected_served": profile.samples if reference else expected_served, "features": []}
     if actual.served < MIN_SERVED or not actual.bins or not expected or \
             (not reference and (expected_served or 0) < MIN_SERVED):
@@ -252,12 +256,14 @@ def drift(profile: q.Profile, actual: Sums, expected: list[dict[str, list[int]]]
             e = theirs.get(feature)
             if not e or sum(e) <= 0 or sum(counts) <= 0:
                 continue
-            p, js = q.psi(e, counts), q.jensen_shannon(e, counts)
-            out["features"].append({"output": o.name, "feature": feature, "psi": round(p, 6), "js": round(js, 6),
-                                    "band": q.psi_band(p), "count": int(sum(counts))})
+            d = q.drift(e, counts)
+            out["features"].append({"output": o.name, "feature": feature, "psi": round(d.psi, 6),
+                                    "js": round(d.js, 6), "p": d.p, "band": d.band, "count": int(sum(counts))})
     if out["features"]:
-        worst = max(out["features"], key=lambda f: f["psi"])
-        out.update(psi=worst["psi"], js=max(f["js"] for f in out["features"]), band=worst["band"],
+        # the worst: the feature in the worst band (a shift beats a larger PSI sampling alone could give), then
+        # the largest PSI; its PSI, p and band are the device's
+        worst = max(out["features"], key=lambda f: (_band_rank(f["band"]), f["psi"]))
+        out.update(psi=worst["psi"], p=worst["p"], js=max(f["js"] for f in out["features"]), band=worst["band"],
                    worst={"output": worst["output"], "feature": worst["feature"]})
     return out
 

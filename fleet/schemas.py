@@ -345,16 +345,19 @@ class DriftFeature(_S):
     output: str
     feature: str  # classifier: class, confidence, margin, entropy; other outputs: value
     psi: float
+    p: float  # how likely sampling alone gives a PSI this large (agent.quality.drift_p)
     js: float  # bits
-    band: str
+    band: str  # stable unless p < 0.001
     count: int  # the device's counts in it
 
 
 class Drift(_S):
-    """Drift from an expected distribution: the largest over the outputs' features (null below min_served)."""
+    """Drift from an expected distribution: the worst of the outputs' features (worst band, then largest PSI;
+    null below min_served)."""
     psi: float | None
-    js: float | None
-    band: str  # stable, moderate, significant, or "too few"
+    p: float | None  # that feature's p: how likely sampling alone gives its PSI
+    js: float | None  # the largest over the features
+    band: str  # stable, moderate, significant (a band above stable only when p < 0.001), or "too few"
     worst: DriftWorst | None
     served: int  # the device's outputs
     expected_served: int | None  # the expected side's (the reference's samples, the other devices' outputs)

@@ -4,7 +4,7 @@ device's recent rates.
 ``series()`` is the one place charts get their data from. It reads ``Store.series`` (raw windows and the
 retention rollups alike, ``fleet.retention.series``) when the store has it, else the raw ``telemetry``
 table, and answers column by column (``Series``), which is what uPlot draws. The model-quality charts' columns
-(``QualitySeries``: PSI vs the bundle's reference, canary agreement, feedback accuracy) ride along in
+(``QualityColumns``: PSI vs the bundle's reference, canary agreement, feedback accuracy) ride along in
 ``Series.quality``, as ``fleet.quality.series`` computes them over the same range. Reads only.
 """
 
@@ -25,7 +25,7 @@ MAX_POINTS = 1500  # beyond this many points a series is bucketed (step chosen t
 RATE_WINDOW_S = 60.0  # inferences/min and error rate: over at least the last minute (2 intervals if longer)
 
 
-class QualitySeries(msgspec.Struct, forbid_unknown_fields=True):
+class QualityColumns(msgspec.Struct, forbid_unknown_fields=True):
     """One device's model-quality windows on one bundle (``fleet.quality.series``), column by column, oldest
     first: ``time[i]`` goes with ``psi[i]`` etc. A null is a point without that figure (fewer than
     ``min_served`` outputs for PSI, no canary run, no feedback label)."""
@@ -69,7 +69,7 @@ class Series(msgspec.Struct, forbid_unknown_fields=True):
     rss_bytes: list[int | None]
     memory_percent: list[float | None]
     temperature_c: list[float | None]
-    quality: QualitySeries | None = None  # the model-quality charts' columns over the same range
+    quality: QualityColumns | None = None  # the model-quality charts' columns over the same range
 
 
 class SeriesError(ValueError):
@@ -120,11 +120,11 @@ QUALITY_COLUMNS = ("time", "windows", "served", "psi", "band", "canary_runs", "c
 
 
 def quality_series(store: Store, device_id: str, since: float, until: float, step: float | None = None
-                   ) -> QualitySeries:
+                   ) -> QualityColumns:
     """``fleet.quality.series`` column by column (its points' figures as it computes them)."""
     q = fleet_quality.series(store, device_id, since, until, step=step)
     cols = {k: [p[k] for p in q["points"]] for k in QUALITY_COLUMNS}
-    return QualitySeries(sha256=q["sha256"], step=q["step"], min_served=q["min_served"], points=len(q["points"]),
+    return QualityColumns(sha256=q["sha256"], step=q["step"], min_served=q["min_served"], points=len(q["points"]),
                          **cols)
 
 
