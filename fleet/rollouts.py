@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from agent import protocol
 from agent.errors import EdgefleetError
-from fleet import health
+from fleet import health, quality
 from fleet import rollout as machine
 from fleet.rollout import Halt, Observation, Publish, Rollback, RolloutError
 from fleet.store import Store
@@ -32,6 +32,7 @@ from fleet.store import Store
 log = logging.getLogger("edgefleet.fleet.rollouts")
 
 BASELINE_S = 3600.0  # the previous model's p95 is taken over the windows of the hour before the wave
+BASELINE_LABELS_S = 7 * 86400.0  # and its feedback accuracy over the labels of the week before (labels are rarer)
 INTERVAL_S = 1.0
 
 TABLES = """
@@ -232,9 +233,14 @@ class Rollouts:
                     p["updated"] if p["phase"] == machine.ACTIVE else None)
                 if since is not None:
                     o.health = self._health(did, r.bundle, since, None)
+                    self._quality(o.health, did, r.bundle, since, None)
             if (wave.started is not None and dev.previous and dev.baseline_p95_ms is None
                     and r.options.max_p95_regression is not None):
                 o.baseline = self._health(did, dev.previous, wave.started - BASELINE_S, wave.started)
+            if (wave.started is not None and dev.previous and dev.baseline_labels is None
+                    and r.options.max_accuracy_drop is not None):
+                o.baseline = o.baseline or machine.Health()
+                self._quality(o.baseline, did, dev.previous, wave.started - BASELINE_LABELS_S, wave.started)
             out[did] = o
         return out
 
@@ -250,6 +256,20 @@ class Rollouts:
             (device_id, since, until if until is not None else float("inf"), sha))[0]
         return machine.Health(inferences=row["n"], errors=row["e"],
                               p95_ms=None if row["p95"] is None else round(row["p95"], 3))
+
+    def _quality(self, h: machine.Health, device_id: str, sha: str, since: float, until: float | None) -> None:
+        """Fill ``h``'s quality figures: the device's quality windows on one model in [since, until)
+        (fleet/quality.py: drift against the bundle's reference, canary, feedback accuracy)."""
+        until = until if until is not None else max(time.time(), since) + 1.0
+        q = quality.device(self.store, device_id, since, until, sha256=sha)
+        if q is None or q["sha256"] != sha:
+            return
+        ref = (q["drift"] or {}).get("reference") or {}
+        fb = q["feedback"] or {}
+        h.served, h.drift_psi, h.drift_p = q["served"], ref.get("psi"), ref.get("p")
+        h.canary_runs, h.canary_agree = q["canary"]["runs"], q["canary"]["agree"]
+        h.labels = fb.get("scored") or 0
+        h.correct = round(fb["accuracy"] * h.labels) if h.labels else 0
 
     # -- persistence ---------------------------------------------------------------------------------
     def _load(self, rid: str) -> tuple[machine.Rollout, list[Publish]]:
