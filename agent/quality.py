@@ -50,6 +50,10 @@ class OutputProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # classifier: the class ids with a bin of their own, in bin order (the last bin is every other class)
     classes: list[int] = []
     n_classes: int = 0
+    # classifier: the reference's rows are probabilities (a softmax in the model) rather than scores; decided once
+    # here, from the fp32 reference, so that a quantized variant's probabilities (rows summing to 1 +- 0.01) are
+    # binned as probabilities too, not softmaxed again
+    probabilities: bool = False
     # dense: the inner bin edges (DENSE_BINS + 1 values); bin 0 is below edges[0], the last above edges[-1]
     edges: list[float] = []
     counts: dict[str, list[int]] = {}  # feature -> the reference's counts
@@ -63,7 +67,8 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def id(self) -> str:
         """sha256 of the bins (not the counts): two profiles with the same id fold outputs the same way."""
-        bins = [(o.name, o.kind, o.classes, o.n_classes, o.edges) for o in self.outputs]
+        bins = [(o.name, o.kind, o.classes, o.n_classes, o.edges) + ((True,) if o.probabilities else ())
+                for o in self.outputs]
         return hashlib.sha256(msgspec.json.encode(bins)).hexdigest()
 
     def empty(self) -> dict[str, dict[str, list[int]]]:
@@ -79,11 +84,11 @@ def build(outputs: dict[str, np.ndarray], kinds: dict[str, str]) -> Profile:
         value = np.asarray(value)
         samples = max(samples, len(value) if value.ndim else 1)
         if kinds.get(name) == "classifier":
-            top1 = _probabilities(value).argmax(1)
-            ids, freq = np.unique(top1, return_counts=True)
+            rows = _rows(value)
+            ids, freq = np.unique(rows.argmax(1), return_counts=True)
             order = sorted(zip(-freq, ids))[:CLASS_BINS]
             profile = OutputProfile(name=name, kind="classifier", classes=[int(i) for _, i in order],
-                                    n_classes=int(value.shape[1]))
+                                    n_classes=int(rows.shape[1]), probabilities=_are_probabilities(rows))
         else:
             flat = value.astype(np.float64).ravel()
             flat = flat[np.isfinite(flat)]
@@ -166,15 +171,6 @@ def _class_index(o: OutputProfile) -> np.ndarray:
     return index
 
 
-def _probabilities(scores: np.ndarray) -> np.ndarray:
-    """Rows that already are probabilities stay as they are; scores are softmaxed."""
-    s = _rows(scores)
-    if _are_probabilities(s):
-        return s
-    e = np.exp(s - s.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def _rows(scores: np.ndarray) -> np.ndarray:
     """[N, C] in the outputs' own float type (float32 stays float32: the converter's reference and the device's
     outputs are binned by the same arithmetic), other types as float64."""
@@ -197,9 +193,12 @@ def _classifier_bins(o: OutputProfile, scores: np.ndarray, index: np.ndarray) ->
         second = masked.max(1)
     else:
         second = None
-    if _are_probabilities(s):
-        p1, p2 = s[rows, top], (np.zeros(len(s), s.dtype) if second is None else second)
-        entropy = -(s * np.log(np.clip(s, 1e-12, 1.0))).sum(1)
+    if o.probabilities:  # as the reference's were (normalised: a quantized softmax sums to 1 +- 0.01)
+        total = np.maximum(s, 0).sum(1)
+        total = np.where(total > 0, total, 1.0)
+        p = np.maximum(s, 0) / total[:, None]
+        p1, p2 = p[rows, top], (np.zeros(len(s), s.dtype) if second is None else np.maximum(second, 0) / total)
+        entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
     else:  # softmax without dividing the whole array: p = e / Z, H = ln Z - sum(e z) / Z with z = s - max
         z = s - s[rows, top][:, None]
         e = np.exp(z)

@@ -3,8 +3,9 @@
 Converts the real PP-OCR text-direction classifier (fp32 + int8), starts the fleet controller (with
 its own mosquitto, its own CA, mutual TLS everywhere), enrolls three devices (each makes its own key and gets
 a certificate with a one-time token) and starts their agents, deploys the int8 bundle to all three,
-drives inference traffic with real text crops through each agent's local API, and prints the fleet's
-health table. Everything it starts, it stops.
+drives inference traffic with real text crops through each agent's local API (the applications label what
+they learn: feedback), prints the fleet's health table, changes one camera's scene (text in poor light) and
+shows its drift and falling accuracy, halts a bad update, and makes two attacks. Everything it starts, it stops.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ import numpy as np
 from agent.errors import EdgefleetError
 
 DEVICES = ("cam-1", "cam-2", "cam-3")
+DRIFTING = "cam-3"  # the camera whose scene changes (step 7)
+
+
+def low_light(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Crops as a camera sees them at dusk: a quarter of the contrast, and sensor noise."""
+    return np.clip(x * 0.25 + rng.normal(0, 0.35, x.shape), -1, 1).astype(np.float32)
 
 
 def _cli(*args: str) -> list[str]:
@@ -172,6 +179,72 @@ class Demo:
             raise EdgefleetError("cam-1 moved on a forged desired")
         return {"upload": upload.stderr.strip(), "forged": event["reason"]}
 
+    def _scene_change(self, fleet, apis: dict, x: np.ndarray, y: np.ndarray) -> dict:
+        """Step 7: cam-3's camera starts seeing the text in poor light while the others see what they always
+        saw; every application keeps labelling. Counts the telemetry windows until the controller calls cam-3's
+        drift significant."""
+        from agent.api import AgentClient
+
+        _say(f"7/10 the scene changes on {DRIFTING}: its camera now sees the text in poor light (a quarter of the "
+             f"contrast, sensor noise); the applications keep labelling what they learn")
+        changed = time.time()
+        stop = threading.Event()
+        served = {dev: [0, 0] for dev in DEVICES}  # inferences, right
+
+        def scene(dev: str) -> None:
+            client = AgentClient(apis[dev])
+            rng = np.random.default_rng(100 + DEVICES.index(dev))
+            while not stop.is_set():
+                i = int(rng.integers(0, len(x)))
+                crop = low_light(x[i : i + 1], rng) if dev == DRIFTING else x[i : i + 1]
+                outputs, rid = client.infer({"x": crop}, with_id=True)
+                served[dev][0] += 1
+                served[dev][1] += int(next(iter(outputs.values())).argmax(1)[0] == y[i])
+                client.feedback(rid, int(y[i]))
+                time.sleep(0.01)
+            client.close()
+
+        def flagged():
+            q = fleet.device_quality(DRIFTING, since=changed)
+            return (q["drift"] or {}).get("reference", {}).get("band") == "significant" and q
+
+        threads = [threading.Thread(target=scene, args=(d,)) for d in DEVICES]
+        for t in threads:
+            t.start()
+        try:
+            q = _wait(f"the controller to flag {DRIFTING}'s drift", flagged, 60, self.procs)
+            windows = q["windows"]  # the telemetry windows since the change, the flagging one included
+            # a little more traffic, so that every device's accuracy has labels enough to tell
+            _wait("100 labelled inferences on every device", lambda: all(n >= 100 for n, _ in served.values()),
+                  60, self.procs)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        ref = q["drift"]["reference"]
+        print(f"{DRIFTING} flagged after {windows} telemetry window(s) of {self.interval:g} s: drift PSI "
+              f"{ref['psi']:.2f} against the bundle's reference ({ref['worst']['feature']} of its output), "
+              f"{ref['band']}")
+        since_change = {}
+        for dev in DEVICES:
+            n, right = served[dev]
+            since_change[dev] = right / n
+            print(f"{dev}: {n} inferences since the change, {right / n:.0%} right about the text direction")
+
+        def labelled():
+            qs = {d: fleet.device_quality(d, since=changed) for d in DEVICES}
+            return all(((qs[d]["feedback"] or {}).get("scored") or 0) >= 100 for d in DEVICES) and qs
+
+        qs = _wait("the controller to have every device's labels", labelled, 60, self.procs)
+        self._run(_cli("fleet", "health"))
+        self._run(_cli("fleet", "health", DRIFTING))
+        print(f"the dashboard shows the same: {self.server}/ (the worst devices first) and "
+              f"{self.server}/devices/{DRIFTING} (charts over time, the confusion matrix)")
+        return {"windows_to_flag": windows, "psi": ref["psi"], "band": ref["band"],
+                "accuracy": {d: qs[d]["feedback"]["accuracy"] for d in DEVICES},
+                "drift": {d: qs[d]["drift"]["reference"]["band"] for d in DEVICES},
+                "accuracy_seen": since_change}
+
     def run(self) -> dict:
         t_start = time.monotonic()
         from edgefleet.data import text_direction
@@ -181,7 +254,7 @@ class Demo:
             shutil.rmtree(self.out)
         (self.out / "logs").mkdir(parents=True)
 
-        _say("1/9 the real model: PP-OCR text-direction classifier, from the rapidocr-onnxruntime wheel")
+        _say("1/10 the real model: PP-OCR text-direction classifier, from the rapidocr-onnxruntime wheel")
         model = model_path("ocr-cls")
         calib, labels = self.out / "calib.npz", self.out / "labels.npy"
         x, y = text_direction()
@@ -190,7 +263,7 @@ class Demo:
         print(f"{model}\ncalibration + held-out data: {len(x)} crops of printed text from skimage.data.page(), "
               f"labelled 0° / 180°")
 
-        _say("2/9 a release key (kept on this host, never on the controller); convert for the cpu target, every "
+        _say("2/10 a release key (kept on this host, never on the controller); convert for the cpu target, every "
              "variant checked against fp32 (the gate allows a 2 % accuracy drop) and signed")
         keys = self.out / "keys"
         self._run(_cli("keys", "generate", "--out", str(keys), "--name", "release"))
@@ -202,7 +275,7 @@ class Demo:
         report = json.loads((bundles / "report.json").read_text())
         int8 = next(bundles.glob("*-int8.tar"))
 
-        _say("3/9 start the fleet controller (SQLite, its own CA and signing key, mosquitto with mutual TLS and an "
+        _say("3/10 start the fleet controller (SQLite, its own CA and signing key, mosquitto with mutual TLS and an "
              "ACL; it accepts bundles signed by the release key), enroll three devices (each trusts the release "
              "key), start their agents")
         data = self.out / "fleet"
@@ -242,7 +315,7 @@ class Demo:
         _wait("three devices online", lambda: sum(d["online"] for d in fleet.health()) == 3, 60, self.procs)
         self._run(_cli("fleet", "devices"))
 
-        _say(f"4/9 deploy the int8 bundle {int8.name} to {', '.join(DEVICES)}")
+        _say(f"4/10 deploy the int8 bundle {int8.name} to {', '.join(DEVICES)}")
         self._run(_cli("fleet", "deploy", str(int8), "--to", *DEVICES))
         clients = {dev: AgentClient(api) for dev, api in apis.items()}
 
@@ -252,7 +325,8 @@ class Demo:
         _wait("the int8 model active on all three devices", all_int8, 120, self.procs)
         print("active on all three")
 
-        _say(f"5/9 inference traffic: {self.requests} real text crops through each agent's local API")
+        _say(f"5/10 inference traffic: {self.requests} real text crops through each agent's local API; each "
+             f"application labels what it learns (POST /v1/feedback)")
         labels = y
         results = {}
 
@@ -261,8 +335,9 @@ class Demo:
             rng = np.random.default_rng(DEVICES.index(dev))
             correct = 0
             for i in rng.integers(0, len(x), self.requests):
-                out = next(iter(client.infer({"x": x[i : i + 1]}).values()))
-                correct += int(out.argmax(1)[0] == labels[i])
+                outputs, rid = client.infer({"x": x[i : i + 1]}, with_id=True)
+                correct += int(next(iter(outputs.values())).argmax(1)[0] == labels[i])
+                client.feedback(rid, int(labels[i]))  # the application learns the truth later, and says so
             results[dev] = correct
             client.close()
 
@@ -280,10 +355,12 @@ class Demo:
 
         health = _wait("the devices' telemetry to reach the controller", counted, 60, self.procs)
 
-        _say("6/9 the fleet's health, as the devices reported it")
+        _say("6/10 the fleet's health, as the devices reported it (drift of the outputs against the bundle's "
+             "reference profile, golden-input canary, accuracy from feedback)")
         self._run(_cli("fleet", "health"))
+        self.quality = self._scene_change(fleet, apis, x, y)
 
-        _say("7/9 a bad update: version 1.1 was exported for 320-pixel-wide crops, the cameras send 192; "
+        _say("8/10 a bad update: version 1.1 was exported for 320-pixel-wide crops, the cameras send 192; "
              "rolled out in waves, gated on the error rate the devices see")
         bad = self._convert_bad(model, x)
         out = self._run(_cli("fleet", "deploy", str(bad), "--to", "all", "--waves", "1,100%", "--soak", "3s",
@@ -293,12 +370,14 @@ class Demo:
         stop = threading.Event()
         refused = {dev: 0 for dev in DEVICES}
 
-        def keep_driving(dev: str) -> None:  # the cameras' applications keep sending what they always send
+        def keep_driving(dev: str) -> None:  # the cameras' applications keep sending what they see
             client = AgentClient(apis[dev])
+            rng = np.random.default_rng(200 + DEVICES.index(dev))
             i = 0
             while not stop.is_set():
+                crop = x[i % len(x) : i % len(x) + 1]
                 try:
-                    client.infer({"x": x[i % len(x) : i % len(x) + 1]})
+                    client.infer({"x": low_light(crop, rng) if dev == DRIFTING else crop})
                 except EdgefleetError:
                     refused[dev] += 1
                 i += 1
@@ -325,17 +404,17 @@ class Demo:
             return all(d["model"] and d["model"]["version"] == "1.0" for d in h) and h
 
         health = _wait("the controller to see every device on 1.0", settled, 60, self.procs)
-        _say("8/9 the fleet after the bad update: stopped at one device, which is back on 1.0")
+        _say("9/10 the fleet after the bad update: stopped at one device, which is back on 1.0")
         self._run(_cli("fleet", "health"))
 
-        _say("9/9 two attacks: a tampered copy of the good bundle uploaded, and a forged desired published on the "
+        _say("10/10 two attacks: a tampered copy of the good bundle uploaded, and a forged desired published on the "
              "broker with the controller's certificate (not its signing key)")
         self.attacks = self._attacks(int8, data, fleet, clients)
         elapsed = time.monotonic() - t_start
         variants = {v["variant"]: v for v in report.get("variants", [])}
         self.rollout = done
         self.fleet_certificates = fleet.certificates()
-        return {"health": health, "elapsed_s": elapsed, "variants": variants}
+        return {"health": health, "elapsed_s": elapsed, "variants": variants, "quality": self.quality}
 
 
 def main(argv: list[str]) -> int:

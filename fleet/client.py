@@ -123,6 +123,22 @@ class FleetClient:
         return self._call("PUT", f"/api/devices/{urllib.parse.quote(device, safe='')}/tags", body,
                           {"Content-Type": "application/json"})
 
+    # model quality (fleet/api_quality.py, fleet/quality.py): times are unix seconds, the window [since, until)
+    def device_quality(self, device: str, since: float | None = None, until: float | None = None,
+                       sha256: str | None = None) -> dict[str, Any]:
+        """One device's drift, canary and feedback figures on one bundle (its active one by default)."""
+        query = urllib.parse.urlencode({k: v for k, v in (("since", since), ("until", until), ("sha256", sha256))
+                                        if v is not None})
+        return self._call("GET", f"/api/devices/{urllib.parse.quote(device, safe='')}/quality"
+                                 + (f"?{query}" if query else ""))
+
+    def quality(self, since: float | None = None, until: float | None = None, limit: int | None = None,
+                offset: int | None = None) -> dict[str, Any]:
+        """Every device's quality summary, worst first (a page)."""
+        query = urllib.parse.urlencode({k: v for k, v in (("since", since), ("until", until), ("limit", limit),
+                                                          ("offset", offset)) if v is not None})
+        return self._call("GET", "/api/quality" + (f"?{query}" if query else ""))
+
     def health(self, device: str | None = None, *, tag: str | None = None, status: str | None = None,
                sort: str | None = None, order: str | None = None) -> Any:
         """All devices' health (a list; filtered by tag/status, sorted), or one device's report (a dict)."""

@@ -402,8 +402,8 @@ def series(store: "Store", device_id: str, since: float | None = None, until: fl
 
 def summary(store: "Store", since: float | None = None, until: float | None = None,
             device_ids: list[str] | None = None, now: float | None = None) -> list[dict[str, Any]]:
-    """One row a device that sent quality in [since, until) (only ``device_ids`` when given), on the bundle of
-    its latest window there, worst first (``worst_first``): {"device_id", "sha256", "version", "windows",
+    """One row a device that sent quality in [since, until) (only ``device_ids`` when given), on the bundle it runs
+    now when it reported on it there, else the bundle of its latest window, worst first (``worst_first``): {"device_id", "sha256", "version", "windows",
     "served", "psi_ref", "js_ref", "band_ref", "psi_fleet", "js_fleet", "band_fleet", "band" (the worse of the
     two), "canary_runs", "canary_agreement", "accuracy", "labels"}. Reads the window's rows once."""
     since, until = window(since, until, now)
@@ -412,6 +412,11 @@ def summary(store: "Store", since: float | None = None, until: float | None = No
     latest: dict[str, str] = {}
     for r in rows:  # oldest first: the last one wins
         latest[r["device_id"]] = r["sha256"]
+    if latest:  # the bundle a device runs now, when it reported on it in the window (as ``device`` picks)
+        marks = ",".join("?" * len(latest))
+        for d in store.query(f"SELECT id, active_sha256 FROM devices WHERE id IN ({marks})", tuple(latest)):
+            if (d["id"], d["active_sha256"]) in sums:
+                latest[d["id"]] = d["active_sha256"]
     wanted = None if device_ids is None else set(device_ids)
     out = []
     for device_id, sha in latest.items():

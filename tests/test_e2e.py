@@ -54,6 +54,15 @@ def test_demo_end_to_end(tmp_path):
     assert "does not match its manifest entry" in demo.attacks["upload"]
     assert "desired is not signed by the controller" in demo.attacks["forged"]
 
+    # model quality: cam-3's scene changed (text in poor light): the controller called its drift significant while
+    # the others stayed stable, and its applications' labels show its accuracy falling while the others hold
+    q = result["quality"]
+    assert q["drift"] == {"cam-1": "stable", "cam-2": "stable", "cam-3": "significant"}, q
+    assert q["windows_to_flag"] >= 1 and q["psi"] > 0.25
+    assert q["accuracy"]["cam-3"] < 0.7 < 0.85 < min(q["accuracy"]["cam-1"], q["accuracy"]["cam-2"]), q
+    health = {h["device_id"]: h for h in json.loads(cli.stdout)}
+    assert health["cam-3"]["quality"]["band_ref"] == "significant" and health["cam-2"]["quality"]["labels"] >= 100
+
     # the converter's gate: int8 agrees with fp32 on the held-out real inputs
     int8 = result["variants"]["int8"]
     assert int8["agreement"]["top1"] >= 0.9

@@ -216,6 +216,21 @@ def test_feedback_accuracy_precision_recall_f1_and_the_confusion_matrix(store):
 # -- the fleet view and the series ------------------------------------------------------------------------------------
 
 
+def test_summary_is_about_the_bundle_a_device_runs_now(store):
+    """After a rollback the device's latest window may be the bad bundle's last one: the row is still about the
+    bundle it runs (when it reported on it in the window), as the health table's model column is."""
+    store.add_bundle(OTHER_SHA, 1000, manifest("2"), profile=msgspec.json.encode(PROFILE))
+    record(store, qmsg("cam-1", 1, T0 + 10, bins((50, 50, 0))))
+    record(store, qmsg("cam-1", 2, T0 + 20, bins((5, 5, 0)), sha=OTHER_SHA))  # the bad bundle's last window
+    [row] = quality.summary(store, T0, T0 + 30)
+    assert row["sha256"] == OTHER_SHA and row["served"] == 10  # unknown which one it runs: the latest
+    store.record_state(protocol.State(device_id="cam-1", online=True, time=T0 + 25, boot_id="b1", active=protocol
+                                      .ActiveModel(name="m", version="1", sha256=SHA, runtime="onnxruntime",
+                                                   precision="fp32")), received=T0 + 25)
+    [row] = quality.summary(store, T0, T0 + 30)
+    assert (row["sha256"], row["served"], row["band_ref"]) == (SHA, 100, "stable")
+
+
 def test_summary_worst_first_and_the_series(store):
     record(store, qmsg("cam-ok", 1, T0 + 10, bins((50, 50, 0)),
                        canary=protocol.Canary(runs=4, agree=4), feedback=protocol.Feedback(

@@ -161,3 +161,25 @@ def test_drift_shows_between_two_scenes():
     drift = quality.psi(o.counts["class"], other.counts["logits"]["class"])
     assert quality.psi_band(drift) == "significant"
     assert quality.jensen_shannon(o.counts["class"], other.counts["logits"]["class"]) > 0.5
+
+
+def test_probabilities_stay_probabilities_when_a_quantized_model_rounds_them():
+    """The reference's softmax rows sum to 1; an int8 variant's dequantized ones to 1 +- a few thousandths. The
+    profile decides once (from the reference) that the output holds probabilities, so the device's rounded rows are
+    binned as probabilities too, not softmaxed again (which would put every 2-class confidence near 0.73)."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 4, (300, 2))
+    ref = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    prof = quality.build({"p": ref.astype(np.float32)}, {"p": "classifier"})
+    assert prof.outputs[0].probabilities
+    rounded = (np.round(ref * 255) / 255 * 1.004).astype(np.float32)  # int8-like steps, rows summing to ~1.004
+    assert np.abs(rounded.sum(1) - 1).max() > 1e-3
+    f = quality.Folder(prof)
+    f.add({"p": rounded})
+    for feature, counts in f.take()["p"].items():
+        assert quality.drift(prof.outputs[0].counts[feature], counts).band == "stable", feature
+    # scores (not probabilities) are softmaxed: the same logits give the same bins as their probabilities
+    by_logits = quality.build({"s": logits.astype(np.float32)}, {"s": "classifier"})
+    assert not by_logits.outputs[0].probabilities
+    assert by_logits.outputs[0].counts == prof.outputs[0].counts
+    assert by_logits.id != quality.build({"s": ref.astype(np.float32)}, {"s": "classifier"}).id
