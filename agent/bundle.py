@@ -22,6 +22,7 @@ Unpacking then streams exactly each member's declared size and compares its sha2
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -30,7 +31,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -256,47 +257,45 @@ def read_manifest(bundle: str | os.PathLike, max_bytes: int | None = None) -> Ma
     return read_signed(bundle, max_bytes).manifest
 
 
-def read_signed(bundle: str | os.PathLike, max_bytes: int | None = None, check_files: bool = False) -> _Parsed:
-    """The manifest (decoded and as its exact bytes) and ``manifest.sig`` (None if absent) of a bundle file,
-    every member's header checked against the manifest, without unpacking anything. With ``check_files``,
-    also read every file and compare its sha256 with the manifest's (writing nothing)."""
+@contextlib.contextmanager
+def _reading(bundle: str | os.PathLike, max_bytes: int | None) -> Iterator[tuple[tarfile.TarFile, _Parsed]]:
+    """The open tar and its checked headers; what goes wrong reading it, as one BundleError."""
     try:
         with tarfile.open(bundle, mode="r:", tarinfo=_Header) as tar:
-            parsed = _check_headers(Path(bundle), tar, max_bytes)
-            if check_files:
-                expected = {f.path: f for f in parsed.manifest.files}
-                for info in parsed.members:
-                    _copy_member(tar, info, expected[info.name], None)
-            return parsed
+            yield tar, _check_headers(Path(bundle), tar, max_bytes)
     except BundleError:
         raise
     except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
         raise BundleError(f"{bundle}: not a bundle ({e})") from None
     except OSError as e:
         raise BundleError(f"{bundle}: cannot read it ({e.strerror or e})") from None
+
+
+def read_signed(bundle: str | os.PathLike, max_bytes: int | None = None, check_files: bool = False) -> _Parsed:
+    """The manifest (decoded and as its exact bytes) and ``manifest.sig`` (None if absent) of a bundle file,
+    every member's header checked against the manifest, without unpacking anything. With ``check_files``,
+    also read every file and compare its sha256 with the manifest's (writing nothing)."""
+    with _reading(bundle, max_bytes) as (tar, parsed):
+        if check_files:
+            expected = {f.path: f for f in parsed.manifest.files}
+            for info in parsed.members:
+                _copy_member(tar, info, expected[info.name], None)
+        return parsed
 
 
 def read_member(bundle: str | os.PathLike, name: str, max_bytes: int) -> bytes | None:
     """One file the manifest lists, read into memory (at most ``max_bytes``) and checked against its manifest
     entry, every header checked as ``read_signed`` does, nothing written; None when the manifest does not list
     ``name``. (The controller reads a bundle's profile.json this way.)"""
-    try:
-        with tarfile.open(bundle, mode="r:", tarinfo=_Header) as tar:
-            parsed = _check_headers(Path(bundle), tar, None)
-            entry = next((f for f in parsed.manifest.files if f.path == name), None)
-            if entry is None:
-                return None
-            if entry.size > max_bytes:
-                raise BundleError(f"bundle member {name!r} is {entry.size} bytes, more than {max_bytes}")
-            out = io.BytesIO()
-            _copy_member(tar, next(m for m in parsed.members if m.name == name), entry, out)
-            return out.getvalue()
-    except BundleError:
-        raise
-    except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
-        raise BundleError(f"{bundle}: not a bundle ({e})") from None
-    except OSError as e:
-        raise BundleError(f"{bundle}: cannot read it ({e.strerror or e})") from None
+    with _reading(bundle, None) as (tar, parsed):
+        entry = next((f for f in parsed.manifest.files if f.path == name), None)
+        if entry is None:
+            return None
+        if entry.size > max_bytes:
+            raise BundleError(f"bundle member {name!r} is {entry.size} bytes, more than {max_bytes}")
+        out = io.BytesIO()
+        _copy_member(tar, next(m for m in parsed.members if m.name == name), entry, out)
+        return out.getvalue()
 
 
 def safe_unpack(bundle: str | os.PathLike, dest: str | os.PathLike,

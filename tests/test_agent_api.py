@@ -5,7 +5,6 @@ socket. Each attack is refused by one defence; without it the test fails (see ea
 from __future__ import annotations
 
 import grp
-import hashlib
 import io
 import json
 import os
@@ -21,29 +20,17 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from util import issue_tls, wait_for
+from util import issue_tls, preload, wait_for
 
-from agent import bundle
 from agent.api import AgentClient, InferenceServer, to_npz
 from agent.config import AgentConfig, ConfigError, validate
 from agent.engine import Engine
 from agent.errors import EdgefleetError
-from agent.store import ModelStore
 
 EDGEFLEET = [sys.executable, "-m", "edgefleet.cli"]
 OUTPUT = "save_infer_model/scale_0.tmp_1"
 MIB = 1 << 20
 IS_ROOT = os.geteuid() == 0
-
-
-def preload(state_dir: Path, tar: Path) -> str:
-    """Put a verified model in the state dir as `current`, the way an update leaves it."""
-    sha = hashlib.sha256(tar.read_bytes()).hexdigest()
-    store = ModelStore(state_dir)
-    store.open()
-    bundle.safe_unpack(tar, store.models / sha)
-    store.activate(sha, None)
-    return sha
 
 
 class AgentProcess:

@@ -16,13 +16,12 @@ import msgspec
 import numpy as np
 import onnxruntime as ort
 import pytest
-from util import issue_tls, release_key, wait_for
+from util import issue_tls, preload, release_key, wait_for
 
 from agent import bundle, protocol, quality
 from agent.api import AgentClient, FeedbackRefused, to_npz
 from agent.config import AgentConfig, ConfigError, validate
 from agent.daemon import Agent
-from agent.store import ModelStore
 
 OUTPUT = "save_infer_model/scale_0.tmp_1"
 
@@ -40,16 +39,6 @@ def converted(tmp_path_factory, crops):
                      serial=1)
     paths = {v["precision"]: Path(v["path"]) for v in report["variants"] if "dynamic" not in Path(v["path"]).name}
     return paths
-
-
-def preload(state_dir: Path, tar: Path) -> str:
-    """A verified model in the state dir as `current`, the way an update leaves it."""
-    sha = hashlib.sha256(tar.read_bytes()).hexdigest()
-    store = ModelStore(state_dir)
-    store.open()
-    bundle.safe_unpack(tar, store.models / sha)
-    store.activate(sha, None)
-    return sha
 
 
 class Watcher:

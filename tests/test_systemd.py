@@ -345,7 +345,8 @@ def test_the_agent_serves_under_the_units_system_call_filter(tmp_path, mosquitto
         ctypes.CDLL("libseccomp.so.2")
     except OSError:
         pytest.skip("libseccomp2 is not installed")
-    from test_agent_api import AgentClient, preload
+    from test_agent_api import AgentClient
+    from util import preload
 
     allowed = tmp_path / "allowed"
     allowed.write_text("\n".join(sorted(_syscall_set("@system-service"))))

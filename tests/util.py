@@ -123,3 +123,18 @@ def assert_refused_in_one_line(code: int, captured, needle: str, prog: str = "ed
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"{prog}: error: ") and needle in lines[0], lines[0]
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def preload(state_dir: Path, tar: Path) -> str:
+    """Put a verified model in the state dir as `current`, the way an update leaves it; returns its sha256."""
+    import hashlib
+
+    from agent import bundle
+    from agent.store import ModelStore
+
+    sha = hashlib.sha256(tar.read_bytes()).hexdigest()
+    store = ModelStore(state_dir)
+    store.open()
+    bundle.safe_unpack(tar, store.models / sha)
+    store.activate(sha, None)
+    return sha
