@@ -126,6 +126,9 @@ def _deploy(client: Any, args: argparse.Namespace) -> int:
             "min_canary_agreement": None, "max_accuracy_drop": args.max_accuracy_drop}
     if args.min_canary_agreement is not None:  # the API takes a fraction
         opts["min_canary_agreement"] = parse_fraction(args.min_canary_agreement, "--min-canary-agreement")
+        if not 0 < opts["min_canary_agreement"] <= 1:
+            raise RolloutError(f"--min-canary-agreement {args.min_canary_agreement!r}: give a percentage in "
+                               f"(0%, 100%], e.g. 95%")
     if args.max_drift_psi is not None:
         try:
             opts["max_drift_psi"] = float(args.max_drift_psi)
