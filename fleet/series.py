@@ -122,6 +122,10 @@ QUALITY_COLUMNS = ("time", "windows", "served", "psi", "band", "canary_runs", "c
 def quality_series(store: Store, device_id: str, since: float, until: float, step: float | None = None
                    ) -> QualityColumns:
     """``fleet.quality.series`` column by column (its points' figures as it computes them)."""
+    since = max(since, until - fleet_quality.MAX_WINDOW_S)  # the telemetry range may be longer than quality's
+    if not since < until:  # an empty range (since_s rounds to 0): no points
+        return QualityColumns(sha256=None, step=step, min_served=fleet_quality.MIN_SERVED, points=0,
+                              **{k: [] for k in QUALITY_COLUMNS})
     q = fleet_quality.series(store, device_id, since, until, step=step)
     cols = {k: [p[k] for p in q["points"]] for k in QUALITY_COLUMNS}
     return QualityColumns(sha256=q["sha256"], step=q["step"], min_served=q["min_served"], points=len(q["points"]),

@@ -602,3 +602,14 @@ def test_quality_in_health_the_api_and_metrics(fleet, client, devices, real, cap
     assert code == 2 and "profile.json is not a quality profile" in err
     assert_one_error_line(err, "profile.json is not a quality profile")
     assert [b["version"] for b in client.bundles()] == ["1"]
+
+
+def test_the_dashboard_series_of_an_empty_range_has_no_quality_points(store):
+    """The telemetry series takes any range; quality's [since, until) must not be empty (found by schemathesis:
+    since=5e-324 seconds made since == until)."""
+    from fleet.series import series
+
+    record(store, qmsg("cam-1", 1, time.time() - 5))
+    s = series(store, "cam-1", since_s=5e-324)
+    assert s.quality is not None and s.quality.points == 0 and s.quality.psi == []
+    assert series(store, "cam-1", since_s=60).quality.points == 1
