@@ -7,7 +7,8 @@ setup:
 demo: setup
 	.venv/bin/edgefleet demo
 
-test: setup
+test:
+	@sh scripts/setup.sh test
 	.venv/bin/python -m pytest -q
 
 clean:

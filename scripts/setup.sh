@@ -2,6 +2,8 @@
 # Set-up for `make demo` and `make test` on a fresh Debian/Ubuntu machine: Debian's mosquitto,
 # a virtual environment at .venv with edgefleet and its host + test extras (torch among them, CPU build),
 # and the real models (the trained MobileNetV2 exported to ONNX once, in the cache).
+# `setup.sh test` also makes the emulated aarch64 the tests run the agent and the arm target's numerics in
+# (converter/arm64.py: Debian 12 arm64 under qemu, about 600 MB and 10 minutes, once, in the cache).
 # Idempotent: a second run only checks.
 set -eu
 cd "$(dirname "$0")/.."
@@ -20,6 +22,12 @@ dpkg-query -W -f='${Status}' libfaketime 2>/dev/null | grep -q "install ok insta
 # espeak-ng, which speaks the real speech the voice-activity model (Silero VAD) is calibrated and tested on
 command -v espeak-ng >/dev/null 2>&1 || need_apt="$need_apt espeak-ng"
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt="$need_apt python3-venv"
+if [ "${1:-}" = test ]; then
+    # proot and debootstrap, which make and run the emulated aarch64 (converter/arm64.py); qemu comes from Debian's
+    # pool as a .deb it unpacks (dpkg-deb), since Debian 12's own qemu-user crashes on onnxruntime's aarch64 build
+    command -v proot >/dev/null 2>&1 || need_apt="$need_apt proot"
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt="$need_apt debootstrap"
+fi
 if [ -n "$need_apt" ]; then
     echo "setup: installing Debian packages:$need_apt"
     if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
@@ -48,3 +56,6 @@ fi
 
 .venv/bin/edgefleet models fetch
 .venv/bin/python -c 'from converter.toolchain import onnx2tf_venv; onnx2tf_venv()'
+if [ "${1:-}" = test ]; then
+    .venv/bin/edgefleet toolchain arm64
+fi
