@@ -75,6 +75,7 @@ class Wheelhouse(msgspec.Struct, forbid_unknown_fields=True):
     runtimes: list[str]
     extras: list[str]
     edgefleet: str  # edgefleet's own wheel
+    glibc: str  # the oldest glibc every wheel takes (the device's must be this or newer)
     created: float
     wheels: list[Wheel]
 
@@ -121,6 +122,23 @@ def elf_machine(path: Path) -> str | None:
         return None
     code = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
     return ELF_MACHINES.get(code, f"elf-machine-{code:#x}")
+
+
+def glibc_floor(files: list[str]) -> str:
+    """The oldest glibc on which every one of these wheels installs (from their manylinux tags)."""
+    legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+    need = (2, 17)
+    for name in files:
+        floors = []
+        for tag in name.removesuffix(".whl").split("-")[-1].split("."):
+            m = re.fullmatch(r"manylinux_(\d+)_(\d+)_\w+", tag)
+            if m:
+                floors.append((int(m[1]), int(m[2])))
+            elif tag.split("_")[0] in legacy:
+                floors.append(legacy[tag.split("_")[0]])
+        if floors:
+            need = max(need, min(floors))
+    return "%d.%d" % need
 
 
 def _sha256(path: Path) -> str:
@@ -191,7 +209,8 @@ def bundle(*, platform: str, out: str | Path, runtimes: list[str] | tuple[str, .
               "--implementation", "cp", *(a for t in tags for a in ("--platform", t)),
               f"edgefleet[{','.join(extras)}] @ {own.as_uri()}"], f"pip download for {platform}")
         wheels = [Wheel(p.name, _sha256(p), p.stat().st_size) for p in sorted(tmp.glob("*.whl"))]
-        doc = Wheelhouse(FORMAT, platform, python, list(tags), runtimes, extras, own.name, time.time(), wheels)
+        doc = Wheelhouse(FORMAT, platform, python, list(tags), runtimes, extras, own.name,
+                         glibc_floor([w.file for w in wheels]), time.time(), wheels)
         (tmp / MANIFEST).write_bytes(msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n")
         os.chmod(tmp, 0o755)
         old = None
@@ -204,7 +223,7 @@ def bundle(*, platform: str, out: str | Path, runtimes: list[str] | tuple[str, .
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"wheelhouse {out}: {len(wheels)} wheels, {doc.size / 1e6:.1f} MB, for {platform} Linux (glibc >= 2.17), "
+    say(f"wheelhouse {out}: {len(wheels)} wheels, {doc.size / 1e6:.1f} MB, for {platform} Linux (glibc >= {doc.glibc}), "
         f"CPython {python}, runtimes {', '.join(runtimes)} ({time.monotonic() - t0:.0f} s); on the device: "
         f"edgefleet agent install --wheels DIR ...")
     return doc
