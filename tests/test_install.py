@@ -219,3 +219,26 @@ def test_an_aarch64_image_installed_under_emulation_runs_the_agent_from_inside(t
                              capture_output=True, text=True, timeout=600)
     assert machine.stdout.strip() == "aarch64", machine.stderr
     assert wheels.elf_machine(root / "usr/bin/python3.11") == "aarch64"
+
+
+@pytest.mark.slow
+def test_a_device_without_internet_installs_the_agent_from_a_wheelhouse(tmp_path, wheelhouses):
+    """On the device (a Debian 12 amd64 in a chroot, its network unused: pip --no-index), as the README says: a
+    throwaway venv from the wheelhouse gives `edgefleet`, whose `agent install --wheels` makes the service's venv."""
+    base = _amd64_rootfs()
+    if not IS_ROOT:
+        pytest.skip("install and chroot need root: run as root (as CI does)")
+    root = _copy(base, tmp_path / "device")
+    shutil.copytree(wheelhouses("x86_64"), root / "root/wheels")
+    script = ("python3 -m venv /tmp/ef && /tmp/ef/bin/pip install --quiet --no-index --find-links /root/wheels "
+              "'edgefleet[agent]' && /tmp/ef/bin/edgefleet agent install --wheels /root/wheels " + " ".join(CONFIG))
+    r = subprocess.run(["chroot", str(root), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
+                        "sh", "-c", script], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "pip install edgefleet[agent] offline from /root/wheels" in r.stdout, r.stdout
+    assert "useradd --system edgefleet" in r.stdout and "systemd is not running here" in r.stdout, r.stdout
+
+    def inside(argv):
+        return ["chroot", str(root), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin", *argv]
+
+    _checks_the_image(root, inside, r)
