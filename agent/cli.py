@@ -110,8 +110,28 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--extra", action="append", default=[], dest="extras", metavar="EXTRA",
                          help="another extra besides agent, e.g. openvino or litert (repeatable)")
     install.add_argument("--python", help="the venv's base interpreter (default /usr/bin/python3)")
+    install.add_argument("--wheels", type=Path, metavar="DIR",
+                         help="install offline from this wheelhouse (from `edgefleet agent bundle-wheels`, made for "
+                         "this machine's platform): pip --no-index --find-links DIR")
     install.add_argument("--root", default="/", type=Path,
-                         help="install under this directory: for tests and staging; no user, no systemctl")
+                         help="install under this directory, e.g. an image's root filesystem: no user, no systemctl; "
+                         "the venv is made by the root's own python3 (chroot, or emulated for an aarch64 root on an "
+                         "x86_64 host) so that it runs at boot")
+    bundle = sub.add_parser(
+        "bundle-wheels", help="make a wheelhouse for `agent install --wheels` on devices without internet",
+        description="On a host with internet, from a source checkout: write into --out every wheel the agent needs "
+        "on a device of --platform (edgefleet's own wheel built from the checkout, the agent's dependencies and "
+        "the chosen runtimes, binary wheels for glibc 2.17..2.36 and CPython --python-version) and "
+        "edgefleet-wheels.json (the platform, the Python version, each file's sha256). Copy DIR to the device "
+        "and run `edgefleet agent install --wheels DIR ...` there. 32-bit ARM (armv7/armhf) is not a platform: "
+        "PyPI has no runtime wheels for it.")
+    bundle.add_argument("--platform", required=True, help="aarch64 (arm64) or x86_64 (amd64)")
+    bundle.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="the wheelhouse directory (new, empty, or an earlier wheelhouse: replaced)")
+    bundle.add_argument("--runtimes", default="onnxruntime", metavar="LIST",
+                        help="comma-separated: onnxruntime (always), tflite, openvino (default onnxruntime)")
+    bundle.add_argument("--python-version", default="3.11", metavar="X.Y",
+                        help="the device's CPython (default 3.11: Debian 12 / Raspberry Pi OS bookworm)")
     uninstall = sub.add_parser(
         "uninstall", help="stop and remove the service and the venv (root)",
         description="Stop and disable the service, remove the unit and /opt/edgefleet; with --purge also "
@@ -256,7 +276,15 @@ def main(argv: list[str]) -> int:
         install.install(root=args.root, device_id=args.device_id, broker=args.broker, controller=args.controller,
                         api=args.api, telemetry_interval=args.telemetry_interval, config_file=args.config_file,
                         force=args.force, source=args.source, extras=args.extras, python=args.python,
-                        token=_token(args.token), ca_fingerprint=args.ca_fingerprint, trust=args.trust, say=say)
+                        token=_token(args.token), ca_fingerprint=args.ca_fingerprint, trust=args.trust,
+                        wheels=args.wheels, say=say)
+        return 0
+    if args.cmd == "bundle-wheels":
+        from agent import wheels
+
+        wheels.bundle(platform=args.platform, out=args.out, python=args.python_version,
+                      runtimes=[r.strip() for r in args.runtimes.split(",") if r.strip()],
+                      say=lambda line: print(f"bundle-wheels: {line}", flush=True))
         return 0
     if args.cmd == "enroll":
         return _enroll(args)

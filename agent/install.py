@@ -18,8 +18,17 @@ What install puts where (each path under ``--root DIR`` when given):
 and, where systemd runs (``/run/systemd/system`` exists; never under --root), ``systemctl daemon-reload`` and
 ``systemctl enable --now edgefleet-agent``. Every step checks before it acts, so a second run changes nothing.
 
-``--root DIR`` is for tests and for staging: no user, no systemctl, and the venv's scripts name
-DIR/opt/edgefleet (venvs are not relocatable), so an image build runs install inside the image's chroot.
+``--wheels DIR`` installs the venv offline from a wheelhouse made by ``edgefleet agent bundle-wheels`` (pip
+--no-index --find-links DIR); a wheelhouse made for another platform is refused.
+
+``--root DIR`` is for image builds (and tests): no systemctl; the user and groups are made in DIR/etc when it
+has an /etc/passwd (an image); and the venv is made for the image, as it will be at boot: its scripts start with
+``#!/opt/edgefleet/bin/python``. When DIR holds a python3 (an image's root filesystem), the venv is made by that
+python, inside DIR: with chroot where DIR's machine is this host's, under emulation (proot + qemu-user,
+agent/wheels.py) for an aarch64 root on an x86_64 host; it is installed from a wheelhouse (``--wheels``, or one
+made now from this checkout for DIR's machine). When DIR has no python3 (a staging directory), the venv is made by
+this host's python and its paths are rewritten to /opt/edgefleet: the image must then have the same python at the
+same path.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -150,8 +160,11 @@ def _base_python(python: str | None) -> str:
     return exe
 
 
-def _venv(venv: Path, source: str | None, extras: list[str], python: str | None, say: Say) -> bool:
-    """Create the venv if needed and pip install edgefleet into it; True if anything changed."""
+def _venv(venv: Path, source: str | None, extras: list[str], python: str | None, say: Say,
+          wheelhouse: tuple[Path, object] | None = None, final: str | None = None) -> bool:
+    """Create the venv if needed and pip install edgefleet into it; True if anything changed. ``wheelhouse``:
+    (DIR, its manifest) to install offline from. ``final``: where the venv will be at boot (its paths are
+    rewritten to it), when that is not where it is made."""
     changed = False
     if not (venv / "bin" / "python").exists():
         exe = _base_python(python)
@@ -159,23 +172,37 @@ def _venv(venv: Path, source: str | None, extras: list[str], python: str | None,
         subprocess.run([exe, "-m", "venv", str(venv)], check=True)
         changed = True
     extras = list(dict.fromkeys(["agent", *extras]))
+    stamp_path = venv / _STAMP
+    if wheelhouse is not None:
+        wdir, doc = wheelhouse
+        stamp = {"wheelhouse": _manifest_digest(wdir), "extras": extras}
+        if _stamp_is(stamp_path, stamp):
+            say(f"venv: {venv} already has edgefleet[{','.join(extras)}] from the wheelhouse {wdir}")
+            return changed
+        if not changed:  # same version number, other code: pip would call it satisfied
+            subprocess.run(_pip_cmd(venv, "uninstall", "--quiet", "--yes", "edgefleet"), env=_pip_env(),
+                           capture_output=True)
+        what = f"edgefleet[{','.join(extras)}] offline from {wdir}"
+        say(f"venv: pip install {what}")
+        before = _pip(venv, "freeze")
+        r = subprocess.run(_pip_cmd(venv, "install", "--quiet", "--no-index", "--find-links", str(wdir),
+                                    f"edgefleet[{','.join(extras)}]"), env=_pip_env())
+        if r.returncode:
+            raise InstallError(f"pip install {what} into {venv} failed (pip's output is above)")
+        return _installed(venv, stamp_path, stamp, final, say) or changed or _pip(venv, "freeze") != before
     tree = _edgefleet_tree(Path(source).resolve()) if source and Path(source).is_dir() else None
     if source and Path(source).is_dir() and tree is None:
         raise InstallError(f"--source {source}: not an edgefleet source tree (no pyproject.toml naming edgefleet)")
     if source is None:
         tree = checkout()
-    stamp_path = venv / _STAMP
     with tempfile.TemporaryDirectory(prefix="edgefleet-install-") as tmp:
         if tree is not None:
             src = Path(tmp) / "edgefleet"
             _copy_source(tree, src)
             stamp = {"source": str(tree), "extras": extras, "digest": _tree_digest(src)}
-            try:
-                if json.loads(stamp_path.read_text()) == stamp:
-                    say(f"venv: {venv} already has edgefleet[{','.join(extras)}] from {tree}")
-                    return changed
-            except (OSError, ValueError):
-                pass
+            if _stamp_is(stamp_path, stamp):
+                say(f"venv: {venv} already has edgefleet[{','.join(extras)}] from {tree}")
+                return changed
             spec, what = f"{src}[{','.join(extras)}]", f"edgefleet[{','.join(extras)}] from {tree}"
         elif source and Path(source).is_file():
             stamp, spec = None, f"{Path(source).resolve()}[{','.join(extras)}]"
@@ -188,14 +215,120 @@ def _venv(venv: Path, source: str | None, extras: list[str], python: str | None,
         r = subprocess.run(_pip_cmd(venv, "install", "--quiet", spec), env=_pip_env())
         if r.returncode:
             raise InstallError(f"pip install {what} into {venv} failed (pip's output is above)")
+    # a rebuilt checkout counts as a change (its version may not say so); from an index, what pip changed
+    return _installed(venv, stamp_path, stamp, final, say) or changed or _pip(venv, "freeze") != before
+
+
+def _stamp_is(path: Path, stamp: dict) -> bool:
+    try:
+        return json.loads(path.read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _manifest_digest(wdir: Path) -> str:
+    from agent import wheels
+
+    return hashlib.sha256((wdir / wheels.MANIFEST).read_bytes()).hexdigest()
+
+
+def _installed(venv: Path, stamp_path: Path, stamp: dict | None, final: str | None, say: Say) -> bool:
+    """After pip: the paths rewritten to ``final``, the stamp written, and the venv's edgefleet run once."""
+    if final is not None:
+        _relocate(venv, final, say)
     if stamp is not None:
         stamp_path.write_text(json.dumps(stamp))
-    version = subprocess.run([str(venv / "bin" / "edgefleet"), "--version"], capture_output=True, text=True)
+    # through the venv's python (its scripts' first line may name a path that exists only in the image)
+    version = subprocess.run([str(venv / "bin" / "python"), "-m", "edgefleet.cli", "--version"],
+                             capture_output=True, text=True, env=_pip_env(), cwd="/")
     if version.returncode:
         raise InstallError(f"{venv}/bin/edgefleet does not run: {version.stderr.strip()}")
     say(f"venv: {venv}/bin/edgefleet is {version.stdout.strip()}")
-    # a rebuilt checkout counts as a change (its version may not say so); from an index, what pip changed
-    return changed or stamp is not None or _pip(venv, "freeze") != before
+    return stamp is not None
+
+
+def _relocate(venv: Path, final: str, say: Say) -> None:
+    """Make a venv made at ``venv`` name ``final`` instead (where it will be at boot): the scripts' first lines,
+    pyvenv.cfg, the activate scripts, and the bytecode's file names."""
+    old = str(venv).encode()
+    if old == final.encode():
+        return
+    n = 0
+    for p in [*(venv / "bin").iterdir(), venv / "pyvenv.cfg"]:
+        if p.is_symlink() or not p.is_file():
+            continue
+        data = p.read_bytes()
+        if old in data and b"\0" not in data[:4096]:
+            p.write_bytes(data.replace(old + b"/", final.encode() + b"/").replace(old, final.encode()))
+            n += 1
+    # compiled with the build path in co_filename; recompile naming the final path (tracebacks show it)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", "-f", "-s", str(venv), "-p", final,
+                    str(venv / "lib")], capture_output=True, env=_pip_env())
+    say(f"venv: paths rewritten to {final} ({n} files: the scripts start with #!{final}/bin/python)")
+
+
+def _venv_in_root(root: Path, machine: str, wdir: Path, doc, extras: list[str], say: Say) -> bool:
+    """Make /opt/edgefleet inside ``root`` with the root's own python (chroot, or emulated), offline from the
+    wheelhouse ``wdir``; True if anything changed."""
+    from agent import wheels
+
+    run_in = wheels.in_root(root, machine)
+    venv = _under(root, VENV)
+    extras = list(dict.fromkeys(["agent", *extras]))
+    stamp = {"wheelhouse": _manifest_digest(wdir), "extras": extras}
+    if _stamp_is(venv / _STAMP, stamp):
+        say(f"venv: {venv} already has edgefleet[{','.join(extras)}] from the wheelhouse {wdir}")
+        return False
+    how = "chroot" if machine == wheels.host_machine() else f"emulated {machine}"
+
+    def inside(argv: list[str], what: str, capture: bool = False) -> str:
+        r = subprocess.run(run_in(argv), stdin=subprocess.DEVNULL, text=True,
+                           capture_output=capture, stdout=None if capture else subprocess.DEVNULL)
+        if r.returncode:
+            tail = [ln for ln in (r.stderr or r.stdout or "").splitlines() if ln.strip() and "proot warning" not in ln]
+            raise InstallError(f"{what} in {root} ({how}) failed: {tail[-1] if tail else f'exit {r.returncode}'}")
+        return r.stdout or ""
+
+    t0 = time.monotonic()
+    created = not (venv / "pyvenv.cfg").exists()
+    if created:
+        say(f"venv: creating {VENV} in {root} with its own python ({how}: /usr/bin/python3 -m venv {VENV})")
+        inside(["/usr/bin/python3", "-m", "venv", VENV], "python3 -m venv", capture=True)
+    staged = Path(tempfile.mkdtemp(prefix="edgefleet-wheels-", dir=_under(root, "/tmp")))
+    try:
+        for w in [*doc.wheels]:  # hard links where the root is on the same file system
+            try:
+                os.link(wdir / w.file, staged / w.file)
+            except OSError:
+                shutil.copy2(wdir / w.file, staged / w.file)
+        guest = "/" + str(staged.relative_to(root))
+        pip = [f"{VENV}/bin/python", "-m", "pip", "--disable-pip-version-check", "--no-cache-dir"]
+        if not created:  # same version number, other code: pip would call it satisfied
+            subprocess.run(run_in([*pip, "uninstall", "--quiet", "--yes", "edgefleet"]), capture_output=True,
+                           stdin=subprocess.DEVNULL)
+        say(f"venv: pip install edgefleet[{','.join(extras)}] offline from {wdir} ({how})")
+        inside([*pip, "install", "--quiet", "--no-index", "--find-links", guest, f"edgefleet[{','.join(extras)}]"],
+               "pip install", capture=True)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    (venv / _STAMP).write_text(json.dumps(stamp))
+    version = inside([f"{VENV}/bin/edgefleet", "--version"], f"{VENV}/bin/edgefleet --version", capture=True)
+    say(f"venv: {VENV}/bin/edgefleet in {root} is {version.strip()} ({time.monotonic() - t0:.0f} s)")
+    return True
+
+
+def _root_python(root: Path, machine: str) -> str:
+    """The root's python3 version (X.Y), checked to make a venv; InstallError (one line) otherwise."""
+    from agent import wheels
+
+    probe = "import sys, venv, ensurepip; print('%d.%d' % sys.version_info[:2])"
+    r = subprocess.run(wheels.in_root(root, machine)(["/usr/bin/python3", "-c", probe]), capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL)
+    version = r.stdout.strip()
+    if r.returncode or tuple(map(int, version.split("."))) < (3, 11):
+        raise InstallError(f"{root}/usr/bin/python3 is not a Python >= 3.11 with venv and ensurepip "
+                           f"({version or 'it does not run'}); in a Debian image: apt install python3-venv")
+    return version
 
 
 def _pip_env() -> dict[str, str]:
@@ -305,36 +438,52 @@ def _write(path: Path, content: bytes, mode: int, gid: int = 0) -> None:
         os.close(dfd)
 
 
-def _group_id(say: Say) -> int:
+def _lookup(root: Path, table: str, name: str) -> int | None:
+    """The id of user/group ``name`` (table ``passwd`` or ``group``) on this machine, or in ROOT/etc/ for an image."""
+    if root == Path("/"):
+        try:
+            return pwd.getpwnam(name).pw_uid if table == "passwd" else grp.getgrnam(name).gr_gid
+        except KeyError:
+            return None
     try:
-        return grp.getgrnam(GROUP).gr_gid
-    except KeyError:
+        lines = _under(root, f"/etc/{table}").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(f[2]) for f in (ln.split(":") for ln in lines) if len(f) > 2 and f[0] == name), None)
+
+
+def _image(root: Path) -> bool:
+    """``root`` is an image's root filesystem (it has its own /etc/passwd): the service's user is made in it."""
+    return root != Path("/") and _under(root, "/etc/passwd").is_file()
+
+
+def _group_id(say: Say, root: Path = Path("/")) -> int:
+    gid = _lookup(root, "group", GROUP)
+    if gid is None:
         say(f"config: no group {GROUP} on this machine: the config stays root:root (create the group in the "
             f"image, then chgrp {GROUP} etc/edgefleet/agent.toml)")
         return 0
+    return gid
 
 
-def _ensure_user(say: Say) -> bool:
+def _ensure_user(say: Say, root: Path = Path("/")) -> bool:
+    """The service's user and groups, on this machine or (``--prefix``) in an image's /etc (the unit's User= and
+    SupplementaryGroups= must exist when the image boots)."""
     changed = False
-    try:
-        grp.getgrnam(API_GROUP)
-    except KeyError:
-        say(f"user: groupadd --system {API_GROUP} (the local API socket's group: add applications' users to it)")
-        subprocess.run(["groupadd", "--system", API_GROUP], check=True)
-        changed = True
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        say(f"user: groupadd --system {GROUP}")
-        subprocess.run(["groupadd", "--system", GROUP], check=True)
-        changed = True
-    try:
-        pwd.getpwnam(USER)
-        say(f"user: {USER} exists")
-    except KeyError:
-        shell = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
-        say(f"user: useradd --system {USER} (home {STATE_DIR}, shell {shell})")
-        subprocess.run(["useradd", "--system", "--gid", GROUP, "--home-dir", STATE_DIR, "--no-create-home",
+    prefix = [] if root == Path("/") else ["--prefix", str(root)]
+    where = "" if root == Path("/") else f" in {root}"
+    for group in (API_GROUP, GROUP):
+        if _lookup(root, "group", group) is None:
+            say(f"user: groupadd --system {group}{where}"
+                + (" (the local API socket's group: add applications' users to it)" if group == API_GROUP else ""))
+            subprocess.run(["groupadd", *prefix, "--system", group], check=True)
+            changed = True
+    if _lookup(root, "passwd", USER) is not None:
+        say(f"user: {USER} exists{where}")
+    else:
+        shell = "/usr/sbin/nologin" if _under(root, "/usr/sbin/nologin").exists() else "/bin/false"
+        say(f"user: useradd --system {USER}{where} (home {STATE_DIR}, shell {shell})")
+        subprocess.run(["useradd", *prefix, "--system", "--gid", GROUP, "--home-dir", STATE_DIR, "--no-create-home",
                         "--shell", shell, "--comment", "edgefleet agent", USER], check=True)
         changed = True
     return changed
@@ -434,8 +583,8 @@ def _enroll(root: Path, controller: str | None, token: str, ca_fingerprint: str,
     ident = identity.enroll(state, controller, token, ca_fingerprint, device_id)
     say(f"identity: enrolled as {ident.device_id} (key made here, certificate until {identity.utc(ident.not_after)}, "
         f"broker {ident.broker})")
-    if root == Path("/"):
-        uid, gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid
+    uid, gid = _lookup(root, "passwd", USER), _lookup(root, "group", GROUP)
+    if uid is not None and gid is not None:  # on this machine, or in an image with the user
         for p in [state, *state.rglob("*")]:
             os.chown(p, uid, gid)
 
@@ -444,12 +593,14 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
             controller: str | None = None, api: str | None = None, telemetry_interval: float | None = None,
             config_file: str | Path | None = None, force: bool = False, source: str | None = None,
             extras: list[str] | tuple[str, ...] = (), python: str | None = None, token: str | None = None,
-            ca_fingerprint: str | None = None, trust: list[str | Path] | tuple = (), say: Say = print) -> None:
+            ca_fingerprint: str | None = None, trust: list[str | Path] | tuple = (),
+            wheels: str | Path | None = None, say: Say = print) -> None:
     _require_root("install")
     root = Path(root).resolve()
-    venv, config_path, unit_path = _under(root, VENV), _under(root, CONFIG), _under(root, UNIT)
+    config_path, unit_path = _under(root, CONFIG), _under(root, UNIT)
     if (token is None) != (ca_fingerprint is None):
         raise InstallError("--token and --ca-fingerprint go together (both from `edgefleet fleet enroll`)")
+    plan_venv = _plan_venv(root, wheels, source, list(extras), python)
     # everything that can be refused is checked before anything is changed
     content = _plan_config(config_path, config_file=Path(config_file) if config_file else None,
                            device_id=device_id, broker=broker, controller=controller, api=api,
@@ -466,12 +617,12 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
     old_umask = os.umask(0o022)  # the venv must be readable by the service's user
     try:
         changed = False
-        if root == Path("/"):
-            changed |= _ensure_user(say)
+        if root == Path("/") or _image(root):
+            changed |= _ensure_user(say, root)
         else:
-            say(f"--root {root}: no user, no systemctl")
-        changed |= _venv(venv, source, list(extras), python, say)
-        gid = _group_id(say)
+            say(f"--root {root}: no user (no etc/passwd there), no systemctl")
+        changed |= plan_venv(say)
+        gid = _group_id(say, root)
         if content is None:
             say(f"config: keeping {config_path}")
             os.chown(config_path, 0, gid)
@@ -521,6 +672,60 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
             f"`systemctl enable --now {SERVICE}` starts the agent")
     else:
         say(f"done under {root} (an image build enables the unit with `systemctl --root {root} enable {SERVICE}`)")
+
+
+def _plan_venv(root: Path, wheels_dir: str | Path | None, source: str | None, extras: list[str],
+               python: str | None) -> Callable[[Say], bool]:
+    """How the venv will be made, every refusal raised now (before anything is changed): a function doing it."""
+    from agent import wheels
+
+    if wheels_dir is not None and source is not None:
+        raise InstallError("--wheels DIR or --source: not both")
+    machine = wheels.root_machine(root) if root != Path("/") else None
+    where = "this machine" if machine is None else f"the root {root}"
+    machine = machine or wheels.host_machine()
+    if machine in wheels.ARM32:
+        raise InstallError(f"{where} is {machine}: {wheels.ARM32_WHY.replace('--platform aarch64', 'an aarch64 image')}")
+    doc = None
+    if wheels_dir is not None:
+        wdir = Path(wheels_dir).absolute()
+        doc = wheels.read(wdir)
+        if doc.platform != machine:
+            raise InstallError(f"--wheels {wdir} is for {doc.platform}, {where} is {machine}: make one with "
+                               f"`edgefleet agent bundle-wheels --platform {machine}`")
+        missing = [e for e in extras if e not in doc.extras]
+        if missing:
+            raise InstallError(f"--extra {', '.join(missing)}: the wheelhouse {wdir} holds only "
+                               f"{', '.join(doc.extras)} (bundle-wheels --runtimes adds runtimes)")
+        extras = [*doc.extras, *extras]
+    image = root != Path("/") and wheels.root_machine(root) is not None
+    if not image:
+        final = VENV if root != Path("/") else None
+        return lambda say: _venv(_under(root, VENV), source, extras, python, say,
+                                 None if doc is None else (wdir, doc), final)
+    if source is not None or python is not None:
+        raise InstallError(f"{root} holds a python3, so the venv is made by it from a wheelhouse: give --wheels DIR "
+                           f"(from `edgefleet agent bundle-wheels --platform {machine}`) instead of "
+                           f"{'--source' if source is not None else '--python'}")
+    version = _root_python(root, machine)
+    if doc is not None and doc.python != version:
+        raise InstallError(f"--wheels {wdir} is for CPython {doc.python}, {root}/usr/bin/python3 is {version}: "
+                           f"make one with `edgefleet agent bundle-wheels --platform {machine} "
+                           f"--python-version {version}`")
+
+    def make(say: Say) -> bool:
+        nonlocal doc, wdir
+        if doc is not None:
+            return _venv_in_root(root, machine, wdir, doc, extras, say)
+        with tempfile.TemporaryDirectory(prefix="edgefleet-wheelhouse-") as tmp:
+            say(f"venv: no --wheels: making a wheelhouse for {machine} / CPython {version} from this checkout")
+            runtimes = [r for r, e in (("tflite", "litert"), ("openvino", "openvino")) if e in extras]
+            wdir = Path(tmp) / "wheels"
+            doc = wheels.bundle(platform=machine, out=wdir, runtimes=runtimes, python=version,
+                                say=lambda line: say(f"venv: {line}"))
+            return _venv_in_root(root, machine, wdir, doc, extras, say)
+
+    return make
 
 
 def uninstall(*, root: str | Path = "/", purge: bool = False, say: Say = print) -> None:

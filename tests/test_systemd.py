@@ -460,8 +460,10 @@ def _installed_and_purged(tmp_path, fleet, token):
     dropin = root / "etc/systemd/system/edgefleet-agent.service.d/network.conf"
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    help_ = subprocess.run([venv / "bin/edgefleet", "agent", "--help"], capture_output=True, text=True, env=env,
-                           cwd=tmp_path)
+    # a staging root (no python3 of its own): the scripts name the venv's path in the image, not under --root
+    assert (venv / "bin/edgefleet").read_text().splitlines()[0] == "#!/opt/edgefleet/bin/python"
+    help_ = subprocess.run([venv / "bin/python", "-m", "edgefleet.cli", "agent", "--help"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path)
     assert help_.returncode == 0 and "install" in help_.stdout, help_.stderr
     where = subprocess.run([venv / "bin/python", "-c", "import agent; print(agent.__file__)"], capture_output=True,
                            text=True, env=env, cwd=tmp_path).stdout
