@@ -60,20 +60,17 @@ def where() -> tuple[str, str | None, bool]:
 
 
 def run(model_dir: Path, runtime: str, model: str, settings: dict, feeds: list[dict[str, np.ndarray]], *,
-        work: Path | None = None, timeout: float | None = None) -> list[dict[str, np.ndarray]]:
+        precision: str = "unknown", work: Path | None = None, timeout: float | None = None) -> list[dict[str, np.ndarray]]:
     """Run ``model_dir/model`` with ``runtime`` (and its ``settings``) on each of ``feeds`` inside the emulated
     aarch64, loaded with ``agent.runtimes.load`` as a device loads a bundle; each feed's outputs, in order.
 
     EmulationError says why when the emulator or the guest fails, or it does not finish within ``timeout``
     (default ``TIMEOUT``)."""
-    from agent.bundle import Manifest, encode_manifest
-
     timeout = TIMEOUT if timeout is None else timeout
-    manifest = Manifest(name="arm-check", version="0", target="arm", runtime=runtime, precision="?", model=model,
-                        files=[], inputs=[], outputs=[], settings=dict(settings))
     with tempfile.TemporaryDirectory(dir=work, prefix="arm-check.") as tmp:
         io = Path(tmp)
-        (io / MANIFEST).write_bytes(encode_manifest(manifest))
+        (io / MANIFEST).write_text(json.dumps({"runtime": runtime, "model": model, "precision": precision,
+                                               "settings": settings}))
         np.savez(io / FEEDS, **{f"{i}/{k}": np.asarray(v) for i, feed in enumerate(feeds) for k, v in feed.items()})
         cpu = arm64.CPU  # read at call time
         argv = arm64.command(["python", "-m", "converter.arm_check", GUEST_MODEL, GUEST_IO], cpu=cpu,
@@ -123,11 +120,14 @@ def main(argv: list[str]) -> int:
     """The guest: load MODEL_DIR with the manifest in IO_DIR, run every feed of IO_DIR/feeds.npz, write
     IO_DIR/outputs.npz (keys INDEX/OUTPUT) and IO_DIR/guest.json (where it ran, in how long)."""
     from agent import runtimes
-    from agent.bundle import decode_manifest
+    from agent.bundle import Manifest
 
     model_dir, io = Path(argv[0]), Path(argv[1])
     t0 = time.monotonic()
-    manifest = decode_manifest((io / MANIFEST).read_bytes())
+    m = json.loads((io / MANIFEST).read_text())
+    # the manifest the converter measures a variant with on the host (converter/measure.open_session)
+    manifest = Manifest(name="arm-check", version="0", target="arm", runtime=m["runtime"], precision=m["precision"],
+                        model=m["model"], files=[], inputs=[], outputs=[], settings=m["settings"])
     with np.load(io / FEEDS, allow_pickle=False) as npz:
         feeds: dict[int, dict[str, np.ndarray]] = {}
         for key in npz.files:

@@ -517,8 +517,9 @@ def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
         report["host_accuracy"] = gate.task_accuracy(host_got, ctx.labels, ctx.rule.labels_output)
     if check is not None:
         report["arm_check"] = check
-    if ctx.quality is not None and golden_out is not None:
-        report["quality_profile"] = {**ctx.common["quality_profile"], "golden_from": judged_on}
+    if ctx.quality is not None and "quality_profile" in ctx.common:
+        report["quality_profile"] = {"golden_from": GOLDEN_FP32, **ctx.common["quality_profile"],
+                                     **({"golden_from": judged_on} if golden_out is not None else {})}
     return report, sample_out
 
 
@@ -566,7 +567,7 @@ def _arm_outputs(v: Variant, target: str, ctx: _Context, got: dict, sample_out: 
     t0 = time.monotonic()
     try:
         outs = arm_check.run(v.path.parent, v.runtime, v.path.name, _settings(v), [*batches, ctx.one, *golden],
-                             work=v.path.parent.parent)
+                             precision=v.precision, work=v.path.parent.parent)
         arm_got = ctx.held.join(outs[: len(batches)])
         for name in ctx.reference:
             if name not in arm_got:
