@@ -542,8 +542,7 @@ def _arm_judge(targets: list[str], require: bool, say) -> dict | None:
             raise ConvertError(f"--require-arm-check: {why}")
         say(f"warning: {why}; the arm target's variants are judged on the {judged_on}'s kernels")
     elif emulated:
-        say(f"the arm target's variants are judged on ARM kernels in the emulated aarch64 ({judged_on}); "
-            f"{LATENCY_NOTE}")
+        say(f"the arm target's variants are judged on ARM kernels: {judged_on}; {LATENCY_NOTE}")
     return {"judged_on": judged_on, "reason": why, "emulated": emulated, "native": arm64.native(),
             "require": require}
 
