@@ -467,6 +467,8 @@ def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
 
     Returns the variant's report (it goes into the manifest) and its outputs on the sample (the host's: the bundle's
     round trip runs here)."""
+    if target == "arm" and ctx.arm is not None and (said := ctx.arm.pop("say", None)):
+        ctx.say(said)  # once, at the first arm variant
     np.savez_compressed(v.path.parent / "sample.npz", **ctx.one)
     if ctx.quality is not None:  # the reference profile every bundle carries (agent/quality.py)
         (v.path.parent / PROFILE).write_bytes(ctx.quality["profile"])
@@ -537,14 +539,13 @@ def _arm_judge(targets: list[str], require: bool, say) -> dict | None:
     from converter import arm64
 
     judged_on, why, emulated = arm_check.where()
-    if why is not None:
-        if require:
-            raise ConvertError(f"--require-arm-check: {why}")
-        say(f"warning: {why}; the arm target's variants are judged on the {judged_on}'s kernels")
-    elif emulated:
-        say(f"the arm target's variants are judged on ARM kernels: {judged_on}; {LATENCY_NOTE}")
+    if why is not None and require:
+        raise ConvertError(f"--require-arm-check: {why}")
+    # said when the first arm variant is measured (_measure): bad input found before then stays one line
+    said = (f"[arm] warning: {why}; the arm target's variants are judged on the {judged_on}'s kernels" if why else
+            f"[arm] the variants are judged on ARM kernels: {judged_on}; {LATENCY_NOTE}")
     return {"judged_on": judged_on, "reason": why, "emulated": emulated, "native": arm64.native(),
-            "require": require}
+            "require": require, "say": said}
 
 
 def _arm_outputs(v: Variant, target: str, ctx: _Context, got: dict, sample_out: dict):

@@ -143,6 +143,9 @@ def test_every_variant_is_judged_on_emulated_arm_kernels(converted):
         assert v["host_agreement"]["samples"] == v["agreement"]["samples"] == HELD
         assert read_manifest(out / v["bundle"]).report["judged_on"] == EMULATED  # the manifest carries it too
     assert any("judging tflite-int8 on ARM kernels" in line for line in lines)
+    assert [line for line in lines if "judged on ARM kernels" in line] == [
+        f"[arm] the variants are judged on ARM kernels: {EMULATED}; latency is measured on this host: emulated timing "
+        f"means nothing"]
     from converter.report import table
 
     text = table(report)
@@ -257,7 +260,7 @@ def test_not_set_up_says_not_checked_and_the_host_judges(fp32_tflite, nhwc, tmp_
     assert why.startswith("ARM numerics not checked: the emulated aarch64 is not set up at ")
     assert "edgefleet toolchain arm64" in why
     assert report["warnings"] == [f"{why}; the host's kernels judged the arm variants"]
-    assert any(line.startswith(f"warning: {why}") for line in lines)
+    assert any(line.startswith(f"[arm] warning: {why}") for line in lines)
     from converter.report import table
 
     assert f"warning: {why}; the host's kernels judged the arm variants" in table(report)
