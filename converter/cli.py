@@ -19,6 +19,9 @@ targets and their variants:
          fallback ov-int8-mixed (NNCF accuracy-controlled quantization)      [pip install 'edgefleet[intel]']
   arm    TFLite via onnx2tf (its own venv): tflite-fp32, tflite-fp16, tflite-int8 (full integer,
          calibrated on --calib); and ort-int8-arm (ONNX Runtime int8 for ARM64)  [pip install 'edgefleet[arm]']
+         Judged on ARM kernels: on an aarch64 host natively, on x86 in an emulated aarch64 (cortex-a76,
+         made once by `edgefleet toolchain arm64`); latency is the host's. Else the host's kernels judge,
+         and the report says ARM numerics were not checked (--require-arm-check: an error).
   all    every target whose toolchain is installed; says which it skipped and why
 
 With a gate (or --search on), each int8 variant is made by several recipes (the library's own defaults
@@ -139,6 +142,10 @@ def parser() -> argparse.ArgumentParser:
                    "stop usually ends sooner) [default: 15]")
     p.add_argument("--distill-lr", type=float, metavar="LR", help="with --distill: Adam's learning rate (3e-4 suited "
                    "the trained MobileNetV2 on 600 crops; 1e-3 stalled it) [default: 1e-4]")
+    p.add_argument("--require-arm-check", action="store_true",
+                   help="fail (exit 2, nothing written) unless the arm target's variants are judged on ARM kernels: "
+                        "natively on an aarch64 host or in the emulated aarch64 `edgefleet toolchain arm64` makes; "
+                        "without it the host's kernels judge where ARM's cannot, with a warning in the report")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -191,7 +198,7 @@ def main(argv: list[str]) -> int:
         search=args.search,
         reference=args.reference,
         distill=args.distill, train_data=args.train_data, distill_epochs=args.distill_epochs,
-        distill_lr=args.distill_lr,
+        distill_lr=args.distill_lr, require_arm_check=args.require_arm_check,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:

@@ -23,7 +23,7 @@ import numpy as np
 
 from agent.bundle import Manifest, TensorSpec, safe_unpack, sha256_file, write_bundle
 from agent.errors import EdgefleetError
-from converter import ConvertError, calib as calibration, gate, measure
+from converter import ConvertError, arm_check, calib as calibration, gate, measure
 from converter.plan import RUNGS, SPEED_TIE, Step, Variant
 
 # target -> module with plan(...) (see converter/cpu.py); a target is one file.
@@ -43,7 +43,8 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             serial: int | None = None, prune: float | str | None = None, search: str = "auto",
             reference: str | Path | None = None, distill: bool = False,
             train_data: str | Path | None = None, distill_epochs: int | None = None,
-            distill_lr: float | None = None, progress: Callable[[str], None] | None = None) -> dict:
+            distill_lr: float | None = None, require_arm_check: bool = False,
+            progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
 
@@ -68,11 +69,17 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
     variants and keep the fastest that passes the gate (``_search``); off, each uses its library's defaults.
 
     A ``.tflite`` model is measured, gated and bundled as given (target arm only; converter/tflite_source.py),
-    against itself or against ``reference`` (an fp32 .onnx or .tflite)."""
+    against itself or against ``reference`` (an fp32 .onnx or .tflite).
+
+    The ``arm`` target's variants are judged on ARM kernels (converter/arm_check.py): natively on an aarch64 host,
+    else in the emulated aarch64 when `edgefleet toolchain arm64` has made it; their golden outputs are then their own
+    outputs on those kernels. Where neither is possible the host's kernels judge, with a warning in the report;
+    ``require_arm_check`` makes that (and an emulated run that fails) an error."""
     model, calib, out = Path(model), Path(calib), Path(out)
     signature = _signature(sign_key, serial)
     say = progress or (lambda line: None)
     targets = _targets(target)
+    arm = _arm_judge(targets, require_arm_check, say)
     gating = gate.options(metric=gate_metric, output=gate_output, max_accuracy_drop=max_accuracy_drop,
                           min_sqnr=min_sqnr, max_kl=max_kl, output_kinds=output_kinds)
     max_drop = gating.max_drop
@@ -94,7 +101,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
 
         return convert_tflite(model, target=target, calib=calib, out=out, name=name, version=version,
                               input_shapes=input_shapes, calib_method=calib_method, labels=labels, gating=gating,
-                              reference=reference, sign_key=sign_key, signature=signature, say=say,
+                              reference=reference, sign_key=sign_key, signature=signature, say=say, arm=arm,
                               onnx_only={"--prune": prune, "--distill": distill or None,
                                          "--search on": search == "on" or None})
     if reference is not None:
@@ -156,9 +163,9 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             say(f"warning: {line}")
         common["warnings"] = warnings
         ctx = _Context(held, one, batch, reference, held_labels, rule, ref_accuracy, common, say)
-        ctx.quality = _quality_files(reference, rule.kinds, golden)
+        ctx.quality, ctx.arm = _quality_files(reference, rule.kinds, golden), arm
         common["quality_profile"] = {"id": ctx.quality["profile_id"], "golden_inputs": len(golden),
-                                     "files": [PROFILE, GOLDEN]}
+                                     "files": [PROFILE, GOLDEN], "golden_from": GOLDEN_FP32}
         ctx.passes.append(_fix_shapes_record(specs, kept))
         if prune:
             from converter.passes.prune import prune as prune_model
@@ -240,6 +247,9 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             "variants": entries, "refused": refused,
             "skipped": skipped, "signed": signature,
         }
+        if arm is not None and "arm" not in {s["target"] for s in skipped}:
+            report["arm_check"] = arm_summary(arm, entries + refused)
+            report["warnings"] = warnings + report["arm_check"]["warnings"]
         return _publish(staging, out, report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -286,6 +296,7 @@ class _Context:
         self.labels, self.rule, self.ref_accuracy = labels, rule, ref_accuracy
         self.common, self.say = common, say
         self.quality: dict | None = None  # profile.json bytes and golden.npz arrays, when the converter made them
+        self.arm: dict | None = None  # where the arm target's variants are judged (_arm_judge), when it is built
         self.passes: list[dict] = []  # the passes every target starts from (fix_shapes, prune, ...), as recorded
 
 
@@ -451,24 +462,43 @@ def _chosen_text(chain: list[dict]) -> str:
 def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
     """Load the variant from a directory laid out like an unpacked bundle and measure it there.
 
-    Returns the variant's report (it goes into the manifest) and its outputs on the sample."""
+    Latency is always the host's. Fidelity (agreement, accuracy, the gate) is judged on the outputs of the kernels
+    ``_arm_outputs`` names for an ``arm`` variant (ARM kernels when it can), else of the host's.
+
+    Returns the variant's report (it goes into the manifest) and its outputs on the sample (the host's: the bundle's
+    round trip runs here)."""
+    if target == "arm" and ctx.arm is not None and (said := ctx.arm.pop("say", None)):
+        ctx.say(said)  # once, at the first arm variant
     np.savez_compressed(v.path.parent / "sample.npz", **ctx.one)
-    if ctx.quality is not None:  # the reference profile and golden feeds every bundle carries (agent/quality.py)
+    if ctx.quality is not None:  # the reference profile every bundle carries (agent/quality.py)
         (v.path.parent / PROFILE).write_bytes(ctx.quality["profile"])
-        np.savez_compressed(v.path.parent / GOLDEN, **ctx.quality["golden"])
+    arm_native = target == "arm" and ctx.arm is not None and ctx.arm["native"]
     session = _session(v.path.parent, v.path.name, f"{target} {v.name} variant", v.runtime, _settings(v))
     try:
         try:
             got = measure.run_batched(session, ctx.held, ctx.batch)
             sample_out = session.run(ctx.one)
+            # on an aarch64 host the host's kernels are ARM kernels: the golden outputs are the variant's own
+            native_golden = [session.run(f) for f in ctx.quality["feeds"]] if arm_native and ctx.quality else None
         except Exception as e:
             raise ConvertError(f"{target} {v.name} variant fails in {v.runtime}: {_first_line(e)}") from None
         lat = measure.latency(session, ctx.one)
     finally:
         session.close()
+    host = arm_check.host_label()
+    judged_on, check, golden_out, host_got = host, None, native_golden, None
+    if target == "arm" and ctx.arm is not None:
+        judged_on, check, arm_got, arm_golden = _arm_outputs(v, target, ctx, got, sample_out)
+        if arm_got is not got:
+            host_got, got = got, arm_got
+            golden_out = arm_golden
+    if ctx.quality is not None:  # golden.npz: the fp32 reference's outputs, or this variant's own on ARM kernels
+        np.savez_compressed(v.path.parent / GOLDEN, **_golden_arrays(ctx.quality, golden_out))
     ref_p50 = ctx.common["reference_latency_ms"]["p50"]
     try:
         agreement = measure.agreement(ctx.reference, got, ctx.rule.kinds, ctx.rule.output)
+        host_agreement = None if host_got is None else \
+            measure.agreement(ctx.reference, host_got, ctx.rule.kinds, ctx.rule.output)
     except ValueError as e:
         raise ConvertError(f"{target} {v.name} variant: {e}") from None
     accuracy = gate.task_accuracy(got, ctx.labels, ctx.rule.labels_output)
@@ -478,12 +508,118 @@ def _measure(v: Variant, target: str, ctx: _Context) -> tuple[dict, dict]:
         "size_bytes": sum(f.stat().st_size for f in v.path.parent.iterdir()
                           if f.name not in ("sample.npz", PROFILE, GOLDEN)),
         "recipe": {**v.recipe, "passes": ctx.passes + list(v.recipe.get("passes", []))},
-        "latency_ms": {**lat, "batch": ctx.batch or 1, "settings": _settings(v)},
+        "latency_ms": {**lat, "batch": ctx.batch or 1, "settings": _settings(v), "measured_on": host},
         "speedup_vs_fp32": round(ref_p50 / lat["p50"], 3) if lat["p50"] > 0 else None,
+        "judged_on": judged_on,
         "agreement": agreement, "accuracy": accuracy, "gate": verdict,
         **ctx.common,
     }
+    if host_agreement is not None:
+        report["host_agreement"] = host_agreement
+        report["host_accuracy"] = gate.task_accuracy(host_got, ctx.labels, ctx.rule.labels_output)
+    if check is not None:
+        report["arm_check"] = check
+    if ctx.quality is not None and "quality_profile" in ctx.common:
+        report["quality_profile"] = {"golden_from": GOLDEN_FP32, **ctx.common["quality_profile"],
+                                     **({"golden_from": judged_on} if golden_out is not None else {})}
     return report, sample_out
+
+
+GOLDEN_FP32 = "fp32 reference"  # quality_profile.golden_from when golden.npz holds the reference's outputs
+LATENCY_NOTE = "latency is measured on this host: emulated timing means nothing"
+
+
+def _arm_judge(targets: list[str], require: bool, say) -> dict | None:
+    """Where the arm target's variants are judged (converter/arm_check.where), said once; None without the arm
+    target. ``require``: an error, before any work, when that is not on ARM kernels."""
+    if "arm" not in targets:
+        if require:
+            raise ConvertError("--require-arm-check is for --target arm (or all)")
+        return None
+    from converter import arm64
+
+    judged_on, why, emulated = arm_check.where()
+    if why is not None and require:
+        raise ConvertError(f"--require-arm-check: {why}")
+    # said when the first arm variant is measured (_measure): bad input found before then stays one line
+    said = (f"[arm] warning: {why}; the arm target's variants are judged on the {judged_on}'s kernels" if why else
+            f"[arm] the variants are judged on ARM kernels: {judged_on}; {LATENCY_NOTE}")
+    return {"judged_on": judged_on, "reason": why, "emulated": emulated, "native": arm64.native(),
+            "require": require, "say": said}
+
+
+def _arm_outputs(v: Variant, target: str, ctx: _Context, got: dict, sample_out: dict):
+    """The variant's held-out outputs on ARM kernels: (judged_on, the report's ``arm_check`` record, the outputs
+    the gate judges, its outputs on the golden feeds or None). Natively (an aarch64 host) those are the host's;
+    emulated, one run in the emulated aarch64 of the same batches, the sample and the golden feeds; where that
+    cannot be (not set up, or the run fails: warned, an error with --require-arm-check) the host's, and None."""
+    arm = ctx.arm
+    if arm["native"]:
+        return arm["judged_on"], {"status": "native", "judged_on": arm["judged_on"]}, got, None
+    if not arm["emulated"]:
+        return arm["judged_on"], {"status": "not checked", "reason": arm["reason"]}, got, None
+    from converter import arm64
+
+    batches = list(ctx.held.batches(ctx.batch or measure.EVAL_BATCH, whole=bool(ctx.batch)))
+    golden = ctx.quality["feeds"] if ctx.quality is not None else []
+    ctx.say(f"[{target}] judging {v.name} on ARM kernels: {len(batches) + 1 + len(golden)} runs in the emulated "
+            f"aarch64 ({arm['judged_on']}) ...")
+    t0 = time.monotonic()
+    try:
+        outs = arm_check.run(v.path.parent, v.runtime, v.path.name, _settings(v), [*batches, ctx.one, *golden],
+                             precision=v.precision, work=v.path.parent.parent)
+        arm_got = ctx.held.join(outs[: len(batches)])
+        for name in ctx.reference:
+            if name not in arm_got:
+                raise arm64.EmulationError(f"the emulated run returned no output {name!r}")
+    except arm64.EmulationError as e:
+        why = f"{arm_check.NOT_CHECKED} for arm/{v.name}: {e}"
+        if arm["require"]:
+            raise ConvertError(f"--require-arm-check: {why}") from None
+        ctx.say(f"[{target}] warning: {why}; judged on the {arm_check.host_label()}'s kernels instead")
+        return arm_check.host_label(), {"status": "failed", "reason": str(e),
+                                        "fallback": f"judged on the {arm_check.host_label()}'s kernels"}, got, None
+    sample_arm = outs[len(batches)]
+    check = {"status": "emulated", "judged_on": arm["judged_on"], "cpu": arm64.CPU,
+             "runs": len(outs), "seconds": round(time.monotonic() - t0, 1),
+             "sample_max_abs_diff_vs_host": max(
+                 (float(np.abs(np.asarray(sample_arm[k], np.float64) - np.asarray(sample_out[k], np.float64)).max(
+                     initial=0.0)) for k in sample_out if k in sample_arm and np.shape(sample_arm[k]) ==
+                  np.shape(sample_out[k])), default=None)}
+    out = ctx.rule.output
+    h, a = np.asarray(got[out]), np.asarray(arm_got[out])
+    if h.ndim == 2 and h.shape == a.shape and h.shape[1] >= 2:
+        check["top1_differs_from_host"] = int((h.argmax(1) != a.argmax(1)).sum())
+        check["samples"] = int(h.shape[0])
+    ctx.say(f"[{target}] {v.name} on ARM kernels: {check['seconds']:.0f} s"
+            + (f"; top-1 differs from the host's on {check['top1_differs_from_host']} of {check['samples']} held-out "
+               f"samples" if "samples" in check else ""))
+    return arm["judged_on"], check, arm_got, outs[len(batches) + 1 :]
+
+
+def arm_summary(arm: dict, variants: list[dict]) -> dict:
+    """The report's ``arm_check`` section: where the arm variants were judged, and the warnings to show."""
+    mine = [v for v in variants if v["target"] == "arm"]
+    warnings = [] if arm["reason"] is None else [f"{arm['reason']}; the host's kernels judged the arm variants"]
+    warnings += [f"{arm_check.NOT_CHECKED} for arm/{v['variant']}: {v['arm_check']['reason']}; "
+                 f"{v['arm_check']['fallback']}" for v in mine if v.get("arm_check", {}).get("status") == "failed"]
+    return {"judged_on": arm["judged_on"], "emulated": arm["emulated"], "native": arm["native"],
+            "reason": arm["reason"], "required": arm["require"], "latency": LATENCY_NOTE,
+            "variants": {v["variant"]: v.get("judged_on") for v in mine}, "warnings": warnings}
+
+
+def _golden_arrays(quality: dict, outputs: list[dict] | None) -> dict:
+    """golden.npz's arrays: the golden feeds with the fp32 reference's outputs, or with ``outputs`` (the variant's
+    own, one dict a golden feed, computed on ARM kernels) for the outputs the reference has."""
+    arrays = dict(quality["golden"])
+    if outputs is None:
+        return arrays
+    for key in [k for k in arrays if k.startswith("output/")]:
+        name, i = key[len("output/"):].rsplit("/", 1)
+        if name not in outputs[int(i)]:
+            raise ConvertError(f"the golden run on ARM kernels returned no output {name!r}")
+        arrays[key] = np.asarray(outputs[int(i)][name])
+    return arrays
 
 
 def _publish(staging: Path, out: Path, report: dict) -> dict:
@@ -605,7 +741,8 @@ def _quality_files(reference: dict, kinds: dict, golden: list) -> dict:
     for i, (feed, outputs) in enumerate(golden):
         arrays.update({f"{k}/{i}": np.asarray(v) for k, v in feed.items()})
         arrays.update({f"output/{k}/{i}": v for k, v in outputs.items()})
-    return {"profile": msgspec.json.encode(profile), "profile_id": profile.id, "golden": arrays}
+    return {"profile": msgspec.json.encode(profile), "profile_id": profile.id, "golden": arrays,
+            "feeds": [feed for feed, _ in golden]}
 
 
 def _fix_shapes_record(specs: list[TensorSpec], kept: list[str]) -> dict:

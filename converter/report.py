@@ -61,19 +61,21 @@ def rows(report: dict) -> list[tuple[str, ...]]:
     columns = COLUMNS[kind]
     ref_acc = report.get("reference_accuracy")
     acc = [] if ref_acc is None else ["accuracy"]
+    judged = ["judged on"] if "arm_check" in report else []  # which kernels computed the fidelity columns
     out = [("target", "variant", "runtime", "precision", "size", "p50 ms", "p95 ms", "speedup",
-            *(h for h, _ in columns), *acc, "max abs err", "gated by", "gate")]
+            *(h for h, _ in columns), *acc, "max abs err", "gated by", "gate", *judged)]
     r = reference(report)
     out.append((r["row"], r["label"], r["runtime"], r["precision"], size(r["size_bytes"]), f"{ref['p50']:.2f}",
                 f"{ref['p95']:.2f}", "1.00x", *("ref" for _ in columns), *(_pct(ref_acc) for _ in acc), "ref", "",
-                ""))
+                "", *("" for _ in judged)))
     for v in report["variants"] + report.get("refused", []):
         lat = v["latency_ms"]
         e = v["agreement"]["outputs"][output or v["agreement"]["output"]]
         out.append((v["target"], v["variant"], v["runtime"], v["precision"], size(v["size_bytes"]),
                     f"{lat['p50']:.2f}", f"{lat['p95']:.2f}",
                     f"{v['speedup_vs_fp32']:.2f}x" if v["speedup_vs_fp32"] else "-", *(f(e) for _, f in columns),
-                    *(_pct(v.get("accuracy")) for _ in acc), _num(e.get("max_abs_err")), gated_by(v), _gate(v)))
+                    *(_pct(v.get("accuracy")) for _ in acc), _num(e.get("max_abs_err")), gated_by(v), _gate(v),
+                    *(v.get("judged_on", "-") for _ in judged)))
     return out
 
 
@@ -135,6 +137,34 @@ def warning_lines(report: dict) -> list[str]:
             for v in report["variants"] + report.get("refused", []) if (v.get("recipe") or {}).get("warning")]
 
 
+def arm_lines(report: dict) -> list[str]:
+    """Which kernels judged the arm target's variants (issue 13), what ARM kernels changed against the host's, and
+    why ARM numerics were not checked where they were not."""
+    a = report.get("arm_check")
+    if a is None:
+        return []
+    lines = [f"arm: fidelity judged on {a['judged_on']}; {a['latency']}" if a["reason"] is None else
+             f"arm: fidelity judged on the {a['judged_on']}'s kernels; {a['latency']}"]
+    for v in report["variants"] + report.get("refused", []):
+        c, h = v.get("arm_check") or {}, v.get("host_agreement")
+        if c.get("status") != "emulated" or h is None:
+            continue
+        g = v["agreement"]
+        line = f"arm/{v['variant']} on {v['judged_on']}: {gated_by(v)}"
+        if "samples" in c:
+            line += (f"; top-1 {_pct(g.get('top1'))} (on the {report['host']['machine']} host: {_pct(h.get('top1'))}); "
+                     f"top-1 differs from the host's on {c['top1_differs_from_host']} of {c['samples']} held-out "
+                     f"samples")
+        else:
+            line += f"; SQNR {_db(g.get('sqnr_db'))} dB (on the host: {_db(h.get('sqnr_db'))} dB)"
+        golden = (v.get("quality_profile") or {}).get("golden_from")
+        if golden and golden != "fp32 reference":
+            line += f"; golden outputs from {golden}"
+        lines.append(line)
+    lines += [f"warning: {w}" for w in a["warnings"]]
+    return lines
+
+
 def signature_line(report: dict) -> str:
     signed = report.get("signed")
     if signed:
@@ -169,7 +199,7 @@ def table(report: dict) -> str:
         from converter.passes.distill import render
 
         lines.append(render(d))
-    lines += search_lines(report) + warning_lines(report)
+    lines += arm_lines(report) + search_lines(report) + warning_lines(report)
     for v in report.get("refused", []):
         lines.append(f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}")
     for t, chosen in report.get("gate", {}).get("chosen", {}).items():
@@ -264,7 +294,7 @@ def _table(r: list[tuple[str, ...]]) -> str:
 def to_html(report: dict) -> str:
     notes = [reference(report)["note"]] if reference(report)["note"] else []
     notes += [gate_line(report)] if gate_line(report) else []
-    notes += search_lines(report) + warning_lines(report)
+    notes += arm_lines(report) + search_lines(report) + warning_lines(report)
     notes += [f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}" for v in report.get("refused", [])]
     notes += [f"gate {t}: {c}" for t, c in report.get("gate", {}).get("chosen", {}).items()]
     notes += [f"skipped {s['target']}: {s['reason']}" for s in report.get("skipped", [])]

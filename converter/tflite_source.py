@@ -334,7 +334,7 @@ def _open(path: Path, runtime: str, settings: dict, what: str):
 def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: str, version: str,
                    input_shapes: dict | None, calib_method: str, labels: str | Path | None, gating: gate.Options,
                    reference: str | Path | None, sign_key, signature: dict | None, say,
-                   onnx_only: dict[str, object] | None = None) -> dict:
+                   onnx_only: dict[str, object] | None = None, arm: dict | None = None) -> dict:
     """``converter.convert.convert`` for a ``.tflite`` model: one variant, the model as given (see above)."""
     from converter import convert as c
 
@@ -421,7 +421,7 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
         common["quality_profile"] = {"id": quality["profile_id"], "golden_inputs": len(golden),
                                      "files": [c.PROFILE, c.GOLDEN]}
         ctx = c._Context(held, one, batch, expected, held_labels, rule, ref_accuracy, common, say)
-        ctx.quality = quality
+        ctx.quality, ctx.arm = quality, arm  # arm: where the variant is judged (convert._arm_judge)
         say(f"[{TARGET}] measuring {VARIANT} in {RUNTIME} (batch {batch or 1}, 1 thread; {data.n_eval} held-out "
             f"samples) against {common['reference']['text']} ...")
         rep, sample_out = c._measure(v, TARGET, ctx)
@@ -458,6 +458,9 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
                      "chosen": {TARGET: c._chosen_text(chain)}, "chains": {TARGET: chain}},
             "variants": [entry], "refused": [], "skipped": [], "signed": signature,
         }
+        if arm is not None:
+            report["arm_check"] = c.arm_summary(arm, [entry])
+            report["warnings"] = report["arm_check"]["warnings"]
         return c._publish(staging, out, report)
     finally:
         if ref is not None:

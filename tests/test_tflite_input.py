@@ -138,7 +138,9 @@ def test_as_given_against_itself(converted, tflites, case, precision):
     (v,) = report["variants"]
     assert (v["target"], v["variant"], v["runtime"], v["precision"]) == ("arm", "tflite", "tflite", precision)
     assert report["reference"]["kind"] == "self" and "the model itself" in report["reference"]["text"]
-    assert v["agreement"]["top1"] == 1.0 and v["agreement"]["sqnr_db"] == 200.0  # by construction
+    # by construction on the host's kernels; judged on ARM kernels (issue 13), the model against itself on x86
+    assert v["agreement"]["top1"] == 1.0 and (v["agreement"]["sqnr_db"] == 200.0 if v["judged_on"].endswith(" host")
+                                              else v["agreement"]["sqnr_db"] > 100.0)
     assert v["recipe"]["as_given"] is True and v["recipe"]["source_sha256"] == _sha(tflites[case])
     assert v["recipe"]["litert"].startswith("ai-edge-litert ")
     assert [p["name"] for p in v["recipe"]["passes"]] == ["as_given"]
@@ -222,7 +224,13 @@ def test_judged_against_the_onnx_model(converted, tflites, data, onnx_out, tmp_p
         first = N_SAMPLES - HELD
         for i in range(n):
             np.testing.assert_array_equal(g[f"x/{i}"], data["nhwc"][first + i : first + i + 1])
-            np.testing.assert_allclose(g[f"output/output_0/{i}"], onnx_out[first + i : first + i + 1], atol=1e-5)
+            # the ONNX model's outputs, or (issue 13) the int8 model's own on the ARM kernels that judged it (here
+            # compared with the bundle's run on this host's kernels above: within a quantization step of each other)
+            if v["quality_profile"]["golden_from"] == "fp32 reference":
+                np.testing.assert_allclose(g[f"output/output_0/{i}"], onnx_out[first + i : first + i + 1], atol=1e-5)
+            else:
+                assert v["quality_profile"]["golden_from"] == v["judged_on"]
+                np.testing.assert_allclose(g[f"output/output_0/{i}"], got[i : i + 1], atol=1 / 128)
     from converter.report import table
 
     text = table(report)
