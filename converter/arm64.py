@@ -152,7 +152,7 @@ def _build(base: Path, say) -> None:
     base.mkdir(parents=True)
     try:
         say(f"making an emulated aarch64 at {base} (Debian 12 arm64 + qemu {CPU} + the agent's runtime wheels: "
-            f"about 450 MB and 10 minutes, once)")
+            f"about 600 MB and 10 minutes, once)")
         _qemu(base, say)
         rootfs = base / "rootfs"
         say(f"[1/4] debootstrap: downloading Debian 12 arm64 (minbase, python3) from {MIRROR}")

@@ -55,7 +55,7 @@ def where() -> tuple[str, str | None, bool]:
         return host_label(), f"{NOT_CHECKED}: {why}", False
     if not arm64.ready():
         return host_label(), (f"{NOT_CHECKED}: the emulated aarch64 is not set up at {arm64.root()} (run "
-                              f"`{arm64.SETUP_HINT}` once, as root: about 10 minutes and 450 MB)"), False
+                              f"`{arm64.SETUP_HINT}` once, as root: about 10 minutes and 600 MB)"), False
     return emulated_label(), None, True
 
 

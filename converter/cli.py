@@ -32,8 +32,8 @@ made it (converter/passes/), with their configs and toolchain versions, in its m
 
 A MODEL.tflite is measured, gated and bundled AS GIVEN, for --target arm only: one variant, `tflite`
 (its precision told from its tensors), fed as it declares its inputs (NHWC for images; --calib must
-match them). Its reference is the model itself (agreement 100 % by construction, and the report says
-so) unless --reference REF.onnx|REF.tflite names an fp32 model to judge it against.
+match them). Its reference is the model itself on the host (judged on ARM kernels: whether ARM computes the
+same; the report says so) unless --reference REF.onnx|REF.tflite names an fp32 model to judge it against.
 
 Each variant runs in its own runtime, through the same loader a device uses, on held-out samples and
 is compared with the one fp32 reference (ONNX Runtime on the original model). Classifier outputs

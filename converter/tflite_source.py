@@ -12,8 +12,9 @@ bundle is unpacked and run as a device does.
   point (as for the arm target's full-integer models). A dim other than the batch that the model leaves
   dynamic is refused: the plugin resizes the batch only.
 - **Calibration data** (any of the three formats of ``converter/calib.py``) must match THOSE inputs.
-- **Reference.** By default the model itself in LiteRT: agreement is then 100 % by construction, and the report
-  says so ("reference: the model itself"). ``--reference REF.onnx|REF.tflite`` names an fp32 model the
+- **Reference.** By default the model itself in LiteRT on the host: judged on ARM kernels (issue 13) that checks
+  only that ARM computes what the host does, else agreement is 100 % by construction; the report says so
+  ("reference: the model itself"). ``--reference REF.onnx|REF.tflite`` names an fp32 model the
   variant is judged against: inputs and outputs are matched by name (``serving_default_NAME:0`` counts as
   ``NAME``) when every name of the model is found in the reference, else by position (the counts must agree);
   each matched pair must have the same shape, or, for 4-D tensors, the same shape once transposed between
@@ -471,8 +472,9 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
 
 def ref_note(info: dict) -> str | None:
     if info["kind"] == "self":
-        return ("reference: the model itself (LiteRT): agreement is 100 % by construction and checks nothing; "
-                "give --reference REF.onnx|REF.tflite (an fp32 model) to judge the model against it")
+        return ("reference: the model itself (LiteRT) on the host's kernels: judged on ARM kernels this only checks "
+                "that ARM computes what the host does (else agreement is 100 % by construction); give --reference "
+                "REF.onnx|REF.tflite (an fp32 model) to judge the model against it")
     return None
 
 
