@@ -311,7 +311,7 @@ def _others(sums: dict[tuple[str, str], Sums], device_id: str, sha256: str) -> t
 
 
 def device(store: "Store", device_id: str, since: float | None = None, until: float | None = None,
-           sha256: str | None = None, now: float | None = None) -> dict[str, Any] | None:
+           sha256: str | None = None, now: float | None = None, fleet: bool = True) -> dict[str, Any] | None:
     """One device's quality over [since, until) (``window``'s defaults) on one bundle; None for an unknown device.
 
     {"device_id", "since", "until", "sha256" (None: no quality in the window), "version", "profile" (its id),
@@ -325,7 +325,8 @@ def device(store: "Store", device_id: str, since: float | None = None, until: fl
                  "confusion": [[...]], "macro": {"precision", "recall", "f1"},
                  "per_class": [{"class", "precision", "recall", "f1", "support", "predicted", "tp",
                                 "precision_interval", "recall_interval"}]},
-    "refused": {reason: labels the device's agent refused}}"""
+    "refused": {reason: labels the device's agent refused}}
+    ``fleet=False`` leaves ``drift.fleet`` None and reads no other device's windows (the rollout gates)."""
     since, until = window(since, until, now)
     dev = store.query("SELECT active_sha256 FROM devices WHERE id = ?", (device_id,))
     if not dev:
@@ -351,17 +352,17 @@ def device(store: "Store", device_id: str, since: float | None = None, until: fl
     if sha256 is None:
         return out
     ref = store.reference(sha256)
-    sums = _sums(_rows(store, since, until, sha256=sha256))
-    mine = sums.get((device_id, sha256), Sums())
+    mine = _sums([r for r in rows if r["sha256"] == sha256]).get((device_id, sha256), Sums())
     out.update(windows=mine.windows, served=mine.served, first=mine.first, last=mine.last, canary=canary(mine),
                refused=dict(sorted(mine.refused.items())))
     if ref is None:
         return out
     profile_id, profile = ref
-    others, n = _others(sums, device_id, sha256)
     out.update(profile=profile_id, feedback=feedback(profile, mine),
-               drift={"reference": drift(profile, mine, None),
-                      "fleet": {**drift(profile, mine, others.bins, others.served), "devices": n}})
+               drift={"reference": drift(profile, mine, None), "fleet": None})
+    if fleet:  # every other device's windows on the bundle: read only when asked for
+        others, n = _others(_sums(_rows(store, since, until, sha256=sha256)), device_id, sha256)
+        out["drift"]["fleet"] = {**drift(profile, mine, others.bins, others.served), "devices": n}
     return out
 
 

@@ -261,7 +261,7 @@ class Rollouts:
         """Fill ``h``'s quality figures: the device's quality windows on one model in [since, until)
         (fleet/quality.py: drift against the bundle's reference, canary, feedback accuracy)."""
         until = until if until is not None else max(time.time(), since) + 1.0
-        q = quality.device(self.store, device_id, since, until, sha256=sha)
+        q = quality.device(self.store, device_id, since, until, sha256=sha, fleet=False)  # the gates need no fleet
         if q is None or q["sha256"] != sha:
             return
         ref = (q["drift"] or {}).get("reference") or {}
