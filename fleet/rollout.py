@@ -115,6 +115,16 @@ def parse_fraction(value: str | float | int, what: str) -> float:
     return number
 
 
+def _fraction_option(value: str | float | int | None, what: str, ok, bounds: str) -> float | None:
+    """An optional percentage option: None when not given, else its fraction, which ``ok`` must accept."""
+    if value is None:
+        return None
+    number = parse_fraction(value, what)
+    if not ok(number):
+        raise RolloutError(f"{what} must be in {bounds}, not {value!r}")
+    return number
+
+
 def parse_waves(value: str | list[str | int]) -> list[str]:
     """``"1,10%,100%"`` or ``["1", "10%", "100%"]`` -> ``["1", "10%", "100%"]``, each checked."""
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -209,11 +219,7 @@ def options(waves: str | list | None = None, soak: str | float | None = None,
     timeout = parse_duration(wave_timeout, "wave timeout") if wave_timeout is not None else DEFAULT_WAVE_TIMEOUT_S
     if timeout <= soak_s:
         raise RolloutError(f"the wave timeout ({timeout:g} s) must be longer than the soak ({soak_s:g} s)")
-    rate = None
-    if max_error_rate is not None:
-        rate = parse_fraction(max_error_rate, "max error rate")
-        if not 0 <= rate < 1:
-            raise RolloutError(f"max error rate must be in [0%, 100%), not {max_error_rate!r}")
+    rate = _fraction_option(max_error_rate, "max error rate", lambda f: 0 <= f < 1, "[0%, 100%)")
     p95 = None
     if max_p95_ms is not None:
         if isinstance(max_p95_ms, bool) or not isinstance(max_p95_ms, (int, float)):
@@ -221,11 +227,7 @@ def options(waves: str | list | None = None, soak: str | float | None = None,
         p95 = float(max_p95_ms)
         if not (math.isfinite(p95) and p95 > 0):
             raise RolloutError(f"max p95 must be > 0 ms, not {max_p95_ms!r}")
-    reg = None
-    if max_p95_regression is not None:
-        reg = parse_fraction(max_p95_regression, "max p95 regression")
-        if not 0 < reg <= 100:
-            raise RolloutError(f"max p95 regression must be in (0%, 10000%], not {max_p95_regression!r}")
+    reg = _fraction_option(max_p95_regression, "max p95 regression", lambda f: 0 < f <= 100, "(0%, 10000%]")
     if isinstance(min_inferences, bool) or not isinstance(min_inferences, int) or min_inferences < 0:
         raise RolloutError(f"min inferences must be an integer >= 0, not {min_inferences!r}")
     drift = None
@@ -237,16 +239,8 @@ def options(waves: str | list | None = None, soak: str | float | None = None,
         if drift is None or not (math.isfinite(drift) and drift > 0):
             raise RolloutError(f"max drift psi must be a number > 0 (0.1 moderate, 0.25 significant), "
                                f"not {max_drift_psi!r}")
-    agreement = None
-    if min_canary_agreement is not None:
-        agreement = parse_fraction(min_canary_agreement, "min canary agreement")
-        if not 0 < agreement <= 1:
-            raise RolloutError(f"min canary agreement must be in (0%, 100%], not {min_canary_agreement!r}")
-    drop = None
-    if max_accuracy_drop is not None:
-        drop = parse_fraction(max_accuracy_drop, "max accuracy drop")
-        if not 0 <= drop < 1:
-            raise RolloutError(f"max accuracy drop must be in [0%, 100%), not {max_accuracy_drop!r}")
+    agreement = _fraction_option(min_canary_agreement, "min canary agreement", lambda f: 0 < f <= 1, "(0%, 100%]")
+    drop = _fraction_option(max_accuracy_drop, "max accuracy drop", lambda f: 0 <= f < 1, "[0%, 100%)")
     if isinstance(min_labels, bool) or not isinstance(min_labels, int) or min_labels < 1:
         raise RolloutError(f"min labels must be an integer >= 1, not {min_labels!r}")
     return Options(waves=wave_list, soak_s=soak_s, wave_timeout_s=timeout, max_error_rate=rate,
