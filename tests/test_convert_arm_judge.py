@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_convert_arm import model, toolchain  # noqa: F401 (module fixtures: the onnx2tf venv, the PP-OCR classifier)
 
 from agent.bundle import encode_manifest, read_manifest, safe_unpack
 
@@ -57,20 +58,6 @@ def emulator() -> Path:
     from converter import arm64
 
     return arm64.ensure()
-
-
-@pytest.fixture(scope="module")
-def toolchain() -> Path:
-    from converter.toolchain import onnx2tf_venv
-
-    return onnx2tf_venv()
-
-
-@pytest.fixture(scope="module")
-def model() -> Path:
-    from edgefleet.models import model_path
-
-    return model_path("ocr-cls")
 
 
 @pytest.fixture(scope="module")
