@@ -19,6 +19,10 @@ version                    ``[A-Za-z0-9][A-Za-z0-9._+-]{0,63}``
 runtime, precision         ``[A-Za-z0-9][A-Za-z0-9._+-]{0,31}``
 arch, agent_version        ``[A-Za-z0-9._+-]``, at most 32 / 64 characters
 cpu_flags, runtimes        at most 64 / 16 items of ``[A-Za-z0-9._+-]{1,32}``
+devices (state)            at most 16 runtimes x 16 devices, each ``[A-Za-z0-9._+-]{1,32}``
+serving (active model)     device and provider ``[A-Za-z0-9._+-]{1,32}``; fallback at most 2000 characters
+accelerators (telemetry)   at most 16; name ``[A-Za-z0-9._+-]{1,32}``, kind gpu|npu, utilization 0..100 or
+                           null (unknown), memory bytes >= 0 or null
 errors (telemetry)         at most 64 kinds, keys ``[A-Za-z0-9._-]{1,64}``, counts >= 0
 histogram                  at most 64 buckets, counts >= 0
 quality bins               at most 16 outputs x 8 features x 64 bins; confusion at most 1089 cells
@@ -113,6 +117,7 @@ Signature = _str(re.compile(r"[A-Za-z0-9+/=]{1,200}"))  # base64 of an ed25519 s
 PemKey = _str(re.compile(r"-----BEGIN PUBLIC KEY-----\n[A-Za-z0-9+/=\n]{1,300}-----END PUBLIC KEY-----\n?"))
 MAX_STATEMENTS = 64
 _Short = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._+-]{1,32}")))]
+_Str64 = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._+-]{0,64}")))]
 _Key = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._-]{1,64}")))]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
@@ -127,6 +132,30 @@ class _Msg(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
     pass
 
 
+class Serving(_Msg):
+    """What really runs the active model (issue 14), as the runtime reports it after loading, not what the bundle
+    asked for: ``device`` in the runtime's own words (OpenVINO "CPU", "GPU.0", "NPU"; ONNX Runtime and LiteRT
+    "CPU" or "GPU"), ``provider`` the engine inside the runtime (an ONNX Runtime execution provider such as
+    "CPUExecutionProvider", the OpenVINO device plugin, a LiteRT delegate or "builtin"), ``fallback`` why the
+    bundle's earlier choices are not the ones serving ("" when its first choice runs)."""
+
+    device: _Short
+    provider: _Short
+    fallback: Reason = ""
+
+
+class AcceleratorUsage(_Msg):
+    """One accelerator's load over the telemetry window, where the machine exposes it (agent/accel.py). None is
+    "this machine does not say", never a made-up 0."""
+
+    name: _Short  # the device node's name: "nvidia0", "card0", "accel0"
+    kind: Literal["gpu", "npu"]
+    driver: _Str64 = ""  # the kernel driver or library it was read from: "nvml", "i915", "xe", "intel_vpu"
+    utilization_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    memory_used_bytes: Count | None = None
+    memory_total_bytes: Count | None = None
+
+
 class ActiveModel(_Msg):
     name: Name
     version: Version
@@ -137,6 +166,7 @@ class ActiveModel(_Msg):
     # additive, optional: the release key that signed the running bundle, and the bundle's serial
     signed_by: KeyId | None = None
     serial: Count | None = None
+    serving: Serving | None = None  # additive, optional: the device and provider that really run it
 
 
 class State(_Msg):
@@ -152,6 +182,9 @@ class State(_Msg):
     # additive, optional (older controllers ignore them, older agents leave them out):
     storage: StorageState = "ok"  # the state dir: writable, full, or read-only (agent/outbox.py)
     clock_synced: bool | None = None  # the OS's word on the wall clock (agent/clock.py); None: unknown
+    # additive, optional: runtime -> the devices / providers it can use on this machine (agent/runtimes)
+    devices: Annotated[dict[_Short, Annotated[list[_Short], msgspec.Meta(max_length=16)]],
+                       msgspec.Meta(max_length=16)] = {}
     v: int = VERSION
 
 
@@ -184,6 +217,7 @@ class Telemetry(_Msg):
     outbox_dropped: Count = 0  # messages the device's full (or too old) outbox dropped, ever
     storage: StorageState = "ok"  # additive, optional: as in State
     clock_synced: bool | None = None  # additive, optional: as in State
+    accelerators: Annotated[list[AcceleratorUsage], msgspec.Meta(max_length=16)] = []  # additive, optional
     v: int = VERSION
 
 

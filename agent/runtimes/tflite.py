@@ -15,19 +15,26 @@ Inputs and outputs of integer type with a quantization scale are quantized / deq
 full-integer model takes and returns float32 like the others. A batch other than the model's own is
 run by resizing the input tensors; if the model cannot be resized (or gives other answers when it is),
 the batch is run one sample at a time.
+
+Accelerators: "CPU" is the interpreter's built-in kernels (XNNPACK); "GPU" its GPU delegate, where its library
+(``GPU_DELEGATES``) loads here; ``settings["delegate_library"]`` names another delegate's library (NPU vendors
+ship theirs), asked for as "delegate". An interpreter is not thread-safe: ``concurrency`` N keeps N of them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from agent.bundle import Manifest
+from agent.runtimes import CPU, Placement, Pool, choose, concurrency
 
 NAME = "tflite"
 MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")  # preferred first
+GPU_DELEGATES = ("libtensorflowlite_gpu_delegate.so", "libLiteRtGpuAccelerator.so")
 
 
 def available() -> bool:
@@ -44,17 +51,50 @@ def _module() -> str | None:
     return None
 
 
-def _interpreter_class():
+def _interpreter_module():
     import importlib
 
-    return importlib.import_module(_module()).Interpreter
+    return importlib.import_module(_module())
+
+
+def _interpreter_class():
+    return _interpreter_module().Interpreter
+
+
+def _delegate(name: str, settings: dict):
+    """The loaded delegate for ``name`` ("GPU", or "delegate": ``settings["delegate_library"]``); raises when its
+    library does not load here."""
+    mod = _interpreter_module()
+    libraries = GPU_DELEGATES if name == "GPU" else (str(settings.get("delegate_library", "")),)
+    errors = []
+    for lib in libraries:
+        if not lib:
+            continue
+        try:
+            ctypes.CDLL(lib)  # first: LiteRT's load_delegate leaves a broken object behind when the library is absent
+            return mod.load_delegate(lib)
+        except (OSError, ValueError, RuntimeError) as e:
+            errors.append(f"{lib}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+    raise RuntimeError("; ".join(errors) or f"no delegate library for {name} (settings delegate_library)")
+
+
+def devices() -> list[str]:
+    """The CPU, and GPU where a GPU delegate's library loads here."""
+    try:
+        _delegate("GPU", {})
+    except Exception:
+        return [CPU]
+    return [CPU, "GPU"]
 
 
 class TfliteSession:
-    def __init__(self, path: Path, settings: dict, inputs: list[str], outputs: list[str]):
+    def __init__(self, path: Path, settings: dict, inputs: list[str], outputs: list[str], device: str = CPU):
         threads = int(settings.get("threads", settings.get("intra_op_threads", 1)))
-        self._it = _interpreter_class()(model_path=str(path), num_threads=threads)
+        delegates = [] if device == CPU else [_delegate(device, settings)]
+        self._it = _interpreter_class()(model_path=str(path), num_threads=threads,
+                                        experimental_delegates=delegates or None)
         self._it.allocate_tensors()
+        self.placement = Placement(device, "builtin" if device == CPU else f"delegate-{device}")
         self._in = self._it.get_input_details()
         self._out = self._it.get_output_details()
         self._in_t = {k: tuple(v) for k, v in (settings.get("input_transpose") or {}).items()}
@@ -203,6 +243,15 @@ def _quant(detail: dict) -> tuple[float, int]:
     return float(scale), int(zero)
 
 
-def load(model_dir: Path, manifest: Manifest) -> TfliteSession:
-    return TfliteSession(model_dir / manifest.model, manifest.settings, [s.name for s in manifest.inputs],
-                         [s.name for s in manifest.outputs])
+def load(model_dir: Path, manifest: Manifest, accelerators: list[str] | None = None):
+    path, settings = model_dir / manifest.model, manifest.settings
+    names = [s.name for s in manifest.inputs], [s.name for s in manifest.outputs]
+    n = concurrency(settings)
+
+    def attempt(device: str):
+        if n == 1:
+            return TfliteSession(path, settings, *names, device)
+        return Pool(lambda: TfliteSession(path, settings, *names, device), n)
+
+    here = devices() + (["delegate"] if settings.get("delegate_library") else [])
+    return choose(accelerators or [CPU], here, attempt, cpu=CPU, runtime=NAME)
