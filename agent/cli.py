@@ -79,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--input", required=True, type=Path, help=".npz (or .npy for a single-input model)")
     infer.add_argument("--output", type=Path, help="also write the outputs to this .npz")
     infer.add_argument("--json", action="store_true", help="print the outputs as JSON")
+    devices = sub.add_parser(
+        "devices", help="list the devices each installed runtime can use on this machine",
+        description="What the agent may run a model on here: ONNX Runtime's execution providers, OpenVINO's devices "
+        "(and AUTO), LiteRT's CPU and the delegates whose libraries load. A bundle's `accelerators` setting names "
+        "these, in order of preference; the agent reports what really runs each model (`agent status`, and the "
+        "state and telemetry it sends).",
+    )
+    devices.add_argument("--json", action="store_true", help="print {runtime: [device, ...]} as JSON")
     status = sub.add_parser("status", help="show what a running agent serves")
     status.add_argument("--api", default=DEFAULT_API, help=f"the agent's api address (default {DEFAULT_API})")
     status.add_argument("--token", help="the API's bearer token (default: $EDGEFLEET_AGENT_TOKEN)")
@@ -290,6 +298,18 @@ def main(argv: list[str]) -> int:
         return _enroll(args)
     if args.cmd == "trust":
         return _trust(args)
+    if args.cmd == "devices":
+        from agent import runtimes
+
+        found = runtimes.devices()
+        if args.json:
+            print(json.dumps(found))
+        else:
+            for name, devs in found.items():
+                print(f"{name:<12} {', '.join(devs) or '(none)'}")
+            if not found:
+                print("no runtime is installed: pip install 'edgefleet[agent]' (or [openvino], [litert])")
+        return 0
     from agent.api import AgentClient
 
     client = AgentClient(args.api, token=args.token or os.environ.get("EDGEFLEET_AGENT_TOKEN") or None)

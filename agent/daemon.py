@@ -35,6 +35,12 @@ log = logging.getLogger("edgefleet.agent")
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "asimddp", "i8mm", "sve")
 
 
+def _short(name: str) -> str:
+    """A runtime's name for a device or provider, cut to the contract's 1-32 characters of [A-Za-z0-9._+-]."""
+    clean = "".join(c if c.isascii() and (c.isalnum() or c in "._+-") else "-" for c in name)[:32]
+    return clean or "unknown"
+
+
 def cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -68,6 +74,8 @@ class Agent:
         self.store = ModelStore(config.state_dir)
         self.engine = Engine(feedback=FeedbackBook(config.feedback_buffer, config.feedback_ttl_s,
                                                    config.feedback_max_per_window), quality=config.quality)
+        self.engine.on_fallback = self._fell_back
+        self._devices: dict[str, list[str]] = {}  # what each runtime can use here (listed once, in a child)
         self.trust = trust.for_config(config)
         self.ledger = Ledger(config.state_dir)
         self.updater = Updater(self.store, self.engine, self._emit, Limits(
@@ -219,6 +227,7 @@ class Agent:
         self.updater.start()
         self._telemetry.start()
         self._renewer.start()
+        threading.Thread(target=self._list_devices, name="agent-devices", daemon=True).start()
         log.info("agent %s serving on %s%s", self.config.device_id, self.api.address,
                  "; enrolling at first boot in the background" if provisioning else "")
 
@@ -433,17 +442,35 @@ class Agent:
         cur = self.engine.current
         if cur is None:
             return None
-        m = cur.manifest
+        m, p = cur.manifest, cur.placement
         return protocol.ActiveModel(name=m.name, version=m.version, sha256=cur.sha, runtime=m.runtime,
                                     precision=m.precision, deployment_id=cur.deployment_id,
-                                    signed_by=cur.signed_by, serial=m.serial or None)
+                                    signed_by=cur.signed_by, serial=m.serial or None,
+                                    serving=protocol.Serving(device=_short(p.device), provider=_short(p.provider),
+                                                             fallback=protocol.clip(p.fallback)))
+
+    def _list_devices(self) -> None:
+        """What each installed runtime can use here, listed once in a child process (``python -m agent.runtimes``):
+        importing every runtime into the agent would cost it their memory for good. Then a fresh state message."""
+        self._devices = runtimes.devices_in_child()
+        if self._devices and self.link is not None:
+            self.link.publish_state()
+
+    def _fell_back(self, loaded: Loaded, reason: str) -> None:
+        """The engine moved a model off its accelerator (it failed at run time): an event, and a state message that
+        names the CPU as what serves now."""
+        self._queue_error(f"model {loaded.manifest.name} {loaded.manifest.version} ({loaded.sha[:12]}) falls back "
+                          f"to the CPU: {reason}")
+        if self.link is not None:
+            self.link.publish_state()
 
     def _birth(self) -> protocol.State:
         return protocol.State(
             device_id=self.config.device_id, online=True, time=protocol.now(), boot_id=self.boot_id,
             agent_version=__version__, arch=platform.machine(), cpu_flags=cpu_flags(),
             runtimes=runtimes.available(), active=self._active(), storage=self.outbox.storage,
-            clock_synced=clock.synced(),
+            clock_synced=clock.synced(), devices={_short(k): [_short(d) for d in v[:16]]
+                                                  for k, v in list(self._devices.items())[:16]},
         )
 
     def _emit(self, kind: str, desired: object, reason: str) -> None:
@@ -625,7 +652,11 @@ class Agent:
                 "deployment_id": cur.deployment_id, "signed_by": cur.signed_by, "serial": cur.manifest.serial,
                 "inputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in cur.manifest.inputs],
                 "outputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in cur.manifest.outputs],
+                # what really runs it (agent/runtimes: the bundle's accelerators setting, and the fallbacks)
+                "serving": {"device": cur.placement.device, "provider": cur.placement.provider,
+                            "fallback": cur.placement.fallback},
             },
+            "devices": self._devices,
             "inferences": self.engine.window.total,
             # the active bundle's quality window so far (None: no profile.json, or quality = false)
             "quality": (cur.quality.status() if cur is not None and cur.quality is not None and self.config.quality

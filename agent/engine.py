@@ -10,6 +10,12 @@ activation (``swap``, right after the updater's smoke test, and at a restart) an
 (``canary``, every ``canary_interval_s``); it calls the runtime directly, so it is not a served inference, not in
 the latency, not in the bins. At a swap the old bundle's partial window is kept and sent under its own sha256
 (``take_quality``), so every served output is counted once, for the bundle that computed it.
+
+Accelerators (issue 14): a model loads on the first of its bundle's ``accelerators`` that loads here
+(agent/runtimes); its ``placement`` says what really runs it. When it runs on an accelerator and the smoke test
+fails there, or a run fails there later (the device disappeared, its driver died), it is loaded again on the CPU
+(``Loaded.to_cpu``), the reason is kept in its placement, the request that met the failure is run again on the CPU,
+and the engine's ``on_fallback`` (the daemon: an ``error`` event and a fresh state message) is told.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -65,7 +72,37 @@ class Loaded:
         self.signed_by = _signer(model_dir)  # the release key that signed it (None: unsigned)
         self.stats = ModelStats()
         self.session = runtimes.load(model_dir, manifest)
+        self._reload = threading.Lock()
         self.quality = self._quality()  # None: the bundle has no (usable) profile.json
+
+    @property
+    def placement(self) -> runtimes.Placement:
+        return self.session.placement
+
+    @property
+    def accelerated(self) -> bool:
+        """Runs on something other than the CPU (what a failure there falls back from)."""
+        return self.placement.device.split(".")[0].upper() != runtimes.CPU
+
+    def to_cpu(self, reason: str, session: runtimes.Session | None = None) -> bool:
+        """Load this model again on the CPU because ``reason`` (its accelerator failed); ``session`` is the one that
+        failed (another thread may have moved already: then nothing is done). True when this call moved it."""
+        with self._reload:
+            failed = session or self.session
+            if failed is not self.session or not self.accelerated:
+                return False
+            was = failed.placement
+            cpu = runtimes.load(self.dir, self.manifest, [runtimes.CPU])
+            why = f"{was.device} ({was.provider}) {reason}"
+            cpu.placement = runtimes.Placement(cpu.placement.device, cpu.placement.provider,
+                                               "; ".join(x for x in (why, was.fallback) if x))
+            self.session = cpu
+        log.error("model %s falls back to the CPU: %s", self.sha[:12], why)
+        try:
+            failed.close()
+        except Exception:  # a dead device's session may fail to close too
+            log.exception("closing the failed session of %s", self.sha[:12])
+        return True
 
     def _quality(self) -> ModelQuality | None:
         """The bundle's reference profile (verified with the bundle), or None: no profile.json (a bundle from
@@ -127,7 +164,17 @@ class Loaded:
 
     def smoke_test(self) -> float:
         """Run the bundle's sample input: outputs finite and of the declared shapes, within the
-        latency budget. Returns the latency in ms; raises InferenceError otherwise."""
+        latency budget. Returns the latency in ms; raises InferenceError otherwise. On an accelerator, a failed
+        smoke test loads the model on the CPU and tests it there (the failure is the placement's fallback)."""
+        try:
+            return self._smoke_test()
+        except Exception as e:
+            if not self.accelerated:
+                raise
+            self.to_cpu(f"failed the smoke test: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}")
+        return self._smoke_test()
+
+    def _smoke_test(self) -> float:
         feeds = self.sample()
         check_feeds(self.manifest.inputs, feeds)
         self.session.run(feeds)  # warm-up
@@ -166,6 +213,7 @@ class Engine:
         self._current: Loaded | None = None
         self._previous: Loaded | None = None
         self._retired: list[ModelQuality] = []  # windows of unloaded bundles, until take_quality sends them
+        self.on_fallback: Callable[[Loaded, str], None] | None = None  # a model left its accelerator for the CPU
 
     @property
     def current(self) -> Loaded | None:
@@ -238,11 +286,15 @@ class Engine:
                 raise InferenceError("no_model", "no model is active on this device yet")
             check_feeds(model.manifest.inputs, feeds)
             t0 = time.perf_counter()
+            session = model.session
             try:
-                outputs = model.session.run(feeds)
+                outputs = session.run(feeds)
             except Exception as e:  # the runtime's own error types vary by plugin
-                model.stats.errors += 1
-                raise InferenceError("runtime", f"{type(e).__name__}: {e}") from None
+                if not self._fell_back(model, session, e):
+                    model.stats.errors += 1
+                    raise InferenceError("runtime", f"{type(e).__name__}: {e}") from None
+                t0 = time.perf_counter()  # the same request, on the CPU now
+                outputs = self._run_again(model, feeds)
             ms = (time.perf_counter() - t0) * 1000
             model.stats.served += 1
             model.stats.latencies.append(ms)
@@ -258,6 +310,31 @@ class Engine:
             except Exception:  # the outputs were served: counting them must never fail the request
                 log.exception("folding the outputs of %s failed", model.sha[:12])
         return outputs, self.feedback.issue(q, bins)
+
+
+    def _fell_back(self, model: Loaded, session: runtimes.Session, error: Exception) -> bool:
+        """A run failed on an accelerator: move the model to the CPU (once) and tell ``on_fallback``."""
+        if session.placement.device.split(".")[0].upper() == runtimes.CPU:
+            return False
+        reason = f"failed at run time: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        try:
+            moved = model.to_cpu(reason, session)
+        except Exception:
+            log.exception("model %s cannot be loaded on the CPU either", model.sha[:12])
+            return False
+        if moved and self.on_fallback is not None:
+            try:
+                self.on_fallback(model, model.placement.fallback)
+            except Exception:
+                log.exception("reporting the fallback of %s failed", model.sha[:12])
+        return True
+
+    def _run_again(self, model: Loaded, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return model.session.run(feeds)
+        except Exception as e:
+            model.stats.errors += 1
+            raise InferenceError("runtime", f"{type(e).__name__}: {e}") from None
 
 
 def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:

@@ -71,6 +71,14 @@ def test_deploy_activates_serves_and_reports(fleet, agent, bundles, crops):
     kinds = [e["kind"] for e in events(fleet)]
     assert {"downloading", "verifying", "activating", "active"} <= set(kinds)
     assert health["latency_ms"]["p50"] > 0 and health["rss_bytes"] > 0 and health["cpu_percent"] is not None
+    # what really runs it (issue 14), and what each runtime could use here (listed once, in a child process)
+    assert agent.status()["active"]["serving"] == {"device": "CPU", "provider": "CPUExecutionProvider",
+                                                   "fallback": ""}
+    assert agent._birth().active.serving == protocol.Serving(device="CPU", provider="CPUExecutionProvider")
+    wait_for(lambda: agent.status()["devices"], what="the runtimes' devices")
+    from agent import runtimes
+
+    assert agent._birth().devices == runtimes.devices()
 
 
 def test_bad_input_is_refused_and_counted(agent, fleet, bundles):

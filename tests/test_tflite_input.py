@@ -339,3 +339,44 @@ def test_help_names_tflite_and_reference():
     assert proc.returncode == 0
     assert "MODEL.onnx|MODEL.tflite" in proc.stdout and "--reference REF.onnx|REF.tflite" in proc.stdout
     assert "AS GIVEN" in proc.stdout
+
+
+def test_litert_gpu_without_its_delegate_falls_back_and_a_pool_serves_concurrent_callers(tflites, data, tmp_path):
+    """Issue 14 on LiteRT: "GPU" is its GPU delegate, whose library this machine lacks (so the CPU serves, and says
+    why); concurrency 2 keeps two interpreters (one is not thread-safe) and each caller gets its own answer."""
+    import threading
+
+    from agent import runtimes
+    from agent.bundle import Manifest, TensorSpec
+    from agent.runtimes import tflite
+
+    if "GPU" in tflite.devices():
+        pytest.skip("a LiteRT GPU delegate library loads here: the fallback from a missing one is not testable")
+    shutil.copyfile(tflites["fp32"], tmp_path / "model.tflite")
+
+    def manifest(**settings):
+        return Manifest(name="cls", version="1", target="arm", runtime="tflite", precision="fp32",
+                        model="model.tflite", files=[], inputs=[TensorSpec("x", [-1, 3, 48, 192], "float32")],
+                        outputs=[], settings={"input_transpose": {"x": [0, 2, 3, 1]}, **settings})
+
+    s = runtimes.load(tmp_path, manifest(accelerators="GPU,CPU", concurrency=2))
+    assert (s.placement.device, s.placement.provider) == ("CPU", "builtin")
+    assert s.placement.fallback == "GPU is not available here (tflite has CPU)"
+    assert isinstance(s, runtimes.Pool)
+    one = runtimes.load(tmp_path, manifest())
+    x = data["x"][:12]
+    want = [next(iter(one.run({"x": x[i:i + 1]}).values())) for i in range(len(x))]
+    wrong = []
+
+    def caller(k):
+        for _ in range(3):
+            for i in range(k, len(x), 3):
+                if not np.array_equal(next(iter(s.run({"x": x[i:i + 1]}).values())), want[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []

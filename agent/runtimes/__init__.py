@@ -170,6 +170,27 @@ def load(model_dir: str | Path, manifest: Manifest, accelerators_: list[str] | N
     return plugin(manifest.runtime).load(Path(model_dir), manifest, wanted)
 
 
+def devices_in_child(timeout: float = 120.0) -> dict[str, list[str]]:
+    """``devices()`` from a child process (``python -m agent.runtimes``), so the caller does not import every runtime
+    it has (their memory stays with the child). {} when the child fails (logged)."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent.runtimes"], capture_output=True, timeout=timeout,
+                             check=True).stdout
+        found = json.loads(out)
+        if isinstance(found, dict) and all(isinstance(v, list) for v in found.values()):
+            return {str(k): [str(d) for d in v] for k, v in found.items()}
+        raise ValueError(f"not a map of lists: {out[:200]!r}")
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        err = getattr(e, "stderr", None)
+        log.warning("cannot list the runtimes' devices: %s%s", _first_line(e),
+                    f" ({err.decode(errors='replace').strip().splitlines()[-1][:300]})" if err else "")
+        return {}
+
+
 def devices() -> dict[str, list[str]]:
     """Runtime -> the devices / providers it can use on this machine, for the runtimes installed here."""
     out = {}
