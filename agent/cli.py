@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--wheels", type=Path, metavar="DIR",
                          help="install offline from this wheelhouse (from `edgefleet agent bundle-wheels`, made for "
                          "this machine's platform): pip --no-index --find-links DIR")
+    install.add_argument("--accelerator", action="append", dest="accelerators",
+                         choices=["none", "auto", "nvidia", "dri", "npu"],
+                         help="what accelerators the agent may use (repeatable; default auto: those whose device "
+                         "nodes /dev has: /dev/nvidia*, /dev/dri/renderD*, /dev/accel/accel*): the drop-in "
+                         "accelerators.conf opens their nodes alone instead of PrivateDevices=yes; none: no drop-in")
     install.add_argument("--root", default="/", type=Path,
                          help="install under this directory, e.g. an image's root filesystem: no user, no systemctl; "
                          "the venv is made by the root's own python3 (chroot, or emulated for an aarch64 root on an "
@@ -285,7 +290,7 @@ def main(argv: list[str]) -> int:
                         api=args.api, telemetry_interval=args.telemetry_interval, config_file=args.config_file,
                         force=args.force, source=args.source, extras=args.extras, python=args.python,
                         token=_token(args.token), ca_fingerprint=args.ca_fingerprint, trust=args.trust,
-                        wheels=args.wheels, say=say)
+                        wheels=args.wheels, accelerators=args.accelerators, say=say)
         return 0
     if args.cmd == "bundle-wheels":
         from agent import wheels

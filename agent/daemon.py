@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import msgspec
 
-from agent import __version__, clock, identity, protocol, runtimes, signing, storage, systemd, transport, trust
+from agent import __version__, accel, clock, identity, protocol, runtimes, signing, storage, systemd, transport, trust
 from agent.api import InferenceServer
 from agent.config import AgentConfig, ConfigError, validate
 from agent.errors import EdgefleetError
@@ -88,6 +88,7 @@ class Agent:
         self.api: InferenceServer | None = None
         self.link: Link | None = None
         self._resources: Resources | None = None
+        self._accelerators = accel.Sampler()  # reads /sys (and NVML) at each window, not before
         self._telemetry = threading.Thread(target=self._telemetry_loop, name="agent-telemetry", daemon=True)
         self._telemetry_tick: float | None = None  # when the telemetry loop last woke (run()'s watchdog)
         self._renewer = threading.Thread(target=self._renew_loop, name="agent-identity", daemon=True)
@@ -565,7 +566,7 @@ class Agent:
             device_id=self.config.device_id, boot_id=self.boot_id, seq=0, time=protocol.now(),
             interval_s=self.config.telemetry_interval_s, inferences=count, errors=errors, latency_ms=latency,
             histogram=hist, active=self._active(), storage=self.outbox.storage, clock_synced=clock.synced(),
-            **self._resources.sample(),
+            accelerators=self._accelerators.sample(), **self._resources.sample(),
         )
 
     def publish_telemetry(self) -> None:

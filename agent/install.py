@@ -12,6 +12,9 @@ What install puts where (each path under ``--root DIR`` when given):
   /etc/systemd/system/edgefleet-agent.service.d/network.conf   the addresses the agent may reach: IPAddressDeny=any
                                             + localhost, the controller's and broker's addresses (resolved now)
                                             and the nameservers of /etc/resolv.conf
+  /etc/systemd/system/edgefleet-agent.service.d/accelerators.conf   only with accelerators (``--accelerator``,
+                                            default auto: those /dev has): PrivateDevices=no, DevicePolicy=closed
+                                            and a DeviceAllow= per node (agent/systemd.accelerator_dropin)
   the system user and group ``edgefleet``   (not under --root)
   the group ``edgefleet-api``               the local API socket's group: applications join it (not under --root)
 
@@ -61,6 +64,9 @@ API_GROUP = "edgefleet-api"  # the config's default api_group; the unit's Supple
 STATE_DIR = "/var/lib/edgefleet"
 VENV, CONFIG, UNIT = "/opt/edgefleet", "/etc/edgefleet/agent.toml", f"/etc/systemd/system/{SERVICE}.service"
 NETWORK_DROPIN = f"/etc/systemd/system/{SERVICE}.service.d/network.conf"
+# the accelerators the agent may use (agent/systemd.accelerator_dropin): absent, the unit's PrivateDevices=yes stands
+ACCELERATOR_DROPIN = f"/etc/systemd/system/{SERVICE}.service.d/accelerators.conf"
+ACCELERATOR_CHOICES = ("none", "auto", "nvidia", "dri", "npu")
 _STAMP = ".edgefleet-install.json"  # in the venv: what was installed into it, to skip a same-source rerun
 # not copied when installing from a source checkout
 _SKIP = {".git", ".venv", "__pycache__", "build", "dist", ".pytest_cache", ".ruff_cache", ".cache", "out",
@@ -589,14 +595,59 @@ def _enroll(root: Path, controller: str | None, token: str, ca_fingerprint: str,
             os.chown(p, uid, gid)
 
 
+def _plan_accelerators(root: Path, wanted: list[str] | tuple[str, ...] | None) -> list[str]:
+    """The kinds of accelerator the unit lets the agent use: ``wanted`` (``--accelerator``, repeatable; default
+    auto: the kinds whose device nodes this machine's /dev has, or for --root the image's)."""
+    from agent.systemd import ACCELERATORS, accelerators_present
+
+    wanted = list(wanted or ["auto"])
+    bad = [w for w in wanted if w not in ACCELERATOR_CHOICES]
+    if bad:
+        raise InstallError(f"--accelerator {bad[0]!r}: choose from {', '.join(ACCELERATOR_CHOICES)}")
+    if "none" in wanted:
+        if set(wanted) != {"none"}:
+            raise InstallError("--accelerator none goes alone (it gives the agent no accelerator)")
+        return []
+    kinds = set(w for w in wanted if w != "auto")
+    if "auto" in wanted:
+        kinds |= set(accelerators_present(_under(root, "/dev")))
+    return [k for k in ACCELERATORS if k in kinds]
+
+
+def _accelerator_unit(root: Path, kinds: list[str], say: Say) -> bool:
+    """Write (or remove, for no accelerators) the unit's accelerators.conf; True when it changed."""
+    from agent.systemd import ACCELERATOR_GROUPS, accelerator_dropin
+
+    path = _under(root, ACCELERATOR_DROPIN)
+    content = accelerator_dropin(kinds, _under(root, "/dev"))
+    if content is None:
+        if path.exists():
+            say(f"unit: removing {path} (no accelerators: PrivateDevices=yes)")
+            path.unlink()
+            return True
+        return False
+    if "SupplementaryGroups=" in content.decode():
+        for group in ACCELERATOR_GROUPS:
+            if _lookup(root, "group", group) is None:
+                say(f"unit: no group {group} here: the unit will not start until it exists (groupadd -r {group})")
+    if path.exists() and path.read_bytes() == content:
+        say(f"unit: {path} is up to date")
+        return False
+    say(f"unit: writing {path} (the agent may use {', '.join(kinds)})")
+    _write(path, content, 0o644)
+    return True
+
+
 def install(*, root: str | Path = "/", device_id: str | None = None, broker: str | None = None,
             controller: str | None = None, api: str | None = None, telemetry_interval: float | None = None,
             config_file: str | Path | None = None, force: bool = False, source: str | None = None,
             extras: list[str] | tuple[str, ...] = (), python: str | None = None, token: str | None = None,
             ca_fingerprint: str | None = None, trust: list[str | Path] | tuple = (),
-            wheels: str | Path | None = None, say: Say = print) -> None:
+            wheels: str | Path | None = None, accelerators: list[str] | tuple[str, ...] | None = None,
+            say: Say = print) -> None:
     _require_root("install")
     root = Path(root).resolve()
+    kinds = _plan_accelerators(root, accelerators)
     config_path, unit_path = _under(root, CONFIG), _under(root, UNIT)
     if (token is None) != (ca_fingerprint is None):
         raise InstallError("--token and --ca-fingerprint go together (both from `edgefleet fleet enroll`)")
@@ -654,6 +705,7 @@ def install(*, root: str | Path = "/", device_id: str | None = None, broker: str
             say(f"unit: writing {dropin_path} (the addresses the agent may reach)")
             _write(dropin_path, dropin, 0o644)
             changed = True
+        changed |= _accelerator_unit(root, kinds, say)
         where = agent_config.parse_api_address(cfg.api) if cfg.api else None
         if isinstance(where, tuple) and not agent_config.is_loopback(where[0]):
             say(f"unit: the api listens on {cfg.api} for other hosts: allow their addresses with "
@@ -737,12 +789,12 @@ def uninstall(*, root: str | Path = "/", purge: bool = False, say: Say = print) 
             _systemctl(say, "disable", "--now", SERVICE, check=False)
     elif root != Path("/"):
         say(f"--root {root}: no user, no systemctl")
-    dropin_path = _under(root, NETWORK_DROPIN)
-    if dropin_path.exists():
-        say(f"unit: removing {dropin_path}")
-        dropin_path.unlink()
-        if not any(dropin_path.parent.iterdir()):
-            dropin_path.parent.rmdir()
+    for dropin_path in (_under(root, ACCELERATOR_DROPIN), _under(root, NETWORK_DROPIN)):
+        if dropin_path.exists():
+            say(f"unit: removing {dropin_path}")
+            dropin_path.unlink()
+            if not any(dropin_path.parent.iterdir()):
+                dropin_path.parent.rmdir()
     if unit_path.exists():
         say(f"unit: removing {unit_path}")
         unit_path.unlink()

@@ -113,3 +113,53 @@ def on_signal(event):
     import threading
 
     return lambda *_: threading.Thread(target=event.set, name="signal", daemon=True).start()
+
+
+# --- the unit's device access (agent install --accelerator) -----------------------------------------------------
+# The unit has PrivateDevices=yes: a /dev with only the pseudo devices. A runtime that uses an accelerator needs its
+# device nodes instead: the drop-in ``accelerators.conf`` turns that off and lets the agent open those nodes alone
+# (DevicePolicy=closed: the pseudo devices and each DeviceAllow=). Where the nodes appear only later (NVIDIA's
+# /dev/nvidia-uvm is made on first use by nvidia-modprobe; a driver loaded after boot), the device class is allowed
+# by its /proc/devices name. DRI render nodes and NPUs belong to the groups render / video.
+ACCELERATORS = ("nvidia", "dri", "npu")
+_NODES = {"nvidia": ("nvidia[0-9]*", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset"),
+          "dri": ("dri/renderD[0-9]*",), "npu": ("accel/accel[0-9]*",)}
+_CLASSES = {"nvidia": ("char-nvidia-frontend", "char-nvidia-uvm"), "dri": ("char-drm",), "npu": ("char-accel",)}
+ACCELERATOR_GROUPS = ("render", "video")
+
+
+def accelerator_nodes(kind: str, dev: str | os.PathLike = "/dev") -> list[str]:
+    """The device nodes of ``kind`` (nvidia, dri, npu) under ``dev``, as their paths in /dev."""
+    from pathlib import Path
+
+    base = Path(dev)
+    found = sorted({p.relative_to(base).as_posix() for pattern in _NODES[kind] for p in base.glob(pattern)})
+    return [f"/dev/{name}" for name in found]
+
+
+def accelerators_present(dev: str | os.PathLike = "/dev") -> list[str]:
+    """The kinds of accelerator whose nodes ``dev`` has (``--accelerator auto``)."""
+    return [kind for kind in ACCELERATORS if accelerator_nodes(kind, dev)]
+
+
+def accelerator_dropin(kinds: list[str], dev: str | os.PathLike = "/dev") -> bytes | None:
+    """The unit's drop-in letting the agent use ``kinds`` (the nodes ``dev`` has, and for NVIDIA, or a kind whose
+    nodes are not there yet, its device class); None for no kinds: the unit's PrivateDevices=yes stands."""
+    if not kinds:
+        return None
+    allow, groups = [], False
+    for kind in ACCELERATORS:
+        if kind not in kinds:
+            continue
+        nodes = accelerator_nodes(kind, dev)
+        allow += nodes
+        if kind == "nvidia" or not nodes:
+            allow += _CLASSES[kind]
+        groups |= kind in ("dri", "npu")
+    lines = [f"# Written by `edgefleet agent install --accelerator`: the agent may use {', '.join(kinds)} (its",
+             "# device nodes alone; every other device stays closed). Re-run install to change it.",
+             "[Service]", "PrivateDevices=no", "DevicePolicy=closed",
+             *(f"DeviceAllow={a} rw" for a in dict.fromkeys(allow))]
+    if groups:  # added to the unit's own SupplementaryGroups= (a list: a drop-in extends it)
+        lines.append(f"SupplementaryGroups={' '.join(ACCELERATOR_GROUPS)}")
+    return ("\n".join(lines) + "\n").encode()

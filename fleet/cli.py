@@ -373,13 +373,37 @@ def _health_row(h: dict[str, Any]) -> list[str]:
             m.get("precision", "-"), str(h["inferences"]), str(h["errors"]), _latency(h["latency_ms"]),
             _num(h.get("inferences_per_min")), _pct(h.get("error_rate")), _num(h["cpu_percent"]),
             _mib(h["rss_bytes"]), _num(h["memory_percent"]), _num(h["temperature_c"], unknown="unknown"),
-            _disk(h), _clock(h.get("clock")), *_quality_cells(h.get("quality")), ago(h["last_seen_ago_s"]),
-            ",".join(h.get("tags", [])) or "-"]
+            _disk(h), _clock(h.get("clock")), *_quality_cells(h.get("quality")),
+            (h.get("serving") or {}).get("device", "-"), _accelerator_cells(h.get("accelerators")),
+            ago(h["last_seen_ago_s"]), ",".join(h.get("tags", [])) or "-"]
 
 
 HEALTH_HEADERS = ["device", "online", "model", "version", "precision", "inferences", "errors",
                   "p50/p95/p99 ms", "inf/min", "err %", "CPU %", "RSS MiB", "mem %", "temp °C", "disk free", "clock",
-                  "drift PSI", "canary %", "acc % (labels)", "last seen", "tags"]
+                  "drift PSI", "canary %", "acc % (labels)", "runs on", "accel util", "last seen", "tags"]
+
+
+def _accelerator_cells(accelerators: list[dict[str, Any]] | None) -> str:
+    """``nvidia0 37%,card0 unknown``: each accelerator's utilisation; ``-`` when it reports none."""
+    return ",".join(f"{a['name']} " + ("unknown" if a["utilization_percent"] is None else
+                                       f"{a['utilization_percent']:g}%") for a in accelerators or []) or "-"
+
+
+def _serving_line(sv: dict[str, Any] | None) -> str:
+    """What really runs the active model: ``serving: CPU via CPUExecutionProvider (fallback: ...)``."""
+    if not sv:
+        return "serving: not reported (an agent from before accelerators)"
+    why = f" (fallback: {sv['fallback']})" if sv["fallback"] else ""
+    return f"serving: {sv['device']} via {sv['provider']}{why}"
+
+
+def _accelerator_line(a: dict[str, Any]) -> str:
+    """``card0 gpu i915 util unknown, memory 1.0G of 8.0G``; unknown figures are said to be."""
+    util = "unknown" if a["utilization_percent"] is None else f"{a['utilization_percent']:g} %"
+    used, total = a["memory_used_bytes"], a["memory_total_bytes"]
+    memory = ("unknown" if used is None and total is None else
+              f"{'unknown' if used is None else _size(used)} of {'unknown' if total is None else _size(total)}")
+    return f"{a['name']} {a['kind']} {a['driver'] or '-'} util {util}, memory {memory}"
 
 
 def _drift(psi: float | None, band: str) -> str:
@@ -461,10 +485,19 @@ def _device_report(h: dict[str, Any]) -> str:
     out.append(f"  arch {i.get('arch') or '-'}, agent {i.get('agent_version') or '-'}, runtimes "
                f"{', '.join(i.get('runtimes') or []) or '-'}, boot {i.get('boot_id') or '-'}")
     out.append(f"  CPU flags: {' '.join(i.get('cpu_flags') or []) or '-'}")
+    devs = i.get("devices") or {}
+    out.append("  runtime devices: " + ("; ".join(f"{rt} {', '.join(ds) or '-'}" for rt, ds in devs.items())
+                                        if devs else "not reported"))
+    acc = h.get("accelerators")
+    if acc is None:
+        out.append("  accelerators: not reported")
+    else:
+        out.append("  accelerators: " + ("none" if not acc else "; ".join(_accelerator_line(a) for a in acc)))
     m = h.get("model")
     out.append("model: " + (f"{m['name']} {m['version']} ({m['precision']}, {m['runtime']}, {m['sha256'][:12]})"
                             if m else "none active"))
     if m:
+        out.append("  " + _serving_line(h.get("serving")))
         out.append("  " + _signer_line(h.get("signer")))
     r = h.get("recent") or {}
     window = f"the last {int(r.get('window_s', 0)) // 60} min"

@@ -177,6 +177,11 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str],
         "clock": clock(store, d),
         # model quality over the last QUALITY_S seconds (fleet/quality.py): drift, canary, feedback accuracy
         "quality": model_quality,
+        # accelerators (issue 14): what really runs the active model, as its state says (null: no model active,
+        # or an agent that does not say), and each accelerator's load in the latest telemetry (null: no telemetry
+        # kept, or an agent that does not report them; [] : it has none)
+        "serving": json.loads(d["active_serving"]) if d["active_serving"] and d["active_name"] is not None else None,
+        "accelerators": outbox.get("accelerators") if t else None,
     }
 
 
@@ -268,7 +273,8 @@ def report(store: "Store", device_id: str, events: int = 20, transitions: int = 
     h["quality_report"] = quality.device(store, device_id, now - QUALITY_S, now)
     h["identity"] = {"arch": d["arch"], "agent_version": d["agent_version"],
                      "runtimes": json.loads(d["runtimes"]), "cpu_flags": json.loads(d["cpu_flags"]),
-                     "boot_id": d["boot_id"], "first_seen": d["first_seen"]}
+                     "devices": json.loads(d["runtime_devices"]), "boot_id": d["boot_id"],
+                     "first_seen": d["first_seen"]}
     h["errors_by_kind"] = {r["kind"]: {"count": r["count"], "last_time": r["last_time"]} for r in store.query(
         "SELECT kind, count, last_time FROM device_errors WHERE device_id = ? ORDER BY count DESC, kind",
         (device_id,))}

@@ -10,8 +10,10 @@ that is beyond ``--max-clock-offset`` and whether its OS says the clock is synch
 state, how many identities are in conflict, how many devices' storage takes no writes and how many clocks are
 beyond the bound. Model quality over health's last 10 minutes (fleet/quality.py), per device: drift PSI against the
 bundle's reference and against the fleet (label ``against``), canary agreement, feedback accuracy and labels; and
-the quality messages refused, by reason. Built from ``Store.health()``; a scrape never scans telemetry (it reads
-the last 10 minutes of quality windows once).
+the quality messages refused, by reason. Accelerators (issue 14): each one's utilisation and memory used / total
+(labels ``accelerator``, ``kind``; only the figures the device's machine gives), and what really runs the active
+model (``edgefleet_device_serving_info``, labels ``runtime_device``, ``provider``). Built from ``Store.health()``;
+a scrape never scans telemetry (it reads the last 10 minutes of quality windows once).
 """
 
 from __future__ import annotations
@@ -82,6 +84,19 @@ _DRIFT = ("edgefleet_quality_drift_psi", "gauge",
           "below 50 served outputs. 0.1 and 0.25 are the usual moderate and significant bands.")
 _REFUSED = ("edgefleet_quality_refused_total", "counter",
             "Quality messages the controller refused (they did not fit the bundle's profile), by reason.")
+# accelerators (issue 14): from each device's latest telemetry, only the figures its machine gives (absent: unknown)
+_ACCELERATOR = [
+    ("edgefleet_device_accelerator_utilization_percent", "gauge", "An accelerator's utilisation over the device's "
+     "latest telemetry window, percent (absent where the machine does not say, e.g. Intel GPUs).",
+     "utilization_percent"),
+    ("edgefleet_device_accelerator_memory_used_bytes", "gauge", "An accelerator's memory in use, from the device's "
+     "latest telemetry (absent where the machine does not say).", "memory_used_bytes"),
+    ("edgefleet_device_accelerator_memory_total_bytes", "gauge", "An accelerator's memory, from the device's latest "
+     "telemetry (absent where the machine does not say).", "memory_total_bytes"),
+]
+_SERVING = ("edgefleet_device_serving_info", "gauge",
+            "1 for what really runs the device's active model: the runtime's device (runtime_device) and provider, as "
+            "its state says (absent: no model active, or an agent that does not say).")
 _LATENCY = ("edgefleet_device_latency_ms", "gauge",
             "Inference latency percentiles of the device's latest telemetry window with inferences, ms.")
 QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
@@ -141,6 +156,12 @@ def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None) 
                 if h["latency_ms"].get(key) is not None:
                     samples.append((_labels([*base[h["device_id"]], ("quantile", q)]), h["latency_ms"][key]))
     family(*_LATENCY, samples)
+    for name, kind, help_text, key in _ACCELERATOR:
+        family(name, kind, help_text, [
+            (_labels([*base[h["device_id"]], ("accelerator", a["name"]), ("kind", a["kind"])]), a[key])
+            for h in health for a in h.get("accelerators") or [] if a.get(key) is not None])
+    family(*_SERVING, [(_labels([*base[h["device_id"]], ("runtime_device", h["serving"]["device"]),
+                                 ("provider", h["serving"]["provider"])]), 1) for h in health if h.get("serving")])
     family(*_STORAGE, [(_labels([*base[h["device_id"]], ("state", state)]), int(h["storage"] == state))
                        for h in health if h.get("storage") in STORAGE_STATES for state in STORAGE_STATES])
     family(*_DRIFT, [(_labels([*base[h["device_id"]], ("against", against)]), h["quality"][f"psi_{key}"])

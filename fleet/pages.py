@@ -344,7 +344,7 @@ def _active_model(d: dict, bundle: dict | None) -> str:
     if not m:
         return '<p class="muted">No model is active on this device.</p>'
     pairs = [("Model", f'{e(m["name"])} {e(m["version"])}'), ("Precision", e(m["precision"])),
-             ("Runtime", e(m["runtime"])), ("Bundle", short(m["sha256"]))]
+             ("Runtime", e(m["runtime"])), ("Runs on", _serving(d.get("serving"))), ("Bundle", short(m["sha256"]))]
     sg = d.get("signer")
     if sg is not None:
         who = ("unsigned" if sg["keyid"] is None else
@@ -433,6 +433,9 @@ def _device_info(d: dict, info: dict) -> str:
         ("Agent", e(info.get("agent_version") or "–")),
         ("Arch", e(info.get("arch") or "–")),
         ("Runtimes", e(", ".join(info.get("runtimes") or []) or "–")),
+        ("Runtime devices", e("; ".join(f"{rt}: {', '.join(ds) or '–'}" for rt, ds in info["devices"].items()))
+         if info.get("devices") else '<span class="muted">not reported</span>'),
+        ("Accelerators", _accelerators(d.get("accelerators"))),
         ("Boot", short(info.get("boot_id"), 8)),
         ("Reporting every", f"{interval:g} s" if interval else "–"),
         ("Storage", f'{pill(d.get("storage") or "not reported")} {fmt_bytes(d.get("disk_free_bytes"))} free'
@@ -443,6 +446,32 @@ def _device_info(d: dict, info: dict) -> str:
         ("Messages", f'{d["seq_gaps"]} lost (seq gaps), {d["duplicates"]} duplicates; outbox '
                      f'{fmt_num(d["outbox_pending"])} pending, {fmt_num(d["outbox_dropped"])} dropped'),
     ])
+
+
+def _serving(sv: dict | None) -> str:
+    """What really runs the active model (its state's ``serving``), and why not the bundle's first choice."""
+    if not sv:
+        return '<span class="muted">not reported</span>'
+    why = f' <span class="muted">(fallback: {e(sv["fallback"])})</span>' if sv.get("fallback") else ""
+    return f'<span data-serving="{e(sv["device"])}">{e(sv["device"])} via {e(sv["provider"])}</span>{why}'
+
+
+def _accelerators(acc: list | None) -> str:
+    """Each accelerator and its load in the latest window; what the machine does not say is "unknown"."""
+    if acc is None:
+        return '<span class="muted">not reported</span>'
+    if not acc:
+        return "none"
+
+    def one(a: dict) -> str:
+        util = "unknown" if a["utilization_percent"] is None else f'{a["utilization_percent"]:g} %'
+        used, total = a["memory_used_bytes"], a["memory_total_bytes"]
+        memory = ("" if used is None and total is None else
+                  f', memory {"unknown" if used is None else fmt_bytes(used)} of '
+                  f'{"unknown" if total is None else fmt_bytes(total)}')
+        return (f'<div data-accelerator="{e(a["name"])}">{e(a["name"])} <span class="muted">{e(a["kind"])} '
+                f'{e(a["driver"])}</span> load {e(util)}{e(memory)}</div>')
+    return "".join(one(a) for a in acc)
 
 
 def _clock_info(c: dict) -> str:

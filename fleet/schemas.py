@@ -221,6 +221,8 @@ class Device(_S):
     disk_free_bytes: int | None = None  # free space in its state dir's filesystem (its latest telemetry)
     active_signed_by: str | None = None  # the key that signed its running bundle, as it says
     active_serial: int | None = None  # and that bundle's serial
+    active_serving: "Serving | None" = None  # what really runs its active model (null: it does not say)
+    runtime_devices: dict[str, list[str]] = {}  # runtime -> the devices it can use there, as the device says
     tags: list[str] = []
 
 
@@ -293,6 +295,26 @@ class Health(_S):
     disk_free_bytes: int | None  # free space in its state dir's filesystem, from its latest telemetry
     clock: "DeviceClock"
     quality: "HealthQuality | None"  # model quality over the last 10 minutes (null: the device sent none)
+    serving: "Serving | None"  # what really runs the active model (null: none active, or not said)
+    accelerators: "list[Accelerator] | None"  # from its latest telemetry (null: not reported; []: none)
+
+
+class Serving(_S):
+    """What really runs the device's active model, as the runtime reported it after loading."""
+    device: str  # in the runtime's words: "CPU", "GPU.0", "NPU"
+    provider: str  # the engine inside the runtime: "CPUExecutionProvider", an OpenVINO plugin, a LiteRT delegate
+    fallback: str  # why the bundle's earlier accelerator choices are not the ones running ("": its first one is)
+
+
+class Accelerator(_S):
+    """One accelerator of the device and its load over its latest telemetry window; null: the machine does not
+    say (never a made-up 0)."""
+    name: str  # "nvidia0", "card0", "accel0"
+    kind: str  # gpu | npu
+    driver: str  # "nvml", "i915", "xe", "amdgpu", "intel_vpu"
+    utilization_percent: float | None
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
 
 
 # -- model quality (fleet/quality.py, fleet/api_quality.py) ------------------------------------------------------
@@ -490,6 +512,7 @@ class Identity(_S):
     cpu_flags: list[str]
     boot_id: str
     first_seen: float
+    devices: dict[str, list[str]] = {}  # runtime -> the devices / providers it can use on the device
 
 
 class ErrorCount(_S):

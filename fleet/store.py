@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgefleet.fleet.store")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
 CLONE_BOOTS = 8  # the boot ids remembered per device for clone detection
@@ -356,7 +356,16 @@ ALTER TABLE bundles ADD COLUMN profile TEXT;
 ALTER TABLE bundles ADD COLUMN profile_id TEXT;
 UPDATE schema_version SET version = 7
 """
-_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6, 6: _V6_TO_V7}
+# Accelerators (issue 14). From the device's latest state: ``active_serving``, the JSON of its active model's
+# ``serving`` (the device and provider that really run it, and why its bundle's earlier choices do not; NULL: the
+# agent does not say), and ``runtime_devices``, the JSON of its ``devices`` (runtime -> the devices it can use
+# there). The accelerators' load is in each telemetry row's payload (health reads the latest).
+_V7_TO_V8 = """
+ALTER TABLE devices ADD COLUMN active_serving TEXT;
+ALTER TABLE devices ADD COLUMN runtime_devices TEXT NOT NULL DEFAULT '{}';
+UPDATE schema_version SET version = 8
+"""
+_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6, 6: _V6_TO_V7, 7: _V7_TO_V8}
 SEQ_TABLES = ("telemetry", "events", "quality")  # the messages that take a seq from the device's one counter
 
 class Store:
@@ -572,11 +581,13 @@ class Store:
                     "UPDATE devices SET online = 1, state_time = ?, boot_id = ?, agent_version = ?, arch = ?, "
                     "cpu_flags = ?, runtimes = ?, active_name = ?, active_version = ?, active_sha256 = ?, "
                     "active_runtime = ?, active_precision = ?, active_deployment_id = ?, active_signed_by = ?, "
-                    "active_serial = ? WHERE id = ?",
+                    "active_serial = ?, active_serving = ?, runtime_devices = ? WHERE id = ?",
                     (msg.time, msg.boot_id, msg.agent_version, msg.arch,
                      json.dumps(msg.cpu_flags), json.dumps(msg.runtimes),
                      a and a.name, a and a.version, a and a.sha256, a and a.runtime, a and a.precision,
-                     a and a.deployment_id, a and a.signed_by, a and a.serial, msg.device_id))
+                     a and a.deployment_id, a and a.signed_by, a and a.serial,
+                     protocol.encode(a.serving).decode() if a and a.serving else None, json.dumps(msg.devices),
+                     msg.device_id))
                 self._settle(db, msg.device_id, received, "birth")
                 return
             # Offline: the last will, or the state an agent sends when it stops. Neither says more than that, so
@@ -1053,6 +1064,8 @@ class Store:
                 continue
             d = {k: r[k] for k in r.keys() if k not in _INTERNAL}
             d["cpu_flags"], d["runtimes"] = json.loads(d["cpu_flags"]), json.loads(d["runtimes"])
+            d["active_serving"] = json.loads(d["active_serving"]) if d["active_serving"] else None
+            d["runtime_devices"] = json.loads(d["runtime_devices"])
             d["online"] = self.is_online(r, now)
             d["clock_synced"] = None if r["clock_synced"] is None else bool(r["clock_synced"])
             d["tags"] = tags.get(r["id"], [])

@@ -460,5 +460,9 @@ def test_telemetry_carries_no_quality_field_and_decodes_as_before(converted, mak
     before = {"device_id", "boot_id", "seq", "time", "interval_s", "inferences", "errors", "latency_ms", "histogram",
               "active", "cpu_percent", "rss_bytes", "memory_percent", "disk_free_bytes", "temperature_c", "load1",
               "outbox_pending", "outbox_dropped", "storage", "clock_synced", "v"}
-    assert set(doc) <= before and not {k for k in doc if "quality" in k or "bins" in k or "canary" in k}
+    # (issue 14 adds accelerators, additive: a controller from before ignores it)
+    assert set(doc) - {"accelerators"} <= before and not {k for k in doc if "quality" in k or "bins" in k or "canary" in k}
     assert protocol.decode(protocol.TELEMETRY, raw).inferences == 1
+    from agent.accel import Sampler
+
+    assert [a["name"] for a in doc["accelerators"]] == [a.name for a in Sampler().sample()]  # this machine's

@@ -235,7 +235,8 @@ def test_device_report(fleet, client, devices, bundle, capsys):
 
     r = client.health("cam-1")
     assert r["identity"] == {"arch": "x86_64", "agent_version": "0.1.0", "runtimes": ["onnxruntime"],
-                             "cpu_flags": ["avx2"], "boot_id": "boot-1", "first_seen": r["identity"]["first_seen"]}
+                             "cpu_flags": ["avx2"], "boot_id": "boot-1", "first_seen": r["identity"]["first_seen"],
+                             "devices": {}}  # its state names no runtime's devices
     assert r["tags"] == ["lobby"] and r["model"]["name"] == "digits" and r["status"] == "online"
     assert (r["inferences"], r["errors"]) == (60, 8)
     assert r["inferences_per_min"] == 60.0 and r["error_rate"] == pytest.approx(8 / 68)

@@ -216,10 +216,11 @@ def test_notify_speaks_to_a_path_socket_and_the_watchdog_reads_its_environment(t
 
 
 # --- the unit ------------------------------------------------------------------------------------------------
-def _verify(unit_text: str, exec_start: Path, tmp_path: Path, dropin: str | None = None) -> Path:
+def _verify(unit_text: str, exec_start: Path, tmp_path: Path, dropin: str | None = None,
+            accelerators: str | None = None) -> Path:
     """systemd-analyze verify a copy of the unit whose ExecStart names ``exec_start`` (verify wants it to exist),
-    with ``dropin`` as its network.conf; it exits 0 even for unknown keys, so any output at all fails the test.
-    Returns the copy."""
+    with ``dropin`` as its network.conf and ``accelerators`` as its accelerators.conf; it exits 0 even for unknown
+    keys, so any output at all fails the test. Returns the copy."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed (scripts/setup.sh installs Debian's systemd package)")
     assert "ExecStart=/opt/edgefleet/bin/edgefleet " in unit_text
@@ -230,6 +231,9 @@ def _verify(unit_text: str, exec_start: Path, tmp_path: Path, dropin: str | None
     if dropin is not None:
         (d / "edgefleet-agent.service.d").mkdir(exist_ok=True)
         (d / "edgefleet-agent.service.d" / "network.conf").write_text(dropin)
+    if accelerators is not None:
+        (d / "edgefleet-agent.service.d").mkdir(exist_ok=True)
+        (d / "edgefleet-agent.service.d" / "accelerators.conf").write_text(accelerators)
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
     return unit
@@ -268,6 +272,61 @@ def test_systemd_analyze_security_rates_the_unit_and_its_network_drop_in(tmp_pat
         assert lines[ok].startswith("✓"), lines[ok]
     assert "allow list with non-localhost entries" in lines["IPAddressDeny="], lines["IPAddressDeny="]
     assert "Overall exposure level" in r.stdout
+
+
+def _fake_dev(root: Path) -> Path:
+    """A /dev with the nodes of an NVIDIA GPU, an Intel GPU's render node and an NPU (hardware this machine lacks:
+    plain files stand for the nodes; only their names are read)."""
+    dev = root / "dev"
+    for node in ("nvidia0", "nvidiactl", "nvidia-uvm", "dri/card0", "dri/renderD128", "accel/accel0", "null"):
+        (dev / node).parent.mkdir(parents=True, exist_ok=True)
+        (dev / node).touch()
+    return dev
+
+
+@pytest.mark.parametrize("kinds, allow, groups", [
+    (["nvidia"], ["/dev/nvidia-uvm", "/dev/nvidia0", "/dev/nvidiactl", "char-nvidia-frontend", "char-nvidia-uvm"],
+     False),
+    (["dri"], ["/dev/dri/renderD128"], True),
+    (["npu"], ["/dev/accel/accel0"], True),
+    (["nvidia", "dri", "npu"], ["/dev/nvidia-uvm", "/dev/nvidia0", "/dev/nvidiactl", "char-nvidia-frontend",
+                                "char-nvidia-uvm", "/dev/dri/renderD128", "/dev/accel/accel0"], True),
+])
+def test_an_accelerator_drop_in_opens_its_nodes_alone_and_passes_verify(tmp_path, kinds, allow, groups):
+    dev = _fake_dev(tmp_path)
+    assert systemd.accelerators_present(dev) == ["nvidia", "dri", "npu"]
+    text = systemd.accelerator_dropin(kinds, dev).decode()
+    lines = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    assert lines[:3] == ["[Service]", "PrivateDevices=no", "DevicePolicy=closed"]
+    assert [ln.split("=", 1)[1] for ln in lines if ln.startswith("DeviceAllow=")] == [f"{a} rw" for a in allow]
+    assert ("SupplementaryGroups=render video" in lines) is groups  # added to the unit's edgefleet-api
+    unit = _verify(UNIT.read_text(), Path(sys.executable).parent / "edgefleet", tmp_path, accelerators=text)
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+                       capture_output=True, text=True)
+    seen = {line.split()[1]: line for line in r.stdout.splitlines() if line[:1] in "✓✗" and len(line.split()) > 1}
+    assert seen["PrivateDevices="].startswith("✗") and seen["DeviceAllow="].startswith("✗"), r.stdout  # in effect
+
+
+def test_no_accelerator_leaves_the_unit_as_it_is(tmp_path):
+    from agent.install import InstallError, _plan_accelerators
+
+    dev = _fake_dev(tmp_path)
+    assert systemd.accelerator_dropin([], dev) is None  # no drop-in: PrivateDevices=yes stands
+    assert _plan_accelerators(tmp_path, ["none"]) == []
+    assert _plan_accelerators(tmp_path, None) == _plan_accelerators(tmp_path, ["auto"]) == ["nvidia", "dri", "npu"]
+    assert _plan_accelerators(tmp_path, ["npu", "dri"]) == ["dri", "npu"]
+    assert _plan_accelerators(tmp_path / "image", None) == []  # an image's /dev has none
+    assert systemd.accelerators_present(Path("/dev")) == [  # this machine: exactly what its /dev has
+        k for k, pattern in (("nvidia", "nvidia*"), ("dri", "dri/renderD*"), ("npu", "accel/accel*"))
+        if list(Path("/dev").glob(pattern))]
+    empty = systemd.accelerator_dropin(["dri"], tmp_path / "image" / "dev").decode()  # asked for, not there yet
+    assert "DeviceAllow=char-drm rw" in empty and "/dev/" not in empty.replace("# ", "")
+    with pytest.raises(InstallError, match="none goes alone"):
+        _plan_accelerators(tmp_path, ["none", "dri"])
+    unit = _verify(UNIT.read_text(), Path(sys.executable).parent / "edgefleet", tmp_path)
+    s = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+                       capture_output=True, text=True).stdout
+    assert next(ln for ln in s.splitlines() if "PrivateDevices=" in ln).startswith("✓"), s
 
 
 def test_the_network_drop_in_allows_localhost_the_controller_the_broker_and_the_nameservers(tmp_path):
@@ -440,6 +499,7 @@ def _installed_and_purged(tmp_path, fleet, token):
     args = ["agent", "install", "--root", root, "--device-id", "d1", "--controller", fleet.http_url,
             "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"], "--source", ROOT,
             "--trust", release_pub()]
+    _fake_dev(root)  # the image's /dev has an NVIDIA GPU, a render node and an NPU: auto opens them
     r = _edgefleet(*args)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "identity: enrolled as d1" in r.stdout, r.stdout
@@ -475,10 +535,14 @@ def _installed_and_purged(tmp_path, fleet, token):
     assert unit.read_bytes() == UNIT.read_bytes()
     allowed = [x for x in dropin.read_text().splitlines() if x.startswith("IPAddress")]
     assert allowed[:2] == ["IPAddressDeny=any", "IPAddressAllow=localhost"] and "IPAddressAllow=127.0.0.1" in allowed
-    _verify(unit.read_text(), venv / "bin/edgefleet", tmp_path, dropin.read_text())
+    accel = dropin.parent / "accelerators.conf"
+    assert accel.read_bytes() == systemd.accelerator_dropin(["nvidia", "dri", "npu"], root / "dev")
+    assert "no group render here" in r.stdout, r.stdout  # a staging root has no /etc/group to check against
+    _verify(unit.read_text(), venv / "bin/edgefleet", tmp_path, dropin.read_text(), accel.read_text())
     assert "api =" not in config.read_text().replace("# api =", "")  # the default: the runtime dir's socket
 
-    before = {p: p.stat().st_mtime_ns for p in (config, unit, dropin, venv / "bin/edgefleet", trust / "tests.pub")}
+    before = {p: p.stat().st_mtime_ns for p in (config, unit, dropin, accel, venv / "bin/edgefleet",
+                                                  trust / "tests.pub")}
     again = _edgefleet(*args)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "trust: already trusts release key tests" in again.stdout, again.stdout
@@ -489,6 +553,9 @@ def _installed_and_purged(tmp_path, fleet, token):
     other = _edgefleet(*[a if a != "d1" else "d2" for a in args])
     assert other.returncode == 2 and "exists and differs; --force overwrites it" in other.stderr, other.stderr
     assert load(config).device_id == "d1"
+    r = _edgefleet(*args, "--accelerator", "none")  # today's unit alone: PrivateDevices=yes
+    assert r.returncode == 0 and "removing" in r.stdout and not accel.exists(), r.stdout + r.stderr
+    assert unit.read_bytes() == UNIT.read_bytes() and dropin.exists()
 
     for _ in range(2):  # the second run finds nothing to remove, and says so
         r = _edgefleet("agent", "uninstall", "--root", root, "--purge")
