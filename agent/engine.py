@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from agent import protocol, quality, runtimes
+from agent import protocol, quality, runtimes, serving
 from agent.bundle import Manifest, TensorSpec
 from agent.errors import EdgefleetError
 from agent.feedback import FeedbackBook
@@ -65,6 +65,7 @@ class Loaded:
         self.signed_by = _signer(model_dir)  # the release key that signed it (None: unsigned)
         self.stats = ModelStats()
         self.session = runtimes.load(model_dir, manifest)
+        self.runner = serving.Runner(self.session, manifest)
         self.quality = self._quality()  # None: the bundle has no (usable) profile.json
 
     def _quality(self) -> ModelQuality | None:
@@ -151,6 +152,7 @@ class Loaded:
     def close(self) -> None:
         if self.quality is not None:
             self.quality.closed = True
+        self.runner.close()
         self.session.close()
 
 
@@ -239,7 +241,7 @@ class Engine:
             check_feeds(model.manifest.inputs, feeds)
             t0 = time.perf_counter()
             try:
-                outputs = model.session.run(feeds)
+                outputs = model.runner.run(feeds)
             except Exception as e:  # the runtime's own error types vary by plugin
                 model.stats.errors += 1
                 raise InferenceError("runtime", f"{type(e).__name__}: {e}") from None
