@@ -145,7 +145,8 @@ def throughput_lines(report: dict) -> list[str]:
             continue
         clients = "/".join(map(str, t["clients"]))
         setups = "; ".join(f"concurrency {s['concurrency']} max_batch {s['max_batch']}: "
-                           + "/".join(f"{s['inferences_per_s'][str(c)]:.0f}" for c in t["clients"]) for s in t["setups"])
+                           + "/".join(f"{s['inferences_per_s'][str(c)]:.0f}" for c in t["clients"])
+                           for s in t["setups"])
         r = t["recommended"]
         lines.append(f"throughput {v['target']}/{v['variant']} (inferences/s at {clients} clients, on this host): "
                      f"{setups}; recommended concurrency {r['concurrency']}, max_batch {r['max_batch']} "
