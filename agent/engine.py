@@ -30,7 +30,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from agent import protocol, quality, runtimes
+from agent import protocol, quality, runtimes, serving
 from agent.bundle import Manifest, TensorSpec
 from agent.errors import EdgefleetError
 from agent.feedback import FeedbackBook
@@ -72,6 +72,11 @@ class Loaded:
         self.signed_by = _signer(model_dir)  # the release key that signed it (None: unsigned)
         self.stats = ModelStats()
         self.session = runtimes.load(model_dir, manifest)
+        try:
+            self.runner = serving.Runner(self.session, manifest)
+        except BaseException:
+            self.session.close()
+            raise
         self._reload = threading.Lock()
         self.quality = self._quality()  # None: the bundle has no (usable) profile.json
 
@@ -96,12 +101,11 @@ class Loaded:
             why = f"{was.device} ({was.provider}) {reason}"
             cpu.placement = runtimes.Placement(cpu.placement.device, cpu.placement.provider,
                                                "; ".join(x for x in (why, was.fallback) if x))
-            self.session = cpu
+            old_runner, self.session, self.runner = self.runner, cpu, serving.Runner(cpu, self.manifest)
         log.error("model %s falls back to the CPU: %s", self.sha[:12], why)
-        try:
-            failed.close()
-        except Exception:  # a dead device's session may fail to close too
-            log.exception("closing the failed session of %s", self.sha[:12])
+        # the old runner's callers in flight fail and are run again on the CPU (Engine._fell_back); its close waits
+        # for them, so not on this caller's thread
+        threading.Thread(target=_close_quietly, args=(old_runner, failed, self.sha), daemon=True).start()
         return True
 
     def _quality(self) -> ModelQuality | None:
@@ -198,6 +202,7 @@ class Loaded:
     def close(self) -> None:
         if self.quality is not None:
             self.quality.closed = True
+        self.runner.close()
         self.session.close()
 
 
@@ -286,11 +291,11 @@ class Engine:
                 raise InferenceError("no_model", "no model is active on this device yet")
             check_feeds(model.manifest.inputs, feeds)
             t0 = time.perf_counter()
-            session = model.session
+            runner = model.runner
             try:
-                outputs = session.run(feeds)
+                outputs = runner.run(feeds)
             except Exception as e:  # the runtime's own error types vary by plugin
-                if not self._fell_back(model, session, e):
+                if not self._fell_back(model, runner.session, e):
                     model.stats.errors += 1
                     raise InferenceError("runtime", f"{type(e).__name__}: {e}") from None
                 t0 = time.perf_counter()  # the same request, on the CPU now
@@ -331,10 +336,18 @@ class Engine:
 
     def _run_again(self, model: Loaded, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            return model.session.run(feeds)
+            return model.runner.run(feeds)
         except Exception as e:
             model.stats.errors += 1
             raise InferenceError("runtime", f"{type(e).__name__}: {e}") from None
+
+
+def _close_quietly(runner, session, sha: str) -> None:
+    try:
+        runner.close()
+        session.close()
+    except Exception:  # a dead device's session may fail to close too
+        log.exception("closing the failed session of %s", sha[:12])
 
 
 def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:

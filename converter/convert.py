@@ -219,11 +219,12 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         source_sha = sha256_file(model)
         entries = []
         for v, rep, sample_out in built:
+            rep, settings = _throughput(v, rep, specs, outputs, ctx.one)
             manifest = Manifest(
                 name=name, version=version, target=rep["target"], runtime=v.runtime, precision=v.precision,
                 model=v.path.name, files=[], inputs=specs, outputs=outputs,
                 sample="sample.npz", latency_budget_ms=round(max(250.0, 20 * rep["latency_ms"]["p95"]), 1),
-                settings=_settings(v), report={**rep, "gate": {**rep["gate"], "chain": chosen[rep["target"]]}},
+                settings=settings, report={**rep, "gate": {**rep["gate"], "chain": chosen[rep["target"]]}},
                 source_sha256=source_sha,
             )
             file = f"{name}-{version}-{rep['target']}-{v.name}.tar"
@@ -698,6 +699,20 @@ def _load_source(path: Path):
     if not specs:
         raise ConvertError(f"{path} has no inputs to feed")
     return model, specs
+
+
+def _throughput(v: Variant, rep: dict, specs: list[TensorSpec], outputs: list[TensorSpec], one: dict) -> tuple:
+    """(the report with the variant's ``throughput``, the bundle's settings with the recommended ``concurrency``
+    and ``max_batch``): measured served by the agent's own Runner (measure.serving), for the bundles only. A
+    variant that cannot be measured so keeps the default settings, the reason in its report."""
+    settings = _settings(v)
+    manifest = Manifest(name="measure", version="0", target=rep["target"], runtime=v.runtime, precision=v.precision,
+                        model=v.path.name, files=[], inputs=specs, outputs=outputs, settings=settings)
+    try:
+        figures = measure.serving(v.path.parent, manifest, one)
+    except Exception as e:  # a runtime that fails under concurrent runs: the bundle serves one at a time
+        return {**rep, "throughput": {"error": f"{type(e).__name__}: {_first_line(e)}"}}, settings
+    return {**rep, "throughput": figures}, {**settings, **figures["recommended"]}
 
 
 def _settings(v) -> dict:

@@ -213,3 +213,48 @@ def toolchain() -> dict:
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
+
+
+CLIENTS = (1, 2, 4)  # client threads the throughput is measured at
+SERVING = ((1, 1), (2, 1), (1, 8), (2, 8))  # (concurrency, max_batch) set-ups, the one preferred first
+SERVING_SECONDS = 0.08  # per figure and round: 4 set-ups x 3 client counts x 2 rounds stay within ~2 s a variant
+SERVING_ROUNDS = 2  # interleaved: a neighbour's burst of load lowers one round of a set-up, not all of its rounds
+NEAR_BEST = 0.9  # the recommended set-up: the first within 10% of the best throughput at the most clients
+
+
+def serving(model_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray],
+            seconds: float = SERVING_SECONDS, rounds: int = SERVING_ROUNDS) -> dict:
+    """Throughput (inferences/s) of the variant served the way a device serves it (``agent.serving.Runner``
+    over a session loaded with the set-up's settings), at 1, 2 and 4 client threads, for each (concurrency,
+    max_batch) of SERVING (batching only where the model's batch axis is dynamic); the best of ``rounds``
+    interleaved rounds (load from others only ever lowers a figure); and the set-up to recommend: the first in
+    SERVING order within NEAR_BEST of the best throughput at the most clients."""
+    from agent import serving as agent_serving
+
+    loaded = []  # (concurrency, max_batch, session, runner)
+    try:
+        for concurrency, max_batch in SERVING:
+            settings = {**manifest.settings, "concurrency": concurrency, "max_batch": max_batch}
+            m = Manifest(**{**{f: getattr(manifest, f) for f in manifest.__struct_fields__}, "settings": settings})
+            if max_batch > 1 and not agent_serving.batchable(m):
+                continue
+            session = runtimes.load(model_dir, m)
+            loaded.append((concurrency, max_batch, session, agent_serving.Runner(session, m)))
+        figures = [{c: 0.0 for c in CLIENTS} for _ in loaded]
+        for _ in range(rounds):
+            for (_, _, _, runner), best in zip(loaded, figures):
+                for c in CLIENTS:
+                    best[c] = max(best[c], agent_serving.throughput(runner.run, feeds, c, seconds, warmup=1))
+    finally:
+        for _, _, session, runner in loaded:
+            runner.close()
+            session.close()
+    setups = [{"concurrency": conc, "max_batch": batch,
+               "inferences_per_s": {str(c): round(f[c], 1) for c in CLIENTS}}
+              for (conc, batch, _, _), f in zip(loaded, figures)]
+    most = str(CLIENTS[-1])
+    best = max(s["inferences_per_s"][most] for s in setups)
+    pick = next(s for s in setups if s["inferences_per_s"][most] >= NEAR_BEST * best)
+    return {"clients": list(CLIENTS), "seconds_each": seconds, "rounds": rounds, "setups": setups,
+            "recommended": {"concurrency": pick["concurrency"], "max_batch": pick["max_batch"]},
+            "rule": f"the first set-up within {1 - NEAR_BEST:.0%} of the best throughput at {most} clients"}

@@ -131,6 +131,29 @@ def reference(report: dict) -> dict:
             "size_bytes": r["size_bytes"], "short": r["short"], "text": r["text"], "note": r.get("note")}
 
 
+def throughput_lines(report: dict) -> list[str]:
+    """One line per bundle: inferences/s served at 1, 2, 4 client threads for each (concurrency, max_batch)
+    measured, and the set-up its manifest recommends (converter/measure.py ``serving``)."""
+    lines = []
+    for v in report["variants"]:
+        t = v.get("throughput")
+        if not t:
+            continue
+        if "error" in t:
+            lines.append(f"throughput {v['target']}/{v['variant']}: not measured ({t['error']}); it serves one "
+                         f"request at a time")
+            continue
+        clients = "/".join(map(str, t["clients"]))
+        setups = "; ".join(f"concurrency {s['concurrency']} max_batch {s['max_batch']}: "
+                           + "/".join(f"{s['inferences_per_s'][str(c)]:.0f}" for c in t["clients"])
+                           for s in t["setups"])
+        r = t["recommended"]
+        lines.append(f"throughput {v['target']}/{v['variant']} (inferences/s at {clients} clients, on this host): "
+                     f"{setups}; recommended concurrency {r['concurrency']}, max_batch {r['max_batch']} "
+                     f"({t['rule']})")
+    return lines
+
+
 def warning_lines(report: dict) -> list[str]:
     """What a target's passes warn about a variant (e.g. an int8 variant in which nothing got quantized)."""
     return [f"warning {v['target']}/{v['variant']}: {v['recipe']['warning']}"
@@ -199,7 +222,7 @@ def table(report: dict) -> str:
         from converter.passes.distill import render
 
         lines.append(render(d))
-    lines += arm_lines(report) + search_lines(report) + warning_lines(report)
+    lines += arm_lines(report) + search_lines(report) + throughput_lines(report) + warning_lines(report)
     for v in report.get("refused", []):
         lines.append(f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}")
     for t, chosen in report.get("gate", {}).get("chosen", {}).items():
@@ -294,7 +317,7 @@ def _table(r: list[tuple[str, ...]]) -> str:
 def to_html(report: dict) -> str:
     notes = [reference(report)["note"]] if reference(report)["note"] else []
     notes += [gate_line(report)] if gate_line(report) else []
-    notes += arm_lines(report) + search_lines(report) + warning_lines(report)
+    notes += arm_lines(report) + search_lines(report) + throughput_lines(report) + warning_lines(report)
     notes += [f"refused {v['target']}/{v['variant']}: {v['gate']['reason']}" for v in report.get("refused", [])]
     notes += [f"gate {t}: {c}" for t, c in report.get("gate", {}).get("chosen", {}).items()]
     notes += [f"skipped {s['target']}: {s['reason']}" for s in report.get("skipped", [])]

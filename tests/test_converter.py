@@ -130,7 +130,9 @@ def test_manifests_validate(converted, model, real):
         assert sorted(f.path for f in m.files) == ["golden.npz", "model.onnx", "profile.json", "sample.npz"]
         assert [(i.name, i.shape, i.dtype) for i in m.inputs] == [("x", [-1, 3, 48, 192], "float32")]
         assert [(o.shape, o.dtype) for o in m.outputs] == [([-1, 2], "float32")]
-        assert m.settings == {"intra_op_threads": 1}
+        assert m.settings == {"intra_op_threads": 1, **m.report["throughput"]["recommended"]} and [
+            (t["concurrency"], t["max_batch"], sorted(t["inferences_per_s"])) for t in m.report["throughput"]["setups"]
+        ] == [(1, 1, ["1", "2", "4"]), (2, 1, ["1", "2", "4"]), (1, 8, ["1", "2", "4"]), (2, 8, ["1", "2", "4"])]
         assert m.report["gate"]["passed"] is None and m.report["gate"]["metric"] == "top1"
         assert m.report["gate"]["output"] == "save_infer_model/scale_0.tmp_1"
         assert m.source_sha256 == sha256_file(model)

@@ -49,7 +49,6 @@ log = logging.getLogger("edgefleet.agent")
 
 CPU = "CPU"
 _CHOICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-MAX_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
@@ -87,11 +86,10 @@ def accelerators(settings: dict) -> list[str]:
 
 
 def concurrency(settings: dict) -> int:
-    """The bundle's ``concurrency`` setting: runs of the model at once (1 to MAX_CONCURRENCY, default 1)."""
-    n = settings.get("concurrency", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CONCURRENCY:
-        raise EdgefleetError(f"setting concurrency {n!r} is not an integer from 1 to {MAX_CONCURRENCY}")
-    return n
+    """The bundle's ``concurrency`` setting: runs of the model at once (agent/serving.py checks it and its kin)."""
+    from agent.serving import serving_settings
+
+    return serving_settings(settings).concurrency
 
 
 def choose(wanted: list[str], here: list[str], attempt: Callable[[str], Session], *, cpu: str = CPU,
