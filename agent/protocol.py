@@ -217,7 +217,8 @@ class Telemetry(_Msg):
     outbox_dropped: Count = 0  # messages the device's full (or too old) outbox dropped, ever
     storage: StorageState = "ok"  # additive, optional: as in State
     clock_synced: bool | None = None  # additive, optional: as in State
-    accelerators: Annotated[list[AcceleratorUsage], msgspec.Meta(max_length=16)] = []  # additive, optional
+    # additive, optional: None from an agent that does not report them; [] from one that finds none
+    accelerators: Annotated[list[AcceleratorUsage], msgspec.Meta(max_length=16)] | None = None
     v: int = VERSION
 
 

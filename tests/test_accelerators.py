@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from util import wait_for
 
 from agent import runtimes
 from agent.bundle import Manifest, TensorSpec
@@ -110,7 +111,7 @@ def test_a_bad_accelerators_setting_is_one_line_naming_it(model_dir, value, need
 
 @pytest.mark.parametrize("value", [0, 65, "2", True])
 def test_a_bad_concurrency_setting_is_one_line_naming_it(model_dir, value):
-    with pytest.raises(EdgefleetError, match="setting concurrency .* is not an integer from 1 to 64"):
+    with pytest.raises(EdgefleetError, match="setting concurrency: .* is not an integer from 1 to 64"):
         runtimes.load(model_dir, manifest(concurrency=value))
 
 
@@ -157,9 +158,17 @@ class DyingAccelerator:
         self.closed = True
 
 
+def put_on(loaded: Loaded, session) -> None:
+    """Serve ``loaded`` from ``session`` (its runner too)."""
+    from agent import serving
+
+    loaded.session, loaded.runner = session, serving.Runner(session, loaded.manifest)
+
+
 def test_an_accelerator_that_dies_at_run_time_falls_back_to_the_cpu_and_says_so(model_dir, crops):
     loaded = Loaded("a" * 64, model_dir, manifest())
-    gpu = loaded.session = DyingAccelerator(loaded.session, works=3)
+    gpu = DyingAccelerator(loaded.session, works=3)
+    put_on(loaded, gpu)
     engine = Engine()
     told = []
     engine.on_fallback = lambda model, reason: told.append((model, reason))
@@ -173,7 +182,8 @@ def test_an_accelerator_that_dies_at_run_time_falls_back_to_the_cpu_and_says_so(
     assert (loaded.placement.device, loaded.placement.provider) == ("CPU", "CPUExecutionProvider")
     assert loaded.placement.fallback.startswith("GPU (CUDAExecutionProvider) failed at run time: RuntimeError: "
                                                 "CUDA failure 999")
-    assert told == [(loaded, loaded.placement.fallback)] and gpu.closed
+    assert told == [(loaded, loaded.placement.fallback)]
+    wait_for(lambda: gpu.closed, what="the dead session closed")
     assert engine.window.snapshot()[1] == {}  # no request failed
     engine.infer({"x": crops[:1]})
     assert len(told) == 1  # said once
@@ -181,7 +191,7 @@ def test_an_accelerator_that_dies_at_run_time_falls_back_to_the_cpu_and_says_so(
 
 def test_an_accelerator_that_fails_the_smoke_test_is_left_for_the_cpu(model_dir):
     loaded = Loaded("b" * 64, model_dir, manifest())
-    loaded.session = DyingAccelerator(loaded.session, works=0, nan=True)
+    put_on(loaded, DyingAccelerator(loaded.session, works=0, nan=True))
     loaded.smoke_test()  # passes, on the CPU
     assert loaded.placement.device == "CPU"
     assert loaded.placement.fallback == ("GPU (CUDAExecutionProvider) failed the smoke test: smoke test: output "
@@ -192,7 +202,7 @@ def test_a_failure_on_the_cpu_is_an_error_not_a_fallback(model_dir, crops):
     loaded = Loaded("c" * 64, model_dir, manifest())
     engine = Engine()
     engine.swap(loaded)
-    loaded.session = DyingAccelerator(loaded.session, works=0)
+    put_on(loaded, DyingAccelerator(loaded.session, works=0))
     loaded.session.placement = runtimes.Placement("CPU", "CPUExecutionProvider")
     with pytest.raises(InferenceError, match="device lost"):
         engine.infer({"x": crops[:1]})

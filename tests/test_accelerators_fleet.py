@@ -148,8 +148,8 @@ def test_a_device_that_says_nothing_of_them_shows_not_reported(fleet, client, de
     samples = [ln for ln in body.decode().splitlines() if not ln.startswith("#")]
     assert [ln for ln in samples if ln.startswith(("edgefleet_device_serving_info", "edgefleet_device_accelerator_"))] \
         == []
-    # the controller decodes with today's protocol, whose default is [] (no "not reported" on the wire): none
-    assert h["accelerators"] == [] and "accelerators: none" in out
+    # the protocol's default is null: not reported (an agent that finds none sends [])
+    assert h["accelerators"] is None and "accelerators: not reported" in out
 
 
 def test_a_version_7_database_is_migrated(tmp_path):
