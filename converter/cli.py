@@ -146,6 +146,11 @@ def parser() -> argparse.ArgumentParser:
                    help="fail (exit 2, nothing written) unless the arm target's variants are judged on ARM kernels: "
                         "natively on an aarch64 host or in the emulated aarch64 `edgefleet toolchain arm64` makes; "
                         "without it the host's kernels judge where ARM's cannot, with a warning in the report")
+    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a serving setting every bundle's manifest carries, over the converter's recommendation "
+                   "(repeatable): accelerators=GPU,CPU (the runtime's device names, in order; the CPU is always the "
+                   "last resort), concurrency=N (runs at once, 1-64), max_batch=N (dynamic batching, 1-1024), "
+                   "max_wait_us=N (0-100000)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
 
@@ -178,6 +183,34 @@ def parse_output_kinds(items: list[str]) -> dict[str, str]:
     return kinds
 
 
+SERVING_KEYS = ("accelerators", "concurrency", "max_batch", "max_wait_us")
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``--setting KEY=VALUE`` items -> manifest settings, each checked as the agent will check it."""
+    from agent import runtimes
+    from agent.errors import EdgefleetError
+    from agent.serving import serving_settings
+
+    settings: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in SERVING_KEYS:
+            raise ConvertError(f"--setting {item!r} is not KEY=VALUE with KEY one of {', '.join(SERVING_KEYS)}")
+        if key in settings:
+            raise ConvertError(f"--setting names {key!r} twice")
+        try:
+            settings[key] = value if key == "accelerators" else int(value)
+        except ValueError:
+            raise ConvertError(f"--setting {item!r}: {key} is a whole number") from None
+        try:
+            serving_settings(settings)
+            runtimes.accelerators(settings)
+        except EdgefleetError as e:
+            raise ConvertError(f"--setting {item!r}: {e}") from None
+    return settings
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     key = None
@@ -199,7 +232,7 @@ def main(argv: list[str]) -> int:
         reference=args.reference,
         distill=args.distill, train_data=args.train_data, distill_epochs=args.distill_epochs,
         distill_lr=args.distill_lr, require_arm_check=args.require_arm_check,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        serving=parse_settings(args.setting), progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:
         if key is None:

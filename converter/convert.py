@@ -43,7 +43,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
             serial: int | None = None, prune: float | str | None = None, search: str = "auto",
             reference: str | Path | None = None, distill: bool = False,
             train_data: str | Path | None = None, distill_epochs: int | None = None,
-            distill_lr: float | None = None, require_arm_check: bool = False,
+            distill_lr: float | None = None, require_arm_check: bool = False, serving: dict | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
     """Convert ``model`` for ``target`` (or ``"all"``) into bundles in ``out``; returns the report
     (also ``out/report.json`` and ``out/report.html``).
@@ -102,6 +102,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         return convert_tflite(model, target=target, calib=calib, out=out, name=name, version=version,
                               input_shapes=input_shapes, calib_method=calib_method, labels=labels, gating=gating,
                               reference=reference, sign_key=sign_key, signature=signature, say=say, arm=arm,
+                              serving=serving,
                               onnx_only={"--prune": prune, "--distill": distill or None,
                                          "--search on": search == "on" or None})
     if reference is not None:
@@ -220,6 +221,7 @@ def convert(model: str | Path, *, target: str = "cpu", calib: str | Path, out: s
         entries = []
         for v, rep, sample_out in built:
             rep, settings = _throughput(v, rep, specs, outputs, ctx.one)
+            settings = {**settings, **(serving or {})}  # --setting: the user's word over the recommendation
             manifest = Manifest(
                 name=name, version=version, target=rep["target"], runtime=v.runtime, precision=v.precision,
                 model=v.path.name, files=[], inputs=specs, outputs=outputs,

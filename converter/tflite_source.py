@@ -335,7 +335,8 @@ def _open(path: Path, runtime: str, settings: dict, what: str):
 def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: str, version: str,
                    input_shapes: dict | None, calib_method: str, labels: str | Path | None, gating: gate.Options,
                    reference: str | Path | None, sign_key, signature: dict | None, say,
-                   onnx_only: dict[str, object] | None = None, arm: dict | None = None) -> dict:
+                   onnx_only: dict[str, object] | None = None, arm: dict | None = None,
+                   serving: dict | None = None) -> dict:
     """``converter.convert.convert`` for a ``.tflite`` model: one variant, the model as given (see above)."""
     from converter import convert as c
 
@@ -437,7 +438,8 @@ def convert_tflite(model: Path, *, target: str, calib: Path, out: Path, name: st
         manifest = Manifest(
             name=name, version=version, target=TARGET, runtime=RUNTIME, precision=v.precision, model=path.name,
             files=[], inputs=specs, outputs=interface.outputs, sample="sample.npz",
-            latency_budget_ms=round(max(250.0, 20 * rep["latency_ms"]["p95"]), 1), settings=c._settings(v),
+            latency_budget_ms=round(max(250.0, 20 * rep["latency_ms"]["p95"]), 1),
+            settings={**c._settings(v), **(serving or {})},
             report={**rep, "gate": {**g, "chain": chain}}, source_sha256=source_sha)
         file = f"{name}-{version}-{TARGET}-{VARIANT}.tar"
         files = {f.name: f for f in sorted(vdir.iterdir()) if f.is_file()}

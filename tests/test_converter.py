@@ -51,7 +51,8 @@ def converted(model, real, tmp_path_factory) -> tuple[Path, dict, str]:
     cwd = tmp_path_factory.mktemp("cwd")
     proc = subprocess.run(
         [str(EDGEFLEET), "convert", str(model), "--target", "cpu", "--calib", str(real[0]), "--out", str(out),
-         "--name", "ocr-cls", "--version", "7", "--input-shape", "x=1x3x48x192", "--json"],
+         "--name", "ocr-cls", "--version", "7", "--input-shape", "x=1x3x48x192", "--json",
+         "--setting", "accelerators=CUDA,CPU", "--setting", "max_wait_us=800"],
         capture_output=True, text=True, timeout=300, cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr
@@ -130,7 +131,8 @@ def test_manifests_validate(converted, model, real):
         assert sorted(f.path for f in m.files) == ["golden.npz", "model.onnx", "profile.json", "sample.npz"]
         assert [(i.name, i.shape, i.dtype) for i in m.inputs] == [("x", [-1, 3, 48, 192], "float32")]
         assert [(o.shape, o.dtype) for o in m.outputs] == [([-1, 2], "float32")]
-        assert m.settings == {"intra_op_threads": 1, **m.report["throughput"]["recommended"]} and [
+        assert m.settings == {"intra_op_threads": 1, **m.report["throughput"]["recommended"],
+                              "accelerators": "CUDA,CPU", "max_wait_us": 800} and [
             (t["concurrency"], t["max_batch"], sorted(t["inferences_per_s"])) for t in m.report["throughput"]["setups"]
         ] == [(1, 1, ["1", "2", "4"]), (2, 1, ["1", "2", "4"]), (1, 8, ["1", "2", "4"]), (2, 8, ["1", "2", "4"])]
         assert m.report["gate"]["passed"] is None and m.report["gate"]["metric"] == "top1"
@@ -283,6 +285,10 @@ def _bad_inputs(tmp: Path, model: Path, x: np.ndarray) -> dict[str, tuple[list[s
         "input-shape rank": ([m, "--calib", c, "--input-shape", "x=1x3x48"], "rank 3"),
         "input-shape vs data": ([m, "--calib", c, "--input-shape", "x=1x3x48x100"], "dimension 3 differs"),
         "no --calib": ([m], "--calib"),
+        "setting unknown": ([m, "--calib", c, "--setting", "threads=4"], "KEY one of accelerators, concurrency"),
+        "setting range": ([m, "--calib", c, "--setting", "max_batch=0"], "max_batch: 0 is not an integer from 1"),
+        "setting not a number": ([m, "--calib", c, "--setting", "concurrency=two"], "concurrency is a whole number"),
+        "setting device": ([m, "--calib", c, "--setting", "accelerators=GPU;CPU"], "'GPU;CPU' is not a device name"),
     }
 
 
@@ -290,7 +296,8 @@ CASES = ["model missing", "model is text", "model truncated", "calib missing", "
          "calib missing input", "calib extra key", "calib wrong rank", "calib wrong dim", "calib wrong dtype",
          "too few samples", "target unknown", "dynamic dims", "labels missing", "labels count", "labels float",
          "drop not a number", "drop out of range", "prune out of range", "prune not a ratio", "input-shape name", "input-shape rank",
-         "input-shape vs data", "no --calib"]
+         "input-shape vs data", "no --calib", "setting unknown", "setting range", "setting not a number",
+         "setting device"]
 
 
 @pytest.fixture(scope="module")
