@@ -12,8 +12,14 @@ Where it listens (config ``api``): by default a Unix socket, ``$RUNTIME_DIRECTOR
 ``api_group`` (the group applications join); or ``unix:/path``; or ``HOST:PORT``, on loopback only unless
 ``api_token_file`` is set. With a token every request needs ``Authorization: Bearer TOKEN``.
 
-Why one misbehaving client cannot exhaust the agent: one asyncio event loop thread reads every connection
-(no thread per connection; agent/http1.py): a request head is at most 16 KiB and must arrive within
+On the Unix socket the same connection may speak binary frames instead (agent/wire.py, docs/wire.md: the fast
+path, no HTTP and no .npz): a plain thread accepts, and each connection gets a thread (at most
+``api_max_connections``, binary and HTTP together) that looks at its first 4 bytes: a frame's magic is served
+right there, on that thread; anything else is handed to the event loop below and served as HTTP.
+``AgentClient`` speaks frames on a ``unix:`` address unless told ``transport="http"``.
+
+Why one misbehaving client cannot exhaust the agent: one asyncio event loop thread reads every HTTP connection
+(no thread per HTTP connection; agent/http1.py): a request head is at most 16 KiB and must arrive within
 ``HEAD_TIMEOUT_S``, a body within ``BODY_TIMEOUT_S``, an idle kept-alive connection is closed after
 ``IDLE_TIMEOUT_S``; at most ``api_max_connections`` are open (a new one closes the one that has waited
 longest on its client); a body over ``api_max_body_bytes`` is refused from its Content-Length before a byte
@@ -126,6 +132,7 @@ class InferenceServer:
         self._sock_id = _inode(self._unix)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-api-worker")
         self.budget = BodyBudget(max_body_bytes * (workers + 1))  # body bytes held at once
+        self.wire_budget = wire.ByteBudget(max_body_bytes * (workers + 1))  # and on binary connections
         self._conns: set[Connection] = set()
         self._wire: set[wire.Session] = set()  # Unix socket connections served on threads (agent/wire.py)
         self._admit_lock = threading.Lock()

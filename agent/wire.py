@@ -6,10 +6,12 @@ raw little-endian C-order bytes, read with ``recv_into`` into one buffer the inp
 of, and replies go out with one ``sendmsg`` of the header and the outputs' own memory (no concatenation).
 
 The server side (``Session``) runs on a thread of its own per connection (agent/api.py accepts them and tells
-frames from HTTP by the first 4 bytes); it keeps the HTTP side's bounds: a header of at most ``HEADER_MAX``
-bytes within ``HEAD_TIMEOUT_S`` (agent/http1.py), a body within ``BODY_TIMEOUT_S``, an idle connection closed
-after ``IDLE_TIMEOUT_S``; a body over ``api_max_body_bytes`` is refused from the prefix, and the declared
-names, dtypes, shapes and byte counts are checked against the model before a byte of the body is read.
+frames from HTTP by the first 4 bytes), reading and writing there (no event loop hop per request); it keeps the
+HTTP side's bounds: a header of at most ``HEADER_MAX`` bytes within ``HEAD_TIMEOUT_S`` (agent/http1.py), a body
+within ``BODY_TIMEOUT_S``, an idle connection closed after ``IDLE_TIMEOUT_S``; a body over
+``api_max_body_bytes`` is refused from the prefix, the declared names, dtypes, shapes and byte counts are
+checked against the model before a byte of the body is read, and the bodies held at once across binary
+connections are bounded (``ByteBudget``: ``api_workers + 1`` full-size ones, as for HTTP).
 
 Large tensors can skip the socket: a client registers a sealed memfd once per connection (``SharedRegion``,
 op ``register``, the descriptor passed with SCM_RIGHTS) and names ``{"shm": {"offset", "nbytes"}}`` in it.
@@ -25,8 +27,10 @@ import logging
 import math
 import mmap
 import os
+import select
 import socket
 import struct
+import threading
 import time
 
 import msgspec
@@ -48,6 +52,7 @@ MAX_FDS = 4  # descriptors a frame may carry (all but a register's one are close
 DTYPES = {name: np.dtype(name).newbyteorder("<") for name in (
     "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
     "float64")}
+_NAMES = {d.newbyteorder(order): n for n, d in DTYPES.items() for order in "<>"}  # dtype.name is slow
 
 
 # --- the header, typed ---------------------------------------------------------------------------------------
@@ -112,23 +117,69 @@ def _raw(a: np.ndarray) -> memoryview:
     return memoryview(a.reshape(-1).view(np.uint8))
 
 
-def _send_all(sock: socket.socket, bufs: list, timeout: float | None, fds: list[int] | None = None) -> None:
-    """``sendmsg`` of ``bufs`` (scatter: nothing is joined), again for whatever a partial send left."""
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while views:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out sending")
-            sock.settimeout(left)
-        n = sock.sendmsg(views[:512], anc)
-        anc = []
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
+class Stream:
+    """A non-blocking socket read and written with deadlines: a call whose bytes are there is one system call
+    (a socket timeout would add a poll and an ioctl to each); poll() only when the socket would block."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._in, self._out = select.poll(), select.poll()
+        self._in.register(sock, select.POLLIN)
+        self._out.register(sock, select.POLLOUT)
+
+    @staticmethod
+    def _wait(poller, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(math.ceil(left * 1000)):
+            raise TimeoutError("timed out")
+
+    def recv_into(self, view: memoryview, deadline: float) -> int:
+        """Some bytes (0: the peer closed), waiting until ``deadline`` for the first."""
+        while True:
+            try:
+                return self.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                self._wait(self._in, deadline)
+
+    def recvmsg_into(self, view: memoryview, deadline: float) -> tuple[int, list[int]]:
+        """As recv_into, and the descriptors that came with these bytes (SCM_RIGHTS)."""
+        while True:
+            try:
+                n, anc, _, _ = self.sock.recvmsg_into([view], socket.CMSG_SPACE(MAX_FDS * 4))
+                break
+            except (BlockingIOError, InterruptedError):
+                self._wait(self._in, deadline)
+        fds = []
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += array.array("i", data[:len(data) - len(data) % 4])
+        return n, fds
+
+    def fill(self, view: memoryview, deadline: float) -> None:
+        """Exactly ``len(view)`` bytes; ConnectionError when the peer closes first."""
+        got, n = 0, len(view)
+        while got < n:
+            k = self.recv_into(view[got:], deadline)
+            if not k:
+                raise ConnectionError("the peer closed the connection mid-frame")
+            got += k
+
+    def send(self, bufs: list, deadline: float, fds: list[int] | None = None) -> None:
+        """``sendmsg`` of ``bufs`` (scatter: nothing is joined), again for whatever a partial send left."""
+        views = [memoryview(b).cast("B") for b in bufs if len(b)]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while views:
+            try:
+                n = self.sock.sendmsg(views[:512], anc)
+            except (BlockingIOError, InterruptedError):
+                self._wait(self._out, deadline)
+                continue
+            anc = []
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
 
 
 def frame(header: dict, body_len: int = 0) -> bytes:
@@ -158,6 +209,30 @@ def first_bytes(sock: socket.socket, timeout: float) -> str | None:
         if not MAGIC.startswith(seen):
             return "http"
         time.sleep(0.005)  # a few bytes of the magic so far (MSG_WAITALL does not wait with MSG_PEEK)
+
+
+class ByteBudget:
+    """The request-body bytes binary connections hold at once (thread-safe; agent/http1.py's BodyBudget is the
+    event loop's): a connection whose body does not fit waits for room, up to a deadline."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._cond = threading.Condition()
+
+    def take(self, n: int, deadline: float) -> bool:
+        with self._cond:
+            while self.free < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            self.free -= n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.free += n
+            self._cond.notify_all()
 
 
 class Region:
@@ -196,11 +271,12 @@ class Region:
 
 
 class Session:
-    """One binary connection, served on the calling thread with blocking reads and writes. ``since`` and
+    """One binary connection, served on the calling thread (reads and writes with deadlines). ``since`` and
     ``busy`` are what the server's connection cap looks at (as for an HTTP connection)."""
 
     def __init__(self, sock: socket.socket, site) -> None:
         self.sock, self.site = sock, site
+        self.io: Stream | None = None
         self.since = time.monotonic()
         self.busy = False
         self.region: Region | None = None
@@ -220,12 +296,13 @@ class Session:
     def serve(self) -> None:
         wait = http1.HEAD_TIMEOUT_S  # the first frame's magic is there already
         try:
+            self.io = Stream(self.sock)
             while not self.closed:
                 self.since = time.monotonic()
                 if not self._one(wait):
                     break
                 wait = http1.IDLE_TIMEOUT_S
-        except (_Gone, OSError):
+        except (_Gone, OSError):  # the client went away, or took too long
             pass
         finally:
             if self.region is not None:
@@ -251,7 +328,7 @@ class Session:
                     raise Refusal("too_large", f"a body of {size_text(blen)}: at most {cap} (api_max_body_bytes is "
                                                f"{cap}; larger tensors go in a shared region)", close=True)
                 header = bytearray(hlen)
-                self._fill(memoryview(header), time.monotonic() + http1.HEAD_TIMEOUT_S)
+                self.io.fill(memoryview(header), time.monotonic() + http1.HEAD_TIMEOUT_S)
                 try:
                     req = _DECODER.decode(header)
                 except msgspec.DecodeError as e:
@@ -319,17 +396,26 @@ class Session:
             if e.kind == "bad_input":
                 engine.window.error("bad_input")
             raise
-        body = np.empty(blen, np.uint8)
-        if blen:
-            self._fill(memoryview(body), time.monotonic() + http1.BODY_TIMEOUT_S)
-        self._unread = 0
+        deadline = time.monotonic() + http1.BODY_TIMEOUT_S
+        if not self.site.wire_budget.take(blen, deadline):
+            raise Refusal("busy", "the agent is busy with other large requests: retry", close=True)
+        try:
+            body = np.empty(blen, np.uint8)
+            if blen:
+                self.io.fill(memoryview(body), deadline)
+            self._unread = 0
+            self._run(req, plan, body)
+        finally:
+            self.site.wire_budget.give(blen)
+
+    def _run(self, req: Infer, plan: list[tuple], body: np.ndarray) -> None:
+        engine = self.site.engine
         feeds = {}
         for name, dtype, shape, offset, nbytes, shared in plan:
             source = self.region.map if shared else body
             a = np.frombuffer(source, dtype, math.prod(shape), offset).reshape(shape) if nbytes else \
                 np.empty(shape, dtype)
             feeds[name] = a if a.flags.aligned else a.copy()
-        del body
         self.busy = True
         try:
             try:
@@ -345,7 +431,7 @@ class Session:
         metas, bufs, placed = [], [], []
         raws = [(name, _raw(a), a) for name, a in outputs.items()]
         for name, _, a in raws:
-            if a.dtype.name not in DTYPES:
+            if a.dtype not in _NAMES:
                 raise Refusal("runtime", f"output {name!r} is {a.dtype}: not a dtype the wire carries")
         if out is not None and self.region is not None and self.region.writable:
             self.region.check(out, "outputs_shm")
@@ -357,7 +443,7 @@ class Session:
             if at > out.offset + out.nbytes:  # they do not fit: in the body then
                 placed = []
         for i, (name, raw, a) in enumerate(raws):
-            meta = {"name": name, "dtype": a.dtype.name, "shape": list(a.shape)}
+            meta = {"name": name, "dtype": _NAMES[a.dtype], "shape": list(a.shape)}
             if placed:
                 self.region.map[placed[i]:placed[i] + len(raw)] = raw
                 meta["shm"] = {"offset": placed[i], "nbytes": len(raw)}
@@ -370,41 +456,18 @@ class Session:
     def _read_prefix(self, wait: float) -> list[int]:
         """The 16-byte prefix; the descriptors that came with its first byte (a register's memfd)."""
         view = memoryview(self._prefix)
-        self.sock.settimeout(wait)
-        try:
-            n, anc, flags, _ = self.sock.recvmsg_into([view], socket.CMSG_SPACE(MAX_FDS * 4))
-        except TimeoutError:
-            raise _Gone from None
-        fds = []
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += array.array("i", data[:len(data) - len(data) % 4])
+        n, fds = self.io.recvmsg_into(view, time.monotonic() + wait)
         if n == 0:
             for fd in fds:
                 os.close(fd)
             raise _Gone
         try:
-            self._fill(view[n:], time.monotonic() + http1.HEAD_TIMEOUT_S)
+            self.io.fill(view[n:], time.monotonic() + http1.HEAD_TIMEOUT_S)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         return fds
-
-    def _fill(self, view: memoryview, deadline: float) -> None:
-        got, n = 0, len(view)
-        while got < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Gone
-            self.sock.settimeout(left)
-            try:
-                k = self.sock.recv_into(view[got:], n - got)
-            except TimeoutError:
-                raise _Gone from None
-            if not k:
-                raise _Gone
-            got += k
 
     def _drain(self, n: int) -> None:
         """Drop a refused body of ``n`` bytes (at most api_max_body_bytes) so the connection goes on."""
@@ -412,11 +475,11 @@ class Session:
         deadline = time.monotonic() + http1.BODY_TIMEOUT_S
         while n > 0:
             k = min(n, len(scratch))
-            self._fill(scratch[:k], deadline)
+            self.io.fill(scratch[:k], deadline)
             n -= k
 
     def _reply(self, header: dict, bufs: list = ()) -> None:
-        _send_all(self.sock, [frame(header, sum(len(b) for b in bufs)), *bufs], http1.WRITE_TIMEOUT_S)
+        self.io.send([frame(header, sum(len(b) for b in bufs)), *bufs], time.monotonic() + http1.WRITE_TIMEOUT_S)
 
     def _refuse(self, e: Refusal) -> None:
         """The error frame. With the body still unread: dropped first (the connection goes on), or, when the
@@ -429,11 +492,9 @@ class Session:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
                 deadline = time.monotonic() + http1.LINGER_S
-                scratch = bytearray(1 << 16)
-                while (left := deadline - time.monotonic()) > 0:
-                    self.sock.settimeout(left)
-                    if not self.sock.recv_into(scratch):
-                        break
+                scratch = memoryview(bytearray(1 << 16))
+                while self.io.recv_into(scratch, deadline):
+                    pass
             except OSError:
                 pass
 
@@ -518,7 +579,7 @@ class Channel:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(path)  # blocking: with a timeout, a full backlog is an EAGAIN, not a wait
-            self.sock.settimeout(timeout)
+            self.io = Stream(self.sock)
         except BaseException:
             self.sock.close()
             raise
@@ -530,25 +591,29 @@ class Channel:
 
     def call(self, header: dict, bufs: list = (), fds: list[int] | None = None) -> tuple[dict, np.ndarray]:
         """Send a frame, read the answer: (its header, its body). An error frame raises Refused."""
-        _send_all(self.sock, [frame(header, sum(len(b) for b in bufs)), *bufs], None, fds)
-        self._fill(memoryview(self._prefix), first=True)
+        deadline = time.monotonic() + self.timeout
+        self.io.send([frame(header, sum(len(b) for b in bufs)), *bufs], deadline, fds)
+        self._fill(memoryview(self._prefix), deadline, first=True)
         magic, hlen, blen = PREFIX.unpack(self._prefix)
         if magic != MAGIC or hlen > HEADER_MAX:
             raise EdgefleetError(f"the agent's answer is not a frame (starts with {bytes(magic)!r})")
         head = bytearray(hlen)
-        self._fill(memoryview(head))
+        self._fill(memoryview(head), deadline)
         body = np.empty(blen, np.uint8)
         if blen:
-            self._fill(memoryview(body))
-        doc = json.loads(head)
-        if not doc.get("ok"):
+            self._fill(memoryview(body), deadline)
+        try:
+            doc = msgspec.json.decode(head)
+        except msgspec.DecodeError as e:
+            raise EdgefleetError(f"the agent's answer has a bad header: {e}") from None
+        if not isinstance(doc, dict) or not doc.get("ok"):
             raise Refused(doc.get("kind", "other"), doc.get("error", "(no message)"))
         return doc, body
 
-    def _fill(self, view: memoryview, first: bool = False) -> None:
+    def _fill(self, view: memoryview, deadline: float, first: bool = False) -> None:
         got = 0
         while got < len(view):
-            k = self.sock.recv_into(view[got:])
+            k = self.io.recv_into(view[got:], deadline)
             if not k:
                 raise (Closed if first and not got else ConnectionError)("the agent closed the connection")
             got += k
@@ -595,9 +660,10 @@ def infer_frame(inputs: dict[str, np.ndarray], region: SharedRegion | None = Non
     metas, bufs, at = [], [], 0
     for name, a in inputs.items():
         a = np.asarray(a)
-        if a.dtype.name not in DTYPES:
+        dtype = _NAMES.get(a.dtype)
+        if dtype is None:
             raise EdgefleetError(f"input {name!r} is {a.dtype}: send one of {', '.join(DTYPES)}")
-        meta = {"name": name, "dtype": a.dtype.name, "shape": list(a.shape)}
+        meta = {"name": name, "dtype": dtype, "shape": list(a.shape)}
         if region is not None:
             meta["shm"] = region.put(at, a)
             at = -(-(at + meta["shm"]["nbytes"]) // ALIGN) * ALIGN
