@@ -47,6 +47,7 @@ MAGIC = b"EFW1"
 PREFIX = struct.Struct("<4sIQ")  # magic, header length, body length: 16 bytes
 HEADER_MAX = 64 << 10
 ALIGN = 64  # where the agent puts each output in a shared region
+ROOM_TIMEOUT_S = 10.0  # how long a body waits for room in the ByteBudget before the client is told to retry
 MAX_FDS = 4  # descriptors a frame may carry (all but a register's one are closed at once)
 # the dtypes a tensor may have, by numpy's name; always little-endian
 DTYPES = {name: np.dtype(name).newbyteorder("<") for name in (
@@ -396,9 +397,9 @@ class Session:
             if e.kind == "bad_input":
                 engine.window.error("bad_input")
             raise
-        deadline = time.monotonic() + http1.BODY_TIMEOUT_S
-        if not self.site.wire_budget.take(blen, deadline):
+        if not self.site.wire_budget.take(blen, time.monotonic() + ROOM_TIMEOUT_S):
             raise Refusal("busy", "the agent is busy with other large requests: retry", close=True)
+        deadline = time.monotonic() + http1.BODY_TIMEOUT_S
         try:
             body = np.empty(blen, np.uint8)
             if blen:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from util import preload, wait_for
 
-from agent import http1
+from agent import http1, wire
 from agent.api import AgentClient, FeedbackRefused, InferenceServer
 from agent.engine import Engine, Loaded
 from agent.errors import EdgefleetError
@@ -287,10 +287,11 @@ def test_a_client_that_stalls_is_closed_after_the_timeout_while_others_are_serve
     by.check()
 
 
-def test_a_flood_of_connections_stays_within_api_max_connections(serve, engine, x):
+def test_a_flood_of_connections_stays_within_api_max_connections(serve, engine, x, monkeypatch):
     """Defence: binary and HTTP connections count against one cap (4 here); at the cap a new connection closes
     the one that has waited longest on its client. Without it the 40 stalled connections all stay open, each
-    with a thread."""
+    with a thread, until the head timeout (made longer than the wait here)."""
+    monkeypatch.setattr(http1, "HEAD_TIMEOUT_S", 120.0)
     server = serve(engine, max_body_bytes=MIB, max_connections=4)
     threads_before = threading.active_count()
     flood = []
@@ -311,13 +312,38 @@ def test_a_flood_of_connections_stays_within_api_max_connections(serve, engine, 
                 pass
         return n
 
-    wait_for(lambda: still_open() <= 4, what="the connections beyond the cap to be closed")
+    wait_for(lambda: still_open() <= 4, timeout=20, what="the connections beyond the cap to be closed")
     assert threading.active_count() - threads_before <= 4 + 2
     client = AgentClient(server.address)
     assert client.infer({"x": x})[OUTPUT].shape == (2, 2)  # a normal client gets in (it evicts a stalled one)
     assert len(server._conns) + len(server._wire) <= 4
     for s in flood:
         s.close()
+
+
+def test_bodies_held_at_once_are_bounded(serve, engine, x, monkeypatch):
+    """Defence: binary bodies count against one budget (api_workers + 1 full-size bodies: 2 MiB here). Two
+    clients hold 0.9 MiB each, stalled mid-body; the third's body does not fit, and once ROOM_TIMEOUT_S has
+    passed it is told the agent is busy. Without the budget it is allocated and waited for (the recv times
+    out)."""
+    monkeypatch.setattr(wire, "ROOM_TIMEOUT_S", 0.3)
+    server = serve(engine, max_body_bytes=MIB, workers=1)
+    rows = (MIB * 9 // 10) // x[0].nbytes
+    big = np.zeros((rows, 3, 48, 192), np.float32)
+    stalled = []
+    for _ in range(2):
+        s = connect(server, timeout=10)
+        s.sendall(frame(infer_header(big), big.tobytes())[:-100])
+        stalled.append(s)
+    wait_for(lambda: server.wire_budget.free < 2 * MIB - 2 * big.nbytes + 1, what="two bodies being read")
+    s = connect(server, timeout=10)
+    h = json.dumps(infer_header(big)).encode()
+    s.sendall(b"EFW1" + struct.pack("<IQ", len(h), big.nbytes) + h)  # its body never comes
+    head, _ = answer(s)
+    assert head["ok"] is False and head["kind"] == "busy" and "retry" in head["error"], head
+    for s in stalled:
+        s.close()
+    wait_for(lambda: server.wire_budget.free == 2 * MIB, what="the budget to be given back")
 
 
 def test_with_a_token_every_connection_authenticates_first(serve, engine, x):
