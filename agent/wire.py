@@ -46,6 +46,7 @@ log = logging.getLogger("edgefleet.agent.api")
 MAGIC = b"EFW1"
 PREFIX = struct.Struct("<4sIQ")  # magic, header length, body length: 16 bytes
 HEADER_MAX = 64 << 10
+SCRATCH = HEADER_MAX + PREFIX.size + 4096  # the client's read buffer: a whole small answer in one read
 ALIGN = 64  # where the agent puts each output in a shared region
 ROOM_TIMEOUT_S = 10.0  # how long a body waits for room in the ByteBudget before the client is told to retry
 MAX_FDS = 4  # descriptors a frame may carry (all but a register's one are closed at once)
@@ -54,6 +55,7 @@ DTYPES = {name: np.dtype(name).newbyteorder("<") for name in (
     "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
     "float64")}
 _NAMES = {d.newbyteorder(order): n for n, d in DTYPES.items() for order in "<>"}  # dtype.name is slow
+_LITTLE = frozenset(DTYPES.values())
 
 
 # --- the header, typed ---------------------------------------------------------------------------------------
@@ -114,6 +116,8 @@ def nbytes_of(dtype: np.dtype, shape) -> int:
 
 def _raw(a: np.ndarray) -> memoryview:
     """The bytes of ``a`` as the wire carries them (little-endian, C order), without a copy when it is already so."""
+    if a.dtype in _LITTLE and a.flags.c_contiguous and a.size:
+        return memoryview(a).cast("B")
     a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype)
     return memoryview(a.reshape(-1).view(np.uint8))
 
@@ -586,7 +590,7 @@ class Channel:
             raise
         self.timeout = timeout
         self.region: SharedRegion | None = None
-        self._prefix = bytearray(PREFIX.size)
+        self._scratch = memoryview(bytearray(SCRATCH))
         if token:
             self.call({"op": "auth", "token": token})
 
@@ -594,15 +598,27 @@ class Channel:
         """Send a frame, read the answer: (its header, its body). An error frame raises Refused."""
         deadline = time.monotonic() + self.timeout
         self.io.send([frame(header, sum(len(b) for b in bufs)), *bufs], deadline, fds)
-        self._fill(memoryview(self._prefix), deadline, first=True)
-        magic, hlen, blen = PREFIX.unpack(self._prefix)
+        # one read takes a small answer whole: nothing follows the answer (one request at a time), so reading
+        # past its end cannot take another frame's bytes
+        scratch, got = self._scratch, 0
+        while got < PREFIX.size:
+            k = self.io.recv_into(scratch[got:], deadline)
+            if not k:
+                raise (ConnectionError if got else Closed)("the agent closed the connection")
+            got += k
+        magic, hlen, blen = PREFIX.unpack(scratch[:PREFIX.size])
         if magic != MAGIC or hlen > HEADER_MAX:
             raise EdgefleetError(f"the agent's answer is not a frame (starts with {bytes(magic)!r})")
-        head = bytearray(hlen)
-        self._fill(memoryview(head), deadline)
+        end = PREFIX.size + hlen
+        if got < end:
+            self._fill(scratch[got:end], deadline)
+            got = end
+        head = scratch[PREFIX.size:end]
         body = np.empty(blen, np.uint8)
         if blen:
-            self._fill(memoryview(body), deadline)
+            early = min(got - end, blen)
+            body[:early] = scratch[end:end + early]
+            self._fill(memoryview(body)[early:], deadline)
         try:
             doc = msgspec.json.decode(head)
         except msgspec.DecodeError as e:
@@ -611,12 +627,12 @@ class Channel:
             raise Refused(doc.get("kind", "other"), doc.get("error", "(no message)"))
         return doc, body
 
-    def _fill(self, view: memoryview, deadline: float, first: bool = False) -> None:
+    def _fill(self, view: memoryview, deadline: float) -> None:
         got = 0
         while got < len(view):
             k = self.io.recv_into(view[got:], deadline)
             if not k:
-                raise (Closed if first and not got else ConnectionError)("the agent closed the connection")
+                raise ConnectionError("the agent closed the connection mid-answer")
             got += k
 
     def close(self) -> None:
