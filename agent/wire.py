@@ -27,7 +27,6 @@ import logging
 import math
 import mmap
 import os
-import select
 import socket
 import struct
 import threading
@@ -123,38 +122,37 @@ def _raw(a: np.ndarray) -> memoryview:
 
 
 class Stream:
-    """A non-blocking socket read and written with deadlines: a call whose bytes are there is one system call
-    (a socket timeout would add a poll and an ioctl to each); poll() only when the socket would block."""
+    """A blocking socket whose every call the kernel bounds (SO_RCVTIMEO / SO_SNDTIMEO of ``step`` seconds),
+    longer deadlines kept by calling again until they pass. A read waits in the kernel for all its bytes
+    (MSG_WAITALL): one system call and one wake-up, not a poll and a read per chunk as they arrive."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+    def __init__(self, sock: socket.socket, step: float) -> None:
+        sock.settimeout(None)
+        step = max(step, 0.001)
+        tv = struct.pack("ll", int(step), int(step % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self.sock = sock
-        self._in, self._out = select.poll(), select.poll()
-        self._in.register(sock, select.POLLIN)
-        self._out.register(sock, select.POLLOUT)
 
-    @staticmethod
-    def _wait(poller, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(math.ceil(left * 1000)):
-            raise TimeoutError("timed out")
-
-    def recv_into(self, view: memoryview, deadline: float) -> int:
-        """Some bytes (0: the peer closed), waiting until ``deadline`` for the first."""
+    def recv_into(self, view: memoryview, deadline: float, flags: int = 0) -> int:
+        """Bytes read (all of ``view`` with MSG_WAITALL unless a step passes; 0: the peer closed), waiting
+        until ``deadline`` for the first."""
         while True:
             try:
-                return self.sock.recv_into(view)
-            except (BlockingIOError, InterruptedError):
-                self._wait(self._in, deadline)
+                return self.sock.recv_into(view, len(view), flags)
+            except (BlockingIOError, InterruptedError):  # a step passed with nothing read
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("timed out") from None
 
     def recvmsg_into(self, view: memoryview, deadline: float) -> tuple[int, list[int]]:
         """As recv_into, and the descriptors that came with these bytes (SCM_RIGHTS)."""
         while True:
             try:
-                n, anc, _, _ = self.sock.recvmsg_into([view], socket.CMSG_SPACE(MAX_FDS * 4))
+                n, anc, _, _ = self.sock.recvmsg_into([view], socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_WAITALL)
                 break
             except (BlockingIOError, InterruptedError):
-                self._wait(self._in, deadline)
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("timed out") from None
         fds = []
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -165,7 +163,9 @@ class Stream:
         """Exactly ``len(view)`` bytes; ConnectionError when the peer closes first."""
         got, n = 0, len(view)
         while got < n:
-            k = self.recv_into(view[got:], deadline)
+            if got and time.monotonic() >= deadline:
+                raise TimeoutError("timed out")
+            k = self.recv_into(view[got:], deadline, socket.MSG_WAITALL)
             if not k:
                 raise ConnectionError("the peer closed the connection mid-frame")
             got += k
@@ -178,13 +178,14 @@ class Stream:
             try:
                 n = self.sock.sendmsg(views[:512], anc)
             except (BlockingIOError, InterruptedError):
-                self._wait(self._out, deadline)
-                continue
-            anc = []
+                n = 0
+            anc = [] if n else anc
             while views and n >= len(views[0]):
                 n -= len(views.pop(0))
             if n:
                 views[0] = views[0][n:]
+            if views and time.monotonic() >= deadline:
+                raise TimeoutError("timed out sending")
 
 
 def frame(header: dict, body_len: int = 0) -> bytes:
@@ -301,7 +302,8 @@ class Session:
     def serve(self) -> None:
         wait = http1.HEAD_TIMEOUT_S  # the first frame's magic is there already
         try:
-            self.io = Stream(self.sock)
+            self.io = Stream(self.sock, min(http1.HEAD_TIMEOUT_S, http1.BODY_TIMEOUT_S, http1.IDLE_TIMEOUT_S,
+                                            http1.WRITE_TIMEOUT_S, http1.LINGER_S))
             while not self.closed:
                 self.since = time.monotonic()
                 if not self._one(wait):
@@ -584,7 +586,7 @@ class Channel:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(path)  # blocking: with a timeout, a full backlog is an EAGAIN, not a wait
-            self.io = Stream(self.sock)
+            self.io = Stream(self.sock, timeout)
         except BaseException:
             self.sock.close()
             raise
@@ -611,14 +613,14 @@ class Channel:
             raise EdgefleetError(f"the agent's answer is not a frame (starts with {bytes(magic)!r})")
         end = PREFIX.size + hlen
         if got < end:
-            self._fill(scratch[got:end], deadline)
+            self.io.fill(scratch[got:end], deadline)
             got = end
         head = scratch[PREFIX.size:end]
         body = np.empty(blen, np.uint8)
         if blen:
             early = min(got - end, blen)
             body[:early] = scratch[end:end + early]
-            self._fill(memoryview(body)[early:], deadline)
+            self.io.fill(memoryview(body)[early:], deadline)
         try:
             doc = msgspec.json.decode(head)
         except msgspec.DecodeError as e:
@@ -626,14 +628,6 @@ class Channel:
         if not isinstance(doc, dict) or not doc.get("ok"):
             raise Refused(doc.get("kind", "other"), doc.get("error", "(no message)"))
         return doc, body
-
-    def _fill(self, view: memoryview, deadline: float) -> None:
-        got = 0
-        while got < len(view):
-            k = self.io.recv_into(view[got:], deadline)
-            if not k:
-                raise ConnectionError("the agent closed the connection mid-answer")
-            got += k
 
     def close(self) -> None:
         self.sock.close()
