@@ -528,27 +528,18 @@ class AgentClient:
         if transport == "wire" and self.transport != "wire":
             raise EdgefleetError(f"transport wire needs a unix: address, not {address!r}")
 
-    def _call(self, header: dict | None, bufs: list = (), shm_inputs: dict | None = None,
-              shm_bytes: int = 0) -> tuple[dict, np.ndarray]:
+    def _call(self, header: dict | None, bufs: list = (), shm_inputs: dict | None = None
+              ) -> tuple[dict, np.ndarray]:
         """One frame on this thread's connection (made on first use); with ``shm_inputs``, an infer whose
-        tensors go through the connection's shared region (registered, at least ``shm_bytes``, on first use).
+        tensors go through the connection's shared region (registered when it is missing or too small).
         One retry on a fresh connection when the agent had closed it (idle, or evicted)."""
         for attempt in (0, 1):
             chan = getattr(self._local, "chan", None)
             try:
                 if chan is None:
                     chan = self._local.chan = wire.Channel(self._where, self._timeout, self._token)
-                if shm_bytes and (chan.region is None or chan.region.size < shm_bytes):
-                    region = wire.SharedRegion(shm_bytes)
-                    try:
-                        chan.call({"op": "register"}, fds=[region.fd])
-                    except BaseException:
-                        region.close()
-                        raise
-                    if chan.region is not None:
-                        chan.region.close()
-                    chan.region = region
                 if shm_inputs is not None:
+                    self._region_for(chan, shm_inputs)
                     header, bufs = wire.infer_frame(shm_inputs, chan.region)
                 return chan.call(header, bufs)
             except wire.Refused:
@@ -560,6 +551,32 @@ class AgentClient:
                 retry = isinstance(e, (wire.Closed, BrokenPipeError, ConnectionResetError))
                 if attempt or not retry:
                     raise EdgefleetError(f"cannot reach the agent at {self.address}: {e}") from None
+
+    @staticmethod
+    def _region_for(chan: wire.Channel, inputs: dict) -> None:
+        """A region on ``chan`` that holds ``inputs``: as much again for the outputs (at least 1 MiB) when the
+        agent takes that (api_max_body_bytes caps a region), else just the inputs (the outputs come in the
+        answer's body)."""
+        need = sum(-(-np.asarray(a).nbytes // wire.ALIGN) * wire.ALIGN for a in inputs.values())
+        if chan.region is not None and chan.region.size >= need:
+            return
+        sizes = list(dict.fromkeys((max(1 << 20, -(-2 * need // 4096) * 4096), max(4096, -(-need // 4096) * 4096))))
+        for i, size in enumerate(sizes):
+            region = wire.SharedRegion(size)
+            try:
+                chan.call({"op": "register"}, fds=[region.fd])
+            except wire.Refused as e:
+                region.close()
+                if e.kind != "bad_shm" or i == len(sizes) - 1:
+                    raise
+                continue
+            except BaseException:
+                region.close()
+                raise
+            if chan.region is not None:
+                chan.region.close()
+            chan.region = region
+            return
 
     def _conn(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -593,8 +610,7 @@ class AgentClient:
         if self.transport == "wire":
             try:
                 if shm:
-                    need = sum(-(-np.asarray(a).nbytes // wire.ALIGN) * wire.ALIGN for a in inputs.values())
-                    doc, body = self._call(None, shm_inputs=inputs, shm_bytes=max(1 << 20, -(-2 * need // 4096) * 4096))
+                    doc, body = self._call(None, shm_inputs=inputs)
                     outputs = wire.outputs_of(doc, body, self._local.chan.region)
                 else:
                     header, bufs = wire.infer_frame(inputs)
