@@ -136,6 +136,11 @@ def test_outputs_are_those_of_the_runtime_called_directly(server, engine, x):
     assert np.array_equal(out[OUTPUT], direct)
     assert np.array_equal(client.infer({"x": x}, shm=True)[OUTPUT], direct)  # through a shared region
     assert np.array_equal(client.infer({"x": x[:1]}, shm=True)[OUTPUT], direct[:1])  # the region is reused
+    batch = np.concatenate([x] * 4)  # 0.8 MiB: a region twice that is over the cap, one for the inputs is not
+    fresh = AgentClient(server.address)
+    assert np.array_equal(fresh.infer({"x": batch}, shm=True)[OUTPUT], np.concatenate([direct] * 4))
+    assert fresh._local.chan.region.size < MIB
+    fresh.close()
     assert np.array_equal(AgentClient(server.address, transport="http").infer({"x": x})[OUTPUT], direct)
     assert client.status() == {"device_id": "d1"}
     # feedback as over HTTP: this bundle has no profile.json, so both refuse the label for the same reason
