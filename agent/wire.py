@@ -494,7 +494,7 @@ class Session:
         if not e.close and self._unread:
             self._drain(self._unread)
             self._unread = 0
-        self._reply({"ok": False, "kind": e.kind, "error": str(e)})
+        self._reply({"ok": False, "kind": e.kind, "error": " ".join(str(e).split())[:1000]})  # one bounded line
         if e.close:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
@@ -510,14 +510,17 @@ def _plan(req: Infer, specs, blen: int, region: Region | None) -> list[tuple]:
     """(name, dtype, shape, offset, nbytes, in shared memory) of each input, checked against the model's inputs
     and against the body's length and the region, before a byte of the body is read. Raises Refusal."""
     declared, plan, at = {}, [], 0
+    if len(req.inputs) > len(specs):
+        raise Refusal("bad_input", f"{len(req.inputs)} inputs: the model takes {len(specs)}")
     for t in req.inputs:
         dtype = DTYPES.get(t.dtype)
         if dtype is None:
-            raise Refusal("bad_input", f"input {t.name!r}: dtype {t.dtype[:40]!r} is not one of {', '.join(DTYPES)}")
+            raise Refusal("bad_input", f"input {t.name[:100]!r}: dtype {t.dtype[:40]!r} is not one of "
+                                       f"{', '.join(DTYPES)}")
         if t.name in declared:
-            raise Refusal("bad_input", f"input {t.name!r} is named twice")
+            raise Refusal("bad_input", f"input {t.name[:100]!r} is named twice")
         if any(d < 0 for d in t.shape) or len(t.shape) > 32:
-            raise Refusal("bad_input", f"input {t.name!r}: shape {t.shape[:33]} (dimensions >= 0, at most 32)")
+            raise Refusal("bad_input", f"input {t.name[:100]!r}: shape {t.shape[:33]} (dimensions >= 0, at most 32)")
         declared[t.name] = (dtype, tuple(t.shape))
     try:
         check_declared(specs, declared)

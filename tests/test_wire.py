@@ -243,7 +243,7 @@ def test_inputs_that_do_not_match_the_model_are_refused_before_the_body_is_read(
         (infer_header(x, name="y"), x.tobytes(), "do not match the model's ['x']"),
         (infer_header(x, dtype="object"), x.tobytes(), "dtype 'object' is not one of"),
         (infer_header(x), x.tobytes()[:-4], "the frame carries"),
-        ({"op": "infer", "inputs": [*infer_header(x)["inputs"]] * 2}, x.tobytes() * 2, "named twice"),
+        ({"op": "infer", "inputs": [*infer_header(x)["inputs"]] * 2}, x.tobytes() * 2, "2 inputs: the model takes 1"),
         ({"op": "infer", "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3, 48, 192]}]}, b"",
          "dimensions >= 0"),
     ]
