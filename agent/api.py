@@ -13,9 +13,9 @@ Where it listens (config ``api``): by default a Unix socket, ``$RUNTIME_DIRECTOR
 ``api_token_file`` is set. With a token every request needs ``Authorization: Bearer TOKEN``.
 
 On the Unix socket the same connection may speak binary frames instead (agent/wire.py, docs/wire.md: the fast
-path, no HTTP and no .npz): a plain thread accepts, and each connection gets a thread (at most
-``api_max_connections``, binary and HTTP together) that looks at its first 4 bytes: a frame's magic is served
-right there, on that thread; anything else is handed to the event loop below and served as HTTP.
+path, no HTTP and no .npz): the event loop accepts every connection (at most ``api_max_connections``, binary
+and HTTP together) and looks at its first 4 bytes: a frame's magic gets a thread of its own that serves the
+connection with no event loop hop per request; anything else is served as HTTP, exactly as below.
 ``AgentClient`` speaks frames on a ``unix:`` address unless told ``transport="http"``.
 
 Why one misbehaving client cannot exhaust the agent: one asyncio event loop thread reads every HTTP connection
@@ -42,7 +42,6 @@ import os
 import socket
 import stat
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -136,8 +135,7 @@ class InferenceServer:
         self._conns: set[Connection] = set()
         self._wire: set[wire.Session] = set()  # Unix socket connections served on threads (agent/wire.py)
         self._admit_lock = threading.Lock()
-        self._stopping = False
-        self._acceptor: threading.Thread | None = None
+        self._sniffing: dict[wire.Session, asyncio.TimerHandle] = {}  # accepted, first bytes not there yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._closing: asyncio.Event | None = None
@@ -163,18 +161,8 @@ class InferenceServer:
         self._ready.wait()
         if self._failed is not None:
             raise EdgefleetError(f"the api server on {self.address} did not start: {self._failed}")
-        if self._unix is not None:
-            self._acceptor = threading.Thread(target=self._accept_unix, name="agent-api-accept", daemon=True)
-            self._acceptor.start()
 
     def stop(self) -> None:
-        self._stopping = True
-        if self._acceptor is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            except OSError:
-                pass
-            self._acceptor.join(timeout=10)
         for session in list(self._wire):
             session.close()
         if self._thread.is_alive() and self._loop is not None:
@@ -202,75 +190,124 @@ class InferenceServer:
         server = None
         if self._unix is None:
             server = await loop.create_server(lambda: Connection(self, loop, tcp=True), sock=self._sock)
+        else:
+            self._sock.setblocking(False)
+            loop.add_reader(self._sock.fileno(), self._accept_unix)
         self._ready.set()
         await self._closing.wait()
         if server is not None:
             server.close()
+        else:
+            loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            for session in list(self._sniffing):
+                self._unsniff(session)
+                session.sock.close()
         for conn in list(self._conns):
             conn.close()
         if server is not None:
             await server.wait_closed()
 
-    # --- the Unix socket: accepted on a thread, binary frames or HTTP -------------------------------------------
+    # --- the Unix socket: accepted on the event loop; binary frames on a thread each, or HTTP -------------------
     def _accept_unix(self) -> None:
-        """Accept on this plain thread; each connection gets a thread of its own (at most api_max_connections,
-        counted with the HTTP ones) that looks at its first bytes: agent/wire.py frames are served on it with
-        blocking reads (no event loop hop per request), anything else is handed to the event loop as HTTP."""
+        """The Unix socket is readable (on the event loop, which accepts every connection as asyncio's own server
+        would): each connection counts against api_max_connections from here, HTTP and binary alike, and is
+        told apart by its first 4 bytes (``_sniff``)."""
+        for _ in range(128):
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE: stop accepting for a second, as asyncio's server does
+                log.warning("api: accept failed (%s); retrying in 1 s", e)
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(1.0, self._loop.add_reader, self._sock.fileno(), self._accept_unix)
+                return
+            sock.setblocking(False)
+            session = wire.Session(sock, self)
+            if not self._room():
+                sock.close()
+                continue
+            self._wire.add(session)
+            self._sniff(session)
+
+    def _sniff(self, session: wire.Session) -> None:
+        """HTTP: to the event loop's HTTP side; a frame's magic (or the start of one): a thread of its own, where
+        agent/wire.py serves it (no event loop hop per request); nothing yet: wait until readable, at most
+        HEAD_TIMEOUT_S."""
+        sock = session.sock
         try:
-            while True:
-                try:
-                    sock, _ = self._sock.accept()
-                except OSError as e:
-                    if self._stopping:
-                        return
-                    log.warning("api: accept failed (%s); retrying", e)  # EMFILE: wait for descriptors
-                    time.sleep(0.1)
-                    continue
-                if self._stopping:
-                    sock.close()
-                    return
-                session = wire.Session(sock, self)
-                if not self._room():
-                    sock.close()
-                    continue
-                self._wire.add(session)
-                try:
-                    threading.Thread(target=self._serve_unix, args=(session,), name="agent-api-conn",
-                                     daemon=True).start()
-                except RuntimeError:  # no thread to be had
-                    self._wire.discard(session)
-                    sock.close()
-        finally:
-            self._sock.close()
+            seen = sock.recv(len(wire.MAGIC), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._sniffing[session] = self._loop.call_later(http1.HEAD_TIMEOUT_S, self._drop, session)
+            self._loop.add_reader(sock.fileno(), self._resniff, session)
+            return
+        except OSError:
+            seen = b""
+        if not seen or session.closed:
+            return self._drop(session)
+        if not wire.MAGIC.startswith(seen):
+            return self._to_http(session)
+        self._loop.create_task(self._start_thread(session))
+
+    async def _start_thread(self, session: wire.Session) -> None:
+        """First let the loop finish what connections accepted before this one set going (an HTTP connection is
+        made a few loop turns after its accept; at the cap, the one it evicts is closed a turn later), so that
+        connections are served in the order they came, then give this one its thread."""
+        for _ in range(5):
+            await asyncio.sleep(0)
+        if session.closed:
+            return self._drop(session)
+        try:
+            threading.Thread(target=self._serve_unix, args=(session,), name="agent-api-conn", daemon=True).start()
+        except RuntimeError:  # no thread to be had
+            self._drop(session)
+
+    def _resniff(self, session: wire.Session) -> None:
+        self._unsniff(session)
+        self._sniff(session)
+
+    def _unsniff(self, session: wire.Session) -> None:
+        timer = self._sniffing.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+            self._loop.remove_reader(session.sock.fileno())
+
+    def _drop(self, session: wire.Session) -> None:
+        self._unsniff(session)
+        self._wire.discard(session)
+        session.sock.close()
 
     def _serve_unix(self, session: wire.Session) -> None:
+        """A binary connection's thread (its first bytes were the magic, or the start of it)."""
         sock, handed = session.sock, False
         try:
             kind = wire.first_bytes(sock, http1.HEAD_TIMEOUT_S)
             if kind == "wire" and not session.closed:
                 session.serve()
             elif kind == "http" and not session.closed:
-                self._wire.discard(session)  # counted as an HTTP connection from now on
-                handed = self._to_http(sock)
+                self._loop.call_soon_threadsafe(self._to_http, session)
+                handed = True
         except Exception:
             log.exception("the local API failed on a connection")
         finally:
-            self._wire.discard(session)
             if not handed:
+                self._wire.discard(session)
                 sock.close()
 
-    def _to_http(self, sock: socket.socket) -> bool:
-        """Give an accepted socket to the event loop, where HTTP is served exactly as on TCP."""
-        loop = self._loop
+    def _to_http(self, session: wire.Session) -> None:
+        """On the event loop: serve an accepted socket as HTTP, exactly as on TCP (its Connection counts it
+        against the cap from connection_made, as asyncio's own server would)."""
+        loop, sock = self._loop, session.sock
+        self._wire.discard(session)
 
         async def adopt():
-            await loop.connect_accepted_socket(lambda: Connection(self, loop, tcp=False), sock)
+            try:
+                await loop.connect_accepted_socket(lambda: Connection(self, loop, tcp=False), sock)
+            except (OSError, RuntimeError):  # the client already gone, or the loop closing
+                sock.close()
 
-        try:
-            asyncio.run_coroutine_threadsafe(adopt(), loop).result(timeout=10)
-        except Exception:  # the loop has stopped (the server is stopping)
-            return False
-        return True
+        loop.create_task(adopt())
 
     def _room(self, conn: Connection | None = None) -> bool:
         """Room for one more connection (binary or HTTP): at the cap, close the one that has waited longest on

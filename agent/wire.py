@@ -197,16 +197,17 @@ def frame(header: dict, body_len: int = 0) -> bytes:
 # --- the server side -----------------------------------------------------------------------------------------
 def first_bytes(sock: socket.socket, timeout: float) -> str | None:
     """'wire' when the connection starts with MAGIC, 'http' when it starts with anything else, None when the
-    client closes or sends nothing within ``timeout``. Peeks: the bytes stay for whoever reads them next."""
+    client closes or sends nothing within ``timeout`` (0: look at what is there now). Peeks: the bytes stay for
+    whoever reads them next."""
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        sock.settimeout(left)
+        sock.settimeout(max(left, 0.0))  # 0: only what is there already
         try:
             seen = sock.recv(len(MAGIC), socket.MSG_PEEK)
-        except (TimeoutError, OSError):
+        except (TimeoutError, BlockingIOError):
+            return None
+        except OSError:
             return None
         if not seen:
             return None
@@ -214,6 +215,8 @@ def first_bytes(sock: socket.socket, timeout: float) -> str | None:
             return "wire"
         if not MAGIC.startswith(seen):
             return "http"
+        if left <= 0:
+            return None
         time.sleep(0.005)  # a few bytes of the magic so far (MSG_WAITALL does not wait with MSG_PEEK)
 
 
