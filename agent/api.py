@@ -12,8 +12,14 @@ Where it listens (config ``api``): by default a Unix socket, ``$RUNTIME_DIRECTOR
 ``api_group`` (the group applications join); or ``unix:/path``; or ``HOST:PORT``, on loopback only unless
 ``api_token_file`` is set. With a token every request needs ``Authorization: Bearer TOKEN``.
 
-Why one misbehaving client cannot exhaust the agent: one asyncio event loop thread reads every connection
-(no thread per connection; agent/http1.py): a request head is at most 16 KiB and must arrive within
+On the Unix socket the same connection may speak binary frames instead (agent/wire.py, docs/wire.md: the fast
+path, no HTTP and no .npz): the event loop accepts every connection (at most ``api_max_connections``, binary
+and HTTP together) and looks at its first 4 bytes: a frame's magic gets a thread of its own that serves the
+connection with no event loop hop per request; anything else is served as HTTP, exactly as below.
+``AgentClient`` speaks frames on a ``unix:`` address unless told ``transport="http"``.
+
+Why one misbehaving client cannot exhaust the agent: one asyncio event loop thread reads every HTTP connection
+(no thread per HTTP connection; agent/http1.py): a request head is at most 16 KiB and must arrive within
 ``HEAD_TIMEOUT_S``, a body within ``BODY_TIMEOUT_S``, an idle kept-alive connection is closed after
 ``IDLE_TIMEOUT_S``; at most ``api_max_connections`` are open (a new one closes the one that has waited
 longest on its client); a body over ``api_max_body_bytes`` is refused from its Content-Length before a byte
@@ -44,7 +50,7 @@ import numpy as np
 from agent.config import DEFAULT_API, ConfigError, check_socket_path, is_loopback, parse_api_address
 from agent.engine import Engine, InferenceError
 from agent.errors import EdgefleetError
-from agent import feedback, feeds
+from agent import feedback, feeds, http1, wire
 from agent.feeds import JSON_MAX_BYTES, FeedError, size_text
 from agent.http1 import BodyBudget, Connection, HttpError, Reply, Request, error_reply
 
@@ -125,8 +131,13 @@ class InferenceServer:
         self._sock_id = _inode(self._unix)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-api-worker")
         self.budget = BodyBudget(max_body_bytes * (workers + 1))  # body bytes held at once
+        self.wire_budget = wire.ByteBudget(max_body_bytes * (workers + 1))  # and on binary connections
         self._conns: set[Connection] = set()
+        self._wire: set[wire.Session] = set()  # Unix socket connections served on threads (agent/wire.py)
+        self._admit_lock = threading.Lock()
+        self._sniffing: dict[wire.Session, asyncio.TimerHandle] = {}  # accepted, first bytes not there yet
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._closing: asyncio.Event | None = None
         self._ready = threading.Event()
         self._failed: BaseException | None = None
@@ -140,6 +151,10 @@ class InferenceServer:
         return cls(address, engine, status, group=cfg.api_group, token=token, max_body_bytes=cfg.api_max_body_bytes,
                    max_connections=cfg.api_max_connections, workers=cfg.api_workers)
 
+    @property
+    def token(self) -> bytes | None:
+        return self._token
+
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
@@ -148,6 +163,8 @@ class InferenceServer:
             raise EdgefleetError(f"the api server on {self.address} did not start: {self._failed}")
 
     def stop(self) -> None:
+        for session in list(self._wire):
+            session.close()
         if self._thread.is_alive() and self._loop is not None:
             self._loop.call_soon_threadsafe(self._closing.set)
             self._thread.join(timeout=10)
@@ -168,28 +185,156 @@ class InferenceServer:
 
     async def _main(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._closing = asyncio.Event()
+        server = None
         if self._unix is None:
             server = await loop.create_server(lambda: Connection(self, loop, tcp=True), sock=self._sock)
         else:
-            server = await loop.create_unix_server(lambda: Connection(self, loop, tcp=False), sock=self._sock)
+            self._sock.setblocking(False)
+            loop.add_reader(self._sock.fileno(), self._accept_unix)
         self._ready.set()
         await self._closing.wait()
-        server.close()
+        if server is not None:
+            server.close()
+        else:
+            loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            for session in list(self._sniffing):
+                self._unsniff(session)
+                session.sock.close()
         for conn in list(self._conns):
             conn.close()
-        await server.wait_closed()
+        if server is not None:
+            await server.wait_closed()
+
+    # --- the Unix socket: accepted on the event loop; binary frames on a thread each, or HTTP -------------------
+    def _accept_unix(self) -> None:
+        """The Unix socket is readable (on the event loop, which accepts every connection as asyncio's own server
+        would): each connection counts against api_max_connections from here, HTTP and binary alike, and is
+        told apart by its first 4 bytes (``_sniff``)."""
+        for _ in range(128):
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE: stop accepting for a second, as asyncio's server does
+                log.warning("api: accept failed (%s); retrying in 1 s", e)
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(1.0, self._loop.add_reader, self._sock.fileno(), self._accept_unix)
+                return
+            sock.setblocking(False)
+            session = wire.Session(sock, self)
+            if not self._room():
+                sock.close()
+                continue
+            self._wire.add(session)
+            self._sniff(session)
+
+    def _sniff(self, session: wire.Session) -> None:
+        """HTTP: to the event loop's HTTP side; a frame's magic (or the start of one): a thread of its own, where
+        agent/wire.py serves it (no event loop hop per request); nothing yet: wait until readable, at most
+        HEAD_TIMEOUT_S."""
+        sock = session.sock
+        try:
+            seen = sock.recv(len(wire.MAGIC), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._sniffing[session] = self._loop.call_later(http1.HEAD_TIMEOUT_S, self._drop, session)
+            self._loop.add_reader(sock.fileno(), self._resniff, session)
+            return
+        except OSError:
+            seen = b""
+        if not seen or session.closed:
+            return self._drop(session)
+        if not wire.MAGIC.startswith(seen):
+            return self._to_http(session)
+        self._loop.create_task(self._start_thread(session))
+
+    async def _start_thread(self, session: wire.Session) -> None:
+        """First let the loop finish what connections accepted before this one set going (an HTTP connection is
+        made a few loop turns after its accept; at the cap, the one it evicts is closed a turn later), so that
+        connections are served in the order they came, then give this one its thread."""
+        for _ in range(5):
+            await asyncio.sleep(0)
+        if session.closed:
+            return self._drop(session)
+        try:
+            threading.Thread(target=self._serve_unix, args=(session,), name="agent-api-conn", daemon=True).start()
+        except RuntimeError:  # no thread to be had
+            self._drop(session)
+
+    def _resniff(self, session: wire.Session) -> None:
+        self._unsniff(session)
+        self._sniff(session)
+
+    def _unsniff(self, session: wire.Session) -> None:
+        timer = self._sniffing.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+            self._loop.remove_reader(session.sock.fileno())
+
+    def _drop(self, session: wire.Session) -> None:
+        self._unsniff(session)
+        self._wire.discard(session)
+        session.sock.close()
+
+    def _serve_unix(self, session: wire.Session) -> None:
+        """A binary connection's thread (its first bytes were the magic, or the start of it)."""
+        sock, handed = session.sock, False
+        try:
+            kind = wire.first_bytes(sock, http1.HEAD_TIMEOUT_S)
+            if kind == "wire" and not session.closed:
+                session.serve()
+            elif kind == "http" and not session.closed:
+                self._loop.call_soon_threadsafe(self._to_http, session)
+                handed = True
+        except Exception:
+            log.exception("the local API failed on a connection")
+        finally:
+            if not handed:
+                self._wire.discard(session)
+                sock.close()
+
+    def _to_http(self, session: wire.Session) -> None:
+        """On the event loop: serve an accepted socket as HTTP, exactly as on TCP (its Connection counts it
+        against the cap from connection_made, as asyncio's own server would)."""
+        loop, sock = self._loop, session.sock
+        self._wire.discard(session)
+
+        async def adopt():
+            try:
+                await loop.connect_accepted_socket(lambda: Connection(self, loop, tcp=False), sock)
+            except (OSError, RuntimeError):  # the client already gone, or the loop closing
+                sock.close()
+
+        loop.create_task(adopt())
+
+    def _room(self, conn: Connection | None = None) -> bool:
+        """Room for one more connection (binary or HTTP): at the cap, close the one that has waited longest on
+        its client; False when every open one is being served."""
+        with self._admit_lock:
+            if len(self._conns) + len(self._wire) < self.max_connections:
+                return True
+            waiting = [c for c in [*self._conns, *self._wire] if not c.busy and c is not conn]
+            if not waiting:
+                return False
+            victim = min(waiting, key=lambda c: c.since)
+            if isinstance(victim, wire.Session):
+                self._wire.discard(victim)
+                victim.close()  # its thread wakes and ends
+            else:
+                self._conns.discard(victim)
+                if threading.get_ident() == self._loop_thread:
+                    victim.close()
+                else:
+                    self._loop.call_soon_threadsafe(victim.close)
+            return True
 
     # --- the Site a Connection serves (on the event loop's thread) ----------------------------------------------
     def admit(self, conn: Connection) -> bool:
         """Room for one more connection: at the cap, close the one that has waited longest on its client."""
-        if len(self._conns) >= self.max_connections:
-            waiting = [c for c in self._conns if not c.busy]
-            if not waiting:
-                return False
-            victim = min(waiting, key=lambda c: c.since)
-            self._conns.discard(victim)
-            victim.close()
+        if not self._room(conn):
+            return False
         self._conns.add(conn)
         return True
 
@@ -229,10 +374,16 @@ class InferenceServer:
         return self._run_inference(body, _is_json(req))
 
     def _feedback(self, body: bytes) -> Reply:
+        status, answer = self.labels(body)
+        return status, json.dumps(answer).encode(), "application/json", ()
+
+    def labels(self, body: bytes) -> tuple[int, dict]:
+        """POST /v1/feedback and the wire's op feedback: (HTTP status, answer); a refusal's answer is
+        {"error", "kind"}."""
         engine = self.engine
         if not engine.quality:
-            return error_reply(404, "feedback is off on this device (quality = false in the agent's config)",
-                               kind="disabled")
+            return 404, {"error": "feedback is off on this device (quality = false in the agent's config)",
+                         "kind": "disabled"}
         cur = engine.current
         active = cur.quality if cur is not None else None
         try:
@@ -240,17 +391,16 @@ class InferenceServer:
         except feedback.FeedbackError as e:
             if active is not None:
                 active.refuse("bad_request")
-            return error_reply(400, str(e), kind="bad_request")
+            return 400, {"error": str(e), "kind": "bad_request"}
         refused: dict[str, int] = {}
         for rid, label in items:
             try:
                 engine.feedback.label(rid, label, active)
             except feedback.Refused as e:
                 if not many:
-                    return error_reply(feedback.STATUS[e.reason], str(e), kind=e.reason)
+                    return feedback.STATUS[e.reason], {"error": str(e), "kind": e.reason}
                 refused[e.reason] = refused.get(e.reason, 0) + 1
-        out = {"accepted": len(items) - sum(refused.values()), "refused": refused}
-        return 200, json.dumps(out).encode(), "application/json", ()
+        return 200, {"accepted": len(items) - sum(refused.values()), "refused": refused}
 
     def _check_caller(self, req: Request) -> None:
         if self._token is not None:
@@ -395,14 +545,75 @@ class AgentClient:
         outputs, rid = client.infer({"x": x}, with_id=True)
         ...
         client.feedback(rid, true_class)
+
+    On a ``unix:`` address it speaks the binary frames of agent/wire.py (docs/wire.md), one persistent
+    connection per thread; ``transport="http"`` keeps HTTP there. A TCP address is always HTTP.
+    ``infer(..., shm=True)`` passes the tensors through a shared memory region registered once per connection.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0, token: str | None = None) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 30.0, token: str | None = None,
+                 transport: str = "auto") -> None:
+        if transport not in ("auto", "wire", "http"):
+            raise EdgefleetError(f"transport {transport!r}: auto, wire or http")
         self.address = address
         self._where = parse_api_address(address)
         self._timeout = timeout
+        self._token = token
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
+        self.transport = "wire" if isinstance(self._where, str) and transport != "http" else "http"
+        if transport == "wire" and self.transport != "wire":
+            raise EdgefleetError(f"transport wire needs a unix: address, not {address!r}")
+
+    def _call(self, header: dict | None, bufs: list = (), shm_inputs: dict | None = None
+              ) -> tuple[dict, np.ndarray]:
+        """One frame on this thread's connection (made on first use); with ``shm_inputs``, an infer whose
+        tensors go through the connection's shared region (registered when it is missing or too small).
+        One retry on a fresh connection when the agent had closed it (idle, or evicted)."""
+        for attempt in (0, 1):
+            chan = getattr(self._local, "chan", None)
+            try:
+                if chan is None:
+                    chan = self._local.chan = wire.Channel(self._where, self._timeout, self._token)
+                if shm_inputs is not None:
+                    self._region_for(chan, shm_inputs)
+                    header, bufs = wire.infer_frame(shm_inputs, chan.region)
+                return chan.call(header, bufs)
+            except wire.Refused:
+                raise
+            except (OSError, EdgefleetError) as e:
+                if chan is not None:
+                    chan.close()
+                self._local.chan = None
+                retry = isinstance(e, (wire.Closed, BrokenPipeError, ConnectionResetError))
+                if attempt or not retry:
+                    raise EdgefleetError(f"cannot reach the agent at {self.address}: {e}") from None
+
+    @staticmethod
+    def _region_for(chan: wire.Channel, inputs: dict) -> None:
+        """A region on ``chan`` that holds ``inputs``: as much again for the outputs (at least 1 MiB) when the
+        agent takes that (api_max_body_bytes caps a region), else just the inputs (the outputs come in the
+        answer's body)."""
+        need = sum(-(-np.asarray(a).nbytes // wire.ALIGN) * wire.ALIGN for a in inputs.values())
+        if chan.region is not None and chan.region.size >= need:
+            return
+        sizes = list(dict.fromkeys((max(1 << 20, -(-2 * need // 4096) * 4096), max(4096, -(-need // 4096) * 4096))))
+        for i, size in enumerate(sizes):
+            region = wire.SharedRegion(size)
+            try:
+                chan.call({"op": "register"}, fds=[region.fd])
+            except wire.Refused as e:
+                region.close()
+                if e.kind != "bad_shm" or i == len(sizes) - 1:
+                    raise
+                continue
+            except BaseException:
+                region.close()
+                raise
+            if chan.region is not None:
+                chan.region.close()
+            chan.region = region
+            return
 
     def _conn(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -430,8 +641,23 @@ class AgentClient:
                 if attempt or not retry:
                     raise EdgefleetError(f"cannot reach the agent at {self.address}: {e}") from None
 
-    def infer(self, inputs: dict[str, np.ndarray], *, with_id: bool = False):
-        """The outputs; with ``with_id``, (outputs, request id): the id ``feedback`` takes."""
+    def infer(self, inputs: dict[str, np.ndarray], *, with_id: bool = False, shm: bool = False):
+        """The outputs; with ``with_id``, (outputs, request id): the id ``feedback`` takes. With ``shm`` (binary
+        transport only), the inputs and outputs go through a shared memory region instead of the socket."""
+        if self.transport == "wire":
+            try:
+                if shm:
+                    doc, body = self._call(None, shm_inputs=inputs)
+                    outputs = wire.outputs_of(doc, body, self._local.chan.region)
+                else:
+                    header, bufs = wire.infer_frame(inputs)
+                    doc, body = self._call(header, bufs)
+                    outputs = wire.outputs_of(doc, body)
+            except wire.Refused as e:
+                raise EdgefleetError(f"agent refused the inference: {e}") from None
+            return (outputs, doc.get("id")) if with_id else outputs
+        if shm:
+            raise EdgefleetError("shared memory needs the binary transport (a unix: address, transport != http)")
         status, ctype, body = self._request("POST", "/v1/infer", to_npz(inputs))
         if status != 200:
             raise EdgefleetError(f"agent refused the inference: {_error(body)}")
@@ -441,6 +667,12 @@ class AgentClient:
     def feedback(self, request_id: str, label: int | list[int]) -> None:
         """Tell the agent the true class of prediction ``request_id`` (a list of classes for a request of several
         rows). Raises FeedbackRefused (with its ``reason``) when the agent does not take it."""
+        if self.transport == "wire":
+            try:
+                self._call({"op": "feedback", "id": request_id, "label": label})
+            except wire.Refused as e:
+                raise FeedbackRefused(e.kind, f"agent refused the label: {e}") from None
+            return
         doc = json.dumps({"id": request_id, "label": label}).encode()
         status, _, body = self._request("POST", "/v1/feedback", doc, "application/json")
         if status != 200:
@@ -451,15 +683,22 @@ class AgentClient:
             raise FeedbackRefused(reason, f"agent refused the label: {_error(body)}")
 
     def status(self) -> dict:
+        if self.transport == "wire":
+            try:
+                return self._call({"op": "status"})[0]["status"]
+            except wire.Refused as e:
+                raise EdgefleetError(f"agent status failed: {e}") from None
         status, _, body = self._request("GET", "/v1/status")
         if status != 200:
             raise EdgefleetError(f"agent status failed: {_error(body)}")
         return json.loads(body)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
+        for name in ("conn", "chan"):
+            conn = getattr(self._local, name, None)
+            if conn is not None:
+                conn.close()
+                setattr(self._local, name, None)
 
 
 def _error(body: bytes) -> str:
