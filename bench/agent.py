@@ -13,6 +13,13 @@
    fold alone (``ModelQuality.fold``, its batched folds included) against the runtime's time, and the bytes of
    one window's ``quality`` message (JSON) against its telemetry message. ``--quality-only`` runs only this.
 
+5. Serving (issue 14): the added cost per call of each local path (binary frames on the Unix socket, the same with
+   shared memory, HTTP with .npz on the same socket) against calling the runtime directly, for the PP-OCR
+   classifier (~1 ms) and MobileNetV2 (~5 ms); then MobileNetV2's throughput at 1/2/4 client threads with
+   concurrency 1 and 2 and with dynamic batching, against one stream calling the runtime directly.
+   ``--serving-only`` runs only this. The serving side runs in its own process (``Loaded`` + ``Engine`` + the API
+   server, as ``agent run`` builds them), one per setting.
+
 The agent runs as its own process against a real controller and mosquitto started here (1-3; 4 is in-process).
 """
 
@@ -71,7 +78,15 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=500, help="inferences per latency measurement")
     parser.add_argument("--idle-s", type=float, default=60.0, help="length of the idle measurement")
     parser.add_argument("--quality-only", action="store_true", help="only section 4 (model quality)")
+    parser.add_argument("--serving-only", action="store_true", help="only section 5 (local paths, throughput)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each throughput measurement")
+    parser.add_argument("--serve-child", nargs=3, metavar=("MODEL", "SETTINGS", "SOCKET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_child:
+        return serve_child(*args.serve_child)
+    if args.serving_only:
+        print(serving_cost(args.calls, args.seconds))
+        return 0
     if args.quality_only:
         print(quality_cost(args.calls))
         return 0
@@ -94,9 +109,15 @@ def main() -> int:
                                outputs=[bundle.TensorSpec(name="save_infer_model/scale_0.tmp_1", shape=[-1, 2],
                                                           dtype="float32")])
     tar = work / "ocr.tar"
-    bundle.write_bundle(tar, manifest, {"model.onnx": model_path("ocr-cls"), "sample.npz": work / "sample.npz"})
+    from agent import signing
 
-    fleet = Fleet(work / "fleet", http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    key_file, pub = signing.generate(work / "keys", "bench")  # a release key: the fleet and the agents trust it
+    (work / "trust").mkdir()
+    (work / "trust" / pub.name).write_bytes(pub.read_bytes())
+    bundle.write_bundle(tar, manifest, {"model.onnx": model_path("ocr-cls"), "sample.npz": work / "sample.npz"},
+                        sign_key=signing.load_private(key_file))
+
+    fleet = Fleet(work / "fleet", release_keys=[pub], http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     procs = []
     try:
         apis = {"tcp": f"127.0.0.1:{free_port()}", "unix": f"unix:{work}/agent.sock"}
@@ -104,7 +125,8 @@ def main() -> int:
         for kind, api in apis.items():  # each agent enrolled as a device is (its key, a certificate, mutual TLS)
             token = fleet.enrollment.create_token(device_id=f"bench-{kind}")
             identity.enroll(work / kind, fleet.http_url, token["token"], token["ca_fingerprint"])
-            cfg = AgentConfig(state_dir=str(work / kind), api=api, telemetry_interval_s=10.0)
+            cfg = AgentConfig(state_dir=str(work / kind), api=api, telemetry_interval_s=10.0,
+                              trust_dir=str(work / "trust"))
             configs[kind] = work / f"{kind}.toml"
             configs[kind].write_text(dumps(cfg))
         procs = {kind: subprocess.Popen([sys.executable, "-m", "edgefleet.cli", "agent", "run", "--config",
@@ -167,7 +189,7 @@ def main() -> int:
         f"| runtime called directly | {d50:.3f} | {percentile(direct, 95):.3f} | 1.00x | |",
         f"| agent API, HTTP on 127.0.0.1 | {t50:.3f} | {percentile(via_tcp, 95):.3f} | {t50 / d50:.2f}x | "
         f"{(t50 - d50) * 1000:.0f} µs |",
-        f"| agent API, Unix socket | {u50:.3f} | {percentile(via_unix, 95):.3f} | {u50 / d50:.2f}x | "
+        f"| agent API, Unix socket (binary frames) | {u50:.3f} | {percentile(via_unix, 95):.3f} | {u50 / d50:.2f}x | "
         f"{(u50 - d50) * 1000:.0f} µs |",
         "",
         f"idle, telemetry every 10 s: {idle_pct:.3f} % of one core with no model, {idle_loaded_pct:.3f} % with the "
@@ -180,6 +202,8 @@ def main() -> int:
     print("\n".join(lines))
     print()
     print(quality_cost(args.calls))
+    print()
+    print(serving_cost(args.calls, args.seconds))
     return 0
 
 
@@ -276,6 +300,137 @@ def quality_cost(calls: int) -> str:
         f"({len(msg.feedback.confusion)} confusion cells), {len(protocol.encode(quiet))} with bins only "
         f"(one classifier output: {sum(len(c) for c in msg.bins[0].values())} bins)",
     ])
+
+
+# --- 5. serving: the local paths and parallel inference (issue 14) ----------------------------------------------
+MODELS = {  # bench name -> (edgefleet model, input name, input shape, output name, output shape)
+    "ocr-cls": ("ocr-cls", "x", [-1, 3, 48, 192], "save_infer_model/scale_0.tmp_1", [-1, 2]),
+    "mobilenetv2": ("mobilenetv2", "input", [-1, 3, 224, 224], "logits", [-1, 1000]),
+}
+
+
+def _bench_manifest(name: str, settings: dict):
+    from agent import bundle
+
+    _, inp, ishape, out, oshape = MODELS[name]
+    return bundle.Manifest(name=name, version="1", target="cpu", runtime="onnxruntime", precision="fp32",
+                           model="model.onnx", files=[], settings={"intra_op_threads": 1, **settings},
+                           latency_budget_ms=10_000.0,
+                           inputs=[bundle.TensorSpec(name=inp, shape=ishape, dtype="float32")],
+                           outputs=[bundle.TensorSpec(name=out, shape=oshape, dtype="float32")])
+
+
+def _bench_input(name: str, n: int = 16) -> dict[str, np.ndarray]:
+    from edgefleet.data import photo_crops, text_direction
+
+    m = _bench_manifest(name, {})
+    x = text_direction(n)[0] if name == "ocr-cls" else photo_crops(n)
+    return {m.inputs[0].name: x}
+
+
+def _model_dir(name: str, work: Path) -> Path:
+    from edgefleet.models import model_path
+
+    d = work / name
+    if not d.exists():
+        d.mkdir(parents=True)
+        (d / "model.onnx").symlink_to(model_path(MODELS[name][0]))
+        x = _bench_input(name, 1)
+        np.savez(d / "sample.npz", **x)
+    return d
+
+
+def serve_child(name: str, settings_json: str, socket_path: str) -> int:
+    """The agent's serving side alone, in its own process: a loaded model (``Loaded``), the ``Engine`` and the API
+    server on a Unix socket, as ``agent run`` builds them; until killed."""
+    import json
+
+    from agent.api import InferenceServer
+    from agent.engine import Engine, Loaded
+
+    work = Path(socket_path).parent
+    loaded = Loaded("0" * 64, _model_dir(name, work), _bench_manifest(name, json.loads(settings_json)))
+    loaded.smoke_test()
+    engine = Engine(quality=False)
+    engine.swap(loaded)
+    server = InferenceServer(f"unix:{socket_path}", engine, lambda: {"ok": True}, workers=4, max_connections=64)
+    server.start()
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def _start_server(name: str, settings: dict, work: Path) -> tuple[subprocess.Popen, str]:
+    import json
+
+    sock = work / f"{name}-{len(list(work.glob('*.sock')))}.sock"  # one per child
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-child", name, json.dumps(settings), str(sock)],
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit(f"the serving child for {name} did not start")
+    return proc, f"unix:{sock}"
+
+
+def serving_cost(calls: int, seconds: float) -> str:
+    """Section 5: the added cost per call of each local path against the runtime called directly, for a ~1 ms and a
+    ~5 ms model; then throughput at 1/2/4 clients with concurrency and batching against a single stream."""
+    from agent import runtimes
+    from agent.api import AgentClient
+    from agent.serving import throughput
+
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-serving-"))
+    lines = []
+    procs = []
+    try:
+        lines += ["| model | runtime direct p50 ms | binary socket | shared memory | HTTP (.npz) on the socket |",
+                  "|---|---|---|---|---|"]
+        for name in MODELS:
+            proc, addr = _start_server(name, {}, work)
+            procs.append(proc)
+            feeds = _bench_input(name, 16)
+            one = {k: v[:1] for k, v in feeds.items()}
+            session = runtimes.load(_model_dir(name, work), _bench_manifest(name, {}))
+            binary, http = AgentClient(addr), AgentClient(addr, transport="http")
+            shm = AgentClient(addr)
+            t = {"direct": [], "binary": [], "shm": [], "http": []}
+            n = calls if name == "ocr-cls" else max(100, calls // 5)
+            for _ in range(5):  # interleaved rounds: the machine's noise falls on every path alike
+                t["direct"] += time_calls(lambda: session.run(one), n // 5)
+                t["binary"] += time_calls(lambda: binary.infer(one), n // 5)
+                t["shm"] += time_calls(lambda: shm.infer(one, shm=True), n // 5)
+                t["http"] += time_calls(lambda: http.infer(one), n // 5)
+            d = statistics.median(t["direct"])
+            cells = [f"{(statistics.median(t[k]) - d) * 1000:+.0f} µs ({statistics.median(t[k]) / d:.2f}x)"
+                     for k in ("binary", "shm", "http")]
+            lines.append(f"| {name} | {d:.3f} | " + " | ".join(cells) + " |")
+            for c in (binary, http, shm):
+                c.close()
+            session.close()
+        lines += ["", "throughput (inferences/s; MobileNetV2 fp32, 1 thread per run, binary socket), and vs a single "
+                  "stream calling the runtime directly:", "",
+                  "| agent settings | 1 client | 2 clients | 4 clients |", "|---|---|---|---|"]
+        name = "mobilenetv2"
+        feeds = _bench_input(name, 16)
+        one = {k: v[:1] for k, v in feeds.items()}
+        session = runtimes.load(_model_dir(name, work), _bench_manifest(name, {}))
+        single = throughput(session.run, one, 1, seconds)
+        session.close()
+        lines.append(f"| runtime called directly, one stream | {single:.1f} (1.00x) | | |")
+        for settings in ({}, {"concurrency": 2}, {"concurrency": 2, "max_batch": 4, "max_wait_us": 2000}):
+            proc, addr = _start_server(name, settings, work)
+            procs.append(proc)
+            row = []
+            for clients in (1, 2, 4):
+                client = AgentClient(addr)  # a connection per client thread (thread-local)
+                rate = throughput(client.infer, one, clients, seconds)
+                row.append(f"{rate:.1f} ({rate / single:.2f}x)")
+            label = ", ".join(f"{k} {v}" for k, v in settings.items()) or "defaults (concurrency 1, no batching)"
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return "\n".join(lines)
 
 
 def _try(fn) -> bool:

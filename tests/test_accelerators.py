@@ -8,11 +8,10 @@ really lack them here); only an accelerator that loads and then dies stands in f
 from __future__ import annotations
 
 import shutil
-import threading
 
 import numpy as np
 import pytest
-from util import wait_for
+from util import wait_for, wrong_answers
 
 from agent import runtimes
 from agent.bundle import Manifest, TensorSpec
@@ -122,20 +121,7 @@ def test_openvino_concurrency_uses_the_throughput_hint_and_keeps_each_callers_an
     assert s.compiled.get_property("PERFORMANCE_HINT") == "THROUGHPUT"
     assert s.compiled.get_property("NUM_STREAMS") == 2
     want = [one.run({"x": crops[i:i + 1]})[OUTPUT] for i in range(len(crops))]
-    wrong = []
-
-    def caller(k: int) -> None:
-        for _ in range(5):
-            for i in range(k, len(crops), 4):
-                if not np.array_equal(s.run({"x": crops[i:i + 1]})[OUTPUT], want[i]):
-                    wrong.append(i)
-
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert wrong == []
+    assert wrong_answers(s.run, crops, want, threads=4, rounds=5) == []
 
 
 class DyingAccelerator:

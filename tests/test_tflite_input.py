@@ -344,11 +344,10 @@ def test_help_names_tflite_and_reference():
 def test_litert_gpu_without_its_delegate_falls_back_and_a_pool_serves_concurrent_callers(tflites, data, tmp_path):
     """Issue 14 on LiteRT: "GPU" is its GPU delegate, whose library this machine lacks (so the CPU serves, and says
     why); concurrency 2 keeps two interpreters (one is not thread-safe) and each caller gets its own answer."""
-    import threading
-
     from agent import runtimes
     from agent.bundle import Manifest, TensorSpec
     from agent.runtimes import tflite
+    from util import wrong_answers
 
     if "GPU" in tflite.devices():
         pytest.skip("a LiteRT GPU delegate library loads here: the fallback from a missing one is not testable")
@@ -366,17 +365,4 @@ def test_litert_gpu_without_its_delegate_falls_back_and_a_pool_serves_concurrent
     one = runtimes.load(tmp_path, manifest())
     x = data["x"][:12]
     want = [next(iter(one.run({"x": x[i:i + 1]}).values())) for i in range(len(x))]
-    wrong = []
-
-    def caller(k):
-        for _ in range(3):
-            for i in range(k, len(x), 3):
-                if not np.array_equal(next(iter(s.run({"x": x[i:i + 1]}).values())), want[i]):
-                    wrong.append(i)
-
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert wrong == []
+    assert wrong_answers(s.run, x, want, threads=3) == []

@@ -138,3 +138,26 @@ def preload(state_dir: Path, tar: Path) -> str:
     bundle.safe_unpack(tar, store.models / sha)
     store.activate(sha, None)
     return sha
+
+
+def wrong_answers(run, x, want, threads: int = 4, rounds: int = 3) -> list[int]:
+    """Call ``run({"x": x[i:i+1]})`` for every row from ``threads`` threads at once, ``rounds`` times; the rows whose
+    first output is not exactly ``want[i]`` (what each caller got back must be its own answer)."""
+    import threading
+
+    import numpy as np
+
+    wrong: list[int] = []
+
+    def caller(k: int) -> None:
+        for _ in range(rounds):
+            for i in range(k, len(x), threads):
+                if not np.array_equal(next(iter(run({"x": x[i:i + 1]}).values())), want[i]):
+                    wrong.append(i)
+
+    started = [threading.Thread(target=caller, args=(k,)) for k in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    return wrong
