@@ -392,16 +392,23 @@ def serving_cost(calls: int, seconds: float) -> str:
             session = runtimes.load(_model_dir(name, work), _bench_manifest(name, {}))
             binary, http = AgentClient(addr), AgentClient(addr, transport="http")
             shm = AgentClient(addr)
-            t = {"direct": [], "binary": [], "shm": [], "http": []}
+            paths = {"direct": lambda: session.run(one), "binary": lambda: binary.infer(one),
+                     "shm": lambda: shm.infer(one, shm=True), "http": lambda: http.infer(one)}
             n = calls if name == "ocr-cls" else max(100, calls // 5)
-            for _ in range(5):  # interleaved rounds: the machine's noise falls on every path alike
-                t["direct"] += time_calls(lambda: session.run(one), n // 5)
-                t["binary"] += time_calls(lambda: binary.infer(one), n // 5)
-                t["shm"] += time_calls(lambda: shm.infer(one, shm=True), n // 5)
-                t["http"] += time_calls(lambda: http.infer(one), n // 5)
+            for fn in paths.values():  # warm every path
+                time_calls(fn, 0)
+            # paired: each round times every path once, back to back, so that the machine's drift (this shared VM's
+            # speed swings by 1.5x within minutes) falls on the direct call and the agent's alike; the figure is the
+            # median over rounds of (path - direct)
+            t = {k: [] for k in paths}
+            for _ in range(n):
+                for k, fn in paths.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    t[k].append((time.perf_counter() - t0) * 1e3)
             d = statistics.median(t["direct"])
-            cells = [f"{(statistics.median(t[k]) - d) * 1000:+.0f} µs ({statistics.median(t[k]) / d:.2f}x)"
-                     for k in ("binary", "shm", "http")]
+            added = {k: statistics.median([a - b for a, b in zip(t[k], t["direct"])]) for k in ("binary", "shm", "http")}
+            cells = [f"{added[k] * 1000:+.0f} µs ({(d + added[k]) / d:.2f}x)" for k in ("binary", "shm", "http")]
             lines.append(f"| {name} | {d:.3f} | " + " | ".join(cells) + " |")
             for c in (binary, http, shm):
                 c.close()

@@ -95,6 +95,32 @@ def test_bad_input_is_refused_and_counted(agent, fleet, bundles):
     assert count == 0 and errors == {"bad_input": 3}
 
 
+def test_an_accelerator_lost_at_run_time_is_an_event_and_the_state_names_the_cpu(agent, fleet, bundles, crops):
+    """Issue 14: the model's accelerator dies under a request (a stand-in: this machine has none); the application
+    still gets its answer, the controller gets an error event, and the device's state says the CPU serves now."""
+    from test_accelerators import DyingAccelerator, put_on
+
+    _, sha = deploy(fleet, bundles["v1"])
+    wait_for(lambda: agent.engine.current and agent.engine.current.sha == sha, what="activation")
+    model = agent.engine.current
+    put_on(model, DyingAccelerator(model.session, works=1))
+    agent.link.publish_state()
+    wait_for(lambda: (fleet_client(fleet).health("dev-1")["serving"] or {}).get("device") == "GPU",
+             what="the state naming the GPU")
+    client = AgentClient(agent.api.address)
+    x, _ = crops
+    for i in range(3):
+        assert client.infer({"x": x[i:i + 1]})[OUTPUT].shape == (1, 2)  # the second meets the loss: run again
+    error = wait_for(lambda: [e for e in events(fleet) if e["kind"] == "error" and "falls back" in e["reason"]],
+                     what="the fallback event")
+    assert error[0]["reason"].startswith(f"model ocr-cls 1 ({sha[:12]}) falls back to the CPU: GPU "
+                                         f"(CUDAExecutionProvider) failed at run time: RuntimeError: CUDA failure 999")
+    serving = wait_for(lambda: (s := fleet_client(fleet).health("dev-1")["serving"]) and s["device"] == "CPU" and s,
+                       what="the state naming the CPU")
+    assert serving["provider"] == "CPUExecutionProvider" and "failed at run time" in serving["fallback"]
+    assert agent.engine.window.snapshot()[1] == {}  # no request failed
+
+
 @pytest.mark.parametrize("which,reason", [("slow", "latency budget"), ("badshape", "shape")])
 def test_a_bad_update_fails_and_the_previous_model_keeps_serving(agent, fleet, bundles, crops, which, reason):
     _, good = deploy(fleet, bundles["v1"])
