@@ -407,7 +407,8 @@ def serving_cost(calls: int, seconds: float) -> str:
                     fn()
                     t[k].append((time.perf_counter() - t0) * 1e3)
             d = statistics.median(t["direct"])
-            added = {k: statistics.median([a - b for a, b in zip(t[k], t["direct"])]) for k in ("binary", "shm", "http")}
+            added = {k: statistics.median([a - b for a, b in zip(t[k], t["direct"])])
+                     for k in ("binary", "shm", "http")}
             cells = [f"{added[k] * 1000:+.0f} µs ({(d + added[k]) / d:.2f}x)" for k in ("binary", "shm", "http")]
             lines.append(f"| {name} | {d:.3f} | " + " | ".join(cells) + " |")
             for c in (binary, http, shm):

@@ -23,7 +23,7 @@ OUTPUT = "save_infer_model/scale_0.tmp_1"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """The PP-OCR classifier as an unpacked bundle would hold it: model.onnx, model.xml/.bin (OpenVINO IR), sample.npz."""
+    """The PP-OCR classifier as an unpacked bundle holds it: model.onnx, model.xml/.bin (OpenVINO IR), sample.npz."""
     import openvino as ov
 
     from edgefleet.data import text_direction

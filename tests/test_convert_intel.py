@@ -153,6 +153,8 @@ def test_the_plugin_sets_precision_threads_and_streams(converted, tmp_path, bf16
     out, _, _ = converted
     dest, m = _unpacked(out, "ov-fp16", tmp_path)
     assert m.settings["inference_precision"] == "f32"
+    # one run at a time (the converter may recommend concurrency 2, from its throughput measure on this machine)
+    m = msgspec.structs.replace(m, settings={**m.settings, "concurrency": 1})
     session = runtimes.load(dest, m)
     try:
         compiled = session.compiled
@@ -166,6 +168,15 @@ def test_the_plugin_sets_precision_threads_and_streams(converted, tmp_path, bf16
     session = runtimes.load(dest, two)
     try:
         assert session.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+    finally:
+        session.close()
+    parallel = msgspec.structs.replace(m, settings={**m.settings, "concurrency": 2})
+    session = runtimes.load(dest, parallel)  # issue 14: two streams of one thread each, the throughput hint
+    try:
+        assert session.compiled.get_property("NUM_STREAMS") == 2
+        assert session.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+        hint = str(session.compiled.get_property("PERFORMANCE_HINT"))
+        assert hint in ("THROUGHPUT", "PerformanceMode.THROUGHPUT")
     finally:
         session.close()
     if bf16_cpu:

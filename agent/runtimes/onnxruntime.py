@@ -25,7 +25,8 @@ SHORT = {"CPU": CPU, "CUDA": "CUDAExecutionProvider", "TensorRT": "TensorrtExecu
          "CoreML": "CoreMLExecutionProvider", "QNN": "QNNExecutionProvider", "NNAPI": "NnapiExecutionProvider",
          "XNNPACK": "XnnpackExecutionProvider"}
 # what each provider runs on, for the telemetry's ``device`` (the OpenVINO provider: its device_type, CPU by default)
-DEVICE = {CPU: "CPU", "CUDAExecutionProvider": "GPU", "TensorrtExecutionProvider": "GPU", "ROCMExecutionProvider": "GPU",
+DEVICE = {CPU: "CPU", "CUDAExecutionProvider": "GPU", "TensorrtExecutionProvider": "GPU",
+          "ROCMExecutionProvider": "GPU",
           "MIGraphXExecutionProvider": "GPU", "DmlExecutionProvider": "GPU", "CoreMLExecutionProvider": "ANE",
           "QNNExecutionProvider": "NPU", "NnapiExecutionProvider": "NPU", "XnnpackExecutionProvider": "CPU",
           "OpenVINOExecutionProvider": "CPU", "AzureExecutionProvider": "remote"}
