@@ -87,7 +87,7 @@ class Loaded:
     @property
     def accelerated(self) -> bool:
         """Runs on something other than the CPU (what a failure there falls back from)."""
-        return self.placement.device.split(".")[0].upper() != runtimes.CPU
+        return not self.placement.on_cpu
 
     def to_cpu(self, reason: str, session: runtimes.Session | None = None) -> bool:
         """Load this model again on the CPU because ``reason`` (its accelerator failed); ``session`` is the one that
@@ -319,9 +319,9 @@ class Engine:
 
     def _fell_back(self, model: Loaded, session: runtimes.Session, error: Exception) -> bool:
         """A run failed on an accelerator: move the model to the CPU (once) and tell ``on_fallback``."""
-        if session.placement.device.split(".")[0].upper() == runtimes.CPU:
+        if session.placement.on_cpu:
             return False
-        reason = f"failed at run time: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        reason = f"failed at run time: {runtimes.first_line(error)}"
         try:
             moved = model.to_cpu(reason, session)
         except Exception:

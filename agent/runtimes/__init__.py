@@ -59,6 +59,11 @@ class Placement:
     provider: str
     fallback: str = ""  # why the bundle's earlier choices are not the ones running ("" when its first one is)
 
+    @property
+    def on_cpu(self) -> bool:
+        """The CPU runs it (OpenVINO's "CPU", anyone's "cpu"): nothing to fall back from."""
+        return self.device.split(".")[0].upper() == CPU
+
 
 class Session(Protocol):
     placement: Placement
@@ -107,7 +112,7 @@ def choose(wanted: list[str], here: list[str], attempt: Callable[[str], Session]
         try:
             session = attempt(name)
         except Exception as e:  # the runtime's own error types vary; the CPU is tried next
-            reasons.append(f"{name} failed to load: {_first_line(e)}")
+            reasons.append(f"{name} failed to load: {first_line(e)}")
             continue
         return _with_fallback(session, reasons)
     return _with_fallback(attempt(cpu), reasons)
@@ -120,7 +125,7 @@ def _with_fallback(session: Session, reasons: list[str]) -> Session:
     return session
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The line of a runtime's error that says what is wrong (OpenVINO's first lines only name its sources)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     said = [ln for ln in lines if not ln.startswith("Exception from ")] or lines
@@ -184,7 +189,7 @@ def devices_in_child(timeout: float = 120.0) -> dict[str, list[str]]:
         raise ValueError(f"not a map of lists: {out[:200]!r}")
     except (OSError, subprocess.SubprocessError, ValueError) as e:
         err = getattr(e, "stderr", None)
-        log.warning("cannot list the runtimes' devices: %s%s", _first_line(e),
+        log.warning("cannot list the runtimes' devices: %s%s", first_line(e),
                     f" ({err.decode(errors='replace').strip().splitlines()[-1][:300]})" if err else "")
         return {}
 
@@ -199,7 +204,7 @@ def devices() -> dict[str, list[str]]:
                 out[name] = list(mod.devices())
             except Exception as e:  # a broken runtime install: the state says it has nothing
                 out[name] = []
-                log.warning("runtime %s cannot list its devices: %s", name, _first_line(e))
+                log.warning("runtime %s cannot list its devices: %s", name, first_line(e))
     return out
 
 
