@@ -97,17 +97,21 @@ def concurrency(settings: dict) -> int:
     return serving_settings(settings).concurrency
 
 
-def choose(wanted: list[str], here: list[str], attempt: Callable[[str], Session], *, cpu: str = CPU,
-           runtime: str = "", usable: Callable[[str], bool] | None = None) -> Session:
-    """Try each of ``wanted`` that is ``here`` (or that ``usable`` accepts) in order, then ``cpu`` (always last):
-    the first that loads. Each one passed over adds its reason to the session's ``placement.fallback``. Errors
-    loading ``cpu`` raise."""
+def choose(wanted: list[str], here: Callable[[], list[str]], attempt: Callable[[str], Session], *, cpu: str = CPU,
+           runtime: str = "", usable: Callable[[str, list[str]], bool] | None = None) -> Session:
+    """Try each of ``wanted`` that is in ``here()`` (or that ``usable(name, here())`` accepts) in order, then ``cpu``
+    (always last): the first that loads. Each one passed over adds its reason to the session's
+    ``placement.fallback``. Errors loading ``cpu`` raise. ``here`` is called once, and only when a choice before the
+    CPU is looked at: a bundle for the CPU alone (the default) lists no devices."""
     reasons = []
+    listed: list[str] | None = None
     for name in wanted:
         if name == cpu:
             break
-        if not (usable(name) if usable else name in here):
-            reasons.append(f"{name} is not available here ({runtime} has {', '.join(here) or 'nothing'})")
+        if listed is None:
+            listed = here()
+        if not (usable(name, listed) if usable else name in listed):
+            reasons.append(f"{name} is not available here ({runtime} has {', '.join(listed) or 'nothing'})")
             continue
         try:
             session = attempt(name)

@@ -70,4 +70,4 @@ class OrtSession:
 def load(model_dir: Path, manifest: Manifest, accelerators: list[str] | None = None) -> OrtSession:
     path = model_dir / manifest.model
     wanted = [SHORT.get(a, a) for a in accelerators or [CPU]]
-    return choose(wanted, devices(), lambda p: OrtSession(path, manifest.settings, p), cpu=CPU, runtime=NAME)
+    return choose(wanted, devices, lambda p: OrtSession(path, manifest.settings, p), cpu=CPU, runtime=NAME)

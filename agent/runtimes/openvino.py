@@ -156,11 +156,9 @@ def _output_names(model, wanted: list[str]) -> list[str]:
 
 def load(model_dir: Path, manifest: Manifest, accelerators: list[str] | None = None) -> OpenVinoSession:
     path = model_dir / manifest.model
-    here = devices()
-    known = set(here) | {d.split(".")[0] for d in here}  # "GPU" names the first of GPU.0, GPU.1
 
-    def usable(name: str) -> bool:  # AUTO (or AUTO:GPU,CPU) is always there: it picks among what is
-        return name in known or name.split(":")[0] in META
+    def usable(name: str, here: list[str]) -> bool:  # "GPU" names the first of GPU.0, GPU.1; AUTO is always there
+        return name in here or name in {d.split(".")[0] for d in here} or name.split(":")[0] in META
 
-    return choose(accelerators or [DEVICE], here, lambda d: OpenVinoSession(path, manifest, d), cpu=DEVICE,
+    return choose(accelerators or [DEVICE], devices, lambda d: OpenVinoSession(path, manifest, d), cpu=DEVICE,
                   runtime=NAME, usable=usable)

@@ -65,11 +65,8 @@ def _delegate(name: str, settings: dict):
     """The loaded delegate for ``name`` ("GPU", or "delegate": ``settings["delegate_library"]``); raises when its
     library does not load here."""
     mod = _interpreter_module()
-    libraries = GPU_DELEGATES if name == "GPU" else (str(settings.get("delegate_library", "")),)
     errors = []
-    for lib in libraries:
-        if not lib:
-            continue
+    for lib in _libraries(name, settings):
         try:
             ctypes.CDLL(lib)  # first: LiteRT's load_delegate leaves a broken object behind when the library is absent
             return mod.load_delegate(lib)
@@ -78,13 +75,20 @@ def _delegate(name: str, settings: dict):
     raise RuntimeError("; ".join(errors) or f"no delegate library for {name} (settings delegate_library)")
 
 
+def _libraries(name: str, settings: dict) -> list[str]:
+    return [lib for lib in (GPU_DELEGATES if name == "GPU" else (str(settings.get("delegate_library", "")),)) if lib]
+
+
 def devices() -> list[str]:
-    """The CPU, and GPU where a GPU delegate's library loads here."""
-    try:
-        _delegate("GPU", {})
-    except Exception:
-        return [CPU]
-    return [CPU, "GPU"]
+    """The CPU, and GPU where a GPU delegate's library loads here (loaded, not made into a delegate: listing
+    starts nothing on the GPU)."""
+    for lib in _libraries("GPU", {}):
+        try:
+            ctypes.CDLL(lib)
+        except OSError:
+            continue
+        return [CPU, "GPU"]
+    return [CPU]
 
 
 class TfliteSession:
@@ -253,5 +257,5 @@ def load(model_dir: Path, manifest: Manifest, accelerators: list[str] | None = N
             return TfliteSession(path, settings, *names, device)
         return Pool(lambda: TfliteSession(path, settings, *names, device), n)
 
-    here = devices() + (["delegate"] if settings.get("delegate_library") else [])
-    return choose(accelerators or [CPU], here, attempt, cpu=CPU, runtime=NAME)
+    return choose(accelerators or [CPU], lambda: devices() + (["delegate"] if settings.get("delegate_library") else []),
+                  attempt, cpu=CPU, runtime=NAME)
