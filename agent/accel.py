@@ -24,11 +24,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.protocol import AcceleratorUsage
+from agent.protocol import MAX_ACCELERATORS, AcceleratorUsage
 
 log = logging.getLogger("edgefleet.agent")
 
-MAX_ACCELERATORS = 16  # protocol.Telemetry.accelerators' bound
 _DRIVER = re.compile(r"[A-Za-z0-9._+-]{0,64}")
 _CARD = re.compile(r"card[0-9]+")  # not the connectors (card0-HDMI-A-1)
 _ACCEL = re.compile(r"accel[0-9]+")

@@ -116,6 +116,7 @@ KeyId = _str(KEYID_RE)
 Signature = _str(re.compile(r"[A-Za-z0-9+/=]{1,200}"))  # base64 of an ed25519 signature (88 characters)
 PemKey = _str(re.compile(r"-----BEGIN PUBLIC KEY-----\n[A-Za-z0-9+/=\n]{1,300}-----END PUBLIC KEY-----\n?"))
 MAX_STATEMENTS = 64
+MAX_ACCELERATORS = 16  # a telemetry message's accelerators (agent/accel.py reports at most this many)
 _Short = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._+-]{1,32}")))]
 _Str64 = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._+-]{0,64}")))]
 _Key = Annotated[str, msgspec.Meta(pattern=_pattern(re.compile(r"[A-Za-z0-9._-]{1,64}")))]
@@ -218,7 +219,7 @@ class Telemetry(_Msg):
     storage: StorageState = "ok"  # additive, optional: as in State
     clock_synced: bool | None = None  # additive, optional: as in State
     # additive, optional: None from an agent that does not report them; [] from one that finds none
-    accelerators: Annotated[list[AcceleratorUsage], msgspec.Meta(max_length=16)] | None = None
+    accelerators: Annotated[list[AcceleratorUsage], msgspec.Meta(max_length=MAX_ACCELERATORS)] | None = None
     v: int = VERSION
 
 

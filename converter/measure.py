@@ -13,6 +13,7 @@ import platform
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from agent import runtimes
@@ -235,7 +236,7 @@ def serving(model_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray],
     try:
         for concurrency, max_batch in SERVING:
             settings = {**manifest.settings, "concurrency": concurrency, "max_batch": max_batch}
-            m = Manifest(**{**{f: getattr(manifest, f) for f in manifest.__struct_fields__}, "settings": settings})
+            m = msgspec.structs.replace(manifest, settings=settings)
             if max_batch > 1 and not agent_serving.batchable(m):
                 continue
             session = runtimes.load(model_dir, m)
