@@ -110,7 +110,7 @@ def routes(store: "Store") -> list[Route]:
                 raise ParamError(f"step={q['step']!r}: must be seconds in [1, until - since]")
         except ParamError as e:
             return _error(400, str(e))
-        if not store.query("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+        if not store.has_device(device_id):
             return _error(404, f"unknown device {device_id!r}")
         return JSONResponse(quality.series(store, device_id, since, until, sha, step))
 

@@ -95,14 +95,12 @@ def entries(store: "Store", device_id: str | None = None, now: float | None = No
     if status is not None and status not in STATUSES:
         raise EdgefleetError(f"invalid status {status!r}: choose online or offline")
     key = check_sort(sort) if sort is not None else "device"
-    where, args = ("WHERE id = ?", (device_id,)) if device_id is not None else ("", ())
     if tag is not None:
         targets.check_tag(tag)
         if not store.device_ids(tag=tag):
             raise targets.UnknownTarget(f"unknown tag {tag!r}: no device carries it")
-        where, args = "WHERE id IN (SELECT device_id FROM device_tags WHERE tag = ?)", (tag,)
     tags = store.tags(device_id)
-    found = store.query(f"SELECT * FROM devices {where} ORDER BY id", args)
+    found = store.device_rows(device_id, tag)
     qualities = model_quality(store, now, [r["id"] for r in found])
     out = [entry(store, r, now, tags.get(r["id"], []), qualities.get(r["id"])) for r in found]
     if status is not None:
@@ -123,18 +121,13 @@ def model_quality(store: "Store", now: float, device_ids: list[str]) -> dict[str
 def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str],
           model_quality: dict[str, Any] | None = None) -> dict[str, Any]:
     """One device's health, from its registry row (and its ``model_quality`` row, when it sent quality)."""
-    last = store.query("SELECT cpu_percent, rss_bytes, memory_percent, temperature_c, payload FROM telemetry "
-                       "WHERE device_id = ? ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
-    lat = store.query("SELECT p50, p95, p99 FROM telemetry WHERE device_id = ? AND inferences > 0 "
-                      "ORDER BY time DESC, id DESC LIMIT 1", (d["id"],))
-    dep = store.query("SELECT dd.deployment_id, dd.phase, dd.reason FROM deployment_devices dd "
-                      "JOIN deployments p ON p.id = dd.deployment_id WHERE dd.device_id = ? "
-                      "ORDER BY p.created DESC LIMIT 1", (d["id"],))
+    t = store.last_telemetry(d["id"])
+    lat = store.last_latency(d["id"])
+    dep = store.last_deployment(d["id"])
     rec = recent(store, d["id"], now)
-    t = last[0] if last else None
     outbox = json.loads(t["payload"]) if t else {}
     res: dict[str, Any] = {k: t and t[k] for k in ("cpu_percent", "rss_bytes", "memory_percent", "temperature_c")}
-    latency = dict(lat[0]) if lat else None
+    latency = dict(lat) if lat else None
     if t is None:  # every raw row has expired: the newest rollup tells what the device looked like
         p = retention.latest_rollup(store, d["id"])
         if p is not None:
@@ -160,7 +153,7 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str],
         **res,
         "last_seen": d["last_seen"],
         "last_seen_ago_s": round(max(0.0, now - d["last_seen"]), 3),
-        "deployment": dict(dep[0]) if dep else None,
+        "deployment": dict(dep) if dep else None,
         # seq accounting (see fleet.store) and the device's own outbox, from its latest telemetry
         "seq_gaps": d["seq_max"] - d["seq_count"],
         "duplicates": d["duplicates"],
@@ -188,14 +181,13 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str],
 def clock(store: "Store", d: "sqlite3.Row") -> dict[str, Any]:
     """The device's clock: the offset estimated for its current boot (or its latest, before the current boot has
     sent a window or event), the OS's word on synchronisation, and the flag."""
-    rows = store.query("SELECT boot_id, offset_s, jumps FROM clocks WHERE device_id = ? "
-                       "ORDER BY boot_id = ? DESC, updated DESC LIMIT 1", (d["id"], d["boot_id"]))
-    offset = rows[0]["offset_s"] if rows else None
+    row = store.device_clock(d["id"], d["boot_id"])
+    offset = row["offset_s"] if row else None
     bound = store.max_clock_offset_s
     return {"offset_s": None if offset is None else round(offset, 3),
             "synced": None if d["clock_synced"] is None else bool(d["clock_synced"]),
             "exceeds_max": offset is not None and abs(offset) > bound, "max_offset_s": bound,
-            "boot_id": rows[0]["boot_id"] if rows else None, "jumps": rows[0]["jumps"] if rows else 0}
+            "boot_id": row["boot_id"] if row else None, "jumps": row["jumps"] if row else 0}
 
 
 def signer(store: "Store", d: "sqlite3.Row") -> dict[str, Any] | None:
@@ -205,16 +197,15 @@ def signer(store: "Store", d: "sqlite3.Row") -> dict[str, Any] | None:
     if d["active_sha256"] is None:
         return None
     keyid, serial, source = d["active_signed_by"], d["active_serial"], "device"
-    rows = store.query("SELECT signed_by, signer, serial FROM bundles WHERE sha256 = ?", (d["active_sha256"],))
-    b = rows[0] if rows else None
+    b = store.bundle_signer(d["active_sha256"])
     if keyid is None and serial is None:
         if b is None:
             return None
         keyid, serial, source = b["signed_by"], b["serial"], "bundle"
-    key = store.query("SELECT name, removed FROM release_keys WHERE keyid = ?", (keyid,)) if keyid else []
-    name = key[0]["name"] if key else (b["signer"] if b is not None and b["signed_by"] == keyid else None)
+    key = store.release_key_row(keyid) if keyid else None
+    name = key["name"] if key else (b["signer"] if b is not None and b["signed_by"] == keyid else None)
     return {"keyid": keyid, "name": name, "serial": serial, "source": source,
-            "removed": bool(key and key[0]["removed"] is not None)}
+            "removed": bool(key and key["removed"] is not None)}
 
 
 def disk_warnings(store: "Store", devices: list[str], bundle: dict[str, Any], now: float | None = None
@@ -244,14 +235,12 @@ def disk_warnings(store: "Store", devices: list[str], bundle: dict[str, Any], no
 
 def recent(store: "Store", device_id: str, now: float) -> dict[str, Any]:
     """The device's telemetry windows of the last RECENT_S seconds, summed: rates, errors by kind."""
-    rows = store.query("SELECT inferences, errors, interval_s, CASE WHEN errors > 0 THEN "
-                       "json_extract(payload, '$.errors') END FROM telemetry WHERE device_id = ? AND time > ?",
-                       (device_id, now - RECENT_S))
+    rows = store.recent_windows(device_id, now - RECENT_S)
     inferences, errors = sum(r[0] for r in rows), sum(r[1] for r in rows)
     seconds = sum(r[2] for r in rows)
     by_kind: dict[str, int] = {}
     for r in rows:
-        for kind, n in json.loads(r[3] or "{}").items():
+        for kind, n in r[3].items():
             by_kind[kind] = by_kind.get(kind, 0) + n
     return {"window_s": RECENT_S, "windows": len(rows), "inferences": inferences, "errors": errors,
             "errors_by_kind": by_kind,
@@ -262,10 +251,9 @@ def recent(store: "Store", device_id: str, now: float) -> dict[str, Any]:
 def report(store: "Store", device_id: str, events: int = 20, transitions: int = 50) -> dict[str, Any] | None:
     """One device's report: its health entry plus identity, errors (by kind from telemetry, and the error
     events), recent events, deployment history and online/offline transitions (newest first)."""
-    rows = store.query("SELECT * FROM devices WHERE id = ?", (device_id,))
-    if not rows:
+    d = store.device_row(device_id)
+    if d is None:
         return None
-    d = rows[0]
     now = time.time()
     h = entry(store, d, now, store.tags(device_id).get(device_id, []),
               model_quality(store, now, [device_id]).get(device_id))
@@ -275,22 +263,11 @@ def report(store: "Store", device_id: str, events: int = 20, transitions: int = 
                      "runtimes": json.loads(d["runtimes"]), "cpu_flags": json.loads(d["cpu_flags"]),
                      "devices": json.loads(d["runtime_devices"]), "boot_id": d["boot_id"],
                      "first_seen": d["first_seen"]}
-    h["errors_by_kind"] = {r["kind"]: {"count": r["count"], "last_time": r["last_time"]} for r in store.query(
-        "SELECT kind, count, last_time FROM device_errors WHERE device_id = ? ORDER BY count DESC, kind",
-        (device_id,))}
-    cols = "boot_id, seq, time, kind, deployment_id, sha256, version, reason"
-    h["events"] = [dict(r) for r in store.query(
-        f"SELECT {cols} FROM events WHERE device_id = ? ORDER BY time DESC, id DESC LIMIT ?", (device_id, events))]
-    h["recent_errors"] = [dict(r) for r in store.query(
-        f"SELECT {cols} FROM events WHERE device_id = ? AND kind IN ({', '.join('?' * len(ERROR_EVENTS))}) "
-        f"ORDER BY time DESC, id DESC LIMIT ?", (device_id, *ERROR_EVENTS, events))]
-    h["deployments"] = [dict(r) for r in store.query(
-        "SELECT dd.deployment_id, p.bundle_sha256, b.name, b.version, p.created, dd.phase, dd.reason, dd.updated "
-        "FROM deployment_devices dd JOIN deployments p ON p.id = dd.deployment_id "
-        "LEFT JOIN bundles b ON b.sha256 = p.bundle_sha256 "
-        "WHERE dd.device_id = ? ORDER BY p.created DESC", (device_id,))]
+    h["errors_by_kind"] = {r["kind"]: {"count": r["count"], "last_time": r["last_time"]}
+                           for r in store.device_errors(device_id)}
+    h["events"] = store.device_events(device_id, events)
+    h["recent_errors"] = store.device_events(device_id, events, kinds=tuple(ERROR_EVENTS))
+    h["deployments"] = store.device_deployments(device_id)
     h["signer"] = signer(store, d)
-    h["transitions"] = [{"time": r["time"], "online": bool(r["online"]), "reason": r["reason"]}
-                        for r in store.query("SELECT time, online, reason FROM transitions WHERE device_id = ? "
-                                             "ORDER BY time DESC, id DESC LIMIT ?", (device_id, transitions))]
+    h["transitions"] = store.device_transitions(device_id, transitions)
     return h

@@ -209,18 +209,10 @@ class Sums:
         return self
 
 
-_COLUMNS = ("device_id, sha256, version, time, served, bins, canary_runs, canary_agree, canary_max_abs_err, "
-            "canary_time, labels, confusion, refused")
-
-
 def _rows(store: "Store", since: float, until: float, device_id: str | None = None, sha256: str | None = None
           ) -> list[Any]:
-    conds, args = ["time >= ?", "time < ?"], [since, until]
-    for col, v in (("device_id", device_id), ("sha256", sha256)):
-        if v is not None:
-            conds.append(f"{col} = ?")
-            args.append(v)
-    return store.query(f"SELECT {_COLUMNS} FROM quality WHERE {' AND '.join(conds)} ORDER BY time, id", tuple(args))
+    """Quality windows in [since, until), oldest first (``Store.quality_rows``)."""
+    return store.quality_rows(since, until, device_id, sha256)
 
 
 def _sums(rows: list[Any]) -> dict[tuple[str, str], Sums]:
@@ -328,8 +320,8 @@ def device(store: "Store", device_id: str, since: float | None = None, until: fl
     "refused": {reason: labels the device's agent refused}}
     ``fleet=False`` leaves ``drift.fleet`` None and reads no other device's windows (the rollout gates)."""
     since, until = window(since, until, now)
-    dev = store.query("SELECT active_sha256 FROM devices WHERE id = ?", (device_id,))
-    if not dev:
+    dev = store.active_shas([device_id])
+    if device_id not in dev:
         return None
     rows = _rows(store, since, until, device_id)
     versions: dict[str, dict[str, Any]] = {}
@@ -340,7 +332,7 @@ def device(store: "Store", device_id: str, since: float | None = None, until: fl
         v["served"] += r["served"]
         v["last"] = max(v["last"], r["time"])
     if sha256 is None and versions:
-        active = dev[0]["active_sha256"]
+        active = dev[device_id]
         sha256 = active if active in versions else max(versions.values(), key=lambda v: v["last"])["sha256"]
     out: dict[str, Any] = {
         "device_id": device_id, "since": since, "until": until, "sha256": sha256,
@@ -414,10 +406,9 @@ def summary(store: "Store", since: float | None = None, until: float | None = No
     for r in rows:  # oldest first: the last one wins
         latest[r["device_id"]] = r["sha256"]
     if latest:  # the bundle a device runs now, when it reported on it in the window (as ``device`` picks)
-        marks = ",".join("?" * len(latest))
-        for d in store.query(f"SELECT id, active_sha256 FROM devices WHERE id IN ({marks})", tuple(latest)):
-            if (d["id"], d["active_sha256"]) in sums:
-                latest[d["id"]] = d["active_sha256"]
+        for device_id, active in store.active_shas(list(latest)).items():
+            if (device_id, active) in sums:
+                latest[device_id] = active
     wanted = None if device_ids is None else set(device_ids)
     out = []
     for device_id, sha in latest.items():
@@ -460,4 +451,4 @@ def worst_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def refused(store: "Store") -> dict[str, int]:
     """Quality messages the controller refused since its database was made, by reason."""
-    return {r[0]: r[1] for r in store.query("SELECT reason, count FROM quality_refused ORDER BY reason")}
+    return store.quality_refusals()

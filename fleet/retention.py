@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from agent.errors import EdgefleetError
 from agent.protocol import LATENCY_BUCKETS_MS
+from fleet.store.schema import ROLLUP_COLUMNS as _COLUMNS
 
 if TYPE_CHECKING:
     from fleet.store import Store
@@ -58,39 +59,7 @@ CLOCKS_KEPT = 8  # clock estimates kept per device however old (its latest boots
 TIERS = (("telemetry_1m", "1m", MINUTE), ("telemetry_1h", "1h", HOUR))
 _NBUCKETS = len(LATENCY_BUCKETS_MS) + 1
 
-# The rollup tables, created by the store's schema migration.
-ROLLUP_DDL = """
-CREATE TABLE {table} (
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    bucket REAL NOT NULL,
-    windows INTEGER NOT NULL,
-    interval_s REAL NOT NULL,
-    inferences INTEGER NOT NULL,
-    errors INTEGER NOT NULL,
-    errors_by_kind TEXT NOT NULL,
-    lat_windows INTEGER NOT NULL,
-    lat_n INTEGER NOT NULL,
-    lat_sum REAL NOT NULL,
-    lat_max REAL,
-    lat_nohist INTEGER NOT NULL,
-    histogram TEXT,
-    p50_sum REAL NOT NULL,
-    p95_max REAL, p99_max REAL,
-    p50 REAL, p95 REAL, p99 REAL,
-    cpu_sum REAL NOT NULL, cpu_max REAL,
-    rss_sum REAL NOT NULL, rss_max INTEGER,
-    mem_sum REAL NOT NULL, mem_max REAL,
-    temp_n INTEGER NOT NULL, temp_sum REAL NOT NULL, temp_max REAL,
-    PRIMARY KEY (device_id, bucket)
-)
-"""
-_COLUMNS = ("device_id", "bucket", "windows", "interval_s", "inferences", "errors", "errors_by_kind",
-            "lat_windows", "lat_n", "lat_sum", "lat_max", "lat_nohist", "histogram", "p50_sum", "p95_max",
-            "p99_max", "p50", "p95", "p99", "cpu_sum", "cpu_max", "rss_sum", "rss_max", "mem_sum", "mem_max",
-            "temp_n", "temp_sum", "temp_max")
-_RAW = ("SELECT id, device_id, time, interval_s, inferences, errors, p50, p95, p99, mean_ms, max_ms, histogram, "
-        "cpu_percent, rss_bytes, memory_percent, temperature_c, "
-        "CASE WHEN errors > 0 THEN json_extract(payload, '$.errors') END AS errors_by_kind FROM telemetry")
+# The rollup tables' DDL and columns are in fleet/store/schema.py, with every other table.
 
 
 # -- durations ---------------------------------------------------------------------------------------------
@@ -306,7 +275,7 @@ def _floor(t: float, size: float) -> float:
 
 def boundaries(store: "Store") -> dict[str, float]:
     """Where each tier begins: raw rows from ``raw``, 1-minute rollups from ``1m`` (-inf: never compacted)."""
-    rows = dict(store.query("SELECT tier, before FROM retention"))
+    rows = store.retention_boundaries()
     return {"raw": rows.get("raw", -math.inf), "1m": rows.get("1m", -math.inf)}
 
 
@@ -317,42 +286,35 @@ def compact(store: "Store", now: float | None = None, policy: Policy = Policy(),
     now = time.time() if now is None else now
     raw_cutoff = _floor(now - policy.raw_s, HOUR)
     m1_cutoff = _floor(now - policy.rollup_s, HOUR)
-    folded = 0
+    # PostgreSQL: the daily partitions wholly before the cutoff are folded and dropped; then row by row the rest
+    folded, dropped = store.fold_partitions(raw_cutoff, batch, _fold)
     while True:
-        with store.tx() as db:
-            rows = db.execute(f"{_RAW} WHERE time < ? ORDER BY id LIMIT ?", (raw_cutoff, batch)).fetchall()
-            for table, _, size in TIERS:
-                groups: dict[tuple[str, float], Agg] = {}
-                for r in rows:
-                    groups.setdefault((r["device_id"], _floor(r["time"], size)), Agg()).add_raw(r)
-                for (device_id, bucket), agg in groups.items():
-                    old = db.execute(f"SELECT * FROM {table} WHERE device_id = ? AND bucket = ?",
-                                     (device_id, bucket)).fetchone()
-                    if old is not None:
-                        agg = Agg.from_row(old).add(agg)
-                    db.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(_COLUMNS)}) "
-                               f"VALUES ({', '.join('?' * len(_COLUMNS))})", agg.to_row(device_id, bucket))
-            db.executemany("DELETE FROM telemetry WHERE id = ?", [(r["id"],) for r in rows])
-            if len(rows) < batch:
-                _mark(db, "raw", raw_cutoff)
-        folded += len(rows)
-        if len(rows) < batch:
+        n = store.fold_raw(raw_cutoff, batch, _fold)
+        folded += n
+        if n < batch:
             break
-    with store.tx() as db:
-        quality = db.execute("DELETE FROM quality WHERE time < ?", (raw_cutoff,)).rowcount
-        expired = db.execute("DELETE FROM telemetry_1m WHERE bucket < ?", (m1_cutoff,)).rowcount
-        _mark(db, "1m", m1_cutoff)
-        db.execute("DELETE FROM clocks WHERE updated < ? AND rowid NOT IN (SELECT c.rowid FROM clocks c WHERE "
-                   "c.device_id = clocks.device_id ORDER BY c.updated DESC LIMIT ?)", (raw_cutoff, CLOCKS_KEPT))
+    quality, expired = store.expire(raw_cutoff, m1_cutoff, CLOCKS_KEPT)
+    if dropped:
+        log.info("retention: dropped the telemetry partitions %s", ", ".join(dropped))
     if folded or expired or quality:
         log.info("retention: folded %d raw telemetry rows into rollups, dropped %d expired 1-minute rollups and "
                  "%d quality windows", folded, expired, quality)
     return {"folded": folded, "expired_1m": expired, "quality": quality}
 
 
-def _mark(db: Any, tier: str, before: float) -> None:
-    db.execute("INSERT INTO retention (tier, before) VALUES (?, ?) ON CONFLICT (tier) DO UPDATE SET "
-               "before = max(before, excluded.before)", (tier, before))
+def _fold(rows: list[Any], old: Callable[[str, str, float], Any]) -> list[tuple[str, tuple]]:
+    """Raw windows -> the rollup rows (table, values) they make, merged with the rows already stored (``old``)."""
+    out = []
+    for table, _, size in TIERS:
+        groups: dict[tuple[str, float], Agg] = {}
+        for r in rows:
+            groups.setdefault((r["device_id"], _floor(r["time"], size)), Agg()).add_raw(r)
+        for (device_id, bucket), agg in groups.items():
+            prev = old(table, device_id, bucket)
+            if prev is not None:
+                agg = Agg.from_row(prev).add(agg)
+            out.append((table, agg.to_row(device_id, bucket)))
+    return out
 
 
 # -- reading -------------------------------------------------------------------------------------------------
@@ -376,13 +338,11 @@ def series(store: "Store", device_id: str, since: float, until: float, step: flo
     for table, name, size in reversed(TIERS):
         lo, hi = spans[name]
         if lo <= hi:
-            for r in store.query(f"SELECT * FROM {table} WHERE device_id = ? AND bucket > ? AND bucket <= ? "
-                                 f"ORDER BY bucket", (device_id, lo - size, hi)):
+            for r in store.rollup_rows(table, device_id, lo - size, hi):
                 if r["bucket"] < hi or hi == until:
                     parts.append((r["bucket"], name, size, Agg.from_row(r)))
     lo = max(since, edge["raw"])
-    raw = store.query(f"{_RAW} WHERE device_id = ? AND time >= ? AND time <= ? ORDER BY time, id",
-                      (device_id, lo, until)) if lo <= until else []
+    raw = store.raw_windows(device_id, lo, until) if lo <= until else []
     if step is None:
         return [a.point(t, res, d) for t, res, d, a in parts] + \
             [Agg().add_raw(r).point(r["time"], "raw", r["interval_s"]) for r in raw]
@@ -409,9 +369,9 @@ def series(store: "Store", device_id: str, since: float, until: float, step: flo
 def latest_rollup(store: "Store", device_id: str) -> dict[str, Any] | None:
     """The newest rollup point of a device (for a device whose raw rows have all expired), or None."""
     for table, name, size in TIERS:
-        rows = store.query(f"SELECT * FROM {table} WHERE device_id = ? ORDER BY bucket DESC LIMIT 1", (device_id,))
-        if rows:
-            return Agg.from_row(rows[0]).point(rows[0]["bucket"], name, size)
+        row = store.latest_rollup_row(table, device_id)
+        if row is not None:
+            return Agg.from_row(row).point(row["bucket"], name, size)
     return None
 
 

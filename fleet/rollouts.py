@@ -35,17 +35,6 @@ BASELINE_S = 3600.0  # the previous model's p95 is taken over the windows of the
 BASELINE_LABELS_S = 7 * 86400.0  # and its feedback accuracy over the labels of the week before (labels are rarer)
 INTERVAL_S = 1.0
 
-TABLES = """
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    status TEXT NOT NULL,
-    doc TEXT NOT NULL,
-    outbox TEXT NOT NULL DEFAULT '[]'
-);
-CREATE INDEX IF NOT EXISTS rollouts_status ON rollouts (status)
-"""
 
 
 def new_rollout_id() -> str:
@@ -68,13 +57,11 @@ class Rollouts:
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def open(self) -> "Rollouts":
-        with self.store.tx() as db:
-            for stmt in filter(str.strip, TABLES.split(";")):
-                db.execute(stmt)
+        """Nothing to make: the ``rollouts`` table is the store's (fleet/store/schema.py, schema 9)."""
         return self
 
     def start(self) -> "Rollouts":
-        """Create the table if needed and start advancing rollouts (resuming any left running)."""
+        """Start advancing rollouts (resuming any left running)."""
         self.open()
         if self._thread is None:
             self._stop.clear()
@@ -131,7 +118,7 @@ class Rollouts:
         return self._view(r, outbox)
 
     def list(self) -> list[dict[str, Any]]:
-        rows = self.store.query("SELECT doc, outbox FROM rollouts ORDER BY created DESC, id DESC")
+        rows = self.store.rollout_rows()
         out = []
         for row in rows:
             v = self._view(machine.load(json.loads(row["doc"])), machine.load_actions(json.loads(row["outbox"])))
@@ -148,8 +135,7 @@ class Rollouts:
     def tick(self) -> None:
         """Advance every running or paused rollout once."""
         with self._lock:
-            ids = [r["id"] for r in self.store.query(
-                "SELECT id FROM rollouts WHERE status IN (?, ?) OR outbox != '[]' ORDER BY created", machine.LIVE)]
+            ids = self.store.rollouts_to_drive(machine.LIVE)
             for rid in ids:
                 try:
                     self._advance(rid)
@@ -213,10 +199,8 @@ class Rollouts:
         phases = {}
         started = [w for w in r.waves if w.started is not None]
         if started:
-            marks = ",".join("?" * len(started))
-            phases = {(row["deployment_id"], row["device_id"]): row for row in self.store.query(
-                f"SELECT deployment_id, device_id, phase, reason, updated FROM deployment_devices "
-                f"WHERE deployment_id IN ({marks})", tuple(w.deployment_id for w in started))}
+            phases = {(row["deployment_id"], row["device_id"]): row
+                      for row in self.store.deployment_phases([w.deployment_id for w in started])}
         known: dict[str, bool] = {}
         out = {}
         for did, dev in r.devices.items():
@@ -247,15 +231,8 @@ class Rollouts:
     def _health(self, device_id: str, sha: str, since: float, until: float | None) -> machine.Health:
         """A device's figures on one model over its windows that ended in [since, until), on the controller's
         time line (a window's ``time`` is corrected for the device's clock: fleet.clock)."""
-        row = self.store.query(
-            "SELECT coalesce(sum(inferences), 0) AS n, coalesce(sum(errors), 0) AS e, "
-            "sum(CASE WHEN p95 IS NOT NULL AND inferences > 0 THEN p95 * inferences END) "
-            "/ sum(CASE WHEN p95 IS NOT NULL AND inferences > 0 THEN inferences END) AS p95 "
-            "FROM telemetry WHERE device_id = ? AND time >= ? AND time < ? "
-            "AND json_extract(payload, '$.active.sha256') = ?",
-            (device_id, since, until if until is not None else float("inf"), sha))[0]
-        return machine.Health(inferences=row["n"], errors=row["e"],
-                              p95_ms=None if row["p95"] is None else round(row["p95"], 3))
+        n, e, p95 = self.store.model_health(device_id, sha, since, until)
+        return machine.Health(inferences=n, errors=e, p95_ms=None if p95 is None else round(p95, 3))
 
     def _quality(self, h: machine.Health, device_id: str, sha: str, since: float, until: float | None) -> None:
         """Fill ``h``'s quality figures: the device's quality windows on one model in [since, until)
@@ -273,29 +250,22 @@ class Rollouts:
 
     # -- persistence ---------------------------------------------------------------------------------
     def _load(self, rid: str) -> tuple[machine.Rollout, list[Publish]]:
-        rows = self.store.query("SELECT doc, outbox FROM rollouts WHERE id = ?", (rid,))
-        if not rows:
+        row = self.store.rollout_row(rid)
+        if row is None:
             raise RolloutError(f"unknown rollout {rid!r}", 404)
-        return machine.load(json.loads(rows[0]["doc"])), machine.load_actions(json.loads(rows[0]["outbox"]))
+        return machine.load(json.loads(row["doc"])), machine.load_actions(json.loads(row["outbox"]))
 
     def _save(self, r: machine.Rollout, outbox: list[Publish], created: bool = False) -> None:
         doc, box = json.dumps(machine.dump(r)), json.dumps(machine.dump_actions(outbox))
-        with self.store.tx() as db:
-            if created:
-                db.execute("INSERT INTO rollouts (id, created, updated, status, doc, outbox) VALUES (?, ?, ?, ?, ?, ?)",
-                           (r.id, r.created, self.clock(), r.status, doc, box))
-            else:
-                db.execute("UPDATE rollouts SET updated = ?, status = ?, doc = ?, outbox = ? WHERE id = ?",
-                           (self.clock(), r.status, doc, box, r.id))
+        self.store.save_rollout(r.id, r.created, self.clock(), r.status, doc, box, new=created)
 
     def _set_outbox(self, rid: str, outbox: list[Publish]) -> None:
-        with self.store.tx() as db:
-            db.execute("UPDATE rollouts SET outbox = ? WHERE id = ?", (json.dumps(machine.dump_actions(outbox)), rid))
+        self.store.set_rollout_outbox(rid, json.dumps(machine.dump_actions(outbox)))
 
     def _busy(self, devices: list[str]) -> list[tuple[str, str]]:
         """(device, rollout) for each of ``devices`` in a rollout still running or paused."""
         wanted, out = set(devices), []
-        for row in self.store.query("SELECT doc FROM rollouts WHERE status IN (?, ?)", machine.LIVE):
+        for row in self.store.rollout_rows(machine.LIVE):
             r = machine.load(json.loads(row["doc"]))
             out += [(d, r.id) for d in sorted(wanted & set(r.devices))]
         return out
@@ -307,10 +277,8 @@ class Rollouts:
         back = {d.rollback_deployment for d in r.devices.values() if d.rollback_deployment}
         phases = {}
         if back:
-            marks = ",".join("?" * len(back))
-            phases = {(row["deployment_id"], row["device_id"]): row["phase"] for row in self.store.query(
-                f"SELECT deployment_id, device_id, phase FROM deployment_devices WHERE deployment_id IN ({marks})",
-                tuple(back))}
+            phases = {(row["deployment_id"], row["device_id"]): row["phase"]
+                      for row in self.store.deployment_phases(sorted(back))}
         versions: dict[str, str | None] = {}
         for w in v["waves"]:
             for d in w["devices"]:

@@ -142,18 +142,7 @@ def raw_points(store: Store, device_id: str, since: float, until: float, step: f
                ) -> list[dict[str, Any]]:
     """Points from the raw ``telemetry`` table alone (the fields of ``fleet.retention.series`` that the charts
     use); in a ``step`` bucket, p50 is the inference-weighted mean and p95/p99 the worst window's."""
-    if step is None:
-        rows = store._query(
-            "SELECT time, interval_s, inferences, errors, p50, p95, p99, cpu_percent, rss_bytes, memory_percent, "
-            "temperature_c FROM telemetry WHERE device_id = ? AND time >= ? AND time <= ? ORDER BY time, id",
-            (device_id, since, until))
-    else:
-        rows = store._query(
-            "SELECT CAST(time / ?1 AS INTEGER) * ?1 AS t, sum(interval_s), sum(inferences), sum(errors), "
-            "sum(p50 * inferences) / sum(CASE WHEN p50 IS NOT NULL THEN inferences END), max(p95), max(p99), "
-            "avg(cpu_percent), max(rss_bytes), avg(memory_percent), max(temperature_c) "
-            "FROM telemetry WHERE device_id = ?2 AND time >= ?3 AND time <= ?4 GROUP BY 1 ORDER BY 1",
-            (step, device_id, since, until))
+    rows = store.raw_series(device_id, since, until, step)
     out = []
     for t, interval, inf, err, p50, p95, p99, cpu, rss, mem, temp in rows:
         out.append({
@@ -169,11 +158,7 @@ def recent_rates(store: Store, now: float | None = None) -> dict[str, dict[str, 
     """Each device's ``inferences_per_min`` and ``error_rate`` over its recent windows (the last minute, or
     two reporting intervals if longer); None where nothing was reported in that time."""
     now = time.time() if now is None else now
-    rows = store._query(
-        "SELECT d.id, sum(t.inferences), sum(t.errors), sum(t.interval_s) FROM devices d "
-        "JOIN telemetry t ON t.device_id = d.id "
-        "AND t.time >= ?1 - max(?2, 2 * coalesce(d.interval_s, ?3)) GROUP BY d.id",
-        (now, RATE_WINDOW_S, DEFAULT_INTERVAL_S))
+    rows = store.recent_sums(now, RATE_WINDOW_S, DEFAULT_INTERVAL_S)
     out = {}
     for device_id, inf, err, interval in rows:
         out[device_id] = {

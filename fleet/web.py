@@ -37,10 +37,10 @@ QUALITY_ROWS = 10  # the fleet page's worst devices: this many unless ?quality=a
 
 
 def _device_row(store: Store, device_id: str) -> dict[str, Any] | None:
-    rows = store._query("SELECT * FROM devices WHERE id = ?", (device_id,))
-    if not rows:
+    row = store.device_row(device_id)
+    if row is None:
         return None
-    d = dict(rows[0])
+    d = dict(row)
     d["runtimes"] = json.loads(d["runtimes"])
     return d
 
@@ -69,8 +69,7 @@ def _device_data(store: Store, device_id: str, since: float) -> tuple[tuple, dic
     history = {sha: b for sha in {r["bundle_sha256"] for r in detail["deployments"]}
                if (b := store.bundle(sha)) is not None}
     q = quality.device(store, device_id, now - since, now) or {}
-    q["ever"] = bool(q.get("sha256")) or bool(
-        store._query("SELECT 1 FROM quality WHERE device_id = ? LIMIT 1", (device_id,)))
+    q["ever"] = bool(q.get("sha256")) or store.has_quality(device_id)
     return (detail, info, rates, bundle, history), q
 
 
@@ -153,7 +152,7 @@ def routes(store: Store) -> list[BaseRoute]:
             since, step = parse_window(request.query_params.get("since"), request.query_params.get("step"))
         except SeriesError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        if not store._query("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+        if not store.has_device(device_id):
             return JSONResponse({"error": f"unknown device {device_id!r}"}, status_code=404)
         return Response(_ENCODER.encode(series(store, device_id, since, step)), media_type="application/json")
 

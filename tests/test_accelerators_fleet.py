@@ -153,19 +153,19 @@ def test_a_device_that_says_nothing_of_them_shows_not_reported(fleet, client, de
 
 
 def test_a_version_7_database_is_migrated(tmp_path):
-    from fleet import store as store_module
+    from fleet.store import schema as store_module
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    db.executescript(store_module._SCHEMA_V2 + ";INSERT INTO schema_version VALUES (2);")
+    db.executescript(store_module.BASE + ";INSERT INTO schema_version VALUES (2);")
     for v in range(2, 7):
-        db.executescript(store_module._MIGRATIONS[v])
+        db.executescript(store_module.MIGRATIONS[v])
     db.execute("INSERT INTO devices (id, first_seen, last_seen, active_name) VALUES ('cam-1', 1e9, 1e9, 'digits')")
     db.commit()
     db.close()
     s = Store(path).open()
     try:
-        assert s.query("SELECT version FROM schema_version")[0][0] == store_module.SCHEMA_VERSION == 8
+        assert s.query("SELECT version FROM schema_version")[0][0] == store_module.SCHEMA_VERSION == 9
         [d] = s.devices()
         assert (d["active_serving"], d["runtime_devices"]) == (None, {})
         [h] = s.health("cam-1", now=1e9 + 1)

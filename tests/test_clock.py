@@ -301,13 +301,13 @@ def test_storage_clock_sync_and_disk_come_from_the_newest_report(store):
 
 
 def test_a_version_4_database_is_migrated(tmp_path):
-    from fleet import store as store_module
+    from fleet.store import schema as store_module
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    db.executescript(store_module._SCHEMA_V2 + ";INSERT INTO schema_version VALUES (2);")
+    db.executescript(store_module.BASE + ";INSERT INTO schema_version VALUES (2);")
     for v in (2, 3):
-        db.executescript(store_module._MIGRATIONS[v])
+        db.executescript(store_module.MIGRATIONS[v])
     db.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES ('cam-1', ?, ?)", (T0, T0))
     db.execute("INSERT INTO telemetry (device_id, boot_id, seq, time, received, interval_s, inferences, errors, "
                "payload) VALUES ('cam-1', 'b', 1, ?, ?, 10, 5, 0, '{}')", (T0, T0))

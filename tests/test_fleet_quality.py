@@ -350,13 +350,13 @@ def test_quality_windows_age_out_with_raw_telemetry(store):
 
 
 def test_a_version_6_database_is_migrated_and_profiles_are_read_from_the_bundle_files(tmp_path, real):
-    from fleet import store as store_module
+    from fleet.store import schema as store_module
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    db.executescript(store_module._SCHEMA_V2 + ";INSERT INTO schema_version VALUES (2);")
+    db.executescript(store_module.BASE + ";INSERT INTO schema_version VALUES (2);")
     for v in (2, 3, 4, 5):
-        db.executescript(store_module._MIGRATIONS[v])
+        db.executescript(store_module.MIGRATIONS[v])
     for sha in (real["sha"], BARE_SHA):
         db.execute("INSERT INTO bundles (sha256, size, name, version, target, runtime, precision, manifest, uploaded) "
                    "VALUES (?, 1, 'ocr-cls', '1', 'cpu', 'onnxruntime', 'fp32', '{}', 0)", (sha,))
@@ -367,7 +367,7 @@ def test_a_version_6_database_is_migrated_and_profiles_are_read_from_the_bundle_
     (bundles_dir / f"{real['sha']}.tar").write_bytes(real["path"].read_bytes())  # BARE_SHA's file is gone
     s = Store(path).open()
     try:
-        assert s.query("SELECT version FROM schema_version")[0][0] == store_module.SCHEMA_VERSION == 8
+        assert s.query("SELECT version FROM schema_version")[0][0] == store_module.SCHEMA_VERSION == 9
         assert s.reference(real["sha"]) is None  # not read yet
         assert s.read_profiles(bundles_dir) == 1
         profile_id, profile = s.reference(real["sha"])

@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +32,17 @@ from agent import protocol
 from agent.errors import EdgefleetError
 from fleet import clock as clocks
 from fleet import health, quality, retention, targets
+from fleet.store import schema
+from fleet.store.backend import open_backend
+from fleet.store.reads import Reads
+from fleet.store.schema import SEQ_TABLES
+from fleet.store.upkeep import Upkeep
 
 if TYPE_CHECKING:
     from agent import quality as quality_
 
 log = logging.getLogger("edgefleet.fleet.store")
 
-SCHEMA_VERSION = 8
 DEFAULT_INTERVAL_S = 10.0
 OFFLINE_AFTER_INTERVALS = 3
 CLONE_BOOTS = 8  # the boot ids remembered per device for clone detection
@@ -50,410 +52,72 @@ MAX_CLOCK_OFFSET_S = 300.0  # a device whose clock is further off than this is f
 CLOCK_CACHE = 100_000  # boots whose clock estimate is kept in memory too (the table is the truth)
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
 
-_SCHEMA_V2 = """
-CREATE TABLE schema_version (version INTEGER NOT NULL);
-CREATE TABLE devices (
-    id TEXT PRIMARY KEY,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    online INTEGER NOT NULL DEFAULT 1,
-    state_time REAL,
-    boot_id TEXT NOT NULL DEFAULT '',
-    agent_version TEXT NOT NULL DEFAULT '',
-    arch TEXT NOT NULL DEFAULT '',
-    cpu_flags TEXT NOT NULL DEFAULT '[]',
-    runtimes TEXT NOT NULL DEFAULT '[]',
-    active_name TEXT, active_version TEXT, active_sha256 TEXT,
-    active_runtime TEXT, active_precision TEXT, active_deployment_id TEXT,
-    interval_s REAL,
-    inferences INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0,
-    seq_max INTEGER NOT NULL DEFAULT 0,
-    seq_count INTEGER NOT NULL DEFAULT 0,
-    duplicates INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE telemetry (
-    id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    boot_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    time REAL NOT NULL,
-    received REAL NOT NULL,
-    interval_s REAL NOT NULL,
-    inferences INTEGER NOT NULL,
-    errors INTEGER NOT NULL,
-    p50 REAL, p95 REAL, p99 REAL,
-    cpu_percent REAL, rss_bytes INTEGER, memory_percent REAL, temperature_c REAL,
-    payload TEXT NOT NULL,
-    UNIQUE (device_id, boot_id, seq)
-);
-CREATE INDEX telemetry_device_time ON telemetry (device_id, time);
-CREATE INDEX telemetry_device_seq ON telemetry (device_id, seq);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    boot_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    time REAL NOT NULL,
-    received REAL NOT NULL,
-    kind TEXT NOT NULL,
-    deployment_id TEXT,
-    sha256 TEXT,
-    version TEXT,
-    reason TEXT NOT NULL DEFAULT '',
-    UNIQUE (device_id, boot_id, seq)
-);
-CREATE INDEX events_device_time ON events (device_id, time);
-CREATE INDEX events_device_seq ON events (device_id, seq);
-CREATE TABLE bundles (
-    sha256 TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    target TEXT NOT NULL,
-    runtime TEXT NOT NULL,
-    precision TEXT NOT NULL,
-    manifest TEXT NOT NULL,
-    uploaded REAL NOT NULL
-);
-CREATE TABLE deployments (
-    id TEXT PRIMARY KEY,
-    bundle_sha256 TEXT NOT NULL REFERENCES bundles(sha256),
-    created REAL NOT NULL,
-    targets TEXT NOT NULL
-);
-CREATE TABLE deployment_devices (
-    deployment_id TEXT NOT NULL REFERENCES deployments(id),
-    device_id TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    updated REAL NOT NULL,
-    event_time REAL,
-    PRIMARY KEY (deployment_id, device_id)
-);
-"""
-_V1_TO_V2 = """
-ALTER TABLE devices ADD COLUMN seq_max INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE devices ADD COLUMN seq_count INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE devices ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX telemetry_device_seq ON telemetry (device_id, seq);
-CREATE INDEX events_device_seq ON events (device_id, seq);
-UPDATE devices SET
-    seq_max = coalesce((SELECT max(seq) FROM (SELECT seq FROM telemetry WHERE device_id = devices.id
-                        UNION SELECT seq FROM events WHERE device_id = devices.id)), 0),
-    seq_count = (SELECT count(*) FROM (SELECT seq FROM telemetry WHERE device_id = devices.id AND seq > 0
-                 UNION SELECT seq FROM events WHERE device_id = devices.id AND seq > 0));
-UPDATE schema_version SET version = 2
-"""
 
-
-_V2_TO_V3 = """
-ALTER TABLE devices ADD COLUMN status_online INTEGER;
-ALTER TABLE devices ADD COLUMN status_time REAL;
-UPDATE devices SET status_online = online, status_time = last_seen;
-ALTER TABLE telemetry ADD COLUMN mean_ms REAL;
-ALTER TABLE telemetry ADD COLUMN max_ms REAL;
-ALTER TABLE telemetry ADD COLUMN histogram TEXT;
-UPDATE telemetry SET mean_ms = json_extract(payload, '$.latency_ms.mean'),
-    max_ms = json_extract(payload, '$.latency_ms.max'),
-    histogram = CASE WHEN json_array_length(payload, '$.histogram') > 0
-                THEN json_extract(payload, '$.histogram') END;
-CREATE INDEX telemetry_time ON telemetry (time);
-CREATE TABLE device_tags (
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    tag TEXT NOT NULL,
-    PRIMARY KEY (device_id, tag)
-);
-CREATE INDEX device_tags_tag ON device_tags (tag);
-CREATE TABLE transitions (
-    id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    time REAL NOT NULL,
-    online INTEGER NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE INDEX transitions_device_time ON transitions (device_id, time);
-CREATE TABLE device_errors (
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    kind TEXT NOT NULL,
-    count INTEGER NOT NULL,
-    last_time REAL NOT NULL,
-    PRIMARY KEY (device_id, kind)
-);
-INSERT INTO device_errors (device_id, kind, count, last_time)
-    SELECT t.device_id, e.key, sum(e.value), max(t.time) FROM telemetry t, json_each(t.payload, '$.errors') e
-    GROUP BY t.device_id, e.key;
-""" + ";".join(retention.ROLLUP_DDL.format(table=table) for table, _, _ in retention.TIERS) + """;
-CREATE TABLE retention (tier TEXT PRIMARY KEY, before REAL NOT NULL);
-UPDATE schema_version SET version = 3
-"""
-# Who may speak to the fleet. Operators (fleet/auth.py): API tokens (only their sha256 is kept), the dashboard's
-# sign-in sessions (a session belongs to the token that signed in: revoking the token ends it) and the audit
-# trail. Devices (fleet/enroll.py): the certificates the fleet CA issued, one-time and provisioning enrollment
-# tokens (stored hashed), revoked device ids; and what clone detection keeps per device (record_state).
-_V3_TO_V4 = """
-CREATE TABLE tokens (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('read', 'operator', 'admin')),
-    hash TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL,
-    last_used REAL,
-    revoked REAL
-);
-CREATE UNIQUE INDEX tokens_active_name ON tokens (name) WHERE revoked IS NULL;
-CREATE TABLE sessions (
-    hash TEXT PRIMARY KEY,
-    token_id INTEGER NOT NULL REFERENCES tokens(id),
-    created REAL NOT NULL,
-    expires REAL NOT NULL
-);
-CREATE INDEX sessions_token ON sessions (token_id);
-CREATE TABLE audit (
-    id INTEGER PRIMARY KEY,
-    time REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL DEFAULT '',
-    status INTEGER,
-    remote TEXT NOT NULL DEFAULT '',
-    detail TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE certificates (
-    serial TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    not_before REAL NOT NULL,
-    not_after REAL NOT NULL,
-    issued REAL NOT NULL,
-    kind TEXT NOT NULL,
-    revoked REAL,
-    reason TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX certificates_device ON certificates (device_id);
-CREATE TABLE enrollments (
-    id TEXT PRIMARY KEY,
-    token_hash TEXT NOT NULL UNIQUE,
-    kind TEXT NOT NULL,
-    device_id TEXT,
-    prefix TEXT NOT NULL DEFAULT '',
-    uses_left INTEGER NOT NULL,
-    used INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    expires REAL NOT NULL,
-    created_by TEXT NOT NULL DEFAULT '',
-    revoked REAL
-);
-CREATE TABLE revoked_devices (
-    device_id TEXT PRIMARY KEY,
-    time REAL NOT NULL,
-    by TEXT NOT NULL DEFAULT ''
-);
-ALTER TABLE devices ADD COLUMN boots TEXT NOT NULL DEFAULT '[]';
-ALTER TABLE devices ADD COLUMN conflicts INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE devices ADD COLUMN conflict_first REAL;
-ALTER TABLE devices ADD COLUMN conflict_last REAL;
-UPDATE schema_version SET version = 4
-"""
-# Time the controller can trust (fleet/clock.py). Telemetry and events are filed at the controller's time:
-# ``time`` is the corrected time, ``device_time`` the device's own (NULL in rows stored before schema 5, whose
-# ``time`` is the device's). ``clocks`` holds each (device, boot)'s clock estimate; ``dirty`` marks one whose
-# rows the sweep must move (re-file). The device row keeps what the device said of its storage and clock (from
-# state and telemetry, the newest by corrected time wins) and its free disk (from telemetry).
-_V4_TO_V5 = """
-ALTER TABLE telemetry ADD COLUMN device_time REAL;
-ALTER TABLE events ADD COLUMN device_time REAL;
-CREATE TABLE clocks (
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    boot_id TEXT NOT NULL,
-    offset_s REAL NOT NULL,
-    jumps INTEGER NOT NULL DEFAULT 0,
-    updated REAL NOT NULL,
-    dirty INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL,
-    PRIMARY KEY (device_id, boot_id)
-);
-CREATE INDEX clocks_dirty ON clocks (dirty) WHERE dirty = 1;
-ALTER TABLE devices ADD COLUMN storage TEXT;
-ALTER TABLE devices ADD COLUMN storage_since REAL;
-ALTER TABLE devices ADD COLUMN storage_time REAL;
-ALTER TABLE devices ADD COLUMN clock_synced INTEGER;
-ALTER TABLE devices ADD COLUMN disk_free_bytes INTEGER;
-ALTER TABLE devices ADD COLUMN disk_time REAL;
-UPDATE schema_version SET version = 5
-"""
-# Signing (issue 10, fleet/keys.py and fleet/signer.py). ``release_keys``: the keys whose bundles the fleet takes
-# (``statement``: the signed ``add`` statement it came with, ``removal``: the controller's signed ``remove``); the
-# trust statements every desired carries are these, in time order. ``signed``: per device, the counter of its last
-# signed desired or cmd (it only grows), and the desired last published, unsigned, with when its signed copy
-# expires and which trust list it carried (the re-sign sweep republishes it). Bundles record who signed them.
-_V5_TO_V6 = """
-CREATE TABLE release_keys (
-    keyid TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    pem TEXT NOT NULL,
-    added REAL NOT NULL,
-    removed REAL,
-    statement TEXT,
-    removal TEXT
-);
-CREATE TABLE signed (
-    device_id TEXT PRIMARY KEY,
-    counter INTEGER NOT NULL DEFAULT 0,
-    desired TEXT,
-    issued REAL,
-    expires REAL,
-    trust TEXT
-);
-ALTER TABLE bundles ADD COLUMN signed_by TEXT;
-ALTER TABLE bundles ADD COLUMN signer TEXT;
-ALTER TABLE bundles ADD COLUMN serial INTEGER;
-ALTER TABLE devices ADD COLUMN active_signed_by TEXT;
-ALTER TABLE devices ADD COLUMN active_serial INTEGER;
-UPDATE schema_version SET version = 6
-"""
-# Model quality (issue 12, fleet/quality.py). ``quality``: one row a device's quality message (a window's counts in
-# the bins of its bundle's profile, canary and feedback), filed at the controller's time like telemetry (``time``
-# corrected, ``device_time`` the device's) and keyed like it by (device, boot, seq); ``bins``, ``confusion`` and
-# ``refused`` are the message's JSON. ``quality_refused``: quality messages refused (fleet/quality.refusal), by
-# reason. ``bundles.profile``: the bundle's profile.json as uploaded ('' when it has none; NULL for a bundle stored
-# before schema 7, until the controller reads it from its file at start) and ``profile_id`` its id.
-_V6_TO_V7 = """
-CREATE TABLE quality (
-    id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL REFERENCES devices(id),
-    boot_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    time REAL NOT NULL,
-    device_time REAL,
-    received REAL NOT NULL,
-    interval_s REAL NOT NULL,
-    sha256 TEXT NOT NULL,
-    version TEXT NOT NULL,
-    deployment_id TEXT,
-    profile TEXT NOT NULL,
-    served INTEGER NOT NULL,
-    bins TEXT NOT NULL,
-    canary_runs INTEGER NOT NULL DEFAULT 0,
-    canary_agree INTEGER NOT NULL DEFAULT 0,
-    canary_max_abs_err REAL,
-    canary_time REAL,
-    labels INTEGER NOT NULL DEFAULT 0,
-    confusion TEXT NOT NULL DEFAULT '[]',
-    refused TEXT NOT NULL DEFAULT '{}',
-    UNIQUE (device_id, boot_id, seq)
-);
-CREATE INDEX quality_device_time ON quality (device_id, time);
-CREATE INDEX quality_sha_time ON quality (sha256, time);
-CREATE INDEX quality_device_seq ON quality (device_id, seq);
-CREATE INDEX quality_time ON quality (time);
-CREATE TABLE quality_refused (
-    reason TEXT PRIMARY KEY,
-    count INTEGER NOT NULL,
-    last_time REAL NOT NULL
-);
-ALTER TABLE bundles ADD COLUMN profile TEXT;
-ALTER TABLE bundles ADD COLUMN profile_id TEXT;
-UPDATE schema_version SET version = 7
-"""
-# Accelerators (issue 14). From the device's latest state: ``active_serving``, the JSON of its active model's
-# ``serving`` (the device and provider that really run it, and why its bundle's earlier choices do not; NULL: the
-# agent does not say), and ``runtime_devices``, the JSON of its ``devices`` (runtime -> the devices it can use
-# there). The accelerators' load is in each telemetry row's payload (health reads the latest).
-_V7_TO_V8 = """
-ALTER TABLE devices ADD COLUMN active_serving TEXT;
-ALTER TABLE devices ADD COLUMN runtime_devices TEXT NOT NULL DEFAULT '{}';
-UPDATE schema_version SET version = 8
-"""
-_MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6, 6: _V6_TO_V7, 7: _V7_TO_V8}
-SEQ_TABLES = ("telemetry", "events", "quality")  # the messages that take a seq from the device's one counter
-
-class Store:
-    """The controller's SQLite registry at ``path``; safe to call from any thread.
+class Store(Reads, Upkeep):
+    """The controller's registry in the database at ``url`` (``sqlite:///PATH``, a plain path, or
+    ``postgresql://USER@HOST:PORT/DB``: ``fleet.store.backend``); safe to call from any thread.
 
     ``offline_after``: how many telemetry intervals of silence make a device offline; ``max_clock_offset_s``:
-    how far off a device's clock may be before health flags it."""
+    how far off a device's clock may be before health flags it; ``opts`` go to the backend (PostgreSQL:
+    ``min_size``, ``max_size``, ``connect_timeout``)."""
 
-    def __init__(self, path: Path, offline_after: float = OFFLINE_AFTER_INTERVALS,
-                 max_clock_offset_s: float = MAX_CLOCK_OFFSET_S) -> None:
+    def __init__(self, url: str | Path, offline_after: float = OFFLINE_AFTER_INTERVALS,
+                 max_clock_offset_s: float = MAX_CLOCK_OFFSET_S, **opts: Any) -> None:
         if not offline_after > 0:
             raise EdgefleetError(f"offline_after must be a positive number of intervals (got {offline_after})")
         if not max_clock_offset_s > 0:
             raise EdgefleetError(f"the clock offset bound must be a positive number of seconds "
                                  f"(got {max_clock_offset_s})")
-        self.path = Path(path)
+        self.backend = open_backend(url, **opts)
+        self.path = getattr(self.backend, "path", None)  # SQLite's file (None on PostgreSQL)
         self.offline_after = float(offline_after)
         self.max_clock_offset_s = float(max_clock_offset_s)
-        self._lock = threading.RLock()
-        self._db: sqlite3.Connection | None = None
+        self._lock = self.backend.lock  # SQLite: the lock every transaction holds, so the caches move with it
+        # Only a SQLite file has one writer process: on PostgreSQL other controllers write the clocks too, so
+        # each message reads its boot's clock from the table (under a row lock) and nothing is cached.
+        self._cache_clocks = self.backend.name == "sqlite"
         self._clocks: dict[tuple[str, str], clocks.Clock] = {}  # (device, boot) -> as last saved
         self._profiles: dict[str, Any] = {}  # bundle sha256 -> (profile id, Profile) or None (it has none)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> "Store":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.backend.open()
         try:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            self._db = db
             self._migrate()
         except BaseException as e:
             self.close()
-            if isinstance(e, sqlite3.DatabaseError):
-                raise EdgefleetError(f"cannot open the fleet database {self.path}: {e}") from None
+            if type(e).__name__ in ("DatabaseError", "OperationalError") and not isinstance(e, EdgefleetError):
+                raise EdgefleetError(f"cannot open the fleet database {self.backend.describe()}: {e}") from None
             raise
         return self
 
     def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        self.backend.close()
 
     def _migrate(self) -> None:
-        with self._tx() as db:
-            has = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone()
-            if not has:  # a new file: the v2 schema, then the migrations from there
-                for stmt in filter(str.strip, _SCHEMA_V2.split(";")):
-                    db.execute(stmt)
-                db.execute("INSERT INTO schema_version VALUES (2)")
-            version = db.execute("SELECT version FROM schema_version").fetchone()[0]
-            while version in _MIGRATIONS:
-                for stmt in filter(str.strip, _MIGRATIONS[version].split(";")):
-                    db.execute(stmt)
-                version += 1
-            if version != SCHEMA_VERSION:
-                raise EdgefleetError(f"{self.path} has schema version {version}; this edgefleet "
-                                     f"understands {SCHEMA_VERSION}")
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise EdgefleetError("the fleet database is closed")
-        return self._db
+        schema.migrate(self.backend)
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, under the lock."""
-        with self._lock:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    def _tx(self) -> Iterator[Any]:
+        """One write transaction (SQLite: under the lock)."""
+        with self.backend.tx() as db:
+            yield db
 
-    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn().execute(sql, args).fetchall()
+    def _query(self, sql: str, args: tuple = ()) -> list[Any]:
+        return self.backend.query(sql, args)
 
-    # for the other modules of fleet/ that keep tables here (fleet.retention)
+    # the tests' way in (and the store's modules'); nothing outside fleet/store/ writes SQL
     tx = _tx
     query = _query
+
+    def try_leader(self, name: str) -> bool:
+        """Whether this controller is (now) the one that runs ``name`` (the rollout driver, the sweep, retention):
+        a PostgreSQL advisory lock on a connection of its own, taken over by another controller when this one
+        dies; always True on SQLite (one controller per file)."""
+        return self.backend.try_leader(name)
+
+    def release_leader(self) -> None:
+        self.backend.release_leader()
 
     # -- online / offline ---------------------------------------------------------------------------
     def _limit(self, d: Any) -> float:
@@ -463,7 +127,7 @@ class Store:
         """Online unless the last state said offline (the last will) or nothing came for offline_after intervals."""
         return bool(d["online"]) and now - d["last_seen"] <= self._limit(d)
 
-    def _settle(self, db: sqlite3.Connection, device_id: str, now: float, reason: str) -> None:
+    def _settle(self, db: Any, device_id: str, now: float, reason: str) -> None:
         """Record a transition if the device's status is not what was last recorded."""
         d = db.execute("SELECT online, last_seen, interval_s, status_online FROM devices WHERE id = ?",
                        (device_id,)).fetchone()
@@ -483,7 +147,7 @@ class Store:
         now = time.time() if now is None else now
         with self._tx() as db:
             ids = [r[0] for r in db.execute(
-                "SELECT id FROM devices WHERE status_online IS NOT 0 AND (online = 0 OR "
+                "SELECT id FROM devices WHERE status_online IS DISTINCT FROM 0 AND (online = 0 OR "
                 "? - last_seen > ? * coalesce(interval_s, ?))", (now, self.offline_after, DEFAULT_INTERVAL_S))]
             for device_id in ids:
                 self._settle(db, device_id, now, "heartbeat timeout")
@@ -491,18 +155,20 @@ class Store:
         return len(ids)
 
     # -- what devices report --------------------------------------------------------------------
-    def _touch(self, db: sqlite3.Connection, device_id: str, seen: float) -> None:
+    def _touch(self, db: Any, device_id: str, seen: float) -> None:
         """Register a device on the first message of any kind; move last_seen forward."""
         db.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES (?, ?, ?) "
-                   "ON CONFLICT (id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
+                   "ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(devices.last_seen, excluded.last_seen)",
                    (device_id, seen, seen))
 
     # -- clocks: what is filed where on the controller's time line (fleet/clock.py) ------------------------
-    def _clock(self, db: sqlite3.Connection, device_id: str, boot_id: str) -> clocks.Clock | None:
-        """A boot's clock (from the cache of those in use, else the table); under the lock."""
-        clock = self._clocks.get((device_id, boot_id))
+    def _clock(self, db: Any, device_id: str, boot_id: str) -> clocks.Clock | None:
+        """A boot's clock (SQLite: from the cache of those in use, else the table; PostgreSQL: from the table,
+        its row locked until the transaction ends, as another controller may be filing the same boot)."""
+        clock = self._clocks.get((device_id, boot_id)) if self._cache_clocks else None
         if clock is None:
-            row = db.execute("SELECT state FROM clocks WHERE device_id = ? AND boot_id = ?",
+            lock = "" if self._cache_clocks else " FOR UPDATE"
+            row = db.execute(f"SELECT state FROM clocks WHERE device_id = ? AND boot_id = ?{lock}",
                              (device_id, boot_id)).fetchone()
             clock = clocks.Clock.load(row[0]) if row else None
         return clock
@@ -510,22 +176,25 @@ class Store:
     def _cache_clock(self, device_id: str, boot_id: str, clock: clocks.Clock) -> None:
         """Once its transaction committed: the clock as the table has it (unless a message taken in since has
         cached a newer one)."""
+        if not self._cache_clocks:
+            return
         with self._lock:
             if len(self._clocks) >= CLOCK_CACHE:
                 self._clocks.clear()
             self._clocks.setdefault((device_id, boot_id), clock)
 
     @staticmethod
-    def _save_clock(db: sqlite3.Connection, device_id: str, boot_id: str, clock: clocks.Clock,
+    def _save_clock(db: Any, device_id: str, boot_id: str, clock: clocks.Clock,
                     received: float) -> None:
         dirty = int(any(r.needs_refile for r in clock.regimes))
         db.execute("INSERT INTO clocks (device_id, boot_id, offset_s, jumps, updated, dirty, state) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, boot_id) DO UPDATE SET "
                    "offset_s = excluded.offset_s, jumps = excluded.jumps, dirty = excluded.dirty, "
-                   "updated = max(updated, excluded.updated), state = excluded.state",
-                   (device_id, boot_id, clock.offset, clock.jumps, received, dirty, clock.dump().decode()))
+                   "updated = GREATEST(clocks.updated, excluded.updated), state = excluded.state",
+                   (device_id, boot_id, float(clock.offset), int(clock.jumps), received, dirty,
+                    clock.dump().decode()))
 
-    def _corrected(self, db: sqlite3.Connection, device_id: str, boot_id: str, sent: float, received: float) -> float:
+    def _corrected(self, db: Any, device_id: str, boot_id: str, sent: float, received: float) -> float:
         """A time the device stamped (a state's: no seq) on the controller's time line: with its boot's current
         estimate when there is one, else when it arrived."""
         clock = self._clock(db, device_id, boot_id) if boot_id else None
@@ -538,8 +207,9 @@ class Store:
         row more than REFILE_S later than ``device_time`` + the estimate is put there. Returns the rows moved."""
         moved = 0
         with self._tx() as db:
+            lock = "" if self._cache_clocks else " FOR UPDATE SKIP LOCKED"
             for device_id, boot_id, state in db.execute(
-                    "SELECT device_id, boot_id, state FROM clocks WHERE dirty = 1").fetchall():
+                    f"SELECT device_id, boot_id, state FROM clocks WHERE dirty = 1{lock}").fetchall():
                 clock = clocks.Clock.load(state)
                 for r in clock.regimes:
                     if not r.needs_refile:
@@ -549,7 +219,7 @@ class Store:
                         moved += db.execute(
                             f"UPDATE {table} SET time = device_time + ?1 WHERE device_id = ?2 AND boot_id = ?3 AND "
                             f"seq >= ?4 AND seq < ?5 AND device_time IS NOT NULL AND time > device_time + ?1 + ?6",
-                            (r.offset, device_id, boot_id, lo, hi, clocks.REFILE_S)).rowcount
+                            (float(r.offset), device_id, boot_id, lo, hi, float(clocks.REFILE_S))).rowcount
                     r.filed = r.offset
                 db.execute("UPDATE clocks SET dirty = 0, state = ? WHERE device_id = ? AND boot_id = ?",
                            (clock.dump().decode(), device_id, boot_id))
@@ -557,49 +227,123 @@ class Store:
         return moved
 
     @staticmethod
-    def _report(db: sqlite3.Connection, device_id: str, when: float, storage: str, synced: bool | None,
+    def _report(db: Any, device_id: str, when: float, storage: str, synced: bool | None,
                 disk_free: int | None = None) -> None:
         """What a state or telemetry message says of the device's storage, clock and (telemetry) free disk, unless
         the device row already holds a newer report (``when`` is the message's corrected time)."""
-        db.execute("UPDATE devices SET storage_since = CASE WHEN storage IS ?1 THEN storage_since ELSE ?2 END, "
-                   "storage = ?1, clock_synced = ?3, storage_time = ?2, "
+        db.execute("UPDATE devices SET storage_since = CASE WHEN storage IS NOT DISTINCT FROM ?1 THEN storage_since "
+                   "ELSE ?2 END, storage = ?1, clock_synced = ?3, storage_time = ?2, "
                    "disk_free_bytes = coalesce(?5, disk_free_bytes), "
-                   "disk_time = CASE WHEN ?5 IS NULL THEN disk_time ELSE ?2 END "
+                   "disk_time = CASE WHEN ?6 = 0 THEN disk_time ELSE ?2 END "
                    "WHERE id = ?4 AND (storage_time IS NULL OR storage_time <= ?2)",
-                   (storage, when, None if synced is None else int(synced), device_id, disk_free))
+                   (storage, when, None if synced is None else int(synced), device_id, disk_free,
+                    int(disk_free is not None)))
 
+    # -- recording: one message, or a batch in one transaction --------------------------------------------
     def record_state(self, msg: protocol.State, received: float, retained: bool = False) -> None:
-        a = msg.active
-        with self._tx() as db:
-            # A retained message replayed on subscribe is old news: it shows the device no later than it was sent.
-            sent = self._corrected(db, msg.device_id, msg.boot_id, msg.time, received)
-            self._touch(db, msg.device_id, sent if retained else received)
-            if msg.online:
-                self._report(db, msg.device_id, sent, msg.storage, msg.clock_synced)
-                self._check_boot(db, msg, received)
-                db.execute(
-                    "UPDATE devices SET online = 1, state_time = ?, boot_id = ?, agent_version = ?, arch = ?, "
-                    "cpu_flags = ?, runtimes = ?, active_name = ?, active_version = ?, active_sha256 = ?, "
-                    "active_runtime = ?, active_precision = ?, active_deployment_id = ?, active_signed_by = ?, "
-                    "active_serial = ?, active_serving = ?, runtime_devices = ? WHERE id = ?",
-                    (msg.time, msg.boot_id, msg.agent_version, msg.arch,
-                     json.dumps(msg.cpu_flags), json.dumps(msg.runtimes),
-                     a and a.name, a and a.version, a and a.sha256, a and a.runtime, a and a.precision,
-                     a and a.deployment_id, a and a.signed_by, a and a.serial,
-                     protocol.encode(a.serving).decode() if a and a.serving else None, json.dumps(msg.devices),
-                     msg.device_id))
-                self._settle(db, msg.device_id, received, "birth")
-                return
-            # Offline: the last will, or the state an agent sends when it stops. Neither says more than that, so
-            # what the device said when alive (identity, active model) stays. The will was composed when the
-            # device connected (the agent's says time 0): it is not newer than the birth that followed.
-            prev = db.execute("SELECT state_time FROM devices WHERE id = ?", (msg.device_id,)).fetchone()[0]
-            will = msg.time == 0 or (prev is not None and msg.time <= prev)
-            db.execute("UPDATE devices SET online = 0, state_time = max(coalesce(state_time, ?), ?) WHERE id = ?",
-                       (msg.time, msg.time, msg.device_id))
-            self._settle(db, msg.device_id, received, "last will" if will else "offline state")
+        self.record_many([(msg, received, retained)])
 
-    def _check_boot(self, db: sqlite3.Connection, msg: protocol.State, received: float) -> None:
+    def record_telemetry(self, msg: protocol.Telemetry, received: float, retained: bool = False) -> bool:
+        """Store one window, filed at the controller's time (``fleet.clock``); False when it was already stored
+        (a redelivery)."""
+        return self._one(msg, received, retained)
+
+    def record_event(self, msg: protocol.Event, received: float, retained: bool = False) -> bool:
+        """Store one event, filed at the controller's time, and move the device's phase in its deployment; False
+        for a redelivery."""
+        return self._one(msg, received, retained)
+
+    def record_quality(self, msg: protocol.Quality, received: float, retained: bool = False) -> bool:
+        """Store one window's model-quality counts, filed at the controller's time like telemetry; False for a
+        redelivery. Raises ``fleet.quality.Refused`` (and counts it in ``quality_refused``) for a message that does
+        not fit its bundle: an unknown bundle, one without a profile, another profile id, bins that do not follow
+        the profile's layout, a confusion cell outside its classes (``fleet.quality.refusal``)."""
+        result = self._one(msg, received, retained)
+        if isinstance(result, str):
+            raise quality.Refused(result)
+        return result
+
+    def _one(self, msg: Any, received: float, retained: bool) -> bool | str:
+        return self.record_many([(msg, received, retained)])[0]
+
+    def record_many(self, items: Sequence[tuple[protocol.Message, float, bool]]) -> list[bool | str]:
+        """Store state, telemetry, event and quality messages, each with when it was received and whether the
+        broker replayed it retained, in ONE transaction; per item: True (stored; a state always), False (already
+        stored: a redelivery, by (device, boot_id, seq)), or the reason a quality message was refused (counted in
+        ``quality_refused``, as ``record_quality`` raises it). An error that is not the message's ends the
+        transaction: nothing of the batch is stored, and the caller may retry it whole (redeliveries are
+        harmless)."""
+        # The quality references are read before the transaction: a bundle's profile is read once and kept.
+        refs = {m.sha256: self._quality_check(m) for m, _, _ in items if isinstance(m, protocol.Quality)}
+        out: list[bool | str] = []
+        cache: dict[tuple[str, str], clocks.Clock] = {}  # the batch's last clock per boot, cached after commit
+        with self._tx() as db:
+            for msg, received, retained in items:
+                if isinstance(msg, protocol.State):
+                    self._state(db, msg, received, retained)
+                    out.append(True)
+                    continue
+                if isinstance(msg, protocol.Quality) and refs[msg.sha256] is not None:
+                    reason = quality.refusal(msg, *refs[msg.sha256])
+                    if reason is not None:
+                        db.execute("INSERT INTO quality_refused (reason, count, last_time) VALUES (?, 1, ?) "
+                                   "ON CONFLICT (reason) DO UPDATE SET count = quality_refused.count + 1, "
+                                   "last_time = excluded.last_time", (reason, received))
+                        out.append(reason)
+                        continue
+                if isinstance(msg, protocol.Telemetry):
+                    clock = self._telemetry(db, msg, received, retained)
+                elif isinstance(msg, protocol.Event):
+                    clock = self._event(db, msg, received, retained)
+                elif isinstance(msg, protocol.Quality):
+                    clock = self._quality(db, msg, received, retained)
+                else:
+                    raise TypeError(f"record_many cannot store a {type(msg).__name__}")
+                cache.pop((msg.device_id, msg.boot_id), None)
+                if clock is not None:
+                    cache[(msg.device_id, msg.boot_id)] = clock
+                out.append(clock is not None)
+        for (device_id, boot_id), clock in cache.items():
+            self._cache_clock(device_id, boot_id, clock)
+        return out
+
+    def _quality_check(self, msg: protocol.Quality) -> tuple[bool, Any, Any] | None:
+        """(known bundle, its profile, its profile id) for ``quality.refusal``."""
+        ref = self.reference(msg.sha256)
+        known = ref is not None or bool(self._query("SELECT 1 FROM bundles WHERE sha256 = ?", (msg.sha256,)))
+        return known, ref and ref[1], ref and ref[0]
+
+    def _state(self, db: Any, msg: protocol.State, received: float, retained: bool) -> None:
+        a = msg.active
+        # A retained message replayed on subscribe is old news: it shows the device no later than it was sent.
+        sent = self._corrected(db, msg.device_id, msg.boot_id, msg.time, received)
+        self._touch(db, msg.device_id, sent if retained else received)
+        if msg.online:
+            self._report(db, msg.device_id, sent, msg.storage, msg.clock_synced)
+            self._check_boot(db, msg, received)
+            db.execute(
+                "UPDATE devices SET online = 1, state_time = ?, boot_id = ?, agent_version = ?, arch = ?, "
+                "cpu_flags = ?, runtimes = ?, active_name = ?, active_version = ?, active_sha256 = ?, "
+                "active_runtime = ?, active_precision = ?, active_deployment_id = ?, active_signed_by = ?, "
+                "active_serial = ?, active_serving = ?, runtime_devices = ? WHERE id = ?",
+                (msg.time, msg.boot_id, msg.agent_version, msg.arch,
+                 json.dumps(msg.cpu_flags), json.dumps(msg.runtimes),
+                 a and a.name, a and a.version, a and a.sha256, a and a.runtime, a and a.precision,
+                 a and a.deployment_id, a and a.signed_by, a and a.serial,
+                 protocol.encode(a.serving).decode() if a and a.serving else None, json.dumps(msg.devices),
+                 msg.device_id))
+            self._settle(db, msg.device_id, received, "birth")
+            return
+        # Offline: the last will, or the state an agent sends when it stops. Neither says more than that, so
+        # what the device said when alive (identity, active model) stays. The will was composed when the
+        # device connected (the agent's says time 0): it is not newer than the birth that followed.
+        prev = db.execute("SELECT state_time FROM devices WHERE id = ?", (msg.device_id,)).fetchone()[0]
+        will = msg.time == 0 or (prev is not None and msg.time <= prev)
+        db.execute("UPDATE devices SET online = 0, state_time = GREATEST(coalesce(state_time, ?1), ?1) WHERE id = ?2",
+                   (float(msg.time), msg.device_id))
+        self._settle(db, msg.device_id, received, "last will" if will else "offline state")
+
+    def _check_boot(self, db: Any, msg: protocol.State, received: float) -> None:
         """Clone detection. A device's boot id changes only when its agent restarts, and an old one never comes
         back; births whose boot ids alternate (a, b, a) are two devices using one identity (an image cloned
         after enrollment: the broker hands the session from one to the other and each reconnects)."""
@@ -614,8 +358,8 @@ class Store:
                            "?1), conflict_last = ?1 WHERE id = ?2 RETURNING conflicts",
                            (received, msg.device_id)).fetchone()[0]
             if n == 1 or n % 10 == 0:  # an event when it starts, then every tenth takeover
-                db.execute("INSERT OR IGNORE INTO events (device_id, boot_id, seq, time, received, kind, reason) "
-                           "VALUES (?, 'controller', ?, ?, ?, 'identity_conflict', ?)",
+                db.execute("INSERT INTO events (device_id, boot_id, seq, time, received, kind, reason) "
+                           "VALUES (?, 'controller', ?, ?, ?, 'identity_conflict', ?) ON CONFLICT DO NOTHING",
                            (msg.device_id, -n, received, received,
                             f"two devices use the identity {msg.device_id}: boot ids {row['boot_id']} and "
                             f"{msg.boot_id} alternate ({n} takeover{'s' if n > 1 else ''}); give one a new "
@@ -624,7 +368,7 @@ class Store:
                    (json.dumps((boots + [msg.boot_id])[-CLONE_BOOTS:]), msg.device_id))
 
     @staticmethod
-    def _count_seq(db: sqlite3.Connection, device_id: str, seq: int, stored: bool) -> bool:
+    def _count_seq(db: Any, device_id: str, seq: int, stored: bool) -> bool:
         """Keep the device's seq accounting after one telemetry/event/quality insert; returns ``stored``."""
         if not stored:  # the same (boot_id, seq) again: a redelivery
             db.execute("UPDATE devices SET duplicates = duplicates + 1 WHERE id = ?", (device_id,))
@@ -634,11 +378,11 @@ class Store:
             # (only after a device lost its outbox and started seq again): not a new seq, not a duplicate.
             n = db.execute("SELECT " + " + ".join(f"(SELECT count(*) FROM {t} WHERE device_id = ?1 AND seq = ?2)"
                                                   for t in SEQ_TABLES), (device_id, seq)).fetchone()[0]
-            db.execute("UPDATE devices SET seq_max = max(seq_max, ?), seq_count = seq_count + ? WHERE id = ?",
+            db.execute("UPDATE devices SET seq_max = GREATEST(seq_max, ?), seq_count = seq_count + ? WHERE id = ?",
                        (seq, int(n == 1), device_id))
         return True
 
-    def _file(self, db: sqlite3.Connection, msg: protocol.Telemetry | protocol.Event | protocol.Quality,
+    def _file(self, db: Any, msg: protocol.Telemetry | protocol.Event | protocol.Quality,
               received: float,
               interval_s: float | None) -> tuple[clocks.Clock, float]:
         """(the boot's clock with this message taken in, the controller time to file the message at). The clock
@@ -648,104 +392,92 @@ class Store:
         self._clocks.pop((msg.device_id, msg.boot_id), None)  # back in by _cache_clock, after the commit
         return clocks.observe(clock, msg.seq, msg.time, received, interval_s or DEFAULT_INTERVAL_S)
 
-    def record_telemetry(self, msg: protocol.Telemetry, received: float, retained: bool = False) -> bool:
-        """Store one window, filed at the controller's time (``fleet.clock``); False when it was already stored
-        (a redelivery)."""
+    def _insert_telemetry(self, db: Any, row: tuple) -> bool:
+        """Insert one window unless its (device, boot_id, seq) is stored; whether it was. PostgreSQL's telemetry
+        is partitioned by time, where no unique key can span partitions: ``telemetry_keys`` holds the key."""
+        if self.backend.name == "postgresql":
+            if db.execute("INSERT INTO telemetry_keys (device_id, boot_id, seq, time) VALUES (?, ?, ?, ?) "
+                          "ON CONFLICT DO NOTHING", (row[0], row[1], row[2], row[3])).rowcount != 1:
+                return False
+        cur = db.execute(
+            "INSERT INTO telemetry (device_id, boot_id, seq, time, device_time, received, interval_s, "
+            "inferences, errors, p50, p95, p99, mean_ms, max_ms, histogram, cpu_percent, rss_bytes, "
+            "memory_percent, temperature_c, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?) ON CONFLICT DO NOTHING", row)
+        return cur.rowcount == 1
+
+    def _telemetry(self, db: Any, msg: protocol.Telemetry, received: float, retained: bool) -> clocks.Clock | None:
+        """One window; its boot's clock as saved, or None for a redelivery."""
         lat = msg.latency_ms
         errors = sum(msg.errors.values())
         hist = json.dumps(msg.histogram) if msg.histogram else None
-        with self._tx() as db:
-            clock, at = self._file(db, msg, received, msg.interval_s)
-            self._touch(db, msg.device_id, min(at, received) if retained else received)
-            cur = db.execute(
-                "INSERT OR IGNORE INTO telemetry (device_id, boot_id, seq, time, device_time, received, interval_s, "
-                "inferences, errors, p50, p95, p99, mean_ms, max_ms, histogram, cpu_percent, rss_bytes, "
-                "memory_percent, temperature_c, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                "?, ?, ?, ?)",
-                (msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.interval_s, msg.inferences,
-                 errors, lat and lat.p50, lat and lat.p95, lat and lat.p99, lat and lat.mean, lat and lat.max,
-                 hist, msg.cpu_percent, msg.rss_bytes, msg.memory_percent, msg.temperature_c,
-                 protocol.encode(msg).decode()))
-            if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
-                return False
-            self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
-            db.execute("UPDATE devices SET inferences = inferences + ?, errors = errors + ?, interval_s = ? "
-                       "WHERE id = ?", (msg.inferences, errors, msg.interval_s, msg.device_id))
-            self._report(db, msg.device_id, at, msg.storage, msg.clock_synced, msg.disk_free_bytes)
-            db.executemany(
-                "INSERT INTO device_errors (device_id, kind, count, last_time) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (device_id, kind) DO UPDATE SET count = count + excluded.count, "
-                "last_time = max(last_time, excluded.last_time)",
-                [(msg.device_id, kind, n, at) for kind, n in msg.errors.items() if n])
-            self._settle(db, msg.device_id, received, "telemetry")
-        self._cache_clock(msg.device_id, msg.boot_id, clock)
-        return True
+        clock, at = self._file(db, msg, received, msg.interval_s)
+        self._touch(db, msg.device_id, min(at, received) if retained else received)
+        stored = self._insert_telemetry(db, (
+            msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.interval_s, msg.inferences,
+            errors, lat and lat.p50, lat and lat.p95, lat and lat.p99, lat and lat.mean, lat and lat.max,
+            hist, msg.cpu_percent, msg.rss_bytes, msg.memory_percent, msg.temperature_c,
+            protocol.encode(msg).decode()))
+        if not self._count_seq(db, msg.device_id, msg.seq, stored):
+            return None
+        self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
+        db.execute("UPDATE devices SET inferences = inferences + ?, errors = errors + ?, interval_s = ? "
+                   "WHERE id = ?", (msg.inferences, errors, msg.interval_s, msg.device_id))
+        self._report(db, msg.device_id, at, msg.storage, msg.clock_synced, msg.disk_free_bytes)
+        db.executemany(
+            "INSERT INTO device_errors (device_id, kind, count, last_time) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device_id, kind) DO UPDATE SET count = device_errors.count + excluded.count, "
+            "last_time = GREATEST(device_errors.last_time, excluded.last_time)",
+            [(msg.device_id, kind, n, at) for kind, n in msg.errors.items() if n])
+        self._settle(db, msg.device_id, received, "telemetry")
+        return clock
 
-    def record_event(self, msg: protocol.Event, received: float, retained: bool = False) -> bool:
-        """Store one event, filed at the controller's time, and move the device's phase in its deployment; False
-        for a redelivery."""
-        with self._tx() as db:
-            row = db.execute("SELECT interval_s FROM devices WHERE id = ?", (msg.device_id,)).fetchone()
-            clock, at = self._file(db, msg, received, row and row[0])
-            self._touch(db, msg.device_id, min(at, received) if retained else received)
-            cur = db.execute(
-                "INSERT OR IGNORE INTO events (device_id, boot_id, seq, time, device_time, received, kind, "
-                "deployment_id, sha256, version, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.kind, msg.deployment_id,
-                 msg.sha256, msg.version, msg.reason))
-            if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
-                return False
-            self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
-            if msg.kind in PHASES and msg.deployment_id:
-                # Only a deployment this controller made; an older event never overwrites a newer phase.
-                db.execute(
-                    "INSERT INTO deployment_devices (deployment_id, device_id, phase, reason, updated, event_time) "
-                    "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deployments WHERE id = ?) "
-                    "ON CONFLICT (deployment_id, device_id) DO UPDATE SET phase = excluded.phase, "
-                    "reason = excluded.reason, updated = excluded.updated, event_time = excluded.event_time "
-                    "WHERE deployment_devices.event_time IS NULL "
-                    "OR deployment_devices.event_time <= excluded.event_time",
-                    (msg.deployment_id, msg.device_id, msg.kind, msg.reason, received, at,
-                     msg.deployment_id))
-            self._settle(db, msg.device_id, received, "event")
-        self._cache_clock(msg.device_id, msg.boot_id, clock)
-        return True
+    def _event(self, db: Any, msg: protocol.Event, received: float, retained: bool) -> clocks.Clock | None:
+        row = db.execute("SELECT interval_s FROM devices WHERE id = ?", (msg.device_id,)).fetchone()
+        clock, at = self._file(db, msg, received, row and row[0])
+        self._touch(db, msg.device_id, min(at, received) if retained else received)
+        cur = db.execute(
+            "INSERT INTO events (device_id, boot_id, seq, time, device_time, received, kind, "
+            "deployment_id, sha256, version, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.kind, msg.deployment_id,
+             msg.sha256, msg.version, msg.reason))
+        if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
+            return None
+        self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
+        if msg.kind in PHASES and msg.deployment_id:
+            # Only a deployment this controller made; an older event never overwrites a newer phase.
+            db.execute(
+                "INSERT INTO deployment_devices (deployment_id, device_id, phase, reason, updated, event_time) "
+                "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deployments WHERE id = ?) "
+                "ON CONFLICT (deployment_id, device_id) DO UPDATE SET phase = excluded.phase, "
+                "reason = excluded.reason, updated = excluded.updated, event_time = excluded.event_time "
+                "WHERE deployment_devices.event_time IS NULL "
+                "OR deployment_devices.event_time <= excluded.event_time",
+                (msg.deployment_id, msg.device_id, msg.kind, msg.reason, received, at,
+                 msg.deployment_id))
+        self._settle(db, msg.device_id, received, "event")
+        return clock
 
-    def record_quality(self, msg: protocol.Quality, received: float, retained: bool = False) -> bool:
-        """Store one window's model-quality counts, filed at the controller's time like telemetry; False for a
-        redelivery. Raises ``fleet.quality.Refused`` (and counts it in ``quality_refused``) for a message that does
-        not fit its bundle: an unknown bundle, one without a profile, another profile id, bins that do not follow
-        the profile's layout, a confusion cell outside its classes (``fleet.quality.refusal``)."""
-        ref = self.reference(msg.sha256)
-        known = ref is not None or bool(self._query("SELECT 1 FROM bundles WHERE sha256 = ?", (msg.sha256,)))
-        reason = quality.refusal(msg, known, ref and ref[1], ref and ref[0])
-        if reason is not None:
-            with self._tx() as db:
-                db.execute("INSERT INTO quality_refused (reason, count, last_time) VALUES (?, 1, ?) ON CONFLICT "
-                           "(reason) DO UPDATE SET count = count + 1, last_time = excluded.last_time",
-                           (reason, received))
-            raise quality.Refused(reason)
+    def _quality(self, db: Any, msg: protocol.Quality, received: float, retained: bool) -> clocks.Clock | None:
         c, fb = msg.canary, msg.feedback
-        with self._tx() as db:
-            clock, at = self._file(db, msg, received, msg.interval_s)
-            self._touch(db, msg.device_id, min(at, received) if retained else received)
-            canary_time = min(at, at + c.time - msg.time) if c is not None and c.runs and c.time > 0 else None
-            cur = db.execute(
-                "INSERT OR IGNORE INTO quality (device_id, boot_id, seq, time, device_time, received, interval_s, "
-                "sha256, version, deployment_id, profile, served, bins, canary_runs, canary_agree, "
-                "canary_max_abs_err, canary_time, labels, confusion, refused) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.interval_s, msg.sha256,
-                 msg.version, msg.deployment_id, msg.profile, msg.served, json.dumps(msg.bins),
-                 c.runs if c else 0, c.agree if c else 0, c.max_abs_err if c else None, canary_time,
-                 fb.labels if fb else 0, json.dumps(fb.confusion if fb else []),
-                 json.dumps(fb.refused if fb else {})))
-            if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
-                return False
-            self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
-            self._settle(db, msg.device_id, received, "quality")
-        self._cache_clock(msg.device_id, msg.boot_id, clock)
-        return True
+        clock, at = self._file(db, msg, received, msg.interval_s)
+        self._touch(db, msg.device_id, min(at, received) if retained else received)
+        canary_time = min(at, at + c.time - msg.time) if c is not None and c.runs and c.time > 0 else None
+        cur = db.execute(
+            "INSERT INTO quality (device_id, boot_id, seq, time, device_time, received, interval_s, "
+            "sha256, version, deployment_id, profile, served, bins, canary_runs, canary_agree, "
+            "canary_max_abs_err, canary_time, labels, confusion, refused) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (msg.device_id, msg.boot_id, msg.seq, at, msg.time, received, msg.interval_s, msg.sha256,
+             msg.version, msg.deployment_id, msg.profile, msg.served, json.dumps(msg.bins),
+             c.runs if c else 0, c.agree if c else 0, c.max_abs_err if c else None, canary_time,
+             fb.labels if fb else 0, json.dumps(fb.confusion if fb else []),
+             json.dumps(fb.refused if fb else {})))
+        if not self._count_seq(db, msg.device_id, msg.seq, cur.rowcount == 1):
+            return None
+        self._save_clock(db, msg.device_id, msg.boot_id, clock, received)
+        self._settle(db, msg.device_id, received, "quality")
+        return clock
 
     # -- bundles and deployments ----------------------------------------------------------------
     def add_bundle(self, sha256: str, size: int, manifest: dict[str, Any], signed_by: str | None = None,
@@ -863,8 +595,8 @@ class Store:
                         statement: dict[str, Any] | None = None) -> bool:
         """List a key; False when it is listed already (removed or not: nothing changes)."""
         with self._tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO release_keys (keyid, name, pem, added, statement) "
-                             "VALUES (?, ?, ?, ?, ?)",
+            cur = db.execute("INSERT INTO release_keys (keyid, name, pem, added, statement) "
+                             "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                              (keyid, name, pem, added, json.dumps(statement) if statement else None))
             return cur.rowcount == 1
 
@@ -881,7 +613,7 @@ class Store:
         with self._tx() as db:
             return db.execute(
                 "INSERT INTO signed (device_id, counter) VALUES (?1, ?2) ON CONFLICT (device_id) DO UPDATE SET "
-                "counter = max(counter + 1, ?2) RETURNING counter", (device_id, int(now * 1000))).fetchone()[0]
+                "counter = GREATEST(signed.counter + 1, ?2) RETURNING counter", (device_id, int(now * 1000))).fetchone()[0]
 
     def set_signed_desired(self, device_id: str, desired: str, issued: float, expires: float, trust: str) -> None:
         """The desired (unsigned JSON) just published to the device, when its signed copy expires, and a digest
@@ -905,7 +637,7 @@ class Store:
             conds.append("expires < ?")
             args.append(due_before)
         if trust_not is not None:
-            conds.append("trust IS NOT ?")
+            conds.append("trust IS DISTINCT FROM ?")
             args.append(trust_not)
         where = f" AND ({' OR '.join(conds)})" if conds else ""
         rows = self._query(f"SELECT * FROM signed WHERE desired IS NOT NULL{where} ORDER BY device_id", tuple(args))
@@ -954,8 +686,8 @@ class Store:
         """Mark the device id revoked (the broker denies it everything) and revoke its certificates."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("INSERT INTO revoked_devices (device_id, time, by) VALUES (?, ?, ?) "
-                       "ON CONFLICT (device_id) DO UPDATE SET time = excluded.time, by = excluded.by",
+            db.execute('INSERT INTO revoked_devices (device_id, time, "by") VALUES (?, ?, ?) '
+                       'ON CONFLICT (device_id) DO UPDATE SET time = excluded.time, "by" = excluded."by"',
                        (device_id, now, by))
         return self.revoke_certificates(device_id, f"revoked by {by}", now=now)
 
@@ -1045,7 +777,7 @@ class Store:
                 add = replace
             db.executemany("DELETE FROM device_tags WHERE device_id = ? AND tag = ?",
                            [(device_id, t) for t in remove])
-            db.executemany("INSERT OR IGNORE INTO device_tags (device_id, tag) VALUES (?, ?)",
+            db.executemany("INSERT INTO device_tags (device_id, tag) VALUES (?, ?) ON CONFLICT DO NOTHING",
                            [(device_id, t) for t in add])
             return [r[0] for r in db.execute("SELECT tag FROM device_tags WHERE device_id = ? ORDER BY tag",
                                              (device_id,))]
@@ -1103,9 +835,8 @@ class Store:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM tokens WHERE name = ? AND revoked IS NULL", (name,)).fetchone():
                 return None
-            cur = db.execute("INSERT INTO tokens (name, role, hash, created) VALUES (?, ?, ?, ?)",
-                             (name, role, token_hash, now))
-            return dict(db.execute(f"SELECT {self._TOKEN} FROM tokens WHERE id = ?", (cur.lastrowid,)).fetchone())
+            return dict(db.execute(f"INSERT INTO tokens (name, role, hash, created) VALUES (?, ?, ?, ?) "
+                                   f"RETURNING {self._TOKEN}", (name, role, token_hash, now)).fetchone())
 
     def tokens(self) -> list[dict[str, Any]]:
         """Every token, active and revoked, oldest first (never their hashes)."""

@@ -1,0 +1,106 @@
+"""The store package: batched recording (``record_many``), the store URL, and what both backends must do alike.
+
+Every test here takes ``store`` (a fresh database per test) and runs on SQLite and on PostgreSQL."""
+
+import msgspec
+import pytest
+
+from agent import protocol
+from agent.errors import EdgefleetError
+from fleet import quality
+from fleet.store import Store, open_store
+from tests.test_fleet_quality import PROFILE, SHA, bins, manifest, qmsg
+
+T0 = 1_700_000_000.0
+
+
+def tel(seq: int, t: float, device: str = "cam-1", boot: str = "b1", **kw) -> protocol.Telemetry:
+    kw.setdefault("interval_s", 10.0)
+    kw.setdefault("inferences", 10)
+    return protocol.Telemetry(device_id=device, boot_id=boot, seq=seq, time=t, **kw)
+
+
+def test_record_many_stores_a_batch_in_one_transaction_and_says_what_each_item_became(store):
+    store.add_bundle(SHA, 1000, manifest(), profile=msgspec.json.encode(PROFILE))
+    birth = protocol.State(device_id="cam-1", online=True, time=T0, boot_id="b1")
+    refused = qmsg("cam-1", 5, T0 + 40, profile="00" * 32)
+    items = [(birth, T0, False), (tel(1, T0 + 10), T0 + 10, False), (tel(2, T0 + 20), T0 + 20, False),
+             (tel(1, T0 + 10), T0 + 21, False),  # the broker sent seq 1 again: a duplicate in the same batch
+             (protocol.Event(device_id="cam-1", boot_id="b1", seq=3, time=T0 + 25, kind="loaded"), T0 + 25, False),
+             (qmsg("cam-1", 4, T0 + 30, bins((40, 10, 0))), T0 + 30, False), (refused, T0 + 40, False)]
+    out = store.record_many(items)
+    assert out == [True, True, True, False, True, True, quality.WRONG_PROFILE]
+    [d] = store.devices()
+    assert (d["seq_max"], d["seq_count"], d["duplicates"], d["inferences"]) == (4, 4, 1, 20)
+    assert quality.refused(store) == {quality.WRONG_PROFILE: 1}
+    # a redelivery of the whole batch later changes nothing but the duplicate count
+    again = store.record_many(items[1:6])
+    assert again == [False, False, False, False, False]
+    [d] = store.devices()
+    assert (d["seq_max"], d["seq_count"], d["duplicates"], d["inferences"]) == (4, 4, 6, 20)
+    assert [p["inferences"] for p in store.series("cam-1", T0, T0 + 100)] == [10, 10]
+
+
+def test_a_batch_that_fails_stores_nothing(store):
+    with pytest.raises(TypeError, match="cannot store"):
+        store.record_many([(tel(1, T0 + 10), T0 + 10, False), (object(), T0 + 11, False)])
+    assert store.devices() == []
+    assert store.record_many([(tel(1, T0 + 10), T0 + 12, False)]) == [True]  # not taken as a duplicate
+
+
+def test_the_single_message_methods_keep_their_contract(store):
+    assert store.record_telemetry(tel(1, T0 + 10), received=T0 + 10) is True
+    assert store.record_telemetry(tel(1, T0 + 10), received=T0 + 11) is False
+    store.add_bundle(SHA, 1000, manifest(), profile=msgspec.json.encode(PROFILE))
+    with pytest.raises(quality.Refused, match="profile"):
+        store.record_quality(qmsg("cam-1", 2, T0 + 20, profile="00" * 32), received=T0 + 20)
+    assert store.record_quality(qmsg("cam-1", 3, T0 + 30), received=T0 + 30) is True
+
+
+def test_the_registry_reads_back_what_was_written(store):
+    assert store.add_token("ci", "admin", "h" * 64, T0)["name"] == "ci"
+    assert store.add_token("ci", "read", "g" * 64, T0) is None  # an active token has that name
+    assert store.revoke_token("ci", T0 + 1)["revoked"] == T0 + 1
+    store.add_certificate(0xABC, "cam-1", "f" * 64, T0, T0 + 3600, "device")
+    assert store.revoke_device("cam-1", "admin", now=T0 + 2) == ["abc"]
+    assert store.revoked_device_ids() == ["cam-1"]
+    store.record_state(protocol.State(device_id="cam-1", online=True, time=T0, boot_id="b1"), received=T0)
+    assert store.set_tags("cam-1", add=["lab", "lab", "roof"]) == ["lab", "roof"]
+    assert store.next_counter("cam-1", T0) < store.next_counter("cam-1", T0)
+    assert store.add_release_key("k1", "rel", "pem", T0) and not store.add_release_key("k1", "rel", "pem", T0)
+    assert store.sweep(T0 + 1000) == 1 and store.health(now=T0 + 1000)[0]["status"] == "offline"
+
+
+def test_leadership(store):
+    assert store.try_leader("rollouts") and store.try_leader("rollouts")  # held: asking again keeps it
+    store.release_leader()
+    assert store.try_leader("rollouts")
+
+
+@pytest.mark.parametrize("url, says", [
+    ("mysql://db/fleet", "the scheme must be sqlite:// or postgresql://"),
+    ("sqlite://", "expected sqlite:///ABSOLUTE/PATH"),
+    ("postgresql://localhost:1/fleet", "cannot connect to the store postgresql://localhost:1/fleet"),
+    ("postgresql://user:secret@localhost:1/fleet", "cannot connect to the store postgresql://user:***@localhost:1"),
+    ("postgresql://localhost:5432", "names no database"),
+])
+def test_a_bad_or_unreachable_store_url_is_one_clear_error(url, says):
+    with pytest.raises(EdgefleetError) as e:
+        open_store(url, connect_timeout=2)
+    assert says in str(e.value) and "\n" not in str(e.value) and "secret" not in str(e.value)
+
+
+def test_a_sqlite_url_and_a_plain_path_are_the_same_file(tmp_path):
+    s = open_store(f"sqlite:///{tmp_path}/a.db")
+    s.record_state(protocol.State(device_id="cam-1", online=True, time=T0, boot_id="b1"), received=T0)
+    s.close()
+    s = Store(tmp_path / "a.db").open()
+    assert s.device_ids() == ["cam-1"]
+    s.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "fleet.db").open()
+    yield s
+    s.close()
