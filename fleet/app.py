@@ -85,8 +85,11 @@ class Fleet:
                  max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
                  device_identity: Callable[[dict], str | None] | None = None,
                  max_clock_offset_s: float = MAX_CLOCK_OFFSET_S, release_keys: list[str | Path] = (),
-                 allow_unsigned: bool = False, desired_ttl_s: float = DESIRED_TTL_S) -> None:
+                 allow_unsigned: bool = False, desired_ttl_s: float = DESIRED_TTL_S,
+                 store_url: str | None = None) -> None:
         self.data_dir = Path(data_dir)
+        # the database (fleet/store/): sqlite:///PATH or postgresql://...; None: DATA/fleet.db, as always
+        self.store_url = store_url
         # signing (fleet/signer.py, fleet/keys.py): release keys to list at start, whether unsigned bundles are
         # taken (experiments only), how long a signed desired is valid (it is signed again before it expires)
         self.release_keys = [Path(p) for p in release_keys]
@@ -199,7 +202,7 @@ class Fleet:
             transport.parse_url(self._public_broker, allow_plaintext=self.insecure, what="--public-broker")
         try:
             self._lock_data_dir()
-            self.store = Store(self.data_dir / DB, offline_after=self.offline_after,
+            self.store = Store(self.store_url or self.data_dir / DB, offline_after=self.offline_after,
                                max_clock_offset_s=self.max_clock_offset_s).open()
             self.store.read_profiles(self.data_dir / BUNDLES)  # bundles stored before the store kept profiles
             if not self.insecure:

@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the controller (HTTP API, embedded mosquitto unless --broker)")
     s.add_argument("--data", required=True, type=Path, metavar="DIR", help="where the controller keeps its state")
+    s.add_argument("--store", metavar="URL",
+                   help="the database: sqlite:///ABS/PATH (default: DATA/fleet.db) or "
+                        "postgresql://USER[:PASSWORD]@HOST:PORT/DB (needs edgefleet[postgresql]; a password may come "
+                        "from ~/.pgpass or $PGPASSWORD instead)")
     s.add_argument("--broker", metavar="mqtts://HOST:PORT", help="use this broker instead of starting mosquitto "
                    "(it must trust the fleet CA in DATA/pki and apply the ACL: see `fleet broker-config`)")
     s.add_argument("--ca", metavar="FILE", help="with --broker: the CA its certificate chains to (default: the "
@@ -112,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         "broker's config, then start the controller with `fleet serve --data DIR --broker mqtts://HOST:PORT`.")
     b.add_argument("--data", required=True, type=Path, metavar="DIR", help="the controller's data dir")
     b.add_argument("--out", type=Path, metavar="OUT", help="where to write the two files (default DIR/broker)")
+    b.add_argument("--store", metavar="URL", help="the controller's database, as `fleet serve --store` (default: "
+                   "DIR/fleet.db): the revoked devices and certificates come from there")
     b.add_argument("--listen", default="0.0.0.0:8883", metavar="HOST:PORT",
                    help="the listener to configure (default %(default)s)")
     b.add_argument("--hostname", action="append", default=[], metavar="NAME",
@@ -225,7 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
                   cert_lifetime_s=parse_duration(args.cert_lifetime, "--cert-lifetime"),
                   max_clock_offset_s=parse_duration(args.max_clock_offset, "--max-clock-offset"),
                   release_keys=args.release_key, allow_unsigned=args.allow_unsigned,
-                  desired_ttl_s=parse_duration(args.desired_ttl, "--desired-ttl"))
+                  desired_ttl_s=parse_duration(args.desired_ttl, "--desired-ttl"), store_url=args.store)
     if args.allow_unsigned:
         print("edgefleet fleet: WARNING: --allow-unsigned: bundles no listed release key signed are taken. Devices "
               "that check signatures refuse them; anyone with an operator token can upload any model.",
@@ -263,10 +269,10 @@ def _broker_config(args: argparse.Namespace) -> int:
     host, port = parse_hostport(args.listen, "--listen address")
     pki = PKI(args.data / PKI_DIR).ensure(default_hosts() + args.hostname)
     revoked: list[str] = []
-    if (args.data / DB).exists():
-        from fleet.store import Store
+    if args.store or (args.data / DB).exists():
+        from fleet.store import open_store
 
-        store = Store(args.data / DB).open()
+        store = open_store(args.store or args.data / DB)
         try:
             revoked = store.revoked_device_ids()
             pki.write_crl(store.revoked_serials())

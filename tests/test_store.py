@@ -104,3 +104,19 @@ def store(tmp_path):
     s = Store(tmp_path / "fleet.db").open()
     yield s
     s.close()
+
+
+@pytest.mark.parametrize("url, says", [
+    ("mysql://db/fleet", "the scheme must be sqlite:// or postgresql://"),
+    ("postgresql://edgefleet:pw@127.0.0.1:1/fleet", "cannot connect to the store postgresql://edgefleet:***@"),
+])
+def test_fleet_serve_with_a_bad_store_exits_2_with_one_line(tmp_path, url, says):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgefleet.cli", "fleet", "serve", "--data", str(tmp_path / "d"),
+                           "--insecure", "--store", url],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines[-1:]) == 1 and says in lines[-1] and "Traceback" not in done.stderr, done.stderr
