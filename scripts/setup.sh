@@ -27,6 +27,9 @@ if [ "${1:-}" = test ]; then
     # pool as a .deb it unpacks (dpkg-deb), since Debian 12's own qemu-user crashes on onnxruntime's aarch64 build
     command -v proot >/dev/null 2>&1 || need_apt="$need_apt proot"
     command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt="$need_apt debootstrap"
+    # Debian's PostgreSQL server, which the store's tests start as a throwaway cluster (tests/pgcluster.py: initdb
+    # and pg_ctl in a temp dir on a free port; the package's own service is not used)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt="$need_apt postgresql"
 fi
 if [ -n "$need_apt" ]; then
     echo "setup: installing Debian packages:$need_apt"

@@ -94,3 +94,12 @@ def bundles(tmp_path_factory, crops):
 
     return {"v1": make("1"), "v2": make("2"), "slow": make("slow", budget=0.001),
             "badshape": make("badshape", out_shape=[-1, 7]), "nan": make_nan()}
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator["pgcluster.Cluster"]:  # noqa: F821
+    """A throwaway PostgreSQL server for one test module (tests/pgcluster.py); ``.new_database()`` gives a URL."""
+    from pgcluster import Cluster
+
+    with Cluster() as cluster:
+        yield cluster

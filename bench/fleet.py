@@ -1,0 +1,191 @@
+"""Benchmark: what the controller holds, as ratios against a baseline measured in the same run.
+
+    .venv/bin/python bench/fleet.py [--messages 50000] [--devices 10000] [--store sqlite|URL ...]
+
+1. Ingest: the same backlog of telemetry windows (``--messages`` for ``--devices`` device ids, queued by the broker
+   for a persistent session while its consumer is away) drained by a bare paho subscriber (receive and acknowledge,
+   nothing else) and by the controller's link (validate, store, acknowledge after the store committed), one after
+   the other against the same mosquitto. Rate = messages / time from connect to the last one taken in; the ratio
+   controller / bare is the figure (1.0: the controller keeps up with what the broker can hand out).
+
+The broker is the controller's embedded mosquitto in insecure mode (plain MQTT on 127.0.0.1: the cost measured is the
+consumer's, not TLS's). One publisher connection stands in for all the devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent import protocol  # noqa: E402
+
+
+def windows(messages: int, devices: int) -> list[tuple[str, bytes]]:
+    """``messages`` telemetry windows spread over ``devices`` ids, each device's seqs counting from 1."""
+    out = []
+    now = time.time()
+    for i in range(messages):
+        device = f"bench-{i % devices:06d}"
+        seq = i // devices + 1
+        msg = protocol.Telemetry(device_id=device, boot_id="b1", seq=seq, time=now - 10 * (messages - i) / devices,
+                                 interval_s=10.0, inferences=100, errors={"runtime": i % 3},
+                                 latency_ms=protocol.Latency(p50=2.0, p95=3.5, p99=4.0, max=5.0, mean=2.2),
+                                 histogram=[0, 10, 80, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0], cpu_percent=12.5,
+                                 rss_bytes=90 << 20, memory_percent=4.2, disk_free_bytes=1 << 30)
+        out.append((protocol.topic(device, protocol.TELEMETRY), protocol.encode(msg)))
+    return out
+
+
+def publish(url: str, payloads: list[tuple[str, bytes]]) -> float:
+    """Publish every payload at QoS 1 from one connection; seconds until the broker acknowledged the last."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}",
+                         protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    parsed = protocol_url(url)
+    client.connect(*parsed)
+    client.loop_start()
+    t0 = time.perf_counter()
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    elapsed = time.perf_counter() - t0
+    client.disconnect()
+    client.loop_stop()
+    return elapsed
+
+
+def protocol_url(url: str) -> tuple[str, int]:
+    from agent.transport import parse_url
+
+    u = parse_url(url)
+    return u.host, u.port
+
+
+class Bare:
+    """A bare paho subscriber with a persistent session: receives and acknowledges, nothing else."""
+
+    def __init__(self, url: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        from agent.transport import connect_properties
+
+        self.url = url
+        self.got = 0
+        self.done = threading.Event()
+        self.want = 0
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.props = connect_properties(3600)
+
+    def _on_message(self, client, userdata, message) -> None:
+        self.got += 1
+        if self.got >= self.want:
+            self.done.set()
+
+    def subscribe(self) -> None:
+        """Make the session and its subscription, then go away (the broker queues from now on)."""
+        self.client.connect(*protocol_url(self.url), clean_start=False, properties=self.props)
+        self.client.loop_start()
+        self.client.subscribe(protocol.subscription(protocol.TELEMETRY), qos=1)[1]
+        time.sleep(0.5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def drain(self, want: int, timeout: float) -> float:
+        self.want, self.got = want, 0
+        self.done.clear()
+        t0 = time.perf_counter()
+        self.client.connect(*protocol_url(self.url), clean_start=False, properties=self.props)
+        self.client.loop_start()
+        if not self.done.wait(timeout):
+            raise SystemExit(f"bench: the bare subscriber got {self.got} of {want} in {timeout:g} s")
+        elapsed = time.perf_counter() - t0
+        self.client.disconnect()
+        self.client.loop_stop()
+        return elapsed
+
+
+def controller_drain(fleet, want: int, timeout: float) -> float:
+    """Start the controller's link again and wait until it has taken in ``want`` more messages."""
+    link = fleet.link
+    before = link.received + sum(link.invalid.values())
+    t0 = time.perf_counter()
+    link.start()
+    deadline = time.monotonic() + timeout
+    while link.received + sum(link.invalid.values()) - before < want:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: the controller took in {link.received - before} of {want} in {timeout:g} s")
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - t0
+    if link.invalid:
+        raise SystemExit(f"bench: the controller refused messages: {link.invalid}")
+    return elapsed
+
+
+def ingest(args: argparse.Namespace) -> dict:
+    from fleet.app import Fleet
+    from fleet.broker import free_port
+
+    payloads = windows(args.messages, args.devices)
+    out = {"messages": args.messages, "devices": args.devices}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        fleet = Fleet(Path(tmp) / "fleet", http_port=free_port(), insecure=True, sweep_every_s=3600,
+                      compact_every_s=3600).start()
+        try:
+            url = fleet.broker_url
+            bare = Bare(url)
+            bare.subscribe()
+            fleet.link.stop()  # the controller's session stays: the broker queues for it too
+            print(f"publishing {args.messages} windows of {args.devices} devices ...", flush=True)
+            out["publish_s"] = publish(url, payloads)
+            bare_s = bare.drain(args.messages, args.timeout)
+            print(f"bare paho subscriber: {args.messages / bare_s:,.0f} msg/s", flush=True)
+            ctl_s = controller_drain(fleet, args.messages, args.timeout)
+            print(f"controller ({args.store}): {args.messages / ctl_s:,.0f} msg/s", flush=True)
+            out.update(bare_msg_s=args.messages / bare_s, controller_msg_s=args.messages / ctl_s,
+                       ratio=bare_s / ctl_s, store=args.store)
+            print(f"ratio controller / bare: {bare_s / ctl_s:.2f}", flush=True)
+        finally:
+            fleet.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=50_000, help="telemetry windows in the backlog")
+    parser.add_argument("--devices", type=int, default=10_000, help="device ids the windows are spread over")
+    parser.add_argument("--store", default="sqlite", help="the controller's store (sqlite: in a temp dir)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a drain may take")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
+    args = parser.parse_args(argv)
+    if args.messages < 1 or args.devices < 1:
+        parser.error("--messages and --devices must be positive")
+    result = {"cpu": cpu_name(), "ingest": ingest(args)}
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
