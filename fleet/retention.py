@@ -280,9 +280,10 @@ def boundaries(store: "Store") -> dict[str, float]:
 
 
 def compact(store: "Store", now: float | None = None, policy: Policy = Policy(), batch: int = BATCH
-            ) -> dict[str, int]:
-    """Fold raw rows older than the raw cutoff into the rollups and delete them; drop expired 1-minute
-    rollups. Incremental (a batch a transaction) and idempotent. Returns what it did."""
+            ) -> dict[str, Any]:
+    """Fold raw rows older than the raw cutoff into the rollups and delete them (PostgreSQL: drop the daily
+    partitions wholly before it); drop expired 1-minute rollups. Incremental (a batch a transaction) and
+    idempotent. Returns what it did."""
     now = time.time() if now is None else now
     raw_cutoff = _floor(now - policy.raw_s, HOUR)
     m1_cutoff = _floor(now - policy.rollup_s, HOUR)
@@ -299,7 +300,7 @@ def compact(store: "Store", now: float | None = None, policy: Policy = Policy(),
     if folded or expired or quality:
         log.info("retention: folded %d raw telemetry rows into rollups, dropped %d expired 1-minute rollups and "
                  "%d quality windows", folded, expired, quality)
-    return {"folded": folded, "expired_1m": expired, "quality": quality}
+    return {"folded": folded, "expired_1m": expired, "quality": quality, "partitions_dropped": dropped}
 
 
 def _fold(rows: list[Any], old: Callable[[str, str, float], Any]) -> list[tuple[str, tuple]]:

@@ -103,3 +103,12 @@ def pg_cluster() -> Iterator["pgcluster.Cluster"]:  # noqa: F821
 
     with Cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A fresh, empty fleet database's URL, once per backend: a SQLite file, or a new database on the module's
+    throwaway PostgreSQL cluster (``pg_cluster``); tests that take it run on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/fleet.db"
+    return request.getfixturevalue("pg_cluster").new_database()

@@ -81,8 +81,8 @@ def test_tags_and_targets(fleet, client, devices, capsys):
     assert code == 0 and [d["id"] for d in json.loads(out)] == ["cam-1", "gate-1"]
 
 
-def test_resolving_all_on_an_empty_fleet_is_an_error(tmp_path):
-    store = Store(tmp_path / "fleet.db").open()
+def test_resolving_all_on_an_empty_fleet_is_an_error(store_url):
+    store = Store(store_url).open()
     try:
         with pytest.raises(targets.UnknownTarget, match="none has registered"):
             targets.resolve(store, ["all"])
@@ -121,8 +121,8 @@ def test_transitions_birth_will_timeout_recovery_and_offline_state(fleet, client
     assert report["identity"]["arch"] == "x86_64", "an offline state does not erase what the device said"
 
 
-def test_offline_after_is_a_controller_setting(tmp_path):
-    store = Store(tmp_path / "fleet.db", offline_after=5).open()
+def test_offline_after_is_a_controller_setting(store_url):
+    store = Store(store_url, offline_after=5).open()
     try:
         t0 = 1_700_000_000.0
         store.record_telemetry(protocol.Telemetry(device_id="cam-1", boot_id="b", seq=1, time=t0, interval_s=10,
@@ -135,7 +135,7 @@ def test_offline_after_is_a_controller_setting(tmp_path):
     finally:
         store.close()
     with pytest.raises(EdgefleetError, match="offline_after"):
-        Store(tmp_path / "x.db", offline_after=0)
+        Store(store_url, offline_after=0)
 
 
 def test_serve_rejects_bad_settings_in_one_line(tmp_path, capsys):

@@ -56,8 +56,8 @@ def manifest(version="1") -> dict:
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "fleet.db").open()
+def store(store_url):
+    s = Store(store_url).open()
     s.add_bundle(SHA, 1000, manifest(), profile=msgspec.json.encode(PROFILE))
     s.add_bundle(BARE_SHA, 1000, manifest("bare"))
     yield s

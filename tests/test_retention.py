@@ -50,8 +50,8 @@ def lat(p50, p95, p99, mx, mean) -> protocol.Latency:
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "fleet.db").open()
+def store(store_url):
+    s = Store(store_url).open()
     yield s
     s.close()
 
@@ -229,3 +229,31 @@ def test_health_totals_survive_compaction_through_the_api(tmp_path):
         assert (after["inferences"], after["errors"]) == (before["inferences"], before["errors"]) == (400, 40)
         assert after["errors_by_kind"] == before["errors_by_kind"] == {"timeout": {"count": 40,
                                                                                     "last_time": NOW - DAY}}
+
+
+def test_old_telemetry_is_folded_and_on_postgresql_its_partitions_are_dropped_whole(store):
+    import time
+
+    from fleet.store import schema
+
+    now = time.time()
+    send = Sender(store)
+    send(1_700_000_000.0, 5)  # long ago: SQLite's table, PostgreSQL's default partition
+    send(now - 60, 7)  # today's partition
+    send(now + DAY, 11)  # tomorrow's (made ahead)
+    pg = store.backend.name == "postgresql"
+    if pg:
+        names = [p[0] for p in schema.partitions(store.backend)]
+        assert schema.partition_name(now) in names and schema.partition_name(now + DAY) in names
+    done = compact(store, now=now + 10 * DAY, policy=POLICY, batch=2)  # batches of 2: resumed across them
+    assert done["folded"] == 3 and rows(store, "SELECT count(*) AS n FROM telemetry") == [{"n": 0}]
+    assert sum(r["inferences"] for r in rows(store, "SELECT inferences FROM telemetry_1h")) == 23
+    assert store.health("cam-1", now=now + 10 * DAY)[0]["inferences"] == 23
+    if pg:
+        dropped = done["partitions_dropped"]
+        assert schema.partition_name(now) in dropped and schema.partition_name(now + DAY) in dropped
+        assert rows(store, "SELECT count(*) AS n FROM telemetry_keys") == [{"n": 0}]
+        assert not rows(store, "SELECT tier FROM retention WHERE tier LIKE 'fold:%'")  # no progress left behind
+    else:
+        assert done["partitions_dropped"] == []
+    assert compact(store, now=now + 10 * DAY, policy=POLICY)["folded"] == 0  # idempotent

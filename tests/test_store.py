@@ -100,8 +100,8 @@ def test_a_sqlite_url_and_a_plain_path_are_the_same_file(tmp_path):
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "fleet.db").open()
+def store(store_url):
+    s = Store(store_url).open()
     yield s
     s.close()
 
@@ -120,3 +120,18 @@ def test_fleet_serve_with_a_bad_store_exits_2_with_one_line(tmp_path, url, says)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines[-1:]) == 1 and says in lines[-1] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_one_leader_among_controllers_sharing_a_database(store_url):
+    a, b = Store(store_url).open(), Store(store_url).open()
+    try:
+        assert a.try_leader("rollouts")
+        if a.backend.name == "sqlite":
+            assert b.try_leader("rollouts")  # one controller per SQLite file: always the leader
+            return
+        assert not b.try_leader("rollouts") and b.try_leader("sweep")  # each name has its own leader
+        a.release_leader()  # its session ends (as when its process dies): the lock is free
+        assert b.try_leader("rollouts")
+    finally:
+        a.close()
+        b.close()

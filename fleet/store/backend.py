@@ -128,10 +128,11 @@ class _Conn:
         if not rows:
             return
         text, order = self._translate(sql)
-        if order is None:
-            self.raw.executemany(text, rows)
-        else:
-            self.raw.executemany(text, [_ordered(r, order) for r in rows])
+        cur = self.raw.cursor()
+        try:
+            cur.executemany(text, rows if order is None else [_ordered(r, order) for r in rows])
+        finally:
+            cur.close()
 
 
 def _ordered(args: Sequence[Any], order: list[int] | None) -> Sequence[Any]:

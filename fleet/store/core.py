@@ -275,13 +275,17 @@ class Store(Reads, Upkeep):
         harmless)."""
         # The quality references are read before the transaction: a bundle's profile is read once and kept.
         refs = {m.sha256: self._quality_check(m) for m, _, _ in items if isinstance(m, protocol.Quality)}
-        out: list[bool | str] = []
+        out: list[bool | str] = [False] * len(items)
         cache: dict[tuple[str, str], clocks.Clock] = {}  # the batch's last clock per boot, cached after commit
+        # Device by device (each one's messages in the order given): concurrent batches of several controllers
+        # then lock the device rows they share in one order, and never deadlock on them.
+        order = sorted(range(len(items)), key=lambda i: getattr(items[i][0], "device_id", ""))
         with self._tx() as db:
-            for msg, received, retained in items:
+            for i in order:
+                msg, received, retained = items[i]
                 if isinstance(msg, protocol.State):
                     self._state(db, msg, received, retained)
-                    out.append(True)
+                    out[i] = True
                     continue
                 if isinstance(msg, protocol.Quality) and refs[msg.sha256] is not None:
                     reason = quality.refusal(msg, *refs[msg.sha256])
@@ -289,7 +293,7 @@ class Store(Reads, Upkeep):
                         db.execute("INSERT INTO quality_refused (reason, count, last_time) VALUES (?, 1, ?) "
                                    "ON CONFLICT (reason) DO UPDATE SET count = quality_refused.count + 1, "
                                    "last_time = excluded.last_time", (reason, received))
-                        out.append(reason)
+                        out[i] = reason
                         continue
                 if isinstance(msg, protocol.Telemetry):
                     clock = self._telemetry(db, msg, received, retained)
@@ -302,7 +306,7 @@ class Store(Reads, Upkeep):
                 cache.pop((msg.device_id, msg.boot_id), None)
                 if clock is not None:
                     cache[(msg.device_id, msg.boot_id)] = clock
-                out.append(clock is not None)
+                out[i] = clock is not None
         for (device_id, boot_id), clock in cache.items():
             self._cache_clock(device_id, boot_id, clock)
         return out
@@ -492,9 +496,10 @@ class Store(Reads, Upkeep):
             db.execute("INSERT INTO bundles (sha256, size, name, version, target, runtime, precision, manifest, "
                        "uploaded, signed_by, signer, serial, profile, profile_id) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                       "ON CONFLICT (sha256) DO UPDATE SET signed_by = coalesce(signed_by, excluded.signed_by), "
-                       "signer = coalesce(signer, excluded.signer), profile = coalesce(profile, excluded.profile), "
-                       "profile_id = coalesce(profile_id, excluded.profile_id)",
+                       "ON CONFLICT (sha256) DO UPDATE SET signed_by = coalesce(bundles.signed_by, excluded.signed_by), "
+                       "signer = coalesce(bundles.signer, excluded.signer), "
+                       "profile = coalesce(bundles.profile, excluded.profile), "
+                       "profile_id = coalesce(bundles.profile_id, excluded.profile_id)",
                        (sha256, size, manifest["name"], manifest["version"], manifest["target"],
                         manifest["runtime"], manifest["precision"], json.dumps(manifest), time.time(), signed_by,
                         signer, manifest.get("serial"), text, profile_id))
