@@ -28,8 +28,8 @@ DEVICES = ["dev-1", "dev-2", "dev-3", "dev-4"]
 
 
 @pytest.fixture
-def fleet(tmp_path, monkeypatch):
-    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
+def fleet(tmp_path, monkeypatch, store_url):
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()], store_url=store_url,
               http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))  # for the CLI
     yield f
@@ -189,11 +189,12 @@ def test_a_model_slower_than_the_threshold_on_real_traffic_is_halted_and_rolled_
 # -- (c) a controller restart mid-rollout ------------------------------------------------------------------------
 
 
-def test_a_rollout_continues_after_the_controller_restarts(tmp_path, mosquitto, free_port, bundles, crops):
+def test_a_rollout_continues_after_the_controller_restarts(tmp_path, mosquitto, free_port, bundles, crops, store_url):
     data = tmp_path / "fleet"
 
     def controller() -> Fleet:
         return Fleet(data, release_keys=[release_pub()], broker_url=mosquitto.url, http_port=free_port,
+                     store_url=store_url,
                      pki_dir=mosquitto.pki.root).start_background()
 
     fleet = controller()

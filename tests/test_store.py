@@ -4,12 +4,13 @@ Every test here takes ``store`` (a fresh database per test) and runs on SQLite a
 
 import msgspec
 import pytest
+from util import wait_for
 
 from agent import protocol
 from agent.errors import EdgefleetError
 from fleet import quality
 from fleet.store import Store, open_store
-from tests.test_fleet_quality import PROFILE, SHA, bins, manifest, qmsg
+from test_fleet_quality import PROFILE, SHA, bins, manifest, qmsg
 
 T0 = 1_700_000_000.0
 
@@ -130,8 +131,29 @@ def test_one_leader_among_controllers_sharing_a_database(store_url):
             assert b.try_leader("rollouts")  # one controller per SQLite file: always the leader
             return
         assert not b.try_leader("rollouts") and b.try_leader("sweep")  # each name has its own leader
-        a.release_leader()  # its session ends (as when its process dies): the lock is free
-        assert b.try_leader("rollouts")
+        a.release_leader()
+        assert b.try_leader("rollouts") and not a.try_leader("rollouts")
+        b.backend._leader.close()  # b's session ends, as when its process dies: the server frees the lock
+        wait_for(lambda: a.try_leader("rollouts"), 30, what="a to take the leadership over")
     finally:
         a.close()
         b.close()
+
+
+def test_a_missing_database_or_an_unknown_role_is_one_clear_error(pg_cluster):
+    port = pg_cluster.port
+    for url, says in ((f"postgresql://edgefleet@127.0.0.1:{port}/nosuchdb", 'database "nosuchdb" does not exist'),
+                      (f"postgresql://nobody@127.0.0.1:{port}/postgres", 'role "nobody" does not exist')):
+        with pytest.raises(EdgefleetError) as e:
+            open_store(url)
+        assert str(e.value).startswith(f"cannot connect to the store {url}: ") and says in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_a_file_that_is_no_database_is_one_clear_error(tmp_path):
+    (tmp_path / "junk.db").write_bytes(b"not a database, " * 100)
+    with pytest.raises(EdgefleetError, match="cannot open the fleet database .*junk.db: file is not a database"):
+        open_store(tmp_path / "junk.db")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(EdgefleetError, match="cannot open the fleet database"):
+        open_store(tmp_path / "file" / "x.db")  # its directory cannot be made

@@ -157,15 +157,16 @@ class SQLiteBackend(Backend):
     def open(self) -> None:
         import sqlite3
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.DatabaseError as e:
-            raise EdgefleetError(f"cannot open the fleet database {self.path}: {e}") from None
+        except (sqlite3.DatabaseError, OSError) as e:
+            raise EdgefleetError(f"cannot open the fleet database {self.path}: "
+                                 f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
         self._db = db
 
     def close(self) -> None:
@@ -373,7 +374,9 @@ class PostgresBackend(Backend):
         with self.lock:
             if self._leader is not None:
                 with contextlib.suppress(Exception):
-                    self._leader.close()  # ends the session: every advisory lock it held goes
+                    self._leader.execute("SELECT pg_advisory_unlock_all()")  # now, not when the server notices
+                with contextlib.suppress(Exception):
+                    self._leader.close()
             self._leader, self._leads = None, set()
 
 

@@ -496,7 +496,8 @@ class Store(Reads, Upkeep):
             db.execute("INSERT INTO bundles (sha256, size, name, version, target, runtime, precision, manifest, "
                        "uploaded, signed_by, signer, serial, profile, profile_id) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                       "ON CONFLICT (sha256) DO UPDATE SET signed_by = coalesce(bundles.signed_by, excluded.signed_by), "
+                       "ON CONFLICT (sha256) DO UPDATE SET "
+                       "signed_by = coalesce(bundles.signed_by, excluded.signed_by), "
                        "signer = coalesce(bundles.signer, excluded.signer), "
                        "profile = coalesce(bundles.profile, excluded.profile), "
                        "profile_id = coalesce(bundles.profile_id, excluded.profile_id)",
@@ -618,7 +619,8 @@ class Store(Reads, Upkeep):
         with self._tx() as db:
             return db.execute(
                 "INSERT INTO signed (device_id, counter) VALUES (?1, ?2) ON CONFLICT (device_id) DO UPDATE SET "
-                "counter = GREATEST(signed.counter + 1, ?2) RETURNING counter", (device_id, int(now * 1000))).fetchone()[0]
+                "counter = GREATEST(signed.counter + 1, ?2) RETURNING counter",
+                (device_id, int(now * 1000))).fetchone()[0]
 
     def set_signed_desired(self, device_id: str, desired: str, issued: float, expires: float, trust: str) -> None:
         """The desired (unsigned JSON) just published to the device, when its signed copy expires, and a digest

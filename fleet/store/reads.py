@@ -45,8 +45,8 @@ class Reads:
         ids = list(device_ids)
         if not ids:
             return {}
-        return {r[0]: r[1] for r in self._query(f"SELECT id, active_sha256 FROM devices WHERE id IN ({_marks(len(ids))})",
-                                                tuple(ids))}
+        return {r[0]: r[1] for r in self._query(
+            f"SELECT id, active_sha256 FROM devices WHERE id IN ({_marks(len(ids))})", tuple(ids))}
 
     # -- health (fleet/health.py) ----------------------------------------------------------------------
     def last_telemetry(self, device_id: str) -> Any | None:
