@@ -157,3 +157,36 @@ def test_a_file_that_is_no_database_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(EdgefleetError, match="cannot open the fleet database"):
         open_store(tmp_path / "file" / "x.db")  # its directory cannot be made
+
+
+def test_the_store_carries_on_after_postgresql_restarts(pg_cluster):
+    s = open_store(pg_cluster.new_database())
+    try:
+        assert s.record_many([(tel(1, T0 + 10), T0 + 10, False)]) == [True]
+        pg_cluster.restart("immediate")  # as after a crash: what was committed is kept
+        assert s.record_many([(tel(1, T0 + 10), T0 + 11, False), (tel(2, T0 + 20), T0 + 20, False)]) \
+            == [False, True]
+        [d] = s.devices()
+        assert (d["seq_count"], d["duplicates"]) == (2, 1)
+    finally:
+        s.close()
+
+
+def test_both_backends_have_the_same_tables_and_columns(tmp_path, pg_cluster):
+    lite, pg = open_store(tmp_path / "fleet.db"), open_store(pg_cluster.new_database())
+    try:
+        ours = {}
+        for (table,) in lite.query("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            ours[table] = [r["name"] for r in lite.query(f"PRAGMA table_info({table})")]
+        theirs: dict[str, list[str]] = {}
+        for r in pg.query("SELECT c.table_name, c.column_name FROM information_schema.columns c "
+                          "JOIN pg_class k ON k.relname = c.table_name WHERE c.table_schema = 'public' "
+                          "AND NOT k.relispartition ORDER BY c.table_name, c.ordinal_position"):
+            theirs.setdefault(r[0], []).append(r[1])
+        assert theirs.pop("telemetry_keys") == ["device_id", "boot_id", "seq", "time"]  # PostgreSQL's dedupe key
+        assert theirs == ours  # in the same order: INSERT INTO deployments VALUES (...) relies on it
+        assert pg.query("SELECT version FROM schema_version")[0][0] == lite.query(
+            "SELECT version FROM schema_version")[0][0]
+    finally:
+        lite.close()
+        pg.close()

@@ -305,8 +305,11 @@ class PostgresBackend(Backend):
         def configure(conn: Any) -> None:
             conn.row_factory = _pg_rows
 
+        # check: a connection the server dropped (a restart, a failover) is replaced before it is handed out,
+        # so a restarted PostgreSQL costs no failed transaction
         self._pool = ConnectionPool(self.url, min_size=self.min_size, max_size=self.max_size, open=False,
                                     configure=configure, timeout=max(self.connect_timeout, 30.0),
+                                    check=ConnectionPool.check_connection,
                                     kwargs={"connect_timeout": max(1, int(self.connect_timeout))},
                                     name="edgefleet-store")
         self._pool.open(wait=True, timeout=self.connect_timeout)

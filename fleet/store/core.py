@@ -1,9 +1,12 @@
-"""The registry: one SQLite file (WAL) holding devices, telemetry, events, bundles and deployments.
+"""The registry: devices, telemetry, events, bundles and deployments, in a SQLite file (WAL) or a PostgreSQL
+database (``fleet.store.backend``: what differs between the two is there, the tables in ``fleet.store.schema``).
 
-Paho's network thread writes what devices report while uvicorn's threads read and write for the API,
-so every call goes through one connection guarded by a lock. A QoS 1 message may arrive twice: telemetry
-and events are keyed by (device_id, boot_id, seq) and a repeat changes nothing but the device's
-``duplicates`` count.
+Paho's network thread writes what devices report while uvicorn's threads read and write for the API: on SQLite
+every call goes through one connection guarded by a lock; on PostgreSQL through a pool, and other controller
+processes may write the same database, so nothing another process writes is trusted from memory (the clock
+cache is SQLite's only). A QoS 1 message may arrive twice: telemetry and events are keyed by (device_id,
+boot_id, seq) and a repeat changes nothing but the device's ``duplicates`` count. ``record_many`` stores a batch
+of messages in one transaction.
 
 seq is per device and persistent across the agent's restarts (its outbox keeps it; telemetry, events and
 quality messages share it), so what never arrived shows as gaps: ``seq_gaps`` = the highest seq received from the device
