@@ -190,3 +190,22 @@ def test_both_backends_have_the_same_tables_and_columns(tmp_path, pg_cluster):
     finally:
         lite.close()
         pg.close()
+
+
+def test_two_controllers_sweeping_at_once_record_one_transition(store_url):
+    import threading
+
+    a, b = Store(store_url).open(), Store(store_url).open()
+    try:
+        a.record_many([(tel(i, T0 + 10 * i, device=f"cam-{i}"), T0 + 10 * i, False) for i in range(1, 21)])
+        went = []
+        threads = [threading.Thread(target=lambda s=s: went.append(s.sweep(T0 + 10_000))) for s in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(went) >= 20  # each saw them due; the row lock let one record each
+        assert a.query("SELECT count(*) FROM transitions WHERE online = 0")[0][0] == 20
+    finally:
+        a.close()
+        b.close()

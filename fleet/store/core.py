@@ -131,8 +131,10 @@ class Store(Reads, Upkeep):
         return bool(d["online"]) and now - d["last_seen"] <= self._limit(d)
 
     def _settle(self, db: Any, device_id: str, now: float, reason: str) -> None:
-        """Record a transition if the device's status is not what was last recorded."""
-        d = db.execute("SELECT online, last_seen, interval_s, status_online FROM devices WHERE id = ?",
+        """Record a transition if the device's status is not what was last recorded. On PostgreSQL the row is
+        locked first: two controllers sweeping at once record one transition, not two."""
+        lock = "" if self._cache_clocks else " FOR UPDATE"
+        d = db.execute(f"SELECT online, last_seen, interval_s, status_online FROM devices WHERE id = ?{lock}",
                        (device_id,)).fetchone()
         online = self.is_online(d, now)
         if d["status_online"] is not None and bool(d["status_online"]) == online:
