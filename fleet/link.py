@@ -14,9 +14,10 @@ redelivery, which the store ignores by (device, boot_id, seq).
 
 A store error: the batch is not acknowledged; the writer logs it once, keeps the batch and tries again with a
 back-off (0.2 s doubling to 5 s) while the queue, then paho, then the broker hold what comes meanwhile. If the
-link stops first, the broker redelivers the batch in the next session. A message that fails while others of its
-batch go in (tried one by one after the batch failed) is the message's fault, not the store's: it is counted as
-"not stored: <error>", acknowledged and dropped, as before batching, so one bad message cannot stall ingest.
+link stops first, the broker redelivers the batch in the next session. After a failed batch its messages are
+tried one by one: a message that fails (twice) while others go in is the message's fault, not the store's: it
+is counted as "not stored: <error>", acknowledged and dropped, as before batching, so that one bad message
+cannot stall ingest.
 
 End-to-end acknowledgement. A PUBACK only tells a device that the broker took its message, and a broker that
 dies before saving its queue loses what it had acknowledged. So after each batch commits, the link tells each
@@ -161,8 +162,7 @@ class Link:
                 q.put(_STOP, timeout=timeout)  # after what is queued: the writer drains it first
             except queue.Full:
                 pass
-            writer.join(timeout)
-            self._halt.set()  # a writer still retrying a failed batch gives up (the broker redelivers it)
+            self._halt.set()  # a batch the store fails on now is not tried again: the broker redelivers it
             writer.join(timeout)
         _empty(q)  # a callback blocked on the full queue returns
         client.disconnect()
@@ -288,6 +288,13 @@ class Link:
                 bad.append((item, e))
         if not good:
             return batch
+        again = []  # the store works: a message that failed while it did not (a transient error) gets one more try
+        for item, _ in bad:
+            try:
+                good.append((item, self.store.record_many([(item.msg, item.received, item.retained)])[0]))
+            except Exception as e:
+                again.append((item, e))
+        bad = again
         for item, e in bad:
             self._count(f"not stored: {type(e).__name__}: {e}", item.topic)
         self._settled(client, [i for i, _ in good] + [i for i, _ in bad],
