@@ -23,7 +23,10 @@ controller was away. A controller that acknowledges what it stored (``protocol.A
 ``edgefleet/v1/<id>/ack``, which the link subscribes to: seq ranges per boot id) lets the device do better: a
 PUBACKed message then stays in the outbox until the controller's ack deletes it, and one that stays
 unacknowledged is sent again after ``ACK_TIMEOUT_S`` (30 s), the wait doubling for each message up to
-``ACK_TIMEOUT_MAX_S`` (10 min). A re-send is the stored payload, same boot_id and seq: the controller's dedupe
+``ACK_TIMEOUT_MAX_S`` (10 min). While no ack answers the last re-sends (the controller is away, or the broker
+lost its subscription) only one message is sent again at a time, as a probe, with the same doubling wait: a
+long absence does not flood the controller's queue at the broker with copies; once acks come again the rest
+that is due follows, a window at a time. A re-send is the stored payload, same boot_id and seq: the controller's dedupe
 makes it harmless. Re-sends go through the same window as new messages. An ack is applied only to messages whose
 payload carries its boot_id (after a lost outbox seqs may start again under a new boot_id).
 
@@ -113,6 +116,8 @@ class Link:
         self._noted = float("-inf")  # when acked_at was last written
         self._sent: dict[int, list] = {}  # seq -> [boot_id, wait before a re-send] of what was handed to paho
         self._awaiting: dict[int, float] = {}  # seq -> when to send it again (monotonic): PUBACKed, not yet acked
+        self._resent_at = float("-inf")  # when messages were last sent again
+        self._probe_wait = self.ack_timeout  # while no ack answers re-sends: the wait before the next probe
         self.resent = 0  # messages sent again for want of the controller's ack
         self.acked_e2e = 0  # messages deleted on the controller's ack
         self._wake = threading.Event()
@@ -263,7 +268,7 @@ class Link:
         while self._acks:
             acks.append(self._acks.popleft())
         if acks:
-            self._last_ack = now
+            self._last_ack, self._probe_wait = now, self.ack_timeout
             if not self.holding:
                 self.holding = True
                 log.info("the controller acknowledges what it stores: messages stay queued until it has")
@@ -319,8 +324,15 @@ class Link:
         if room <= 0:
             return
         now = time.monotonic()
-        due = sorted(s for s, t in self._awaiting.items() if t <= now)[:room]
+        due: list[int] = []
+        if self._awaiting:
+            quiet = self._last_ack < self._resent_at  # no ack since the last re-sends: the controller seems away
+            if not quiet or now >= self._resent_at + self._probe_wait:
+                due = sorted(s for s, t in self._awaiting.items() if t <= now)[:1 if quiet else room]
+                if due and quiet:  # one message probes; the rest waits for the controller to answer
+                    self._probe_wait = min(self._probe_wait * 2, self.ack_timeout_max)
         if due:
+            self._resent_at = now
             found = self.outbox.get(due)
             for seq in set(due) - {m.seq for m in found}:  # dropped by the outbox's bounds meanwhile
                 self._awaiting.pop(seq, None)

@@ -130,6 +130,7 @@ class Link:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
         self._stopping = False
         self._halt.clear()
         self._connected.clear()
@@ -188,6 +189,9 @@ class Link:
         client.subscribe([(protocol.subscription(kind), opts) for kind in STORED])
         log.info("connected to %s (session present: %s)", self.broker_url, flags.session_present)
         self._connect_error = None
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        # connected once subscribed: a message a device sends after start() returns is routed to this session
         self._connected.set()
         self._answered.set()
 

@@ -275,3 +275,46 @@ def test_a_broker_killed_while_the_controller_is_away(tmp_path, broker, monkeypa
     finally:
         agent.stop()
         fleet.stop()
+
+
+def test_the_agent_holds_for_acks_of_its_boot_only_re_sends_and_remembers_across_a_restart(tmp_path, broker,
+                                                                                          monkeypatch):
+    """Against a controller that does not acknowledge, one ack (naming another boot id: it deletes nothing) turns
+    holding on: PUBACKed messages stay queued and are sent again; the ack of the right boot deletes exactly its
+    ranges; a new agent on the same state dir holds from the start (the outbox remembers the acks)."""
+    monkeypatch.setattr(agent_link, "ACK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(agent_link, "ACK_TIMEOUT_MAX_S", 1.0)
+    monkeypatch.setattr(Link, "_acknowledge", lambda *a: None)
+    fleet = start_fleet(tmp_path, broker)
+    cfg = enrolled_config(fleet, tmp_path / "device", DEVICE, api="127.0.0.1:0", telemetry_interval_s=0.2,
+                          keepalive_s=5)
+    agent = Agent(cfg)
+    agent.start()
+
+    def ack(boot_id: str, ranges) -> None:
+        msg = protocol.Ack(device_id=DEVICE, boot_id=boot_id, ranges=ranges, time=1.0)
+        fleet.link._client.publish(protocol.topic(DEVICE, protocol.ACK), protocol.encode(msg), qos=1)
+
+    try:
+        wait_for(lambda: len(seqs(fleet.data_dir)) >= 3, what="telemetry stored")
+        assert not agent.link.holding and agent.outbox.pending_count <= agent.link.window
+        ack("0123456789abcdef0", [[1, 10 ** 6]])  # not this agent's boot: acknowledges nothing
+        wait_for(lambda: agent.link.holding, what="holding after the first ack")
+        held = agent.outbox.pending_count
+        wait_for(lambda: agent.link.resent >= 5 and agent.outbox.pending_count >= held + 10,
+                 what="messages kept after their PUBACK and sent again")
+        first = wait_for(lambda: agent.link.awaiting and min(agent.link._awaiting.copy()), what="a held seq")
+        ack(agent.boot_id, [[first, first + 4]])
+        wait_for(lambda: agent.link.acked_e2e == 5, what="the acknowledged range deleted")
+        assert not agent.outbox.get(range(first, first + 5)) and agent.outbox.get([first + 5])
+        assert fleet.link.duplicates > 0 and max(seqs(fleet.data_dir).values()) == 1  # re-sends: copies dropped
+    finally:
+        agent.stop()
+    assert agent.outbox.acked_at > 0
+    again = Agent(cfg)  # the same device restarted while the controller does not acknowledge
+    again.start()
+    try:
+        assert again.link.holding  # remembered in the outbox: it holds from the start
+    finally:
+        again.stop()
+        fleet.stop()
