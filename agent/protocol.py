@@ -216,7 +216,7 @@ class Telemetry(_Msg):
     disk_free_bytes: Count = 0
     temperature_c: Annotated[float, msgspec.Meta(ge=-273.15, le=1000)] | None = None
     load1: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    outbox_pending: Count = 0  # messages queued on the device, not yet acknowledged by the broker
+    outbox_pending: Count = 0  # queued on the device, not yet acknowledged (by the controller: agent/link.py)
     outbox_dropped: Count = 0  # messages the device's full (or too old) outbox dropped, ever
     storage: StorageState = "ok"  # additive, optional: as in State
     clock_synced: bool | None = None  # additive, optional: as in State

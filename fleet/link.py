@@ -62,6 +62,7 @@ BATCH_MAX = 500  # messages stored in one transaction, at most
 LINGER_S = 0.005  # after the first message of a batch, how long the writer waits for more
 RETRY_S = 0.2  # the writer's first wait after a store error; doubling to RETRY_MAX_S
 RETRY_MAX_S = 5.0
+FAIL_FIRST = 3  # messages of a failed batch that fail alone, none going in, before the store is taken to be down
 SEQUENCED = (protocol.TELEMETRY, protocol.EVENTS, protocol.QUALITY)  # the kinds a device keeps until acknowledged
 _STOP = object()  # the writer's end-of-queue mark
 
@@ -241,12 +242,6 @@ class Link:
             return None
         return Item(msg, kind, received, retained, mid, qos, topic, self._session)
 
-    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
-        """Validate one message and store it now (no MQTT or end-to-end ack): the writer's path for one message."""
-        item = self.validate(topic, payload, retained)
-        if item is not None:
-            self._tally([item], self.store.record_many([(item.msg, item.received, item.retained)]))
-
     # -- the writer (its own thread) ------------------------------------------------------------
     def _write_loop(self, client: mqtt.Client, q: queue.Queue) -> None:
         held: list[Item] = []  # a batch the store failed on: kept, not acknowledged, tried again
@@ -281,11 +276,14 @@ class Link:
         return []
 
     def _one_by_one(self, client: mqtt.Client, batch: list[Item]) -> list[Item]:
-        """After a failed batch: each message alone. When none goes in the store is at fault (hold them all);
-        when some do, those that fail are bad messages: counted, acknowledged and dropped."""
+        """After a failed batch: each message alone. When none goes in the store is at fault: hold them all (after
+        FAIL_FIRST failures in a row, without trying the rest; those that failed go last, so that next time the
+        others are tried first). When some do, those that fail are bad messages: counted, acknowledged, dropped."""
         good: list[tuple[Item, bool | str]] = []
         bad: list[tuple[Item, Exception]] = []
-        for item in batch:
+        for n, item in enumerate(batch):
+            if not good and len(bad) >= FAIL_FIRST:
+                return batch[n:] + [i for i, _ in bad]
             try:
                 good.append((item, self.store.record_many([(item.msg, item.received, item.retained)])[0]))
             except Exception as e:
