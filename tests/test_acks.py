@@ -303,6 +303,8 @@ def test_the_agent_holds_for_acks_of_its_boot_only_re_sends_and_remembers_across
         held = agent.outbox.pending_count
         wait_for(lambda: agent.link.resent >= 5 and agent.outbox.pending_count >= held + 10,
                  what="messages kept after their PUBACK and sent again")
+        # no ack answers the re-sends (the controller "is away"): one message at a time probes, not all of them
+        assert agent.link.resent < agent.link.awaiting
         first = wait_for(lambda: agent.link.awaiting and min(agent.link._awaiting.copy()), what="a held seq")
         ack(agent.boot_id, [[first, first + 4]])
         wait_for(lambda: agent.link.acked_e2e == 5, what="the acknowledged range deleted")
@@ -317,4 +319,29 @@ def test_the_agent_holds_for_acks_of_its_boot_only_re_sends_and_remembers_across
         assert again.link.holding  # remembered in the outbox: it holds from the start
     finally:
         again.stop()
+        fleet.stop()
+
+
+def test_an_agent_falls_back_to_puback_when_the_controller_stops_acknowledging(tmp_path, broker, monkeypatch):
+    """A controller downgraded to one without acks: after outbox_max_age_s without an ack (what the outbox would
+    keep at most anyway) the agent lets the broker's PUBACK delete again, so its outbox drains."""
+    monkeypatch.setattr(agent_link, "ACK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(Link, "_acknowledge", lambda *a: None)
+    fleet = start_fleet(tmp_path, broker)
+    agent = Agent(enrolled_config(fleet, tmp_path / "device", DEVICE, api="127.0.0.1:0", telemetry_interval_s=0.2,
+                                  keepalive_s=5, outbox_max_age_s=3.0))
+    agent.start()
+    try:
+        wait_for(lambda: len(seqs(fleet.data_dir)) >= 3, what="telemetry stored")
+        msg = protocol.Ack(device_id=DEVICE, boot_id=agent.boot_id, ranges=[[1, 1]], time=1.0)
+        fleet.link._client.publish(protocol.topic(DEVICE, protocol.ACK), protocol.encode(msg), qos=1)
+        wait_for(lambda: agent.link.holding, what="holding after the ack")
+        wait_for(lambda: agent.link.awaiting >= 3, what="messages held for an ack that never comes")
+        wait_for(lambda: not agent.link.holding, what="the fallback after outbox_max_age_s without an ack")
+        wait_for(lambda: agent.outbox.pending_count <= agent.link.window and not agent.link.awaiting,
+                 what="PUBACK deleting again")
+        top = agent.outbox.last_seq
+        wait_for(lambda: all(seqs(fleet.data_dir)[s] for s in range(2, top + 1)), what="everything stored")
+    finally:
+        agent.stop()
         fleet.stop()
