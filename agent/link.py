@@ -8,7 +8,8 @@ counted in ``refused`` and the message leaves the outbox: sending it again would
 
 Telemetry and events never go to paho straight: they are queued on disk (agent/outbox.py), and a
 publisher thread hands them to paho in seq order, at most ``window`` unacknowledged at a time. A
-message leaves the outbox only when its PUBACK arrives (``on_publish``: paho's mid -> our seq). On a
+message leaves the outbox only when its PUBACK arrives (``on_publish``: paho's mid -> our seq), or, with a
+controller that acknowledges end to end, when the controller's ack arrives (below). On a
 disconnect the messages in flight stay with paho, which re-sends them (DUP set, same mid) as soon as it
 reconnects, so their PUBACK still finds its seq; sending them again ourselves would send each twice.
 If the process dies instead, they are still in the outbox and go out after the next start. Either way
