@@ -8,7 +8,8 @@ counted in ``refused`` and the message leaves the outbox: sending it again would
 
 Telemetry and events never go to paho straight: they are queued on disk (agent/outbox.py), and a
 publisher thread hands them to paho in seq order, at most ``window`` unacknowledged at a time. A
-message leaves the outbox only when its PUBACK arrives (``on_publish``: paho's mid -> our seq). On a
+message leaves the outbox only when its PUBACK arrives (``on_publish``: paho's mid -> our seq), or, with a
+controller that acknowledges end to end, when the controller's ack arrives (below). On a
 disconnect the messages in flight stay with paho, which re-sends them (DUP set, same mid) as soon as it
 reconnects, so their PUBACK still finds its seq; sending them again ourselves would send each twice.
 If the process dies instead, they are still in the outbox and go out after the next start. Either way
@@ -16,6 +17,29 @@ the controller may see a message twice and drops the copy by (device, boot_id, s
 
 The retained ``state`` (birth on connect, offline on stop, the last will) is not queued: only the
 latest one matters and the broker keeps it.
+
+End-to-end acknowledgement. A PUBACK only says the broker took a message; a broker that dies before it saved
+its queue (mosquitto saves every ``autosave_interval``, 30 min by default) loses what it acknowledged while the
+controller was away. A controller that acknowledges what it stored (``protocol.Ack`` on
+``edgefleet/v1/<id>/ack``, which the link subscribes to: seq ranges per boot id) lets the device do better: a
+PUBACKed message then stays in the outbox until the controller's ack deletes it, and one that stays
+unacknowledged is sent again after ``ACK_TIMEOUT_S`` (30 s), the wait doubling for each message up to
+``ACK_TIMEOUT_MAX_S`` (10 min). While no ack answers the last re-sends (the controller is away, or the broker
+lost its subscription) only one message is sent again at a time, as a probe, with the same doubling wait: a
+long absence does not flood the controller's queue at the broker with copies; once acks come again the rest
+that is due follows, a window at a time. A re-send is the stored payload, same boot_id and seq: the controller's dedupe
+makes it harmless. Re-sends go through the same window as new messages. An ack is applied only to messages whose
+payload carries its boot_id (after a lost outbox seqs may start again under a new boot_id).
+
+Which mode, with a controller that may predate acks: the link holds messages for the controller's ack only once
+it has seen one, and remembers that in the outbox (``Outbox.acked_at``) so that it holds them across restarts
+too (a restart while the controller is away is part of the failure it guards against). Until then PUBACK deletes
+as before: an agent talking to a controller that never acknowledges keeps working as it always did, with no
+re-sends and no growth. If no ack comes for ``outbox_max_age_s`` (what the outbox keeps at most anyway) the link
+falls back to PUBACK mode until the next ack: a controller downgraded to one without acks costs at most that
+long of holding and backed-off re-sends, within the outbox's bounds. Messages the controller never acknowledges
+(it refused them as invalid; a quality message refused for its bundle is acknowledged) are re-sent, backing off,
+until the outbox's bounds drop them.
 """
 
 from __future__ import annotations
@@ -26,6 +50,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import msgspec
+
 from agent import protocol, transport
 from agent.outbox import Outbox
 
@@ -35,6 +61,13 @@ WINDOW = 64  # queued messages handed to paho and not yet acknowledged, at most
 DIAGNOSE_EVERY_S = 30.0  # a failing connection is probed for its reason at most this often
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our subscriptions and queued commands this long
 MAX_REASONS = 100  # distinct reasons for dropped messages counted one by one; the rest under "other"
+ACK_TIMEOUT_S = 30.0  # a message the broker took but the controller did not acknowledge is sent again after this
+ACK_TIMEOUT_MAX_S = 600.0  # ... the wait doubling for each message up to this
+ACK_NOTE_EVERY_S = 60.0  # how often the time of the controller's last ack is written to the outbox
+
+
+class _BootId(msgspec.Struct):  # the one field an ack is matched on, read from a queued payload
+    boot_id: str = ""
 
 
 class Link:
@@ -74,7 +107,20 @@ class Link:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._sent_upto = 0  # the highest seq handed to paho
         self._generation = outbox.generation  # of the outbox file _sent_upto refers to
-        self._acked: deque[int] = deque()  # mids whose PUBACK came (appended on paho's thread)
+        self._acked: deque[tuple[int, bool]] = deque()  # (mid, refused) whose PUBACK came (on paho's thread)
+        # end-to-end acks (see the module docstring)
+        self.ack_timeout, self.ack_timeout_max = ACK_TIMEOUT_S, ACK_TIMEOUT_MAX_S
+        self._acks: deque[protocol.Ack] = deque()  # the controller's acks (appended on paho's thread)
+        recent = outbox.acked_at and time.time() - outbox.acked_at < outbox.max_age_s
+        self.holding = bool(recent)  # PUBACKed messages wait for the controller's ack
+        self._last_ack = time.monotonic()  # when an ack last came (or holding began)
+        self._noted = float("-inf")  # when acked_at was last written
+        self._sent: dict[int, list] = {}  # seq -> [boot_id, wait before a re-send] of what was handed to paho
+        self._awaiting: dict[int, float] = {}  # seq -> when to send it again (monotonic): PUBACKed, not yet acked
+        self._resent_at = float("-inf")  # when messages were last sent again
+        self._probe_wait = self.ack_timeout  # while no ack answers re-sends: the wait before the next probe
+        self.resent = 0  # messages sent again for want of the controller's ack
+        self.acked_e2e = 0  # messages deleted on the controller's ack
         self._wake = threading.Event()
         self._halt = threading.Event()  # set by stop(): ends the publisher's back-off at once
         self._publisher = threading.Thread(target=self._publish_loop, name="agent-publisher", daemon=True)
@@ -101,6 +147,11 @@ class Link:
     def in_flight(self) -> int:
         """Queued messages handed to paho and not yet acknowledged by the broker."""
         return len(self._inflight)
+
+    @property
+    def awaiting(self) -> int:
+        """Messages the broker acknowledged and the controller has not yet (0 unless ``holding``)."""
+        return len(self._awaiting)
 
     @property
     def publisher_alive(self) -> bool:
@@ -207,31 +258,111 @@ class Link:
                 self._halt.wait(1.0)  # not time.sleep: it fails under libfaketime's real-time-only shift
 
     def _settle(self) -> None:
-        """Remove from the outbox what the broker acknowledged."""
+        """Remove from the outbox what is acknowledged: by the controller, or by the broker when not ``holding``."""
         if self.outbox.generation != self._generation:  # the file was replaced (corrupt): its seqs mean nothing
             self._generation, self._sent_upto = self.outbox.generation, 0  # send the new file from its start
             self._inflight.clear()  # and let late PUBACKs of the old one ack nothing
+            self._sent.clear()
+            self._awaiting.clear()
+        now = time.monotonic()
+        acks = []
+        while self._acks:
+            acks.append(self._acks.popleft())
+        if acks:
+            self._last_ack, self._probe_wait = now, self.ack_timeout
+            if not self.holding:
+                self.holding = True
+                log.info("the controller acknowledges what it stores: messages stay queued until it has")
+            if now - self._noted >= ACK_NOTE_EVERY_S:
+                self._noted = now
+                self.outbox.note_acks(time.time())
+        elif self.holding and now - self._last_ack > self.outbox.max_age_s:
+            self.holding = False
+            log.warning("no acknowledgement from the controller for %g s: the broker's PUBACK deletes messages "
+                        "again until the next one", self.outbox.max_age_s)
+            gone = list(self._awaiting)
+            self._awaiting.clear()
+            for seq in gone:
+                self._sent.pop(seq, None)
+            self.outbox.ack(gone)
         seqs = []
         while self._acked:
-            seq = self._inflight.pop(self._acked.popleft(), None)  # None: a state message
-            if seq is not None:
+            mid, refused = self._acked.popleft()
+            seq = self._inflight.pop(mid, None)  # None: a state message
+            if seq is None:
+                continue
+            sent = self._sent.get(seq)
+            if sent is None:  # the controller's ack came first
+                continue
+            if self.holding and not refused:
+                self._awaiting[seq] = now + sent[1]
+            else:
+                del self._sent[seq]
                 seqs.append(seq)
+        for ack in acks:
+            seqs += self._acknowledged(ack)
         if seqs:
             self.outbox.ack(seqs)
 
+    def _acknowledged(self, ack: protocol.Ack) -> list[int]:
+        """The seqs handed to paho that ``ack`` covers (their payload carrying its boot_id), forgotten here."""
+        out = []
+        for first, last in ack.ranges:
+            seqs = range(first, last + 1) if last - first < len(self._sent) else \
+                [s for s in self._sent if first <= s <= last]
+            for seq in seqs:
+                sent = self._sent.get(seq)
+                if sent is not None and sent[0] == ack.boot_id:
+                    del self._sent[seq]
+                    self._awaiting.pop(seq, None)
+                    out.append(seq)
+        self.acked_e2e += len(out)
+        return out
+
     def _send(self) -> None:
-        """Hand paho the next queued messages, in seq order, up to the window."""
+        """Hand paho what is due again, then the next queued messages, in seq order, up to the window."""
         room = self.window - len(self._inflight)
+        if room <= 0:
+            return
+        now = time.monotonic()
+        due: list[int] = []
+        if self._awaiting:
+            quiet = self._last_ack < self._resent_at  # no ack since the last re-sends: the controller seems away
+            if not quiet or now >= self._resent_at + self._probe_wait:
+                due = sorted(s for s, t in self._awaiting.items() if t <= now)[:1 if quiet else room]
+                if due and quiet:  # one message probes; the rest waits for the controller to answer
+                    self._probe_wait = min(self._probe_wait * 2, self.ack_timeout_max)
+        if due:
+            self._resent_at = now
+            found = self.outbox.get(due)
+            for seq in set(due) - {m.seq for m in found}:  # dropped by the outbox's bounds meanwhile
+                self._awaiting.pop(seq, None)
+                self._sent.pop(seq, None)
+            for m in found:
+                if not self._publish(m):
+                    return
+                del self._awaiting[m.seq]
+                sent = self._sent[m.seq]
+                sent[1] = min(sent[1] * 2, self.ack_timeout_max)
+                self.resent += 1
+                room -= 1
         if room <= 0 or self._sent_upto >= self.outbox.last_seq:  # full, or nothing new
             return
-        ok = (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN)  # NO_CONN: paho sends it on reconnect
         for m in self.outbox.pending(room, after=self._sent_upto):
-            info = self._c.publish(protocol.topic(self.device_id, m.kind), m.payload, qos=1)
-            if info.rc not in ok:
-                log.warning("paho did not take message %d (%s); retrying", m.seq, info.rc)
+            if not self._publish(m):
                 return
-            self._inflight[info.mid] = m.seq
             self._sent_upto = m.seq
+            if m.seq not in self._sent:
+                self._sent[m.seq] = [_boot_id(m.payload), self.ack_timeout]
+
+    def _publish(self, m) -> bool:
+        ok = (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN)  # NO_CONN: paho sends it on reconnect
+        info = self._c.publish(protocol.topic(self.device_id, m.kind), m.payload, qos=1)
+        if info.rc not in ok:
+            log.warning("paho did not take message %d (%s); retrying", m.seq, info.rc)
+            return False
+        self._inflight[info.mid] = m.seq
+        return True
 
     # --- paho callbacks (on paho's thread): never raise, never block -----------------------------
     def _connected_cb(self, client, userdata, flags, reason_code, properties) -> None:
@@ -242,7 +373,8 @@ class Link:
             self._failed = reason
             return
         client.subscribe([(protocol.topic(self.device_id, protocol.DESIRED), 1),
-                          (protocol.topic(self.device_id, protocol.CMD), 1)])
+                          (protocol.topic(self.device_id, protocol.CMD), 1),
+                          (protocol.topic(self.device_id, protocol.ACK), 1)])
         self.publish_state()
         self._failed = None
         self._connected.set()
@@ -268,12 +400,13 @@ class Link:
     def _published_cb(self, client, userdata, mid, reason_code, properties) -> None:
         # The PUBACK of a QoS 1 message. Only note it here: paho holds its message lock while calling us, and
         # the outbox write belongs to the publisher thread.
-        if reason_code is not None and reason_code.is_failure:  # e.g. 0x87 Not authorized: the ACL refused it
+        failed = reason_code is not None and reason_code.is_failure
+        if failed:  # e.g. 0x87 Not authorized: the ACL refused it
             reason = str(reason_code)
             if reason not in self.refused:
                 log.error("the broker refused a message of ours: %s (counted; it is not sent again)", reason)
             self.refused[reason] = self.refused.get(reason, 0) + 1
-        self._acked.append(mid)
+        self._acked.append((mid, failed))
         self._wake.set()
 
     def _message_cb(self, client, userdata, message) -> None:
@@ -287,6 +420,11 @@ class Link:
                 self._on_desired(msg)
             elif kind == protocol.CMD:
                 self._on_cmd(msg)
+            elif kind == protocol.ACK:
+                if msg.device_id != self.device_id:
+                    raise protocol.ProtocolError("ack for another device")
+                self._acks.append(msg)  # applied by the publisher thread, which owns the outbox's writes
+                self._wake.set()
         except protocol.ProtocolError as e:
             reason = str(e)
             try:
@@ -301,3 +439,11 @@ class Link:
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
         except Exception:  # a bug in a handler must not kill the network thread
             log.exception("handling %s failed", message.topic)
+
+
+def _boot_id(payload: bytes) -> str:
+    """The boot_id a queued payload carries ("" if it cannot be read: no ack then matches it)."""
+    try:
+        return msgspec.json.decode(payload, type=_BootId).boot_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""

@@ -1,4 +1,5 @@
-"""The agent's durable outbox: every telemetry and event message waits here until the broker's PUBACK.
+"""The agent's durable outbox: every telemetry and event message waits here until it is acknowledged: by the
+controller, once it has shown that it acknowledges what it stored, else by the broker's PUBACK (agent/link.py).
 
 One SQLite file, ``STATE_DIR/outbox.db``, in WAL mode with ``synchronous=FULL``:
 
@@ -44,6 +45,9 @@ One SQLite file, ``STATE_DIR/outbox.db``, in WAL mode with ``synchronous=FULL``:
   reuse the seqs held in memory (under a new boot_id, so the controller keeps both); this is logged. The seq
   ceiling is raised while at least ``SEQ_RESERVE // 2`` seqs are left under it, so that a disk that fills
   leaves that many covered.
+- **The controller's acknowledgements.** ``acked_at`` (meta key ``acked_at``, wall-clock seconds) is when the
+  controller last acknowledged a message end to end; the link uses it to keep holding messages for those
+  acknowledgements across restarts (agent/link.py). ``get`` reads given seqs back for the link to send again.
 - **Threads.** The telemetry thread, the updater thread and the link's publisher call in; one
   connection under one lock serialises them.
 """
@@ -174,6 +178,7 @@ class Outbox:
         self._mount: Path | None = None  # the state dir's mount point, as at open
         self._warned: set[str] = set()
         self.held_total = 0  # messages ever held in memory
+        self.acked_at = 0.0  # when the controller last acknowledged a message end to end (0: never seen)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def open(self) -> str | None:
@@ -276,6 +281,7 @@ class Outbox:
         top = db.execute("SELECT max(seq) FROM messages").fetchone()[0] or 0
         self._seq = max(meta.get("seq", self._marks.ceiling), top)
         self._dropped = meta.get("dropped", 0)
+        self.acked_at = max(self.acked_at, float(meta.get("acked_at", 0)))
         self._count, self._bytes = db.execute("SELECT count(*), coalesce(sum(length(payload)), 0) "
                                               "FROM messages").fetchone()
         return None
@@ -370,6 +376,51 @@ class Outbox:
                 except _NoWrites as e:
                     self._degrade(e.kind, str(e))
             return self._pending_degraded(limit, after)
+
+    def get(self, seqs: Iterable[int]) -> list[Pending]:
+        """The messages of these seqs that are still queued, oldest first: what the link sends again."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return []
+        with self._lock:
+            def read() -> list[Pending]:
+                out = []
+                for i in range(0, len(wanted), 500):
+                    chunk = wanted[i:i + 500]
+                    out += [Pending(s, k, bytes(p)) for s, k, p in self._conn().execute(
+                        f"SELECT seq, kind, payload FROM messages WHERE seq IN ({','.join('?' * len(chunk))})",
+                        chunk)]
+                return out
+            if not self._degraded:
+                try:
+                    return sorted(self._guard(read))
+                except _NoWrites as e:
+                    self._degrade(e.kind, str(e))
+            out: list[Pending] = []
+            if self._db is not None:
+                try:
+                    out = [m for m in read() if m.seq not in self._acked_later]
+                except sqlite3.Error:
+                    pass
+            keep = set(wanted)
+            return sorted(out + [Pending(m.seq, m.kind, m.payload) for m in self._memory if m.seq in keep])
+
+    def note_acks(self, when: float) -> None:
+        """The controller acknowledged something at (wall-clock) ``when``: remembered in ``acked_at``, on disk when the
+        state dir takes writes (else in memory only: a restart meanwhile forgets it)."""
+        with self._lock:
+            self.acked_at = when
+            if self._degraded:
+                return
+
+            def write() -> None:
+                with self._tx() as db:
+                    db.execute("INSERT INTO meta VALUES ('acked_at', ?) ON CONFLICT (key) DO UPDATE "
+                               "SET value = excluded.value", (int(when),))
+            try:
+                self._guard(write)
+            except _NoWrites as e:
+                self._degrade(e.kind, str(e))
 
     def ack(self, seqs: int | Iterable[int]) -> int:
         """Delete the acknowledged messages (one transaction); unknown seqs are ignored. Returns how many went."""

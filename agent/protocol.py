@@ -35,6 +35,7 @@ Desired.settings           at most 64 entries, keys ``[A-Za-z0-9._-]{1,64}``, st
 keyid, sig                 16 hex digits; base64 (at most 200 characters): the controller's signature over a
                            desired or cmd (agent/signing.py), a trust statement's
 Desired.trust              at most 64 trust statements; a statement's ``key`` is one PEM public key
+Ack.ranges                 1..256 ranges ``[first, last]`` of seqs (each >= 0)
 seq, counts, bytes, time   >= 0; percentages 0..100 (cpu_percent: >= 0, one core is 100);
                            temperature_c -273.15..1000
 =========================  =================================================================
@@ -62,7 +63,8 @@ QUALITY = "quality"  # additive: the model-quality counts of a window (its own t
 # fleet -> device
 DESIRED = "desired"
 CMD = "cmd"
-KINDS = (STATE, TELEMETRY, EVENTS, QUALITY, DESIRED, CMD)
+ACK = "ack"  # additive: what the controller has stored (see Ack)
+KINDS = (STATE, TELEMETRY, EVENTS, QUALITY, DESIRED, CMD, ACK)
 DEVICE_KINDS = (STATE, TELEMETRY, EVENTS, QUALITY)
 
 # Upper bounds (ms) of the latency histogram's buckets; the last bucket is everything above.
@@ -214,7 +216,7 @@ class Telemetry(_Msg):
     disk_free_bytes: Count = 0
     temperature_c: Annotated[float, msgspec.Meta(ge=-273.15, le=1000)] | None = None
     load1: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    outbox_pending: Count = 0  # messages queued on the device, not yet acknowledged by the broker
+    outbox_pending: Count = 0  # queued on the device, not yet acknowledged (by the controller: agent/link.py)
     outbox_dropped: Count = 0  # messages the device's full (or too old) outbox dropped, ever
     storage: StorageState = "ok"  # additive, optional: as in State
     clock_synced: bool | None = None  # additive, optional: as in State
@@ -344,9 +346,39 @@ class Cmd(_Msg):
     v: int = VERSION
 
 
-Message = State | Telemetry | Event | Quality | Desired | Cmd
+MAX_ACK_RANGES = 256  # ranges in one ack message; the controller sends more messages when it needs more
+
+
+class Ack(_Msg):
+    """The controller's end-to-end acknowledgement (``edgefleet/v1/<id>/ack``, fleet -> device): the seqs of this
+    boot's telemetry, events and quality messages that it has stored (newly, or before: a duplicate), as inclusive
+    ``[first, last]`` ranges. Ranges, never "everything up to N": several controller workers may share a device's
+    traffic, and each acknowledges only what it stored itself. On its own topic so that older agents (strict v1
+    decoders) never see it: they do not subscribe to it, and older controllers never publish it
+    (agent/link.py says what an agent does without acks)."""
+
+    device_id: DeviceId
+    boot_id: BootId  # the boot_id the acknowledged messages carry (a replay after a restart carries the old one)
+    ranges: Annotated[list[Annotated[list[Count], msgspec.Meta(min_length=2, max_length=2)]],
+                      msgspec.Meta(min_length=1, max_length=MAX_ACK_RANGES)]
+    time: Seconds = 0.0
+    v: int = VERSION
+
+
+def seq_ranges(seqs) -> list[list[int]]:
+    """Sorted, merged inclusive ranges of the given seqs: ``{1, 2, 3, 7}`` -> ``[[1, 3], [7, 7]]``."""
+    out: list[list[int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+Message = State | Telemetry | Event | Quality | Desired | Cmd | Ack
 _TYPES: dict[str, type] = {
-    STATE: State, TELEMETRY: Telemetry, EVENTS: Event, QUALITY: Quality, DESIRED: Desired, CMD: Cmd
+    STATE: State, TELEMETRY: Telemetry, EVENTS: Event, QUALITY: Quality, DESIRED: Desired, CMD: Cmd, ACK: Ack
 }
 _ENCODER = msgspec.json.Encoder()
 _DECODERS = {kind: msgspec.json.Decoder(cls) for kind, cls in _TYPES.items()}

@@ -9,11 +9,12 @@ With a ``pki`` (the default for ``fleet serve``) it listens with TLS only and re
 from the fleet CA (``require_certificate``); the certificate's CN is the client's user name and client id
 (``use_identity_as_username``, ``use_username_as_clientid``: nobody can claim another's id or take over its
 session); anonymous clients are refused; revoked certificates are in the CRL; and the ACL file lets a device
-publish only ``edgefleet/v1/<its id>/{state,telemetry,events}`` and read only its own ``desired`` and
-``cmd``, while the controller's identity reads and writes every device's topics. A revoked device id gets an
-explicit ``deny`` in the ACL, which mosquitto applies to a live connection on SIGHUP (``reload()``), when it
-also rereads the CRL for new connections. Packets over ``MAX_PACKET_SIZE`` disconnect their sender. Without a
-``pki`` (``fleet serve --insecure``) it is a plaintext broker that anyone who can reach it may use.
+publish only ``edgefleet/v1/<its id>/{state,telemetry,events,quality}`` and read only its own ``desired``,
+``cmd`` and ``ack`` (the controller's end-to-end acknowledgements), while the controller's identity reads and
+writes every device's topics. A revoked device id gets an explicit ``deny`` in the ACL, which mosquitto applies
+to a live connection on SIGHUP (``reload()``), when it also rereads the CRL for new connections. Packets over
+``MAX_PACKET_SIZE`` disconnect their sender. Without a ``pki``
+(``fleet serve --insecure``) it is a plaintext broker that anyone who can reach it may use.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def acl_text(revoked: list[str] = ()) -> str:
               "pattern write edgefleet/v1/%u/state", "pattern write edgefleet/v1/%u/telemetry",
               "pattern write edgefleet/v1/%u/events", "pattern write edgefleet/v1/%u/quality",
               "pattern read edgefleet/v1/%u/desired",
-              "pattern read edgefleet/v1/%u/cmd", ""]
+              "pattern read edgefleet/v1/%u/cmd", "pattern read edgefleet/v1/%u/ack", ""]
     return "\n".join(lines)
 
 
