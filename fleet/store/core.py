@@ -904,16 +904,3 @@ class Store(Reads, Upkeep):
         return [dict(r) for r in self._query(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?",
                                              (*args, limit))]
 
-    # -- batched ingest (a stand-in: the store package records a batch in one transaction) ---------------------
-    def record_many(self, items: list[tuple[protocol.Message, float, bool]]) -> list[bool | str]:
-        """Record (msg, received, retained) items; per item True (stored), False (a duplicate) or the reason a
-        quality message was refused (``quality.Refused``). Any other error propagates."""
-        record = {protocol.State: self.record_state, protocol.Telemetry: self.record_telemetry,
-                  protocol.Event: self.record_event, protocol.Quality: self.record_quality}
-        out: list[bool | str] = []
-        for msg, received, retained in items:
-            try:
-                out.append(record[type(msg)](msg, received, retained) is not False)
-            except quality.Refused as e:
-                out.append(str(e))
-        return out
