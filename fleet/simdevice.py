@@ -26,6 +26,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+import msgspec
+
 from agent import __version__, protocol, signing
 from agent.identity import Identity
 from agent.updater import check_signed
@@ -89,16 +91,22 @@ class Limiter:
 
 
 class SimDevice:
-    def __init__(self, ident: Identity, seq: int, settings: Settings, counts: Counts, rng: random.Random,
+    def __init__(self, ident: Identity, saved: dict | None, settings: Settings, counts: Counts, rng: random.Random,
                  downloads: asyncio.Semaphore) -> None:
+        """``saved``: what ``saved()`` returned in an earlier run (the seq counter, the model it ran), or None."""
         self.ident = ident
         self.downloads = downloads
         self.id = ident.device_id
-        self.seq = seq
+        self.seq = int((saved or {}).get("seq", 0))
         self.boot_id = rng.getrandbits(64).to_bytes(8, "big").hex()
         self.s, self.counts, self.rng = settings, counts, rng
         self.conn = Connection(self._on_message)
         self.active: protocol.ActiveModel | None = None
+        if (saved or {}).get("active"):
+            try:
+                self.active = msgspec.convert(saved["active"], protocol.ActiveModel)
+            except msgspec.ValidationError:
+                pass  # as an agent whose model store lost its current model: it runs none
         self.previous: protocol.ActiveModel | None = None
         key_path = ident.controller_key_path
         self.key = signing.load_public(key_path) if key_path is not None else None
@@ -110,6 +118,10 @@ class SimDevice:
         self._refused: set[bytes] = set()
         self._stopping = False
         self.latency_ms = rng.uniform(4.0, 30.0)  # this device's typical inference latency
+
+    def saved(self) -> dict:
+        """What the next run starts from (the agent keeps these on disk: its outbox's seq, its current model)."""
+        return {"seq": self.seq, "active": msgspec.to_builtins(self.active) if self.active else None}
 
     # -- the connection -----------------------------------------------------------------------------------
     async def run(self, limiter: Limiter, stop: asyncio.Event) -> None:

@@ -76,10 +76,11 @@ class Connection:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task | None = None
         self._suback: asyncio.Future | None = None
+        self._ready = False  # the CONNACK came: publish() sends at once (before it, pending waits for the resend)
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self.closed.is_set()
+        return self._ready and self._writer is not None and not self.closed.is_set()
 
     async def connect(self, host: str, port: int, ssl_context: ssl.SSLContext | None, client_id: str,
                       keepalive: int, session_expiry_s: int, will: tuple[str, bytes] | None,
@@ -88,6 +89,7 @@ class Connection:
         again what was pending. MqttError if it fails."""
         self.closed = asyncio.Event()
         self.error = None
+        self._ready = False
         try:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, ssl=ssl_context, server_hostname=host if ssl_context else None,
@@ -103,8 +105,9 @@ class Connection:
         if body[1] >= 0x80:
             self._close_transport()
             raise MqttError(f"the broker refused the connection (reason code 0x{body[1]:02x})")
-        for packet_id, packet in self.pending.items():  # with DUP set
+        for packet in self.pending.values():  # with DUP set: queued while away, or sent and not acknowledged
             self._writer.write(bytes([packet[0] | 0x08]) + packet[1:])
+        self._ready = True
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
         return bool(body[0] & 1)
 
@@ -232,6 +235,7 @@ class Connection:
                 self._suback.set_exception(MqttError(why))
 
     def _close_transport(self) -> None:
+        self._ready = False
         if self._writer is not None:
             try:
                 self._writer.close()

@@ -7,7 +7,8 @@ pinned by its fingerprint), keeps its identity in the state dir, and holds its o
 thousands). A rerun finds the identities and the seq counters in the state dir and enrolls nobody again:
 
     STATE/<device id>/identity/    what ``agent.identity`` keeps for a real device
-    STATE/seq.json                 device id -> the last seq it used (written every 30 s and at the end)
+    STATE/devices.json             device id -> the last seq it used and the model it runs (written every 30 s
+                                   and at the end), as the agent's outbox and model store keep them
 
 Connections open at a bounded rate; the summary counts what was sent and what happened, with the process's
 CPU time and peak memory, which is how many devices one process holds is measured.
@@ -22,6 +23,7 @@ import random
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +35,7 @@ from agent.errors import EdgefleetError
 from agent.files import write_atomic
 from fleet.simdevice import Counts, Limiter, Settings, SimDevice
 
-SEQ_FILE = "seq.json"
+DEVICES_FILE = "devices.json"
 ENROLL_THREADS = 8  # enrollments in flight at once (each a key, a CSR and two HTTPS requests)
 DOWNLOAD_THREADS = 16  # bundle downloads in flight at once, with --download
 SAVE_EVERY_S = 30.0
@@ -76,19 +78,25 @@ class Simulator:
         self.devices: list[SimDevice] = []
         self.reused = self.enrolled = self.enroll_failed = 0
         self.connected_peak = 0
-        self._seqs: dict[str, int] = {}
+        self._saved: dict[str, dict] = {}  # device id -> {"seq": n, "active": ActiveModel as JSON or None}
         self._all_connected: tuple[float, float] | None = None  # (wall, cpu) when every device was first connected
+        self._stop_requested = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
 
     # -- set-up (before the loop runs devices) ---------------------------------------------------------------
     def _load(self) -> tuple[list[identity.Identity], list[str]]:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / DEVICES_FILE
         try:
-            self._seqs = {str(k): int(v) for k, v in json.loads((self.state_dir / SEQ_FILE).read_text()).items()}
+            self._saved = {str(k): {"seq": int(v["seq"]), "active": v.get("active")}
+                           for k, v in json.loads(path.read_text()).items()}
         except FileNotFoundError:
-            self._seqs = {}
-        except (OSError, ValueError, AttributeError) as e:
-            raise EdgefleetError(f"{self.state_dir / SEQ_FILE} is unreadable ({e}): remove it, or the state dir "
-                                 f"(the devices then enroll again under new ids or a new prefix)") from None
+            self._saved = {}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+            raise EdgefleetError(f"{path} is unreadable ({e}): remove it (the controller then counts seq gaps once) "
+                                 f"or the whole state dir (the devices then need enrolling under another prefix, "
+                                 f"or revoking first)") from None
         found, missing = [], []
         for device_id in self.ids:
             try:
@@ -102,14 +110,20 @@ class Simulator:
         return found, missing
 
     def _save(self) -> None:
-        seqs = dict(self._seqs)
-        seqs.update({d.id: d.seq for d in self.devices})
-        write_atomic(self.state_dir / SEQ_FILE, json.dumps(seqs).encode(), 0o600)
+        saved = dict(self._saved)
+        saved.update({d.id: d.saved() for d in self.devices})
+        write_atomic(self.state_dir / DEVICES_FILE, json.dumps(saved).encode(), 0o600)
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, duration: float | None) -> dict:
         """Run until ``duration`` seconds have passed (None: until SIGINT/SIGTERM); the summary."""
         return asyncio.run(self._main(duration))
+
+    def stop(self) -> None:
+        """End a run from another thread (a test, a program that embeds the simulator): as Ctrl-C does."""
+        self._stop_requested.set()
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
 
     async def _main(self, duration: float | None) -> dict:
         loop = asyncio.get_running_loop()
@@ -123,6 +137,9 @@ class Simulator:
             url = transport.parse_url(found[0].broker, what="the enrolled broker")
             await asyncio.to_thread(transport.probe, url, found[0].tls, 10.0)
         stop = asyncio.Event()
+        self._loop, self._stop = loop, stop
+        if self._stop_requested.is_set():
+            stop.set()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, stop.set)
@@ -169,7 +186,7 @@ class Simulator:
             self.enrolled += 1
         if stop.is_set():
             return
-        device = SimDevice(ident, self._seqs.get(ident.device_id, 0), self.settings, self.counts,
+        device = SimDevice(ident, self._saved.get(ident.device_id), self.settings, self.counts,
                            random.Random(self.rng.getrandbits(64)), downloads)
         self.devices.append(device)
         await device.run(limiter, stop)
