@@ -201,3 +201,33 @@ def test_an_unreachable_controller_is_one_line_and_exit_2(tmp_path, capsys, free
     code = edgefleet_main(["fleet", "simulate", "--devices", "3", "--state", str(tmp_path / "sim"),
                            "--server", f"https://127.0.0.1:{free_port}", "--token", "efa_nothing"])
     assert_refused_in_one_line(code, capsys.readouterr(), "127.0.0.1", prog="edgefleet fleet")
+
+
+def test_a_desired_not_signed_by_the_controller_is_refused_as_an_agent_refuses_it(fleet, tmp_path):
+    """The simulated device checks a desired as the agent does (agent.updater.check_signed): one signed by another
+    key, or for another device, is answered with a `failed` event that says why, and nothing is installed."""
+    import time
+
+    import msgspec
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent import protocol, signing
+
+    client = fleet_client(fleet)
+    run = Running(fleet, tmp_path / "sim", 2, interval=0.5, rate_errors=0.0, update_s=0.1)
+    wait_for(lambda: run.sim.counts.connected == 2, TIMEOUT, what="2 devices connected")
+    base = protocol.Desired(deployment_id="dep-forged", name="m", version="9", url="https://example.com/b.tar",
+                            sha256="ab" * 32, size=10, device_id="sim-00001", expires=time.time() + 600,
+                            counter=10_000, time=time.time())
+    forged = signing.sign_message(Ed25519PrivateKey.generate(), base)
+    elsewhere = signing.sign_message(fleet.signer.key, msgspec.structs.replace(base, device_id="sim-00002",
+                                                                               deployment_id="dep-other"))
+    for msg in (forged, elsewhere):  # through the controller's own connection: the only one that may write them
+        fleet.link._publish("sim-00001", protocol.DESIRED, msg, retain=False, what="a forged desired")
+    reasons = wait_for(lambda: len(r := [e["reason"] for e in client.health("sim-00001")["events"]
+                                         if e["kind"] == "failed"]) == 2 and r, TIMEOUT, what="two refusals")
+    assert any(r.startswith("refused: desired is signed by key") for r in reasons), reasons
+    assert any(r.startswith("refused: desired is for device sim-00002") for r in reasons), reasons
+    s = run.stop()
+    assert s["refused"] == 2 and s["updates"] == {"active": 0, "failed": 0, "rolled_back": 0}
+
