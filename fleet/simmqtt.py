@@ -201,8 +201,8 @@ class Connection:
         except asyncio.CancelledError:
             raise
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError, MqttError, struct.error, IndexError) as e:
-            self._lost(_describe(e) if not isinstance(e, asyncio.IncompleteReadError) else "the broker closed the "
-                       "connection")
+            self._lost("the broker closed the connection" if isinstance(e, asyncio.IncompleteReadError)
+                       else _describe(e))
 
     def _received(self, flags: int, body: bytes) -> None:
         (n,) = struct.unpack_from("!H", body)
@@ -247,6 +247,8 @@ class Connection:
 def _describe(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(e, asyncio.IncompleteReadError):  # TLS 1.3 refuses a client certificate after the handshake
+        return "the broker closed the connection (a revoked certificate, or one from another fleet's CA?)"
     from agent.transport import describe
 
     return describe(e)

@@ -81,6 +81,7 @@ class Simulator:
         self.connected_peak = 0
         self._saved: dict[str, dict] = {}  # device id -> {"seq": n, "active": ActiveModel as JSON or None}
         self._all_connected: tuple[float, float] | None = None  # (wall, cpu) when every device was first connected
+        self._started = time.monotonic()
         self._stop_requested = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -140,6 +141,7 @@ class Simulator:
     async def _main(self, duration: float | None) -> dict:
         loop = asyncio.get_running_loop()
         started, cpu0 = time.monotonic(), _cpu()
+        self._started = started
         found, missing = await asyncio.to_thread(self._load)
         prov = None
         if missing:
@@ -147,7 +149,11 @@ class Simulator:
             await asyncio.to_thread(identity.fetch_pinned_ca, prov.controller, prov.ca_fingerprint, 30.0)
         else:
             url = transport.parse_url(found[0].broker, what="the enrolled broker")
-            await asyncio.to_thread(transport.probe, url, found[0].tls, 10.0)
+            try:
+                await asyncio.to_thread(transport.probe, url, found[0].tls, 10.0)
+            except transport.TransportError as e:
+                raise EdgefleetError(f"{e} (the devices in {self.state_dir} were enrolled with the controller at "
+                                     f"{found[0].controller}; give another --state for another controller)") from None
         stop = asyncio.Event()
         self._loop, self._stop = loop, stop
         if self._stop_requested.is_set():
@@ -229,8 +235,9 @@ class Simulator:
         updates = {"active": c.pop("updates_active"), "failed": c.pop("updates_failed"),
                    "rolled_back": c.pop("rolled_back")}
         c.pop("connected")
-        steady = None
+        steady, all_after = None, None
         if self._all_connected is not None:
+            all_after = round(self._all_connected[0] - self._started, 1)
             w0, cpu_0 = self._all_connected
             w1 = time.monotonic()
             if w1 - w0 > 1:
@@ -240,7 +247,7 @@ class Simulator:
                 "connected_peak": max(self.connected_peak, connected_at_end), **c, "updates": updates,
                 "unacknowledged": sum(len(d.conn.pending) for d in self.devices),
                 "duration_s": round(wall, 1), "cpu_s": round(cpu, 1), "cpu_percent": round(cpu / wall * 100, 1),
-                "cpu_percent_all_connected": steady, "max_rss_mib": round(_max_rss_mib(), 1),
+                "all_connected_after_s": all_after, "cpu_percent_all_connected": steady, "max_rss_mib": round(_max_rss_mib(), 1),
                 "state_dir": str(self.state_dir), "errors": errors}
 
 
@@ -268,7 +275,8 @@ def summary_text(s: dict) -> str:
              f"{s['refused']} refused",
              f"updates: {u['active']} active, {u['failed']} failed, {u['rolled_back']} rolled back"
              + (f"; downloaded {s['downloaded_bytes']} bytes" if s["downloaded_bytes"] else ""),
-             f"{s['duration_s']} s, CPU {s['cpu_s']} s ({s['cpu_percent']} % of one core"
+             (f"all connected after {s['all_connected_after_s']} s; " if s["all_connected_after_s"] is not None
+              else "") + f"{s['duration_s']} s, CPU {s['cpu_s']} s ({s['cpu_percent']} % of one core"
              + (f", {s['cpu_percent_all_connected']} % once all were connected" if s["cpu_percent_all_connected"]
                 is not None else "") + f"), peak memory {s['max_rss_mib']} MiB",
              f"identities in {s['state_dir']}"]
