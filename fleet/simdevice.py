@@ -313,7 +313,8 @@ class SimDevice:
             self.emit(step, desired)
             if step == "downloading" and self.s.download:
                 try:
-                    self.counts.downloaded_bytes += await _download(desired, self.ident, self.downloads)
+                    got = await _download(desired, self.ident, self.downloads)  # not `+= await`: that adds to
+                    self.counts.downloaded_bytes += got                          # the total read before the wait
                 except Exception as e:  # the controller's answer or the network: the agent reports it as failed
                     self.counts.updates_failed += 1
                     self.emit("failed", desired, f"download: {e}")

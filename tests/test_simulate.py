@@ -119,7 +119,7 @@ def phases(doc) -> dict[str, str]:
 def test_a_rollout_to_simulated_devices_completes_and_a_failing_one_halts(fleet, tmp_path, bundles):
     client = fleet_client(fleet)
     ids = device_ids("sim-", 20)
-    run = Running(fleet, tmp_path / "sim", 20, interval=0.5, rate_errors=0.0, update_s=0.2)
+    run = Running(fleet, tmp_path / "sim", 20, interval=0.5, rate_errors=0.0, update_s=0.2, download=True)
     wait_for(lambda: len(sim_health(client)) == 20, TIMEOUT, what="20 devices in the registry")
     v1 = client.upload_bundle(bundles["v1"])["sha256"]
     ro = client.create_rollout(v1, ["all"], waves="1,50%,100%", soak="1s")
@@ -128,6 +128,7 @@ def test_a_rollout_to_simulated_devices_completes_and_a_failing_one_halts(fleet,
     assert phases(doc) == {i: "active" for i in ids}
     first = run.stop()
     assert first["updates"] == {"active": 20, "failed": 0, "rolled_back": 0} and first["refused"] == 0
+    assert first["downloaded_bytes"] == 20 * bundles["v1"].stat().st_size  # each fetched it (its certificate, TLS)
 
     # the same devices again (their identities reused), now failing every update: the first wave halts
     run = Running(fleet, tmp_path / "sim", 20, interval=0.5, rate_errors=1.0, update_s=0.2)
