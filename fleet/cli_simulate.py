@@ -29,17 +29,17 @@ def register(sub: argparse._SubParsersAction, client_args) -> None:
         "New devices enroll with a provisioning token the command makes with the admin token (--token, "
         "EDGEFLEET_TOKEN or --data), or with --provision-token and --ca-fingerprint (`edgefleet fleet "
         "provision --count N --prefix sim-`). Progress goes to stderr every 2 s, a summary to stdout at the end "
-        "(--duration, or Ctrl-C).")
+        "(--duration, or Ctrl-C; --json: the summary as JSON), with the CPU time and peak memory of the process.")
     s.add_argument("--devices", metavar="N", help="how many devices: PREFIX00001 .. (required)")
     s.add_argument("--interval", default="10", metavar="SECONDS",
                    help="seconds between a device's telemetry windows (default %(default)s; 10s, 1m also work)")
     s.add_argument("--rate-errors", default="0.01", metavar="P",
-                   help="the probability that an update fails (an event `failed` at a random step; default "
-                        "%(default)s)")
+                   help="the probability that an update (a rollback too) fails: an event `failed` at a random "
+                        "step (default %(default)s)")
     s.add_argument("--prefix", default="sim-", metavar="TEXT",
                    help="device ids start with this (default %(default)s)")
     s.add_argument("--state", type=Path, metavar="DIR",
-                   help="where identities and seq counters are kept (default $XDG_STATE_HOME/edgefleet/simulate, "
+                   help="where identities, seq counters and active models are kept (default $XDG_STATE_HOME/edgefleet/simulate, "
                         "i.e. ~/.local/state/edgefleet/simulate); keep one per controller")
     s.add_argument("--connect-rate", default="50", metavar="PER_S",
                    help="new MQTT connections a second, at most (default %(default)s)")

@@ -247,7 +247,8 @@ class Simulator:
                 "connected_peak": max(self.connected_peak, connected_at_end), **c, "updates": updates,
                 "unacknowledged": sum(len(d.conn.pending) for d in self.devices),
                 "duration_s": round(wall, 1), "cpu_s": round(cpu, 1), "cpu_percent": round(cpu / wall * 100, 1),
-                "all_connected_after_s": all_after, "cpu_percent_all_connected": steady, "max_rss_mib": round(_max_rss_mib(), 1),
+                "all_connected_after_s": all_after, "cpu_percent_all_connected": steady,
+                "max_rss_mib": round(_max_rss_mib(), 1),
                 "state_dir": str(self.state_dir), "errors": errors}
 
 

@@ -240,3 +240,26 @@ def test_a_desired_not_signed_by_the_controller_is_refused_as_an_agent_refuses_i
     s = run.stop()
     assert s["refused"] == 2 and s["updates"] == {"active": 0, "failed": 0, "rolled_back": 0}
 
+
+
+def test_devices_enroll_with_a_provisioning_token_given_without_an_admin_token(fleet, tmp_path, monkeypatch, capsys):
+    """What a user without admin rights runs: `fleet provision` made the token; the simulator needs no API token."""
+    monkeypatch.delenv("EDGEFLEET_TOKEN")
+    tok = fleet.enrollment.create_token(count=3, prefix="sim-")
+    code, out, err = run_cli(capsys, "simulate", "--devices", "3", "--interval", "0.5", "--duration", "1",
+                             "--state", str(tmp_path / "sim"), "--provision-token", tok["token"],
+                             "--ca-fingerprint", tok["ca_fingerprint"], "--server", fleet.http_url,
+                             "--ca", str(fleet.pki.ca_crt), "--json")
+    assert code == 0, err
+    assert json.loads(out)["enrolled"] == 3
+    assert [(t["used"], t["uses_left"]) for t in fleet_client(fleet).enrollments()] == [(3, 0)]
+    # a token whose prefix does not allow the ids: every enrollment refused, in one line
+    tok = fleet.enrollment.create_token(count=3, prefix="cam-")
+    code = edgefleet_main(["fleet", "simulate", "--devices", "2", "--prefix", "other-", "--duration", "1",
+                           "--state", str(tmp_path / "sim2"), "--provision-token", tok["token"],
+                           "--ca-fingerprint", tok["ca_fingerprint"], "--server", fleet.http_url,
+                           "--ca", str(fleet.pki.ca_crt)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.strip().splitlines()[-1].startswith("edgefleet fleet: error: no simulated device could "
+                                                            "enroll: enroll: the controller refused: device_id")
