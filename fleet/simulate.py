@@ -177,7 +177,9 @@ class Simulator:
             pass
         stop.set()
         connected_at_end = self.counts.connected
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)  # enrollments under way end first
+        if self.progress is not None:
+            self.progress(f"{time.monotonic() - started:5.0f} s  {self._line()}; stopping")
         await asyncio.gather(*(d.stop(STOP_TIMEOUT_S) for d in self.devices), return_exceptions=True)
         reporter.cancel()
         enroll_pool.shutdown(wait=False, cancel_futures=True)
@@ -219,15 +221,19 @@ class Simulator:
                 self._all_connected = (time.monotonic(), _cpu())
             if self.reused + self.enrolled + self.enroll_failed == len(self.ids) and not self.devices:
                 stop.set()  # nobody enrolled: nothing to simulate
-            line = (f"{self.reused + self.enrolled}/{len(self.ids)} enrolled ({self.enrolled} new, "
-                    f"{self.enroll_failed} failed), {c.connected} connected, {c.telemetry} windows, "
-                    f"{c.events} events, updates {c.updates_active} active {c.updates_failed} failed")
+            line = self._line()
             if self.progress is not None and line != last:
                 self.progress(f"{time.monotonic() - started:5.0f} s  {line}")
                 last = line
             if time.monotonic() - saved > SAVE_EVERY_S:
                 saved = time.monotonic()
                 await asyncio.to_thread(self._save)
+
+    def _line(self) -> str:
+        c = self.counts
+        return (f"{self.reused + self.enrolled}/{len(self.ids)} enrolled ({self.enrolled} new, "
+                f"{self.enroll_failed} failed), {c.connected} connected, {c.telemetry} windows, "
+                f"{c.events} events, updates {c.updates_active} active {c.updates_failed} failed")
 
     def summary(self, wall: float, cpu: float, connected_at_end: int) -> dict:
         c = asdict(self.counts)
