@@ -84,8 +84,8 @@ def sim_health(client) -> dict[str, dict]:
 def test_fifty_devices_enroll_report_and_the_controller_counts_no_gaps(fleet, tmp_path):
     client = fleet_client(fleet)
     run = Running(fleet, tmp_path / "sim", 50, interval=0.5)
-    wait_for(lambda: run.sim.counts.connected == 50 and run.sim.counts.telemetry >= 150, TIMEOUT,
-             what="50 devices connected and 3 windows each")
+    wait_for(lambda: len(w := windows_by_device(fleet)) == 50 and min(w.values()) >= 3, TIMEOUT,
+             what="3 windows from each of 50 devices stored")
     wait_for(lambda: len(sim_health(client)) == 50 and all(h["online"] for h in sim_health(client).values()),
              TIMEOUT, what="50 devices online in the registry")
     s = run.stop()
@@ -97,7 +97,7 @@ def test_fifty_devices_enroll_report_and_the_controller_counts_no_gaps(fleet, tm
                       TIMEOUT, what="the devices' offline states")
     assert sorted(health) == device_ids("sim-", 50)
     assert {(h["seq_gaps"], h["duplicates"]) for h in health.values()} == {(0, 0)}
-    assert sorted(windows_by_device(fleet)) == device_ids("sim-", 50)  # every device's windows among them
+    assert sorted(windows_by_device(fleet)) == device_ids("sim-", 50)
     # each enrolled through the enrollment API with one provisioning token: one certificate a device
     certs = [c for c in client.certificates() if c["device_id"].startswith("sim-")]
     assert sorted(c["device_id"] for c in certs) == device_ids("sim-", 50)
