@@ -118,6 +118,7 @@ class SimDevice:
         self._refused: set[bytes] = set()
         self._stopping = False
         self.latency_ms = rng.uniform(4.0, 30.0)  # this device's typical inference latency
+        self._context: ssl.SSLContext | None = None  # made once, for every (re)connection
 
     def saved(self) -> dict:
         """What the next run starts from (the agent keeps these on disk: its outbox's seq, its current model)."""
@@ -138,7 +139,9 @@ class SimDevice:
                 if stop.is_set():
                     break
                 try:
-                    context = self.ident.tls.context() if url.tls else None
+                    if url.tls and self._context is None:  # ~10 ms of OpenSSL (its PEM decoders), GIL released:
+                        self._context = await asyncio.to_thread(self.ident.tls.context)  # not on the loop
+                    context = self._context
                     await self.conn.connect(url.host, url.port, context, self.id, keepalive, SESSION_EXPIRY_S, will)
                     await self.conn.subscribe([protocol.topic(self.id, protocol.DESIRED),
                                                protocol.topic(self.id, protocol.CMD)])

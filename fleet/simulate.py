@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -26,7 +27,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +38,9 @@ from agent.files import write_atomic
 from fleet.simdevice import Counts, Limiter, Settings, SimDevice
 
 DEVICES_FILE = "devices.json"
-ENROLL_THREADS = 8  # enrollments in flight at once (each a key, a CSR and two HTTPS requests)
+ENROLL_WORKERS = 4  # enrollments in flight at once (each a key, a CSR and two HTTPS requests), in processes:
+#                    threads here held the GIL so often that the event loop, which takes it back after every
+#                    socket call, stalled for tens of seconds with 1000 devices connecting during enrollments
 DOWNLOAD_THREADS = 16  # bundle downloads in flight at once, with --download
 SAVE_EVERY_S = 30.0
 SSL_READ_BUFFER = 16 * 1024  # bytes asyncio reads a TLS connection into at a time (see Simulator.run)
@@ -164,7 +168,8 @@ class Simulator:
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
         limiter, downloads = Limiter(self.connect_rate), asyncio.Semaphore(DOWNLOAD_THREADS)
-        enroll_pool = ThreadPoolExecutor(ENROLL_THREADS, thread_name_prefix="sim-enroll")
+        enroll_pool = ProcessPoolExecutor(min(ENROLL_WORKERS, len(missing)) or 1,
+                                          mp_context=multiprocessing.get_context("spawn"))
         self.reused = len(found)
         tasks = [loop.create_task(self._device(ident, None, prov, enroll_pool, limiter, downloads, stop))
                  for ident in found]
@@ -199,7 +204,7 @@ class Simulator:
             try:
                 ident = await asyncio.get_running_loop().run_in_executor(
                     pool, _enroll, self.state_dir / device_id, prov, device_id)
-            except (EdgefleetError, OSError) as e:
+            except (EdgefleetError, OSError, BrokenProcessPool) as e:
                 self.enroll_failed += 1
                 self.counts.error(f"enroll: {e}")
                 return
