@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +38,10 @@ from agent.files import write_atomic
 from fleet.simdevice import Counts, Limiter, Settings, SimDevice
 
 DEVICES_FILE = "devices.json"
-ENROLL_WORKERS = 4  # enrollments in flight at once (each a key, a CSR and two HTTPS requests), in processes:
-#                    threads here held the GIL so often that the event loop, which takes it back after every
-#                    socket call, stalled for tens of seconds with 1000 devices connecting during enrollments
+ENROLL_WORKERS = 4  # enrollments in flight at once (each a key, a CSR and two HTTPS requests); in processes when
+#                    there are many, so that their Python work does not take the GIL from the event loop while
+#                    thousands of devices connect and report
+FEW = 64  # up to this many enrollments: threads (starting processes costs seconds)
 DOWNLOAD_THREADS = 16  # bundle downloads in flight at once, with --download
 SAVE_EVERY_S = 30.0
 SSL_READ_BUFFER = 16 * 1024  # bytes asyncio reads a TLS connection into at a time (see Simulator.run)
@@ -168,8 +169,8 @@ class Simulator:
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
         limiter, downloads = Limiter(self.connect_rate), asyncio.Semaphore(DOWNLOAD_THREADS)
-        enroll_pool = ProcessPoolExecutor(min(ENROLL_WORKERS, len(missing)) or 1,
-                                          mp_context=multiprocessing.get_context("spawn"))
+        enroll_pool = (ThreadPoolExecutor(ENROLL_WORKERS) if len(missing) <= FEW  # no processes to start for a few
+                       else ProcessPoolExecutor(ENROLL_WORKERS, mp_context=multiprocessing.get_context("spawn")))
         self.reused = len(found)
         tasks = [loop.create_task(self._device(ident, None, prov, enroll_pool, limiter, downloads, stop))
                  for ident in found]
