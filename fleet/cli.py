@@ -16,7 +16,7 @@ from typing import Any
 
 from agent.errors import EdgefleetError
 from fleet.tables import table
-from fleet import cli_admin, cli_enroll, cli_keys, cli_rollouts
+from fleet import cli_admin, cli_enroll, cli_keys, cli_rollouts, cli_simulate
 from fleet.health import SORTS
 
 
@@ -151,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_enroll.register(sub, client_args)  # enroll, provision, enrollments, revoke, certificates
     cli_admin.register(sub, client_args)  # `token create|list|revoke`, `audit`
     cli_keys.register(sub, client_args)  # `keys add|list|remove`, `bundles`
+    cli_simulate.register(sub, client_args)  # `simulate`: simulated devices against a controller
     return p
 
 
@@ -160,6 +161,8 @@ def main(argv: list[str]) -> int:
         return _serve(args)
     if args.command == "broker-config":
         return _broker_config(args)
+    if args.command == "simulate":
+        return cli_simulate.run(args)
     from fleet.client import FleetClient
 
     client = FleetClient.configured(args.server, args.token, args.ca, args.data)
