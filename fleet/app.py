@@ -85,12 +85,14 @@ class Fleet:
                  max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
                  device_identity: Callable[[dict], str | None] | None = None,
                  max_clock_offset_s: float = MAX_CLOCK_OFFSET_S, release_keys: list[str | Path] = (),
-                 allow_unsigned: bool = False, desired_ttl_s: float = DESIRED_TTL_S) -> None:
+                 allow_unsigned: bool = False, desired_ttl_s: float = DESIRED_TTL_S,
+                 metrics_per_device: bool = False) -> None:
         self.data_dir = Path(data_dir)
         # signing (fleet/signer.py, fleet/keys.py): release keys to list at start, whether unsigned bundles are
         # taken (experiments only), how long a signed desired is valid (it is signed again before it expires)
         self.release_keys = [Path(p) for p in release_keys]
         self.allow_unsigned = allow_unsigned
+        self.metrics_per_device = metrics_per_device  # /metrics: each device's series too, not only aggregates
         if not desired_ttl_s >= MIN_DESIRED_TTL_S:
             raise EdgefleetError(f"the desired TTL must be at least {MIN_DESIRED_TTL_S:g} s (got {desired_ttl_s:g})")
         self.desired_ttl_s = float(desired_ttl_s)
@@ -237,7 +239,7 @@ class Fleet:
             self.new_admin_token = self.auth.ensure_admin(self.data_dir)
             self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url,
                                   self.auth, enrollment=self.enrollment, keys=self.keys,
-                                  allow_unsigned=self.allow_unsigned)
+                                  allow_unsigned=self.allow_unsigned, metrics_per_device=self.metrics_per_device)
             self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url).start()
         except BaseException:
             self.stop()
