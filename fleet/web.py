@@ -2,7 +2,9 @@
 OpenAPI document and the static files (CSS, script, the vendored uPlot).
 
 ``routes(store)`` is mounted by ``fleet.api.create_app``. Pages are server-rendered (``fleet.pages``);
-the store is read in the thread pool. Model quality comes from ``fleet.quality`` as it computes it: the
+the store is read in the thread pool. The fleet page stays the same size at any fleet size: the fleet's
+aggregates at the top (``fleet.aggregate``: counts by status, models and versions, the worst devices by error
+rate and p95) and one page of the device table (``fleet.paging``: the API's filters and cursor in its links). Model quality comes from ``fleet.quality`` as it computes it: the
 fleet page's worst devices (``quality.summary`` over the last ``QUALITY_WINDOW_S``), a device page's quality
 over the page's range (``quality.device``) and its charts' columns (``Series.quality``). Rollouts are read
 through the controller's own JSON API (``/api/rollouts``, ``/api/rollouts/{id}``) with an in-process ASGI
@@ -58,7 +60,7 @@ def _overview_data(store: Store, q: paging.Query) -> tuple[aggregate.Fleet, pagi
     now = time.time()
     health = store.health(now=now)
     found = paging.page(health, q.cursor, q.limit, q.filters, q.sort, q.descending)
-    return (aggregate.summarize(health), found, _rates(store, found.items, now),
+    return (aggregate.summarize(health), found, _rates(store, health, now),
             quality.summary(store, now - QUALITY_WINDOW_S, now))
 
 

@@ -14,6 +14,8 @@ from agent import protocol
 MODELS = ("detector", "classifier", "segmenter", "ocr", "keyword")
 VERSIONS = ("1.0.0", "1.1.0", "2.0.0")
 SITES = ("site-a", "site-b", "site-c", "site-d")
+SILENT_S = 2 * 86400.0  # every tenth device's silence
+OFFLINE_AFTER = 1000  # the store's offline_after to give (intervals of 10 s): the others stay online for hours
 
 
 def device_id(i: int) -> str:
@@ -22,7 +24,8 @@ def device_id(i: int) -> str:
 
 def populate(store, n: int, now: float | None = None, tags: bool = True) -> list[str]:
     """Register devices dev-000000 .. dev-{n-1}: a state and a telemetry window each (a tenth of them silent
-    long enough to be offline; some with errors), tags ``site-*`` and ``cams``/``mics``. Returns the ids."""
+    long enough to be offline in a store with
+    ``offline_after=OFFLINE_AFTER``; some with errors), tags ``site-*`` and ``cams``/``mics``. Returns the ids."""
     now = time.time() if now is None else now
     ids = []
     for i in range(n):
@@ -32,7 +35,7 @@ def populate(store, n: int, now: float | None = None, tags: bool = True) -> list
         v = VERSIONS[(i // len(MODELS)) % len(VERSIONS)]
         active = protocol.ActiveModel(name=m, version=v, sha256=f"{i % 15:02x}" * 32, runtime="onnxruntime",
                                       precision="int8")
-        sent = now - (3600.0 if i % 10 == 9 else 5.0)  # every tenth one silent for an hour: offline
+        sent = now - (SILENT_S if i % 10 == 9 else 5.0)  # every tenth one silent for two days: offline
         store.record_state(protocol.State(device_id=did, online=True, time=sent, boot_id="b1",
                                           agent_version="0.9.0", arch="x86_64", runtimes=["onnxruntime"],
                                           active=active), received=sent)

@@ -95,8 +95,8 @@ ACTIVE = protocol.ActiveModel(name="digits", version="1.2.0", sha256="ab" * 32, 
 
 @pytest.fixture
 def fleet(tmp_path, monkeypatch):
-    f = Fleet(tmp_path / "data", release_keys=[release_pub()],
-              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "data", release_keys=[release_pub()],  # /metrics per device: the tests read each one's
+              http_port=0, mqtt_listen="127.0.0.1:0", metrics_per_device=True).start_background()
     monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))  # for the CLI
     yield f
     f.stop()

@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from bigfleet import populate
+from bigfleet import OFFLINE_AFTER, populate
 
 from fleet import aggregate, paging
 from fleet.store import Store
@@ -19,7 +19,7 @@ N = 300
 
 @pytest.fixture(scope="module")
 def fleet_rows(tmp_path_factory):
-    store = Store(tmp_path_factory.mktemp("paging") / "fleet.db").open()
+    store = Store(tmp_path_factory.mktemp("paging") / "fleet.db", offline_after=OFFLINE_AFTER).open()
     now = time.time()
     populate(store, N, now)
     try:

@@ -54,8 +54,8 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
     from fleet.broker import free_port
     from util import agent_config
 
-    fleet = Fleet(tmp / "fleet", release_keys=[release_pub()],
-                  http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    fleet = Fleet(tmp / "fleet", release_keys=[release_pub()],  # /metrics per device: the tests read each one's
+                  http_port=0, mqtt_listen="127.0.0.1:0", metrics_per_device=True).start_background()
     TOKENS[fleet.http_url] = admin_token(fleet)
     agents = {}
     try:
