@@ -187,7 +187,8 @@ def overview(agg: "Fleet", table: list[dict], rates: dict[str, dict], rollouts: 
  data-total="{a.devices}">{cards}</section>
 <section class="panel" id="models"><h2>Models</h2>{_models(agg)}</section>
 <div class="columns">
-<section class="panel" id="worst-errors"><h2>Worst devices — error rate</h2>{_worst(agg.worst_error_rate, "error")}</section>
+<section class="panel" id="worst-errors"><h2>Worst devices — error rate</h2>
+{_worst(agg.worst_error_rate, "error")}</section>
 <section class="panel" id="worst-p95"><h2>Worst devices — p95 latency</h2>{_worst(agg.worst_p95, "p95")}</section>
 </div>
 <section class="panel" id="devices"><div class="panel-head"><h2>Devices</h2>{filters}</div>
