@@ -34,6 +34,7 @@ from fleet.api_admin import routes as admin_routes
 from fleet.api_enroll import routes as enroll_routes
 from fleet.api_keys import routes as key_routes
 from fleet.api_quality import routes as quality_routes
+from fleet.api_reads import routes as read_routes
 from fleet.api_rollouts import routes as rollout_routes
 from fleet.auth import BUNDLE, DEVICE, OPERATOR, READ, Auth, allow
 from fleet.guard import Guard
@@ -86,11 +87,12 @@ def new_deployment_id() -> str:
 
 def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable[[], str], auth: Auth,
                enrollment: "Enrollment | None" = None, keys: "Keys | None" = None,
-               allow_unsigned: bool = False) -> Starlette:
+               allow_unsigned: bool = False, metrics_per_device: bool = False) -> Starlette:
     """The Starlette app over one store and one link; ``public_url()`` is the base URL devices download from,
     ``auth`` says who may call it (fleet.auth, enforced by fleet.guard), ``enrollment`` (None in insecure mode)
     issues and revokes device identities, ``keys`` (fleet.keys) are the release keys uploads must be signed by
-    (None: no policy, every readable bundle is taken), ``allow_unsigned`` relaxes that for experiments."""
+    (None: no policy, every readable bundle is taken), ``allow_unsigned`` relaxes that for experiments,
+    ``metrics_per_device``: ``/metrics`` gives each device's series too (fleet.metrics)."""
     bundles_dir = Path(bundles_dir)
 
     async def status(request: Request) -> Response:
@@ -190,19 +192,6 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
                                f"{', '.join(failed)}")
         return JSONResponse({**store.deployment(dep_id), "warnings": health_.disk_warnings(store, devices, bundle)})
 
-    def devices(request: Request) -> Response:
-        bad = _unknown_params(request, {"target"})
-        if bad:
-            return bad
-        wanted = request.query_params.getlist("target")
-        if not wanted:
-            return JSONResponse(store.devices())
-        try:
-            ids = targets.resolve(store, wanted)
-        except targets.TargetError as e:
-            return _error(e.status, str(e))
-        return JSONResponse(store.devices(ids))
-
     async def device_tags(request: Request) -> Response:
         """PUT {"tags": [...]} replaces a device's tags; POST {"add": [...], "remove": [...]} changes them."""
         device_id = request.path_params["device_id"]
@@ -225,23 +214,6 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         if tags is None:
             return _error(404, f"unknown device {device_id!r}")
         return JSONResponse({"device_id": device_id, "tags": tags})
-
-    def health(request: Request) -> Response:
-        q = request.query_params
-        bad = _unknown_params(request, {"tag", "status", "sort", "order"})
-        if bad:
-            return bad
-        order = q.get("order")
-        if order not in (None, "asc", "desc"):
-            return _error(400, f"invalid order {order!r}: choose asc or desc")
-        try:
-            found = store.health(tag=q.get("tag"), status=q.get("status"), sort=q.get("sort"),
-                                 descending=None if order is None else order == "desc")
-        except targets.TargetError as e:
-            return _error(e.status, str(e))
-        except EdgefleetError as e:
-            return _error(400, str(e))
-        return JSONResponse(found)
 
     def device_health(request: Request) -> Response:
         device_id = request.path_params["device_id"]
@@ -279,16 +251,15 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
         allow(Route("/bundles/{sha256}", download_bundle, methods=["GET", "HEAD"]), DEVICE),
         allow(Route("/api/deployments", deploy, methods=["POST"]), OPERATOR),
         allow(Route("/api/deployments/{deployment_id}", deployment), READ),
-        allow(Route("/api/devices", devices), READ),
+        *read_routes(store),  # /api/health, /api/devices: pages (fleet/api_reads.py, fleet/paging.py)
         allow(Route("/api/devices/{device_id}/tags", device_tags, methods=["PUT", "POST"]), OPERATOR),
-        allow(Route("/api/health", health), READ),
         allow(Route("/api/health/{device_id}", device_health), READ),
         *rollout_routes(),  # /api/rollouts (fleet/api_rollouts.py)
         *quality_routes(store),  # /api/quality, /api/devices/{id}/quality[/series] (fleet/api_quality.py)
         *admin_routes(auth),  # /api/tokens, /api/audit (fleet/api_admin.py)
         *(key_routes(keys) if keys is not None else []),  # /api/keys (fleet/api_keys.py)
         *login.routes(auth),  # /login, /logout
-        *web_routes(store),  # the dashboard, its series, /metrics, /api/openapi.json, /static
+        *web_routes(store, metrics_per_device),  # the dashboard, its series, /metrics, /api/openapi.json, /static
         *(enroll_routes(enrollment) if enrollment is not None else []),  # /enroll/*, enrollments, revocation
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -86,7 +86,7 @@ class Fleet:
                  device_identity: Callable[[dict], str | None] | None = None,
                  max_clock_offset_s: float = MAX_CLOCK_OFFSET_S, release_keys: list[str | Path] = (),
                  allow_unsigned: bool = False, desired_ttl_s: float = DESIRED_TTL_S,
-                 store_url: str | None = None) -> None:
+                 store_url: str | None = None, metrics_per_device: bool = False) -> None:
         self.data_dir = Path(data_dir)
         # the database (fleet/store/): sqlite:///PATH or postgresql://...; None: DATA/fleet.db, as always
         self.store_url = store_url
@@ -94,6 +94,7 @@ class Fleet:
         # taken (experiments only), how long a signed desired is valid (it is signed again before it expires)
         self.release_keys = [Path(p) for p in release_keys]
         self.allow_unsigned = allow_unsigned
+        self.metrics_per_device = metrics_per_device  # /metrics: each device's series too, not only aggregates
         if not desired_ttl_s >= MIN_DESIRED_TTL_S:
             raise EdgefleetError(f"the desired TTL must be at least {MIN_DESIRED_TTL_S:g} s (got {desired_ttl_s:g})")
         self.desired_ttl_s = float(desired_ttl_s)
@@ -240,7 +241,7 @@ class Fleet:
             self.new_admin_token = self.auth.ensure_admin(self.data_dir)
             self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url,
                                   self.auth, enrollment=self.enrollment, keys=self.keys,
-                                  allow_unsigned=self.allow_unsigned)
+                                  allow_unsigned=self.allow_unsigned, metrics_per_device=self.metrics_per_device)
             self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url).start()
         except BaseException:
             self.stop()

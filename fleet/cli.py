@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-unsigned", action="store_true",
                    help="INSECURE: take bundles no listed release key signed (a signature present is still "
                         "checked); devices that check signatures refuse them. For experiments only")
+    s.add_argument("--metrics-per-device", action="store_true",
+                   help="/metrics also gives one series per device and figure (by default only the fleet's "
+                        "aggregates by model, version, tag and state: a cardinality that does not grow with devices)")
     s.add_argument("--desired-ttl", default="1d", metavar="DURATION",
                    help="how long a signed desired model is valid; the controller signs and republishes it when "
                         "half is left (default %(default)s; at least 1m)")
@@ -132,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     client_args(d)
     v = sub.add_parser("devices", help="list the devices (all, or those the targets name)")
     v.add_argument("targets", nargs="*", metavar="TARGET", help="device ids, tag:NAME or all")
+    _listing_args(v)
     client_args(v)
     t = sub.add_parser("tag", help="add tags to a device (or --remove them)")
     t.add_argument("device", metavar="DEVICE_ID")
@@ -144,8 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"sort the table by one of: {', '.join(SORTS)} (figures largest first, "
                         f"last-seen longest silent first)")
     h.add_argument("--order", choices=("asc", "desc"), help="override the column's default order")
-    h.add_argument("--tag", metavar="NAME", help="only the devices with this tag")
-    h.add_argument("--status", choices=("online", "offline"), help="only the online or offline devices")
+    _listing_args(h)
     client_args(h)
     cli_rollouts.register(sub, client_args)  # deploy's rollout options, `rollouts`, `rollout ID [ACTION]`
     cli_enroll.register(sub, client_args)  # enroll, provision, enrollments, revoke, certificates
@@ -153,6 +156,29 @@ def _parser() -> argparse.ArgumentParser:
     cli_keys.register(sub, client_args)  # `keys add|list|remove`, `bundles`
     cli_simulate.register(sub, client_args)  # `simulate`: simulated devices against a controller
     return p
+
+
+def _listing_args(p: argparse.ArgumentParser) -> None:
+    """The fleet listings' filters and --limit (GET /api/health and /api/devices, a page at a time: the client
+    follows the pages, so --json has every entry)."""
+    p.add_argument("--tag", metavar="NAME", help="only the devices with this tag")
+    p.add_argument("--status", choices=("online", "offline"), help="only the online or offline devices")
+    p.add_argument("--model", metavar="NAME", help="only the devices whose active model has this name")
+    p.add_argument("--model-version", metavar="VERSION", dest="model_version",
+                   help="only the devices whose active model has this version")
+    p.add_argument("--prefix", metavar="TEXT", help="only the devices whose id starts with TEXT")
+    p.add_argument("--limit", type=_positive, metavar="N", help="only the first N devices (default: all)")
+
+
+def _positive(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tag": args.tag, "status": args.status, "model": args.model, "version": args.model_version,
+            "prefix": args.prefix, "limit": args.limit}
 
 
 def main(argv: list[str]) -> int:
@@ -180,19 +206,19 @@ def main(argv: list[str]) -> int:
     if args.command == "deploy":
         return _deploy(client, args)
     if args.command == "devices":
-        _print(client.devices(args.targets or None), args.json, _devices_table)
+        _print(client.devices(args.targets or None, **_filters(args)), args.json, _devices_table)
     elif args.command == "tag":
         if not args.tags and not args.remove:
             raise EdgefleetError("name tags to add, or --remove TAG...")
         doc = client.tag(args.device, args.tags, args.remove)
         _print(doc, args.json, lambda d: f"{d['device_id']}: " + (", ".join(d["tags"]) or "no tags"))
     elif args.device is None:
-        doc = client.health(tag=args.tag, status=args.status, sort=args.sort, order=args.order)
+        doc = client.health(sort=args.sort, order=args.order, **_filters(args))
         _print(doc, args.json, _health_table)
     else:
-        if args.sort or args.order or args.tag or args.status:
-            raise EdgefleetError("--sort, --order, --tag and --status filter the fleet table: "
-                                 "give them without a DEVICE_ID")
+        if args.sort or args.order or any(v is not None for v in _filters(args).values()):
+            raise EdgefleetError("--sort, --order, --tag, --status, --model, --model-version, --prefix and --limit "
+                                 "filter the fleet table: give them without a DEVICE_ID")
         _print(client.health(args.device), args.json, _device_report)
     return 0
 
@@ -234,7 +260,8 @@ def _serve(args: argparse.Namespace) -> int:
                   cert_lifetime_s=parse_duration(args.cert_lifetime, "--cert-lifetime"),
                   max_clock_offset_s=parse_duration(args.max_clock_offset, "--max-clock-offset"),
                   release_keys=args.release_key, allow_unsigned=args.allow_unsigned,
-                  desired_ttl_s=parse_duration(args.desired_ttl, "--desired-ttl"), store_url=args.store)
+                  desired_ttl_s=parse_duration(args.desired_ttl, "--desired-ttl"), store_url=args.store,
+                  metrics_per_device=args.metrics_per_device)
     if args.allow_unsigned:
         print("edgefleet fleet: WARNING: --allow-unsigned: bundles no listed release key signed are taken. Devices "
               "that check signatures refuse them; anyone with an operator token can upload any model.",

@@ -21,6 +21,7 @@ from typing import Any
 from agent.errors import EdgefleetError
 
 DEFAULT_SERVER = "https://127.0.0.1:8080"
+PAGE = 1000  # entries a listing request asks for (the API's most: fleet.paging.MAX_LIMIT)
 NEEDS_TOKEN = ("needs a token: set EDGEFLEET_TOKEN or --data DIR (the controller's data dir, which holds "
                "admin.token), or give --token")
 
@@ -106,10 +107,11 @@ class FleetClient:
         return self._call("POST", f"/api/rollouts/{urllib.parse.quote(rollout_id, safe='')}/"
                                   f"{urllib.parse.quote(action, safe='')}", b"")
 
-    def devices(self, targets: list[str] | None = None) -> list[dict[str, Any]]:
-        """Every device, or those the targets (device ids, tag:NAME, all) name."""
-        query = urllib.parse.urlencode([("target", t) for t in targets or ()])
-        return self._call("GET", "/api/devices" + (f"?{query}" if query else ""))
+    def devices(self, targets: list[str] | None = None, *, limit: int | None = None, **filters: str | None
+                ) -> list[dict[str, Any]]:
+        """Every device (or the first ``limit``), or those the targets (device ids, tag:NAME, all) name; ``filters``:
+        status, tag, model, version, prefix (of the id). Follows the API's pages to the end."""
+        return self._pages("/api/devices", [("target", t) for t in targets or ()], filters, limit)
 
     def tag(self, device: str, add: list[str] = (), remove: list[str] = ()) -> dict[str, Any]:
         """Add and remove a device's tags; returns {"device_id", "tags"}."""
@@ -140,15 +142,31 @@ class FleetClient:
         return self._call("GET", "/api/quality" + (f"?{query}" if query else ""))
 
     def health(self, device: str | None = None, *, tag: str | None = None, status: str | None = None,
-               sort: str | None = None, order: str | None = None) -> Any:
-        """All devices' health (a list; filtered by tag/status, sorted), or one device's report (a dict)."""
+               sort: str | None = None, order: str | None = None, limit: int | None = None,
+               **filters: str | None) -> Any:
+        """All devices' health (a list, or its first ``limit`` entries; filtered by tag/status/model/version/prefix,
+        sorted; the API's pages followed to the end), or one device's report (a dict)."""
         if device is None:
-            query = urllib.parse.urlencode({k: v for k, v in (("tag", tag), ("status", status), ("sort", sort),
-                                                              ("order", order)) if v is not None})
-            return self._call("GET", "/api/health" + (f"?{query}" if query else ""))
+            return self._pages("/api/health", [(k, v) for k, v in (("sort", sort), ("order", order)) if v is not None],
+                               {"tag": tag, "status": status, **filters}, limit)
         return self._call("GET", f"/api/health/{urllib.parse.quote(device, safe='')}")
 
-    # operators (admin): tokens and the audit trail
+    def _pages(self, path: str, params: list[tuple[str, str]], filters: dict[str, str | None],
+               limit: int | None) -> list[dict[str, Any]]:
+        """A listing's entries (``fleet.paging``): page after page, following ``next``, until the end or ``limit``."""
+        params = [*params, *((k, v) for k, v in filters.items() if v is not None)]
+        out: list[dict[str, Any]] = []
+        cursor = None
+        while limit is None or len(out) < limit:
+            size = PAGE if limit is None else min(PAGE, limit - len(out))
+            query = [*params, ("limit", str(size)), *((("cursor", cursor),) if cursor else ())]
+            doc = self._call("GET", f"{path}?{urllib.parse.urlencode(query)}")
+            out += doc["devices"]
+            cursor = doc["next"]
+            if cursor is None:
+                break
+        return out
+
     def tokens(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/tokens")
 

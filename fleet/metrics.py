@@ -1,19 +1,28 @@
 """``/metrics``: the fleet in Prometheus' text exposition format (version 0.0.4), for users who already
 scrape with Prometheus and chart with Grafana.
 
-Per device (labels ``device``, ``model``, ``version``; empty model/version before a model is active):
-online, inferences and errors (counters since the device registered), the latest window's latency
-percentiles (gauges with a ``quantile`` label), CPU, RSS, memory, temperature (only when the device has a
-sensor), last seen, seq gaps and whether two devices use its identity; its free disk and storage state (a
-state set: one sample per state, 1 for the current one), its clock's offset from the controller's, whether
-that is beyond ``--max-clock-offset`` and whether its OS says the clock is synchronised. Fleet-wide: devices by
-state, how many identities are in conflict, how many devices' storage takes no writes and how many clocks are
-beyond the bound. Model quality over health's last 10 minutes (fleet/quality.py), per device: drift PSI against the
-bundle's reference and against the fleet (label ``against``), canary agreement, feedback accuracy and labels; and
-the quality messages refused, by reason. Accelerators (issue 14): each one's utilisation and memory used / total
-(labels ``accelerator``, ``kind``; only the figures the device's machine gives), and what really runs the active
-model (``edgefleet_device_serving_info``, labels ``runtime_device``, ``provider``). Built from ``Store.health()``;
-a scrape never scans telemetry (it reads the last 10 minutes of quality windows once).
+By default the series are the fleet's aggregates (``fleet.aggregate``), whose number does not grow with the
+devices: devices by state; per active model and version (labels ``model``, ``version``; empty for devices
+without a model) and per tag (label ``tag``; a device counts in each of its tags): devices by state, the sum of
+recent inferences per minute, the recent error ratio, and per model the mean and max of the devices' latest p95
+(label ``stat``: a mean of percentiles is how a typical device does, not a percentile of all inferences), the
+mean CPU, memory and agent RSS, the highest temperature, seq gaps and the highest drift PSI; fleet-wide,
+inferences and errors since registration, identity conflicts, storage that takes no writes, clocks beyond the
+bound, and the quality messages refused by reason.
+
+With ``per_device`` (``fleet serve --metrics-per-device``, ``Fleet(metrics_per_device=True)``) the per-device
+series follow too (labels ``device``, ``model``, ``version``): online, inferences and errors (counters since the
+device registered), the latest window's latency percentiles (gauges with a ``quantile`` label), CPU, RSS, memory,
+temperature (only when the device has a sensor), last seen, seq gaps and whether two devices use its identity;
+its free disk and storage state (a state set: one sample per state, 1 for the current one), its clock's offset
+from the controller's, whether that is beyond ``--max-clock-offset`` and whether its OS says the clock is
+synchronised; model quality over health's last 10 minutes (fleet/quality.py): drift PSI against the bundle's
+reference and against the fleet (label ``against``), canary agreement, feedback accuracy and labels;
+accelerators (issue 14): each one's utilisation and memory used / total (labels ``accelerator``, ``kind``), and
+what really runs the active model (``edgefleet_device_serving_info``, labels ``runtime_device``, ``provider``).
+That is one series per device and figure: at 10,000 devices, megabytes a scrape, which Prometheus users avoid.
+
+Built from ``Store.health()``; a scrape never scans telemetry (it reads the last 10 minutes of quality windows once).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fleet import quality
+from fleet import aggregate, quality
 from fleet.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -122,9 +131,9 @@ def _number(v: float | int) -> str:
     return repr(float(v)) if v == v else "NaN"
 
 
-def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None) -> str:
+def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None, per_device: bool = False) -> str:
     """The exposition text for the devices' health (``Store.health()``) and the quality messages refused by reason
-    (``fleet.quality.refused``)."""
+    (``fleet.quality.refused``): the fleet's aggregates, and with ``per_device`` each device's series too."""
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -132,15 +141,77 @@ def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None) 
         lines.append(f"# TYPE {name} {kind}")
         lines.extend(f"{name}{labels} {_number(v)}" for labels, v in samples)
 
-    online = sum(1 for h in health if h["online"])
+    agg = aggregate.summarize(health)
     family("edgefleet_devices", "gauge", "Devices known to the controller, by state.",
-           [(_labels([("state", "online")]), online), (_labels([("state", "offline")]), len(health) - online)])
+           [(_labels([("state", "online")]), agg.all.online), (_labels([("state", "offline")]), agg.all.offline)])
     family("edgefleet_identity_conflicts", "gauge", "Device identities used by two devices at once (a cloned image).",
-           [("", sum(1 for h in health if h.get("identity_conflict")))])
+           [("", agg.conflicts)])
     family("edgefleet_storage_degraded", "gauge", "Devices whose state dir takes no writes (full or read-only).",
-           [("", sum(1 for h in health if h.get("storage") in ("full", "read_only")))])
+           [("", agg.storage_degraded)])
     family("edgefleet_clock_offset_exceeded", "gauge", "Devices whose clock is further off than --max-clock-offset.",
-           [("", sum(1 for h in health if (h.get("clock") or {}).get("exceeds_max")))])
+           [("", agg.clocks_off)])
+    _aggregates(family, agg)
+    if per_device:
+        _per_device(family, health)
+    family(*_REFUSED, [(_labels([("reason", reason)]), n) for reason, n in sorted((refused or {}).items())])
+    return "\n".join(lines) + "\n"
+
+
+# per model and version (labels model, version) and per tag (label tag): name, help, how to read it from a Group
+_MODEL = [
+    ("edgefleet_model_inferences_per_minute", "The sum of the devices' recent inferences per minute (over health's "
+     "recent window), by active model and version.", lambda g: g.inferences_per_min),
+    ("edgefleet_model_error_ratio", "Recent errors / (recent inferences + errors) over the devices on this model and "
+     "version (absent without recent inferences).", lambda g: g.error_rate),
+    ("edgefleet_model_cpu_percent_mean", "The mean of the devices' CPU use in their latest window, percent.",
+     lambda g: g.cpu.mean),
+    ("edgefleet_model_memory_percent_mean", "The mean of the devices' memory in use in their latest window, percent.",
+     lambda g: g.memory.mean),
+    ("edgefleet_model_rss_bytes_mean", "The mean of the agents' resident memory in their latest window.",
+     lambda g: g.rss.mean),
+    ("edgefleet_model_temperature_celsius_max", "The highest temperature of the devices (those with a sensor).",
+     lambda g: g.temperature.max),
+    ("edgefleet_model_seq_gaps", "The sum of the devices' lost messages (gaps in their seq).", lambda g: g.seq_gaps),
+    ("edgefleet_model_drift_psi_max", "The highest output drift PSI against the bundle's reference over the last 10 "
+     "minutes, among the devices judged.", lambda g: g.drift.max),
+]
+_TAG = [
+    ("edgefleet_tag_inferences_per_minute", "The sum of the devices' recent inferences per minute, by tag (a device "
+     "counts in each of its tags).", lambda g: g.inferences_per_min),
+    ("edgefleet_tag_error_ratio", "Recent errors / (recent inferences + errors) over the devices with this tag "
+     "(absent without recent inferences).", lambda g: g.error_rate),
+]
+
+
+def _aggregates(family: Any, agg: "aggregate.Fleet") -> None:
+    """The series whose number grows with models, versions and tags, never with devices."""
+    family("edgefleet_inferences_total", "counter", "Inferences the devices served, since each registered (the sum "
+           "of their counters).", [("", agg.all.inferences)])
+    family("edgefleet_errors_total", "counter", "Runtime errors the devices reported, since each registered (the sum "
+           "of their counters).", [("", agg.all.errors)])
+    models = sorted(agg.models.items())
+    model_labels = {k: [("model", k[0]), ("version", k[1])] for k, _ in models}
+    family("edgefleet_model_devices", "gauge", "Devices by active model, version (empty: no model active) and state.",
+           [(_labels([*model_labels[k], ("state", st)]), n) for k, g in models
+            for st, n in (("online", g.online), ("offline", g.offline))])
+    for name, help_text, read in _MODEL:
+        family(name, "gauge", help_text, [(_labels(model_labels[k]), v) for k, g in models
+                                          if (v := read(g)) is not None])
+    family("edgefleet_model_latency_p95_ms", "gauge", "The devices' own p95 latency of their latest window with "
+           "inferences, ms: their mean (stat=mean: how a typical device does; not a percentile of all inferences) "
+           "and their max (stat=max: the worst device).",
+           [(_labels([*model_labels[k], ("stat", st)]), v) for k, g in models
+            for st, v in (("mean", g.p95.mean), ("max", g.p95.max)) if v is not None])
+    tags = sorted(agg.tags.items())
+    family("edgefleet_tag_devices", "gauge", "Devices by tag and state (a device counts in each of its tags).",
+           [(_labels([("tag", t), ("state", st)]), n) for t, g in tags
+            for st, n in (("online", g.online), ("offline", g.offline))])
+    for name, help_text, read in _TAG:
+        family(name, "gauge", help_text, [(_labels([("tag", t)]), v) for t, g in tags if (v := read(g)) is not None])
+
+
+def _per_device(family: Any, health: list[dict[str, Any]]) -> None:
+    """One series per device and figure (``--metrics-per-device``)."""
     base = {}
     for h in health:
         m = h["model"] or {}
@@ -170,14 +241,13 @@ def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None) 
     for name, kind, help_text, read in _QUALITY:
         family(name, kind, help_text, [(_labels(base[h["device_id"]]), v) for h in health
                                        if h.get("quality") and (v := read(h["quality"])) is not None])
-    family(*_REFUSED, [(_labels([("reason", reason)]), n) for reason, n in sorted((refused or {}).items())])
-    return "\n".join(lines) + "\n"
 
 
-def routes(store: Store) -> list[Route]:
+def routes(store: Store, per_device: bool = False) -> list[Route]:
+    """``/metrics``; ``per_device``: each device's series too (``fleet serve --metrics-per-device``)."""
     async def metrics(request: Request) -> Response:
         health = await run_in_threadpool(store.health, None, time.time())
         refused = await run_in_threadpool(quality.refused, store)
-        return Response(render(health, refused), media_type=CONTENT_TYPE)
+        return Response(render(health, refused, per_device), media_type=CONTENT_TYPE)
 
     return [Route("/metrics", metrics, methods=["GET"])]

@@ -21,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fleet import paging
 from fleet import schemas as s
 from fleet.auth import DEVICE, MEDIA, PUBLIC, access
-from fleet.health import SORTS
+from fleet.health import SORTS, STATUSES
 from fleet.series import MAX_SINCE_S, Series
 
 OPENAPI_PATH = "/api/openapi.json"
@@ -67,7 +68,7 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                 "EnrollmentCreate": _request_struct("fleet.api_enroll", "EnrollmentCreate"),
                 "ProvisioningCreate": _request_struct("fleet.api_enroll", "ProvisioningCreate")}
     bodies = {"Error": s.Error, "Status": s.Status, "BundleUploaded": s.BundleUploaded, "Deployment": s.Deployment,
-              "Devices": list[s.Device], "DeviceTags": s.DeviceTags, "HealthList": list[s.Health],
+              "DevicePage": s.DevicePage, "DeviceTags": s.DeviceTags, "HealthPage": s.HealthPage,
               "DeviceDetail": s.DeviceDetail, "Series": Series, "Rollout": s.Rollout,
               "DeploymentCreated": s.DeploymentCreated, "RolloutCreated": s.RolloutCreated,
               "Rollouts": list[s.RolloutSummary], "Tokens": list[s.Token], "Token": s.Token,
@@ -90,6 +91,27 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
 
     def err(description: str) -> dict:
         return json_body("Error", description)
+
+    def page_body(name: str, description: str) -> dict:
+        return {**json_body(name, description), "headers": {"Link": {
+            "description": "`<URL>; rel=\"next\"`: the next page (the same filters, the new cursor); absent on the "
+                           "last page.", "schema": {"type": "string"}}}}
+
+    # the listings' parameters (fleet.paging)
+    listing = [
+        _param("limit", "query", f"How many devices a page (default {paging.DEFAULT_LIMIT}).",
+               {"type": "integer", "minimum": 1, "maximum": paging.MAX_LIMIT}),
+        _param("cursor", "query", "Where the page starts: the previous page's `next`, unchanged (opaque).",
+               {"type": "string", "pattern": "^[A-Za-z0-9_-]+$", "maxLength": paging.MAX_CURSOR}),
+        _param("status", "query", "Only devices online or offline.", {"type": "string", "enum": list(STATUSES)}),
+        _param("tag", "query", "Only devices with this tag.", {"type": "string", "pattern": s.TAG}),
+        _param("model", "query", "Only devices whose active model has this name (empty: no active model).",
+               {"type": "string", "maxLength": paging.MAX_NAME}),
+        _param("version", "query", "Only devices whose active model has this version.",
+               {"type": "string", "maxLength": paging.MAX_NAME}),
+        _param("prefix", "query", "Only devices whose id starts with this.",
+               {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"}),
+    ]
 
     def request(name: str) -> dict:
         return {"required": True, "content": {"application/json": {"schema": ref[name]}}} if name in ref else {}
@@ -159,13 +181,14 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                                   {"type": "string", "pattern": s.DEPLOYMENT_ID})],
             "responses": {"200": json_body("Deployment", "The deployment."), "404": err("No such deployment.")}}},
         "/api/devices": {"get": {
-            "summary": "The registered devices.", "operationId": "listDevices",
+            "summary": "The registered devices, by id, a page at a time (follow `next`, or the `Link` header).",
+            "operationId": "listDevices",
             "parameters": [_param("target", "query", "Only these: a device id, `tag:NAME` or `all`; repeatable.",
                                   {"type": "array", "items": {"type": "string", "pattern": s.TARGET}},
-                                  explode=True)],
-            "responses": {"200": json_body("Devices", "The devices, by id."),
-                          "400": err("A malformed target or an unknown query parameter."),
-                          "404": err("A target names no known device or tag.")}}},
+                                  explode=True), *listing],
+            "responses": {"200": page_body("DevicePage", "A page of devices, by id."),
+                          "400": err("A malformed target, filter, limit or cursor, or an unknown query parameter."),
+                          "404": err("A target or the tag names no known device or tag.")}}},
         "/api/devices/{device_id}/tags": {
             "put": {"summary": "Replace a device's tags.", "operationId": "putDeviceTags", "parameters": [device],
                     "requestBody": request("TagsPut"),
@@ -177,17 +200,18 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
                                    "400": err("A malformed request or tag, or nothing to change."),
                                    "404": err("No such device.")}}},
         "/api/health": {"get": {
-            "summary": "Every device's health, sortable and filterable.", "operationId": "listHealth",
+            "summary": "The devices' health, sortable and filterable, a page at a time (follow `next`, or the `Link` "
+                       "header, to the end: each device once).", "operationId": "listHealth",
             "parameters": [
-                _param("tag", "query", "Only devices with this tag.", {"type": "string", "pattern": s.TAG}),
-                _param("status", "query", "Only devices online or offline.",
-                       {"type": "string", "enum": ["online", "offline"]}),
-                _param("sort", "query", "Sort by a column (each has its natural order).",
+                *listing,
+                _param("sort", "query", "Sort by a column (each has its natural order; nulls last, ties by id). "
+                                        "Any column but `device` reads every device's health for each page.",
                        {"type": "string", "enum": list(SORTS)}),
                 _param("order", "query", "asc or desc (each column has its natural default).",
                        {"type": "string", "enum": ["asc", "desc"]})],
-            "responses": {"200": json_body("HealthList", "One entry a device."),
-                          "400": err("An unknown sort column, status, order or query parameter."),
+            "responses": {"200": page_body("HealthPage", "A page of health entries."),
+                          "400": err("An unknown sort column, a malformed filter, limit, order or cursor (or one of "
+                                     "another sort), or an unknown query parameter."),
                           "404": err("No device carries the tag.")}}},
         "/api/health/{device_id}": {"get": {
             "summary": "One device's report: health, identity, errors, events, deployments, transitions.",
@@ -353,7 +377,9 @@ def operations() -> tuple[dict[str, dict[str, dict]], dict[str, Any]]:
             "responses": {"200": json_body("Certificates", "The certificates.")}}},
         "/metrics": {"get": {
             "summary": "The fleet in Prometheus' text exposition format 0.0.4.", "operationId": "metrics",
-            "responses": {"200": {"description": "Per-device gauges and counters, devices by state.",
+            "responses": {"200": {"description": "The fleet's aggregates: devices by state, by model and version "
+                                                 "and by tag; rates, error ratios, p95 mean and max by model. "
+                                                 "Per-device series only under `fleet serve --metrics-per-device`.",
                                   "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}}}}},
         OPENAPI_PATH: {"get": {
             "summary": "This document.", "operationId": "openapi",

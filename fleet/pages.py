@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 from html import escape as e
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import msgspec
 
 from fleet.clock import amount, describe as describe_offset
 from fleet.schemas import ConverterReport
+
+if TYPE_CHECKING:
+    from fleet.aggregate import Fleet
 
 REFRESH_MS = 5000
 RANGES = ((900, "15 min"), (3600, "1 h"), (6 * 3600, "6 h"), (86400, "24 h"), (7 * 86400, "7 d"))
@@ -161,64 +165,135 @@ def not_found(what: str, detail: str) -> str:
 
 
 # -- /: the fleet --------------------------------------------------------------------------------------
-def overview(health: list[dict], rates: dict[str, dict], rollouts: str, quality: str = "") -> str:
-    """The fleet page; ``rollouts`` is the rollouts panel's markup (``fleet.pages_rollout.rollout_list``),
-    ``quality`` the worst devices' (``fleet.pages_quality.worst_panel``)."""
-    online = sum(1 for h in health if h["online"])
-    per_min = [r["inferences_per_min"] for h in health
-               if (r := _rates(h, rates.get(h["device_id"], {})))["inferences_per_min"] is not None]
+def overview(agg: "Fleet", table: list[dict], rates: dict[str, dict], rollouts: str, quality: str = "",
+             nav: str = "", filters: str = "") -> str:
+    """The fleet page: ``agg`` the fleet's aggregates (``fleet.aggregate.summarize``) at the top, ``table`` one page of
+    health entries (``fleet.paging``) with ``nav`` (its next/previous links) and ``filters`` (the filter form), both
+    markup; ``rollouts`` the rollouts panel's (``fleet.pages_rollout.rollout_list``), ``quality`` the worst devices'
+    by model quality (``fleet.pages_quality.worst_panel``). Its size does not grow with the fleet."""
+    a = agg.all
     cards = "".join([
-        _card("Online", str(online), "good" if online else ""),
-        _card("Offline", str(len(health) - online), "bad" if len(health) - online else ""),
-        _card("Devices", str(len(health))),
-        _card("Inferences / min", fmt_num(sum(per_min)) if per_min else "–"),
+        _card("Online", str(a.online), "good" if a.online else ""),
+        _card("Offline", str(a.offline), "bad" if a.offline else ""),
+        _card("Devices", str(a.devices)),
+        _card("Inferences / min", fmt_num(a.inferences_per_min) if a.devices else "–"),
+        _card("Error rate", fmt_rate(a.error_rate), "bad" if a.error_rate else ""),
     ])
     body = f"""<div id="overview" data-live>
-{_conflicts(health)}
-{_storage(health)}
-{_clocks(health)}
-<section class="cards" id="counts" data-online="{online}" data-offline="{len(health) - online}"
- data-total="{len(health)}">{cards}</section>
-<section class="panel"><h2>Devices</h2>{_device_table(health, rates)}</section>
+{_conflicts(agg.conflicted, agg.conflicts)}
+{_storage(agg.no_writes, agg.storage_degraded)}
+{_clocks(agg.clock_off, agg.clocks_off)}
+<section class="cards" id="counts" data-online="{a.online}" data-offline="{a.offline}"
+ data-total="{a.devices}">{cards}</section>
+<section class="panel" id="models"><h2>Models</h2>{_models(agg)}</section>
+<div class="columns">
+<section class="panel" id="worst-errors"><h2>Worst devices — error rate</h2>
+{_worst(agg.worst_error_rate, "error")}</section>
+<section class="panel" id="worst-p95"><h2>Worst devices — p95 latency</h2>{_worst(agg.worst_p95, "p95")}</section>
+</div>
+<section class="panel" id="devices"><div class="panel-head"><h2>Devices</h2>{filters}</div>
+{_device_table(table, rates, empty=a.devices > 0)}{nav}</section>
 {quality}
 <section class="panel"><h2>Rollouts</h2>{rollouts}</section>
 </div>"""
     return layout("Fleet", body, active="fleet")
 
 
-def _conflicts(health: list[dict]) -> str:
-    """A loud banner for every identity two devices use at once (a cloned image): their session goes back and
-    forth, and what either reports is taken for the other's."""
-    rows = [h for h in health if h.get("identity_conflict")]
+def page_nav(prev_href: str | None, next_href: str | None, shown: int) -> str:
+    """The device table's previous/next links (``fleet.paging`` cursors, already in the hrefs)."""
+    links = [f'<a rel="prev" href="{e(prev_href)}">← previous</a>' if prev_href is not None else "",
+             f'<a rel="next" href="{e(next_href)}">next →</a>' if next_href is not None else ""]
+    return (f'<nav class="pager" data-shown="{shown}"><span class="muted">{shown} device(s) on this page</span> '
+            + " ".join(x for x in links if x) + "</nav>")
+
+
+def filter_form(values: dict[str, str | None], models: list[str], statuses: tuple[str, ...]) -> str:
+    """The device table's filters (the listing's query parameters, as the API takes them)."""
+    def select(name: str, options: list[str]) -> str:
+        opts = "".join(f'<option value="{e(o)}"{" selected" if values.get(name) == o else ""}>{e(o or "none")}'
+                       f'</option>' for o in options)
+        return f'<select name="{name}" aria-label="{name}"><option value="">any {name}</option>{opts}</select>'
+
+    def text(name: str, hint: str) -> str:
+        return (f'<input name="{name}" placeholder="{e(hint)}" aria-label="{e(hint)}" '
+                f'value="{e(values.get(name) or "")}" size="10">')
+    return (f'<form class="filters" method="get" action="/">{select("status", list(statuses))}'
+            f'{select("model", models)}{text("version", "version")}{text("tag", "tag")}'
+            f'{text("prefix", "id starts with")}<button type="submit">Filter</button></form>')
+
+
+def _models(agg: "Fleet") -> str:
+    """Devices by active model and version: how many, online, their recent rate, error rate and p95."""
+    if not agg.models:
+        return '<p class="muted">No device yet.</p>'
+    rows = []
+    for (name, version), g in sorted(agg.models.items(), key=lambda kv: (-kv[1].devices, kv[0])):
+        rows.append(f'<tr data-model="{e(name)}" data-version="{e(version)}"><td>{e(name or "none")}</td>'
+                    f'<td>{e(version or "–")}</td><td>{g.devices}</td><td>{g.online}</td>'
+                    f'<td>{fmt_num(g.inferences_per_min)}</td><td>{fmt_rate(g.error_rate)}</td>'
+                    f'<td>{fmt_ms(g.p95.mean)}</td><td>{fmt_ms(g.p95.max)}</td></tr>')
+    return ('<table class="grid"><thead><tr><th>Model</th><th>Version</th><th>Devices</th><th>Online</th>'
+            '<th>Inf/min</th><th>Error rate</th><th>p95 mean</th><th>p95 max</th></tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table>")
+
+
+def _worst(rows: list[dict], what: str) -> str:
+    """The devices with the highest recent error rate (``what`` error) or latest p95 (p95)."""
+    if not rows:
+        return f'<p class="muted">No device reports {"errors" if what == "error" else "latency"}.</p>'
+    out = []
+    for h in rows:
+        m = h["model"] or {}
+        figure = fmt_rate(h["error_rate"]) if what == "error" else fmt_ms((h["latency_ms"] or {}).get("p95"))
+        out.append(f'<tr data-worst-device="{e(h["device_id"])}"><td><a href="{e(device_href(h["device_id"]))}">'
+                   f'{e(h["device_id"])}</a></td><td>{e(m.get("name") or "–")} {e(m.get("version") or "")}</td>'
+                   f'<td>{figure}</td></tr>')
+    return ('<table class="grid"><thead><tr><th>Device</th><th>Model</th><th>'
+            + ("Error rate" if what == "error" else "p95") + "</th></tr></thead><tbody>" + "".join(out)
+            + "</tbody></table>")
+
+
+def _more(shown: int, total: int) -> str:
+    return f'<li class="muted">and {total - shown} more</li>' if total > shown else ""
+
+
+def _conflicts(rows: list[dict], total: int | None = None) -> str:
+    """A loud banner for identities two devices use at once (a cloned image): their session goes back and
+    forth, and what either reports is taken for the other's. ``rows``: those listed, of ``total``."""
+    rows = [h for h in rows if h.get("identity_conflict")]
+    total = len(rows) if total is None else total
     if not rows:
         return ""
     items = "".join(
         f'<li><a href="{e(device_href(h["device_id"]))}">{e(h["device_id"])}</a>: boot ids '
         f'{e(", ".join(h["identity_conflict"]["boot_ids"][-3:]))} alternate, '
         f'{fmt_num(h["identity_conflict"]["takeovers"])} takeover(s) since {fmt_time(h["identity_conflict"]["since"])}'
-        f'</li>' for h in rows)
-    return (f'<section class="panel banner bad" id="conflicts" data-conflicts="{len(rows)}"><h2>Two devices, one '
+        f'</li>' for h in rows) + _more(len(rows), total)
+    return (f'<section class="panel banner bad" id="conflicts" data-conflicts="{total}"><h2>Two devices, one '
             f'identity</h2><ul>{items}</ul><p>A device\'s state dir (its key and certificate) was copied to another: '
             f'revoke the identity (<code>edgefleet fleet revoke ID</code>) and enroll both devices.</p></section>')
 
 
-def _storage(health: list[dict]) -> str:
-    """A loud banner for every device whose state dir takes no writes (full or read-only)."""
-    rows = [h for h in health if h.get("storage") in NO_WRITES]
+def _storage(rows: list[dict], total: int | None = None) -> str:
+    """A loud banner for devices whose state dir takes no writes (full or read-only): ``rows`` of ``total``."""
+    rows = [h for h in rows if h.get("storage") in NO_WRITES]
+    total = len(rows) if total is None else total
     if not rows:
         return ""
     items = "".join(
         f'<li><a href="{e(device_href(h["device_id"]))}">{e(h["device_id"])}</a>: {pill(h["storage"])} since '
-        f'{fmt_time(h.get("storage_since"))}, {fmt_bytes(h.get("disk_free_bytes"))} free</li>' for h in rows)
-    return (f'<section class="panel banner bad" id="storage" data-storage="{len(rows)}"><h2>Storage that takes no '
+        f'{fmt_time(h.get("storage_since"))}, {fmt_bytes(h.get("disk_free_bytes"))} free</li>' for h in rows
+    ) + _more(len(rows), total)
+    return (f'<section class="panel banner bad" id="storage" data-storage="{total}"><h2>Storage that takes no '
             f'writes</h2><ul>{items}</ul><p>The agent keeps serving the model it has loaded and keeps what it must '
             f'send until its state dir takes writes again; it cannot take a new model meanwhile. Free space on it, or '
             f'make it writable again.</p></section>')
 
 
-def _clocks(health: list[dict]) -> str:
-    """A banner for every device whose clock is further off than the controller's bound."""
-    rows = [h for h in health if (h.get("clock") or {}).get("exceeds_max")]
+def _clocks(rows: list[dict], total: int | None = None) -> str:
+    """A banner for devices whose clock is further off than the controller's bound: ``rows`` of ``total``."""
+    rows = [h for h in rows if (h.get("clock") or {}).get("exceeds_max")]
+    total = len(rows) if total is None else total
     if not rows:
         return ""
     synced = {True: "its OS says synchronised", False: "its OS says not synchronised"}
@@ -226,9 +301,9 @@ def _clocks(health: list[dict]) -> str:
         f'<li><a href="{e(device_href(h["device_id"]))}">{e(h["device_id"])}</a>: clock '
         f'{e(describe_offset(h["clock"]["offset_s"]))}'
         f'{e(" (" + synced[h["clock"]["synced"]] + ")") if h["clock"]["synced"] in synced else ""}</li>'
-        for h in rows)
+        for h in rows) + _more(len(rows), total)
     bound = amount(rows[0]["clock"]["max_offset_s"])
-    return (f'<section class="panel banner bad" id="clocks" data-clocks="{len(rows)}"><h2>Clocks off by more than '
+    return (f'<section class="panel banner bad" id="clocks" data-clocks="{total}"><h2>Clocks off by more than '
             f'{e(bound)}</h2><ul>{items}</ul><p>Their windows and events are filed at this controller\'s time (the '
             f'offset is estimated from their messages), so figures, charts, rollout gates and retention are right; '
             f'what the devices stamp themselves is not. Check NTP on them (<code>timedatectl</code>).</p></section>')
@@ -253,7 +328,10 @@ def _rates(h: dict, ours: dict) -> dict:
     return {k: h[k] if k in h else ours.get(k) for k in ("inferences_per_min", "error_rate")}
 
 
-def _device_table(health: list[dict], rates: dict[str, dict]) -> str:
+def _device_table(health: list[dict], rates: dict[str, dict], empty: bool = False) -> str:
+    """The devices' rows; none: ``empty`` says the fleet has devices, just none that the filters keep."""
+    if not health and empty:
+        return '<p class="muted" id="no-match">No device matches these filters.</p>'
     if not health:
         return ('<p class="muted">No device has reported yet. Point an agent at this controller\'s broker '
                 '(<code>edgefleet agent run</code>) and it registers itself.</p>')

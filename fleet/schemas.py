@@ -341,6 +341,21 @@ class HealthQuality(_QualityFigures):
     window_s: float  # over the last this many seconds
 
 
+class HealthPage(_S):
+    """A page of the fleet's health (``fleet.paging``): ``next`` the cursor of the next page (pass it as ``cursor``
+    with the same filters and sort), null at the end; ``limit`` the page's size asked for."""
+    devices: list[Health]
+    next: str | None
+    limit: int
+
+
+class DevicePage(_S):
+    """A page of the registered devices, by id (``fleet.paging``); ``next`` and ``limit`` as in HealthPage."""
+    devices: list[Device]
+    next: str | None
+    limit: int
+
+
 class QualityRow(_QualityFigures):
     """One device in the fleet's quality view."""
     device_id: str

@@ -2,7 +2,9 @@
 OpenAPI document and the static files (CSS, script, the vendored uPlot).
 
 ``routes(store)`` is mounted by ``fleet.api.create_app``. Pages are server-rendered (``fleet.pages``);
-the store is read in the thread pool. Model quality comes from ``fleet.quality`` as it computes it: the
+the store is read in the thread pool. The fleet page stays the same size at any fleet size: the fleet's
+aggregates at the top (``fleet.aggregate``: counts by status, models and versions, the worst devices by error
+rate and p95) and one page of the device table (``fleet.paging``: the API's filters and cursor in its links). Model quality comes from ``fleet.quality`` as it computes it: the
 fleet page's worst devices (``quality.summary`` over the last ``QUALITY_WINDOW_S``), a device page's quality
 over the page's range (``quality.device``) and its charts' columns (``Series.quality``). Rollouts are read
 through the controller's own JSON API (``/api/rollouts``, ``/api/rollouts/{id}``) with an in-process ASGI
@@ -12,11 +14,12 @@ serves every page.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import msgspec
 from starlette.concurrency import run_in_threadpool
@@ -25,7 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from fleet import metrics, openapi, pages, pages_quality, pages_rollout, quality
+from fleet import aggregate, metrics, openapi, pages, pages_quality, pages_rollout, paging, quality, targets
 from fleet.auth import PUBLIC, READ, allow
 from fleet.series import SeriesError, parse_window, recent_rates, series
 from fleet.store import Store
@@ -34,6 +37,7 @@ STATIC = Path(__file__).parent / "static"
 _ENCODER = msgspec.json.Encoder()
 QUALITY_WINDOW_S = quality.DEFAULT_WINDOW_S  # the fleet page's worst devices: over the last hour
 QUALITY_ROWS = 10  # the fleet page's worst devices: this many unless ?quality=all
+OVERVIEW_ROWS = 50  # the fleet page's device table: this many a page unless ?limit= (fleet.paging)
 
 
 def _device_row(store: Store, device_id: str) -> dict[str, Any] | None:
@@ -50,10 +54,30 @@ def _rates(store: Store, health: list[dict], now: float) -> dict:
     return {} if health and "inferences_per_min" in health[0] else recent_rates(store, now)
 
 
-def _overview_data(store: Store) -> tuple[list[dict], dict, list[dict]]:
+def _overview_data(store: Store, q: paging.Query) -> tuple[aggregate.Fleet, paging.Page, dict, list[dict]]:
+    """The fleet's aggregates, one page of its device table, that page's rates and the worst quality rows: one
+    health entry a device, summed in one pass (``fleet.aggregate``) and paged (``fleet.paging``)."""
     now = time.time()
     health = store.health(now=now)
-    return health, _rates(store, health, now), quality.summary(store, now - QUALITY_WINDOW_S, now)
+    found = paging.page(health, q.cursor, q.limit, q.filters, q.sort, q.descending)
+    return (aggregate.summarize(health), found, _rates(store, health, now),
+            quality.summary(store, now - QUALITY_WINDOW_S, now))
+
+
+def _overview_query(request: Request) -> paging.Query:
+    """The overview's listing parameters: the API's (``fleet.paging``), OVERVIEW_ROWS rows unless ?limit=."""
+    params = {k: v for k, v in request.query_params.items() if k != "quality" and v != ""}  # a form's blanks
+    q = paging.parse(params, sortable=True)
+    return q if "limit" in params else dataclasses.replace(q, limit=OVERVIEW_ROWS)
+
+
+def _href(request: Request, cursor: str | None) -> str | None:
+    """The overview with the same parameters but the cursor (None: no such page; "": the first page)."""
+    if cursor is None:
+        return None
+    params = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor" and v != ""]
+    params += [("cursor", cursor)] if cursor else []
+    return "/" + (f"?{urlencode(params)}" if params else "")
 
 
 def _device_data(store: Store, device_id: str, since: float) -> tuple[tuple, dict] | None:
@@ -107,15 +131,21 @@ async def internal_get(request: Request, path: str) -> tuple[int, Any]:
         return status, None
 
 
-def routes(store: Store) -> list[BaseRoute]:
-    """The dashboard's routes over one store."""
+def routes(store: Store, metrics_per_device: bool = False) -> list[BaseRoute]:
+    """The dashboard's routes over one store; ``metrics_per_device``: /metrics gives each device's series too."""
 
     async def overview(request: Request) -> Response:
-        health, rates, worst = await run_in_threadpool(_overview_data, store)
+        try:
+            q = _overview_query(request)
+        except (paging.PageError, targets.TargetError) as err:
+            return HTMLResponse(pages.not_found("Bad request", str(err)), status_code=400)
+        agg, found, rates, worst = await run_in_threadpool(_overview_data, store, q)
         rollouts = pages_rollout.rollout_list(*await internal_get(request, "/api/rollouts"))
         limit = None if request.query_params.get("quality") == "all" else QUALITY_ROWS
         panel = pages_quality.worst_panel(worst, limit, QUALITY_WINDOW_S)
-        return HTMLResponse(pages.overview(health, rates, rollouts, quality=panel))
+        nav = pages.page_nav(_href(request, found.prev), _href(request, found.next), len(found.items))
+        form = pages.filter_form(dict(request.query_params), sorted({m for m, _ in agg.models}), paging.STATUSES)
+        return HTMLResponse(pages.overview(agg, found.items, rates, rollouts, quality=panel, nav=nav, filters=form))
 
     async def device(request: Request) -> Response:
         device_id = request.path_params["device_id"]
@@ -161,7 +191,7 @@ def routes(store: Store) -> list[BaseRoute]:
         allow(Route("/devices/{device_id}", device), READ, page=True),
         allow(Route("/rollouts/{rollout_id}", rollout), READ, page=True),
         allow(Route("/api/devices/{device_id}/series", device_series), READ),
-        *(allow(r, READ) for r in metrics.routes(store)),
+        *(allow(r, READ) for r in metrics.routes(store, metrics_per_device)),
         *(allow(r, READ) for r in openapi.routes()),
         allow(Mount("/static", StaticFiles(directory=STATIC), name="static"), PUBLIC),
     ]

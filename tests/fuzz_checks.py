@@ -46,6 +46,9 @@ UNSAYABLE = {
     "POST /enroll/renew": lambda case, message: message.startswith("csr:"),
     # a public key whose PEM bytes are not an ed25519 key; a statement that is not a signed trust statement
     "POST /api/keys": lambda case, message: message.startswith(("the key is", "the statement")),
+    # a cursor is opaque: only the `next` of a previous page (of the same sort) is one
+    "GET /api/health": lambda case, message: "cursor" in (case.query or {}) and message.startswith("invalid cursor"),
+    "GET /api/devices": lambda case, message: "cursor" in (case.query or {}) and message.startswith("invalid cursor"),
 }
 
 

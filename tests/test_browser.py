@@ -134,6 +134,11 @@ def test_overview_and_device_page_render_live_charts(tmp_path, bundles, converte
                 assert row.locator("td").nth(0).inner_text() == "online"
                 assert row.locator("td").nth(3).inner_text() == version
                 assert row.locator(f'a[href="/devices/{device}"]').count() == 1
+            # the fleet's aggregates (fleet/aggregate.py): one row a model version, the worst devices by p95, and
+            # the device table a page at a time (both fit on the first: no next link)
+            assert page.locator('#models tr[data-model="ocr-cls"]').count() == 2
+            assert page.locator("#worst-p95 tr[data-worst-device]").count() == 2
+            assert page.get_attribute("nav.pager", "data-shown") == "2" and page.locator('a[rel="next"]').count() == 0
             # the worst devices by model quality: cam-dock sent quality windows, cam-gate none
             row = page.locator('#quality-worst tr[data-quality-device="cam-dock"]')
             assert row.count() == 1 and row.locator('a[href="/devices/cam-dock"]').count() == 1

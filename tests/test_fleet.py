@@ -95,8 +95,8 @@ ACTIVE = protocol.ActiveModel(name="digits", version="1.2.0", sha256="ab" * 32, 
 
 @pytest.fixture
 def fleet(tmp_path, monkeypatch, store_url):
-    f = Fleet(tmp_path / "data", release_keys=[release_pub()], store_url=store_url,
-              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "data", release_keys=[release_pub()], store_url=store_url,  # /metrics per device: the
+              http_port=0, mqtt_listen="127.0.0.1:0", metrics_per_device=True).start_background()  # tests read each
     monkeypatch.setenv("EDGEFLEET_TOKEN", admin_token(f))  # for the CLI
     yield f
     f.stop()

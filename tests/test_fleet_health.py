@@ -199,7 +199,7 @@ def test_health_table_sorts_and_filters_in_the_api_and_the_cli(fleet, client, th
     assert ids(client.health(status="offline")) == ["gate-1"]
     assert ids(client.health(tag="cams", status="online", sort="p99")) == ["cam-2", "cam-1"]
     status, _, body = http("GET", f"{fleet.http_url}/api/health?tag=cams&sort=p95&order=asc", ca=fleet)
-    assert status == 200 and ids(json.loads(body)) == ["cam-1", "cam-2"]
+    assert status == 200 and ids(json.loads(body)["devices"]) == ["cam-1", "cam-2"]
 
     code, out, err = run_cli(capsys, "health", "--sort", "p95", *cli_args(fleet))
     assert code == 0, err
@@ -216,6 +216,22 @@ def test_health_table_sorts_and_filters_in_the_api_and_the_cli(fleet, client, th
     code, out, _ = run_cli(capsys, "health", "--status", "online", "--sort", "cpu", "--order", "asc", "--json",
                            *cli_args(fleet))
     assert code == 0 and ids(json.loads(out)) == ["cam-1", "cam-2"]
+    # pages (fleet/paging.py): the CLI follows them (--json has every entry), --limit takes the first N
+    code, out, _ = run_cli(capsys, "health", "--sort", "p95", "--limit", "2", "--json", *cli_args(fleet))
+    assert code == 0 and ids(json.loads(out)) == ["cam-2", "gate-1"]
+    code, out, _ = run_cli(capsys, "devices", "--prefix", "cam-", "--json", *cli_args(fleet))
+    assert code == 0 and [d["id"] for d in json.loads(out)] == ["cam-1", "cam-2"]
+    status, headers, body = http("GET", f"{fleet.http_url}/api/health?sort=p95&limit=1", ca=fleet)
+    doc = json.loads(body)
+    assert status == 200 and ids(doc["devices"]) == ["cam-2"] and doc["limit"] == 1 and doc["next"]
+    link = dict(headers)["link"]
+    assert link.startswith("</api/health?sort=p95&limit=1&cursor=") and link.endswith('>; rel="next"')
+    got = ids(doc["devices"])
+    while doc["next"]:  # the cursor carries the sort: each device once, in that order
+        status, _, body = http("GET", f"{fleet.http_url}/api/health?sort=p95&limit=1&cursor={doc['next']}", ca=fleet)
+        doc = json.loads(body)
+        got += ids(doc["devices"])
+    assert got == ["cam-2", "gate-1", "cam-1"]
 
 
 def test_device_report(fleet, client, devices, bundle, capsys):
@@ -330,6 +346,15 @@ def test_bad_input_to_the_api_and_the_cli(fleet, client, devices, tmp_path, caps
     assert status == 400 and "invalid tag" in msg
     status, msg = api("GET", "/api/health?stauts=online")
     assert status == 400 and "unknown query parameter 'stauts'" in msg
+    for query, needle in (("limit=0", "limit='0' is out of range: a whole number from 1 to 1000"),
+                          ("cursor=bm90IGEgY3Vyc29y", "invalid cursor: pass back the `next` of the previous page"),
+                          ("prefix=Cam", "invalid prefix 'Cam'"), ("limit=5&limit=6", "limit is given more than once")):
+        for endpoint in ("/api/health", "/api/devices"):
+            assert api("GET", f"{endpoint}?{query}") == (400, api("GET", f"/api/health?{query}")[1])
+            assert needle in api("GET", f"{endpoint}?{query}")[1], (endpoint, query)
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error: exit 2, the option named
+        run_cli(capsys, "health", "--limit", "0", *cli_args(fleet))
+    assert exited.value.code == 2 and "--limit: '0' is not a whole number of at least 1" in capsys.readouterr().err
     for limit in ("0", "1001", "-1", "ten"):
         status, msg = api("GET", f"/api/health/cam-1?events={limit}")
         assert status == 400 and "out of range" in msg, (limit, msg)

@@ -26,8 +26,8 @@ TIMEOUT = 30.0
 
 @pytest.fixture
 def fleet(tmp_path):
-    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],
-              http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    f = Fleet(tmp_path / "fleet", release_keys=[release_pub()],  # /metrics per device: a test reads one's conflict
+              http_port=0, mqtt_listen="127.0.0.1:0", metrics_per_device=True).start_background()
     yield f
     f.stop()
 

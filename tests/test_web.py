@@ -54,8 +54,8 @@ def fleet_with_agents(tmp: Path, deploy: dict[str, Path], crops, interval: float
     from fleet.broker import free_port
     from util import agent_config
 
-    fleet = Fleet(tmp / "fleet", release_keys=[release_pub()],
-                  http_port=0, mqtt_listen="127.0.0.1:0").start_background()
+    fleet = Fleet(tmp / "fleet", release_keys=[release_pub()],  # /metrics per device: the tests read each one's
+                  http_port=0, mqtt_listen="127.0.0.1:0", metrics_per_device=True).start_background()
     TOKENS[fleet.http_url] = admin_token(fleet)
     agents = {}
     try:
@@ -264,11 +264,18 @@ def test_metrics_escape_labels():
                "errors": 1, "latency_ms": {"p50": 1.5, "p95": 2.0, "p99": 2.5}, "cpu_percent": None,
                "rss_bytes": None, "memory_percent": None, "temperature_c": 41.5, "last_seen": 1.7e9,
                "seq_gaps": 2}]
-    families = {f.name: f for f in text_string_to_metric_families(render(health))}
+    families = {f.name: f for f in text_string_to_metric_families(render(health, per_device=True))}
     [s] = families["edgefleet_device_temperature_celsius"].samples
     assert s.labels == {"device": "d-1", "model": odd, "version": "1"} and s.value == 41.5
     assert families["edgefleet_device_cpu_percent"].samples == []
     assert {s.labels["state"]: s.value for s in families["edgefleet_devices"].samples} == {"online": 0, "offline": 1}
+    # the aggregates by model carry the same label, escaped the same way; without per_device, no device label
+    [s] = families["edgefleet_model_temperature_celsius_max"].samples
+    assert s.labels == {"model": odd, "version": "1"} and s.value == 41.5
+    families = {f.name: f for f in text_string_to_metric_families(render(health))}
+    assert not [f for f in families if f.startswith("edgefleet_device_")]
+    assert {(s.labels["model"], s.labels["state"]): s.value for s in families["edgefleet_model_devices"].samples} \
+        == {(odd, "online"): 0, (odd, "offline"): 1}
 
 
 def _schema_type(schema: dict):
