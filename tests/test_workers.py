@@ -200,7 +200,7 @@ def test_the_leader_killed_mid_rollout_hands_it_to_the_other_worker(cluster, tmp
     assert b.ready()["leader"] is False and b.ready()["worker"] == "b"
     run = Running(b, tmp_path / "sim", 6, interval=0.5, rate_errors=0.0, update_s=0.2, ack_timeout=2.0)
     client = b.client()  # the rollout is made and followed through the worker that does not lead
-    wait_for(lambda: len([d for d in client.health()["devices"] if d["device_id"].startswith("sim-")]) == 6,
+    wait_for(lambda: len(client.health(prefix="sim-")) == 6,
              TIMEOUT, what="6 devices in the registry")
     v1 = client.upload_bundle(bundles["v1"])["sha256"]
     ro = client.create_rollout(v1, ["all"], waves="1,50%,100%", soak="4s")
@@ -229,3 +229,53 @@ def test_a_worker_without_its_broker_or_postgresql_is_one_line_and_exit_2(args, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "fleet").exists()  # refused before anything was made
+
+
+def stored_once_without_gaps(cluster: Cluster, count: int, sent: int) -> None:
+    rows = {r[0]: r[1:] for r in cluster.rows(
+        "SELECT device_id, count(*), count(DISTINCT seq), min(seq), max(seq) FROM telemetry "
+        "WHERE device_id LIKE 'sim-%' GROUP BY device_id")}
+    assert sorted(rows) == device_ids("sim-", count)
+    for device, (n, distinct, lo, hi) in rows.items():
+        assert (n, distinct, lo) == (hi, hi, 1), (device, n, distinct, lo, hi)
+    assert sum(r[0] for r in rows.values()) == sent
+
+
+@pytest.mark.slow
+def test_postgresql_restarted_under_load_the_workers_reconnect_and_lose_nothing(cluster, pg_cluster, tmp_path):
+    a, b = cluster.start("a"), cluster.start("b")
+    a.ready(), b.ready()
+    run = Running(a, tmp_path / "sim", 10, interval=0.2, rate_errors=0.0, ack_timeout=2.0)
+    wait_for(lambda: len(run.sim.devices) == 10 and cluster.stored() >= 100, TIMEOUT, what="100 windows stored")
+    pg_cluster.restart()  # every session ends: the pools' connections, the leader's lock
+    before = cluster.stored()
+    wait_for(lambda: cluster.stored() >= before + 200, TIMEOUT, what="the workers storing again")
+    # one leader again (the lock went with the old session; a worker takes it on a new one)
+    wait_for(lambda: sorted(bool((w.status() or {}).get("leader")) for w in (a, b)) == [False, True], TIMEOUT,
+             what="one leader after the restart")
+    run.settle()
+    summary = run.stop()
+    stored_once_without_gaps(cluster, 10, summary["telemetry"])
+    assert summary["unacked_dropped"] == 0
+
+
+def test_the_leader_lock_is_dropped_with_its_session_and_taken_by_another(pg_cluster):
+    from fleet.leader import LOCK
+    from fleet.store import open_store
+
+    url = pg_cluster.new_database()
+    one, two = open_store(url), open_store(url)
+    try:
+        assert one.try_leader(LOCK) and not two.try_leader(LOCK)
+        assert one.try_leader(LOCK)  # still: its session answers
+        # the server probes the holder's connection, so a partitioned holder's session (and lock) ends in seconds
+        conn = one.backend._leader
+        assert [conn.execute(f"SHOW {k}").fetchone()[0] for k in ("tcp_keepalives_idle", "tcp_keepalives_interval",
+                                                                    "tcp_keepalives_count")] == ["5", "2", "3"]
+        two.query("SELECT pg_terminate_backend(?)", (conn.info.backend_pid,))  # its session ends (as on a restart)
+        assert not one.try_leader(LOCK)  # it notices, and says it no longer leads
+        assert two.try_leader(LOCK) and not one.try_leader(LOCK)
+        two.release_leader()
+        assert one.try_leader(LOCK)
+    finally:
+        one.close(), two.close()

@@ -384,10 +384,18 @@ class PostgresBackend(Backend):
                 self._leader, self._leads = None, set()
                 if lost:
                     return False  # deposed this round; the next one may take the lock again (on a new session)
+            got = None
+            if self._leader is not None:  # a follower's connection, kept from an earlier try: it may be gone
+                try:
+                    got = self._leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]
+                except psycopg.OperationalError:
+                    with contextlib.suppress(Exception):
+                        self._leader.close()
+                    self._leader = None
             if self._leader is None:
                 self._leader = psycopg.connect(self.url, autocommit=True, options=KEEPALIVES,
                                                connect_timeout=max(1, int(self.connect_timeout)))
-            got = self._leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]
+                got = self._leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]
             if got:
                 self._leads.add(name)
             return bool(got)
