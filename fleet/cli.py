@@ -310,6 +310,8 @@ def _broker_config(args: argparse.Namespace) -> int:
     from fleet.pki import PKI, default_hosts
 
     host, port = parse_hostport(args.listen, "--listen address")
+    for name in args.worker:
+        check_worker(name, "-", "postgresql://")
     pki = PKI(args.data / PKI_DIR).ensure(default_hosts() + args.hostname)
     revoked: list[str] = []
     if args.store or (args.data / DB).exists():
@@ -323,8 +325,6 @@ def _broker_config(args: argparse.Namespace) -> int:
             store.close()
     out = args.out or args.data / "broker"
     out.mkdir(parents=True, exist_ok=True)
-    for name in args.worker:
-        check_worker(name, "-", "postgresql://")
     (out / "acl").write_text(acl_text(revoked, args.worker))
     (out / "mosquitto.conf").write_text("# the edgefleet fleet's listener (`edgefleet fleet broker-config`)\n"
                                        + "\n".join(secure_listener(pki, host, port, out / "acl")) + "\n")

@@ -279,3 +279,23 @@ def test_the_leader_lock_is_dropped_with_its_session_and_taken_by_another(pg_clu
         assert one.try_leader(LOCK)
     finally:
         one.close(), two.close()
+
+
+def test_workers_share_a_data_dir_but_not_a_name_and_the_acl_admits_each(tmp_path, capsys):
+    import fcntl
+
+    from agent.errors import EdgefleetError
+    from fleet.app import Fleet
+
+    data = tmp_path / "fleet"
+    data.mkdir()
+    with open(data / ".lock-worker-a", "a+") as held:  # worker a runs on this dir
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(EdgefleetError, match=f"another worker a is using {data}"):
+            Fleet(data, worker="a", broker_url="mqtts://127.0.0.1:1", store_url="postgresql://u@h/db").start()
+        assert not (data / ".lock").exists()  # a lone controller's lock is another file: b would take its own
+    assert edgefleet_main(["fleet", "broker-config", "--data", str(data), "--worker", "a", "--worker", "b"]) == 0
+    acl = (data / "broker" / "acl").read_text()
+    for user in ("controller@edgefleet", "controller-a@edgefleet", "controller-b@edgefleet"):
+        assert f"user {user}\ntopic readwrite edgefleet/v1/#\n" in acl
+    assert "pattern read edgefleet/v1/%u/ack" in acl
