@@ -56,8 +56,8 @@ def register(sub: argparse._SubParsersAction, client_args) -> None:
     s.add_argument("--ca-fingerprint", metavar="SHA256",
                    help="with --provision-token: the fleet CA's fingerprint, as `fleet provision` prints it")
     s.add_argument("--ack-timeout", default="30", metavar="SECONDS",
-                   help="send a window or event again when the controller has not acknowledged it (stored it) "
-                        "after this long, the wait doubling up to 10 min (default 30, as the agent)")
+                   help="send a window or event again when the controller has not acknowledged it (stored "
+                        "it) after this long, the wait doubling up to 10 min (default 30, as the agent)")
     s.add_argument("--seed", metavar="N", help="seed the random choices (failures, jitter)")
     client_args(s)
 

@@ -4,9 +4,10 @@ Several workers (``fleet serve --worker NAME``) share one PostgreSQL store and s
 them, but some work must run exactly once: the rollout driver, the offline sweep, retention and the re-signing of
 desireds. The store elects: a PostgreSQL advisory lock held on a connection of its own (``store.try_leader()``), so
 the lock goes with its holder when that process dies or loses the database (PostgreSQL ends the session), and
-another worker, trying every ``every_s``, takes it over within seconds. Every round calls ``store.try_leader``,
-which for the holder checks that its lock's session still answers, so a holder that lost the database stops its
-singletons at once (the server, through TCP keepalives, ends such a session within seconds and frees the lock). On SQLite there is one
+another worker, trying every ``every_s``, takes it over within seconds. Every round calls
+``store.try_leader``, which for the holder checks that its lock's session still answers, so a holder that lost
+the database stops its singletons at once (the server, through TCP keepalives, ends such a session within
+seconds and frees the lock). On SQLite there is one
 controller (the data directory's lock says so), and it is always the leader.
 
 What the leader runs keeps its state in the store (a rollout is persisted at every step with the publishes it asked

@@ -32,9 +32,9 @@ WORKER_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # a worker's name (fleet s
 
 
 def worker_cn(name: str) -> str:
-    """The MQTT identity (certificate CN, so user name and client id on the broker) of controller worker ``name``:
-    a broker that makes the CN the client id (mosquitto's use_username_as_clientid) would have workers sharing
-    ``controller@edgefleet`` take each other's session over; like it, no device id can be this (no ``@``)."""
+    """The MQTT identity (certificate CN, so user name and client id on the broker) of controller worker
+    ``name``: a broker that makes the CN the client id (mosquitto's use_username_as_clientid) would have workers
+    sharing ``controller@edgefleet`` take each other's session over; like it, no device id can be this (no @)."""
     return f"controller-{name}@edgefleet"
 BROKER_CN = "broker@edgefleet"
 CA_CN = "edgefleet fleet CA"
