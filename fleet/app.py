@@ -261,8 +261,12 @@ class Fleet:
             client_id = self.client_id
             if self.worker is not None:
                 client_id = f"{CLIENT_ID}-{self.worker}"
-                if self.broker_tls is None and self.pki is not None:
-                    tls = self.pki.worker_tls(self.worker, self._hosts())
+                # its own identity (fleet.pki.worker_cn), unless --cert named one; --ca alone keeps that CA
+                default_cert = self.pki is not None and (
+                    self.broker_tls is None or Path(self.broker_tls.cert or "") == self.pki.controller_crt)
+                if default_cert:
+                    own = self.pki.worker_tls(self.worker, self._hosts())
+                    tls = transport.Tls(self.broker_tls.ca if self.broker_tls else own.ca, own.cert, own.key)
             self.link = Link(self._broker_url, self.store, client_id=client_id, tls=tls,
                              enrolled=self.enrollment.is_enrolled if self.enrollment else None,
                              signer=self.signer, session_expiry_s=self.session_expiry_s,

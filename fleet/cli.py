@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ca", metavar="FILE", help="with --broker: the CA its certificate chains to (default: the "
                    "fleet CA)")
     s.add_argument("--cert", metavar="FILE", help="with --broker: the controller's client certificate there "
-                   "(default: DATA/pki/controller.crt, CN controller@edgefleet)")
+                   "(default: DATA/pki/controller.crt, CN controller@edgefleet; a --worker: "
+                   "DATA/pki/worker-NAME.crt, CN controller-NAME@edgefleet)")
     s.add_argument("--key", metavar="FILE", help="with --cert: its private key")
     s.add_argument("--public-broker", metavar="mqtts://HOST:PORT",
                    help="the broker URL enrolled devices are told (default: --broker, or the embedded broker at "
