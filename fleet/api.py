@@ -97,9 +97,11 @@ def create_app(store: Store, link: Link, bundles_dir: Path, public_url: Callable
 
     async def status(request: Request) -> Response:
         count = await run_in_threadpool(store.device_count)
+        leader = getattr(request.app.state, "leader", None)  # fleet.app.Fleet.is_leader (absent: a bare app)
         return JSONResponse({"ok": True, "broker": link.broker_url, "mqtt_connected": link.connected,
                              "devices": count, "received": link.received, "duplicates": link.duplicates,
-                             "invalid": link.invalid})
+                             "invalid": link.invalid, "worker": getattr(request.app.state, "worker", None),
+                             "leader": True if leader is None else leader()})
 
     async def upload_bundle(request: Request) -> Response:
         bundles_dir.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ from fleet.auth import DEFAULT_MAX_BUNDLE_BYTES, Auth, any_caller_is_a_device
 from fleet.broker import Mosquitto
 from fleet.enroll import CERT_LIFETIME_S, Enrollment
 from fleet.keys import Keys
-from fleet.link import CLIENT_ID, Link
-from fleet.pki import PKI, default_hosts, fingerprint, pem
+from fleet.leader import Leadership
+from fleet.link import CLIENT_ID, SESSION_EXPIRY_S, Link
+from fleet.pki import PKI, WORKER_RE, default_hosts, fingerprint, pem
 from fleet.retention import Housekeeper, Policy
 from fleet.rollouts import Rollouts
 from fleet.signer import DESIRED_TTL_S, MIN_DESIRED_TTL_S, Signer, resign
@@ -43,6 +44,25 @@ BUNDLES = "bundles"
 BROKER_DIR = "mosquitto"
 CONTROLLER_JSON = "controller.json"
 PKI_DIR = "pki"
+SHARE = "edgefleet"  # the workers' shared-subscription group ($share/edgefleet/...)
+# A worker's MQTT session ends with its connection. With a session kept, a broker goes on queueing a dead worker's
+# share of new messages for it (mosquitto does); with none, they all go to the live workers. What was in flight to
+# the dead one may be dropped (mosquitto #2662): the devices send again what the controller never acknowledged.
+WORKER_SESSION_EXPIRY_S = 0
+
+
+def check_worker(name: str, broker_url: str | None, store_url: str | None) -> str:
+    """A worker's name, once checked with what a worker needs: an external broker and a PostgreSQL store (one
+    line, EdgefleetError, when not)."""
+    if not isinstance(name, str) or not WORKER_RE.fullmatch(name):
+        raise EdgefleetError(f"invalid --worker {name!r}: 1 to 63 of a-z 0-9 . _ - (starting with a letter or digit)")
+    if not broker_url:
+        raise EdgefleetError("--worker needs an external --broker mqtts://HOST:PORT that all workers share "
+                             "(the embedded broker is one process's)")
+    if not str(store_url or "").lower().startswith(("postgresql://", "postgres://")):
+        raise EdgefleetError("--worker needs a PostgreSQL store that all workers share: "
+                             "--store postgresql://USER@HOST:PORT/DB")
+    return name
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -86,8 +106,16 @@ class Fleet:
                  device_identity: Callable[[dict], str | None] | None = None,
                  max_clock_offset_s: float = MAX_CLOCK_OFFSET_S, release_keys: list[str | Path] = (),
                  allow_unsigned: bool = False, desired_ttl_s: float = DESIRED_TTL_S,
-                 store_url: str | None = None, metrics_per_device: bool = False) -> None:
+                 store_url: str | None = None, metrics_per_device: bool = False, worker: str | None = None,
+                 session_expiry_s: int | None = None) -> None:
         self.data_dir = Path(data_dir)
+        # one of several controller workers (fleet/leader.py): a name, an external broker, a PostgreSQL store
+        self.worker = check_worker(worker, broker_url, store_url) if worker is not None else None
+        self.session_expiry_s = session_expiry_s if session_expiry_s is not None else (
+            WORKER_SESSION_EXPIRY_S if worker is not None else SESSION_EXPIRY_S)
+        if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
+            raise EdgefleetError(f"invalid session expiry {self.session_expiry_s}: 0 to 4294967295 seconds")
+        self.leadership: Leadership | None = None
         # the database (fleet/store/): sqlite:///PATH or postgresql://...; None: DATA/fleet.db, as always
         self.store_url = store_url
         # signing (fleet/signer.py, fleet/keys.py): release keys to list at start, whether unsigned bundles are
@@ -193,6 +221,7 @@ class Fleet:
         """Open the store, bind HTTP, start the broker (unless one was given) and connect to it."""
         if self.store is not None:
             return self
+        setup = None
         if self._broker_url is not None:  # a bad URL fails before anything starts
             try:
                 transport.parse_url(self._broker_url, allow_plaintext=self.insecure, what="--broker")
@@ -203,6 +232,7 @@ class Fleet:
             transport.parse_url(self._public_broker, allow_plaintext=self.insecure, what="--public-broker")
         try:
             self._lock_data_dir()
+            setup = self._setup_lock()  # workers sharing the dir: one makes the CA and signing key, the others wait
             self.store = Store(self.store_url or self.data_dir / DB, offline_after=self.offline_after,
                                max_clock_offset_s=self.max_clock_offset_s).open()
             self.store.read_profiles(self.data_dir / BUNDLES)  # bundles stored before the store kept profiles
@@ -228,11 +258,21 @@ class Fleet:
                                              cert_lifetime_s=self.cert_lifetime_s, on_revoke=self._revoked,
                                              controller_key=self.signer.pem)
             tls = self.broker_tls or (self.pki.controller_tls() if self.pki else None)
-            self.link = Link(self._broker_url, self.store, client_id=self.client_id, tls=tls,
+            client_id = self.client_id
+            if self.worker is not None:
+                client_id = f"{CLIENT_ID}-{self.worker}"
+                # its own identity (fleet.pki.worker_cn), unless --cert named one; --ca alone keeps that CA
+                default_cert = self.pki is not None and (
+                    self.broker_tls is None or Path(self.broker_tls.cert or "") == self.pki.controller_crt)
+                if default_cert:
+                    own = self.pki.worker_tls(self.worker, self._hosts())
+                    tls = transport.Tls(self.broker_tls.ca if self.broker_tls else own.ca, own.cert, own.key)
+            self.link = Link(self._broker_url, self.store, client_id=client_id, tls=tls,
                              enrolled=self.enrollment.is_enrolled if self.enrollment else None,
-                             signer=self.signer).start()
+                             signer=self.signer, session_expiry_s=self.session_expiry_s,
+                             share=SHARE if self.worker is not None else None).start()
             self.housekeeper = Housekeeper(self.store, self.retention, self._sweep_every_s, self._compact_every_s,
-                                           tasks=[("re-signing desireds", self.resign)]).start()
+                                           tasks=[("re-signing desireds", self.resign)])
             from fleet.api import create_app
 
             self.auth = Auth.for_controller(self.store, self.http_host, self.public_url, self.hostnames,
@@ -242,23 +282,59 @@ class Fleet:
             self.app = create_app(self.store, self.link, self.data_dir / BUNDLES, lambda: self.public_url,
                                   self.auth, enrollment=self.enrollment, keys=self.keys,
                                   allow_unsigned=self.allow_unsigned, metrics_per_device=self.metrics_per_device)
-            self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url).start()
+            self.rollouts = self.app.state.rollouts = Rollouts(self.store, self.link, lambda: self.public_url)
+            self.app.state.worker = self.worker
+            if self.worker is None:  # the only controller: it runs them all, as always
+                self._elected()
+            else:  # one of several: the leader runs them (fleet/leader.py)
+                self.leadership = Leadership(self.store, self.worker, self._elected, self._deposed).start()
+            self.app.state.leader = self.is_leader
         except BaseException:
             self.stop()
             raise
+        finally:
+            if setup is not None:
+                setup.close()
         return self
 
+    def is_leader(self) -> bool:
+        """Whether this controller runs the rollout driver, the sweep and retention (always, unless a worker)."""
+        return self.leadership.leading if self.leadership is not None else self.store is not None
+
+    def _elected(self) -> None:
+        self.housekeeper.start()
+        self.rollouts.start()
+
+    def _deposed(self) -> None:
+        if self.rollouts is not None:
+            self.rollouts.stop()
+        if self.housekeeper is not None:
+            self.housekeeper.stop()
+
     def _lock_data_dir(self) -> None:
+        """One controller per data dir; or, with ``worker``, one per worker name (workers on one machine may share
+        the dir: its CA, signing key and bundles)."""
         if not self.data_dir.exists():
-            self.data_dir.mkdir(parents=True)
+            self.data_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.data_dir, 0o700)  # the database, the bundles, the CA's key and the admin token
-        f = open(self.data_dir / ".lock", "a+")
+        name = ".lock" if self.worker is None else f".lock-worker-{self.worker}"
+        f = open(self.data_dir / name, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
-            raise EdgefleetError(f"another fleet controller is using {self.data_dir}") from None
+            who = "another fleet controller" if self.worker is None else f"another worker {self.worker}"
+            raise EdgefleetError(f"{who} is using {self.data_dir}") from None
         self._lock_file = f
+
+    def _setup_lock(self):
+        """With ``worker``: an exclusive lock on DATA/.setup.lock, held while this worker makes (or reads) what the
+        dir's workers share; None for a lone controller (the data dir's lock is its own already)."""
+        if self.worker is None:
+            return None
+        f = open(self.data_dir / ".setup.lock", "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return f
 
     def _bind(self) -> None:
         family = socket.AF_INET6 if ":" in self.http_host else socket.AF_INET
@@ -331,6 +407,9 @@ class Fleet:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self.leadership is not None:
+            self.leadership.stop()  # stops the leader's work, frees the lock for another worker
+            self.leadership = None
         if self.housekeeper is not None:
             self.housekeeper.stop()
             self.housekeeper = None
@@ -348,7 +427,11 @@ class Fleet:
             self.store.close()
             self.store = None
         if self._wrote_json:
-            (self.data_dir / CONTROLLER_JSON).unlink(missing_ok=True)
+            try:  # workers sharing the dir each write it: only this process's copy goes
+                if json.loads((self.data_dir / CONTROLLER_JSON).read_text()).get("pid") == os.getpid():
+                    (self.data_dir / CONTROLLER_JSON).unlink(missing_ok=True)
+            except (OSError, ValueError):
+                pass
             self._wrote_json = False
         if self._lock_file is not None:
             self._lock_file.close()  # releases the lock
@@ -418,6 +501,7 @@ class Fleet:
 
     def _write_controller_json(self) -> None:
         doc = {"http": self.http_url, "broker": self.broker_url, "pid": os.getpid(), "insecure": self.insecure,
+               "worker": self.worker,
                "ca_fingerprint": self.pki.ca_fingerprint if self.pki else None}
         fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".controller.", suffix=".json")
         with os.fdopen(fd, "w") as f:

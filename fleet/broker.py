@@ -44,13 +44,16 @@ ACL = "acl"
 MAX_PACKET_SIZE = 128 * 1024  # bytes; the largest message of the contract is a few KiB
 
 
-def acl_text(revoked: list[str] = ()) -> str:
-    """The ACL file: the controller's identity reads and writes every device's topics; a device publishes its own
-    reports and reads its own desired model and commands; a revoked id may do nothing."""
-    from fleet.pki import CONTROLLER_CN
+def acl_text(revoked: list[str] = (), workers: list[str] = ()) -> str:
+    """The ACL file: the controller's identity (and each controller worker's, ``fleet.pki.worker_cn``) reads and
+    writes every device's topics; a device publishes its own reports and reads its own desired model, commands
+    and acks; a revoked id may do nothing."""
+    from fleet.pki import CONTROLLER_CN, worker_cn
 
     lines = ["# written by edgefleet; regenerated on every start and revocation", "",
              f"user {CONTROLLER_CN}", "topic readwrite edgefleet/v1/#", ""]
+    for name in sorted(set(workers)):  # names are [a-z0-9._-] (fleet.pki.WORKER_RE)
+        lines += [f"user {worker_cn(name)}", "topic readwrite edgefleet/v1/#", ""]
     for device_id in sorted(set(revoked)):  # ids are [a-z0-9._-]: nothing here can break the file's syntax
         lines += [f"user {device_id}", "topic deny #", ""]
     lines += ["# every other client: a device, its user name being the CN of its certificate",
@@ -102,8 +105,9 @@ class Mosquitto:
     """
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0,
-                 start_timeout: float = 10.0, pki: "PKI | None" = None) -> None:
+                 start_timeout: float = 10.0, pki: "PKI | None" = None, workers: list[str] = ()) -> None:
         self.data_dir = Path(data_dir)
+        self.workers = list(workers)  # controller workers the ACL admits besides the controller (fleet serve --worker)
         self.host = host
         self.port = port
         self.start_timeout = start_timeout
@@ -121,7 +125,7 @@ class Mosquitto:
         return self.data_dir / ACL
 
     def acl(self) -> str:
-        return acl_text(self._revoked)
+        return acl_text(self._revoked, self.workers)
 
     def set_revoked(self, device_ids: list[str]) -> None:
         """Deny these device ids everything (written to the ACL now; applied to live connections by reload())."""

@@ -58,10 +58,21 @@ def _parser() -> argparse.ArgumentParser:
                         "from ~/.pgpass or $PGPASSWORD instead)")
     s.add_argument("--broker", metavar="mqtts://HOST:PORT", help="use this broker instead of starting mosquitto "
                    "(it must trust the fleet CA in DATA/pki and apply the ACL: see `fleet broker-config`)")
+    s.add_argument("--worker", metavar="NAME",
+                   help="run as one of several controller workers named NAME (a-z 0-9 . _ -): needs an external "
+                        "--broker and a postgresql:// --store that all workers share; MQTT v5 shared subscriptions "
+                        "split device traffic between them, and one (the leader, elected in PostgreSQL) runs "
+                        "rollouts, the offline sweep and retention. Workers on one machine may share --data; each "
+                        "needs its own --http port. The broker's ACL must admit controller-NAME@edgefleet "
+                        "(`fleet broker-config --worker NAME`)")
+    s.add_argument("--session-expiry", type=int, metavar="SECONDS",
+                   help="the controller's MQTT session expiry (default: 7 days; 0 for a --worker: a dead worker's "
+                        "share then goes to the others at once, and devices re-send what it had not stored)")
     s.add_argument("--ca", metavar="FILE", help="with --broker: the CA its certificate chains to (default: the "
                    "fleet CA)")
     s.add_argument("--cert", metavar="FILE", help="with --broker: the controller's client certificate there "
-                   "(default: DATA/pki/controller.crt, CN controller@edgefleet)")
+                   "(default: DATA/pki/controller.crt, CN controller@edgefleet; a --worker: "
+                   "DATA/pki/worker-NAME.crt, CN controller-NAME@edgefleet)")
     s.add_argument("--key", metavar="FILE", help="with --cert: its private key")
     s.add_argument("--public-broker", metavar="mqtts://HOST:PORT",
                    help="the broker URL enrolled devices are told (default: --broker, or the embedded broker at "
@@ -121,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, metavar="OUT", help="where to write the two files (default DIR/broker)")
     b.add_argument("--store", metavar="URL", help="the controller's database, as `fleet serve --store` (default: "
                    "DIR/fleet.db): the revoked devices and certificates come from there")
+    b.add_argument("--worker", action="append", default=[], metavar="NAME",
+                   help="a controller worker the ACL admits (controller-NAME@edgefleet; repeat for each)")
     b.add_argument("--listen", default="0.0.0.0:8883", metavar="HOST:PORT",
                    help="the listener to configure (default %(default)s)")
     b.add_argument("--hostname", action="append", default=[], metavar="NAME",
@@ -261,7 +274,8 @@ def _serve(args: argparse.Namespace) -> int:
                   max_clock_offset_s=parse_duration(args.max_clock_offset, "--max-clock-offset"),
                   release_keys=args.release_key, allow_unsigned=args.allow_unsigned,
                   desired_ttl_s=parse_duration(args.desired_ttl, "--desired-ttl"), store_url=args.store,
-                  metrics_per_device=args.metrics_per_device)
+                  metrics_per_device=args.metrics_per_device, worker=args.worker,
+                  session_expiry_s=args.session_expiry)
     if args.allow_unsigned:
         print("edgefleet fleet: WARNING: --allow-unsigned: bundles no listed release key signed are taken. Devices "
               "that check signatures refuse them; anyone with an operator token can upload any model.",
@@ -292,11 +306,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _broker_config(args: argparse.Namespace) -> int:
-    from fleet.app import DB, PKI_DIR, parse_hostport
+    from fleet.app import DB, PKI_DIR, check_worker, parse_hostport
     from fleet.broker import acl_text, secure_listener
     from fleet.pki import PKI, default_hosts
 
     host, port = parse_hostport(args.listen, "--listen address")
+    for name in args.worker:
+        check_worker(name, "-", "postgresql://")
     pki = PKI(args.data / PKI_DIR).ensure(default_hosts() + args.hostname)
     revoked: list[str] = []
     if args.store or (args.data / DB).exists():
@@ -310,7 +326,7 @@ def _broker_config(args: argparse.Namespace) -> int:
             store.close()
     out = args.out or args.data / "broker"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "acl").write_text(acl_text(revoked))
+    (out / "acl").write_text(acl_text(revoked, args.worker))
     (out / "mosquitto.conf").write_text("# the edgefleet fleet's listener (`edgefleet fleet broker-config`)\n"
                                        + "\n".join(secure_listener(pki, host, port, out / "acl")) + "\n")
     print(f"wrote {out / 'mosquitto.conf'} and {out / 'acl'} (CA {pki.ca_crt}, fingerprint {pki.ca_fingerprint})")

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction, client_args) -> None:
                    help="enroll new devices with this provisioning token (its prefix must allow --prefix)")
     s.add_argument("--ca-fingerprint", metavar="SHA256",
                    help="with --provision-token: the fleet CA's fingerprint, as `fleet provision` prints it")
+    s.add_argument("--ack-timeout", default="30", metavar="SECONDS",
+                   help="send a window or event again when the controller has not acknowledged it (stored "
+                        "it) after this long, the wait doubling up to 10 min (default 30, as the agent)")
     s.add_argument("--seed", metavar="N", help="seed the random choices (failures, jitter)")
     client_args(s)
 
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         update_s=_seconds(args.update_time, "--update-time", 0, 3600) if args.update_time not in ("0", "0s")
         else 0.0,
         download=args.download,
-        inferences_per_s=_number(args.inferences, "--inferences", 0, 1e6))
+        inferences_per_s=_number(args.inferences, "--inferences", 0, 1e6),
+        ack_timeout=_seconds(args.ack_timeout, "--ack-timeout", 0.1, 86400))
     connect_rate = _number(args.connect_rate, "--connect-rate", 0.01, 1e5)
     duration = _seconds(args.duration, "--duration", 0.1, 365 * 86400) if args.duration else None
     seed = int(_number(args.seed, "--seed", 0, 2**63, integer=True)) if args.seed is not None else None

@@ -87,7 +87,8 @@ class Link:
                  connect_timeout: float = 5.0, publish_timeout: float = 10.0,
                  session_expiry_s: int = SESSION_EXPIRY_S, tls: transport.Tls | None = None,
                  enrolled: Callable[[str], bool] | None = None, signer: "Signer | None" = None,
-                 queue_max: int = QUEUE_MAX, batch_max: int = BATCH_MAX, acks: bool = True) -> None:
+                 queue_max: int = QUEUE_MAX, batch_max: int = BATCH_MAX, acks: bool = True,
+                 share: str | None = None) -> None:
         self.broker_url = broker_url
         self.url = transport.parse_url(broker_url)
         self.host, self.port = self.url.host, self.url.port
@@ -111,6 +112,7 @@ class Link:
         self._client: mqtt.Client | None = None
         self._stopping = False
         self.queue_max, self.batch_max = queue_max, batch_max
+        self.share = share  # a worker's: telemetry, events and quality on $share/<share>/... (see subscriptions)
         self.acks = acks  # publish end-to-end acks (False: as a controller from before them; tests)
         self.batches = 0  # committed batches
         self.acks_sent = 0  # ack messages published
@@ -187,7 +189,7 @@ class Link:
         self._session += 1
         # Retained state is sent only for a new subscription (retain handling 1), not on every reconnect.
         opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        client.subscribe([(protocol.subscription(kind), opts) for kind in STORED])
+        client.subscribe(subscriptions(self.share, opts))
         log.info("connected to %s (session present: %s)", self.broker_url, flags.session_present)
         self._connect_error = None
 
@@ -402,6 +404,20 @@ class Link:
         if not info.is_published():
             raise EdgefleetError(f"the broker {self.broker_url} did not acknowledge {what} for "
                                  f"{device_id} within {self.publish_timeout:g} s")
+
+
+def subscriptions(share: str | None, opts: SubscribeOptions) -> list[tuple[str, SubscribeOptions]]:
+    """What the link subscribes to. Alone: every kind of every device. As one of several workers (``share``, a
+    group name): telemetry, events and quality through MQTT v5 shared subscriptions (``$share/<group>/...``), so
+    the broker gives each message to one worker of the group; but ``state`` on a plain subscription in every
+    worker, because a broker never sends retained messages on a shared subscription (MQTT 5, 4.8.2), and a new
+    worker must read the devices' retained births. Each worker records each state then: harmless, recording a
+    state again changes nothing (``Store._state``: the row is locked by its upsert, the boot id already current)."""
+    if share is None:
+        return [(protocol.subscription(kind), opts) for kind in STORED]
+    shared = SubscribeOptions(qos=1)  # no retain handling: shared subscriptions get no retained messages anyway
+    return [(protocol.subscription(protocol.STATE), opts)] + [
+        (f"$share/{share}/{protocol.subscription(kind)}", shared) for kind in STORED if kind != protocol.STATE]
 
 
 def _take(q: queue.Queue, held: list[Item], most: int, done: bool) -> tuple[list[Item], bool]:

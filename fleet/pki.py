@@ -28,6 +28,14 @@ from agent.files import write_atomic
 from agent.transport import Tls
 
 CONTROLLER_CN = "controller@edgefleet"
+WORKER_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # a worker's name (fleet serve --worker NAME)
+
+
+def worker_cn(name: str) -> str:
+    """The MQTT identity (certificate CN, so user name and client id on the broker) of controller worker
+    ``name``: a broker that makes the CN the client id (mosquitto's use_username_as_clientid) would have workers
+    sharing ``controller@edgefleet`` take each other's session over; like it, no device id can be this (no @)."""
+    return f"controller-{name}@edgefleet"
 BROKER_CN = "broker@edgefleet"
 CA_CN = "edgefleet fleet CA"
 CA_LIFETIME = dt.timedelta(days=20 * 365)
@@ -174,6 +182,14 @@ class PKI:
     def controller_tls(self) -> Tls:
         """The controller's side of mutual TLS with the embedded broker."""
         return Tls(str(self.ca_crt), str(self.controller_crt), str(self.controller_key))
+
+    def worker_tls(self, name: str, hosts: list[str]) -> Tls:
+        """Controller worker ``name``'s side of mutual TLS with the broker (CN ``worker_cn(name)``), made now if
+        missing or near its end."""
+        crt, key = self.root / f"worker-{name}.crt", self.root / f"worker-{name}.key"
+        if not self._valid_for(crt, REISSUE_BEFORE) or not key.exists():
+            self._write_server(crt, key, worker_cn(name), list(dict.fromkeys(check_host(h) for h in hosts)))
+        return Tls(str(self.ca_crt), str(crt), str(key))
 
     # -- issuing --------------------------------------------------------------------------------
     def _builder(self, cn: str, public_key, not_before: dt.datetime, not_after: dt.datetime):

@@ -34,6 +34,10 @@ log = logging.getLogger("edgefleet.fleet.rollouts")
 BASELINE_S = 3600.0  # the previous model's p95 is taken over the windows of the hour before the wave
 BASELINE_LABELS_S = 7 * 86400.0  # and its feedback accuracy over the labels of the week before (labels are rarer)
 INTERVAL_S = 1.0
+# Several controller workers share one PostgreSQL store: only the leader runs the driver, but any worker's API
+# creates and acts on rollouts. Each change (load, step, save, publish) holds this lock across processes, as
+# ``_lock`` does across threads, so no two processes read-modify-write one rollout at once.
+EXCLUSIVE = "edgefleet-rollouts"
 
 
 
@@ -51,7 +55,8 @@ class Rollouts:
         self.public_url = public_url
         self.interval_s = interval_s
         self.clock = clock
-        self._lock = threading.RLock()  # one rollout change at a time: the driver's and the API's
+        self._lock = threading.RLock()  # one rollout change at a time: the driver's and the API's (and EXCLUSIVE:
+        # other processes')
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -91,7 +96,7 @@ class Rollouts:
         if not isinstance(bundle, str) or self.store.bundle(bundle) is None:
             raise RolloutError(f"unknown bundle {bundle!r}: upload it first", 404)
         devices = resolve_targets(self.store, targets)
-        with self._lock:
+        with self._lock, self.store.exclusive(EXCLUSIVE):
             busy = self._busy(devices)
             if busy:
                 (device, rid), more = busy[0], len(busy) - 1
@@ -104,7 +109,7 @@ class Rollouts:
                     "warnings": health.disk_warnings(self.store, devices, self.store.bundle(bundle), self.clock())}
 
     def act(self, rollout_id: str, action: str) -> dict[str, Any]:
-        with self._lock:
+        with self._lock, self.store.exclusive(EXCLUSIVE):
             r, outbox = self._load(rollout_id)
             r, actions = machine.act(r, action, self.clock())
             log.info("rollout %s: %s", rollout_id, action)
@@ -134,7 +139,7 @@ class Rollouts:
     # -- the driver ----------------------------------------------------------------------------------
     def tick(self) -> None:
         """Advance every running or paused rollout once."""
-        with self._lock:
+        with self._lock, self.store.exclusive(EXCLUSIVE):
             ids = self.store.rollouts_to_drive(machine.LIVE)
             for rid in ids:
                 try:

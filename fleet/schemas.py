@@ -116,6 +116,8 @@ class Status(_S):
     received: int  # messages taken in from devices
     duplicates: int  # redeliveries ignored
     invalid: dict[str, int]  # messages dropped, by reason
+    worker: str | None = None  # this controller's worker name (fleet serve --worker); null: the only controller
+    leader: bool = True  # whether it runs the rollout driver, the offline sweep and retention (fleet/leader.py)
 
 
 class BundleUploaded(_S):

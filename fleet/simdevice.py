@@ -12,7 +12,12 @@ contract of ``agent/protocol.py`` as the agent does, without running a model.
   it ran before (``rolled_back``);
 - one seq counter per device for telemetry and events, kept in the simulator's state dir across runs, as the
   agent's outbox keeps it, so the controller's gap accounting holds; what the broker has not acknowledged
-  is sent again after a reconnect (simmqtt).
+  is sent again after a reconnect (simmqtt);
+- end-to-end acks, as agent/link.py: each telemetry window and event is kept (in memory) until the controller's
+  ``ack`` names its seq for this boot, and sent again after ``ack_timeout`` (the wait doubling per message up to
+  ACK_TIMEOUT_MAX_S) while it is not: a PUBACK only says the broker took it, and a broker, or a controller worker
+  it was handed to, may lose it after that. At most MAX_BACKLOG are kept (then the oldest goes, counted in
+  ``unacked_dropped``: against a controller that never acknowledges, memory stays bounded).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from fleet.simmqtt import Connection, MqttError
 SESSION_EXPIRY_S = 3600  # the broker keeps a simulated device's session (and what it queued) this long
 MAX_BACKLOG = 1000  # windows queued while disconnected, at most (then windows are skipped: no seq is spent)
 STEPS = ("downloading", "verifying", "activating")
+ACK_TIMEOUT_S = 30.0  # as agent/link.py: a message the controller has not acknowledged is sent again after this
+ACK_TIMEOUT_MAX_S = 600.0  # ... the wait doubling for each message up to this
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Settings:
     update_s: float = 1.0  # how long downloading + verifying + activating take together (without --download)
     download: bool = False
     inferences_per_s: float = 5.0
+    ack_timeout: float = ACK_TIMEOUT_S  # re-send what the controller has not acknowledged after this
 
 
 @dataclass
@@ -65,6 +73,8 @@ class Counts:
     updates_active: int = 0
     updates_failed: int = 0
     rolled_back: int = 0
+    resent: int = 0  # messages sent again for want of the controller's ack
+    unacked_dropped: int = 0  # kept messages given up on (more than MAX_BACKLOG waiting for an ack)
     downloaded_bytes: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -117,8 +127,11 @@ class SimDevice:
         self._updating: asyncio.Task | None = None
         self._refused: set[bytes] = set()
         self._stopping = False
+        self._quiet = False
         self.latency_ms = rng.uniform(4.0, 30.0)  # this device's typical inference latency
         self._context: ssl.SSLContext | None = None  # made once, for every (re)connection
+        # seq -> (topic, payload, when to send it again (monotonic), the wait after that): not yet acknowledged
+        self.unacked: dict[int, tuple[str, bytes, float, float]] = {}
 
     def saved(self) -> dict:
         """What the next run starts from (the agent keeps these on disk: its outbox's seq, its current model)."""
@@ -128,6 +141,7 @@ class SimDevice:
     async def run(self, limiter: Limiter, stop: asyncio.Event) -> None:
         """Connect (through ``limiter``), stay connected, reconnect with a back-off of 1 to 30 s, until ``stop``."""
         ticker = asyncio.get_running_loop().create_task(self._tick(stop))
+        resender = asyncio.get_running_loop().create_task(self._resend(stop))
         delay = 1.0
         url = self._broker()
         will = (protocol.topic(self.id, protocol.STATE),
@@ -144,7 +158,8 @@ class SimDevice:
                     context = self._context
                     await self.conn.connect(url.host, url.port, context, self.id, keepalive, SESSION_EXPIRY_S, will)
                     await self.conn.subscribe([protocol.topic(self.id, protocol.DESIRED),
-                                               protocol.topic(self.id, protocol.CMD)])
+                                               protocol.topic(self.id, protocol.CMD),
+                                               protocol.topic(self.id, protocol.ACK)])
                 except (MqttError, ssl.SSLError, OSError) as e:
                     self.counts.connect_failures += 1
                     self.counts.error(f"connect: {e}")
@@ -162,6 +177,7 @@ class SimDevice:
                     self.counts.error(f"disconnected: {self.conn.error}")
         finally:
             ticker.cancel()
+            resender.cancel()
             if self._updating is not None:
                 self._updating.cancel()
 
@@ -211,11 +227,19 @@ class SimDevice:
             disk_free_bytes=8 << 30, temperature_c=round(rng.uniform(40, 60), 1), load1=0.5,
             outbox_pending=len(self.conn.pending), clock_synced=True)
 
+    def quiet(self) -> None:
+        """Send no more telemetry; keep answering desireds and re-sending what is not acknowledged (a test then
+        sees the device's last window stored)."""
+        self._quiet = True
+
     def publish_telemetry(self) -> None:
+        if self._quiet:
+            return
         if len(self.conn.pending) >= MAX_BACKLOG:
             self.counts.skipped += 1
             return
-        self.conn.publish(protocol.topic(self.id, protocol.TELEMETRY), protocol.encode(self.telemetry()))
+        msg = self.telemetry()
+        self._send_sequenced(protocol.topic(self.id, protocol.TELEMETRY), msg.seq, protocol.encode(msg))
         self.counts.telemetry += 1
 
     def emit(self, kind: str, about, reason: str = "") -> None:
@@ -224,8 +248,43 @@ class SimDevice:
         ev = protocol.Event(device_id=self.id, boot_id=self.boot_id, seq=self._next_seq(), time=protocol.now(),
                             kind=kind, deployment_id=about.deployment_id, sha256=about.sha256,
                             version=about.version, reason=protocol.clip(reason))
-        self.conn.publish(protocol.topic(self.id, protocol.EVENTS), protocol.encode(ev))
+        self._send_sequenced(protocol.topic(self.id, protocol.EVENTS), ev.seq, protocol.encode(ev))
         self.counts.events += 1
+
+    def _send_sequenced(self, topic: str, seq: int, payload: bytes) -> None:
+        """Publish, and keep the message until the controller's ack names its seq."""
+        if len(self.unacked) >= MAX_BACKLOG:
+            del self.unacked[min(self.unacked)]
+            self.counts.unacked_dropped += 1
+        wait = self.s.ack_timeout
+        self.unacked[seq] = (topic, payload, time.monotonic() + wait, wait)
+        self.conn.publish(topic, payload)
+
+    def _on_ack(self, ack: protocol.Ack) -> None:
+        if ack.boot_id != self.boot_id:
+            return  # another run's: its messages are not kept here
+        for first, last in ack.ranges:
+            if last - first < len(self.unacked):
+                for seq in range(first, last + 1):
+                    self.unacked.pop(seq, None)
+            else:
+                for seq in [q for q in self.unacked if first <= q <= last]:
+                    del self.unacked[seq]
+
+    async def _resend(self, stop: asyncio.Event) -> None:
+        """Every second, while connected: send again (a new PUBLISH) what the controller has not acknowledged in
+        time (a copy it stored already is dropped by its dedupe and acknowledged again)."""
+        while not stop.is_set():
+            await _sleep(stop, 1.0)
+            if not self.conn.connected:
+                continue
+            now = time.monotonic()
+            for seq, (topic, payload, due, wait) in list(self.unacked.items()):
+                if due <= now:
+                    wait = min(wait * 2, ACK_TIMEOUT_MAX_S)
+                    self.unacked[seq] = (topic, payload, now + wait, wait)
+                    self.conn.publish(topic, payload)
+                    self.counts.resent += 1
 
     async def _tick(self, stop: asyncio.Event) -> None:
         """Telemetry every interval, from a random phase, each window a little early or late."""
@@ -254,6 +313,8 @@ class SimDevice:
             self._on_desired(msg, payload)
         elif kind == protocol.CMD:
             self._on_cmd(msg)
+        elif kind == protocol.ACK:
+            self._on_ack(msg)
 
     def _check(self, msg, kind: str) -> str:
         why = check_signed(msg, self.key, self.id, self.counters[kind], time.time(), True, self.issued)

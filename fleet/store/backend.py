@@ -26,6 +26,8 @@ from urllib.parse import unquote, urlsplit
 
 from agent.errors import EdgefleetError
 
+# the leader's connection: the server probes it after 5 s idle, every 2 s, 3 times, then ends the session
+KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
 _CACHE = 4096  # translated statements kept per backend (the IN (?, ?, ...) lists make new ones)
 _PLACEHOLDER = re.compile(r"'[^']*'|\?(\d*)|%")
 
@@ -89,6 +91,10 @@ class Backend:
 
     def release_leader(self) -> None:
         raise NotImplementedError
+
+    def exclusive(self, name: str, timeout_s: float = 60.0) -> contextlib.AbstractContextManager[None]:
+        """A lock across the processes sharing the database (SQLite: one process, the caller's own lock does)."""
+        return contextlib.nullcontext()
 
     def describe(self) -> str:
         return self.url
@@ -357,21 +363,56 @@ class PostgresBackend(Backend):
 
     def try_leader(self, name: str) -> bool:
         """pg_try_advisory_lock on a connection of its own: held until ``release_leader`` or until this process
-        (or its connection) dies, when another process's ``try_leader`` takes it."""
+        (or its connection) dies, when another process's ``try_leader`` takes it. Called again while leading, it
+        checks that the connection still answers (``SELECT 1``): when it does not (the server restarted, the
+        network is cut) the lead is dropped, as the server has ended (or will end) that session and its lock.
+        The server-side TCP keepalives (``KEEPALIVES``) make a server end a partitioned holder's session, and so
+        free its lock for another worker, within about ``idle + interval * count`` seconds."""
         import psycopg
 
         with self.lock:
-            if self._leader is not None and self._leader.closed:
+            if self._leader is not None and not self._leader.closed and name in self._leads:
+                try:
+                    self._leader.execute("SELECT 1").fetchone()
+                    return True
+                except psycopg.Error:
+                    pass  # the session is gone: so is the lock
+            if self._leader is not None and (self._leader.closed or name in self._leads):
+                lost = name in self._leads
+                with contextlib.suppress(Exception):
+                    self._leader.close()
                 self._leader, self._leads = None, set()
-            if name in self._leads:
-                return True
+                if lost:
+                    return False  # deposed this round; the next one may take the lock again (on a new session)
+            got = None
+            if self._leader is not None:  # a follower's connection, kept from an earlier try: it may be gone
+                try:
+                    got = self._leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]
+                except psycopg.OperationalError:
+                    with contextlib.suppress(Exception):
+                        self._leader.close()
+                    self._leader = None
             if self._leader is None:
-                self._leader = psycopg.connect(self.url, autocommit=True,
+                self._leader = psycopg.connect(self.url, autocommit=True, options=KEEPALIVES,
                                                connect_timeout=max(1, int(self.connect_timeout)))
-            got = self._leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]
+                got = self._leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]
             if got:
                 self._leads.add(name)
             return bool(got)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str, timeout_s: float = 60.0) -> Iterator[None]:
+        """Hold the advisory lock ``name`` (waiting up to ``timeout_s``) across processes, on a pool connection:
+        what one controller process does under it no other does at the same time."""
+        with self._require().connection() as conn:
+            conn.execute(f"SET lock_timeout = {int(timeout_s * 1000)}")
+            conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (name,))
+            try:
+                conn.execute("RESET lock_timeout")
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (name,))
 
     def release_leader(self) -> None:
         with self.lock:

@@ -122,6 +122,12 @@ class Store(Reads, Upkeep):
     def release_leader(self) -> None:
         self.backend.release_leader()
 
+    def exclusive(self, name: str, timeout_s: float = 60.0) -> Any:
+        """A context manager: the lock ``name`` across every controller process on this database (PostgreSQL: an
+        advisory lock on a pooled connection, gone with its session if the process dies; SQLite: nothing, one
+        process owns the file)."""
+        return self.backend.exclusive(name, timeout_s)
+
     # -- online / offline ---------------------------------------------------------------------------
     def _limit(self, d: Any) -> float:
         return self.offline_after * (d["interval_s"] or DEFAULT_INTERVAL_S)
