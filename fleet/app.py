@@ -270,7 +270,8 @@ class Fleet:
             self.link = Link(self._broker_url, self.store, client_id=client_id, tls=tls,
                              enrolled=self.enrollment.is_enrolled if self.enrollment else None,
                              signer=self.signer, session_expiry_s=self.session_expiry_s,
-                             share=SHARE if self.worker is not None else None).start()
+                             share=SHARE if self.worker is not None else None,
+                             states=self.worker is None).start()  # a worker: only while it leads (_elected)
             self.housekeeper = Housekeeper(self.store, self.retention, self._sweep_every_s, self._compact_every_s,
                                            tasks=[("re-signing desireds", self.resign)])
             from fleet.api import create_app
@@ -302,10 +303,14 @@ class Fleet:
         return self.leadership.leading if self.leadership is not None else self.store is not None
 
     def _elected(self) -> None:
+        if self.worker is not None:
+            self.link.follow_states(True)
         self.housekeeper.start()
         self.rollouts.start()
 
     def _deposed(self) -> None:
+        if self.worker is not None and self.link is not None:
+            self.link.follow_states(False)
         if self.rollouts is not None:
             self.rollouts.stop()
         if self.housekeeper is not None:

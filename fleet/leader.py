@@ -1,8 +1,9 @@
 """One leader among the controller's workers: the one that runs the fleet's singletons.
 
 Several workers (``fleet serve --worker NAME``) share one PostgreSQL store and split the devices' traffic between
-them, but some work must run exactly once: the rollout driver, the offline sweep, retention and the re-signing of
-desireds. The store elects: a PostgreSQL advisory lock held on a connection of its own (``store.try_leader()``), so
+them, but some work must run exactly once: the rollout driver, the offline sweep, retention, the re-signing of
+desireds, and recording the devices' states (fleet/link.py ``follow_states``: one worker records them in the
+broker's order). The store elects: a PostgreSQL advisory lock held on a connection of its own (``store.try_leader()``), so
 the lock goes with its holder when that process dies or loses the database (PostgreSQL ends the session), and
 another worker, trying every ``every_s``, takes it over within seconds. Every round calls
 ``store.try_leader``, which for the holder checks that its lock's session still answers, so a holder that lost

@@ -88,7 +88,7 @@ class Link:
                  session_expiry_s: int = SESSION_EXPIRY_S, tls: transport.Tls | None = None,
                  enrolled: Callable[[str], bool] | None = None, signer: "Signer | None" = None,
                  queue_max: int = QUEUE_MAX, batch_max: int = BATCH_MAX, acks: bool = True,
-                 share: str | None = None) -> None:
+                 share: str | None = None, states: bool = True) -> None:
         self.broker_url = broker_url
         self.url = transport.parse_url(broker_url)
         self.host, self.port = self.url.host, self.url.port
@@ -113,6 +113,7 @@ class Link:
         self._stopping = False
         self.queue_max, self.batch_max = queue_max, batch_max
         self.share = share  # a worker's: telemetry, events and quality on $share/<share>/... (see subscriptions)
+        self.states = states  # whether this link records the devices' states (a worker: only while it leads)
         self.acks = acks  # publish end-to-end acks (False: as a controller from before them; tests)
         self.batches = 0  # committed batches
         self.acks_sent = 0  # ack messages published
@@ -174,6 +175,19 @@ class Link:
         _empty(q)
         self._connected.clear()
 
+    def follow_states(self, on: bool) -> None:
+        """Start (the leader) or stop recording the devices' states; a new subscription brings every device's
+        retained state. Kept across reconnections (``_on_connect`` subscribes by ``states``)."""
+        self.states = on
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return  # the next connection subscribes as ``states`` says
+        topic = protocol.subscription(protocol.STATE)
+        if on:
+            client.subscribe([(topic, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))])
+        else:
+            client.unsubscribe(topic)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set() and not self._connect_error
@@ -189,7 +203,7 @@ class Link:
         self._session += 1
         # Retained state is sent only for a new subscription (retain handling 1), not on every reconnect.
         opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        client.subscribe(subscriptions(self.share, opts))
+        client.subscribe(subscriptions(self.share, opts, self.states))
         log.info("connected to %s (session present: %s)", self.broker_url, flags.session_present)
         self._connect_error = None
 
@@ -406,17 +420,20 @@ class Link:
                                  f"{device_id} within {self.publish_timeout:g} s")
 
 
-def subscriptions(share: str | None, opts: SubscribeOptions) -> list[tuple[str, SubscribeOptions]]:
+def subscriptions(share: str | None, opts: SubscribeOptions, states: bool = True
+                  ) -> list[tuple[str, SubscribeOptions]]:
     """What the link subscribes to. Alone: every kind of every device. As one of several workers (``share``, a
     group name): telemetry, events and quality through MQTT v5 shared subscriptions (``$share/<group>/...``), so
-    the broker gives each message to one worker of the group; but ``state`` on a plain subscription in every
-    worker, because a broker never sends retained messages on a shared subscription (MQTT 5, 4.8.2), and a new
-    worker must read the devices' retained births. Each worker records each state then: harmless, recording a
-    state again changes nothing (``Store._state``: the row is locked by its upsert, the boot id already current)."""
+    the broker gives each message to one worker of the group; but ``state`` on a plain subscription, because a
+    broker never sends retained messages on a shared subscription (MQTT 5, 4.8.2), and only in the leader
+    (``states``: ``Link.follow_states``): one worker records the states in the order the broker sent them (several
+    would each record every state, and a slow one could record an older state after a newer one: an online/offline
+    flap), and a new leader's new subscription gets every device's retained state, so it starts from the latest."""
+    state = [(protocol.subscription(protocol.STATE), opts)] if states else []
     if share is None:
-        return [(protocol.subscription(kind), opts) for kind in STORED]
+        return state + [(protocol.subscription(kind), opts) for kind in STORED if kind != protocol.STATE]
     shared = SubscribeOptions(qos=1)  # no retain handling: shared subscriptions get no retained messages anyway
-    return [(protocol.subscription(protocol.STATE), opts)] + [
+    return state + [
         (f"$share/{share}/{protocol.subscription(kind)}", shared) for kind in STORED if kind != protocol.STATE]
 
 

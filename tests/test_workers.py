@@ -299,3 +299,37 @@ def test_workers_share_a_data_dir_but_not_a_name_and_the_acl_admits_each(tmp_pat
     for user in ("controller@edgefleet", "controller-a@edgefleet", "controller-b@edgefleet"):
         assert f"user {user}\ntopic readwrite edgefleet/v1/#\n" in acl
     assert "pattern read edgefleet/v1/%u/ack" in acl
+
+
+def test_only_the_leader_records_states_and_a_new_leader_starts_from_the_retained_ones(mosquitto, tmp_path):
+    """States go to the leader alone (several workers recording each would race: an older state recorded after a
+    newer one). A follower's link takes telemetry through the shared subscription but no state; when it is elected
+    its new state subscription brings every device's retained state, so it starts from the latest."""
+    from test_fleet import Device
+
+    from fleet.link import Link
+    from fleet.store import Store
+    from util import issue_tls
+
+    store = Store(tmp_path / "fleet.db").open()
+    link = Link(mosquitto.url, store, client_id="controller-under-test", tls=mosquitto.pki.controller_tls(),
+                share="edgefleet", states=False).start()
+    dev = Device(mosquitto.url, "cam-1", issue_tls(mosquitto.pki, "cam-1", tmp_path))
+    try:
+        dev.state(agent_version="9.9.9")  # retained
+        dev.telemetry(1)
+        wait_for(lambda: store.devices() and store.devices()[0]["seq_count"] == 1, TIMEOUT,
+                 what="the window stored through the shared subscription")
+        assert not store.devices()[0]["agent_version"]  # the state was not taken: this worker does not lead
+        link.follow_states(True)  # elected
+        wait_for(lambda: store.devices()[0]["agent_version"] == "9.9.9", TIMEOUT,
+                 what="the retained state recorded by the new leader")
+        link.follow_states(False)  # deposed
+        dev.state(agent_version="9.9.10")
+        dev.telemetry(2)
+        wait_for(lambda: store.devices()[0]["seq_count"] == 2, TIMEOUT, what="the second window stored")
+        assert store.devices()[0]["agent_version"] == "9.9.9"
+    finally:
+        dev.client.disconnect()
+        link.stop()
+        store.close()
