@@ -41,6 +41,7 @@ from fleet.simmqtt import Connection, MqttError
 SESSION_EXPIRY_S = 3600  # the broker keeps a simulated device's session (and what it queued) this long
 MAX_BACKLOG = 1000  # windows queued while disconnected, at most (then windows are skipped: no seq is spent)
 STEPS = ("downloading", "verifying", "activating")
+LAG_SAMPLES = 100_000
 ACK_TIMEOUT_S = 30.0  # as agent/link.py: a message the controller has not acknowledged is sent again after this
 ACK_TIMEOUT_MAX_S = 600.0  # ... the wait doubling for each message up to this
 
@@ -77,6 +78,19 @@ class Counts:
     unacked_dropped: int = 0  # kept messages given up on (more than MAX_BACKLOG waiting for an ack)
     downloaded_bytes: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    # seconds from a message's first publish to the controller's ack of it (stored and acknowledged): a uniform
+    # sample of at most LAG_SAMPLES, for the summary's percentiles
+    ack_lags: list[float] = field(default_factory=list)
+    acked: int = 0
+
+    def lag(self, seconds: float) -> None:
+        self.acked += 1
+        if len(self.ack_lags) < LAG_SAMPLES:
+            self.ack_lags.append(seconds)
+        else:  # reservoir sampling: every message equally likely to be in the sample
+            i = random.randrange(self.acked)
+            if i < LAG_SAMPLES:
+                self.ack_lags[i] = seconds
 
     def error(self, reason: str) -> None:
         if reason in self.errors or len(self.errors) < 20:
@@ -130,8 +144,9 @@ class SimDevice:
         self._quiet = False
         self.latency_ms = rng.uniform(4.0, 30.0)  # this device's typical inference latency
         self._context: ssl.SSLContext | None = None  # made once, for every (re)connection
-        # seq -> (topic, payload, when to send it again (monotonic), the wait after that): not yet acknowledged
-        self.unacked: dict[int, tuple[str, bytes, float, float]] = {}
+        # seq -> (topic, payload, when to send it again (monotonic), the wait after that, when first sent): not yet
+        # acknowledged
+        self.unacked: dict[int, tuple[str, bytes, float, float, float]] = {}
 
     def saved(self) -> dict:
         """What the next run starts from (the agent keeps these on disk: its outbox's seq, its current model)."""
@@ -256,20 +271,21 @@ class SimDevice:
         if len(self.unacked) >= MAX_BACKLOG:
             del self.unacked[min(self.unacked)]
             self.counts.unacked_dropped += 1
-        wait = self.s.ack_timeout
-        self.unacked[seq] = (topic, payload, time.monotonic() + wait, wait)
+        wait, now = self.s.ack_timeout, time.monotonic()
+        self.unacked[seq] = (topic, payload, now + wait, wait, now)
         self.conn.publish(topic, payload)
 
     def _on_ack(self, ack: protocol.Ack) -> None:
         if ack.boot_id != self.boot_id:
             return  # another run's: its messages are not kept here
+        now = time.monotonic()
         for first, last in ack.ranges:
             if last - first < len(self.unacked):
-                for seq in range(first, last + 1):
-                    self.unacked.pop(seq, None)
+                seqs = [q for q in range(first, last + 1) if q in self.unacked]
             else:
-                for seq in [q for q in self.unacked if first <= q <= last]:
-                    del self.unacked[seq]
+                seqs = [q for q in self.unacked if first <= q <= last]
+            for seq in seqs:
+                self.counts.lag(now - self.unacked.pop(seq)[4])
 
     async def _resend(self, stop: asyncio.Event) -> None:
         """Every second, while connected: send again (a new PUBLISH) what the controller has not acknowledged in
@@ -279,10 +295,10 @@ class SimDevice:
             if not self.conn.connected:
                 continue
             now = time.monotonic()
-            for seq, (topic, payload, due, wait) in list(self.unacked.items()):
+            for seq, (topic, payload, due, wait, sent) in list(self.unacked.items()):
                 if due <= now:
                     wait = min(wait * 2, ACK_TIMEOUT_MAX_S)
-                    self.unacked[seq] = (topic, payload, now + wait, wait)
+                    self.unacked[seq] = (topic, payload, now + wait, wait, sent)
                     self.conn.publish(topic, payload)
                     self.counts.resent += 1
 

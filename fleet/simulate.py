@@ -244,6 +244,10 @@ class Simulator:
     def summary(self, wall: float, cpu: float, connected_at_end: int) -> dict:
         c = asdict(self.counts)
         errors = c.pop("errors")
+        lags = sorted(c.pop("ack_lags"))
+        ack_lag_ms = {q: round(lags[min(len(lags) - 1, int(len(lags) * q / 100))] * 1e3, 1) if lags else None
+                      for q in (50, 99)}
+        ack_lag_ms["max"] = round(lags[-1] * 1e3, 1) if lags else None
         updates = {"active": c.pop("updates_active"), "failed": c.pop("updates_failed"),
                    "rolled_back": c.pop("rolled_back")}
         c.pop("connected")
@@ -258,6 +262,8 @@ class Simulator:
                 "enroll_failed": self.enroll_failed, "connected_at_end": connected_at_end,
                 "connected_peak": max(self.connected_peak, connected_at_end), **c, "updates": updates,
                 "unacknowledged": sum(len(d.conn.pending) for d in self.devices),
+                # from a message's first publish to the controller's ack: stored, end to end
+                "ack_lag_ms": {f"p{q}" if q != "max" else q: v for q, v in ack_lag_ms.items()},
                 "duration_s": round(wall, 1), "cpu_s": round(cpu, 1), "cpu_percent": round(cpu / wall * 100, 1),
                 "all_connected_after_s": all_after, "cpu_percent_all_connected": steady,
                 "max_rss_mib": round(_max_rss_mib(), 1),
@@ -286,6 +292,8 @@ def summary_text(s: dict) -> str:
              f"sent {s['telemetry']} telemetry windows and {s['events']} events ({s['skipped']} windows skipped, "
              f"{s['unacknowledged']} unacknowledged at the end); {s['desired']} desired received, "
              f"{s['refused']} refused",
+             f"acknowledged by the controller: {s['acked']}, lag from send to ack p50 {s['ack_lag_ms']['p50']} ms, "
+             f"p99 {s['ack_lag_ms']['p99']} ms, max {s['ack_lag_ms']['max']} ms",
              f"updates: {u['active']} active, {u['failed']} failed, {u['rolled_back']} rolled back"
              + (f"; downloaded {s['downloaded_bytes']} bytes" if s["downloaded_bytes"] else ""),
              (f"all connected after {s['all_connected_after_s']} s; " if s["all_connected_after_s"] is not None
