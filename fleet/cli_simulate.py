@@ -39,8 +39,9 @@ def register(sub: argparse._SubParsersAction, client_args) -> None:
     s.add_argument("--prefix", default="sim-", metavar="TEXT",
                    help="device ids start with this (default %(default)s)")
     s.add_argument("--state", type=Path, metavar="DIR",
-                   help="where identities, seq counters and active models are kept (default $XDG_STATE_HOME/edgefleet/simulate, "
-                        "i.e. ~/.local/state/edgefleet/simulate); keep one per controller")
+                   help="where identities, seq counters and active models are kept (default "
+                        "$XDG_STATE_HOME/edgefleet/simulate, i.e. ~/.local/state/edgefleet/simulate); keep one per "
+                        "controller")
     s.add_argument("--connect-rate", default="50", metavar="PER_S",
                    help="new MQTT connections a second, at most (default %(default)s)")
     s.add_argument("--duration", metavar="SECONDS", help="stop after this long (default: run until Ctrl-C)")
