@@ -114,6 +114,9 @@ class Link:
         self.queue_max, self.batch_max = queue_max, batch_max
         self.share = share  # a worker's: telemetry, events and quality on $share/<share>/... (see subscriptions)
         self.states = states  # whether this link records the devices' states (a worker: only while it leads)
+        self._waiting: dict[int, threading.Event] = {}  # (un)subscriptions follow_states waits for, by mid
+        self._answered_mids: dict[int, None] = {}  # SUBACK/UNSUBACK mids nobody waited for yet (the latest 64)
+        self._wait_lock = threading.Lock()
         self.acks = acks  # publish end-to-end acks (False: as a controller from before them; tests)
         self.batches = 0  # committed batches
         self.acks_sent = 0  # ack messages published
@@ -135,6 +138,7 @@ class Link:
         client.on_message = self._on_message
         client.on_connect_fail = self._on_connect_fail
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         self._stopping = False
         self._halt.clear()
         self._connected.clear()
@@ -175,18 +179,32 @@ class Link:
         _empty(q)
         self._connected.clear()
 
-    def follow_states(self, on: bool) -> None:
+    def follow_states(self, on: bool, timeout: float = 10.0) -> bool:
         """Start (the leader) or stop recording the devices' states; a new subscription brings every device's
-        retained state. Kept across reconnections (``_on_connect`` subscribes by ``states``)."""
+        retained state. Kept across reconnections (``_on_connect`` subscribes by ``states``). Waits up to
+        ``timeout`` for the broker's SUBACK/UNSUBACK, so that a state sent after this returns follows the new rule;
+        whether it came (False: not connected now, or no answer: the next connection subscribes as ``states``)."""
         self.states = on
         client = self._client
         if client is None or not self._connected.is_set():
-            return  # the next connection subscribes as ``states`` says
+            return False
         topic = protocol.subscription(protocol.STATE)
         if on:
-            client.subscribe([(topic, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))])
+            opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+            rc, mid = client.subscribe([(topic, opts)])
         else:
-            client.unsubscribe(topic)
+            rc, mid = client.unsubscribe(topic)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        done = threading.Event()
+        with self._wait_lock:  # the answer may have come already (paho's thread)
+            if self._answered_mids.pop(mid, 0) is None:
+                return True
+            self._waiting[mid] = done
+        answered = done.wait(timeout)
+        with self._wait_lock:
+            self._waiting.pop(mid, None)
+        return answered
 
     @property
     def connected(self) -> bool:
@@ -207,7 +225,22 @@ class Link:
         log.info("connected to %s (session present: %s)", self.broker_url, flags.session_present)
         self._connect_error = None
 
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                        properties: Any) -> None:
+        self._answer(mid)
+
+    def _answer(self, mid: int) -> None:
+        with self._wait_lock:
+            done = self._waiting.pop(mid, None)
+            if done is None:  # answered before follow_states registered it (or a connection's own subscription)
+                self._answered_mids[mid] = None
+                while len(self._answered_mids) > 64:
+                    del self._answered_mids[next(iter(self._answered_mids))]
+        if done is not None:
+            done.set()
+
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        self._answer(mid)
         # connected once subscribed: a message a device sends after start() returns is routed to this session
         self._connected.set()
         self._answered.set()

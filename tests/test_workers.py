@@ -321,10 +321,10 @@ def test_only_the_leader_records_states_and_a_new_leader_starts_from_the_retaine
         wait_for(lambda: store.devices() and store.devices()[0]["seq_count"] == 1, TIMEOUT,
                  what="the window stored through the shared subscription")
         assert not store.devices()[0]["agent_version"]  # the state was not taken: this worker does not lead
-        link.follow_states(True)  # elected
+        assert link.follow_states(True)  # elected: subscribed once this returns
         wait_for(lambda: store.devices()[0]["agent_version"] == "9.9.9", TIMEOUT,
                  what="the retained state recorded by the new leader")
-        link.follow_states(False)  # deposed
+        assert link.follow_states(False)  # deposed: unsubscribed once this returns
         dev.state(agent_version="9.9.10")
         dev.telemetry(2)
         wait_for(lambda: store.devices()[0]["seq_count"] == 2, TIMEOUT, what="the second window stored")
