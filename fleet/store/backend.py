@@ -83,6 +83,20 @@ class Backend:
         """SQL for ``expr`` floored to a multiple of ``step`` (both SQL expressions)."""
         raise NotImplementedError
 
+    def among(self, column: str) -> str:
+        """SQL for ``column`` being one of a list given as ONE ``?`` argument (made by ``list_arg``): one
+        statement text whatever the list's length, so batches of any size share one prepared statement."""
+        raise NotImplementedError
+
+    def list_arg(self, values: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+    def json_rows(self, columns: Sequence[tuple[str, str]]) -> str:
+        """SQL for a derived table of rows given as ONE ``?`` argument, a JSON array of objects (``json.dumps``
+        of dicts): ``columns`` are (name, SQL type: text, bigint, double precision). A batch's keys joined
+        against a table in one statement."""
+        raise NotImplementedError
+
     def try_leader(self, name: str) -> bool:
         """Whether this process holds (or now took) the leadership called ``name``."""
         raise NotImplementedError
@@ -216,6 +230,18 @@ class SQLiteBackend(Backend):
 
     def bucket(self, expr: str, step: str) -> str:
         return f"CAST({expr} / {step} AS INTEGER) * {step}"
+
+    def among(self, column: str) -> str:
+        return f"{column} IN (SELECT value FROM json_each(?))"
+
+    def list_arg(self, values: Sequence[Any]) -> Any:
+        import json
+
+        return json.dumps(list(values))
+
+    def json_rows(self, columns: Sequence[tuple[str, str]]) -> str:
+        cols = ", ".join(f"json_extract(value, '$.{name}') AS {name}" for name, _ in columns)
+        return f"(SELECT {cols} FROM json_each(?))"
 
     def try_leader(self, name: str) -> bool:
         return True  # one process owns a SQLite file
@@ -354,6 +380,16 @@ class PostgresBackend(Backend):
 
     def bucket(self, expr: str, step: str) -> str:
         return f"floor(({expr}) / {step}) * {step}"
+
+    def among(self, column: str) -> str:
+        return f"{column} = ANY(?)"
+
+    def list_arg(self, values: Sequence[Any]) -> Any:
+        return list(values)
+
+    def json_rows(self, columns: Sequence[tuple[str, str]]) -> str:
+        cols = ", ".join(f"{name} {kind}" for name, kind in columns)
+        return f"(SELECT * FROM jsonb_to_recordset(?::jsonb) AS j({cols}))"
 
     def try_leader(self, name: str) -> bool:
         """pg_try_advisory_lock on a connection of its own: held until ``release_leader`` or until this process
