@@ -28,6 +28,8 @@ from agent.errors import EdgefleetError
 
 _CACHE = 4096  # translated statements kept per backend (the IN (?, ?, ...) lists make new ones)
 _PLACEHOLDER = re.compile(r"'[^']*'|\?(\d*)|%")
+_VALUES = re.compile(r"VALUES \((?:\?, )*\?\)")
+_CAST = {"text": str, "bigint": int, "double precision": float}
 
 
 class Row(tuple):
@@ -96,6 +98,13 @@ class Backend:
         of dicts): ``columns`` are (name, SQL type: text, bigint, double precision). A batch's keys joined
         against a table in one statement."""
         raise NotImplementedError
+
+    def insert_many(self, db: Any, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]) -> None:
+        """Run an ``INSERT ... VALUES (?, ...) [ON CONFLICT ...]`` for every row: SQLite's ``executemany``; on
+        PostgreSQL ONE statement over the rows as arrays (``unnest``), as a round trip and a statement per row
+        is what bounds a batch there. ``types``: each column's SQL type (text, bigint, double precision); no two
+        rows may hit one key of an ON CONFLICT DO UPDATE."""
+        db.executemany(sql, rows)
 
     def try_leader(self, name: str) -> bool:
         """Whether this process holds (or now took) the leadership called ``name``."""
@@ -383,6 +392,16 @@ class PostgresBackend(Backend):
 
     def among(self, column: str) -> str:
         return f"{column} = ANY(?)"
+
+    def insert_many(self, db: Any, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]) -> None:
+        if not rows:
+            return
+        head, values, tail = _VALUES.split(sql, 1)[0], _VALUES.search(sql), _VALUES.split(sql, 1)[1]
+        if values is None or values.group(0).count("?") != len(types):
+            raise ValueError(f"insert_many needs one VALUES (?, ...) of {len(types)} columns: {sql[:80]}")
+        arrays = ", ".join(f"?::{t}[]" for t in types)
+        columns = [[None if v is None else _CAST[t](v) for v in col] for col, t in zip(zip(*rows), types)]
+        db.execute(f"{head}SELECT * FROM unnest({arrays}) AS v{tail}", columns)
 
     def list_arg(self, values: Sequence[Any]) -> Any:
         return list(values)

@@ -53,6 +53,7 @@ _INTERNAL = {"boots", "conflicts", "conflict_first", "conflict_last",  # health 
              "storage_time", "disk_time"}  # bookkeeping: the (corrected) time of the report each figure came from
 MAX_CLOCK_OFFSET_S = 300.0  # a device whose clock is further off than this is flagged (fleet serve --max-clock-offset)
 CLOCK_CACHE = 100_000  # boots whose clock estimate is kept in memory too (the table is the truth)
+_T, _I, _F = "text", "bigint", "double precision"  # column types for Backend.insert_many
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
 
 
@@ -346,6 +347,10 @@ class Store(Reads, Upkeep):
                "storage_time, clock_synced, disk_free_bytes, disk_time, inferences, errors, seq_max, seq_count, "
                "duplicates")
 
+    _DEVICE_TYPES = ("text", "double precision", "double precision", "bigint", "double precision", "bigint",
+                     "double precision", "text", "double precision", "double precision", "bigint", "bigint",
+                     "double precision", "bigint", "bigint", "bigint", "bigint", "bigint")
+
     def _device_rows(self, db: Any, ids: list[str]) -> dict[str, dict[str, Any]]:
         """The batch's known devices (what ``_windows`` folds from), by id. PostgreSQL: their rows locked, in id
         order, until the transaction ends: every writer of a device's telemetry, clocks and counters holds its
@@ -368,8 +373,9 @@ class Store(Reads, Upkeep):
         if new:  # first messages of these devices: their rows made (in id order), then read (and locked) like any
             # other; last_seen -1 marks a row made here (not by another controller meanwhile), whose first and
             # last seen are its first message's (retained: its filing time), set below.
-            db.executemany("INSERT INTO devices (id, first_seen, last_seen) VALUES (?, ?, -1) ON CONFLICT DO NOTHING",
-                           [(d, items[by_device[d][0]][1]) for d in new])
+            be.insert_many(db, "INSERT INTO devices (id, first_seen, last_seen) VALUES (?, ?, ?) "
+                               "ON CONFLICT DO NOTHING",
+                           [(d, items[by_device[d][0]][1], -1.0) for d in new], (_T, _F, _F))
             rows.update(self._device_rows(db, new))
             for d in new:
                 if rows[d]["last_seen"] == -1:
@@ -445,21 +451,21 @@ class Store(Reads, Upkeep):
                     reason, when = "heartbeat timeout", d["last_seen"] + self._limit(d)
                 transitions.append((msg.device_id, when, int(online), reason))
                 d["status_online"], d["status_time"] = int(online), when
-        cols = self._DEVICE.split(", ")[1:]
-        db.executemany(f"UPDATE devices SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
-                       [tuple(rows[d][c] for c in cols) + (d,) for d in run])
+        cols = self._DEVICE.split(", ")
+        be.insert_many(db, f"INSERT INTO devices ({self._DEVICE}) VALUES ({', '.join('?' * len(cols))}) "
+                           f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols[1:])}",
+                       [tuple(rows[d][c] for c in cols) for d in run], self._DEVICE_TYPES)
         if pg:
-            db.executemany("INSERT INTO telemetry_keys (device_id, boot_id, seq, time) VALUES (?, ?, ?, ?) "
-                           "ON CONFLICT DO NOTHING", [r[:4] for r in telemetry])
-        db.executemany(
-            "INSERT INTO telemetry (device_id, boot_id, seq, time, device_time, received, interval_s, "
-            "inferences, errors, p50, p95, p99, mean_ms, max_ms, histogram, cpu_percent, rss_bytes, "
-            "memory_percent, temperature_c, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?) ON CONFLICT DO NOTHING", telemetry)
-        db.executemany(self._SAVE_CLOCK, [self._clock_row(device_id, boot_id, saved[(device_id, boot_id)], received)
-                                          for (device_id, boot_id), received in saves.items()])
-        db.executemany(self._ADD_ERRORS, [(device_id, kind, n, last) for (device_id, kind), (n, last) in errs.items()])
-        db.executemany("INSERT INTO transitions (device_id, time, online, reason) VALUES (?, ?, ?, ?)", transitions)
+            be.insert_many(db, "INSERT INTO telemetry_keys (device_id, boot_id, seq, time) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT DO NOTHING", [r[:4] for r in telemetry], (_T, _T, _I, _F))
+        be.insert_many(db, self._ADD_TELEMETRY, telemetry, self._TELEMETRY_TYPES)
+        be.insert_many(db, self._SAVE_CLOCK, [self._clock_row(device_id, boot_id, saved[(device_id, boot_id)], received)
+                                              for (device_id, boot_id), received in saves.items()],
+                       (_T, _T, _F, _I, _F, _I, _T))
+        be.insert_many(db, self._ADD_ERRORS, [(device, kind, n, last) for (device, kind), (n, last) in errs.items()],
+                       (_T, _T, _I, _F))
+        be.insert_many(db, "INSERT INTO transitions (device_id, time, online, reason) VALUES (?, ?, ?, ?)", transitions,
+                       (_T, _F, _I, _T))
 
     def _quality_check(self, msg: protocol.Quality) -> tuple[bool, Any, Any] | None:
         """(known bundle, its profile, its profile id) for ``quality.refusal``."""
@@ -546,6 +552,15 @@ class Store(Reads, Upkeep):
         self._clocks.pop((msg.device_id, msg.boot_id), None)  # back in by _cache_clock, after the commit
         return clocks.observe(clock, msg.seq, msg.time, received, interval_s or DEFAULT_INTERVAL_S)
 
+    _ADD_TELEMETRY = (
+        "INSERT INTO telemetry (device_id, boot_id, seq, time, device_time, received, interval_s, "
+        "inferences, errors, p50, p95, p99, mean_ms, max_ms, histogram, cpu_percent, rss_bytes, "
+        "memory_percent, temperature_c, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        "?, ?, ?, ?) ON CONFLICT DO NOTHING")
+    _TELEMETRY_TYPES = ("text", "text", "bigint", *["double precision"] * 4, "bigint", "bigint",
+                        *["double precision"] * 5, "text", "double precision", "bigint", "double precision",
+                        "double precision", "text")
+
     def _insert_telemetry(self, db: Any, row: tuple) -> bool:
         """Insert one window unless its (device, boot_id, seq) is stored; whether it was. PostgreSQL's telemetry
         is partitioned by time, where no unique key can span partitions: ``telemetry_keys`` holds the key."""
@@ -553,11 +568,7 @@ class Store(Reads, Upkeep):
             if db.execute("INSERT INTO telemetry_keys (device_id, boot_id, seq, time) VALUES (?, ?, ?, ?) "
                           "ON CONFLICT DO NOTHING", (row[0], row[1], row[2], row[3])).rowcount != 1:
                 return False
-        cur = db.execute(
-            "INSERT INTO telemetry (device_id, boot_id, seq, time, device_time, received, interval_s, "
-            "inferences, errors, p50, p95, p99, mean_ms, max_ms, histogram, cpu_percent, rss_bytes, "
-            "memory_percent, temperature_c, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?) ON CONFLICT DO NOTHING", row)
+        cur = db.execute(self._ADD_TELEMETRY, row)
         return cur.rowcount == 1
 
     _ADD_ERRORS = ("INSERT INTO device_errors (device_id, kind, count, last_time) VALUES (?, ?, ?, ?) "
