@@ -6,7 +6,9 @@ argument), ``INSERT ... ON CONFLICT``, ``RETURNING``, ``GREATEST``/``LEAST`` and
 Each backend rewrites that text for its engine once per distinct statement (``translate``): SQLite spells
 GREATEST ``max`` and IS DISTINCT FROM ``IS NOT`` (so any SQLite >= 3.35 runs it); PostgreSQL takes ``%s``
 placeholders in order. What cannot be rewritten textually is a method: ``json_get`` (a member of a JSON
-column) and ``bucket`` (a time floored to a step).
+column), ``bucket`` (a time floored to a step), and for batches ``among`` (a column in a list given as one
+argument), ``json_rows`` (a batch's keys as a table, from one JSON argument) and ``insert_many`` (many rows in one
+statement on PostgreSQL: ``unnest`` over binary arrays; ``executemany`` on SQLite).
 
 SQLite: one connection (WAL) guarded by a re-entrant lock, which every transaction holds, as the store always
 did: paho's thread writes while uvicorn's threads read. PostgreSQL: a psycopg 3 connection pool; transactions

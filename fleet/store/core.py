@@ -6,7 +6,9 @@ every call goes through one connection guarded by a lock; on PostgreSQL through 
 processes may write the same database, so nothing another process writes is trusted from memory (the clock
 cache is SQLite's only). A QoS 1 message may arrive twice: telemetry and events are keyed by (device_id,
 boot_id, seq) and a repeat changes nothing but the device's ``duplicates`` count. ``record_many`` stores a batch
-of messages in one transaction.
+of messages in one transaction; the telemetry of devices that sent nothing else in the batch set-based (their rows,
+clocks and stored keys read in a few statements, each message folded in Python as the one-message path would store
+it, one multi-row statement per table written: ``_windows``), the rest one message at a time.
 
 seq is per device and persistent across the agent's restarts (its outbox keeps it; telemetry, events and
 quality messages share it), so what never arrived shows as gaps: ``seq_gaps`` = the highest seq received from the device
