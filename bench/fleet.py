@@ -1,12 +1,19 @@
 """Benchmark: what the controller holds, as ratios against a baseline measured in the same run.
 
-    .venv/bin/python bench/fleet.py [--messages 50000] [--devices 10000] [--store sqlite|URL ...]
+    .venv/bin/python bench/fleet.py [--messages 50000] [--devices 10000] [--store sqlite|postgresql|both]
+        [--section ingest,store]
 
 1. Ingest: the same backlog of telemetry windows (``--messages`` for ``--devices`` device ids, queued by the broker
    for a persistent session while its consumer is away) drained by a bare paho subscriber (receive and acknowledge,
    nothing else) and by the controller's link (validate, store, acknowledge after the store committed), one after
    the other against the same mosquitto. Rate = messages / time from connect to the last one taken in; the ratio
    controller / bare is the figure (1.0: the controller keeps up with what the broker can hand out).
+
+2. Store: ``Store.record_many`` alone (no broker), the same windows in batches of ``--batch`` (the link's batch size),
+   per backend: msg/s, and the ratio PostgreSQL / SQLite when both run.
+
+``--store postgresql`` starts a throwaway PostgreSQL cluster (``tests/pgcluster.py``: Debian's server binaries, a temp
+dir, a free port) and gives each run a fresh database; ``--store both`` runs SQLite and PostgreSQL in one run.
 
 The broker is the controller's embedded mosquitto in insecure mode (plain MQTT on 127.0.0.1: the cost measured is the
 consumer's, not TLS's). One publisher connection stands in for all the devices.
@@ -133,7 +140,8 @@ def controller_drain(fleet, want: int, timeout: float) -> float:
     return elapsed
 
 
-def ingest(args: argparse.Namespace) -> dict:
+def ingest(args: argparse.Namespace, store: str, store_url: str | None) -> dict:
+    """The ingest section for one store (``store_url``: None for SQLite in the temp dir)."""
     from fleet.app import Fleet
     from fleet.broker import free_port
 
@@ -141,7 +149,7 @@ def ingest(args: argparse.Namespace) -> dict:
     out = {"messages": args.messages, "devices": args.devices}
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
         fleet = Fleet(Path(tmp) / "fleet", http_port=free_port(), insecure=True, sweep_every_s=3600,
-                      compact_every_s=3600).start()
+                      compact_every_s=3600, store_url=store_url).start()
         try:
             url = fleet.broker_url
             bare = Bare(url)
@@ -152,29 +160,96 @@ def ingest(args: argparse.Namespace) -> dict:
             bare_s = bare.drain(args.messages, args.timeout)
             print(f"bare paho subscriber: {args.messages / bare_s:,.0f} msg/s", flush=True)
             ctl_s = controller_drain(fleet, args.messages, args.timeout)
-            print(f"controller ({args.store}): {args.messages / ctl_s:,.0f} msg/s", flush=True)
+            print(f"controller ({store}): {args.messages / ctl_s:,.0f} msg/s", flush=True)
             out.update(bare_msg_s=args.messages / bare_s, controller_msg_s=args.messages / ctl_s,
-                       ratio=bare_s / ctl_s, store=args.store)
+                       ratio=bare_s / ctl_s, store=store)
             print(f"ratio controller / bare: {bare_s / ctl_s:.2f}", flush=True)
         finally:
             fleet.stop()
     return out
 
 
+def store_bench(args: argparse.Namespace, store: str, store_url: str | None) -> dict:
+    """record_many alone: the same windows in batches of ``--batch``, into a fresh store; msg/s."""
+    from fleet.store import Store
+
+    msgs = [protocol.decode(protocol.TELEMETRY, payload) for _, payload in windows(args.messages, args.devices)]
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        st = Store(store_url or Path(tmp) / "fleet.db").open()
+        try:
+            now = time.time()
+            t0 = time.perf_counter()
+            for i in range(0, len(msgs), args.batch):
+                st.record_many([(m, now, False) for m in msgs[i:i + args.batch]])
+            elapsed = time.perf_counter() - t0
+            stored = st.query("SELECT count(*) FROM telemetry")[0][0]
+        finally:
+            st.close()
+    if stored != len(msgs):
+        raise SystemExit(f"bench: the store holds {stored} of {len(msgs)} windows")
+    rate = len(msgs) / elapsed
+    print(f"record_many ({store}, batches of {args.batch}): {rate:,.0f} msg/s", flush=True)
+    return {"store": store, "messages": len(msgs), "batch": args.batch, "msg_s": rate}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=50_000, help="telemetry windows in the backlog")
     parser.add_argument("--devices", type=int, default=10_000, help="device ids the windows are spread over")
-    parser.add_argument("--store", default="sqlite", help="the controller's store (sqlite: in a temp dir)")
+    parser.add_argument("--store", default="sqlite", choices=("sqlite", "postgresql", "both"),
+                        help="the controller's store: sqlite (a file in a temp dir, the default), postgresql "
+                             "(a throwaway cluster started for the run) or both, one after the other")
+    parser.add_argument("--section", default="ingest,store",
+                        help="comma-separated sections to run: ingest (broker -> controller), store (record_many)")
+    parser.add_argument("--batch", type=int, default=None, help="the store section's batch size "
+                        "(default: the link's BATCH_MAX)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a drain may take")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
     args = parser.parse_args(argv)
     if args.messages < 1 or args.devices < 1:
         parser.error("--messages and --devices must be positive")
-    result = {"cpu": cpu_name(), "ingest": ingest(args)}
+    sections = [s.strip() for s in args.section.split(",") if s.strip()]
+    unknown = set(sections) - {"ingest", "store"}
+    if unknown or not sections:
+        parser.error(f"--section: unknown section(s) {', '.join(sorted(unknown)) or '(none)'}; "
+                     f"expected ingest, store")
+    if args.batch is None:
+        from fleet.link import BATCH_MAX
+        args.batch = BATCH_MAX
+    if args.batch < 1:
+        parser.error("--batch must be positive")
+    stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
+    result: dict = {"cpu": cpu_name(), "ingest": [], "store": []}
+    cluster = None
+    try:
+        if "postgresql" in stores:
+            cluster = pg_cluster()
+        for store in stores:
+            for section, run in (("ingest", ingest), ("store", store_bench)):
+                if section in sections:
+                    url = cluster.new_database() if store == "postgresql" else None
+                    result[section].append(run(args, store, url))
+    finally:
+        if cluster is not None:
+            cluster.close()
+    by = {r["store"]: r for r in result["store"]}
+    if len(by) == 2:
+        result["store_ratio_postgresql_sqlite"] = by["postgresql"]["msg_s"] / by["sqlite"]["msg_s"]
+        print(f"record_many postgresql / sqlite: {result['store_ratio_postgresql_sqlite']:.2f}", flush=True)
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def pg_cluster():
+    """A throwaway PostgreSQL cluster (tests/pgcluster.py), started."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from pgcluster import Cluster
+
+    try:
+        return Cluster().start()
+    except RuntimeError as e:
+        raise SystemExit(f"bench: cannot start PostgreSQL: {e}") from None
 
 
 def cpu_name() -> str:

@@ -6,7 +6,9 @@ argument), ``INSERT ... ON CONFLICT``, ``RETURNING``, ``GREATEST``/``LEAST`` and
 Each backend rewrites that text for its engine once per distinct statement (``translate``): SQLite spells
 GREATEST ``max`` and IS DISTINCT FROM ``IS NOT`` (so any SQLite >= 3.35 runs it); PostgreSQL takes ``%s``
 placeholders in order. What cannot be rewritten textually is a method: ``json_get`` (a member of a JSON
-column) and ``bucket`` (a time floored to a step).
+column), ``bucket`` (a time floored to a step), and for batches ``among`` (a column in a list given as one
+argument), ``json_rows`` (a batch's keys as a table, from one JSON argument) and ``insert_many`` (many rows in one
+statement on PostgreSQL: ``unnest`` over binary arrays; ``executemany`` on SQLite).
 
 SQLite: one connection (WAL) guarded by a re-entrant lock, which every transaction holds, as the store always
 did: paho's thread writes while uvicorn's threads read. PostgreSQL: a psycopg 3 connection pool; transactions
@@ -30,6 +32,8 @@ from agent.errors import EdgefleetError
 KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
 _CACHE = 4096  # translated statements kept per backend (the IN (?, ?, ...) lists make new ones)
 _PLACEHOLDER = re.compile(r"'[^']*'|\?(\d*)|%")
+_VALUES = re.compile(r"VALUES \((?:\?, )*\?\)")
+_CAST = {"text": str, "bigint": int, "double precision": float}
 
 
 class Row(tuple):
@@ -84,6 +88,27 @@ class Backend:
     def bucket(self, expr: str, step: str) -> str:
         """SQL for ``expr`` floored to a multiple of ``step`` (both SQL expressions)."""
         raise NotImplementedError
+
+    def among(self, column: str) -> str:
+        """SQL for ``column`` being one of a list given as ONE ``?`` argument (made by ``list_arg``): one
+        statement text whatever the list's length, so batches of any size share one prepared statement."""
+        raise NotImplementedError
+
+    def list_arg(self, values: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+    def json_rows(self, columns: Sequence[tuple[str, str]]) -> str:
+        """SQL for a derived table of rows given as ONE ``?`` argument, a JSON array of objects (``json.dumps``
+        of dicts): ``columns`` are (name, SQL type: text, bigint, double precision). A batch's keys joined
+        against a table in one statement."""
+        raise NotImplementedError
+
+    def insert_many(self, db: Any, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]) -> None:
+        """Run an ``INSERT ... VALUES (?, ...) [ON CONFLICT ...]`` for every row: SQLite's ``executemany``; on
+        PostgreSQL ONE statement over the rows as arrays (``unnest``), as a round trip and a statement per row
+        is what bounds a batch there. ``types``: each column's SQL type (text, bigint, double precision); no two
+        rows may hit one key of an ON CONFLICT DO UPDATE."""
+        db.executemany(sql, rows)
 
     def try_leader(self, name: str) -> bool:
         """Whether this process holds (or now took) the leadership called ``name``."""
@@ -223,6 +248,18 @@ class SQLiteBackend(Backend):
     def bucket(self, expr: str, step: str) -> str:
         return f"CAST({expr} / {step} AS INTEGER) * {step}"
 
+    def among(self, column: str) -> str:
+        return f"{column} IN (SELECT value FROM json_each(?))"
+
+    def list_arg(self, values: Sequence[Any]) -> Any:
+        import json
+
+        return json.dumps(list(values))
+
+    def json_rows(self, columns: Sequence[tuple[str, str]]) -> str:
+        cols = ", ".join(f"json_extract(value, '$.{name}') AS {name}" for name, _ in columns)
+        return f"(SELECT {cols} FROM json_each(?))"
+
     def try_leader(self, name: str) -> bool:
         return True  # one process owns a SQLite file
 
@@ -360,6 +397,29 @@ class PostgresBackend(Backend):
 
     def bucket(self, expr: str, step: str) -> str:
         return f"floor(({expr}) / {step}) * {step}"
+
+    def among(self, column: str) -> str:
+        return f"{column} = ANY(?)"
+
+    def insert_many(self, db: Any, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]) -> None:
+        if not rows:
+            return
+        head, values, tail = _VALUES.split(sql, 1)[0], _VALUES.search(sql), _VALUES.split(sql, 1)[1]
+        if values is None or values.group(0).count("?") != len(types):
+            raise ValueError(f"insert_many needs one VALUES (?, ...) of {len(types)} columns: {sql[:80]}")
+        arrays = ", ".join(f"?::{t}[]" for t in types)
+        columns = [[None if v is None else _CAST[t](v) for v in col] for col, t in zip(zip(*rows), types)]
+        # binary parameters: psycopg's text format escapes every string of an array with a regex (the payloads'
+        # JSON: most of the cost of a batch); the binary format copies them
+        text = self.translate(f"{head}SELECT * FROM unnest({arrays}) AS v{tail}")[0].replace("%s", "%b")
+        db.raw.execute(text, columns)
+
+    def list_arg(self, values: Sequence[Any]) -> Any:
+        return list(values)
+
+    def json_rows(self, columns: Sequence[tuple[str, str]]) -> str:
+        cols = ", ".join(f"{name} {kind}" for name, kind in columns)
+        return f"(SELECT * FROM jsonb_to_recordset(?::jsonb) AS j({cols}))"
 
     def try_leader(self, name: str) -> bool:
         """pg_try_advisory_lock on a connection of its own: held until ``release_leader`` or until this process
