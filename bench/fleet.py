@@ -12,6 +12,12 @@
 2. Store: ``Store.record_many`` alone (no broker), the same windows in batches of ``--batch`` (the link's batch size),
    per backend: msg/s, and the ratio PostgreSQL / SQLite when both run.
 
+3. Sim (``--section sim``): a controller with its embedded broker (mutual TLS) and ``--sim-devices`` simulated devices
+   (``edgefleet fleet simulate`` in a process of its own: enrolled identities, real TLS connections) sending a window
+   every ``--sim-interval`` s: the lag from each message's first send to the controller's ack of it (stored, end to
+   end), p50/p99, over ``--sim-seconds`` once all are online; then a rollout to all of them in waves ``1,10%,100%``
+   (no soak), the time from its creation to done.
+
 ``--store postgresql`` starts a throwaway PostgreSQL cluster (``tests/pgcluster.py``: Debian's server binaries, a temp
 dir, a free port) and gives each run a fresh database; ``--store both`` runs SQLite and PostgreSQL in one run.
 
@@ -24,6 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -192,6 +201,88 @@ def store_bench(args: argparse.Namespace, store: str, store_url: str | None) -> 
     return {"store": store, "messages": len(msgs), "batch": args.batch, "msg_s": rate}
 
 
+
+# -- 2. lag and 3. a rollout, with simulated devices ---------------------------------------------------------------
+def simulated(args: argparse.Namespace, store: str, store_url: str | None) -> dict:
+    """A controller (this process: its embedded broker with mutual TLS, the store ``--store``) and ``--sim-devices``
+    simulated devices (``edgefleet fleet simulate``, a process of its own: real enrolled identities, real TLS
+    connections) sending a window every ``--sim-interval`` for ``--sim-seconds``: the lag from each message's first
+    send to the controller's ack of it (stored, end to end), p50/p99. Then a rollout to all of them in waves
+    ``1,10%,100%`` (no soak): the time from its creation to done."""
+    import numpy as np
+
+    from agent import bundle, signing
+    from edgefleet.data import text_direction
+    from edgefleet.models import model_path
+    from fleet.app import Fleet
+    from fleet.client import FleetClient
+
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-sim-"))
+    state = work / "sim"
+    key_file, pub = signing.generate(work / "keys", "bench")
+    x, _ = text_direction(4)
+    np.savez(work / "sample.npz", x=x[:1])
+    manifest = bundle.Manifest(name="ocr-cls", version="1", target="cpu", runtime="onnxruntime", precision="fp32",
+                               model="model.onnx", files=[], latency_budget_ms=10_000.0,
+                               inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
+                               outputs=[bundle.TensorSpec(name="save_infer_model/scale_0.tmp_1", shape=[-1, 2],
+                                                          dtype="float32")])
+    tar = work / "ocr.tar"
+    bundle.write_bundle(tar, manifest, {"model.onnx": model_path("ocr-cls"), "sample.npz": work / "sample.npz"},
+                        sign_key=signing.load_private(key_file))
+    out: dict = {"devices": args.sim_devices, "interval_s": args.sim_interval, "seconds": args.sim_seconds}
+    data = work / "fleet"
+    fleet = Fleet(data, release_keys=[pub], http_port=0, mqtt_listen="127.0.0.1:0",
+                  store_url=store_url, sweep_every_s=5.0).start_background()
+    out["store"] = store
+    sim = None
+    try:
+        env = {**os.environ, "EDGEFLEET_DATA": str(data)}
+        cmd = [sys.executable, "-m", "edgefleet.cli", "fleet", "simulate", "--devices", str(args.sim_devices),
+               "--interval", str(args.sim_interval), "--rate-errors", "0", "--connect-rate", "200",
+               "--update-time", "0.5", "--state", str(state), "--json"]
+        print(f"simulating {args.sim_devices} devices (enrolling those new to {state}) ...", flush=True)
+        sim = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = FleetClient(fleet.http_url, token=(data / "admin.token").read_text().strip(),
+                             ca=str(data / "pki" / "ca.crt"))
+        deadline = time.monotonic() + args.timeout
+        while len(client.health(status="online", prefix="sim-")) < args.sim_devices:
+            if time.monotonic() > deadline or sim.poll() is not None:
+                raise SystemExit(f"bench: the simulated devices did not all come online: "
+                                 f"{(sim.stderr.read() if sim.poll() is not None else '')[-500:]}")
+            time.sleep(2)
+        print(f"all {args.sim_devices} online; measuring for {args.sim_seconds:g} s ...", flush=True)
+        cpu0, t0 = time.process_time(), time.monotonic()
+        time.sleep(args.sim_seconds)
+        out["controller_cpu_percent"] = round((time.process_time() - cpu0) / (time.monotonic() - t0) * 100, 1)
+        sha = client.upload_bundle(tar)["sha256"]
+        t0 = time.monotonic()
+        ro = client.create_rollout(sha, ["all"], waves="1,10%,100%", soak="0s")
+        while (doc := client.rollout(ro["id"]))["status"] not in ("completed", "halted", "aborted"):
+            if time.monotonic() > deadline + args.timeout:
+                raise SystemExit(f"bench: the rollout did not finish: {doc['status']}")
+            time.sleep(0.5)
+        out["rollout_s"] = round(time.monotonic() - t0, 1)
+        out["rollout_status"] = doc["status"]
+        print(f"rollout to {args.sim_devices} devices in waves 1,10%,100%: {doc['status']} in "
+              f"{out['rollout_s']} s", flush=True)
+        sim.send_signal(signal.SIGINT)
+        stdout = sim.communicate(timeout=args.timeout)[0]
+        summary = json.loads(stdout[stdout.index("{"):])
+        out.update(ack_lag_ms=summary["ack_lag_ms"], acked=summary["acked"], sent=summary["telemetry"],
+                   simulator_cpu_percent=summary["cpu_percent_all_connected"],
+                   simulator_rss_mib=summary["max_rss_mib"])
+        print(f"lag from send to the controller's ack: p50 {summary['ack_lag_ms']['p50']} ms, p99 "
+              f"{summary['ack_lag_ms']['p99']} ms ({summary['acked']} acknowledged); controller "
+              f"{out['controller_cpu_percent']} % of a core", flush=True)
+    finally:
+        if sim is not None and sim.poll() is None:
+            sim.kill()
+        fleet.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=50_000, help="telemetry windows in the backlog")
@@ -200,32 +291,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="the controller's store: sqlite (a file in a temp dir, the default), postgresql "
                              "(a throwaway cluster started for the run) or both, one after the other")
     parser.add_argument("--section", default="ingest,store",
-                        help="comma-separated sections to run: ingest (broker -> controller), store (record_many)")
+                        help="comma-separated sections to run: ingest (broker -> controller), store (record_many), "
+                             "sim (lag and a rollout with --sim-devices simulated devices)")
     parser.add_argument("--batch", type=int, default=None, help="the store section's batch size "
                         "(default: the link's BATCH_MAX)")
+    parser.add_argument("--sim-devices", type=int, default=1000, help="the sim section's simulated devices")
+    parser.add_argument("--sim-interval", type=float, default=10.0, help="their telemetry interval (s)")
+    parser.add_argument("--sim-seconds", type=float, default=60.0,
+                        help="how long the sim section measures once every device is online")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a drain may take")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
     args = parser.parse_args(argv)
     if args.messages < 1 or args.devices < 1:
         parser.error("--messages and --devices must be positive")
     sections = [s.strip() for s in args.section.split(",") if s.strip()]
-    unknown = set(sections) - {"ingest", "store"}
+    unknown = set(sections) - {"ingest", "store", "sim"}
     if unknown or not sections:
         parser.error(f"--section: unknown section(s) {', '.join(sorted(unknown)) or '(none)'}; "
-                     f"expected ingest, store")
+                     f"expected ingest, store, sim")
     if args.batch is None:
         from fleet.link import BATCH_MAX
         args.batch = BATCH_MAX
     if args.batch < 1:
         parser.error("--batch must be positive")
     stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
-    result: dict = {"cpu": cpu_name(), "ingest": [], "store": []}
+    result: dict = {"cpu": cpu_name(), "ingest": [], "store": [], "sim": []}
     cluster = None
     try:
         if "postgresql" in stores:
             cluster = pg_cluster()
         for store in stores:
-            for section, run in (("ingest", ingest), ("store", store_bench)):
+            for section, run in (("ingest", ingest), ("store", store_bench), ("sim", simulated)):
                 if section in sections:
                     url = cluster.new_database() if store == "postgresql" else None
                     result[section].append(run(args, store, url))
