@@ -132,3 +132,21 @@ def test_the_figures_after_retention_come_from_the_rollups(fleet):
     ref = aggregate.summarize(store.health(now=later))
     assert ref.all.p95.n and ref.all.cpu.n  # from the rollups
     _same(aggregate.from_store(store, later), ref)
+
+
+def test_schema_10_adds_the_read_indexes_to_a_schema_9_database(store_url):
+    store = Store(store_url).open()
+    with store.tx() as db:  # what a controller of schema 9 left
+        db.execute("DROP INDEX deployment_devices_device")
+        db.execute("DROP INDEX devices_active")
+        db.execute("UPDATE schema_version SET version = 9")
+    store.close()
+    store = Store(store_url).open()
+    try:
+        assert store.query("SELECT version FROM schema_version")[0][0] == 10
+        sql = ("SELECT indexname FROM pg_indexes WHERE indexname IN (?, ?)" if store.backend.name == "postgresql"
+               else "SELECT name FROM sqlite_master WHERE type = 'index' AND name IN (?, ?)")
+        assert sorted(r[0] for r in store.query(sql, ("deployment_devices_device", "devices_active"))) == [
+            "deployment_devices_device", "devices_active"]
+    finally:
+        store.close()
