@@ -173,14 +173,14 @@ class Pages:
                         f"ORDER BY x.time DESC LIMIT 1) {cond.replace('x.', 't.')} WHERE d.id IN ({marks})", args):
                     if r[0] not in best or r[1] > best[r[0]][1]:  # ties on time: the newest row
                         best[r[0]] = r
-                out[key].update({k: _Sub(r, 2) for k, r in best.items()})
+                out[key].update({k: _sub(r, 2) for k, r in best.items()})
             newest: dict[str, Any] = {}
             for r in self._query(
                     f"SELECT dd.device_id, p.created, dd.deployment_id, dd.phase, dd.reason FROM deployment_devices dd "
                     f"JOIN deployments p ON p.id = dd.deployment_id WHERE dd.device_id IN ({marks})", args):
                 if r[0] not in newest or r[1] > newest[r[0]][1]:
                     newest[r[0]] = r
-            out["deployment"].update({k: _Sub(r, 2) for k, r in newest.items()})
+            out["deployment"].update({k: _sub(r, 2) for k, r in newest.items()})
             for r in self._query(f"SELECT t.device_id, t.inferences, t.errors, t.interval_s, "
                                  f"CASE WHEN t.errors > 0 THEN {errs} END FROM telemetry t "
                                  f"WHERE t.device_id IN ({marks}) AND t.time > ?", (*args, since)):
@@ -275,19 +275,6 @@ WITH base AS MATERIALIZED (
         return out
 
 
-class _Sub:
-    """A row without its first ``skip`` columns, read by name or position like the store's rows."""
-
-    __slots__ = ("_row", "_skip")
-
-    def __init__(self, row: Any, skip: int) -> None:
-        self._row, self._skip = row, skip
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._row[key + self._skip] if isinstance(key, int) else self._row[key]
-
-    def keys(self) -> list[str]:
-        return list(self._row.keys())[self._skip:]
-
-    def __bool__(self) -> bool:
-        return True
+def _sub(row: Any, skip: int) -> dict[str, Any]:
+    """A row without its first ``skip`` columns, as a dict (read by name)."""
+    return dict(zip(list(row.keys())[skip:], tuple(row)[skip:]))
