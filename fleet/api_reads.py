@@ -5,11 +5,11 @@ Both answer ``{"devices": [...], "next": CURSOR | null, "limit": N}`` and, when 
 page's ``next``), filters ``status``, ``tag``, ``model``, ``version``, ``prefix`` (of the device id); health
 also ``sort`` and ``order``. A bad parameter is a 400 naming it, an unknown tag a 404.
 
-How a page is read: for a sort on a column of the devices table (the id, the active model or version,
-inferences, errors, free disk: ``fleet.store.pages.SQL_SORTS``) the store reads the page itself, filters and
-keyset in SQL (``Store.device_page``), then the health entries of just those devices in a few batched queries
-(``fleet.health.entries_for``); for a sort on a derived figure (rates, latency, resources, status, silence,
-quality) the filters are SQL and the order Python's, over the kept devices' entries.
+How a page is read: the store reads the page itself, filters and keyset in SQL (``Store.device_page``), for a
+sort on a column of the devices table or on a figure the database derives per device (recent rates, the latest
+window's latency and resources, the clock: ``fleet.store.pages.PAGED_SORTS``), then the health entries of just
+those devices in a few batched queries (``fleet.health.entries_for``). For a sort on status, silence or model
+quality the filters are SQL and the order Python's, over the kept devices' entries.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from starlette.routing import Route
 from fleet import paging, targets
 from fleet.auth import READ, allow
 from fleet.health import SORTS, entries_for
-from fleet.store.pages import SQL_SORTS
+from fleet.store.pages import PAGED_SORTS
 
 if TYPE_CHECKING:
     from fleet.store import Store
@@ -64,7 +64,7 @@ def health_page(store: "Store", q: paging.Query, now: float | None = None, check
     now = time.time() if now is None else now
     if check_tag:
         _known_tag(store, q)
-    if q.sort not in SQL_SORTS:  # a derived figure's order needs the kept devices' entries
+    if q.sort not in PAGED_SORTS:  # status, silence, quality: the order needs the kept devices' entries
         entries = entries_for(store, store.device_rows_where(now, q.filters), now)
         return paging.page(entries, q.cursor, q.limit, q.filters, q.sort, q.descending)
     desc = SORTS[q.sort][1] if q.descending is None else q.descending

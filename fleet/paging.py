@@ -239,8 +239,9 @@ def keyset(fetch: Callable[[tuple | None, int, bool], list[Any]], cursor: Cursor
     """A page read by the store itself: ``fetch(after, n, backwards)`` returns at most ``n`` registry rows in
     the listing's order after the keyset ``after`` = (null, value, id) (None: from the start), or with
     ``backwards`` those not after it, nearest first. The same page, cursors and all, as ``page`` gives over
-    every row; ``sort`` is one of the columns the store orders by (``_REGISTRY``)."""
-    value = _REGISTRY[sort]
+    every row; ``sort``: a column of the registry (``_REGISTRY``) or a figure the store derives and returns
+    as the rows' ``sort_value``."""
+    value = _REGISTRY.get(sort) or (lambda r: r["sort_value"])  # a derived figure: the store adds its value
     desc = SORTS[sort][1] if descending is None else descending
     after = None
     if cursor is not None:

@@ -70,7 +70,10 @@ def pages_of(store: Store, q: paging.Query, now: float) -> list[paging.Page]:
     {}, {"order": "desc"}, {"sort": "model"}, {"sort": "version", "order": "desc"}, {"sort": "inferences"},
     {"sort": "errors", "order": "asc"}, {"sort": "disk"}, {"status": "offline"}, {"tag": "site-b", "sort": "errors"},
     {"model": "ocr", "version": "1.1.0"}, {"model": ""}, {"prefix": "a_"}, {"prefix": "dev-00004"},
-    {"status": "online", "tag": "cams", "sort": "p95"},  # a derived figure: sorted in Python
+    {"sort": "p95"}, {"sort": "error-rate"}, {"sort": "rate", "order": "asc"}, {"sort": "cpu", "tag": "site-a"},
+    {"sort": "temperature", "status": "offline"}, {"sort": "rss"}, {"sort": "clock"}, {"sort": "p99"},
+    {"sort": "memory", "model": "ocr"},  # figures the database derives per device
+    {"status": "online", "tag": "cams", "sort": "status"}, {"sort": "last-seen"},  # sorted in Python
 ])
 def test_a_page_read_in_sql_is_the_reference_page_cursors_and_all(fleet, params):
     store, now = fleet

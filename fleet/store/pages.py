@@ -7,11 +7,12 @@ status, by model and version and by tag, sums, means and maxima of each device's
 worst devices by ``ORDER BY ... LIMIT``) in one statement. ``fleet.paging`` owns the cursor and the parameters,
 ``fleet.health`` the entries' shape and ``fleet.aggregate`` the figures': this module only reads.
 
-Which sorts are SQL (``SQL_SORTS``): the columns of the devices table (id, active model and version,
-inferences, errors, free disk). Sorts on derived figures (recent rate and error rate, the latest window's
-latency, CPU, memory, temperature, status and silence, which move with the clock) stay in Python over the
-entries of the filtered devices: a keyset on them would need per-device running figures that ingest does not
-keep.
+Which sorts are SQL (``PAGED_SORTS``): the columns of the devices table (``SQL_SORTS``: id, active model and
+version, inferences, errors, free disk: the order over the ids alone, then the page's rows), and the figures
+the database derives from each device's latest and recent rows (``FIG_SORTS``: recent rate and error rate,
+the latest window's latency, CPU, RSS, memory, temperature, the clock's offset), computed over the filtered
+devices for each page (a pass over them, not a health entry each). Status and silence (they move with the
+clock) and model quality (``fleet.quality``, Python) stay in Python over the kept devices' entries.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ SQL_SORTS = {
     "errors": "d.errors",
     "disk": "d.disk_free_bytes",
 }
+# sort key -> its column in ``_fig_sql`` (figures the database derives from each device's latest and recent rows)
+FIG_SORTS = {"rate": "ipm", "error-rate": "erate", "p50": "p50", "p95": "p95", "p99": "p99", "cpu": "cpu",
+             "rss": "rss", "memory": "mem", "temperature": "temp", "clock": "clock_abs"}
+PAGED_SORTS = frozenset(SQL_SORTS) | frozenset(FIG_SORTS)  # the rest (status, silence, quality) stay in Python
 _SUMS = ("online", "devices", "ipm", "rinf", "rerr", "inferences", "errors", "gaps",
          "p95_sum", "p95_n", "p95_max", "cpu_sum", "cpu_n", "cpu_max", "mem_sum", "mem_n", "mem_max",
          "rss_sum", "rss_n", "rss_max", "temp_sum", "temp_n", "temp_max")
@@ -98,12 +103,20 @@ class Pages:
 
     def device_page(self, now: float, filters: Any, sort: str, descending: bool, after: tuple | None, limit: int,
                     backwards: bool = False, ids: Sequence[str] | None = None) -> list[Any]:
-        """Device rows (``SELECT d.*``) in ``sort`` order (a ``SQL_SORTS`` key; nulls last, ties by id), those
+        """Device rows (``SELECT d.*``) in ``sort`` order (a ``PAGED_SORTS`` key; nulls last, ties by id), those
         after the keyset ``after`` = (null, value, id) of ``fleet.paging.Cursor``, at most ``limit``.
         ``backwards``: those not after it, nearest first (the previous pages). ``ids``: only these (a short
-        list: a target's devices)."""
-        col = SQL_SORTS[sort]
+        list: a target's devices). A sort on a derived figure (``FIG_SORTS``) adds the column ``sort_value``."""
         conds, args = self._where(now, filters, ids)
+        fig, fig_args = "", ()
+        if sort in FIG_SORTS:
+            from fleet.health import CONFLICT_QUIET_S, RECENT_S
+
+            where = f"WHERE {' AND '.join(conds)}" if conds else ""
+            fig, fig_args = self._fig_sql(now, RECENT_S, CONFLICT_QUIET_S, where, args)
+            col, conds, args = f"f.{FIG_SORTS[sort]}", [], []
+        else:
+            col = SQL_SORTS[sort]
         if after is not None:
             null, value, device_id = after
             if sort == "device":
@@ -128,7 +141,14 @@ class Pages:
         else:
             order = f"({col} IS NULL), {col} {fwd}, d.id"
         where = f"WHERE {' AND '.join(conds)}" if conds else ""
-        return self._query(f"SELECT d.* FROM devices d {where} ORDER BY {order} LIMIT ?", (*args, limit))
+        if fig:
+            return self._query(f"{fig} SELECT d.*, {col} AS sort_value FROM fig f JOIN devices d ON d.id = f.id "
+                               f"{where} ORDER BY {order} LIMIT ?", (*fig_args, *args, limit))
+        # the order over narrow rows (ids), then the page's rows in full
+        found = [r[0] for r in self._query(f"SELECT d.id FROM devices d {where} ORDER BY {order} LIMIT ?",
+                                           (*args, limit))]
+        rows = {r["id"]: r for r in self.device_rows_by_id(found)}
+        return [rows[i] for i in found if i in rows]
 
     def device_rows_where(self, now: float, filters: Any, ids: Sequence[str] | None = None) -> list[Any]:
         """Every device row the filters keep, by id (for sorts that stay in Python)."""
@@ -191,18 +211,20 @@ class Pages:
         return out
 
     # -- the fleet's figures --------------------------------------------------------------------------------
-    def fleet_figures(self, now: float, recent_s: float, conflict_quiet_s: float, worst: int
-                      ) -> dict[str, Any]:
-        """The fleet's aggregates in one statement: {"groups": [(kind, key1, key2, {figure: value})], "lists":
-        {kind: [device ids]}}. ``kind`` all | model (key1, key2 = name, version; "" for none) | tag (key1);
-        figures ``_SUMS``. Lists: ``error``/``p95`` (the ``worst`` highest recent error rates and latest p95,
-        ties by id), ``conflict``/``nowrite``/``clock`` (the first ``worst`` flagged devices by id)."""
+    def _fig_sql(self, now: float, recent_s: float, conflict_quiet_s: float, where: str = "",
+                 where_args: Sequence[Any] = ()) -> tuple[str, tuple]:
+        """``WITH base AS (...), fig AS (...)``: one row a device (of those ``where`` keeps: terms on ``d``, the
+        devices table) with the figures its health entry shows, computed by the database, and its arguments."""
         online, online_args = self._online_sql(now)
 
         def rollup(c: str) -> str:
             return f"(CASE WHEN r1.device_id IS NOT NULL THEN r1.{c} ELSE r2.{c} END)"
 
         w = f"(CASE WHEN {rollup('windows')} = 0 THEN 1 ELSE {rollup('windows')} END)"
+        latency = "\n".join(
+            f"           CASE WHEN b.l_last IS NOT NULL THEN ll.{q}\n"
+            f"                WHEN b.t_last IS NULL AND {rollup('p50')} IS NOT NULL THEN {rollup(q)} END AS {q},"
+            for q in ("p50", "p95", "p99"))
         rate = self._round("CAST(rec.ri AS DOUBLE PRECISION) * 60 / rec.rs", 3)
         erate = self._round("CAST(rec.re AS DOUBLE PRECISION) / (rec.ri + rec.re)", 6)
         fig = f"""
@@ -219,21 +241,22 @@ WITH base AS MATERIALIZED (
            coalesce((SELECT c.offset_s FROM clocks c WHERE c.device_id = d.id AND c.boot_id = d.boot_id),
                     (SELECT c.offset_s FROM clocks c WHERE c.device_id = d.id ORDER BY c.updated DESC LIMIT 1))
                AS clock
-    FROM devices d
+    FROM devices d {where}
 ), fig AS MATERIALIZED (
     SELECT b.id, b.name, b.version, b.up, b.inferences, b.errors, b.gaps, b.conflict, b.nowrite,
            CASE WHEN b.clock IS NOT NULL AND abs(b.clock) > ? THEN 1 ELSE 0 END AS clock_off,
+           CASE WHEN b.clock IS NOT NULL THEN abs({self._round('b.clock', 3)}) END AS clock_abs,
            coalesce(rec.ri, 0) AS rinf, coalesce(rec.re, 0) AS rerr,
            CASE WHEN rec.rs > 0 THEN {rate} END AS ipm,
            CASE WHEN rec.ri + rec.re > 0 THEN {erate} END AS erate,
-           CASE WHEN b.l_last IS NOT NULL THEN ll.p95
-                WHEN b.t_last IS NULL AND {rollup('p50')} IS NOT NULL THEN {rollup('p95')} END AS p95,
+           {latency}
            CASE WHEN b.t_last IS NOT NULL THEN lt.cpu_percent
                 WHEN {rollup('windows')} IS NOT NULL THEN {self._round(f"{rollup('cpu_sum')} / {w}", 3)} END AS cpu,
            CASE WHEN b.t_last IS NOT NULL THEN lt.memory_percent
                 WHEN {rollup('windows')} IS NOT NULL THEN {self._round(f"{rollup('mem_sum')} / {w}", 3)} END AS mem,
            CASE WHEN b.t_last IS NOT NULL THEN lt.rss_bytes
-                WHEN {rollup('windows')} IS NOT NULL THEN {self._round(f"{rollup('rss_sum')} / {w}", 0)} END AS rss,
+                WHEN {rollup('windows')} IS NOT NULL THEN CAST({self._round(f"{rollup('rss_sum')} / {w}", 0)} AS BIGINT)
+                END AS rss,
            CASE WHEN b.t_last IS NOT NULL THEN lt.temperature_c
                 WHEN {rollup('temp_n')} > 0 THEN {self._round(f"{rollup('temp_sum')} / {rollup('temp_n')}", 3)}
                 END AS temp
@@ -250,6 +273,15 @@ WITH base AS MATERIALIZED (
     LEFT JOIN telemetry_1h r2 ON b.t_last IS NULL AND r1.device_id IS NULL AND r2.device_id = b.id
          AND r2.bucket = (SELECT max(z.bucket) FROM telemetry_1h z WHERE z.device_id = b.id)
 )"""
+        return fig, (*online_args, now, conflict_quiet_s, *where_args, self.max_clock_offset_s, now - recent_s)
+
+    def fleet_figures(self, now: float, recent_s: float, conflict_quiet_s: float, worst: int
+                      ) -> dict[str, Any]:
+        """The fleet's aggregates in one statement: {"groups": [(kind, key1, key2, {figure: value})], "lists":
+        {kind: [device ids]}}. ``kind`` all | model (key1, key2 = name, version; "" for none) | tag (key1);
+        figures ``_SUMS``. Lists: ``error``/``p95`` (the ``worst`` highest recent error rates and latest p95,
+        ties by id), ``conflict``/``nowrite``/``clock`` (the first ``worst`` flagged devices by id)."""
+        fig, args = self._fig_sql(now, recent_s, conflict_quiet_s)
         sums = ("sum(up), count(*), sum(ipm), sum(rinf), sum(rerr), sum(inferences), sum(errors), sum(gaps), "
                 + ", ".join(f"sum({c}), count({c}), max({c})" for c in ("p95", "cpu", "mem", "rss", "temp")))
         nulls = ", ".join(["0"] * len(_SUMS))  # unused: zeros, whose type any column takes
@@ -261,8 +293,7 @@ WITH base AS MATERIALIZED (
                  f"GROUP BY t.tag"]
         parts += [f"SELECT * FROM (SELECT '{kind}', id, '', 0, 0, 0, {nulls} FROM fig WHERE {cond} "
                   f"ORDER BY {order} LIMIT {int(worst)}) AS {kind}_" for kind, cond, order in lists]
-        rows = self._query(fig + "\n" + "\nUNION ALL\n".join(parts),
-                           (*online_args, now, conflict_quiet_s, self.max_clock_offset_s, now - recent_s))
+        rows = self._query(fig + "\n" + "\nUNION ALL\n".join(parts), args)
         out: dict[str, Any] = {"groups": [], "lists": {kind: [] for kind, _, _ in lists}, "flags": {}}
         for r in rows:
             kind = r[0]
