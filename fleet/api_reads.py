@@ -7,9 +7,9 @@ also ``sort`` and ``order``. A bad parameter is a 400 naming it, an unknown tag 
 
 How a page is read: the store reads the page itself, filters and keyset in SQL (``Store.device_page``), for a
 sort on a column of the devices table or on a figure the database derives per device (recent rates, the latest
-window's latency and resources, the clock: ``fleet.store.pages.PAGED_SORTS``), then the health entries of just
-those devices in a few batched queries (``fleet.health.entries_for``). For a sort on status, silence or model
-quality the filters are SQL and the order Python's, over the kept devices' entries.
+window's latency and resources, the clock, the status: ``fleet.store.pages.PAGED_SORTS``), then the health
+entries of just those devices in a few batched queries (``fleet.health.entries_for``). For a sort on silence or
+model quality the filters are SQL and the order Python's, over the kept devices' entries.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def health_page(store: "Store", q: paging.Query, now: float | None = None, check
     now = time.time() if now is None else now
     if check_tag:
         _known_tag(store, q)
-    if q.sort not in PAGED_SORTS:  # status, silence, quality: the order needs the kept devices' entries
+    if q.sort not in PAGED_SORTS:  # silence, quality: the order needs the kept devices' entries
         entries = entries_for(store, store.device_rows_where(now, q.filters), now)
         return paging.page(entries, q.cursor, q.limit, q.filters, q.sort, q.descending)
     desc = SORTS[q.sort][1] if q.descending is None else q.descending

@@ -241,13 +241,15 @@ def keyset(fetch: Callable[[tuple | None, int, bool], list[Any]], cursor: Cursor
     ``backwards`` those not after it, nearest first. The same page, cursors and all, as ``page`` gives over
     every row; ``sort``: a column of the registry (``_REGISTRY``) or a figure the store derives and returns
     as the rows' ``sort_value``."""
-    value = _REGISTRY.get(sort) or (lambda r: r["sort_value"])  # a derived figure: the store adds its value
+    # a derived figure: the store adds its value (status: 0 or 1 there, a boolean in the entries)
+    value = _REGISTRY.get(sort) or ((lambda r: bool(r["sort_value"])) if sort == "status" else
+                                    (lambda r: r["sort_value"]))
     desc = SORTS[sort][1] if descending is None else descending
     after = None
     if cursor is not None:
         ok = cursor.value is None if cursor.null else (
-            isinstance(cursor.value, str) if sort in _TEXT_SORTS
-            else isinstance(cursor.value, (int, float)) and not isinstance(cursor.value, bool))
+            isinstance(cursor.value, str) if sort in _TEXT_SORTS else isinstance(cursor.value, bool)
+            if sort == "status" else isinstance(cursor.value, (int, float)) and not isinstance(cursor.value, bool))
         if not ok:  # a value of another type than the column's: not a cursor this listing gave
             raise PageError("invalid cursor: pass back the `next` of the previous page, unchanged")
         after = (cursor.null, cursor.value, cursor.device_id)

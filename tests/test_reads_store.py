@@ -73,7 +73,8 @@ def pages_of(store: Store, q: paging.Query, now: float) -> list[paging.Page]:
     {"sort": "p95"}, {"sort": "error-rate"}, {"sort": "rate", "order": "asc"}, {"sort": "cpu", "tag": "site-a"},
     {"sort": "temperature", "status": "offline"}, {"sort": "rss"}, {"sort": "clock"}, {"sort": "p99"},
     {"sort": "memory", "model": "ocr"},  # figures the database derives per device
-    {"status": "online", "tag": "cams", "sort": "status"}, {"sort": "last-seen"},  # sorted in Python
+    {"tag": "cams", "sort": "status"}, {"sort": "status", "order": "desc"},
+    {"sort": "last-seen"}, {"sort": "drift"},  # sorted in Python
 ])
 def test_a_page_read_in_sql_is_the_reference_page_cursors_and_all(fleet, params):
     store, now = fleet

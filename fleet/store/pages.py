@@ -10,9 +10,10 @@ worst devices by ``ORDER BY ... LIMIT``) in one statement. ``fleet.paging`` owns
 Which sorts are SQL (``PAGED_SORTS``): the columns of the devices table (``SQL_SORTS``: id, active model and
 version, inferences, errors, free disk: the order over the ids alone, then the page's rows), and the figures
 the database derives from each device's latest and recent rows (``FIG_SORTS``: recent rate and error rate,
-the latest window's latency, CPU, RSS, memory, temperature, the clock's offset), computed over the filtered
-devices for each page (a pass over them, not a health entry each). Status and silence (they move with the
-clock) and model quality (``fleet.quality``, Python) stay in Python over the kept devices' entries.
+the latest window's latency, CPU, RSS, memory, temperature, the clock's offset, the status), computed over the
+filtered devices for each page (a pass over them, not a health entry each). Silence (an age that moves with the
+clock between two pages) and model quality (``fleet.quality``, Python) stay in Python over the kept devices'
+entries.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ SQL_SORTS = {
 }
 # sort key -> its column in ``_fig_sql`` (figures the database derives from each device's latest and recent rows)
 FIG_SORTS = {"rate": "ipm", "error-rate": "erate", "p50": "p50", "p95": "p95", "p99": "p99", "cpu": "cpu",
-             "rss": "rss", "memory": "mem", "temperature": "temp", "clock": "clock_abs"}
-PAGED_SORTS = frozenset(SQL_SORTS) | frozenset(FIG_SORTS)  # the rest (status, silence, quality) stay in Python
+             "rss": "rss", "memory": "mem", "temperature": "temp", "clock": "clock_abs", "status": "up"}
+PAGED_SORTS = frozenset(SQL_SORTS) | frozenset(FIG_SORTS)  # the rest (silence, quality) stay in Python
 _SUMS = ("online", "devices", "ipm", "rinf", "rerr", "inferences", "errors", "gaps",
          "p95_sum", "p95_n", "p95_max", "cpu_sum", "cpu_n", "cpu_max", "mem_sum", "mem_n", "mem_max",
          "rss_sum", "rss_n", "rss_max", "temp_sum", "temp_n", "temp_max")
@@ -119,6 +120,7 @@ class Pages:
             col = SQL_SORTS[sort]
         if after is not None:
             null, value, device_id = after
+            value = int(value) if isinstance(value, bool) else value  # status: a boolean, 0 or 1 in SQL
             if sort == "device":
                 conds.append(f"d.id {('>=' if backwards else '<') if descending else ('<=' if backwards else '>')} ?")
                 args.append(device_id)
