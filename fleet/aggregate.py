@@ -8,13 +8,22 @@ window), the mean and the max of the devices' own latest p95, means of CPU, memo
 temperature, seq gaps and totals since registration. A mean of percentiles is not a percentile of the fleet's
 inferences: it says how a typical device does, the max how the worst does. And the worst devices: the highest
 recent error rates and the highest latest p95, ``WORST`` of each, ties by device id.
+
+Two ways to the same figures: ``summarize(health)`` over health entries already read, and ``from_store(store)``,
+where the database does the counting (``Store.fleet_figures``: one statement, GROUP BY and ORDER BY ... LIMIT),
+and only the listed devices' health entries and the devices that sent model quality (drift) are read here. The
+overview page and ``/metrics`` use ``from_store``: their cost is one pass of the database over the devices
+table, each device's latest rows and the recent window's, not a health entry a device.
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from fleet.store import Store
 
 WORST = 10  # devices in each worst list
 
@@ -148,3 +157,48 @@ def _keep(heap: list, n: int, v: float | None, h: dict) -> None:
 
 def _worst(heap: list) -> list[dict[str, Any]]:
     return [h for _, _, h in sorted(heap, key=lambda t: (-t[0], t[2]["device_id"]))]
+
+
+def from_store(store: "Store", now: float, worst: int = WORST) -> Fleet:
+    """What ``summarize(store.health(now=now))`` gives, counted by the database (``Store.fleet_figures``)."""
+    from fleet import health
+
+    figs = store.fleet_figures(now, health.RECENT_S, health.CONFLICT_QUIET_S, worst)
+    out = Fleet()
+    for kind, k1, k2, f in figs["groups"]:
+        g = out.all if kind == "all" else out.models.setdefault((k1, k2), Group()) if kind == "model" \
+            else out.tags.setdefault(k1, Group())
+        _fill(g, f)
+    for name, n in figs["flags"].items():
+        setattr(out, name, int(n))
+    lists = figs["lists"]
+    wanted = sorted({i for ids in lists.values() for i in ids})
+    entries = {h["device_id"]: h for h in health.entries_for(store, store.device_rows_by_id(wanted), now)}
+    for attr, kind in (("conflicted", "conflict"), ("no_writes", "nowrite"), ("clock_off", "clock"),
+                       ("worst_error_rate", "error"), ("worst_p95", "p95")):
+        setattr(out, attr, [entries[i] for i in lists[kind] if i in entries])
+    # drift: over the devices that sent model quality lately (few), from their quality rows
+    drift = {r["device_id"]: r["psi_ref"] for r in health.quality.summary(store, now - health.QUALITY_S, now)
+             if r["psi_ref"] is not None}
+    if drift:
+        tags = store.tags_of(list(drift))
+        for r in store.device_rows_by_id(list(drift)):
+            v = drift[r["id"]]
+            key = ("", "") if r["active_name"] is None else (r["active_name"], r["active_version"] or "")
+            for g in (out.all, out.models.get(key), *(out.tags.get(t) for t in tags.get(r["id"], []))):
+                if g is not None:
+                    g.drift.add(v)
+    return out
+
+
+def _fill(g: Group, f: dict[str, Any]) -> None:
+    """A Group from one row of ``Store.fleet_figures``."""
+    g.online = int(f["online"] or 0)
+    g.offline = int(f["devices"] or 0) - g.online
+    g.inferences_per_min = float(f["ipm"] or 0.0)
+    for name in ("recent_inferences", "recent_errors", "inferences", "errors", "seq_gaps"):
+        col = {"recent_inferences": "rinf", "recent_errors": "rerr", "seq_gaps": "gaps"}.get(name, name)
+        setattr(g, name, int(f[col] or 0))
+    for name, col in (("p95", "p95"), ("cpu", "cpu"), ("memory", "mem"), ("rss", "rss"), ("temperature", "temp")):
+        n = int(f[f"{col}_n"] or 0)
+        setattr(g, name, Mean(float(f[f"{col}_sum"] or 0.0) if n else 0.0, n, f[f"{col}_max"] if n else None))

@@ -5,17 +5,17 @@ Both answer ``{"devices": [...], "next": CURSOR | null, "limit": N}`` and, when 
 page's ``next``), filters ``status``, ``tag``, ``model``, ``version``, ``prefix`` (of the device id); health
 also ``sort`` and ``order``. A bad parameter is a 400 naming it, an unknown tag a 404.
 
-Which store read feeds a page (the cheapest that has what the filters and the sort need): bare ids (sorted by
-id, filtered by tag and prefix), the registry's rows (status, model, version), or every health entry (a sort
-on any column but the id). For the first two, only the page's own devices are read in full afterwards: a page
-of health costs one health entry a device on it, not the fleet's. The store will later read only one page
-itself (``fleet.paging``'s module doc); these functions are where it plugs in.
+How a page is read: the store reads the page itself, filters and keyset in SQL (``Store.device_page``), for a
+sort on a column of the devices table or on a figure the database derives per device (recent rates, the latest
+window's latency and resources, the clock, the status: ``fleet.store.pages.PAGED_SORTS``), then the health
+entries of just those devices in a few batched queries (``fleet.health.entries_for``). For a sort on silence or
+model quality the filters are SQL and the order Python's, over the kept devices' entries.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,9 +23,14 @@ from starlette.routing import Route
 
 from fleet import paging, targets
 from fleet.auth import READ, allow
+from fleet.health import SORTS, entries_for
+from fleet.store.pages import PAGED_SORTS
 
 if TYPE_CHECKING:
     from fleet.store import Store
+
+
+MAX_IDS = 10_000  # a target's devices read by the store with IN (...) up to this many
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -53,25 +58,31 @@ def _answer(request: Request, q: paging.Query, found: paging.Page, extra: list[t
     return response
 
 
-def health_page(store: "Store", q: paging.Query, now: float | None = None) -> paging.Page:
-    """A page of health entries (``fleet.health.entry``)."""
+def health_page(store: "Store", q: paging.Query, now: float | None = None, check_tag: bool = True) -> paging.Page:
+    """A page of health entries (``fleet.health.entry``). ``check_tag``: an unknown tag is an error (the API's
+    404), else an empty page (the overview's)."""
     now = time.time() if now is None else now
-    _known_tag(store, q)
-    if q.sort != "device":  # a figure's order needs every entry
-        return paging.page(store.health(now=now), q.cursor, q.limit, q.filters, q.sort, q.descending)
-    rows: list[Any] = store.devices() if q.filters.on_registry else store.device_ids(tag=q.filters.tag)
-    found = paging.page(rows, q.cursor, q.limit, q.filters, q.sort, q.descending)
-    items = [h for r in found.items for h in store.health(paging.row_id(r), now=now)]
-    return paging.Page(items, found.next)
+    if check_tag:
+        _known_tag(store, q)
+    if q.sort not in PAGED_SORTS:  # silence, quality: the order needs the kept devices' entries
+        entries = entries_for(store, store.device_rows_where(now, q.filters), now)
+        return paging.page(entries, q.cursor, q.limit, q.filters, q.sort, q.descending)
+    desc = SORTS[q.sort][1] if q.descending is None else q.descending
+    found = paging.keyset(lambda after, n, back: store.device_page(now, q.filters, q.sort, desc, after, n, back),
+                          q.cursor, q.limit, q.sort, q.descending)
+    return paging.Page(entries_for(store, found.items, now), found.next, found.prev)
 
 
 def devices_page(store: "Store", q: paging.Query, ids: list[str] | None = None) -> paging.Page:
     """A page of registry rows (``Store.devices``), of all devices or of ``ids``."""
     _known_tag(store, q)
-    if ids is None and not q.filters.on_registry:
-        found = paging.page(store.device_ids(tag=q.filters.tag), q.cursor, q.limit, q.filters)
-        return paging.Page(store.devices(found.items) if found.items else [], found.next)
-    return paging.page(store.devices(ids), q.cursor, q.limit, q.filters)
+    if ids is not None and len(ids) > MAX_IDS:  # too long a list for IN (...): filtered in Python
+        return paging.page(store.devices(ids), q.cursor, q.limit, q.filters)
+    now = time.time()
+    found = paging.keyset(lambda after, n, back: store.device_page(now, q.filters, "device", False, after, n, back,
+                                                                   ids), q.cursor, q.limit)
+    rows = found.items
+    return paging.Page(store.device_dicts(rows, store.tags_of([r["id"] for r in rows]), now), found.next, found.prev)
 
 
 def routes(store: "Store") -> list[Route]:

@@ -99,13 +99,26 @@ def entries(store: "Store", device_id: str | None = None, now: float | None = No
         targets.check_tag(tag)
         if not store.device_ids(tag=tag):
             raise targets.UnknownTarget(f"unknown tag {tag!r}: no device carries it")
-    tags = store.tags(device_id)
-    found = store.device_rows(device_id, tag)
-    qualities = model_quality(store, now, [r["id"] for r in found])
-    out = [entry(store, r, now, tags.get(r["id"], []), qualities.get(r["id"])) for r in found]
+    out = entries_for(store, store.device_rows(device_id, tag), now)
     if status is not None:
         out = [h for h in out if h["status"] == status]
     return sort_entries(out, key, descending)
+
+
+def entries_for(store: "Store", rows: list[Any], now: float) -> list[dict[str, Any]]:
+    """The health entries of these registry rows, in their order: what ``entry`` gives for each, read in a few
+    batched queries per ``fleet.store.pages.CHUNK`` devices rather than several a device."""
+    out: list[dict[str, Any]] = []
+    step = 5000  # devices whose parts are held in memory at once
+    for i in range(0, len(rows), step):
+        part = rows[i:i + step]
+        ids = [r["id"] for r in part]
+        tags = store.tags_of(ids)
+        qualities = model_quality(store, now, ids)
+        parts = store.health_parts(ids, now - RECENT_S)
+        out += [entry(store, r, now, tags.get(r["id"], []), qualities.get(r["id"]),
+                      {k: v.get(r["id"]) for k, v in parts.items()}) for r in part]
+    return out
 
 
 def model_quality(store: "Store", now: float, device_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -119,12 +132,17 @@ def model_quality(store: "Store", now: float, device_ids: list[str]) -> dict[str
 
 
 def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str],
-          model_quality: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One device's health, from its registry row (and its ``model_quality`` row, when it sent quality)."""
-    t = store.last_telemetry(d["id"])
-    lat = store.last_latency(d["id"])
-    dep = store.last_deployment(d["id"])
-    rec = recent(store, d["id"], now)
+          model_quality: dict[str, Any] | None = None, parts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One device's health, from its registry row (and its ``model_quality`` row, when it sent quality).
+    ``parts``: its rows as ``Store.health_parts`` read them for many devices at once (else read here)."""
+    if parts is None:
+        t = store.last_telemetry(d["id"])
+        lat = store.last_latency(d["id"])
+        dep = store.last_deployment(d["id"])
+        rec = recent(store, d["id"], now)
+    else:
+        t, lat, dep = parts["telemetry"], parts["latency"], parts["deployment"]
+        rec = _recent(parts["recent"] or [])
     outbox = json.loads(t["payload"]) if t else {}
     res: dict[str, Any] = {k: t and t[k] for k in ("cpu_percent", "rss_bytes", "memory_percent", "temperature_c")}
     latency = dict(lat) if lat else None
@@ -167,7 +185,7 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str],
         "storage": d["storage"],
         "storage_since": d["storage_since"],
         "disk_free_bytes": d["disk_free_bytes"],
-        "clock": clock(store, d),
+        "clock": clock(store, d, False if parts is None else _clock_row(parts["clocks"] or [], d["boot_id"])),
         # model quality over the last QUALITY_S seconds (fleet/quality.py): drift, canary, feedback accuracy
         "quality": model_quality,
         # accelerators (issue 14): what really runs the active model, as its state says (null: no model active,
@@ -178,10 +196,17 @@ def entry(store: "Store", d: "sqlite3.Row", now: float, tags: list[str],
     }
 
 
-def clock(store: "Store", d: "sqlite3.Row") -> dict[str, Any]:
+def _clock_row(rows: list[Any], boot_id: str) -> Any | None:
+    """Of a device's clock rows, the one ``Store.device_clock`` picks: its current boot's, else the latest."""
+    return max(rows, key=lambda r: (r["boot_id"] == boot_id, r["updated"]), default=None)
+
+
+def clock(store: "Store", d: "sqlite3.Row", row: Any = False) -> dict[str, Any]:
     """The device's clock: the offset estimated for its current boot (or its latest, before the current boot has
-    sent a window or event), the OS's word on synchronisation, and the flag."""
-    row = store.device_clock(d["id"], d["boot_id"])
+    sent a window or event), the OS's word on synchronisation, and the flag. ``row``: its clock row, when read
+    already (None: it has none)."""
+    if row is False:
+        row = store.device_clock(d["id"], d["boot_id"])
     offset = row["offset_s"] if row else None
     bound = store.max_clock_offset_s
     return {"offset_s": None if offset is None else round(offset, 3),
@@ -235,7 +260,10 @@ def disk_warnings(store: "Store", devices: list[str], bundle: dict[str, Any], no
 
 def recent(store: "Store", device_id: str, now: float) -> dict[str, Any]:
     """The device's telemetry windows of the last RECENT_S seconds, summed: rates, errors by kind."""
-    rows = store.recent_windows(device_id, now - RECENT_S)
+    return _recent(store.recent_windows(device_id, now - RECENT_S))
+
+
+def _recent(rows: list[tuple[int, int, float, dict[str, int]]]) -> dict[str, Any]:
     inferences, errors = sum(r[0] for r in rows), sum(r[1] for r in rows)
     seconds = sum(r[2] for r in rows)
     by_kind: dict[str, int] = {}

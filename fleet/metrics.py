@@ -22,7 +22,8 @@ accelerators (issue 14): each one's utilisation and memory used / total (labels 
 what really runs the active model (``edgefleet_device_serving_info``, labels ``runtime_device``, ``provider``).
 That is one series per device and figure: at 10,000 devices, megabytes a scrape, which Prometheus users avoid.
 
-Built from ``Store.health()``; a scrape never scans telemetry (it reads the last 10 minutes of quality windows once).
+By default counted by the database (``fleet.aggregate.from_store``); with per-device series built from
+``Store.health()``; a scrape never scans all telemetry (it reads the last 10 minutes of quality windows once).
 """
 
 from __future__ import annotations
@@ -131,9 +132,11 @@ def _number(v: float | int) -> str:
     return repr(float(v)) if v == v else "NaN"
 
 
-def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None, per_device: bool = False) -> str:
+def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None, per_device: bool = False,
+           agg: "aggregate.Fleet | None" = None) -> str:
     """The exposition text for the devices' health (``Store.health()``) and the quality messages refused by reason
-    (``fleet.quality.refused``): the fleet's aggregates, and with ``per_device`` each device's series too."""
+    (``fleet.quality.refused``): the fleet's aggregates (``agg``, else summed from ``health``), and with
+    ``per_device`` each device's series too."""
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -141,7 +144,7 @@ def render(health: list[dict[str, Any]], refused: dict[str, int] | None = None, 
         lines.append(f"# TYPE {name} {kind}")
         lines.extend(f"{name}{labels} {_number(v)}" for labels, v in samples)
 
-    agg = aggregate.summarize(health)
+    agg = aggregate.summarize(health) if agg is None else agg
     family("edgefleet_devices", "gauge", "Devices known to the controller, by state.",
            [(_labels([("state", "online")]), agg.all.online), (_labels([("state", "offline")]), agg.all.offline)])
     family("edgefleet_identity_conflicts", "gauge", "Device identities used by two devices at once (a cloned image).",
@@ -246,8 +249,12 @@ def _per_device(family: Any, health: list[dict[str, Any]]) -> None:
 def routes(store: Store, per_device: bool = False) -> list[Route]:
     """``/metrics``; ``per_device``: each device's series too (``fleet serve --metrics-per-device``)."""
     async def metrics(request: Request) -> Response:
-        health = await run_in_threadpool(store.health, None, time.time())
+        now = time.time()
         refused = await run_in_threadpool(quality.refused, store)
-        return Response(render(health, refused, per_device), media_type=CONTENT_TYPE)
+        if per_device:
+            health = await run_in_threadpool(store.health, None, now)
+            return Response(render(health, refused, True), media_type=CONTENT_TYPE)
+        agg = await run_in_threadpool(aggregate.from_store, store, now)  # counted by the database
+        return Response(render([], refused, False, agg), media_type=CONTENT_TYPE)
 
     return [Route("/metrics", metrics, methods=["GET"])]

@@ -8,11 +8,12 @@ to the end. The cursor is base64url of a small JSON array ``[version, sort, desc
 opaque to clients (they pass back what they were given), checked on the way in (a cursor of another sort, or
 not one at all, is a 400).
 
-``page(rows, cursor, limit, filters, sort, descending)`` is the one boundary the listings go through. Today
-its rows are what the store returns (the registry's rows, its health entries, or bare ids) and it filters,
-orders and slices them in Python; a store that reads only one page (``WHERE (value, id) > (?, ?) ORDER BY
-value, id LIMIT ?``) takes the same cursor and the same filters. A row that lacks a field (a bare id has no
-``tags``) is taken as already filtered on it by its source.
+Two ways to a page, one cursor: ``keyset(fetch, cursor, limit, sort, descending)`` when the store reads only the
+page (``Store.device_page``: the filters in SQL, ``WHERE (value, id) > (?, ?) ORDER BY value, id LIMIT ?``,
+for the sorts on the devices table's own columns), and ``page(rows, cursor, limit, filters, sort, descending)``,
+which filters, orders and slices rows in Python (the registry's rows, health entries, or bare ids: for sorts on
+derived figures). A row that lacks a field (a bare id has no ``tags``) is taken as already filtered on it by
+its source.
 """
 
 from __future__ import annotations
@@ -217,6 +218,53 @@ def page(rows: Iterable[Any], cursor: Cursor | None, limit: int, filters: Filter
 
     nxt = after(start + limit - 1) if start + limit < len(ordered) else None
     prev = None if start == 0 else "" if start <= limit else after(start - limit - 1)
+    return Page(items, nxt, prev)
+
+
+# what a registry row (``SELECT * FROM devices``) holds of the sorts a store pages in SQL
+# (``fleet.store.pages.SQL_SORTS``): the same values as the health entries' (``fleet.health.SORTS``)
+_REGISTRY: dict[str, Callable[[Any], Any]] = {
+    "device": lambda r: r["id"],
+    "model": lambda r: r["active_name"],
+    "version": lambda r: None if r["active_name"] is None else r["active_version"],
+    "inferences": lambda r: r["inferences"],
+    "errors": lambda r: r["errors"],
+    "disk": lambda r: r["disk_free_bytes"],
+}
+_TEXT_SORTS = ("device", "model", "version")
+
+
+def keyset(fetch: Callable[[tuple | None, int, bool], list[Any]], cursor: Cursor | None, limit: int,
+           sort: str = "device", descending: bool | None = None) -> Page:
+    """A page read by the store itself: ``fetch(after, n, backwards)`` returns at most ``n`` registry rows in
+    the listing's order after the keyset ``after`` = (null, value, id) (None: from the start), or with
+    ``backwards`` those not after it, nearest first. The same page, cursors and all, as ``page`` gives over
+    every row; ``sort``: a column of the registry (``_REGISTRY``) or a figure the store derives and returns
+    as the rows' ``sort_value``."""
+    # a derived figure: the store adds its value (status: 0 or 1 there, a boolean in the entries)
+    value = _REGISTRY.get(sort) or ((lambda r: bool(r["sort_value"])) if sort == "status" else
+                                    (lambda r: r["sort_value"]))
+    desc = SORTS[sort][1] if descending is None else descending
+    after = None
+    if cursor is not None:
+        ok = cursor.value is None if cursor.null else (
+            isinstance(cursor.value, str) if sort in _TEXT_SORTS else isinstance(cursor.value, bool)
+            if sort == "status" else isinstance(cursor.value, (int, float)) and not isinstance(cursor.value, bool))
+        if not ok:  # a value of another type than the column's: not a cursor this listing gave
+            raise PageError("invalid cursor: pass back the `next` of the previous page, unchanged")
+        after = (cursor.null, cursor.value, cursor.device_id)
+
+    def at(r: Any) -> str:
+        v = value(r)
+        return Cursor(sort, desc, v is None, v, r["id"]).encode()
+
+    rows = fetch(after, limit + 1, False)
+    items = rows[:limit]
+    nxt = at(items[-1]) if len(rows) > limit else None
+    prev = None
+    if after is not None:
+        back = fetch(after, limit + 1, True)
+        prev = "" if len(back) <= limit else at(back[limit])
     return Page(items, nxt, prev)
 
 

@@ -28,7 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from fleet import aggregate, metrics, openapi, pages, pages_quality, pages_rollout, paging, quality, targets
+from fleet import aggregate, api_reads, metrics, openapi, pages, pages_quality, pages_rollout, paging, quality, targets
 from fleet.auth import PUBLIC, READ, allow
 from fleet.series import SeriesError, parse_window, recent_rates, series
 from fleet.store import Store
@@ -55,12 +55,12 @@ def _rates(store: Store, health: list[dict], now: float) -> dict:
 
 
 def _overview_data(store: Store, q: paging.Query) -> tuple[aggregate.Fleet, paging.Page, dict, list[dict]]:
-    """The fleet's aggregates, one page of its device table, that page's rates and the worst quality rows: one
-    health entry a device, summed in one pass (``fleet.aggregate``) and paged (``fleet.paging``)."""
+    """The fleet's aggregates (counted by the database: ``fleet.aggregate.from_store``), one page of its device
+    table (read by the store a page at a time: ``fleet.api_reads.health_page``), that page's rates and the worst
+    quality rows."""
     now = time.time()
-    health = store.health(now=now)
-    found = paging.page(health, q.cursor, q.limit, q.filters, q.sort, q.descending)
-    return (aggregate.summarize(health), found, _rates(store, health, now),
+    found = api_reads.health_page(store, q, now, check_tag=False)
+    return (aggregate.from_store(store, now), found, _rates(store, found.items, now) if found.items else {},
             quality.summary(store, now - QUALITY_WINDOW_S, now))
 
 

@@ -165,7 +165,7 @@ def test_a_version_7_database_is_migrated(tmp_path):
     db.close()
     s = Store(path).open()
     try:
-        assert s.query("SELECT version FROM schema_version")[0][0] == store_module.SCHEMA_VERSION == 9
+        assert s.query("SELECT version FROM schema_version")[0][0] == store_module.SCHEMA_VERSION == 10
         [d] = s.devices()
         assert (d["active_serving"], d["runtime_devices"]) == (None, {})
         [h] = s.health("cam-1", now=1e9 + 1)

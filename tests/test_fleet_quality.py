@@ -367,7 +367,7 @@ def test_a_version_6_database_is_migrated_and_profiles_are_read_from_the_bundle_
     (bundles_dir / f"{real['sha']}.tar").write_bytes(real["path"].read_bytes())  # BARE_SHA's file is gone
     s = Store(path).open()
     try:
-        assert s.query("SELECT version FROM schema_version")[0][0] == store_module.SCHEMA_VERSION == 9
+        assert s.query("SELECT version FROM schema_version")[0][0] == store_module.SCHEMA_VERSION == 10
         assert s.reference(real["sha"]) is None  # not read yet
         assert s.read_profiles(bundles_dir) == 1
         profile_id, profile = s.reference(real["sha"])

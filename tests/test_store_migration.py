@@ -20,7 +20,7 @@ def test_a_schema_8_database_made_by_the_previous_release_opens_with_its_data(tm
     shutil.copy(FIXTURE, path)
     s = Store(path).open()
     try:
-        assert s.query("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION == 9
+        assert s.query("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION == 10
         [d] = s.devices()
         assert (d["id"], d["active_name"], d["inferences"], d["errors"], d["seq_max"], d["seq_count"],
                 d["duplicates"], d["tags"]) == ("cam-1", "digits", 515, 1, 6, 6, 1, ["lab"])

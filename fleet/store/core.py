@@ -39,6 +39,7 @@ from fleet import clock as clocks
 from fleet import health, quality, retention, targets
 from fleet.store import schema
 from fleet.store.backend import open_backend
+from fleet.store.pages import Pages
 from fleet.store.reads import Reads
 from fleet.store.schema import SEQ_TABLES
 from fleet.store.upkeep import Upkeep
@@ -59,7 +60,7 @@ _T, _I, _F = "text", "bigint", "double precision"  # column types for Backend.in
 PHASES = {"downloading", "verifying", "activating", "active", "failed", "rolled_back"}
 
 
-class Store(Reads, Upkeep):
+class Store(Reads, Pages, Upkeep):
     """The controller's registry in the database at ``url`` (``sqlite:///PATH``, a plain path, or
     ``postgresql://USER@HOST:PORT/DB``: ``fleet.store.backend``); safe to call from any thread.
 
@@ -964,12 +965,17 @@ class Store(Reads, Upkeep):
 
     def devices(self, ids: list[str] | None = None) -> list[dict[str, Any]]:
         """Every device's registry row (or those in ``ids``), with its tags and whether it is online."""
-        now, tags = time.time(), self.tags()
-        wanted = None if ids is None else set(ids)
+        if ids is None:
+            return self.device_dicts(self._query("SELECT * FROM devices ORDER BY id"), self.tags())
+        rows = self.device_rows_by_id(sorted(set(ids)))
+        return self.device_dicts(rows, self.tags_of([r["id"] for r in rows]))
+
+    def device_dicts(self, rows: list[Any], tags: dict[str, list[str]], now: float | None = None
+                     ) -> list[dict[str, Any]]:
+        """Registry rows as ``devices`` shows them (JSON decoded, online, tags), in their order."""
+        now = time.time() if now is None else now
         out = []
-        for r in self._query("SELECT * FROM devices ORDER BY id"):
-            if wanted is not None and r["id"] not in wanted:
-                continue
+        for r in rows:
             d = {k: r[k] for k in r.keys() if k not in _INTERNAL}
             d["cpu_flags"], d["runtimes"] = json.loads(d["cpu_flags"]), json.loads(d["runtimes"])
             d["active_serving"] = json.loads(d["active_serving"]) if d["active_serving"] else None

@@ -22,7 +22,7 @@ from agent.errors import EdgefleetError
 
 log = logging.getLogger("edgefleet.fleet.store")
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 ROLLUP_TABLES = ("telemetry_1m", "telemetry_1h")  # fleet.retention.TIERS: 1-minute and 1-hour rollups
 SEQ_TABLES = ("telemetry", "events", "quality")  # the messages that take a seq from the device's one counter
 
@@ -387,9 +387,17 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE INDEX IF NOT EXISTS rollouts_status ON rollouts (status);
 UPDATE schema_version SET version = 9
 """
+# Reads at fleet scale (fleet/store/pages.py): a page's devices find their newest deployment by device id, and
+# the listings' model and version filters (and the figures' GROUP BY) find a model's devices without a scan.
+_V9_TO_V10 = """
+CREATE INDEX IF NOT EXISTS deployment_devices_device ON deployment_devices (device_id);
+CREATE INDEX IF NOT EXISTS devices_active ON devices (active_name, active_version);
+UPDATE schema_version SET version = 10
+"""
 MIGRATIONS = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4, 4: _V4_TO_V5, 5: _V5_TO_V6, 6: _V6_TO_V7, 7: _V7_TO_V8,
-              8: _V8_TO_V9}
-PG_MIGRATIONS: dict[int, str] = {}  # version -> its PostgreSQL statements (none yet: schema 9 is the first there)
+              8: _V8_TO_V9, 9: _V9_TO_V10}
+# version -> its PostgreSQL statements (schema 9 is the first there; a new database is made at SCHEMA_VERSION)
+PG_MIGRATIONS: dict[int, str] = {9: _V9_TO_V10}
 BASE_VERSION = 2  # what ``BASE`` makes
 
 
