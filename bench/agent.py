@@ -95,27 +95,17 @@ def main() -> int:
     from agent.api import AgentClient
     from agent.config import AgentConfig, dumps
     from edgefleet.data import text_direction
-    from edgefleet.models import model_path
     from fleet.app import Fleet
     from fleet.client import FleetClient
+
+    from bench.ocr import ocr_cls_bundle
 
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
     x, _ = text_direction(64)
     one = {"x": x[:1]}
-    np.savez(work / "sample.npz", **one)
-    manifest = bundle.Manifest(name="ocr-cls", version="1", target="cpu", runtime="onnxruntime", precision="fp32",
-                               model="model.onnx", files=[], latency_budget_ms=10_000.0,
-                               inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
-                               outputs=[bundle.TensorSpec(name="save_infer_model/scale_0.tmp_1", shape=[-1, 2],
-                                                          dtype="float32")])
-    tar = work / "ocr.tar"
-    from agent import signing
-
-    key_file, pub = signing.generate(work / "keys", "bench")  # a release key: the fleet and the agents trust it
+    tar, manifest, pub = ocr_cls_bundle(work)  # a release key: the fleet and the agents trust it
     (work / "trust").mkdir()
     (work / "trust" / pub.name).write_bytes(pub.read_bytes())
-    bundle.write_bundle(tar, manifest, {"model.onnx": model_path("ocr-cls"), "sample.npz": work / "sample.npz"},
-                        sign_key=signing.load_private(key_file))
 
     fleet = Fleet(work / "fleet", release_keys=[pub], http_port=0, mqtt_listen="127.0.0.1:0").start_background()
     procs = []

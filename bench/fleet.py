@@ -209,27 +209,13 @@ def simulated(args: argparse.Namespace, store: str, store_url: str | None) -> di
     connections) sending a window every ``--sim-interval`` for ``--sim-seconds``: the lag from each message's first
     send to the controller's ack of it (stored, end to end), p50/p99. Then a rollout to all of them in waves
     ``1,10%,100%`` (no soak): the time from its creation to done."""
-    import numpy as np
-
-    from agent import bundle, signing
-    from edgefleet.data import text_direction
-    from edgefleet.models import model_path
+    from bench.ocr import ocr_cls_bundle
     from fleet.app import Fleet
     from fleet.client import FleetClient
 
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-sim-"))
     state = work / "sim"
-    key_file, pub = signing.generate(work / "keys", "bench")
-    x, _ = text_direction(4)
-    np.savez(work / "sample.npz", x=x[:1])
-    manifest = bundle.Manifest(name="ocr-cls", version="1", target="cpu", runtime="onnxruntime", precision="fp32",
-                               model="model.onnx", files=[], latency_budget_ms=10_000.0,
-                               inputs=[bundle.TensorSpec(name="x", shape=[-1, 3, 48, 192], dtype="float32")],
-                               outputs=[bundle.TensorSpec(name="save_infer_model/scale_0.tmp_1", shape=[-1, 2],
-                                                          dtype="float32")])
-    tar = work / "ocr.tar"
-    bundle.write_bundle(tar, manifest, {"model.onnx": model_path("ocr-cls"), "sample.npz": work / "sample.npz"},
-                        sign_key=signing.load_private(key_file))
+    tar, manifest, pub = ocr_cls_bundle(work)
     out: dict = {"devices": args.sim_devices, "interval_s": args.sim_interval, "seconds": args.sim_seconds}
     data = work / "fleet"
     fleet = Fleet(data, release_keys=[pub], http_port=0, mqtt_listen="127.0.0.1:0",

@@ -115,7 +115,8 @@ class Link:
         self.share = share  # a worker's: telemetry, events and quality on $share/<share>/... (see subscriptions)
         self.states = states  # whether this link records the devices' states (a worker: only while it leads)
         self._waiting: dict[int, threading.Event] = {}  # (un)subscriptions follow_states waits for, by mid
-        self._answered_mids: dict[int, None] = {}  # SUBACK/UNSUBACK mids nobody waited for yet (the latest 64)
+        # SUBACK/UNSUBACK mids nobody waited for yet: the latest 64, oldest first (a dict keeps insertion order)
+        self._answered_mids: dict[int, None] = {}
         self._wait_lock = threading.Lock()
         self.acks = acks  # publish end-to-end acks (False: as a controller from before them; tests)
         self.batches = 0  # committed batches
@@ -198,7 +199,8 @@ class Link:
             return False
         done = threading.Event()
         with self._wait_lock:  # the answer may have come already (paho's thread)
-            if self._answered_mids.pop(mid, 0) is None:
+            if mid in self._answered_mids:
+                del self._answered_mids[mid]
                 return True
             self._waiting[mid] = done
         answered = done.wait(timeout)

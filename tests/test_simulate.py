@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 
 import pytest
-from util import admin_token, assert_refused_in_one_line, cli_args, fleet_client, release_pub, wait_for
+from util import SimRun, admin_token, assert_refused_in_one_line, cli_args, fleet_client, release_pub, wait_for
 
 from edgefleet.cli import main as edgefleet_main
 from fleet.app import Fleet
-from fleet.simdevice import Settings
-from fleet.simulate import Provisioning, Simulator, device_ids
+from fleet.simulate import Provisioning, device_ids
 
 TIMEOUT = 120.0
 
@@ -33,31 +31,13 @@ def fleet(tmp_path, monkeypatch):
     f.stop()
 
 
-class Running:
-    """A Simulator run in a thread (as the CLI runs it in the main one), until ``stop()``."""
+def Running(fleet, state, count: int, **settings) -> SimRun:
+    """A Simulator in a thread, enrolling with a provisioning token from ``fleet``."""
+    def provisioning(missing: int) -> Provisioning:
+        tok = fleet.enrollment.create_token(count=missing, prefix="sim-")
+        return Provisioning(fleet.http_url, tok["token"], tok["ca_fingerprint"])
 
-    def __init__(self, fleet, state, count: int, **settings) -> None:
-        def provisioning(missing: int) -> Provisioning:
-            tok = fleet.enrollment.create_token(count=missing, prefix="sim-")
-            return Provisioning(fleet.http_url, tok["token"], tok["ca_fingerprint"])
-
-        self.sim = Simulator(state, count, "sim-", Settings(**settings), 200.0, provisioning, seed=1)
-        self.summary: dict | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.summary = self.sim.run(None)
-        except BaseException as e:  # handed to the test
-            self.error = e
-
-    def stop(self) -> dict:
-        self.sim.stop()
-        self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive() and self.error is None, self.error
-        return self.summary
+    return SimRun(state, count, provisioning, TIMEOUT, **settings)
 
 
 def stored(fleet, what: str, prefix: str = "sim-") -> int:

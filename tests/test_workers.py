@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,8 @@ import pytest
 from edgefleet.cli import main as edgefleet_main
 from fleet.broker import Mosquitto, free_port
 from fleet.pki import PKI, default_hosts
-from fleet.simdevice import Settings
-from fleet.simulate import Provisioning, Simulator, device_ids
-from util import release_pub, wait_for
+from fleet.simulate import Provisioning, device_ids
+from util import SimRun, release_pub, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0
@@ -121,38 +119,13 @@ def cluster(tmp_path, pg_cluster):
         c.close()
 
 
-class Running:
+def Running(worker: Worker, state: Path, count: int, **settings) -> SimRun:
     """A Simulator in a thread, enrolling through ``worker``'s API with a provisioning token."""
+    def provisioning(missing: int) -> Provisioning:
+        tok = worker.client().create_provisioning(missing, prefix="sim-")
+        return Provisioning(worker.url, tok["token"], tok["ca_fingerprint"])
 
-    def __init__(self, worker: Worker, state: Path, count: int, **settings) -> None:
-        def provisioning(missing: int) -> Provisioning:
-            tok = worker.client().create_provisioning(missing, prefix="sim-")
-            return Provisioning(worker.url, tok["token"], tok["ca_fingerprint"])
-
-        self.sim = Simulator(state, count, "sim-", Settings(**settings), 200.0, provisioning, seed=1)
-        self.summary: dict | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.summary = self.sim.run(None)
-        except BaseException as e:  # handed to the test
-            self.error = e
-
-    def settle(self) -> None:
-        """No more telemetry; wait until the controller has acknowledged every window sent."""
-        for d in list(self.sim.devices):
-            d.quiet()
-        wait_for(lambda: all(not d.unacked for d in list(self.sim.devices)), TIMEOUT,
-                 what="every window acknowledged by the controller")
-
-    def stop(self) -> dict:
-        self.sim.stop()
-        self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive() and self.error is None, self.error
-        return self.summary
+    return SimRun(state, count, provisioning, TIMEOUT, **settings)
 
 
 @pytest.mark.slow

@@ -161,3 +161,40 @@ def wrong_answers(run, x, want, threads: int = 4, rounds: int = 3) -> list[int]:
     for t in started:
         t.join()
     return wrong
+
+
+class SimRun:
+    """`fleet simulate`'s Simulator run in a thread (as the CLI runs it in the main one) until ``stop()``:
+    ``count`` devices named ``sim-...`` that enroll with the token ``provisioning(missing)`` returns."""
+
+    def __init__(self, state: Path, count: int, provisioning, timeout: float = 120.0, **settings) -> None:
+        import threading
+
+        from fleet.simdevice import Settings
+        from fleet.simulate import Simulator
+
+        self.timeout = timeout
+        self.sim = Simulator(state, count, "sim-", Settings(**settings), 200.0, provisioning, seed=1)
+        self.summary: dict | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.summary = self.sim.run(None)
+        except BaseException as e:  # handed to the test
+            self.error = e
+
+    def settle(self) -> None:
+        """No more telemetry; wait until the controller has acknowledged every window sent."""
+        for d in list(self.sim.devices):
+            d.quiet()
+        wait_for(lambda: all(not d.unacked for d in list(self.sim.devices)), self.timeout,
+                 what="every window acknowledged by the controller")
+
+    def stop(self) -> dict:
+        self.sim.stop()
+        self.thread.join(self.timeout)
+        assert not self.thread.is_alive() and self.error is None, self.error
+        return self.summary
