@@ -366,7 +366,7 @@ def test_markup_from_devices_never_becomes_an_element(site, tmp_path):
         ro = client.create_rollout(typed["sha256"], ["xss-1"])
         devices["arch"].event(2, "failed", deployment_id=ro["waves"][0]["deployment_id"], sha256=typed["sha256"],
                               reason=payload("rollout.reason"))
-        wait_for(lambda: client.health("xss-1")["events"][0]["reason"] == attack["rollout.reason"],
+        wait_for(lambda: [e["reason"] for e in client.health("xss-1")["events"][:1]] == [attack["rollout.reason"]],
                  what="the failure")
         with pytest.raises(EdgefleetError, match="must be a tag"):  # tags: refused by the API's contract
             client.tag("xss-1", [XSS])
