@@ -162,7 +162,9 @@ def test_a_device_whose_outputs_drift_from_the_reference_is_halted(fleet, agents
     assert ": dev-1 output drift PSI " in doc["reason"] and "against the bundle's reference" in doc["reason"], \
         doc["reason"]
     d1 = device(doc, "dev-1")
-    assert d1["drift_psi"] > 0.25 and d1["canary_agreement"] == 1.0  # the runtime computes right: the scene moved
+    # the runtime computes right: the scene moved. The canary's result is a message of its own, judged with the
+    # device's figures when it is in: on a busy machine the drift may halt the rollout first (seen once in a full run)
+    assert d1["drift_psi"] > 0.25 and d1["canary_agreement"] in (1.0, None), d1
     wait_for(lambda: agents[0].engine.current.sha == v1, TIMEOUT, what="dev-1 back on v1")
 
 

@@ -302,7 +302,10 @@ def test_a_flood_of_connections_stays_within_api_max_connections(serve, engine, 
     flood = []
     for i in range(40):
         s = connect(server, 10)
-        s.sendall(b"EFW1" if i % 2 else b"GET /v1/status HTTP/1.1\r\n")  # binary and HTTP, both stalled
+        try:
+            s.sendall(b"EFW1" if i % 2 else b"GET /v1/status HTTP/1.1\r\n")  # binary and HTTP, both stalled
+        except (BrokenPipeError, ConnectionResetError):  # already closed by the cap (a busy machine's timing)
+            pass
         flood.append(s)
 
     def still_open() -> int:
