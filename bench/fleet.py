@@ -1,7 +1,7 @@
 """Benchmark: what the controller holds, as ratios against a baseline measured in the same run.
 
     .venv/bin/python bench/fleet.py [--messages 50000] [--devices 10000] [--store sqlite|postgresql|both]
-        [--section ingest,store]
+        [--section ingest,store,workers,sim] [--workers 1,2]
 
 1. Ingest: the same backlog of telemetry windows (``--messages`` for ``--devices`` device ids, queued by the broker
    for a persistent session while its consumer is away) drained by a bare paho subscriber (receive and acknowledge,
@@ -11,6 +11,13 @@
 
 2. Store: ``Store.record_many`` alone (no broker), the same windows in batches of ``--batch`` (the link's batch size),
    per backend: msg/s, and the ratio PostgreSQL / SQLite when both run.
+
+1b. Workers (``--section workers``): the same backlog, published over mutual TLS to an external mosquitto (the ACL
+   as workers run with), drained by a bare paho subscriber and then by ``--workers`` controller workers (``fleet
+   serve --worker``, processes of their own, on one PostgreSQL database) sharing the stream through
+   ``$share/edgefleet/...``; each worker's session kept while it is away so that the broker queues its share. Rates
+   from the first message (bare) or first stored window (workers, polling the database) to the last; ratio workers /
+   bare. Every window must be stored once (checked by (device, boot, seq)).
 
 3. Sim (``--section sim``): a controller with its embedded broker (mutual TLS) and ``--sim-devices`` simulated devices
    (``edgefleet fleet simulate`` in a process of its own: enrolled identities, real TLS connections) sending a window
@@ -60,12 +67,11 @@ def windows(messages: int, devices: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def publish(url: str, payloads: list[tuple[str, bytes]]) -> float:
+def publish(url: str, payloads: list[tuple[str, bytes]], tls=None) -> float:
     """Publish every payload at QoS 1 from one connection; seconds until the broker acknowledged the last."""
-    import paho.mqtt.client as mqtt
+    from agent.transport import make_client, parse_url
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}",
-                         protocol=mqtt.MQTTv5)
+    client = make_client(parse_url(url), f"bench-pub-{os.getpid()}", tls)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     parsed = protocol_url(url)
@@ -91,21 +97,23 @@ def protocol_url(url: str) -> tuple[str, int]:
 class Bare:
     """A bare paho subscriber with a persistent session: receives and acknowledges, nothing else."""
 
-    def __init__(self, url: str) -> None:
-        import paho.mqtt.client as mqtt
-
-        from agent.transport import connect_properties
+    def __init__(self, url: str, tls=None) -> None:
+        from agent.transport import connect_properties, make_client, parse_url
 
         self.url = url
         self.got = 0
         self.done = threading.Event()
         self.want = 0
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=mqtt.MQTTv5)
+        self.first = self.last = 0.0  # when the first and the last message came in (perf_counter)
+        self.client = make_client(parse_url(url), "bench-bare", tls)
         self.client.on_message = self._on_message
         self.props = connect_properties(3600)
 
     def _on_message(self, client, userdata, message) -> None:
         self.got += 1
+        self.last = time.perf_counter()
+        if self.got == 1:
+            self.first = self.last
         if self.got >= self.want:
             self.done.set()
 
@@ -202,6 +210,141 @@ def store_bench(args: argparse.Namespace, store: str, store_url: str | None) -> 
 
 
 
+# -- 1b. ingest by controller workers ------------------------------------------------------------------------------
+class WorkerProc:
+    """``edgefleet fleet serve --worker NAME`` in a process of its own, its session kept an hour after it goes (so
+    that the broker queues its share of the shared subscriptions while it is away, as for the bare subscriber)."""
+
+    def __init__(self, name: str, data: Path, store_url: str, broker_url: str, release_key: Path) -> None:
+        from fleet.broker import free_port
+
+        self.name, self.data, self.port = name, data, free_port()
+        self.args = [sys.executable, "-m", "edgefleet.cli", "fleet", "serve", "--data", str(data), "--worker", name,
+                     "--store", store_url, "--broker", broker_url, "--http", f"127.0.0.1:{self.port}",
+                     "--release-key", str(release_key), "--session-expiry", "3600"]
+        self.log = data.parent / f"worker-{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProc":
+        root = str(Path(__file__).resolve().parent.parent)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONPATH": root}, cwd=root)
+        return self
+
+    def subscribed(self, timeout: float) -> None:
+        """Wait until its API says it is connected to the broker (and so subscribed)."""
+        from fleet.client import FleetClient
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"bench: worker {self.name} exited {self.proc.returncode}: "
+                                 f"{self.log.read_text()[-2000:]}")
+            try:
+                token = (self.data / "admin.token").read_text().strip()
+                client = FleetClient(f"https://127.0.0.1:{self.port}", timeout=10, token=token,
+                                     ca=str(self.data / "pki" / "ca.crt"))
+                if client.status().get("mqtt_connected"):
+                    return
+            except Exception:  # not up yet
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"bench: worker {self.name} not connected after {timeout:g} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # a clean disconnect: its session stays, and the broker queues for it
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def enroll(store_url: str, devices: int) -> None:
+    """Record the bench's device ids as enrolled (a certificate each, as enrollment records it): a controller with
+    mutual TLS drops what a device it never enrolled sends. One publisher stands in for them all."""
+    from fleet.store import open_store
+
+    store, now = open_store(store_url), time.time()
+    try:
+        for i in range(devices):
+            store.add_certificate(1_000_000 + i, f"bench-{i:06d}", f"{i:064x}", now - 60, now + 86400, "enroll")
+    finally:
+        store.close()
+
+
+def workers_ingest(args: argparse.Namespace, count: int, store_url: str) -> dict:
+    """The same queued backlog drained by a bare paho subscriber and by ``count`` controller workers on one
+    PostgreSQL database, against an external mosquitto with mutual TLS and the ACL (as workers run): the workers
+    share the stream through ``$share/edgefleet/...``; their rate is taken from the first window stored to the last
+    (polling the database), the bare one's from its first message to its last. Checks that every window is stored
+    once."""
+    import psycopg
+
+    from agent import signing
+    from fleet.broker import Mosquitto
+    from fleet.pki import PKI, default_hosts
+
+    names = [f"w{i + 1}" for i in range(count)]
+    payloads = windows(args.messages, args.devices)
+    out = {"store": "postgresql", "workers": count, "messages": args.messages, "devices": args.devices}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-workers-") as tmp:
+        data = Path(tmp) / "fleet"
+        data.mkdir(mode=0o700)
+        pki = PKI(data / "pki").ensure(default_hosts())
+        _, release = signing.generate(Path(tmp) / "keys", "bench")
+        broker = Mosquitto(Path(tmp) / "mosquitto", port=0, pki=pki, workers=[*names, "bare", "pub"]).start()
+        workers = [WorkerProc(n, data, store_url, broker.url, release) for n in names]
+        try:
+            bare = Bare(broker.url, pki.worker_tls("bare", default_hosts()))
+            bare.subscribe()
+            for w in workers:  # one at a time: the first makes the data dir's admin token
+                w.start().subscribed(args.timeout)
+            for w in workers:
+                w.stop()
+            enroll(store_url, args.devices)
+            print(f"publishing {args.messages} windows of {args.devices} devices (mutual TLS) ...", flush=True)
+            out["publish_s"] = publish(broker.url, payloads, pki.worker_tls("pub", default_hosts()))
+            bare.drain(args.messages, args.timeout)
+            bare_rate = (args.messages - 1) / (bare.last - bare.first)
+            print(f"bare paho subscriber: {bare_rate:,.0f} msg/s", flush=True)
+            with psycopg.connect(store_url, autocommit=True) as db:
+                def stored() -> int:
+                    return db.execute("SELECT count(*) FROM telemetry").fetchone()[0]
+
+                for w in workers:
+                    w.start()
+                deadline = time.monotonic() + args.timeout
+                first_n, first_t = 0, 0.0
+                while (n := stored()) < args.messages:
+                    if n and not first_n:
+                        first_n, first_t = n, time.perf_counter()
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"bench: {count} worker(s) stored {n} of {args.messages} in "
+                                         f"{args.timeout:g} s\n" + workers[0].log.read_text()[-3000:])
+                    time.sleep(0.02)
+                last_t = time.perf_counter()
+                time.sleep(2.0)  # anything stored twice would show now
+                distinct = db.execute("SELECT count(*) FROM (SELECT DISTINCT device_id, boot_id, seq "
+                                      "FROM telemetry) AS d").fetchone()[0]
+                total = stored()
+            if first_n == 0 or last_t <= first_t:
+                raise SystemExit("bench: the workers stored the backlog too fast to time; raise --messages")
+            if total != args.messages or distinct != args.messages:
+                raise SystemExit(f"bench: stored {total} windows, {distinct} distinct, of {args.messages}")
+            rate = (args.messages - first_n) / (last_t - first_t)
+            out.update(bare_msg_s=bare_rate, controller_msg_s=rate, ratio=rate / bare_rate)
+            print(f"{count} worker(s) (postgresql): {rate:,.0f} msg/s; ratio workers / bare: {rate / bare_rate:.2f}; "
+                  f"every window stored once", flush=True)
+        finally:
+            for w in workers:
+                w.stop()
+            broker.stop()
+    return out
+
+
 # -- 2. lag and 3. a rollout, with simulated devices ---------------------------------------------------------------
 def simulated(args: argparse.Namespace, store: str, store_url: str | None) -> dict:
     """A controller (this process: its embedded broker with mutual TLS, the store ``--store``) and ``--sim-devices``
@@ -278,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(a throwaway cluster started for the run) or both, one after the other")
     parser.add_argument("--section", default="ingest,store",
                         help="comma-separated sections to run: ingest (broker -> controller), store (record_many), "
-                             "sim (lag and a rollout with --sim-devices simulated devices)")
+                             "workers (broker -> --workers controller workers on PostgreSQL), sim (lag and a rollout "
+                             "with --sim-devices simulated devices)")
+    parser.add_argument("--workers", default="1,2",
+                        help="the workers section's runs: comma-separated numbers of workers (default 1,2)")
     parser.add_argument("--batch", type=int, default=None, help="the store section's batch size "
                         "(default: the link's BATCH_MAX)")
     parser.add_argument("--sim-devices", type=int, default=1000, help="the sim section's simulated devices")
@@ -291,26 +437,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.messages < 1 or args.devices < 1:
         parser.error("--messages and --devices must be positive")
     sections = [s.strip() for s in args.section.split(",") if s.strip()]
-    unknown = set(sections) - {"ingest", "store", "sim"}
+    unknown = set(sections) - {"ingest", "store", "workers", "sim"}
     if unknown or not sections:
         parser.error(f"--section: unknown section(s) {', '.join(sorted(unknown)) or '(none)'}; "
-                     f"expected ingest, store, sim")
+                     f"expected ingest, store, workers, sim")
+    try:
+        counts = [int(c) for c in args.workers.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or max(counts) > 8:
+        parser.error("--workers: comma-separated numbers of workers, 1 to 8")
     if args.batch is None:
         from fleet.link import BATCH_MAX
         args.batch = BATCH_MAX
     if args.batch < 1:
         parser.error("--batch must be positive")
     stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
-    result: dict = {"cpu": cpu_name(), "ingest": [], "store": [], "sim": []}
+    result: dict = {"cpu": cpu_name(), "ingest": [], "store": [], "workers": [], "sim": []}
     cluster = None
     try:
-        if "postgresql" in stores:
+        if "postgresql" in stores or "workers" in sections:
             cluster = pg_cluster()
         for store in stores:
             for section, run in (("ingest", ingest), ("store", store_bench), ("sim", simulated)):
                 if section in sections:
                     url = cluster.new_database() if store == "postgresql" else None
                     result[section].append(run(args, store, url))
+        if "workers" in sections:  # workers need PostgreSQL, whatever --store says
+            for count in counts:
+                result["workers"].append(workers_ingest(args, count, cluster.new_database()))
     finally:
         if cluster is not None:
             cluster.close()
