@@ -4,8 +4,8 @@ tree of edgefleet (main) measured in the same run.
     .venv/bin/python bench/reads.py [--devices 10000] [--store sqlite|postgresql|both] [--against /work/main]
 
 A real controller (embedded broker, HTTPS; a SQLite file, or a database in a throwaway PostgreSQL cluster) whose
-registry holds N devices registered through the store's own ``record_many`` (tests/bigfleet.py: a state and a telemetry window each, tags, 15 model
-versions, a tenth offline), then the bytes and the median time of 3 GETs of: ``/api/health`` (the first page; on a
+registry holds N devices registered through the store's own ``record_many`` (tests/bigfleet.py: a state and a
+telemetry window each, tags, 15 model versions, a tenth offline), then the bytes and the median time of 3 GETs of: ``/api/health`` (the first page; on a
 tree without pages, every device), every device's health as ``FleetClient.health()`` reads it (following pages),
 ``/api/devices`` (the first page), the overview page ``/`` and ``/metrics``. With ``--against``, the same in a
 child process on that tree, and the ratios this / that. With ``--store both``: SQLite, then PostgreSQL, and the
@@ -70,8 +70,8 @@ def measure(n: int, store_url: str | None = None) -> dict[str, tuple[int, float]
 
 def table(title: str, ours: dict, theirs: dict | None, label: str = "before") -> None:
     print(title)
-    print(f"{'read':<22}{'bytes':>12}{'s':>9}" + (f"{'bytes ' + label:>16}{'s ' + label:>12}{'bytes x':>10}{'time x':>9}"
-                                                    if theirs else ""))
+    other = f"{'bytes ' + label:>16}{'s ' + label:>12}{'bytes x':>10}{'time x':>9}" if theirs else ""
+    print(f"{'read':<22}{'bytes':>12}{'s':>9}{other}")
     for name, (size, secs) in ours.items():
         line = f"{name:<22}{size:>12,}{secs:>9.3f}"
         if theirs:
