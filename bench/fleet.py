@@ -211,57 +211,6 @@ def store_bench(args: argparse.Namespace, store: str, store_url: str | None) -> 
 
 
 # -- 1b. ingest by controller workers ------------------------------------------------------------------------------
-class WorkerProc:
-    """``edgefleet fleet serve --worker NAME`` in a process of its own, its session kept an hour after it goes (so
-    that the broker queues its share of the shared subscriptions while it is away, as for the bare subscriber)."""
-
-    def __init__(self, name: str, data: Path, store_url: str, broker_url: str, release_key: Path) -> None:
-        from fleet.broker import free_port
-
-        self.name, self.data, self.port = name, data, free_port()
-        self.args = [sys.executable, "-m", "edgefleet.cli", "fleet", "serve", "--data", str(data), "--worker", name,
-                     "--store", store_url, "--broker", broker_url, "--http", f"127.0.0.1:{self.port}",
-                     "--release-key", str(release_key), "--session-expiry", "3600"]
-        self.log = data.parent / f"worker-{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "WorkerProc":
-        root = str(Path(__file__).resolve().parent.parent)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONPATH": root}, cwd=root)
-        return self
-
-    def subscribed(self, timeout: float) -> None:
-        """Wait until its API says it is connected to the broker (and so subscribed)."""
-        from fleet.client import FleetClient
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"bench: worker {self.name} exited {self.proc.returncode}: "
-                                 f"{self.log.read_text()[-2000:]}")
-            try:
-                token = (self.data / "admin.token").read_text().strip()
-                client = FleetClient(f"https://127.0.0.1:{self.port}", timeout=10, token=token,
-                                     ca=str(self.data / "pki" / "ca.crt"))
-                if client.status().get("mqtt_connected"):
-                    return
-            except Exception:  # not up yet
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"bench: worker {self.name} not connected after {timeout:g} s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # a clean disconnect: its session stays, and the broker queues for it
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def enroll(store_url: str, devices: int) -> None:
     """Record the bench's device ids as enrolled (a certificate each, as enrollment records it): a controller with
     mutual TLS drops what a device it never enrolled sends. One publisher stands in for them all."""
@@ -287,6 +236,9 @@ def workers_ingest(args: argparse.Namespace, count: int, store_url: str) -> dict
     from fleet.broker import Mosquitto
     from fleet.pki import PKI, default_hosts
 
+    tests_on_path()
+    from workerproc import WorkerProcess
+
     names = [f"w{i + 1}" for i in range(count)]
     payloads = windows(args.messages, args.devices)
     out = {"store": "postgresql", "workers": count, "messages": args.messages, "devices": args.devices}
@@ -296,12 +248,17 @@ def workers_ingest(args: argparse.Namespace, count: int, store_url: str) -> dict
         pki = PKI(data / "pki").ensure(default_hosts())
         _, release = signing.generate(Path(tmp) / "keys", "bench")
         broker = Mosquitto(Path(tmp) / "mosquitto", port=0, pki=pki, workers=[*names, "bare", "pub"]).start()
-        workers = [WorkerProc(n, data, store_url, broker.url, release) for n in names]
+        # each worker's session kept an hour after it goes, so the broker queues its share while it is away
+        workers = [WorkerProcess(n, data, store_url, broker.url, release, Path(tmp) / f"worker-{n}.log",
+                                 ["--session-expiry", "3600"]) for n in names]
         try:
             bare = Bare(broker.url, pki.worker_tls("bare", default_hosts()))
             bare.subscribe()
             for w in workers:  # one at a time: the first makes the data dir's admin token
-                w.start().subscribed(args.timeout)
+                try:
+                    w.start().ready(args.timeout)
+                except RuntimeError as e:
+                    raise SystemExit(f"bench: {e}") from None
             for w in workers:
                 w.stop()
             enroll(store_url, args.devices)
@@ -323,7 +280,7 @@ def workers_ingest(args: argparse.Namespace, count: int, store_url: str) -> dict
                         first_n, first_t = n, time.perf_counter()
                     if time.monotonic() > deadline:
                         raise SystemExit(f"bench: {count} worker(s) stored {n} of {args.messages} in "
-                                         f"{args.timeout:g} s\n" + workers[0].log.read_text()[-3000:])
+                                         f"{args.timeout:g} s\n" + workers[0].tail())
                     time.sleep(0.02)
                 last_t = time.perf_counter()
                 time.sleep(2.0)  # anything stored twice would show now
@@ -353,6 +310,7 @@ def simulated(args: argparse.Namespace, store: str, store_url: str | None) -> di
     send to the controller's ack of it (stored, end to end), p50/p99. Then a rollout to all of them in waves
     ``1,10%,100%`` (no soak): the time from its creation to done."""
     from bench.ocr import ocr_cls_bundle
+    from fleet import aggregate
     from fleet.app import Fleet
     from fleet.client import FleetClient
 
@@ -374,11 +332,15 @@ def simulated(args: argparse.Namespace, store: str, store_url: str | None) -> di
         sim = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         client = FleetClient(fleet.http_url, token=(data / "admin.token").read_text().strip(),
                              ca=str(data / "pki" / "ca.crt"))
-        deadline = time.monotonic() + args.timeout
-        while len(client.health(status="online", prefix="sim-")) < args.sim_devices:
+        deadline, shown = time.monotonic() + args.timeout, time.monotonic()
+        # counted by the database as the overview and /metrics count them (every device here is simulated)
+        while (online := aggregate.from_store(fleet.store, time.time()).all.online) < args.sim_devices:
             if time.monotonic() > deadline or sim.poll() is not None:
-                raise SystemExit(f"bench: the simulated devices did not all come online: "
+                raise SystemExit(f"bench: {online} of the {args.sim_devices} simulated devices came online: "
                                  f"{(sim.stderr.read() if sim.poll() is not None else '')[-500:]}")
+            if time.monotonic() - shown > 30:
+                print(f"  {online} of {args.sim_devices} online", flush=True)
+                shown = time.monotonic()
             time.sleep(2)
         print(f"all {args.sim_devices} online; measuring for {args.sim_seconds:g} s ...", flush=True)
         cpu0, t0 = time.process_time(), time.monotonic()
@@ -478,9 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def tests_on_path() -> None:
+    """The test helpers the bench shares (tests/pgcluster.py, tests/workerproc.py) importable."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
+
 def pg_cluster():
     """A throwaway PostgreSQL cluster (tests/pgcluster.py), started."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    tests_on_path()
     from pgcluster import Cluster
 
     try:

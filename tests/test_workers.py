@@ -7,68 +7,18 @@ hands the rollout to the other worker, which completes it; `--worker` without wh
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from edgefleet.cli import main as edgefleet_main
-from fleet.broker import Mosquitto, free_port
+from fleet.broker import Mosquitto
 from fleet.pki import PKI, default_hosts
 from fleet.simulate import Provisioning, device_ids
 from util import SimRun, release_pub, wait_for
+from workerproc import WorkerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0
-
-
-class Worker:
-    """``edgefleet fleet serve --worker NAME`` in a process of its own (so that it can be SIGKILLed)."""
-
-    def __init__(self, name: str, data: Path, store_url: str, broker_url: str, log: Path) -> None:
-        self.name, self.data, self.port = name, data, free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "edgefleet.cli", "fleet", "serve", "--data", str(data), "--worker", name,
-                "--store", store_url, "--broker", broker_url, "--http", f"127.0.0.1:{self.port}",
-                "--release-key", str(release_pub())]
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-    def client(self):
-        from fleet.client import FleetClient
-
-        return FleetClient(self.url, timeout=30, token=(self.data / "admin.token").read_text().strip(),
-                           ca=str(self.data / "pki" / "ca.crt"))
-
-    def status(self) -> dict | None:
-        try:
-            return self.client().status()
-        except Exception:  # not up yet (or killed)
-            return None
-
-    def ready(self) -> dict:
-        def up():
-            assert self.proc.poll() is None, f"worker {self.name} exited {self.proc.returncode}"
-            s = self.status()
-            return s if s and s["mqtt_connected"] else None
-
-        return wait_for(up, TIMEOUT, what=f"worker {self.name} serving")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
 
 
 class Cluster:
@@ -81,10 +31,11 @@ class Cluster:
         self.data.mkdir(mode=0o700)
         pki = PKI(self.data / "pki").ensure(default_hosts())
         self.broker = Mosquitto(tmp_path / "mosquitto", port=0, pki=pki, workers=["a", "b"]).start()
-        self.workers: list[Worker] = []
+        self.workers: list[WorkerProcess] = []
 
-    def start(self, name: str) -> Worker:
-        w = Worker(name, self.data, self.store_url, self.broker.url, self.tmp / f"worker-{name}.log")
+    def start(self, name: str) -> WorkerProcess:
+        w = WorkerProcess(name, self.data, self.store_url, self.broker.url, release_pub(),
+                          self.tmp / f"worker-{name}.log").start()
         self.workers.append(w)
         return w
 
@@ -119,7 +70,7 @@ def cluster(tmp_path, pg_cluster):
         c.close()
 
 
-def Running(worker: Worker, state: Path, count: int, **settings) -> SimRun:
+def Running(worker: WorkerProcess, state: Path, count: int, **settings) -> SimRun:
     """A Simulator in a thread, enrolling through ``worker``'s API with a provisioning token."""
     def provisioning(missing: int) -> Provisioning:
         tok = worker.client().create_provisioning(missing, prefix="sim-")
@@ -131,7 +82,7 @@ def Running(worker: Worker, state: Path, count: int, **settings) -> SimRun:
 @pytest.mark.slow
 def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(cluster, tmp_path):
     a, b = cluster.start("a"), cluster.start("b")
-    a.ready(), b.ready()
+    a.ready(TIMEOUT), b.ready(TIMEOUT)
     run = Running(b, tmp_path / "sim", 20, interval=0.2, rate_errors=0.0, ack_timeout=2.0)
     wait_for(lambda: len(run.sim.devices) == 20 and cluster.stored() >= 200, TIMEOUT, what="200 windows stored")
     # the broker splits the stream between the two (shared subscriptions): each stored some
@@ -168,9 +119,9 @@ def finished(client, rollout_id: str, status: str):
 @pytest.mark.slow
 def test_the_leader_killed_mid_rollout_hands_it_to_the_other_worker(cluster, tmp_path, bundles):
     a = cluster.start("a")
-    assert a.ready()["leader"] is True and a.ready()["worker"] == "a"
+    assert a.ready(TIMEOUT)["leader"] is True and a.ready(TIMEOUT)["worker"] == "a"
     b = cluster.start("b")
-    assert b.ready()["leader"] is False and b.ready()["worker"] == "b"
+    assert b.ready(TIMEOUT)["leader"] is False and b.ready(TIMEOUT)["worker"] == "b"
     run = Running(b, tmp_path / "sim", 6, interval=0.5, rate_errors=0.0, update_s=0.2, ack_timeout=2.0)
     client = b.client()  # the rollout is made and followed through the worker that does not lead
     wait_for(lambda: len(client.health(prefix="sim-")) == 6,
@@ -217,7 +168,7 @@ def stored_once_without_gaps(cluster: Cluster, count: int, sent: int) -> None:
 @pytest.mark.slow
 def test_postgresql_restarted_under_load_the_workers_reconnect_and_lose_nothing(cluster, pg_cluster, tmp_path):
     a, b = cluster.start("a"), cluster.start("b")
-    a.ready(), b.ready()
+    a.ready(TIMEOUT), b.ready(TIMEOUT)
     run = Running(a, tmp_path / "sim", 10, interval=0.2, rate_errors=0.0, ack_timeout=2.0)
     wait_for(lambda: len(run.sim.devices) == 10 and cluster.stored() >= 100, TIMEOUT, what="100 windows stored")
     pg_cluster.restart()  # every session ends: the pools' connections, the leader's lock
