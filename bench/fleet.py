@@ -257,8 +257,8 @@ def workers_ingest(args: argparse.Namespace, count: int, store_url: str) -> dict
             for w in workers:  # one at a time: the first makes the data dir's admin token
                 try:
                     w.start().ready(args.timeout)
-                except RuntimeError as e:
-                    raise SystemExit(f"bench: {e}") from None
+                except AssertionError as e:
+                    raise SystemExit(f"bench: {e}\n{w.tail()}") from None
             for w in workers:
                 w.stop()
             enroll(store_url, args.devices)

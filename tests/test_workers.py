@@ -54,8 +54,7 @@ class Cluster:
         self.broker.stop()
 
     def logs(self) -> str:
-        return "\n".join(f"--- worker {w.name}\n" + (self.tmp / f"worker-{w.name}.log").read_text()[-4000:]
-                         for w in self.workers)
+        return "\n".join(f"--- worker {w.name}\n" + w.tail(4000) for w in self.workers)
 
 
 @pytest.fixture
@@ -119,9 +118,11 @@ def finished(client, rollout_id: str, status: str):
 @pytest.mark.slow
 def test_the_leader_killed_mid_rollout_hands_it_to_the_other_worker(cluster, tmp_path, bundles):
     a = cluster.start("a")
-    assert a.ready(TIMEOUT)["leader"] is True and a.ready(TIMEOUT)["worker"] == "a"
+    s = a.ready(TIMEOUT)
+    assert s["leader"] is True and s["worker"] == "a"
     b = cluster.start("b")
-    assert b.ready(TIMEOUT)["leader"] is False and b.ready(TIMEOUT)["worker"] == "b"
+    s = b.ready(TIMEOUT)
+    assert s["leader"] is False and s["worker"] == "b"
     run = Running(b, tmp_path / "sim", 6, interval=0.5, rate_errors=0.0, update_s=0.2, ack_timeout=2.0)
     client = b.client()  # the rollout is made and followed through the worker that does not lead
     wait_for(lambda: len(client.health(prefix="sim-")) == 6,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fleet.broker import free_port
+from util import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,17 +47,14 @@ class WorkerProcess:
 
     def ready(self, timeout: float) -> dict:
         """Wait until its API says it is connected to the broker (and so subscribed); its status then. Raises
-        RuntimeError with the end of its log when it exits or the time is up."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        AssertionError, as ``wait_for`` does, when it exits or the time is up."""
+        def up() -> dict | None:
             if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"worker {self.name} exited {code}: {self.tail()}")
+                raise AssertionError(f"worker {self.name} exited {None if self.proc is None else self.proc.returncode}")
             s = self.status()
-            if s and s.get("mqtt_connected"):
-                return s
-            time.sleep(0.2)
-        raise RuntimeError(f"worker {self.name} not connected to the broker after {timeout:g} s: {self.tail()}")
+            return s if s and s.get("mqtt_connected") else None
+
+        return wait_for(up, timeout, what=f"worker {self.name} connected to the broker", every=0.2)
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
