@@ -2,8 +2,9 @@
 
 A rollout sends one bundle to a target set of devices in cumulative waves (e.g. 1 device, 10 %, 50 %,
 100 %), taking the devices in sorted id order; a percentage rounds up. Each wave is published, then waits
-until every device in it reports ``active`` and has soaked: been active for ``soak_s`` seconds and served
-``min_inferences`` inferences. Then the next wave starts. A pause holds the next wave (a failure still halts).
+until every device in it reports ``active`` and has soaked: been active for ``soak_s`` seconds, served
+``min_inferences`` inferences and, with ``min_canary_agreement``, reported its canary. Then the next wave starts.
+A pause holds the next wave (a failure still halts).
 
 It halts when a device it has touched reports ``failed`` or ``rolled_back``, when a device's figures on the
 new bundle cross a threshold, or when a wave has not passed ``wave_timeout_s`` after it started. Unless
@@ -17,8 +18,9 @@ Figures, per device, over the telemetry windows it sent on the new bundle since 
   taken the same way over its windows in the hour before the wave was published.
 A device is judged once it has served ``max(1, min_inferences)`` inferences (errors included).
 
-Quality figures, per device, over the quality windows (agent/protocol.Quality) it sent on the new bundle since it
-became active (fleet/quality.py computes them):
+Quality figures, per device, over the quality windows (agent/protocol.Quality) it sent on the new bundle since its
+wave was published (fleet/quality.py computes them; the window holding the canary run at activation may end before
+the ``active`` event is stored):
 - drift = the PSI of its served outputs against the bundle's reference profile, the largest over the profile's
   outputs and features (agent/quality.drift), judged once ``MIN_DRIFT_SERVED`` outputs were folded and only when
   sampling alone would give so large a PSI with a probability under agent.quality.NOISE_P;
@@ -409,7 +411,8 @@ def step(r: Rollout, observations: dict[str, Observation], now: float) -> tuple[
             r.current += 1
             continue
         if wave.deadline is not None and now >= wave.deadline:
-            names = ", ".join(f"{d} ({r.devices[d].phase})" for d in late[:5]) + (", ..." if len(late) > 5 else "")
+            names = (", ".join(f"{d} ({_late_why(r, r.devices[d])})" for d in late[:5])
+                     + (", ..." if len(late) > 5 else ""))
             _halt(r, f"wave {r.current + 1} timed out after {_dur(r.options.wave_timeout_s)}: "
                      f"{len(late)} device(s) not active and soaked: {names}", now, W_TIMED_OUT, [], actions)
         break
@@ -417,9 +420,19 @@ def step(r: Rollout, observations: dict[str, Observation], now: float) -> tuple[
 
 
 def soaked(r: Rollout, d: Device, now: float) -> bool:
-    """Active on the new bundle for the soak period, with the traffic asked for."""
+    """Active on the new bundle for the soak period, with the traffic asked for and, when the canary is a gate,
+    its canary reported (a device whose canary never came in has not been judged on it)."""
     return (d.phase == ACTIVE and d.active_since is not None and now - d.active_since >= r.options.soak_s
-            and d.health.total >= r.options.min_inferences)
+            and d.health.total >= r.options.min_inferences and _canary_in(r, d))
+
+
+def _canary_in(r: Rollout, d: Device) -> bool:
+    return r.options.min_canary_agreement is None or d.health.canary_runs > 0
+
+
+def _late_why(r: Rollout, d: Device) -> str:
+    """Why a device of a timed-out wave had not passed, in a word or three."""
+    return d.phase if d.phase != ACTIVE or _canary_in(r, d) else "active, no canary reported"
 
 
 def _observe(r: Rollout, observations: dict[str, Observation]) -> None:

@@ -222,7 +222,9 @@ class Rollouts:
                     p["updated"] if p["phase"] == machine.ACTIVE else None)
                 if since is not None:
                     o.health = self._health(did, r.bundle, since, None)
-                    self._quality(o.health, did, r.bundle, since, None)
+                    # from the wave's start: the canary runs at activation, in a window that may end before the
+                    # ``active`` event is stored (the new bundle served nothing before it was active)
+                    self._quality(o.health, did, r.bundle, wave.started, None)
             if (wave.started is not None and dev.previous and dev.baseline_p95_ms is None
                     and r.options.max_p95_regression is not None):
                 o.baseline = self._health(did, dev.previous, wave.started - BASELINE_S, wave.started)

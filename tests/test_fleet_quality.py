@@ -187,6 +187,25 @@ def test_canary_agreement_with_its_wilson_interval(store):
         "runs": 0, "agree": 0, "agreement": None, "interval": None, "max_abs_err": None, "last_time": None}
 
 
+def test_the_rollout_gates_count_the_canary_of_a_window_that_ended_before_active_was_stored(store):
+    """The agent runs the canary as it activates; the window holding it can end (and be stored) before the
+    ``active`` event: the gates read the new bundle's quality windows from the wave's start, not from ``active``."""
+    from fleet import rollout as machine
+    from fleet.rollouts import Rollouts
+
+    now = time.time()
+    r, _ = machine.step(machine.new("ro-1", SHA, ["all"], ["cam-1"], machine.options(min_canary_agreement="95%"),
+                                    now=now - 5), {}, now - 5)
+    store.add_deployment(r.waves[0].deployment_id, SHA, ["cam-1"])
+    record(store, qmsg("cam-1", 1, now - 3, canary=protocol.Canary(runs=8, agree=0, time=now - 4)))
+    store.set_phase(r.waves[0].deployment_id, "cam-1", "active")  # stored now: after the window above
+    observed = Rollouts(store, link=None, public_url=lambda: "")._observe(r)["cam-1"]
+    assert observed.phase == "active" and observed.since > now - 3
+    assert (observed.health.canary_runs, observed.health.canary_agree) == (8, 0)
+    r, actions = machine.step(r, {"cam-1": observed}, time.time())
+    assert r.status == "halted" and r.reason.startswith("wave 1: cam-1 canary agreement 0% (0 of 8"), r.reason
+
+
 def test_feedback_accuracy_precision_recall_f1_and_the_confusion_matrix(store):
     fb1 = protocol.Feedback(labels=15, confusion=[[0, 0, 8], [0, 1, 2], [1, 1, 5]], refused={"unknown id": 2})
     fb2 = protocol.Feedback(labels=5, confusion=[[1, 0, 1], [1, 1, 4]],

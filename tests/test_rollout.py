@@ -330,6 +330,20 @@ def test_min_inferences_holds_the_soak_and_the_verdict():
     assert publishes(sim.step(1)) == [(NEW, ["d2"])]
 
 
+def test_with_the_canary_gate_a_device_has_not_soaked_until_its_canary_is_in():
+    """Else a canary that comes late (or never: quality off on the device) lets the wave pass unjudged on it."""
+    sim = Sim(devices=["d1", "d2"], waves="1,100%", soak="10s", wave_timeout="5m", min_canary_agreement="95%")
+    sim.step()
+    sim.report("d1", "active")
+    assert sim.step(60) == []  # soaked long since, but no canary: wave 2 waits
+    sim.obs["d1"].health = Health(canary_runs=8, canary_agree=8)
+    assert publishes(sim.step(1)) == [(NEW, ["d2"])]
+    sim.report("d2", "active")
+    acts = sim.step(300)
+    assert halts(acts) == ["wave 2 timed out after 5m: 1 device(s) not active and soaked: d2 (active, no canary "
+                           "reported)"]
+
+
 def test_a_device_of_an_earlier_wave_failing_later_halts_and_goes_back_too():
     sim = soaking()
     sim.step(60)  # wave 1 passed; wave 2 (d2) published
