@@ -11,7 +11,9 @@ new bundle cross a threshold, or when a wave has not passed ``wave_timeout_s`` a
 ``auto_rollback`` is off, halting sends the halted wave's devices (and any other device that failed) back
 to the model each ran before its wave: the sha256 it reported as active when the wave was published.
 
-Figures, per device, over the telemetry windows it sent on the new bundle since it became active:
+Figures, per device, over the telemetry windows it sent on the new bundle since its wave was published (it serves
+nothing on it before it is active; the window of its first inferences may end before the ``active`` event is
+stored):
 - error rate = errors / (inferences + errors);
 - p95 = the inference-weighted mean of the windows' p95 (windows without inferences do not count);
 - the regression threshold compares that p95 with the same device's p95 on the model being replaced,
@@ -19,8 +21,7 @@ Figures, per device, over the telemetry windows it sent on the new bundle since 
 A device is judged once it has served ``max(1, min_inferences)`` inferences (errors included).
 
 Quality figures, per device, over the quality windows (agent/protocol.Quality) it sent on the new bundle since its
-wave was published (fleet/quality.py computes them; the window holding the canary run at activation may end before
-the ``active`` event is stored):
+wave was published, likewise (fleet/quality.py computes them; the canary runs at activation):
 - drift = the PSI of its served outputs against the bundle's reference profile, the largest over the profile's
   outputs and features (agent/quality.drift), judged once ``MIN_DRIFT_SERVED`` outputs were folded and only when
   sampling alone would give so large a PSI with a probability under agent.quality.NOISE_P;
@@ -294,7 +295,7 @@ class Observation:
     phase: str | None = None  # its latest phase in its wave's deployment; None: no report yet
     since: float | None = None  # when that phase was received
     reason: str = ""
-    health: Health | None = None  # on the new bundle, since it became active
+    health: Health | None = None  # on the new bundle, since its wave was published
     baseline: Health | None = None  # on the model being replaced, before its wave was published
 
 

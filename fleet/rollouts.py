@@ -1,11 +1,12 @@
 """Rollouts in the controller: their table in the store, and the driver that advances them.
 
 The driver is one background thread. About every second it takes each running or paused rollout, gathers
-what the store knows of its devices (the phase each reported in its wave's deployment, its telemetry on the
-new bundle since it became active, its p95 on the model being replaced), calls ``fleet.rollout.step`` and
-carries out what it returns. Each wave is a deployment (``<rollout>-w<N>``) and each group sent back is one
-(``<rollout>-rb<N>``), so device events land in ``deployment_devices`` as for any deployment, and the desired
-model, retained by the broker, reaches devices that are offline when they return.
+what the store knows of its devices (the phase each reported in its wave's deployment; once it is active, its
+telemetry and quality windows on the new bundle since its wave was published; its p95 on the model being
+replaced), calls ``fleet.rollout.step`` and carries out what it returns. Each wave is a deployment
+(``<rollout>-w<N>``) and each group sent back is one (``<rollout>-rb<N>``), so device events land in
+``deployment_devices`` as for any deployment, and the desired model, retained by the broker, reaches devices that
+are offline when they return.
 
 Every step is persisted (the rollout as JSON) together with the publishes it asked for, before they are
 made; a publish leaves that outbox only once the broker acknowledged it. So a controller that stops or
@@ -218,12 +219,11 @@ class Rollouts:
             p = phases.get((wave.deployment_id, did))
             if wave.started is not None and p is not None and p["phase"] != machine.PENDING:
                 o.phase, o.since, o.reason = p["phase"], p["updated"], p["reason"]
-                since = dev.active_since if dev.active_since is not None else (
-                    p["updated"] if p["phase"] == machine.ACTIVE else None)
-                if since is not None:
-                    o.health = self._health(did, r.bundle, since, None)
-                    # from the wave's start: the canary runs at activation, in a window that may end before the
-                    # ``active`` event is stored (the new bundle served nothing before it was active)
+                if dev.active_since is not None or p["phase"] == machine.ACTIVE:
+                    # its windows on the new bundle from the wave's start, not from ``active``: the window of the
+                    # canary run at activation, or of the first inferences, may end before the ``active`` event is
+                    # stored (and the device served nothing on the new bundle before it was active)
+                    o.health = self._health(did, r.bundle, wave.started, None)
                     self._quality(o.health, did, r.bundle, wave.started, None)
             if (wave.started is not None and dev.previous and dev.baseline_p95_ms is None
                     and r.options.max_p95_regression is not None):

@@ -615,7 +615,7 @@ class RolloutDevice(_S):
     since: float | None
     active_since: float | None
     soaked: bool
-    inferences: int  # on the new bundle since it became active
+    inferences: int  # on the new bundle since its wave was published
     errors: int
     error_rate: float | None  # errors / (inferences + errors)
     p95_ms: float | None  # inference-weighted mean of the windows' p95

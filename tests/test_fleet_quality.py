@@ -187,9 +187,10 @@ def test_canary_agreement_with_its_wilson_interval(store):
         "runs": 0, "agree": 0, "agreement": None, "interval": None, "max_abs_err": None, "last_time": None}
 
 
-def test_the_rollout_gates_count_the_canary_of_a_window_that_ended_before_active_was_stored(store):
-    """The agent runs the canary as it activates; the window holding it can end (and be stored) before the
-    ``active`` event: the gates read the new bundle's quality windows from the wave's start, not from ``active``."""
+def test_the_rollout_gates_count_the_windows_that_ended_before_active_was_stored(store):
+    """The agent runs the canary as it activates, then serves; the windows holding them can end (and be stored)
+    before the ``active`` event: the gates read the new bundle's windows from the wave's start, not from
+    ``active``."""
     from fleet import rollout as machine
     from fleet.rollouts import Rollouts
 
@@ -198,10 +199,15 @@ def test_the_rollout_gates_count_the_canary_of_a_window_that_ended_before_active
                                     now=now - 5), {}, now - 5)
     store.add_deployment(r.waves[0].deployment_id, SHA, ["cam-1"])
     record(store, qmsg("cam-1", 1, now - 3, canary=protocol.Canary(runs=8, agree=0, time=now - 4)))
-    store.set_phase(r.waves[0].deployment_id, "cam-1", "active")  # stored now: after the window above
+    active = protocol.ActiveModel(name="cls", version="1", sha256=SHA, runtime="onnxruntime", precision="int8")
+    store.record_telemetry(protocol.Telemetry(device_id="cam-1", boot_id="b1", seq=2, time=now - 2, interval_s=10.0,
+                                              inferences=7, errors={"timeout": 1}, active=active),
+                           received=now - 2)
+    store.set_phase(r.waves[0].deployment_id, "cam-1", "active")  # stored now: after the windows above
     observed = Rollouts(store, link=None, public_url=lambda: "")._observe(r)["cam-1"]
-    assert observed.phase == "active" and observed.since > now - 3
+    assert observed.phase == "active" and observed.since > now - 2
     assert (observed.health.canary_runs, observed.health.canary_agree) == (8, 0)
+    assert (observed.health.inferences, observed.health.errors) == (7, 1)
     r, actions = machine.step(r, {"cam-1": observed}, time.time())
     assert r.status == "halted" and r.reason.startswith("wave 1: cam-1 canary agreement 0% (0 of 8"), r.reason
 
