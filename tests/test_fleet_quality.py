@@ -19,7 +19,9 @@ from agent import protocol
 from agent import quality as aq
 from agent.bundle import Manifest, TensorSpec, write_bundle
 from fleet import quality
+from fleet import rollout as machine
 from fleet.retention import Policy, compact
+from fleet.rollouts import Rollouts
 from fleet.store import Store
 
 T0 = 1_800_000_000.0
@@ -191,9 +193,6 @@ def test_the_rollout_gates_count_the_windows_that_ended_before_active_was_stored
     """The agent runs the canary as it activates, then serves; the windows holding them can end (and be stored)
     before the ``active`` event: the gates read the new bundle's windows from the wave's start, not from
     ``active``."""
-    from fleet import rollout as machine
-    from fleet.rollouts import Rollouts
-
     now = time.time()
     r, _ = machine.step(machine.new("ro-1", SHA, ["all"], ["cam-1"], machine.options(min_canary_agreement="95%"),
                                     now=now - 5), {}, now - 5)
@@ -208,7 +207,7 @@ def test_the_rollout_gates_count_the_windows_that_ended_before_active_was_stored
     assert observed.phase == "active" and observed.since > now - 2
     assert (observed.health.canary_runs, observed.health.canary_agree) == (8, 0)
     assert (observed.health.inferences, observed.health.errors) == (7, 1)
-    r, actions = machine.step(r, {"cam-1": observed}, time.time())
+    r, _ = machine.step(r, {"cam-1": observed}, time.time())
     assert r.status == "halted" and r.reason.startswith("wave 1: cam-1 canary agreement 0% (0 of 8"), r.reason
 
 
